@@ -1,0 +1,512 @@
+//! Reading a bundle front to back: header, manifest, signatures, then each component's chunk
+//! table and chunks, every one checked before its bytes are handed on.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+
+use jiff::Timestamp;
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::format::{
+    CHUNK_ENTRY_LEN, ChunkEntry, HEADER_LEN, Header, SIGNATURE_ENTRY_LEN, SignatureEntry,
+};
+use crate::keys::{KeyId, MANIFEST_DOMAIN};
+use crate::limits::{Limits, stored_bound};
+use crate::manifest::{Component, Manifest};
+use crate::name::HardwareId;
+use crate::pipeline::ordered_map;
+use crate::time::{ExpirationEnforcement, format_time};
+use crate::trust::TrustRoot;
+
+/// What a bundle must satisfy to be accepted.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// The keys that count and how many must sign.
+    pub trust: &'a TrustRoot,
+    /// The current time, for expiry.
+    pub now: Timestamp,
+    /// Whether expiry is enforced.
+    pub expiration: ExpirationEnforcement,
+    /// The hardware id the bundle must list, if any.
+    pub compatible: Option<&'a HardwareId>,
+    /// The lowest acceptable security version (anti-rollback).
+    pub min_security_version: u64,
+}
+
+/// A bundle whose header, manifest bytes and signatures have been read but not yet trusted.
+pub struct BundleReader<R> {
+    src: Counted<R>,
+    header: Header,
+    manifest_bytes: Vec<u8>,
+    signatures: Vec<SignatureEntry>,
+    limits: Limits,
+}
+
+/// A bundle whose signatures and manifest passed the [`Policy`]; its components can be read.
+pub struct VerifiedBundle<R> {
+    reader: BundleReader<R>,
+    manifest: Manifest,
+    signers: Vec<KeyId>,
+    next: usize,
+}
+
+impl<R: Read> BundleReader<R> {
+    /// Reads the header, the manifest bytes and the signature entries, bounded by `limits`.
+    pub fn open(src: R, limits: Limits) -> Result<BundleReader<R>> {
+        let mut src = Counted { inner: src, pos: 0 };
+        let mut head = [0u8; HEADER_LEN];
+        src.read_exact_as(&mut head, "header")?;
+        let header = Header::decode(&head, &limits)?;
+        let mut manifest_bytes = vec![0u8; header.manifest_len as usize];
+        src.read_exact_as(&mut manifest_bytes, "manifest")?;
+        let mut signatures = Vec::with_capacity(header.signature_count as usize);
+        for _ in 0..header.signature_count {
+            let mut entry = [0u8; SIGNATURE_ENTRY_LEN];
+            src.read_exact_as(&mut entry, "signatures")?;
+            signatures.push(SignatureEntry::decode(&entry));
+        }
+        Ok(BundleReader {
+            src,
+            header,
+            manifest_bytes,
+            signatures,
+            limits,
+        })
+    }
+
+    /// The header.
+    pub fn header(&self) -> Header {
+        self.header
+    }
+
+    /// The manifest exactly as stored (what the signatures cover).
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.manifest_bytes
+    }
+
+    /// The signature entries, unchecked.
+    pub fn signatures(&self) -> &[SignatureEntry] {
+        &self.signatures
+    }
+
+    /// Parses the manifest without checking any signature: for inspection only.
+    pub fn manifest_unverified(&self) -> Result<Manifest> {
+        Manifest::parse(&self.manifest_bytes, &self.limits)
+    }
+
+    /// Checks the signatures against the trust root, then parses the manifest and checks
+    /// expiry, hardware compatibility and the security version.
+    pub fn verify(self, policy: &Policy<'_>) -> Result<VerifiedBundle<R>> {
+        let signers = check_signatures(&self.manifest_bytes, &self.signatures, policy.trust)?;
+        let manifest = Manifest::parse(&self.manifest_bytes, &self.limits)?;
+        check_policy(&manifest, policy)?;
+        Ok(VerifiedBundle {
+            reader: self,
+            manifest,
+            signers,
+            next: 0,
+        })
+    }
+
+    /// Gives back the source, positioned at the start of the data section.
+    pub fn into_source(self) -> R {
+        self.src.inner
+    }
+}
+
+impl<R: Read> VerifiedBundle<R> {
+    /// The verified manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The distinct trusted keys whose signatures verified.
+    pub fn signers(&self) -> &[KeyId] {
+        &self.signers
+    }
+
+    /// The index of the component the stream is at (components are read in order).
+    pub fn next_index(&self) -> usize {
+        self.next
+    }
+
+    /// Reads and checks the next component's chunk table.
+    pub fn read_chunk_table(&mut self) -> Result<Vec<ChunkEntry>> {
+        let component = self.current()?.clone();
+        read_table(&mut self.reader.src, &component)
+    }
+
+    /// Reads the chunks of the next component after [`VerifiedBundle::read_chunk_table`] gave
+    /// `table`: each chunk is decompressed (never past its declared length) and checked against
+    /// its digest before `sink` sees it, and the whole-component digest is checked at the end.
+    /// `sink` receives the content in order; if this returns an error, what `sink` received
+    /// must be discarded.
+    pub fn read_chunks(
+        &mut self,
+        table: &[ChunkEntry],
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<()> {
+        let component = self.current()?.clone();
+        read_chunks(&mut self.reader.src, &component, table, sink)?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Reads and checks the whole next component, handing its content to `sink`.
+    pub fn read_component(
+        &mut self,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<&Component> {
+        let table = self.read_chunk_table()?;
+        self.read_chunks(&table, sink)?;
+        Ok(&self.manifest.components[self.next - 1])
+    }
+
+    /// Passes over the next component without checking it (its bytes reach nobody).
+    pub fn skip_component(&mut self) -> Result<()> {
+        let t = self.current()?.chunk_table;
+        let len = t.table_len() + t.data_size;
+        let copied =
+            io::copy(&mut (&mut self.reader.src).take(len), &mut io::sink()).map_err(|source| {
+                Error::Io {
+                    what: "reading the bundle",
+                    source,
+                }
+            })?;
+        if copied < len {
+            return Err(Error::Truncated {
+                what: "component data",
+                offset: self.reader.src.pos,
+            });
+        }
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Checks every remaining component and that nothing follows the last one.
+    pub fn verify_rest(&mut self) -> Result<()> {
+        while self.next < self.manifest.components.len() {
+            self.read_component(&mut |_| Ok(()))?;
+        }
+        self.finish()
+    }
+
+    /// Checks that the stream ends right after the last component.
+    pub fn finish(&mut self) -> Result<()> {
+        while self.next < self.manifest.components.len() {
+            self.skip_component()?;
+        }
+        let mut probe = [0u8; 1];
+        let n = read_full(&mut self.reader.src, &mut probe).map_err(|source| Error::Io {
+            what: "reading the bundle",
+            source,
+        })?;
+        if n != 0 {
+            return Err(Error::bad_format(format!(
+                "trailing bytes after the last component at byte {}",
+                self.reader.src.pos - 1
+            )));
+        }
+        Ok(())
+    }
+
+    fn current(&self) -> Result<&Component> {
+        self.manifest
+            .components
+            .get(self.next)
+            .ok_or_else(|| Error::InvalidArgument {
+                what: "every component has been read".into(),
+            })
+    }
+}
+
+/// Counts the distinct trusted keys with a valid signature over `manifest` and checks the
+/// threshold; the error says whether nothing, only untrusted keys, a bad signature, or too few
+/// keys signed.
+pub fn check_signatures(
+    manifest: &[u8],
+    signatures: &[SignatureEntry],
+    trust: &TrustRoot,
+) -> Result<Vec<KeyId>> {
+    if signatures.is_empty() {
+        return Err(Error::Unsigned);
+    }
+    let mut valid = BTreeSet::new();
+    let mut bad = None;
+    let mut any_trusted = false;
+    for entry in signatures {
+        let Some(key) = entry.key().filter(|k| trust.contains(k)) else {
+            continue;
+        };
+        any_trusted = true;
+        if key.verify(MANIFEST_DOMAIN, manifest, &entry.signature) {
+            valid.insert(key.id());
+        } else {
+            bad.get_or_insert(key.id());
+        }
+    }
+    if valid.len() >= trust.threshold() {
+        return Ok(valid.into_iter().collect());
+    }
+    if !any_trusted {
+        let keys = signatures
+            .iter()
+            .map(|e| KeyId::of_bytes(&e.public))
+            .collect();
+        return Err(Error::UntrustedKey { keys });
+    }
+    if let Some(key) = bad {
+        return Err(Error::BadSignature { key });
+    }
+    Err(Error::SignatureThreshold {
+        valid: valid.len(),
+        threshold: trust.threshold(),
+        role: "",
+    })
+}
+
+/// Checks expiry, compatibility and the security version of a verified manifest.
+pub fn check_policy(manifest: &Manifest, policy: &Policy<'_>) -> Result<()> {
+    if let (ExpirationEnforcement::Safe, Some(expires)) = (policy.expiration, manifest.expires)
+        && expires <= policy.now
+    {
+        return Err(Error::Expired {
+            expires: format_time(expires),
+        });
+    }
+    if let Some(hw) = policy.compatible
+        && !manifest.compatible.contains(hw)
+    {
+        return Err(Error::Incompatible {
+            compatible: hw.to_string(),
+            bundle: manifest
+                .compatible
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        });
+    }
+    if manifest.security_version < policy.min_security_version {
+        return Err(Error::Downgrade {
+            security_version: manifest.security_version,
+            minimum: policy.min_security_version,
+        });
+    }
+    Ok(())
+}
+
+/// Checks a chunk table against its component: digest first, then every entry's sizes.
+pub fn parse_chunk_table(component: &Component, bytes: &[u8]) -> Result<Vec<ChunkEntry>> {
+    let name = || component.name.to_string();
+    if Digest::of(bytes) != component.chunk_table.digest {
+        return Err(Error::ChunkTableDigest { component: name() });
+    }
+    let max_stored = stored_bound(component.chunking.max_size);
+    let mut size = 0u64;
+    let mut stored = 0u64;
+    let mut table = Vec::with_capacity(bytes.len() / CHUNK_ENTRY_LEN);
+    for (index, raw) in bytes.chunks_exact(CHUNK_ENTRY_LEN).enumerate() {
+        let e = ChunkEntry::decode(raw);
+        if e.length > component.chunking.max_size {
+            return Err(Error::limit(
+                format!("chunk {index} of component {} length", name()),
+                e.length.into(),
+                component.chunking.max_size.into(),
+            ));
+        }
+        if e.stored_length > max_stored {
+            return Err(Error::limit(
+                format!("chunk {index} of component {} stored length", name()),
+                e.stored_length.into(),
+                max_stored.into(),
+            ));
+        }
+        if e.length == 0 || e.stored_length == 0 {
+            return Err(Error::SizeMismatch {
+                component: name(),
+                what: format!("chunk {index} is empty"),
+            });
+        }
+        size += u64::from(e.length);
+        stored += u64::from(e.stored_length);
+        table.push(e);
+    }
+    if size != component.size {
+        return Err(Error::SizeMismatch {
+            component: name(),
+            what: format!(
+                "chunks add up to {size} bytes, the manifest says {}",
+                component.size
+            ),
+        });
+    }
+    if stored != component.chunk_table.data_size {
+        return Err(Error::SizeMismatch {
+            component: name(),
+            what: format!(
+                "stored chunks add up to {stored} bytes, the manifest says {}",
+                component.chunk_table.data_size
+            ),
+        });
+    }
+    Ok(table)
+}
+
+fn read_table<R: Read>(src: &mut Counted<R>, component: &Component) -> Result<Vec<ChunkEntry>> {
+    // The count was bounded by `Limits::max_chunks` when the manifest was parsed.
+    let mut bytes = vec![0u8; component.chunk_table.table_len() as usize];
+    src.read_exact_as(&mut bytes, "chunk table")?;
+    parse_chunk_table(component, &bytes)
+}
+
+fn read_chunks<R: Read>(
+    src: &mut Counted<R>,
+    component: &Component,
+    table: &[ChunkEntry],
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> Result<()> {
+    let mut whole = Sha256::new();
+    ordered_map(
+        || {
+            zstd::bulk::Decompressor::new().map_err(|source| Error::Io {
+                what: "starting a zstd decompressor",
+                source,
+            })
+        },
+        |decompressor, index, stored: Vec<u8>| {
+            open_chunk(decompressor, component, index, &table[index], &stored)
+        },
+        |index| {
+            let Some(entry) = table.get(index) else {
+                return Ok(None);
+            };
+            let mut stored = vec![0u8; entry.stored_length as usize];
+            src.read_exact_as(&mut stored, "chunk data")?;
+            Ok(Some(stored))
+        },
+        |_, content| {
+            whole.update(&content);
+            sink(&content).map_err(|source| Error::Io {
+                what: "writing component content",
+                source,
+            })
+        },
+    )?;
+    let actual = Digest(whole.finalize().into());
+    if actual != component.digest {
+        return Err(Error::ComponentDigest {
+            component: component.name.to_string(),
+            expected: component.digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Decompresses one stored chunk into at most its declared length and checks its digest.
+pub fn open_chunk(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    component: &Component,
+    index: usize,
+    entry: &ChunkEntry,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    let declared = entry.length as usize;
+    let mut content = Vec::with_capacity(declared);
+    match decompressor.decompress_to_buffer(stored, &mut content) {
+        Ok(n) if n == declared => {}
+        Ok(n) => {
+            return Err(Error::ChunkCorrupt {
+                component: component.name.to_string(),
+                index,
+                what: format!("decompresses to {n} bytes, the table says {declared}"),
+            });
+        }
+        Err(e) if expands_past(stored, declared) => {
+            let _ = e;
+            return Err(Error::DecompressionBomb {
+                component: component.name.to_string(),
+                index,
+                declared: entry.length,
+            });
+        }
+        Err(e) => {
+            return Err(Error::ChunkCorrupt {
+                component: component.name.to_string(),
+                index,
+                what: format!("not a valid zstd frame: {e}"),
+            });
+        }
+    }
+    if Digest::of(&content) != entry.digest {
+        return Err(Error::ChunkDigest {
+            component: component.name.to_string(),
+            index,
+            expected: entry.digest,
+        });
+    }
+    Ok(content)
+}
+
+/// Whether `stored` decompresses to more than `declared` bytes; reads at most `declared` + 1.
+fn expands_past(stored: &[u8], declared: usize) -> bool {
+    let Ok(decoder) = zstd::stream::read::Decoder::with_buffer(stored) else {
+        return false;
+    };
+    let mut limited = decoder.take(declared as u64 + 1);
+    let mut buf = [0u8; 16 << 10];
+    let mut total = 0usize;
+    loop {
+        match limited.read(&mut buf) {
+            Ok(0) | Err(_) => return total > declared,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// A reader that knows how many bytes it has handed out, for error offsets.
+struct Counted<R> {
+    inner: R,
+    pos: u64,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Read> Counted<R> {
+    fn read_exact_as(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
+        let start = self.pos;
+        let n = read_full(self, buf).map_err(|source| Error::Io {
+            what: "reading the bundle",
+            source,
+        })?;
+        if n < buf.len() {
+            return Err(Error::Truncated {
+                what,
+                offset: start + n as u64,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads until `buf` is full or the input ends; returns how many bytes were read.
+fn read_full(src: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}

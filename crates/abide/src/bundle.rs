@@ -1,0 +1,438 @@
+//! `abide bundle`: create, sign, info, verify and extract.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+use abide_bundle::{
+    BundleReader, BundleSpec, BundleWriter, Chunking, ExpirationEnforcement, HardwareId, Limits,
+    Manifest, Name, Policy, SecretKey, add_signature,
+};
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::Output;
+use crate::fsio::AtomicFile;
+use crate::key::load_secret;
+use crate::trust::load_trust;
+
+#[derive(Subcommand)]
+pub enum BundleCommand {
+    /// Make a signed bundle from component files.
+    Create {
+        /// Product name.
+        #[arg(long)]
+        product: String,
+        /// Release version (SemVer).
+        #[arg(long)]
+        version: String,
+        /// Anti-rollback counter.
+        #[arg(long, default_value_t = 0)]
+        security_version: u64,
+        /// A hardware id the bundle may be installed on (repeat).
+        #[arg(long = "compatible")]
+        compatible: Vec<String>,
+        /// NAME=PATH[,kind=KIND][,slot=CLASS]; kind and slot default to NAME (repeat).
+        #[arg(long = "component", required = true)]
+        components: Vec<String>,
+        /// A secret key to sign with (repeat).
+        #[arg(long = "sign", required = true)]
+        signers: Vec<PathBuf>,
+        /// When the bundle stops being accepted (RFC 3339).
+        #[arg(long)]
+        expires: Option<Timestamp>,
+        /// An install hook by name (repeat).
+        #[arg(long = "hook")]
+        hooks: Vec<String>,
+        /// zstd level for chunks.
+        #[arg(long, default_value_t = 3)]
+        level: i32,
+        /// The bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Add a signature to a bundle (threshold signing by separate people).
+    Sign {
+        /// The bundle.
+        file: PathBuf,
+        /// The secret key to sign with.
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Show a bundle's manifest and signatures without trusting them.
+    Info {
+        /// The bundle.
+        file: PathBuf,
+    },
+    /// Check a bundle completely: signatures, threshold, expiry, hardware, anti-rollback, every
+    /// chunk and every component digest.
+    Verify {
+        /// The bundle (`-` reads standard input).
+        file: PathBuf,
+        /// The trust root.
+        #[arg(long)]
+        trust: PathBuf,
+        /// The hardware id the bundle must list.
+        #[arg(long)]
+        compatible: Option<String>,
+        /// The lowest acceptable security version.
+        #[arg(long, default_value_t = 0)]
+        min_security_version: u64,
+    },
+    /// Write one component's verified content to a file.
+    Extract {
+        /// The bundle (`-` reads standard input).
+        file: PathBuf,
+        /// The trust root.
+        #[arg(long)]
+        trust: PathBuf,
+        /// The component to extract.
+        #[arg(long)]
+        component: String,
+        /// Where to write it; nothing appears there unless all of it verified.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(command: BundleCommand, out: Output) -> Result<()> {
+    match command {
+        BundleCommand::Create {
+            product,
+            version,
+            security_version,
+            compatible,
+            components,
+            signers,
+            expires,
+            hooks,
+            level,
+            out: path,
+        } => create(
+            CreateArgs {
+                product,
+                version,
+                security_version,
+                compatible,
+                components,
+                signers,
+                expires,
+                hooks,
+                level,
+                path,
+            },
+            out,
+        ),
+        BundleCommand::Sign { file, key } => {
+            let key = load_secret(&key)?;
+            let mut src = open_input(&file)?;
+            let mut target = AtomicFile::create(&file, 0o644)?;
+            let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
+            add_signature(&mut src, &key, &mut writer, Limits::default())
+                .with_context(|| format!("signing {}", file.display()))?;
+            drop(writer);
+            target.commit()?;
+            out.print(
+                &json!({"file": file, "key": key.public().id().as_str()}),
+                || format!("{} signed by key {}", file.display(), key.public().id()),
+            );
+            Ok(())
+        }
+        BundleCommand::Info { file } => {
+            let reader = BundleReader::open(open_input(&file)?, Limits::default())
+                .with_context(|| format!("reading {}", file.display()))?;
+            let manifest = reader
+                .manifest_unverified()
+                .with_context(|| format!("reading the manifest of {}", file.display()))?;
+            let signers: Vec<String> = reader
+                .signatures()
+                .iter()
+                .map(|s| abide_bundle::KeyId::of_bytes(&s.public).to_string())
+                .collect();
+            let value = json!({
+                "file": file,
+                "manifest": manifest_json(&manifest),
+                "signatures": signers,
+                "data_start": reader.header().data_start(),
+            });
+            out.print(&value, || {
+                let mut text = describe(&manifest);
+                text.push_str(&format!("\nsignatures (unchecked): {}", signers.join(", ")));
+                text
+            });
+            Ok(())
+        }
+        BundleCommand::Verify {
+            file,
+            trust,
+            compatible,
+            min_security_version,
+        } => {
+            let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
+            let compatible = compatible
+                .map(|c| HardwareId::parse("--compatible", &c, Limits::default().max_name_len))
+                .transpose()?;
+            let policy = Policy {
+                trust: &trust,
+                now: Timestamp::now(),
+                expiration: ExpirationEnforcement::Safe,
+                compatible: compatible.as_ref(),
+                min_security_version,
+            };
+            let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
+                .and_then(|r| r.verify(&policy))
+                .and_then(|mut b| b.verify_rest().map(|()| b))
+                .with_context(|| format!("verifying {}", file.display()))?;
+            let manifest = bundle.manifest().clone();
+            let signers: Vec<String> = bundle.signers().iter().map(ToString::to_string).collect();
+            bundle.finish()?;
+            out.print(
+                &json!({"ok": true, "file": file, "manifest": manifest_json(&manifest),
+                        "signers": signers, "threshold": trust.threshold()}),
+                || {
+                    format!(
+                        "ok: {} {} verified ({} of {} needed signatures, {} component(s), every chunk and digest checked)",
+                        manifest.product,
+                        manifest.version,
+                        signers.len(),
+                        trust.threshold(),
+                        manifest.components.len()
+                    )
+                },
+            );
+            Ok(())
+        }
+        BundleCommand::Extract {
+            file,
+            trust,
+            component,
+            out: path,
+        } => {
+            let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
+            let policy = Policy {
+                trust: &trust,
+                now: Timestamp::now(),
+                expiration: ExpirationEnforcement::Safe,
+                compatible: None,
+                min_security_version: 0,
+            };
+            let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
+                .and_then(|r| r.verify(&policy))
+                .with_context(|| format!("verifying {}", file.display()))?;
+            let index = bundle
+                .manifest()
+                .components
+                .iter()
+                .position(|c| c.name.as_str() == component)
+                .ok_or_else(|| abide_bundle::Error::UnknownComponent {
+                    name: component.clone(),
+                })?;
+            for _ in 0..index {
+                bundle.skip_component()?;
+            }
+            let mut target = AtomicFile::create(&path, 0o644)?;
+            let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
+            let written = bundle
+                .read_component(&mut |data| writer.write_all(data))
+                .map(|c| (c.size, c.digest))
+                .with_context(|| format!("extracting {component} from {}", file.display()))?;
+            writer.flush().context("writing the extracted content")?;
+            drop(writer);
+            // Dropping `target` on any error above removed the partial file.
+            target.commit()?;
+            out.print(
+                &json!({"ok": true, "component": component, "out": path, "size": written.0,
+                        "digest": written.1.to_hex()}),
+                || {
+                    format!(
+                        "{component}: {} bytes written to {} (sha256 {})",
+                        written.0,
+                        path.display(),
+                        written.1
+                    )
+                },
+            );
+            Ok(())
+        }
+    }
+}
+
+struct CreateArgs {
+    product: String,
+    version: String,
+    security_version: u64,
+    compatible: Vec<String>,
+    components: Vec<String>,
+    signers: Vec<PathBuf>,
+    expires: Option<Timestamp>,
+    hooks: Vec<String>,
+    level: i32,
+    path: PathBuf,
+}
+
+/// One `--component NAME=PATH[,kind=KIND][,slot=CLASS]` argument, validated.
+struct ComponentArg {
+    name: Name,
+    kind: Name,
+    slot: Name,
+    path: PathBuf,
+}
+
+fn parse_component(arg: &str, max: usize) -> Result<ComponentArg> {
+    let (name, rest) = arg.split_once('=').with_context(|| {
+        format!("--component {arg:?}: expected NAME=PATH[,kind=KIND][,slot=CLASS]")
+    })?;
+    let mut parts: Vec<&str> = rest.split(',').collect();
+    let (mut kind, mut slot) = (None, None);
+    while parts.len() > 1 {
+        let last = parts[parts.len() - 1];
+        if let Some(k) = last.strip_prefix("kind=") {
+            kind.get_or_insert(k);
+        } else if let Some(s) = last.strip_prefix("slot=") {
+            slot.get_or_insert(s);
+        } else {
+            break;
+        }
+        parts.pop();
+    }
+    let path = parts.join(",");
+    if path.is_empty() {
+        bail!("--component {arg:?}: the path is empty");
+    }
+    let name = Name::parse("--component name", name, max)?;
+    Ok(ComponentArg {
+        kind: Name::parse("--component kind", kind.unwrap_or(name.as_str()), max)?,
+        slot: Name::parse("--component slot", slot.unwrap_or(name.as_str()), max)?,
+        name,
+        path: PathBuf::from(path),
+    })
+}
+
+fn create(args: CreateArgs, out: Output) -> Result<()> {
+    // Stage one: validate every argument before touching the file system.
+    let max = Limits::default().max_name_len;
+    let spec = BundleSpec {
+        product: Name::parse("--product", &args.product, max)?,
+        compatible: args
+            .compatible
+            .iter()
+            .map(|c| HardwareId::parse("--compatible", c, max))
+            .collect::<Result<_, _>>()?,
+        version: semver::Version::parse(&args.version)
+            .with_context(|| format!("--version {:?} is not a SemVer version", args.version))?,
+        security_version: args.security_version,
+        created: Timestamp::now(),
+        expires: args.expires,
+        hooks: args
+            .hooks
+            .iter()
+            .map(|h| Name::parse("--hook", h, max))
+            .collect::<Result<_, _>>()?,
+        chunking: Chunking::default(),
+        level: args.level,
+    };
+    let components = args
+        .components
+        .iter()
+        .map(|c| parse_component(c, max))
+        .collect::<Result<Vec<_>>>()?;
+    // Stage two: open everything, then write.
+    let signers: Vec<SecretKey> = args
+        .signers
+        .iter()
+        .map(|p| load_secret(p))
+        .collect::<Result<_>>()?;
+    let mut inputs = Vec::new();
+    for c in &components {
+        let file = File::open(&c.path)
+            .with_context(|| format!("opening component {} at {}", c.name, c.path.display()))?;
+        inputs.push(file);
+    }
+    let mut target = AtomicFile::create(&args.path, 0o644)?;
+    let spool = AtomicFile::create(&args.path.with_extension("abide-spool"), 0o600)?;
+    let mut spool_file = spool_handle(spool)?;
+    let mut writer = BundleWriter::new(spec, &mut spool_file.1)?;
+    for (c, input) in components.into_iter().zip(inputs) {
+        let mut input = BufReader::with_capacity(1 << 20, input);
+        writer
+            .add_component(c.name.clone(), c.kind, c.slot, &mut input)
+            .with_context(|| format!("adding component {} from {}", c.name, c.path.display()))?;
+    }
+    let mut sink = io::BufWriter::with_capacity(1 << 20, target.file());
+    let manifest = writer.finish(&signers.iter().collect::<Vec<_>>(), &mut sink)?;
+    sink.flush().context("writing the bundle")?;
+    drop(sink);
+    target.commit()?;
+    drop(spool_file);
+    let signer_ids: Vec<String> = signers
+        .iter()
+        .map(|k| k.public().id().to_string())
+        .collect();
+    out.print(
+        &json!({"file": args.path, "manifest": manifest_json(&manifest), "signers": signer_ids}),
+        || {
+            format!(
+                "{}\nwritten to {}",
+                describe(&manifest),
+                args.path.display()
+            )
+        },
+    );
+    Ok(())
+}
+
+/// The spool is a temporary file that never becomes a bundle: keep the guard (which removes it
+/// when dropped) beside a second handle used for reading and writing.
+fn spool_handle(mut spool: AtomicFile) -> Result<(AtomicFile, File)> {
+    let handle = spool.file().try_clone().context("opening the spool")?;
+    Ok((spool, handle))
+}
+
+fn open_input(path: &Path) -> Result<Box<dyn Read>> {
+    if path.as_os_str() == "-" {
+        return Ok(Box::new(BufReader::with_capacity(
+            1 << 20,
+            io::stdin().lock(),
+        )));
+    }
+    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+}
+
+fn manifest_json(m: &Manifest) -> Value {
+    let bytes = m.to_canonical().expect("a validated manifest encodes");
+    serde_json::from_slice(&bytes).expect("canonical JSON parses")
+}
+
+fn describe(m: &Manifest) -> String {
+    let mut text = format!(
+        "{} {} (security version {}), compatible with [{}], created {}",
+        m.product,
+        m.version,
+        m.security_version,
+        m.compatible
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        abide_bundle::time::format_time(m.created)
+    );
+    if let Some(e) = m.expires {
+        text.push_str(&format!(", expires {}", abide_bundle::time::format_time(e)));
+    }
+    for c in &m.components {
+        text.push_str(&format!(
+            "\n  {} (kind {}, slot {}): {} bytes in {} chunks, {} stored, sha256 {}",
+            c.name,
+            c.kind,
+            c.slot_class,
+            c.size,
+            c.chunk_table.count,
+            c.chunk_table.data_size,
+            c.digest
+        ));
+    }
+    text
+}

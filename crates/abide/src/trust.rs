@@ -1,0 +1,169 @@
+//! `abide trust`: making, rotating and checking trust roots.
+
+use std::path::{Path, PathBuf};
+
+use abide_bundle::{ExpirationEnforcement, Limits, TrustRoot};
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use jiff::Timestamp;
+use serde_json::json;
+
+use crate::Output;
+use crate::fsio::{read_bounded, write_atomic};
+use crate::key::{load_public, load_secret};
+
+#[derive(Subcommand)]
+pub enum TrustCommand {
+    /// Make trust root version 1, self-signed by a threshold of its keys.
+    Init {
+        /// A public key file to trust (repeat for several).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many distinct keys must sign a bundle.
+        #[arg(long)]
+        threshold: usize,
+        /// When the trust root stops being accepted (RFC 3339).
+        #[arg(long)]
+        expires: Option<Timestamp>,
+        /// A secret key file to sign with (repeat; at least the threshold).
+        #[arg(long = "sign", required = true)]
+        signers: Vec<PathBuf>,
+        /// Where to write the trust root.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Make the next version of a trust root, signed by a threshold of the old and of the new keys.
+    Rotate {
+        /// The current trust root.
+        #[arg(long)]
+        from: PathBuf,
+        /// A public key file of the new root (repeat).
+        #[arg(long = "key", required = true)]
+        keys: Vec<PathBuf>,
+        /// The new threshold.
+        #[arg(long)]
+        threshold: usize,
+        /// When the new root expires (RFC 3339).
+        #[arg(long)]
+        expires: Option<Timestamp>,
+        /// Secret key files to sign with: enough old keys and enough new keys.
+        #[arg(long = "sign", required = true)]
+        signers: Vec<PathBuf>,
+        /// Where to write the new trust root.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a trust root, and with --from that it may replace the one given there.
+    Verify {
+        /// The trust root it must follow from.
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// The trust root to check.
+        file: PathBuf,
+    },
+}
+
+pub fn run(command: TrustCommand, out: Output) -> Result<()> {
+    match command {
+        TrustCommand::Init {
+            keys,
+            threshold,
+            expires,
+            signers,
+            out: path,
+        } => {
+            let keys = keys
+                .iter()
+                .map(|p| load_public(p))
+                .collect::<Result<Vec<_>>>()?;
+            let signers = signers
+                .iter()
+                .map(|p| load_secret(p))
+                .collect::<Result<Vec<_>>>()?;
+            let root = TrustRoot::create(
+                1,
+                keys,
+                threshold,
+                expires,
+                &signers.iter().collect::<Vec<_>>(),
+            )
+            .context("making the trust root")?;
+            write_atomic(&path, &root.to_file_bytes()?, 0o644)?;
+            print_root(out, &root, &path);
+            Ok(())
+        }
+        TrustCommand::Rotate {
+            from,
+            keys,
+            threshold,
+            expires,
+            signers,
+            out: path,
+        } => {
+            let old = load_trust(&from, ExpirationEnforcement::Unsafe)?;
+            let keys = keys
+                .iter()
+                .map(|p| load_public(p))
+                .collect::<Result<Vec<_>>>()?;
+            let signers = signers
+                .iter()
+                .map(|p| load_secret(p))
+                .collect::<Result<Vec<_>>>()?;
+            let root = old
+                .rotate(
+                    keys,
+                    threshold,
+                    expires,
+                    &signers.iter().collect::<Vec<_>>(),
+                )
+                .context("rotating the trust root")?;
+            write_atomic(&path, &root.to_file_bytes()?, 0o644)?;
+            print_root(out, &root, &path);
+            Ok(())
+        }
+        TrustCommand::Verify { from, file } => {
+            let root = load_trust(&file, ExpirationEnforcement::Safe)?;
+            if let Some(from) = &from {
+                let old = load_trust(from, ExpirationEnforcement::Unsafe)?;
+                old.verify_successor(&root).with_context(|| {
+                    format!("{} does not follow {}", file.display(), from.display())
+                })?;
+            }
+            out.print(
+                &json!({"ok": true, "version": root.version(), "threshold": root.threshold(),
+                        "keys": root.key_ids().iter().map(|k| k.as_str()).collect::<Vec<_>>()}),
+                || match &from {
+                    Some(from) => {
+                        format!("ok: version {} follows {}", root.version(), from.display())
+                    }
+                    None => format!("ok: trust root version {}", root.version()),
+                },
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Loads and checks a trust root file.
+pub fn load_trust(path: &Path, expiration: ExpirationEnforcement) -> Result<TrustRoot> {
+    let limits = Limits::default();
+    let bytes = read_bounded(path, limits.max_trust_bytes)?;
+    TrustRoot::load(&bytes, Timestamp::now(), expiration, &limits)
+        .with_context(|| format!("trust root {}", path.display()))
+}
+
+fn print_root(out: Output, root: &TrustRoot, path: &Path) {
+    out.print(
+        &json!({"version": root.version(), "threshold": root.threshold(), "file": path,
+                "keys": root.key_ids().iter().map(|k| k.as_str()).collect::<Vec<_>>()}),
+        || {
+            format!(
+                "trust root version {} ({} of {} keys) written to {}",
+                root.version(),
+                root.threshold(),
+                root.keys().len(),
+                path.display()
+            )
+        },
+    );
+}

@@ -1,0 +1,2 @@
+//! Project automation: benchmarks.
+fn main() {}

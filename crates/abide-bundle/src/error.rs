@@ -181,6 +181,18 @@ pub enum Error {
         /// The digest the table names.
         expected: Digest,
     },
+    /// A chunk's stored bytes do not hash to the digest its table entry gives them.
+    #[error(
+        "chunk digest mismatch: the stored bytes of chunk {index} of component {component} are not {expected}"
+    )]
+    StoredDigest {
+        /// The component.
+        component: String,
+        /// The chunk's index in its table.
+        index: usize,
+        /// The digest the table gives.
+        expected: Digest,
+    },
     /// A component's whole content does not hash to the manifest's digest.
     #[error("component digest mismatch: {component} is {actual}, the manifest says {expected}")]
     ComponentDigest {
@@ -236,7 +248,7 @@ impl Error {
             Error::SizeMismatch { .. } => "size-mismatch",
             Error::ChunkCorrupt { .. } => "chunk-corrupt",
             Error::DecompressionBomb { .. } => "decompression-bomb",
-            Error::ChunkDigest { .. } => "chunk-digest",
+            Error::ChunkDigest { .. } | Error::StoredDigest { .. } => "chunk-digest",
             Error::ComponentDigest { .. } => "component-digest",
             Error::UnknownComponent { .. } => "unknown-component",
             Error::DuplicateSignature { .. } => "duplicate-signature",

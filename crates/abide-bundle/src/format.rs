@@ -5,7 +5,7 @@
 //! manifest    manifest_len bytes of canonical JSON
 //! signatures  signature_count × (public key 32 | ed25519 signature 64)
 //! data        per component, in manifest order: chunk table, then its chunks
-//! chunk table count × (SHA-256 of the uncompressed chunk 32 | length u32 LE | stored_length u32 LE)
+//! chunk table count × (SHA-256 of the chunk 32 | SHA-256 of its stored bytes 32 | length u32 LE | stored_length u32 LE)
 //! chunk       one zstd frame of stored_length bytes that decompresses to length bytes
 //! ```
 
@@ -23,7 +23,7 @@ pub const HEADER_LEN: usize = 20;
 /// Length of one signature entry.
 pub const SIGNATURE_ENTRY_LEN: usize = 96;
 /// Length of one chunk table entry.
-pub const CHUNK_ENTRY_LEN: usize = 40;
+pub const CHUNK_ENTRY_LEN: usize = 72;
 
 /// The fixed header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,6 +132,8 @@ impl SignatureEntry {
 pub struct ChunkEntry {
     /// SHA-256 of the uncompressed chunk: the chunk's name.
     pub digest: Digest,
+    /// SHA-256 of the stored (compressed) bytes, checked before they reach the decompressor.
+    pub stored_digest: Digest,
     /// Uncompressed length.
     pub length: u32,
     /// Stored (compressed) length.
@@ -143,14 +145,16 @@ impl ChunkEntry {
     pub fn decode(bytes: &[u8]) -> ChunkEntry {
         ChunkEntry {
             digest: Digest(bytes[..32].try_into().expect("32 bytes")),
-            length: u32::from_le_bytes(bytes[32..36].try_into().expect("4 bytes")),
-            stored_length: u32::from_le_bytes(bytes[36..40].try_into().expect("4 bytes")),
+            stored_digest: Digest(bytes[32..64].try_into().expect("32 bytes")),
+            length: u32::from_le_bytes(bytes[64..68].try_into().expect("4 bytes")),
+            stored_length: u32::from_le_bytes(bytes[68..72].try_into().expect("4 bytes")),
         }
     }
 
     /// Appends the encoded entry to `out`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.digest.0);
+        out.extend_from_slice(&self.stored_digest.0);
         out.extend_from_slice(&self.length.to_le_bytes());
         out.extend_from_slice(&self.stored_length.to_le_bytes());
     }

@@ -405,7 +405,8 @@ fn read_chunks<R: Read>(
     Ok(())
 }
 
-/// Decompresses one stored chunk into at most its declared length and checks its digest.
+/// Checks one stored chunk against its stored digest, decompresses it into at most its
+/// declared length, and checks the content's digest.
 pub fn open_chunk(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     component: &Component,
@@ -413,6 +414,13 @@ pub fn open_chunk(
     entry: &ChunkEntry,
     stored: &[u8],
 ) -> Result<Vec<u8>> {
+    if Digest::of(stored) != entry.stored_digest {
+        return Err(Error::StoredDigest {
+            component: component.name.to_string(),
+            index,
+            expected: entry.stored_digest,
+        });
+    }
     let declared = entry.length as usize;
     let mut content = Vec::with_capacity(declared);
     match decompressor.decompress_to_buffer(stored, &mut content) {

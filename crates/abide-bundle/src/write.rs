@@ -123,7 +123,12 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                         what: "compressing a chunk",
                         source,
                     })?;
-                Ok((Digest::of(&chunk), chunk.len() as u32, stored))
+                Ok((
+                    Digest::of(&chunk),
+                    Digest::of(&stored),
+                    chunk.len() as u32,
+                    stored,
+                ))
             },
             |_| {
                 let Some(chunk) = cutter.next(content)? else {
@@ -133,9 +138,10 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                 size += chunk.len() as u64;
                 Ok(Some(chunk))
             },
-            |_, (digest, length, stored)| {
+            |_, (digest, stored_digest, length, stored)| {
                 ChunkEntry {
                     digest,
+                    stored_digest,
                     length,
                     stored_length: stored.len() as u32,
                 }

@@ -1,0 +1,204 @@
+//! Bundles made by the writer read back byte for byte, with the layout the spec describes.
+
+use abide_bundle::format::{HEADER_LEN, MAGIC};
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, add_signature};
+use abide_testkit::{Fixture, key, trust};
+use expect_test::expect;
+
+use crate::verify;
+
+fn read_all(bytes: &[u8], trust: &abide_bundle::TrustRoot) -> Vec<(String, Vec<u8>)> {
+    let policy = Policy {
+        trust,
+        now: abide_testkit::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    };
+    let mut bundle = BundleReader::open(bytes, Limits::default())
+        .unwrap()
+        .verify(&policy)
+        .unwrap();
+    let mut out = Vec::new();
+    for _ in 0..bundle.manifest().components.len() {
+        let mut content = Vec::new();
+        let c = bundle
+            .read_component(&mut |d| {
+                content.extend_from_slice(d);
+                Ok(())
+            })
+            .unwrap();
+        out.push((c.name.to_string(), content));
+    }
+    bundle.finish().unwrap();
+    out
+}
+
+#[test]
+fn content_comes_back_exactly_and_digests_match_sha256sum() {
+    let fixture = Fixture::default();
+    let bytes = fixture.build(&[&key(0)]);
+    assert_eq!(bytes[..8], MAGIC);
+    let back = read_all(&bytes, &trust(&[0], 1));
+    assert_eq!(back.len(), 2);
+    for ((name, content), (want_name, _, _, want)) in back.iter().zip(&fixture.components) {
+        assert_eq!(name, want_name);
+        assert_eq!(content, want);
+    }
+    let manifest = verify(&bytes, &trust(&[0, 1], 1)).unwrap();
+    assert_eq!(
+        manifest.components[0].digest,
+        abide_bundle::Digest::of(&fixture.components[0].3)
+    );
+}
+
+#[test]
+fn the_manifest_is_canonical_json_with_the_documented_fields() {
+    let fixture = Fixture {
+        components: vec![("rootfs", "rootfs", "rootfs", b"hello abide\n".to_vec())],
+        ..Fixture::default()
+    };
+    let bytes = fixture.build(&[&key(0)]);
+    let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    let manifest = std::str::from_utf8(&bytes[HEADER_LEN..HEADER_LEN + len]).unwrap();
+    expect![[r#"{"compatible":["acme-gw","acme-gw-rev2"],"components":[{"chunk_table":{"count":1,"data_size":21,"digest":"da5f33d52eaa8ddd456ca79f73119549cc23c03591c530ce10f90a7a936070d1","offset":0},"chunking":{"algorithm":"fastcdc-2020","avg_size":16384,"max_size":65536,"min_size":4096},"compression":"zstd","digest":"f011236188c8cce23d58b5080c38643a684af132df37e171ea8c855257c44388","kind":"rootfs","name":"rootfs","size":12,"slot_class":"rootfs"}],"created":"2026-11-01T12:00:00Z","expires":"2100-01-01T00:00:00Z","format":1,"product":"acme-gateway","security_version":5,"version":"1.4.0"}"#]]
+    .assert_eq(manifest);
+}
+
+#[test]
+fn equal_content_gives_equal_chunks_across_releases() {
+    // A 5% edit in the middle of an image leaves most chunk names unchanged: the basis of
+    // delta updates.
+    let old = abide_testkit::image(2 << 20, 9);
+    let mut new = old.clone();
+    let mid = old.len() / 2;
+    for b in &mut new[mid..mid + old.len() / 20] {
+        *b = b.wrapping_add(1);
+    }
+    let names = |content: &[u8]| {
+        let fixture = Fixture {
+            components: vec![("rootfs", "rootfs", "rootfs", content.to_vec())],
+            ..Fixture::default()
+        };
+        let parts = abide_testkit::parts::Parts::split(&fixture.build(&[&key(0)]));
+        parts.components[0]
+            .table
+            .iter()
+            .map(|e| e.digest)
+            .collect::<std::collections::HashSet<_>>()
+    };
+    let (a, b) = (names(&old), names(&new));
+    let shared = a.intersection(&b).count();
+    assert!(
+        shared * 100 >= a.len() * 85,
+        "only {shared} of {} chunks shared",
+        a.len()
+    );
+}
+
+#[test]
+fn signatures_can_be_added_one_by_one_to_reach_a_threshold() {
+    let bytes = Fixture::default().build(&[&key(0)]);
+    let two = trust(&[0, 1], 2);
+    assert_eq!(
+        verify(&bytes, &two).unwrap_err().code(),
+        "signature-threshold"
+    );
+    let mut signed = Vec::new();
+    add_signature(
+        &mut bytes.as_slice(),
+        &key(1),
+        &mut signed,
+        Limits::default(),
+    )
+    .unwrap();
+    verify(&signed, &two).unwrap();
+    let mut again = Vec::new();
+    let err = add_signature(
+        &mut signed.as_slice(),
+        &key(1),
+        &mut again,
+        Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "duplicate-signature");
+    // Reading the data back is unchanged by the extra signature.
+    assert_eq!(read_all(&signed, &two), read_all(&bytes, &trust(&[0], 1)));
+}
+
+#[test]
+fn an_empty_component_round_trips() {
+    let fixture = Fixture {
+        components: vec![
+            ("config", "config", "config", Vec::new()),
+            ("app", "app", "app", b"x".to_vec()),
+        ],
+        ..Fixture::default()
+    };
+    let back = read_all(&fixture.build(&[&key(0)]), &trust(&[0], 1));
+    assert_eq!(back[0].1, b"");
+    assert_eq!(back[1].1, b"x");
+}
+
+#[test]
+fn extracting_one_component_skips_the_others_unchecked() {
+    let fixture = Fixture::default();
+    let mut bytes = fixture.build(&[&key(0)]);
+    // Corrupt the first component's data: the second must still come out verified.
+    let parts = abide_testkit::parts::Parts::split(&bytes);
+    let at = parts.data_start(1)
+        + parts.components[0].table.len() * abide_bundle::format::CHUNK_ENTRY_LEN
+        + 5;
+    bytes[at] ^= 0xff;
+    let t = trust(&[0], 1);
+    let policy = Policy {
+        trust: &t,
+        now: abide_testkit::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    };
+    let mut bundle = BundleReader::open(bytes.as_slice(), Limits::default())
+        .unwrap()
+        .verify(&policy)
+        .unwrap();
+    bundle.skip_component().unwrap();
+    let mut content = Vec::new();
+    bundle
+        .read_component(&mut |d| {
+            content.extend_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(content, fixture.components[1].3);
+}
+
+#[test]
+fn expiry_is_enforced_only_when_safe() {
+    let fixture = Fixture {
+        expires: Some("2026-01-01T00:00:00Z".parse().unwrap()),
+        ..Fixture::default()
+    };
+    let bytes = fixture.build(&[&key(0)]);
+    let t = trust(&[0], 1);
+    let mut policy = Policy {
+        trust: &t,
+        now: abide_testkit::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    };
+    let err = BundleReader::open(bytes.as_slice(), Limits::default())
+        .unwrap()
+        .verify(&policy)
+        .err()
+        .unwrap();
+    assert_eq!(err.code(), "expired");
+    policy.expiration = ExpirationEnforcement::Unsafe;
+    assert!(
+        BundleReader::open(bytes.as_slice(), Limits::default())
+            .unwrap()
+            .verify(&policy)
+            .is_ok()
+    );
+}

@@ -1,0 +1,164 @@
+//! Trust roots: thresholds, distinct key material, expiry and rotation.
+
+use abide_bundle::{ExpirationEnforcement, Limits, SecretKey, TrustRoot};
+use abide_testkit::{Fixture, key, now, trust};
+
+use crate::verify;
+
+fn load(root: &TrustRoot) -> abide_bundle::Result<TrustRoot> {
+    TrustRoot::load(
+        &root.to_file_bytes().unwrap(),
+        now(),
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )
+}
+
+#[test]
+fn a_threshold_of_zero_or_above_the_key_count_is_refused() {
+    let keys = vec![key(0).public(), key(1).public()];
+    let err = TrustRoot::create(1, keys.clone(), 0, None, &[&key(0)]).unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root");
+    assert!(err.to_string().contains("threshold of 0"), "{err}");
+    let err = TrustRoot::create(1, keys, 3, None, &[&key(0)]).unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root");
+}
+
+#[test]
+fn the_same_key_material_counts_once() {
+    let err = TrustRoot::create(
+        1,
+        vec![key(0).public(), key(0).public()],
+        2,
+        None,
+        &[&key(0)],
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root");
+    // A hand-edited file listing one key twice is refused on load as well.
+    let root = trust(&[0, 1], 1);
+    let text = String::from_utf8(root.to_file_bytes().unwrap()).unwrap();
+    let k1 = key(1).public();
+    let forged = text
+        .replace(&k1.to_hex(), &key(0).public().to_hex())
+        .replace(k1.id().as_str(), key(0).public().id().as_str());
+    let err = TrustRoot::load(
+        forged.as_bytes(),
+        now(),
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err.code(), "bad-trust-root" | "signature-threshold"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_self_signature_below_threshold_is_refused() {
+    let keys = vec![key(0).public(), key(1).public()];
+    let err = TrustRoot::create(1, keys, 2, None, &[&key(0), &key(0)]).unwrap_err();
+    assert_eq!(err.code(), "signature-threshold");
+    // Stripping a signature from a valid 2-of-2 file makes it unloadable.
+    let root = trust(&[0, 1], 2);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&root.to_file_bytes().unwrap()).unwrap();
+    value["signatures"].as_array_mut().unwrap().pop();
+    let err = TrustRoot::load(
+        &serde_json::to_vec(&value).unwrap(),
+        now(),
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "signature-threshold");
+}
+
+#[test]
+fn an_edited_trust_root_is_refused() {
+    let root = trust(&[0, 1], 1);
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&root.to_file_bytes().unwrap()).unwrap();
+    value["signed"]["threshold"] = 2.into();
+    let err = TrustRoot::load(
+        &serde_json::to_vec(&value).unwrap(),
+        now(),
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "signature-threshold");
+    value["signed"]["threshold"] = 0.into();
+    let err = TrustRoot::load(
+        &serde_json::to_vec(&value).unwrap(),
+        now(),
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root");
+}
+
+#[test]
+fn an_expired_trust_root_is_refused() {
+    let root = TrustRoot::create(
+        1,
+        vec![key(0).public()],
+        1,
+        Some("2026-01-01T00:00:00Z".parse().unwrap()),
+        &[&key(0)],
+    )
+    .unwrap();
+    assert_eq!(load(&root).unwrap_err().code(), "trust-expired");
+    let unsafe_load = TrustRoot::load(
+        &root.to_file_bytes().unwrap(),
+        now(),
+        ExpirationEnforcement::Unsafe,
+        &Limits::default(),
+    );
+    assert!(unsafe_load.is_ok());
+}
+
+#[test]
+fn rotation_needs_a_threshold_of_the_old_keys_and_of_the_new_keys() {
+    let old = trust(&[0, 1, 2], 2);
+    let new_keys = vec![key(3).public(), key(4).public()];
+    let signers = |ns: &[u8]| ns.iter().map(|&n| key(n)).collect::<Vec<SecretKey>>();
+    let rotate = |ns: &[u8]| {
+        let s = signers(ns);
+        old.rotate(new_keys.clone(), 2, None, &s.iter().collect::<Vec<_>>())
+    };
+    let err = rotate(&[0, 3, 4]).unwrap_err();
+    assert_eq!(err.code(), "signature-threshold");
+    assert!(err.to_string().contains("old"), "{err}");
+    let err = rotate(&[0, 1, 3]).unwrap_err();
+    assert_eq!(err.code(), "signature-threshold");
+    assert!(err.to_string().contains("new"), "{err}");
+    let next = rotate(&[0, 1, 3, 4]).unwrap();
+    assert_eq!(next.version(), 2);
+    let loaded = load(&next).unwrap();
+    old.verify_successor(&loaded).unwrap();
+    // Skipping a version or going back is refused.
+    let s = signers(&[3, 4]);
+    let third = loaded
+        .rotate(
+            vec![key(3).public(), key(4).public()],
+            2,
+            None,
+            &s.iter().collect::<Vec<_>>(),
+        )
+        .unwrap();
+    assert_eq!(
+        old.verify_successor(&third).unwrap_err().code(),
+        "trust-rotation"
+    );
+    assert_eq!(
+        loaded.verify_successor(&old).unwrap_err().code(),
+        "trust-rotation"
+    );
+    // Bundles signed by the new keys verify under the new root only.
+    let bundle = Fixture::default().build(&[&key(3), &key(4)]);
+    verify(&bundle, &loaded).unwrap();
+    assert_eq!(verify(&bundle, &old).unwrap_err().code(), "untrusted-key");
+}

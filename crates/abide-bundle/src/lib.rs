@@ -6,6 +6,7 @@
 //! `docs/bundle-format.md` is the byte-level specification.
 
 pub mod canonical;
+pub mod chunks;
 pub mod digest;
 mod error;
 pub mod format;

@@ -32,7 +32,7 @@ where
     O: Send,
 {
     let workers = worker_count();
-    let window = workers * 4;
+    let window = workers * 16;
     let (job_tx, job_rx) = mpsc::sync_channel::<(usize, I)>(window);
     let job_rx = Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<(usize, Result<O>)>();
@@ -92,6 +92,35 @@ where
         };
         drive()
     })
+}
+
+/// Buffers handed back after use, so a long run reuses a few allocations instead of faulting
+/// in fresh pages for every chunk.
+#[derive(Default)]
+pub struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// An empty buffer with at least `capacity` bytes of room.
+    pub fn take(&self, capacity: usize) -> Vec<u8> {
+        let mut buf = self
+            .0
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        buf.clear();
+        buf.reserve(capacity);
+        buf
+    }
+
+    /// Returns a buffer for reuse (the pool keeps a bounded number).
+    pub fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut pool) = self.0.lock()
+            && pool.len() < 256
+        {
+            pool.push(buf);
+        }
+    }
 }
 
 fn worker_gone() -> Error {

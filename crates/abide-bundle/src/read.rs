@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::io::{self, Read};
 
 use jiff::Timestamp;
-use sha2::{Digest as _, Sha256};
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -16,7 +15,6 @@ use crate::keys::{KeyId, MANIFEST_DOMAIN};
 use crate::limits::{Limits, stored_bound};
 use crate::manifest::{Component, Manifest};
 use crate::name::HardwareId;
-use crate::pipeline::ordered_map;
 use crate::time::{ExpirationEnforcement, format_time};
 use crate::trust::TrustRoot;
 
@@ -149,7 +147,7 @@ impl<R: Read> VerifiedBundle<R> {
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<()> {
         let component = self.current()?.clone();
-        read_chunks(&mut self.reader.src, &component, table, sink)?;
+        crate::chunks::read_chunks(&mut self.reader.src, &component, table, sink)?;
         self.next += 1;
         Ok(())
     }
@@ -361,123 +359,10 @@ fn read_table<R: Read>(src: &mut Counted<R>, component: &Component) -> Result<Ve
     parse_chunk_table(component, &bytes)
 }
 
-fn read_chunks<R: Read>(
-    src: &mut Counted<R>,
-    component: &Component,
-    table: &[ChunkEntry],
-    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
-) -> Result<()> {
-    let mut whole = Sha256::new();
-    ordered_map(
-        || {
-            zstd::bulk::Decompressor::new().map_err(|source| Error::Io {
-                what: "starting a zstd decompressor",
-                source,
-            })
-        },
-        |decompressor, index, stored: Vec<u8>| {
-            open_chunk(decompressor, component, index, &table[index], &stored)
-        },
-        |index| {
-            let Some(entry) = table.get(index) else {
-                return Ok(None);
-            };
-            let mut stored = vec![0u8; entry.stored_length as usize];
-            src.read_exact_as(&mut stored, "chunk data")?;
-            Ok(Some(stored))
-        },
-        |_, content| {
-            whole.update(&content);
-            sink(&content).map_err(|source| Error::Io {
-                what: "writing component content",
-                source,
-            })
-        },
-    )?;
-    let actual = Digest(whole.finalize().into());
-    if actual != component.digest {
-        return Err(Error::ComponentDigest {
-            component: component.name.to_string(),
-            expected: component.digest,
-            actual,
-        });
-    }
-    Ok(())
-}
-
-/// Checks one stored chunk against its stored digest, decompresses it into at most its
-/// declared length, and checks the content's digest.
-pub fn open_chunk(
-    decompressor: &mut zstd::bulk::Decompressor<'_>,
-    component: &Component,
-    index: usize,
-    entry: &ChunkEntry,
-    stored: &[u8],
-) -> Result<Vec<u8>> {
-    if Digest::of(stored) != entry.stored_digest {
-        return Err(Error::StoredDigest {
-            component: component.name.to_string(),
-            index,
-            expected: entry.stored_digest,
-        });
-    }
-    let declared = entry.length as usize;
-    let mut content = Vec::with_capacity(declared);
-    match decompressor.decompress_to_buffer(stored, &mut content) {
-        Ok(n) if n == declared => {}
-        Ok(n) => {
-            return Err(Error::ChunkCorrupt {
-                component: component.name.to_string(),
-                index,
-                what: format!("decompresses to {n} bytes, the table says {declared}"),
-            });
-        }
-        Err(e) if expands_past(stored, declared) => {
-            let _ = e;
-            return Err(Error::DecompressionBomb {
-                component: component.name.to_string(),
-                index,
-                declared: entry.length,
-            });
-        }
-        Err(e) => {
-            return Err(Error::ChunkCorrupt {
-                component: component.name.to_string(),
-                index,
-                what: format!("not a valid zstd frame: {e}"),
-            });
-        }
-    }
-    if Digest::of(&content) != entry.digest {
-        return Err(Error::ChunkDigest {
-            component: component.name.to_string(),
-            index,
-            expected: entry.digest,
-        });
-    }
-    Ok(content)
-}
-
-/// Whether `stored` decompresses to more than `declared` bytes; reads at most `declared` + 1.
-fn expands_past(stored: &[u8], declared: usize) -> bool {
-    let Ok(decoder) = zstd::stream::read::Decoder::with_buffer(stored) else {
-        return false;
-    };
-    let mut limited = decoder.take(declared as u64 + 1);
-    let mut buf = [0u8; 16 << 10];
-    let mut total = 0usize;
-    loop {
-        match limited.read(&mut buf) {
-            Ok(0) | Err(_) => return total > declared,
-            Ok(n) => total += n,
-        }
-    }
-}
-
 /// A reader that knows how many bytes it has handed out, for error offsets.
-struct Counted<R> {
-    inner: R,
-    pos: u64,
+pub(crate) struct Counted<R> {
+    pub(crate) inner: R,
+    pub(crate) pos: u64,
 }
 
 impl<R: Read> Read for Counted<R> {
@@ -489,7 +374,7 @@ impl<R: Read> Read for Counted<R> {
 }
 
 impl<R: Read> Counted<R> {
-    fn read_exact_as(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
+    pub(crate) fn read_exact_as(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
         let start = self.pos;
         let n = read_full(self, buf).map_err(|source| Error::Io {
             what: "reading the bundle",

@@ -9,6 +9,8 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use jiff::Timestamp;
 use sha2::{Digest as _, Sha256};
+use std::sync::{Arc, mpsc};
+use std::thread;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -103,56 +105,78 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
         let chunking = self.spec.chunking;
         let level = self.spec.level;
         let mut cutter = Cutter::new(chunking);
-        let mut whole = Sha256::new();
         let mut size = 0u64;
         let mut table = Vec::new();
         let mut stored_total = 0u64;
         let spool = &mut self.spool;
-        ordered_map(
-            || {
-                zstd::bulk::Compressor::new(level).map_err(|source| Error::Io {
-                    what: "starting a zstd compressor",
-                    source,
-                })
-            },
-            |compressor, _, chunk: Vec<u8>| {
-                let mut stored = Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk.len()));
-                compressor
-                    .compress_to_buffer(&chunk, &mut stored)
-                    .map_err(|source| Error::Io {
-                        what: "compressing a chunk",
-                        source,
-                    })?;
-                Ok((
-                    Digest::of(&chunk),
-                    Digest::of(&stored),
-                    chunk.len() as u32,
-                    stored,
-                ))
-            },
-            |_| {
-                let Some(chunk) = cutter.next(content)? else {
-                    return Ok(None);
-                };
-                whole.update(&chunk);
-                size += chunk.len() as u64;
-                Ok(Some(chunk))
-            },
-            |_, (digest, stored_digest, length, stored)| {
-                ChunkEntry {
-                    digest,
-                    stored_digest,
-                    length,
-                    stored_length: stored.len() as u32,
+        // The whole-component digest is sequential work: it runs on a thread of its own while
+        // this thread cuts chunks and the pool compresses them.
+        let (hash_tx, hash_rx) = mpsc::sync_channel::<Arc<Vec<u8>>>(64);
+        let (whole, written) = thread::scope(|scope| {
+            let hasher = scope.spawn(move || {
+                let mut whole = Sha256::new();
+                for chunk in hash_rx {
+                    whole.update(chunk.as_slice());
                 }
-                .encode_into(&mut table);
-                stored_total += stored.len() as u64;
-                spool.write_all(&stored).map_err(|source| Error::Io {
-                    what: "writing the spool",
-                    source,
-                })
-            },
-        )?;
+                Digest(whole.finalize().into())
+            });
+            let (cutter, size) = (&mut cutter, &mut size);
+            let written = ordered_map(
+                || {
+                    zstd::bulk::Compressor::new(level).map_err(|source| Error::Io {
+                        what: "starting a zstd compressor",
+                        source,
+                    })
+                },
+                |compressor, _, chunk: Arc<Vec<u8>>| {
+                    let mut stored =
+                        Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk.len()));
+                    compressor
+                        .compress_to_buffer(&chunk, &mut stored)
+                        .map_err(|source| Error::Io {
+                            what: "compressing a chunk",
+                            source,
+                        })?;
+                    Ok((
+                        Digest::of(&chunk),
+                        Digest::of(&stored),
+                        chunk.len() as u32,
+                        stored,
+                    ))
+                },
+                move |_| {
+                    let Some(chunk) = cutter.next(content)? else {
+                        return Ok(None);
+                    };
+                    *size += chunk.len() as u64;
+                    let chunk = Arc::new(chunk);
+                    hash_tx.send(Arc::clone(&chunk)).map_err(|_| Error::Io {
+                        what: "hashing the component",
+                        source: io::Error::other("the hashing thread stopped"),
+                    })?;
+                    Ok(Some(chunk))
+                },
+                |_, (digest, stored_digest, length, stored)| {
+                    ChunkEntry {
+                        digest,
+                        stored_digest,
+                        length,
+                        stored_length: stored.len() as u32,
+                    }
+                    .encode_into(&mut table);
+                    stored_total += stored.len() as u64;
+                    spool.write_all(&stored).map_err(|source| Error::Io {
+                        what: "writing the spool",
+                        source,
+                    })
+                },
+            );
+            (
+                hasher.join().expect("the hashing thread does not panic"),
+                written,
+            )
+        });
+        written?;
         let chunk_table = ChunkTableRef {
             digest: Digest::of(&table),
             count: (table.len() / crate::format::CHUNK_ENTRY_LEN) as u64,
@@ -165,7 +189,7 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
             kind,
             slot_class,
             size,
-            digest: Digest(whole.finalize().into()),
+            digest: whole,
             chunking,
             chunk_table,
         });
@@ -174,7 +198,9 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
     }
 
     /// Signs the manifest with every key in `keys` and writes the whole bundle to `out`.
-    pub fn finish(mut self, keys: &[&SecretKey], out: &mut dyn Write) -> Result<Manifest> {
+    ///
+    /// With `S` and `W` both files, the chunk data moves from spool to bundle inside the kernel.
+    pub fn finish<W: Write>(mut self, keys: &[&SecretKey], out: &mut W) -> Result<Manifest> {
         let manifest = Manifest {
             product: self.spec.product,
             compatible: self.spec.compatible,

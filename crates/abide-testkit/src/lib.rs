@@ -38,20 +38,20 @@ pub fn image(len: usize, seed: u64) -> Vec<u8> {
         "usr", "lib", "systemd", "config", "abide", "kernel", "module", "0x7f", "=", "\n",
     ];
     while out.len() < len {
-        let run = 1 + (rng.next() % (48 << 10)) as usize;
+        let run = 1 + (rng.next_u64() % (48 << 10)) as usize;
         let end = (out.len() + run).min(len);
-        match rng.next() % 4 {
+        match rng.next_u64() % 4 {
             0 => out.resize(end, 0),
             1 => {
                 while out.len() < end {
-                    let w = WORDS[(rng.next() % WORDS.len() as u64) as usize].as_bytes();
+                    let w = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize].as_bytes();
                     let take = w.len().min(end - out.len());
                     out.extend_from_slice(&w[..take]);
                 }
             }
             _ => {
                 while out.len() < end {
-                    out.push(rng.next() as u8);
+                    out.push(rng.next_u64() as u8);
                 }
             }
         }
@@ -64,7 +64,7 @@ pub struct SplitMix(pub u64);
 
 impl SplitMix {
     /// The next number.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

@@ -360,10 +360,8 @@ fn create(args: CreateArgs, out: Output) -> Result<()> {
             .add_component(c.name.clone(), c.kind, c.slot, &mut input)
             .with_context(|| format!("adding component {} from {}", c.name, c.path.display()))?;
     }
-    let mut sink = io::BufWriter::with_capacity(1 << 20, target.file());
-    let manifest = writer.finish(&signers.iter().collect::<Vec<_>>(), &mut sink)?;
-    sink.flush().context("writing the bundle")?;
-    drop(sink);
+    // Unbuffered: `finish` writes the head in one piece and copies the spool file to file.
+    let manifest = writer.finish(&signers.iter().collect::<Vec<_>>(), target.file())?;
     target.commit()?;
     drop(spool_file);
     let signer_ids: Vec<String> = signers
@@ -397,8 +395,9 @@ fn open_input(path: &Path) -> Result<Box<dyn Read>> {
             io::stdin().lock(),
         )));
     }
+    // Unbuffered: the reader asks for whole chunks, which land straight in their buffers.
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    Ok(Box::new(BufReader::with_capacity(1 << 20, file)))
+    Ok(Box::new(file))
 }
 
 fn manifest_json(m: &Manifest) -> Value {

@@ -202,3 +202,36 @@ fn expiry_is_enforced_only_when_safe() {
             .is_ok()
     );
 }
+
+#[test]
+fn repeated_chunks_are_each_checked() {
+    // Free space in an image gives many identical chunks; every copy's stored bytes are still
+    // checked even though its content is decoded once.
+    let mut content = abide_testkit::image(50_000, 5);
+    content.extend(std::iter::repeat_n(0u8, 1 << 20));
+    content.extend(abide_testkit::image(50_000, 6));
+    let fixture = Fixture {
+        components: vec![("rootfs", "rootfs", "rootfs", content.clone())],
+        ..Fixture::default()
+    };
+    let bytes = fixture.build(&[&key(0)]);
+    let back = read_all(&bytes, &trust(&[0], 1));
+    assert_eq!(back[0].1, content);
+
+    let parts = abide_testkit::parts::Parts::split(&bytes);
+    let table = &parts.components[0].table;
+    let repeat = (1..table.len())
+        .find(|&j| table[..j].contains(&table[j]))
+        .expect("a repeated chunk");
+    let offset: usize = parts.components[0].chunks[..repeat]
+        .iter()
+        .map(Vec::len)
+        .sum();
+    let mut bad = bytes.clone();
+    let at = parts.data_start(1) + table.len() * abide_bundle::format::CHUNK_ENTRY_LEN + offset + 4;
+    bad[at] ^= 0x01;
+    assert_eq!(
+        verify(&bad, &trust(&[0, 1], 1)).unwrap_err().code(),
+        "chunk-digest"
+    );
+}

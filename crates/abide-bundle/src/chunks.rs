@@ -1,0 +1,243 @@
+//! Checking and decoding a component's chunks: stored bytes against their digest, then
+//! decompression bounded by the declared length, then the content against the chunk's name;
+//! the whole-component digest over everything, in order.
+//!
+//! Chunks whose table entries repeat (the zero-filled free space of a file system image, say)
+//! are decoded once: a later copy's stored bytes are still hashed and compared, and since equal
+//! stored bytes decompress to equal content, the content checked the first time is reused.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::format::ChunkEntry;
+use crate::manifest::Component;
+use crate::pipeline::{BufferPool, ordered_map};
+use crate::read::Counted;
+
+/// Most distinct repeated chunks kept decoded at once (each at most the chunk size limit).
+const REPEAT_CACHE: usize = 16;
+
+/// Reads, checks and hands to `sink` every chunk of `component`, then checks its digest.
+pub(crate) fn read_chunks<R: Read>(
+    src: &mut Counted<R>,
+    component: &Component,
+    table: &[ChunkEntry],
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> Result<()> {
+    let mut whole = Sha256::new();
+    let pool = BufferPool::default();
+    let repeats = Repeats::new(table);
+    ordered_map(
+        || {
+            zstd::bulk::Decompressor::new().map_err(|source| Error::Io {
+                what: "starting a zstd decompressor",
+                source,
+            })
+        },
+        |decompressor, index, stored: Vec<u8>| {
+            let entry = &table[index];
+            let result = check_stored(component, index, entry, &stored).and_then(|()| {
+                if let Some(content) = repeats.get(entry) {
+                    return Ok(content);
+                }
+                let mut content = pool.take(entry.length as usize);
+                decode_into(decompressor, component, index, entry, &stored, &mut content)?;
+                Ok(Arc::new(content))
+            });
+            pool.give(stored);
+            result
+        },
+        |index| {
+            let Some(entry) = table.get(index) else {
+                return Ok(None);
+            };
+            let mut stored = pool.take(entry.stored_length as usize);
+            stored.resize(entry.stored_length as usize, 0);
+            src.read_exact_as(&mut stored, "chunk data")?;
+            Ok(Some(stored))
+        },
+        |index, content: Arc<Vec<u8>>| {
+            whole.update(content.as_slice());
+            let written = sink(&content).map_err(|source| Error::Io {
+                what: "writing component content",
+                source,
+            });
+            repeats.offer(&table[index], &content);
+            if let Ok(buf) = Arc::try_unwrap(content) {
+                pool.give(buf);
+            }
+            written
+        },
+    )?;
+    let actual = Digest(whole.finalize().into());
+    if actual != component.digest {
+        return Err(Error::ComponentDigest {
+            component: component.name.to_string(),
+            expected: component.digest,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Checks one stored chunk against its stored digest, decompresses it into at most its
+/// declared length, and checks the content against the chunk's name.
+pub fn open_chunk(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    component: &Component,
+    index: usize,
+    entry: &ChunkEntry,
+    stored: &[u8],
+) -> Result<Vec<u8>> {
+    check_stored(component, index, entry, stored)?;
+    let mut content = Vec::new();
+    decode_into(decompressor, component, index, entry, stored, &mut content)?;
+    Ok(content)
+}
+
+/// Checks that the stored bytes are the ones the (signed) chunk table names, before any
+/// decompressor sees them.
+fn check_stored(
+    component: &Component,
+    index: usize,
+    entry: &ChunkEntry,
+    stored: &[u8],
+) -> Result<()> {
+    if Digest::of(stored) != entry.stored_digest {
+        return Err(Error::StoredDigest {
+            component: component.name.to_string(),
+            index,
+            expected: entry.stored_digest,
+        });
+    }
+    Ok(())
+}
+
+/// Decompresses checked stored bytes into `content` (its old bytes are dropped) and checks the
+/// length and the chunk's name.
+fn decode_into(
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    component: &Component,
+    index: usize,
+    entry: &ChunkEntry,
+    stored: &[u8],
+    content: &mut Vec<u8>,
+) -> Result<()> {
+    let declared = entry.length as usize;
+    content.clear();
+    content.reserve(declared);
+    // zstd writes into the vector's spare capacity and never past it. The capacity is at least
+    // the declared length and, for reused buffers, at most the largest chunk seen, so memory
+    // stays bounded; output past the declared length is refused below.
+    match decompressor.decompress_to_buffer(stored, content) {
+        Ok(n) if n == declared => {}
+        Ok(n) if n > declared => {
+            return Err(Error::DecompressionBomb {
+                component: component.name.to_string(),
+                index,
+                declared: entry.length,
+            });
+        }
+        Ok(n) => {
+            return Err(Error::ChunkCorrupt {
+                component: component.name.to_string(),
+                index,
+                what: format!("decompresses to {n} bytes, the table says {declared}"),
+            });
+        }
+        Err(_) if expands_past(stored, declared) => {
+            return Err(Error::DecompressionBomb {
+                component: component.name.to_string(),
+                index,
+                declared: entry.length,
+            });
+        }
+        Err(e) => {
+            return Err(Error::ChunkCorrupt {
+                component: component.name.to_string(),
+                index,
+                what: format!("not a valid zstd frame: {e}"),
+            });
+        }
+    }
+    if Digest::of(content) != entry.digest {
+        return Err(Error::ChunkDigest {
+            component: component.name.to_string(),
+            index,
+            expected: entry.digest,
+        });
+    }
+    Ok(())
+}
+
+/// Whether `stored` decompresses to more than `declared` bytes; reads at most `declared` + 1.
+fn expands_past(stored: &[u8], declared: usize) -> bool {
+    let Ok(decoder) = zstd::stream::read::Decoder::with_buffer(stored) else {
+        return false;
+    };
+    let mut limited = decoder.take(declared as u64 + 1);
+    let mut buf = [0u8; 16 << 10];
+    let mut total = 0usize;
+    loop {
+        match limited.read(&mut buf) {
+            Ok(0) | Err(_) => return total > declared,
+            Ok(n) => total += n,
+        }
+    }
+}
+
+/// What identifies a chunk's content completely: stored digest, name and length.
+type RepeatKey = (Digest, Digest, u32);
+
+/// Decoded content of chunks that occur more than once in a table, kept for their repeats.
+struct Repeats {
+    wanted: HashSet<RepeatKey>,
+    cache: Mutex<HashMap<RepeatKey, Arc<Vec<u8>>>>,
+}
+
+impl Repeats {
+    fn new(table: &[ChunkEntry]) -> Repeats {
+        let mut keys: Vec<RepeatKey> = table.iter().map(key).collect();
+        keys.sort_unstable();
+        let wanted = keys
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        Repeats {
+            wanted,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The checked content of an earlier chunk with the same entry, if kept.
+    fn get(&self, entry: &ChunkEntry) -> Option<Arc<Vec<u8>>> {
+        let k = key(entry);
+        if !self.wanted.contains(&k) {
+            return None;
+        }
+        self.cache.lock().ok()?.get(&k).cloned()
+    }
+
+    /// Keeps checked content of a repeated entry, up to [`REPEAT_CACHE`] of them.
+    fn offer(&self, entry: &ChunkEntry, content: &Arc<Vec<u8>>) {
+        let k = key(entry);
+        if !self.wanted.contains(&k) {
+            return;
+        }
+        if let Ok(mut cache) = self.cache.lock()
+            && cache.len() < REPEAT_CACHE
+        {
+            cache.entry(k).or_insert_with(|| Arc::clone(content));
+        }
+    }
+}
+
+fn key(e: &ChunkEntry) -> RepeatKey {
+    (e.stored_digest, e.digest, e.length)
+}

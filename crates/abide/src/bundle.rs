@@ -91,6 +91,12 @@ pub enum BundleCommand {
         /// The component to extract.
         #[arg(long)]
         component: String,
+        /// The hardware id the bundle must list.
+        #[arg(long)]
+        compatible: Option<String>,
+        /// The lowest acceptable security version.
+        #[arg(long, default_value_t = 0)]
+        min_security_version: u64,
         /// Where to write it; nothing appears there unless all of it verified.
         #[arg(long)]
         out: PathBuf,
@@ -171,16 +177,8 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             min_security_version,
         } => {
             let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
-            let compatible = compatible
-                .map(|c| HardwareId::parse("--compatible", &c, Limits::default().max_name_len))
-                .transpose()?;
-            let policy = Policy {
-                trust: &trust,
-                now: Timestamp::now(),
-                expiration: ExpirationEnforcement::Safe,
-                compatible: compatible.as_ref(),
-                min_security_version,
-            };
+            let compatible = parse_compatible(compatible)?;
+            let policy = policy(&trust, compatible.as_ref(), min_security_version);
             let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
                 .and_then(|r| r.verify(&policy))
                 .and_then(|mut b| b.verify_rest().map(|()| b))
@@ -208,16 +206,13 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             file,
             trust,
             component,
+            compatible,
+            min_security_version,
             out: path,
         } => {
             let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
-            let policy = Policy {
-                trust: &trust,
-                now: Timestamp::now(),
-                expiration: ExpirationEnforcement::Safe,
-                compatible: None,
-                min_security_version: 0,
-            };
+            let compatible = parse_compatible(compatible)?;
+            let policy = policy(&trust, compatible.as_ref(), min_security_version);
             let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
                 .and_then(|r| r.verify(&policy))
                 .with_context(|| format!("verifying {}", file.display()))?;
@@ -256,6 +251,28 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+fn parse_compatible(compatible: Option<String>) -> Result<Option<HardwareId>> {
+    let max = Limits::default().max_name_len;
+    Ok(compatible
+        .map(|c| HardwareId::parse("--compatible", &c, max))
+        .transpose()?)
+}
+
+/// The policy of `verify` and `extract`: expiry always enforced, at the current time.
+fn policy<'a>(
+    trust: &'a abide_bundle::TrustRoot,
+    compatible: Option<&'a HardwareId>,
+    min_security_version: u64,
+) -> Policy<'a> {
+    Policy {
+        trust,
+        now: Timestamp::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible,
+        min_security_version,
     }
 }
 

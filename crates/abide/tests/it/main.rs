@@ -1,0 +1,86 @@
+//! The `abide` command end to end: real processes, real files, the JSON and exit codes that
+//! scripts rely on.
+
+mod bundle;
+mod keys;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Runs `abide` with `args` in `dir`.
+pub fn abide(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("abide runs")
+}
+
+/// Runs `abide` and insists that it succeeds; returns its standard output.
+pub fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = abide(dir, args);
+    assert!(
+        out.status.success(),
+        "abide {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// Runs `abide … --json`, expects exit code `code`, and returns the parsed JSON.
+pub fn json(dir: &Path, args: &[&str], exit: i32) -> serde_json::Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = abide(dir, &all);
+    assert_eq!(
+        out.status.code(),
+        Some(exit),
+        "abide {all:?}: stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "abide {all:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A fresh directory with keys a, b, c and a 1-of-2 trust root over a and b.
+pub fn workspace() -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = tmp.path().to_owned();
+    for k in ["a", "b", "c"] {
+        ok(&dir, &["key", "generate", "--out", k]);
+    }
+    ok(
+        &dir,
+        &[
+            "trust",
+            "init",
+            "--key",
+            "a.pub",
+            "--key",
+            "b.pub",
+            "--threshold",
+            "1",
+            "--sign",
+            "a.key",
+            "--out",
+            "trust.json",
+        ],
+    );
+    (tmp, dir)
+}
+
+/// Names in `dir` other than the ones listed: what a failed command left behind.
+pub fn leftovers(dir: &Path, known: &[&str]) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .filter(|n| !known.contains(&n.as_str()))
+        .collect();
+    names.sort();
+    names
+}

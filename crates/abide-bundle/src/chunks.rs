@@ -2,7 +2,8 @@
 //! decompression bounded by the declared length, then the content against the chunk's name;
 //! the whole-component digest over everything, in order.
 //!
-//! Chunks whose table entries repeat (the zero-filled free space of a file system image, say)
+//! A raw chunk (stored digest equal to its name) is its own content: one hash checks it and
+//! nothing is decompressed. Chunks whose table entries repeat (the zero-filled free space of a file system image, say)
 //! are decoded once: a later copy's stored bytes are still hashed and compared, and since equal
 //! stored bytes decompress to equal content, the content checked the first time is reused.
 
@@ -41,6 +42,10 @@ pub(crate) fn read_chunks<R: Read>(
         },
         |decompressor, index, stored: Vec<u8>| {
             let entry = &table[index];
+            if entry.is_raw() {
+                // The stored bytes are the content: one hash checks both.
+                return check_stored(component, index, entry, &stored).map(|()| Arc::new(stored));
+            }
             let result = check_stored(component, index, entry, &stored).and_then(|()| {
                 if let Some(content) = repeats.get(entry) {
                     return Ok(content);
@@ -95,13 +100,16 @@ pub fn open_chunk(
     stored: &[u8],
 ) -> Result<Vec<u8>> {
     check_stored(component, index, entry, stored)?;
+    if entry.is_raw() {
+        return Ok(stored.to_vec());
+    }
     let mut content = Vec::new();
     decode_into(decompressor, component, index, entry, stored, &mut content)?;
     Ok(content)
 }
 
 /// Checks that the stored bytes are the ones the (signed) chunk table names, before any
-/// decompressor sees them.
+/// decompressor sees them. For a raw chunk this also checks its content.
 fn check_stored(
     component: &Component,
     index: usize,

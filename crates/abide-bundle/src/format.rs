@@ -6,7 +6,8 @@
 //! signatures  signature_count × (public key 32 | ed25519 signature 64)
 //! data        per component, in manifest order: chunk table, then its chunks
 //! chunk table count × (SHA-256 of the chunk 32 | SHA-256 of its stored bytes 32 | length u32 LE | stored_length u32 LE)
-//! chunk       one zstd frame of stored_length bytes that decompresses to length bytes
+//! chunk       one zstd frame of stored_length bytes that decompresses to length bytes, or, when
+//!             the entry's two digests are equal, the content itself (a raw chunk)
 //! ```
 
 use crate::digest::Digest;
@@ -141,6 +142,12 @@ pub struct ChunkEntry {
 }
 
 impl ChunkEntry {
+    /// Whether the chunk is stored raw: its stored bytes are its content, which the writer
+    /// chooses when compression would not make it smaller. The two digests are then equal.
+    pub fn is_raw(&self) -> bool {
+        self.stored_digest == self.digest
+    }
+
     /// Decodes one entry.
     pub fn decode(bytes: &[u8]) -> ChunkEntry {
         ChunkEntry {

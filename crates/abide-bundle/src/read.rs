@@ -321,6 +321,15 @@ pub fn parse_chunk_table(component: &Component, bytes: &[u8]) -> Result<Vec<Chun
                 max_stored.into(),
             ));
         }
+        if e.is_raw() && e.stored_length != e.length {
+            return Err(Error::SizeMismatch {
+                component: name(),
+                what: format!(
+                    "raw chunk {index} is stored in {} bytes but is {} long",
+                    e.stored_length, e.length
+                ),
+            });
+        }
         if e.length == 0 || e.stored_length == 0 {
             return Err(Error::SizeMismatch {
                 component: name(),

@@ -137,12 +137,12 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                             what: "compressing a chunk",
                             source,
                         })?;
-                    Ok((
-                        Digest::of(&chunk),
-                        Digest::of(&stored),
-                        chunk.len() as u32,
-                        stored,
-                    ))
+                    let digest = Digest::of(&chunk);
+                    if stored.len() >= chunk.len() {
+                        // Incompressible: store it raw, named once (see `ChunkEntry::is_raw`).
+                        return Ok((digest, digest, chunk.len() as u32, chunk.to_vec()));
+                    }
+                    Ok((digest, Digest::of(&stored), chunk.len() as u32, stored))
                 },
                 move |_| {
                     let Some(chunk) = cutter.next(content)? else {

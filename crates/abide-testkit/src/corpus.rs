@@ -306,6 +306,31 @@ pub fn attacks() -> Vec<Attack> {
         table_edit(&|c| c.table[0].length = 0),
         "size-mismatch",
     );
+    add(
+        "raw-chunk-longer-than-stored",
+        table_edit(&|c| {
+            let raw = c
+                .table
+                .iter()
+                .position(|e| e.is_raw())
+                .expect("a raw chunk");
+            c.table[raw].length += 1;
+        }),
+        "size-mismatch",
+    );
+    add(
+        "compressed-chunk-declared-raw",
+        table_edit(&|c| {
+            let packed = c
+                .table
+                .iter()
+                .position(|e| !e.is_raw())
+                .expect("a compressed chunk");
+            c.table[packed].stored_digest = c.table[packed].digest;
+            c.table[packed].stored_length = c.table[packed].length;
+        }),
+        "chunk-digest",
+    );
 
     // Hostile names.
     for (label, field, value) in [

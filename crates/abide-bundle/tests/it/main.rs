@@ -4,6 +4,7 @@
 mod corpus;
 mod props;
 mod roundtrip;
+mod tidy;
 mod trust;
 
 use abide_bundle::{BundleReader, ExpirationEnforcement, HardwareId, Limits, Policy, TrustRoot};

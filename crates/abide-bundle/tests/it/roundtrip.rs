@@ -61,7 +61,7 @@ fn the_manifest_is_canonical_json_with_the_documented_fields() {
     let bytes = fixture.build(&[&key(0)]);
     let len = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
     let manifest = std::str::from_utf8(&bytes[HEADER_LEN..HEADER_LEN + len]).unwrap();
-    expect![[r#"{"compatible":["acme-gw","acme-gw-rev2"],"components":[{"chunk_table":{"count":1,"data_size":21,"digest":"da5f33d52eaa8ddd456ca79f73119549cc23c03591c530ce10f90a7a936070d1","offset":0},"chunking":{"algorithm":"fastcdc-2020","avg_size":16384,"max_size":65536,"min_size":4096},"compression":"zstd","digest":"f011236188c8cce23d58b5080c38643a684af132df37e171ea8c855257c44388","kind":"rootfs","name":"rootfs","size":12,"slot_class":"rootfs"}],"created":"2026-11-01T12:00:00Z","expires":"2100-01-01T00:00:00Z","format":1,"product":"acme-gateway","security_version":5,"version":"1.4.0"}"#]]
+    expect![[r#"{"compatible":["acme-gw","acme-gw-rev2"],"components":[{"chunk_table":{"count":1,"data_size":12,"digest":"c74805c3e054873a77ea3bd94164c8ee952889be6ea56330fd5f0ee091d29a20","offset":0},"chunking":{"algorithm":"fastcdc-2020","avg_size":16384,"max_size":65536,"min_size":4096},"compression":"zstd","digest":"f011236188c8cce23d58b5080c38643a684af132df37e171ea8c855257c44388","kind":"rootfs","name":"rootfs","size":12,"slot_class":"rootfs"}],"created":"2026-11-01T12:00:00Z","expires":"2100-01-01T00:00:00Z","format":1,"product":"acme-gateway","security_version":5,"version":"1.4.0"}"#]]
     .assert_eq(manifest);
 }
 

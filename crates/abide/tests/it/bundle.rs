@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 
 use abide_testkit::corpus::{COMPATIBLE, MIN_SECURITY_VERSION, attacks, policy_inputs};
 
-use crate::{abide, json, leftovers, ok, workspace};
+use crate::{abide, abide_args, json, json_args, leftovers, ok, workspace};
 
 #[test]
 fn create_verify_info_sign_extract_round_trip() {
@@ -17,26 +17,7 @@ fn create_verify_info_sign_extract_round_trip() {
     std::fs::write(dir.join("app,v2.img"), &app).unwrap();
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "create",
-            "--product",
-            "acme-gw",
-            "--version",
-            "2.1.0",
-            "--security-version",
-            "3",
-            "--compatible",
-            "acme-gw-1",
-            "--component",
-            "rootfs=rootfs.img",
-            "--component",
-            "app=app,v2.img,kind=app,slot=appfs",
-            "--sign",
-            "a.key",
-            "--out",
-            "r.abide",
-        ],
+        "bundle create --product acme-gw --version 2.1.0 --security-version 3 --compatible acme-gw-1 --component rootfs=rootfs.img --component app=app,v2.img,kind=app,slot=appfs --sign a.key --out r.abide",
         0,
     );
     let m = &v["manifest"];
@@ -54,107 +35,46 @@ fn create_verify_info_sign_extract_round_trip() {
 
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "verify",
-            "r.abide",
-            "--trust",
-            "trust.json",
-            "--compatible",
-            "acme-gw-1",
-        ],
+        "bundle verify r.abide --trust trust.json --compatible acme-gw-1",
         0,
     );
     assert_eq!(v["ok"], true);
     assert_eq!(v["signers"].as_array().unwrap().len(), 1);
-    let v = json(&dir, &["bundle", "info", "r.abide"], 0);
+    let v = json(&dir, "bundle info r.abide", 0);
     assert_eq!(v["manifest"]["product"], "acme-gw");
     assert_eq!(v["signatures"].as_array().unwrap().len(), 1);
 
     // Threshold 2: a second person adds a signature.
     ok(
         &dir,
-        &[
-            "trust",
-            "init",
-            "--key",
-            "a.pub",
-            "--key",
-            "b.pub",
-            "--threshold",
-            "2",
-            "--sign",
-            "a.key",
-            "--sign",
-            "b.key",
-            "--out",
-            "t2.json",
-        ],
+        "trust init --key a.pub --key b.pub --threshold 2 --sign a.key --sign b.key --out t2.json",
     );
     assert_eq!(
-        json(
-            &dir,
-            &["bundle", "verify", "r.abide", "--trust", "t2.json"],
-            1
-        )["error"]["code"],
+        json(&dir, "bundle verify r.abide --trust t2.json", 1)["error"]["code"],
         "signature-threshold"
     );
-    ok(&dir, &["bundle", "sign", "r.abide", "--key", "b.key"]);
-    json(
-        &dir,
-        &["bundle", "verify", "r.abide", "--trust", "t2.json"],
-        0,
-    );
+    ok(&dir, "bundle sign r.abide --key b.key");
+    json(&dir, "bundle verify r.abide --trust t2.json", 0);
     assert_eq!(
-        json(&dir, &["bundle", "sign", "r.abide", "--key", "b.key"], 1)["error"]["code"],
+        json(&dir, "bundle sign r.abide --key b.key", 1)["error"]["code"],
         "duplicate-signature"
     );
 
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "extract",
-            "r.abide",
-            "--trust",
-            "t2.json",
-            "--component",
-            "app",
-            "--out",
-            "app.out",
-        ],
+        "bundle extract r.abide --trust t2.json --component app --out app.out",
         0,
     );
     assert_eq!(v["size"], app.len() as u64);
     assert_eq!(std::fs::read(dir.join("app.out")).unwrap(), app);
     ok(
         &dir,
-        &[
-            "bundle",
-            "extract",
-            "r.abide",
-            "--trust",
-            "t2.json",
-            "--component",
-            "rootfs",
-            "--out",
-            "rootfs.out",
-        ],
+        "bundle extract r.abide --trust t2.json --component rootfs --out rootfs.out",
     );
     assert_eq!(std::fs::read(dir.join("rootfs.out")).unwrap(), rootfs);
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "extract",
-            "r.abide",
-            "--trust",
-            "t2.json",
-            "--component",
-            "kernel",
-            "--out",
-            "k.out",
-        ],
+        "bundle extract r.abide --trust t2.json --component kernel --out k.out",
         1,
     );
     assert_eq!(v["error"]["code"], "unknown-component");
@@ -162,29 +82,13 @@ fn create_verify_info_sign_extract_round_trip() {
     // Policy failures through the flags.
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "verify",
-            "r.abide",
-            "--trust",
-            "t2.json",
-            "--compatible",
-            "other",
-        ],
+        "bundle verify r.abide --trust t2.json --compatible other",
         1,
     );
     assert_eq!(v["error"]["code"], "incompatible");
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "verify",
-            "r.abide",
-            "--trust",
-            "t2.json",
-            "--min-security-version",
-            "4",
-        ],
+        "bundle verify r.abide --trust t2.json --min-security-version 4",
         1,
     );
     assert_eq!(v["error"]["code"], "downgrade");
@@ -196,20 +100,7 @@ fn verify_reads_a_stream_from_standard_input() {
     std::fs::write(dir.join("img"), abide_testkit::image(500_000, 3)).unwrap();
     ok(
         &dir,
-        &[
-            "bundle",
-            "create",
-            "--product",
-            "p",
-            "--version",
-            "1.0.0",
-            "--component",
-            "rootfs=img",
-            "--sign",
-            "a.key",
-            "--out",
-            "s.abide",
-        ],
+        "bundle create --product p --version 1.0.0 --component rootfs=img --sign a.key --out s.abide",
     );
     let bytes = std::fs::read(dir.join("s.abide")).unwrap();
     for (input, code) in [
@@ -265,40 +156,12 @@ fn bad_arguments_are_refused_before_anything_is_written() {
             all.extend(["--product", "p"]);
         }
         all.extend(args.iter());
-        assert_eq!(json(&dir, &all, 1)["error"]["code"], code, "{all:?}");
-        assert!(
-            leftovers(
-                &dir,
-                &[
-                    "a.key",
-                    "a.pub",
-                    "b.key",
-                    "b.pub",
-                    "c.key",
-                    "c.pub",
-                    "trust.json",
-                    "img"
-                ]
-            )
-            .is_empty()
-        );
+        assert_eq!(json_args(&dir, &all, 1)["error"]["code"], code, "{all:?}");
+        assert!(leftovers(&dir, "a.key a.pub b.key b.pub c.key c.pub trust.json img").is_empty());
     }
     let out = abide(
         &dir,
-        &[
-            "bundle",
-            "create",
-            "--product",
-            "p",
-            "--version",
-            "one",
-            "--component",
-            "rootfs=img",
-            "--sign",
-            "a.key",
-            "--out",
-            "x.abide",
-        ],
+        "bundle create --product p --version one --component rootfs=img --sign a.key --out x.abide",
     );
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SemVer"));
@@ -335,7 +198,7 @@ fn every_corpus_attack_is_refused_by_verify_and_extract_leaves_nothing() {
         ];
         let mut args = vec!["bundle", "verify", file.as_str()];
         args.extend(policy);
-        let v = json(dir, &args, 1);
+        let v = json_args(dir, &args, 1);
         if v["error"]["code"] != attack.code {
             wrong.push(format!(
                 "{}: verify said {}, expected {}",
@@ -353,13 +216,13 @@ fn every_corpus_attack_is_refused_by_verify_and_extract_leaves_nothing() {
                 "out.img",
             ];
             args.extend(policy);
-            let out = abide(dir, &args);
+            let out = abide_args(dir, &args);
             // Attacks on one component leave the other intact: extracting it may succeed.
             if out.status.success() {
                 std::fs::remove_file(dir.join("out.img")).unwrap();
                 continue;
             }
-            let left = leftovers(dir, &["trust1.json", "trust2.json", file.as_str()]);
+            let left = leftovers(dir, &format!("trust1.json trust2.json {file}"));
             if !left.is_empty() {
                 wrong.push(format!(
                     "{}: extract of {component} left {left:?}",
@@ -379,20 +242,7 @@ fn extract_of_a_damaged_component_leaves_nothing_even_after_partial_output() {
     std::fs::write(dir.join("img"), abide_testkit::image(2 << 20, 8)).unwrap();
     ok(
         &dir,
-        &[
-            "bundle",
-            "create",
-            "--product",
-            "p",
-            "--version",
-            "1.0.0",
-            "--component",
-            "rootfs=img",
-            "--sign",
-            "a.key",
-            "--out",
-            "g.abide",
-        ],
+        "bundle create --product p --version 1.0.0 --component rootfs=img --sign a.key --out g.abide",
     );
     // Damage the last chunk: most of the content has been written out before the failure.
     let mut bytes = std::fs::read(dir.join("g.abide")).unwrap();
@@ -401,34 +251,14 @@ fn extract_of_a_damaged_component_leaves_nothing_even_after_partial_output() {
     std::fs::write(dir.join("g.abide"), &bytes).unwrap();
     let v = json(
         &dir,
-        &[
-            "bundle",
-            "extract",
-            "g.abide",
-            "--trust",
-            "trust.json",
-            "--component",
-            "rootfs",
-            "--out",
-            "r.out",
-        ],
+        "bundle extract g.abide --trust trust.json --component rootfs --out r.out",
         1,
     );
     assert_eq!(v["error"]["code"], "chunk-digest");
     assert_eq!(
         leftovers(
             &dir,
-            &[
-                "a.key",
-                "a.pub",
-                "b.key",
-                "b.pub",
-                "c.key",
-                "c.pub",
-                "trust.json",
-                "img",
-                "g.abide"
-            ]
+            "a.key a.pub b.key b.pub c.key c.pub trust.json img g.abide"
         ),
         Vec::<String>::new()
     );

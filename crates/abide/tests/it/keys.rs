@@ -17,11 +17,11 @@ fn key_generate_writes_a_private_secret_and_never_overwrites() {
     assert_eq!(mode("a.key"), 0o600);
     assert_eq!(mode("a.pub"), 0o644);
     let before = std::fs::read(dir.join("a.key")).unwrap();
-    let out = abide(&dir, &["key", "generate", "--out", "a"]);
+    let out = abide(&dir, "key generate --out a");
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
     assert_eq!(std::fs::read(dir.join("a.key")).unwrap(), before);
-    let v = json(&dir, &["key", "generate", "--out", "d"], 0);
+    let v = json(&dir, "key generate --out d", 0);
     assert_eq!(v["id"].as_str().unwrap().len(), 32);
 }
 
@@ -30,38 +30,14 @@ fn trust_init_refuses_a_zero_threshold_and_writes_nothing() {
     let (_tmp, dir) = workspace();
     let v = json(
         &dir,
-        &[
-            "trust",
-            "init",
-            "--key",
-            "a.pub",
-            "--threshold",
-            "0",
-            "--sign",
-            "a.key",
-            "--out",
-            "zero.json",
-        ],
+        "trust init --key a.pub --threshold 0 --sign a.key --out zero.json",
         1,
     );
     assert_eq!(v["error"]["code"], "bad-trust-root");
     assert!(!dir.join("zero.json").exists());
     let v = json(
         &dir,
-        &[
-            "trust",
-            "init",
-            "--key",
-            "a.pub",
-            "--key",
-            "b.pub",
-            "--threshold",
-            "2",
-            "--sign",
-            "a.key",
-            "--out",
-            "t2.json",
-        ],
+        "trust init --key a.pub --key b.pub --threshold 2 --sign a.key --out t2.json",
         1,
     );
     assert_eq!(v["error"]["code"], "signature-threshold");
@@ -74,20 +50,7 @@ fn trust_rotation_needs_old_and_new_thresholds() {
     // Only new keys sign: the old root's threshold is not met.
     let v = json(
         &dir,
-        &[
-            "trust",
-            "rotate",
-            "--from",
-            "trust.json",
-            "--key",
-            "c.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "c.key",
-            "--out",
-            "t2.json",
-        ],
+        "trust rotate --from trust.json --key c.pub --threshold 1 --sign c.key --out t2.json",
         1,
     );
     assert_eq!(v["error"]["code"], "signature-threshold");
@@ -96,96 +59,35 @@ fn trust_rotation_needs_old_and_new_thresholds() {
     // Only old keys sign: the new root's threshold is not met.
     let v = json(
         &dir,
-        &[
-            "trust",
-            "rotate",
-            "--from",
-            "trust.json",
-            "--key",
-            "c.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "a.key",
-            "--out",
-            "t2.json",
-        ],
+        "trust rotate --from trust.json --key c.pub --threshold 1 --sign a.key --out t2.json",
         1,
     );
     assert!(v["error"]["message"].as_str().unwrap().contains("new"));
     let v = json(
         &dir,
-        &[
-            "trust",
-            "rotate",
-            "--from",
-            "trust.json",
-            "--key",
-            "c.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "a.key",
-            "--sign",
-            "c.key",
-            "--out",
-            "t2.json",
-        ],
+        "trust rotate --from trust.json --key c.pub --threshold 1 --sign a.key --sign c.key --out t2.json",
         0,
     );
     assert_eq!(v["version"], 2);
-    let v = json(
-        &dir,
-        &["trust", "verify", "--from", "trust.json", "t2.json"],
-        0,
-    );
+    let v = json(&dir, "trust verify --from trust.json t2.json", 0);
     assert_eq!(v["ok"], true);
     // Version 2 does not follow itself, and version 1 does not follow version 2.
     assert_eq!(
-        json(
-            &dir,
-            &["trust", "verify", "--from", "t2.json", "t2.json"],
-            1
-        )["error"]["code"],
+        json(&dir, "trust verify --from t2.json t2.json", 1)["error"]["code"],
         "trust-rotation"
     );
     assert_eq!(
-        json(
-            &dir,
-            &["trust", "verify", "--from", "t2.json", "trust.json"],
-            1
-        )["error"]["code"],
+        json(&dir, "trust verify --from t2.json trust.json", 1)["error"]["code"],
         "trust-rotation"
     );
     // A bundle signed by the new key verifies under the new root only.
     std::fs::write(dir.join("img"), b"content").unwrap();
     ok(
         &dir,
-        &[
-            "bundle",
-            "create",
-            "--product",
-            "p",
-            "--version",
-            "1.0.0",
-            "--component",
-            "rootfs=img",
-            "--sign",
-            "c.key",
-            "--out",
-            "c.abide",
-        ],
+        "bundle create --product p --version 1.0.0 --component rootfs=img --sign c.key --out c.abide",
     );
-    json(
-        &dir,
-        &["bundle", "verify", "c.abide", "--trust", "t2.json"],
-        0,
-    );
-    let v = json(
-        &dir,
-        &["bundle", "verify", "c.abide", "--trust", "trust.json"],
-        1,
-    );
+    json(&dir, "bundle verify c.abide --trust t2.json", 0);
+    let v = json(&dir, "bundle verify c.abide --trust trust.json", 1);
     assert_eq!(v["error"]["code"], "untrusted-key");
 }
 
@@ -194,23 +96,10 @@ fn an_expired_trust_root_is_refused() {
     let (_tmp, dir) = workspace();
     ok(
         &dir,
-        &[
-            "trust",
-            "init",
-            "--key",
-            "a.pub",
-            "--threshold",
-            "1",
-            "--expires",
-            "2020-01-01T00:00:00Z",
-            "--sign",
-            "a.key",
-            "--out",
-            "old.json",
-        ],
+        "trust init --key a.pub --threshold 1 --expires 2020-01-01T00:00:00Z --sign a.key --out old.json",
     );
     assert_eq!(
-        json(&dir, &["trust", "verify", "old.json"], 1)["error"]["code"],
+        json(&dir, "trust verify old.json", 1)["error"]["code"],
         "trust-expired"
     );
 }
@@ -218,12 +107,9 @@ fn an_expired_trust_root_is_refused() {
 #[test]
 fn usage_errors_exit_2() {
     let (_tmp, dir) = workspace();
-    assert_eq!(abide(&dir, &["bundle", "verify"]).status.code(), Some(2));
-    assert_eq!(abide(&dir, &["no-such-command"]).status.code(), Some(2));
-    let out = abide(
-        &dir,
-        &["bundle", "verify", "missing.abide", "--trust", "trust.json"],
-    );
+    assert_eq!(abide(&dir, "bundle verify").status.code(), Some(2));
+    assert_eq!(abide(&dir, "no-such-command").status.code(), Some(2));
+    let out = abide(&dir, "bundle verify missing.abide --trust trust.json");
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.abide"));
 }

@@ -7,8 +7,13 @@ mod keys;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// Runs `abide` with the white-space separated `args` in `dir`.
+pub fn abide(dir: &Path, args: &str) -> Output {
+    abide_args(dir, &args.split_whitespace().collect::<Vec<_>>())
+}
+
 /// Runs `abide` with `args` in `dir`.
-pub fn abide(dir: &Path, args: &[&str]) -> Output {
+pub fn abide_args(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_abide"))
         .args(args)
         .current_dir(dir)
@@ -18,7 +23,7 @@ pub fn abide(dir: &Path, args: &[&str]) -> Output {
 }
 
 /// Runs `abide` and insists that it succeeds; returns its standard output.
-pub fn ok(dir: &Path, args: &[&str]) -> String {
+pub fn ok(dir: &Path, args: &str) -> String {
     let out = abide(dir, args);
     assert!(
         out.status.success(),
@@ -28,11 +33,17 @@ pub fn ok(dir: &Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("UTF-8")
 }
 
-/// Runs `abide … --json`, expects exit code `code`, and returns the parsed JSON.
-pub fn json(dir: &Path, args: &[&str], exit: i32) -> serde_json::Value {
+/// Runs `abide ARGS --json` (white-space separated), expects exit code `exit`, and returns
+/// the parsed JSON.
+pub fn json(dir: &Path, args: &str, exit: i32) -> serde_json::Value {
+    json_args(dir, &args.split_whitespace().collect::<Vec<_>>(), exit)
+}
+
+/// [`json`] with the arguments as a list.
+pub fn json_args(dir: &Path, args: &[&str], exit: i32) -> serde_json::Value {
     let mut all = args.to_vec();
     all.push("--json");
-    let out = abide(dir, &all);
+    let out = abide_args(dir, &all);
     assert_eq!(
         out.status.code(),
         Some(exit),
@@ -52,30 +63,19 @@ pub fn workspace() -> (tempfile::TempDir, PathBuf) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let dir = tmp.path().to_owned();
     for k in ["a", "b", "c"] {
-        ok(&dir, &["key", "generate", "--out", k]);
+        ok(&dir, &format!("key generate --out {k}"));
     }
     ok(
         &dir,
-        &[
-            "trust",
-            "init",
-            "--key",
-            "a.pub",
-            "--key",
-            "b.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "a.key",
-            "--out",
-            "trust.json",
-        ],
+        "trust init --key a.pub --key b.pub --threshold 1 --sign a.key --out trust.json",
     );
     (tmp, dir)
 }
 
-/// Names in `dir` other than the ones listed: what a failed command left behind.
-pub fn leftovers(dir: &Path, known: &[&str]) -> Vec<String> {
+/// Names in `dir` other than the white-space separated `known` ones: what a failed command
+/// left behind.
+pub fn leftovers(dir: &Path, known: &str) -> Vec<String> {
+    let known: Vec<&str> = known.split_whitespace().collect();
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .expect("dir")
         .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())

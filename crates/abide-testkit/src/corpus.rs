@@ -143,8 +143,7 @@ pub fn attacks() -> Vec<Attack> {
         flip(&base, first_chunk, 0x01),
         "chunk-digest",
     );
-    let (raw_index, raw_at) = raw_block_offset(&parts, 0);
-    let _ = raw_index;
+    let raw_at = raw_chunk_offset(&parts, 0);
     add(
         "flip-chunk-data",
         flip(&base, data_start + c0_table + raw_at, 0x01),
@@ -512,18 +511,16 @@ fn put_u32(bytes: &[u8], at: usize, value: u32) -> Vec<u8> {
     out
 }
 
-/// Finds a chunk of component `c` stored as a raw (uncompressed) zstd block and returns its
-/// index and the offset, from the first chunk, of a byte in the middle of its content: flipping
-/// that byte changes the content but not the frame's validity.
-fn raw_block_offset(parts: &Parts, c: usize) -> (usize, usize) {
+/// The offset, from the first chunk of component `c`, of a byte in the middle of a raw
+/// (stored uncompressed) chunk: flipping it changes stored bytes and content alike.
+fn raw_chunk_offset(parts: &Parts, c: usize) -> usize {
     let data = &parts.components[c];
     let mut offset = 0;
     for (i, chunk) in data.chunks.iter().enumerate() {
-        // A frame of one raw block is about as long as its content.
-        if chunk.len() >= data.table[i].length as usize && chunk.len() > 1000 {
-            return (i, offset + chunk.len() / 2);
+        if data.table[i].is_raw() && chunk.len() > 1000 {
+            return offset + chunk.len() / 2;
         }
         offset += chunk.len();
     }
-    panic!("the fixture has no incompressible chunk");
+    panic!("the fixture has no raw chunk");
 }

@@ -437,31 +437,22 @@ pub fn attacks() -> Vec<Attack> {
         "decompression-bomb",
         table_edit(&|c| {
             let content = vec![0u8; 1 << 20];
-            let stored = zstd::bulk::compress(&content, 19).expect("compress");
-            c.chunks[0] = stored.clone();
             c.table[0].digest = abide_bundle::Digest::of(&content[..c.table[0].length as usize]);
-            c.table[0].stored_length = stored.len() as u32;
-            c.table[0].stored_digest = abide_bundle::Digest::of(&stored);
+            c.replace_stored(0, zstd::bulk::compress(&content, 19).expect("compress"));
         }),
         "decompression-bomb",
     );
     add(
         "chunk-shorter-than-declared",
         table_edit(&|c| {
-            let content = vec![1u8; 100];
-            let stored = zstd::bulk::compress(&content, 3).expect("compress");
-            c.chunks[0] = stored.clone();
-            c.table[0].stored_length = stored.len() as u32;
-            c.table[0].stored_digest = abide_bundle::Digest::of(&stored);
+            c.replace_stored(0, zstd::bulk::compress(&[1u8; 100], 3).expect("compress"));
         }),
         "chunk-corrupt",
     );
     add(
         "chunk-not-zstd",
         table_edit(&|c| {
-            c.chunks[0] = vec![0x55; 300];
-            c.table[0].stored_length = 300;
-            c.table[0].stored_digest = abide_bundle::Digest::of(&c.chunks[0]);
+            c.replace_stored(0, vec![0x55; 300]);
         }),
         "chunk-corrupt",
     );

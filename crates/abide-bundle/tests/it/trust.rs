@@ -5,13 +5,22 @@ use abide_testkit::{Fixture, key, now, trust};
 
 use crate::verify;
 
-fn load(root: &TrustRoot) -> abide_bundle::Result<TrustRoot> {
+fn load_bytes(bytes: &[u8]) -> abide_bundle::Result<TrustRoot> {
     TrustRoot::load(
-        &root.to_file_bytes().unwrap(),
+        bytes,
         now(),
         ExpirationEnforcement::Safe,
         &Limits::default(),
     )
+}
+
+/// The file of `root` as JSON, for editing.
+fn file_json(root: &TrustRoot) -> serde_json::Value {
+    serde_json::from_slice(&root.to_file_bytes().unwrap()).unwrap()
+}
+
+fn load(root: &TrustRoot) -> abide_bundle::Result<TrustRoot> {
+    load_bytes(&root.to_file_bytes().unwrap())
 }
 
 #[test]
@@ -42,13 +51,7 @@ fn the_same_key_material_counts_once() {
     let forged = text
         .replace(&k1.to_hex(), &key(0).public().to_hex())
         .replace(k1.id().as_str(), key(0).public().id().as_str());
-    let err = TrustRoot::load(
-        forged.as_bytes(),
-        now(),
-        ExpirationEnforcement::Safe,
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = load_bytes(forged.as_bytes()).unwrap_err();
     assert!(
         matches!(err.code(), "bad-trust-root" | "signature-threshold"),
         "{err}"
@@ -62,41 +65,21 @@ fn a_self_signature_below_threshold_is_refused() {
     assert_eq!(err.code(), "signature-threshold");
     // Stripping a signature from a valid 2-of-2 file makes it unloadable.
     let root = trust(&[0, 1], 2);
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&root.to_file_bytes().unwrap()).unwrap();
+    let mut value = file_json(&root);
     value["signatures"].as_array_mut().unwrap().pop();
-    let err = TrustRoot::load(
-        &serde_json::to_vec(&value).unwrap(),
-        now(),
-        ExpirationEnforcement::Safe,
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = load_bytes(&serde_json::to_vec(&value).unwrap()).unwrap_err();
     assert_eq!(err.code(), "signature-threshold");
 }
 
 #[test]
 fn an_edited_trust_root_is_refused() {
     let root = trust(&[0, 1], 1);
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&root.to_file_bytes().unwrap()).unwrap();
+    let mut value = file_json(&root);
     value["signed"]["threshold"] = 2.into();
-    let err = TrustRoot::load(
-        &serde_json::to_vec(&value).unwrap(),
-        now(),
-        ExpirationEnforcement::Safe,
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = load_bytes(&serde_json::to_vec(&value).unwrap()).unwrap_err();
     assert_eq!(err.code(), "signature-threshold");
     value["signed"]["threshold"] = 0.into();
-    let err = TrustRoot::load(
-        &serde_json::to_vec(&value).unwrap(),
-        now(),
-        ExpirationEnforcement::Safe,
-        &Limits::default(),
-    )
-    .unwrap_err();
+    let err = load_bytes(&serde_json::to_vec(&value).unwrap()).unwrap_err();
     assert_eq!(err.code(), "bad-trust-root");
 }
 

@@ -1,0 +1,13 @@
+//! The core's decisions as tables: (state, input, now) → (state, actions).
+
+mod health;
+mod quarantine;
+mod tidy;
+mod transaction;
+
+use jiff::Timestamp;
+
+/// Minute `m` of the test day.
+pub fn at(m: i64) -> Timestamp {
+    Timestamp::from_second(1_798_000_000 + m * 60).unwrap()
+}

@@ -1,0 +1,97 @@
+//! The GRUB environment block against Debian's `grub-editenv`: a block it wrote parses to what
+//! it lists, and a block written here reads back through it, edits included.
+
+use std::path::Path;
+use std::process::Command;
+
+use abide_boot::{GrubEnv, GrubEnvError};
+use expect_test::expect;
+
+fn data(name: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name),
+    )
+    .unwrap()
+}
+
+/// Runs grub-editenv (Debian's grub-common; `scripts/deps` installs it).
+fn editenv(file: &Path, args: &[&str]) -> String {
+    let out = Command::new("grub-editenv")
+        .arg(file)
+        .args(args)
+        .output()
+        .expect("grub-editenv is installed (scripts/deps installs grub-common)");
+    assert!(
+        out.status.success(),
+        "grub-editenv {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn listing(env: &GrubEnv) -> String {
+    env.vars()
+        .iter()
+        .map(|(n, v)| format!("{n}={v}\n"))
+        .collect()
+}
+
+#[test]
+fn a_block_written_by_grub_editenv_parses() {
+    let env = GrubEnv::parse(&data("grubenv-debian-2.06")).unwrap();
+    expect![[r#"
+        ABIDE_ORDER=A B
+        ABIDE_B_TRY=1
+        saved_entry=abide-B
+        path=C:\boot
+    "#]]
+    .assert_eq(&listing(&env));
+    assert_eq!(env.to_block().unwrap().len(), 1024);
+}
+
+#[test]
+fn blocks_round_trip_through_grub_editenv_both_ways() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("grubenv");
+    // Written here, read and edited there.
+    let mut env = GrubEnv::default();
+    env.set("ABIDE_ORDER", "B A").unwrap();
+    env.set("ABIDE_A_TRY", "0").unwrap();
+    env.set("odd", "back\\slash\nnew line = and # hash")
+        .unwrap();
+    std::fs::write(&file, env.to_block().unwrap()).unwrap();
+    assert_eq!(editenv(&file, &["list"]), listing(&env));
+    editenv(&file, &["set", "ABIDE_A_TRY=3", "added=yes"]);
+    editenv(&file, &["unset", "ABIDE_ORDER"]);
+    // Edited there, read here.
+    let back = GrubEnv::parse(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(back.get("ABIDE_A_TRY"), Some("3"));
+    assert_eq!(back.get("added"), Some("yes"));
+    assert_eq!(back.get("ABIDE_ORDER"), None);
+    assert_eq!(back.get("odd"), Some("back\\slash\nnew line = and # hash"));
+    assert_eq!(editenv(&file, &["list"]), listing(&back));
+}
+
+#[test]
+fn what_grub_could_not_read_back_is_refused_and_changes_nothing() {
+    let mut env = GrubEnv::default();
+    env.set("a", "1").unwrap();
+    let before = env.clone();
+    for name in ["", "a=b", "#x", "a b", "nul\0"] {
+        assert_eq!(env.set(name, "v"), Err(GrubEnvError::Name(name.into())));
+    }
+    assert_eq!(env.set("b", "x\0y"), Err(GrubEnvError::Value("b".into())));
+    let err = env.set("big", &"x".repeat(1000)).unwrap_err();
+    assert!(matches!(err, GrubEnvError::Full { .. }), "{err}");
+    assert_eq!(env, before);
+    assert_eq!(
+        GrubEnv::parse(b"# not a grub block\n"),
+        Err(GrubEnvError::Signature)
+    );
+    assert_eq!(
+        GrubEnv::parse(b"# GRUB Environment Block\nnovalue\n####"),
+        Err(GrubEnvError::Line { line: 2 })
+    );
+}

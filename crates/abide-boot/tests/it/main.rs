@@ -1,0 +1,3 @@
+//! Bootloader formats against files made by the real tools.
+
+mod grubenv;

@@ -1,8 +1,19 @@
-//! Abide's bootloader side: the on-disk formats bootloaders keep their state in, and (to come)
-//! the backends that tell each bootloader which slot group to try and read back what it booted.
+//! Abide's bootloader side: the state bootloaders keep (in their own on-disk formats), the
+//! backends that tell each bootloader which slot group to try and read back what it booted,
+//! and durable file persistence.
 //!
-//! Formats parse from bytes and serialize to bytes; the caller reads and writes the medium.
+//! A backend loads a [`BootState`], the engine's actions edit it in memory
+//! ([`BootState::apply`]), and the backend stores it in one atomic step.
 
+pub mod backend;
+pub mod grub;
 pub mod grubenv;
+pub mod persist;
+pub mod sim;
+pub mod state;
 
+pub use backend::{BootError, Bootloader};
+pub use grub::GrubBootloader;
 pub use grubenv::{GrubEnv, GrubEnvError};
+pub use sim::SimBootloader;
+pub use state::{BootState, MAX_TRIES, StateError};

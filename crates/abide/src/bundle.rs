@@ -14,9 +14,9 @@ use jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::Output;
-use crate::fsio::AtomicFile;
 use crate::key::load_secret;
 use crate::trust::load_trust;
+use abide_boot::persist::AtomicFile;
 
 #[derive(Subcommand)]
 pub enum BundleCommand {

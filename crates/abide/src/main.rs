@@ -4,7 +4,6 @@
 //! is wrong; 3 anything else (a file could not be read or written, …).
 
 mod bundle;
-mod fsio;
 mod key;
 mod trust;
 

@@ -9,8 +9,8 @@ use jiff::Timestamp;
 use serde_json::json;
 
 use crate::Output;
-use crate::fsio::{read_bounded, write_atomic};
 use crate::key::{load_public, load_secret};
+use abide_boot::persist::{read_bounded, write_atomic};
 
 #[derive(Subcommand)]
 pub enum TrustCommand {

@@ -1,0 +1,159 @@
+//! The `grub` backend: the boot state in GRUB's environment block, with the counting done by
+//! GRUB itself through the shipped script `grub/abide.cfg` (see that file for the variables).
+//! Groups are `A` and `B`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use abide_core::Group;
+
+use crate::backend::{BootError, Bootloader};
+use crate::grubenv::GrubEnv;
+use crate::persist::{read_bounded, write_atomic};
+use crate::state::{BootState, MAX_TRIES};
+
+/// The GRUB script that implements the boot counting; install it beside grub.cfg.
+pub const SCRIPT: &str = include_str!("../grub/abide.cfg");
+
+/// A GRUB installation whose environment block is at `path`.
+#[derive(Debug, Clone)]
+pub struct GrubBootloader {
+    path: PathBuf,
+    groups: [Group; 2],
+}
+
+impl GrubBootloader {
+    /// The backend for the block at `path`.
+    pub fn new(path: &Path) -> GrubBootloader {
+        GrubBootloader {
+            path: path.to_owned(),
+            groups: [
+                Group::new("A").expect("valid"),
+                Group::new("B").expect("valid"),
+            ],
+        }
+    }
+
+    /// The state an environment block describes.
+    pub fn state_of(&self, env: &GrubEnv) -> Result<BootState, BootError> {
+        let bad = |what: String| BootError::Inconsistent {
+            path: self.path.clone(),
+            what,
+        };
+        let order: Vec<Group> = match env.get("ABIDE_ORDER") {
+            None => self.groups.to_vec(),
+            Some(text) => text
+                .split_whitespace()
+                .map(Group::new)
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(e.to_string()))?,
+        };
+        let mut sorted = order.clone();
+        sorted.sort();
+        if sorted != self.groups {
+            return Err(bad(format!(
+                "ABIDE_ORDER must name A and B once each, not {order:?}"
+            )));
+        }
+        let mut bootable = BTreeMap::new();
+        let mut trial = None;
+        for g in &self.groups {
+            let ok = match env.get(&format!("ABIDE_{g}_OK")) {
+                None | Some("1") => true,
+                Some("0") => false,
+                Some(other) => return Err(bad(format!("ABIDE_{g}_OK is {other:?}, not 0 or 1"))),
+            };
+            let tries = match env.get(&format!("ABIDE_{g}_TRY")) {
+                None | Some("") => 0,
+                Some(t) => t
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|n| *n <= MAX_TRIES)
+                    .ok_or_else(|| bad(format!("ABIDE_{g}_TRY is {t:?}, not 0 to {MAX_TRIES}")))?,
+            };
+            bootable.insert(g.clone(), ok);
+            // The script counts the first group with boots left as on trial; a spent trial
+            // (0 left) of a bootable group is kept so the agent sees it was tried.
+            if trial.is_none() && ok && tries > 0 {
+                trial = Some((g.clone(), tries));
+            }
+        }
+        let booted = match env.get("ABIDE_BOOTED") {
+            None | Some("") => None,
+            Some(g) => Some(Group::new(g).map_err(|e| bad(e.to_string()))?),
+        };
+        Ok(BootState {
+            order,
+            trial,
+            bootable,
+            booted,
+        })
+    }
+
+    /// Writes `state` into `env` (in memory).
+    pub fn fill(&self, env: &mut GrubEnv, state: &BootState) -> Result<(), BootError> {
+        let order = state
+            .order
+            .iter()
+            .map(Group::as_str)
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut set = |name: &str, value: &str| {
+            env.set(name, value).map_err(|source| BootError::Grub {
+                path: self.path.clone(),
+                source,
+            })
+        };
+        set("ABIDE_ORDER", &order)?;
+        for g in &self.groups {
+            let ok = state.bootable.get(g).copied().unwrap_or(false);
+            let tries = match &state.trial {
+                Some((t, n)) if t == g => *n,
+                _ => 0,
+            };
+            set(&format!("ABIDE_{g}_OK"), if ok { "1" } else { "0" })?;
+            set(&format!("ABIDE_{g}_TRY"), &tries.to_string())?;
+        }
+        set(
+            "ABIDE_BOOTED",
+            state.booted.as_ref().map_or("", Group::as_str),
+        )?;
+        Ok(())
+    }
+
+    fn read_env(&self) -> Result<GrubEnv, BootError> {
+        let bytes = read_bounded(&self.path, 64 << 10)?;
+        GrubEnv::parse(&bytes).map_err(|source| BootError::Grub {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+impl Bootloader for GrubBootloader {
+    fn name(&self) -> &'static str {
+        "grub"
+    }
+
+    fn load(&self) -> Result<BootState, BootError> {
+        self.state_of(&self.read_env()?)
+    }
+
+    fn store(&self, state: &BootState) -> Result<(), BootError> {
+        // Other variables in the block (GRUB's own, like saved_entry) are kept.
+        let mut env = match self.read_env() {
+            Ok(env) => env,
+            Err(BootError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                GrubEnv::default()
+            }
+            Err(e) => return Err(e),
+        };
+        self.fill(&mut env, state)?;
+        let block = env.to_block().map_err(|source| BootError::Grub {
+            path: self.path.clone(),
+            source,
+        })?;
+        write_atomic(&self.path, &block, 0o644)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Durable file replacement (DESIGN I6): write a temporary file beside the target, fsync it,
+//! rename it over the target, fsync the directory. A failed fsync is an error, never retried.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// A file operation that failed, with the path and the step.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {}: {source}", path.display())]
+pub struct IoError {
+    /// What was being done (`creating`, `fsync of`, `renaming`, …).
+    pub op: &'static str,
+    /// The file.
+    pub path: PathBuf,
+    /// The system's error.
+    #[source]
+    pub source: io::Error,
+}
+
+fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> IoError {
+    let path = path.to_owned();
+    move |source| IoError { op, path, source }
+}
+
+/// A file being written in place of `target`; it appears there only on [`AtomicFile::commit`],
+/// and the temporary file is removed if it is dropped before that.
+pub struct AtomicFile {
+    target: PathBuf,
+    temp: PathBuf,
+    file: Option<File>,
+}
+
+impl AtomicFile {
+    /// Creates the temporary file beside `target` with permission bits `mode`.
+    pub fn create(target: &Path, mode: u32) -> Result<AtomicFile, IoError> {
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .ok_or_else(|| IoError {
+                op: "naming a file for",
+                path: target.to_owned(),
+                source: io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "the path does not name a file",
+                ),
+            })?;
+        let dir = parent(target);
+        let mut attempt = 0u32;
+        loop {
+            let temp = dir.join(format!(".{name}.tmp-{}-{attempt}", std::process::id()));
+            match OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .mode(mode)
+                .open(&temp)
+            {
+                Ok(file) => {
+                    return Ok(AtomicFile {
+                        target: target.to_owned(),
+                        temp,
+                        file: Some(file),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 1000 => {
+                    attempt += 1
+                }
+                Err(e) => return Err(io_err("creating", &temp)(e)),
+            }
+        }
+    }
+
+    /// The open temporary file.
+    pub fn file(&mut self) -> &mut File {
+        self.file.as_mut().expect("present until commit")
+    }
+
+    /// fsyncs the file, renames it over the target and fsyncs the directory.
+    pub fn commit(mut self) -> Result<(), IoError> {
+        let file = self.file.take().expect("present until commit");
+        file.sync_all().map_err(io_err("fsync of", &self.temp))?;
+        drop(file);
+        fs::rename(&self.temp, &self.target)
+            .map_err(io_err("renaming into place", &self.target))?;
+        sync_dir(parent(&self.target))
+    }
+
+    /// fsyncs the file and links it at the target only if nothing is there yet.
+    pub fn commit_new(mut self) -> Result<(), IoError> {
+        let file = self.file.take().expect("present until commit");
+        file.sync_all().map_err(io_err("fsync of", &self.temp))?;
+        drop(file);
+        // A hard link fails if the target appeared meanwhile, where a rename would replace it.
+        let linked =
+            fs::hard_link(&self.temp, &self.target).map_err(io_err("creating", &self.target));
+        let _ = fs::remove_file(&self.temp);
+        linked?;
+        sync_dir(parent(&self.target))
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if self.file.is_some() {
+            let _ = fs::remove_file(&self.temp);
+        }
+    }
+}
+
+/// Atomically replaces `target` with `bytes`.
+pub fn write_atomic(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> {
+    let mut file = AtomicFile::create(target, mode)?;
+    file.file()
+        .write_all(bytes)
+        .map_err(io_err("writing", target))?;
+    file.commit()
+}
+
+/// Creates `target` with `bytes` only if nothing is there yet (a key is never replaced).
+pub fn write_new(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> {
+    if fs::symlink_metadata(target).is_ok() {
+        return Err(IoError {
+            op: "refusing to overwrite",
+            path: target.to_owned(),
+            source: io::Error::new(io::ErrorKind::AlreadyExists, "it already exists"),
+        });
+    }
+    let mut file = AtomicFile::create(target, mode)?;
+    file.file()
+        .write_all(bytes)
+        .map_err(io_err("writing", target))?;
+    file.commit_new()
+}
+
+/// fsyncs a directory, so that a rename in it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync of directory", dir))
+}
+
+/// Reads a whole file, refusing one larger than `max` bytes.
+pub fn read_bounded(path: &Path, max: usize) -> Result<Vec<u8>, IoError> {
+    let file = File::open(path).map_err(io_err("opening", path))?;
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("reading", path))?;
+    if bytes.len() > max {
+        return Err(IoError {
+            op: "reading",
+            path: path.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("larger than {max} bytes"),
+            ),
+        });
+    }
+    Ok(bytes)
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}

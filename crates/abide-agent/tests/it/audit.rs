@@ -1,0 +1,161 @@
+//! The audit log finds every edit, deletion, reordering and truncation, and a torn last record
+//! is reported and repaired without losing the records before it.
+
+use std::path::Path;
+
+use abide_agent::audit::{AuditLog, Record, hash_of};
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+
+fn details(n: u64) -> Map<String, Value> {
+    json!({"transaction": "tx-1", "step": n, "note": "état ✓"})
+        .as_object()
+        .unwrap()
+        .clone()
+}
+
+fn write_log(path: &Path, n: u64) {
+    let (mut log, report) = AuditLog::open(path).unwrap();
+    assert_eq!(report.repaired_torn_bytes, None);
+    let start = log.len();
+    for i in 1..=n {
+        let t = Timestamp::from_second(1_800_000_000 + i as i64).unwrap();
+        let r = log.append(t, "stage", details(i)).unwrap();
+        assert_eq!(r.seq, start + i);
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn set_lines(path: &Path, lines: &[String]) {
+    std::fs::write(
+        path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+fn broken(path: &Path) -> String {
+    AuditLog::verify(path).unwrap_err().to_string()
+}
+
+#[test]
+fn a_log_verifies_and_grows_across_reopenings() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 3);
+    write_log(&path, 2);
+    let records = AuditLog::verify(&path).unwrap();
+    assert_eq!(
+        records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(records[3].prev, records[2].hash);
+    assert_eq!(records[0].details["note"], "état ✓");
+}
+
+#[test]
+fn an_edit_a_deletion_a_reordering_and_a_truncation_are_each_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 5);
+    let good = lines(&path);
+
+    let mut edited = good.clone();
+    edited[2] = edited[2].replace("\"step\":3", "\"step\":9");
+    set_lines(&path, &edited);
+    assert!(
+        broken(&path).contains("record 3 was changed"),
+        "{}",
+        broken(&path)
+    );
+
+    let mut deleted = good.clone();
+    deleted.remove(1);
+    set_lines(&path, &deleted);
+    assert!(
+        broken(&path).contains("line 2 has sequence number 3"),
+        "{}",
+        broken(&path)
+    );
+
+    let mut swapped = good.clone();
+    swapped.swap(1, 2);
+    set_lines(&path, &swapped);
+    assert!(
+        broken(&path).contains("sequence number"),
+        "{}",
+        broken(&path)
+    );
+
+    // Re-chaining an edited record does not help: the next one no longer follows it.
+    let mut rechained = good.clone();
+    let mut r: Record = serde_json::from_str(&rechained[2]).unwrap();
+    r.details.insert("step".into(), json!(9));
+    r.hash = hash_of(&r);
+    rechained[2] = serde_json::to_string(&r).unwrap();
+    set_lines(&path, &rechained);
+    assert!(
+        broken(&path).contains("record 4 does not follow"),
+        "{}",
+        broken(&path)
+    );
+
+    let mut cut = good.clone();
+    cut.truncate(3);
+    set_lines(&path, &cut);
+    assert!(
+        broken(&path).contains("cut off the end"),
+        "{}",
+        broken(&path)
+    );
+
+    set_lines(&path, &good);
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 5);
+}
+
+#[test]
+fn a_torn_last_record_is_reported_then_repaired_keeping_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 4);
+    // A crash in the middle of the fifth append: part of a line, no head update.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let torn = br#"{"seq":5,"time":"2027-01-15T08:00:05Z","eve"#;
+    bytes.extend_from_slice(torn);
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(broken(&path).contains("torn"), "{}", broken(&path));
+    let (mut log, report) = AuditLog::open(&path).unwrap();
+    assert_eq!(report.records, 4);
+    assert_eq!(report.repaired_torn_bytes, Some(torn.len() as u64));
+    log.append(
+        Timestamp::from_second(1_800_000_100).unwrap(),
+        "commit",
+        Map::new(),
+    )
+    .unwrap();
+    let records = AuditLog::verify(&path).unwrap();
+    assert_eq!(records.len(), 5);
+    assert_eq!(records[4].event, "commit");
+}
+
+#[test]
+fn a_head_one_record_behind_is_a_crash_between_two_fsyncs_not_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 2);
+    let head = std::fs::read(dir.path().join("audit.log.head")).unwrap();
+    write_log(&path, 1);
+    // Put the old head back: the log is one record ahead, as after a crash before the head
+    // was replaced.
+    std::fs::write(dir.path().join("audit.log.head"), &head).unwrap();
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 3);
+    let (log, _) = AuditLog::open(&path).unwrap();
+    assert_eq!(log.len(), 3);
+}

@@ -1,0 +1,3 @@
+//! The agent's parts against real files.
+
+mod audit;

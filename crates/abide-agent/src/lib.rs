@@ -1,5 +1,15 @@
 //! The Abide device agent as a library: what runs on the device around the pure engine of
-//! `abide-core` — so far the audit log; the install pipeline, the boot step and the health
-//! gate build on it.
+//! `abide-core` — configuration, the state file, the audit log, slots, the install pipeline,
+//! the boot step and the health gate.
 
 pub mod audit;
+pub mod boot;
+pub mod config;
+pub mod device;
+mod error;
+pub mod health;
+pub mod install;
+pub mod slots;
+pub mod state;
+
+pub use error::{AgentError, Result};

@@ -260,6 +260,9 @@ pub enum Action {
 pub struct BootReport {
     /// The group that booted.
     pub booted: Group,
+    /// Whether the bootloader holds the target as bootable: it does from activation until a
+    /// rollback, and never before activation (I2).
+    pub target_bootable: bool,
 }
 
 /// Limits on a trial's boots.
@@ -365,9 +368,12 @@ impl Transaction {
 
     /// The machine booted: advance according to what the bootloader booted.
     ///
-    /// In `Activated` or `Trial`, booting the target starts (or continues) the trial, and
-    /// booting the known-good group means the bootloader fell back. An install that was still
-    /// downloading or staged was interrupted. Ended transactions do not change.
+    /// The agent stores bootloader changes before the state file, so after a crash the
+    /// bootloader may be one step ahead: a `Staged` transaction whose target booted was
+    /// activated, and one whose target is bootable but did not boot was activated and fell
+    /// back. In `Activated` or `Trial`, booting the target starts (or continues) the trial,
+    /// and booting the known-good group means the bootloader fell back. An install whose
+    /// target was never made bootable was interrupted. Ended transactions do not change.
     pub fn booted(
         &mut self,
         now: Timestamp,
@@ -376,6 +382,20 @@ impl Transaction {
     ) -> Result<Vec<Action>> {
         let on_target = report.booted == self.target;
         match self.state.clone() {
+            TxState::Staged if on_target => {
+                self.set(
+                    TxState::Trial {
+                        since: now,
+                        boots: 1,
+                        degraded_since: None,
+                    },
+                    now,
+                );
+                Ok(vec![Action::RunHealthGate])
+            }
+            TxState::Staged if report.target_bootable => {
+                Ok(self.roll_back(now, RollbackReason::BootFailed, false))
+            }
             TxState::Downloading | TxState::Staged => {
                 self.set(
                     TxState::Failed {

@@ -4,10 +4,14 @@
 //! is wrong; 3 anything else (a file could not be read or written, …).
 
 mod bundle;
+mod device;
 mod key;
+mod sim;
 mod trust;
 
 use std::process::ExitCode;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +37,62 @@ enum Command {
     /// Bundles: create, sign, inspect, verify, extract.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Install a bundle into the group that is not the known-good one and activate it.
+    Install {
+        /// The bundle (`-` reads standard input).
+        bundle: PathBuf,
+        /// Do not run the reboot command after activating.
+        #[arg(long)]
+        no_reboot: bool,
+        /// Install even a quarantined or older version (never below the security counter).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// The boot-time step: advance the transaction after a boot and run the health gate.
+    Boot {
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// The device's groups, version and transaction.
+    Status {
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// Run the health checks once and show the results.
+    Health {
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// Commit the trial by hand.
+    MarkGood {
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// Declare the trial bad: roll back to the known-good group.
+    MarkBad {
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// Roll an activated or trial transaction back to the known-good group.
+    Rollback {
+        /// Why (recorded in the audit log).
+        #[arg(long, default_value = "operator request")]
+        reason: String,
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// The audit log.
+    Log {
+        #[command(subcommand)]
+        command: Option<device::LogCommand>,
+        #[command(flatten)]
+        config: device::ConfigArg,
+    },
+    /// Simulated devices.
+    #[command(subcommand)]
+    Sim(sim::SimCommand),
 }
 
 /// Where output goes: human text or one JSON document.
@@ -65,6 +125,24 @@ fn main() -> ExitCode {
         Command::Key(c) => key::run(c, out),
         Command::Trust(c) => trust::run(c, out),
         Command::Bundle(c) => bundle::run(c, out),
+        Command::Install {
+            bundle,
+            no_reboot,
+            force,
+            config,
+        } => device::run_install(&config.config, &bundle, no_reboot, force, out),
+        Command::Boot { config } => device::run_boot(&config.config, out).map(|_| ()),
+        Command::Status { config } => device::run_status(&config.config, out),
+        Command::Health { config } => device::run_health(&config.config, out),
+        Command::MarkGood { config } => device::run_decide(&config.config, true, "", out),
+        Command::MarkBad { config } => {
+            device::run_decide(&config.config, false, "marked bad by an operator", out)
+        }
+        Command::Rollback { reason, config } => {
+            device::run_decide(&config.config, false, &reason, out)
+        }
+        Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
+        Command::Sim(c) => sim::run(c, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -75,11 +153,16 @@ fn main() -> ExitCode {
 /// Prints the error as one line on standard error (and as JSON with `--json`) and picks the
 /// exit code: 1 when a check refused the input, 3 otherwise.
 fn report(err: &anyhow::Error, out: Output) -> ExitCode {
-    let check = err
+    let bundle = err
         .chain()
         .find_map(|e| e.downcast_ref::<abide_bundle::Error>())
-        .filter(|e| e.code() != "io");
-    let code = check.map_or("error", abide_bundle::Error::code);
+        .map(|e| (e.code(), e.code() != "io"));
+    let agent = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<abide_agent::AgentError>())
+        .map(|e| (e.code(), e.is_refusal()));
+    let check = agent.or(bundle).filter(|(_, refusal)| *refusal);
+    let code = agent.or(bundle).map_or("error", |(code, _)| code);
     let message = format!("{err:#}").replace('\n', " ");
     eprintln!("abide: error [{code}]: {message}");
     if out.json {

@@ -2,7 +2,7 @@
 //! `step => state [actions]`, or `step => refused: why`. A refused step changes nothing.
 
 use abide_core::transaction::BootPolicy;
-use abide_core::{BootReport, FailReason, Group, RollbackReason, Transaction, Verdict};
+use abide_core::{BootReport, FailReason, Group, RollbackReason, Transaction, TxState, Verdict};
 use expect_test::{Expect, expect};
 
 use crate::at;
@@ -36,16 +36,19 @@ fn check(steps: &[Step], expect: Expect) {
         let (label, result) = match step {
             Step::Staged => ("staged".to_owned(), tx.staged(now)),
             Step::Activate => ("activate".to_owned(), tx.activate(now, policy)),
-            Step::Boot(g) => (
-                format!("boot {g}"),
-                tx.booted(
-                    now,
-                    &BootReport {
-                        booted: Group::new(g).unwrap(),
-                    },
-                    policy,
-                ),
-            ),
+            Step::Boot(g) => {
+                // As the bootloader holds it: the target is bootable from activation until a
+                // rollback.
+                let target_bootable = matches!(
+                    tx.state,
+                    TxState::Activated { .. } | TxState::Trial { .. } | TxState::Committed { .. }
+                );
+                let report = BootReport {
+                    booted: Group::new(g).unwrap(),
+                    target_bootable,
+                };
+                (format!("boot {g}"), tx.booted(now, &report, policy))
+            }
             Step::Health(v) => (format!("health {v:?}"), tx.health(now, v.clone())),
             Step::MarkGood => ("mark-good".to_owned(), tx.mark_good(now)),
             Step::Rollback => ("rollback".to_owned(), tx.rollback(now, "by hand")),
@@ -172,6 +175,59 @@ fn a_restart_during_the_install_fails_it_without_touching_the_good_group() {
 }
 
 #[test]
+fn a_bootloader_one_step_ahead_of_the_state_file_converges() {
+    // A crash after the bootloader was told to try B but before the state file said so: the
+    // target boots while the transaction still says staged, and the trial goes on from there.
+    let (mut tx, _) = Transaction::begin(
+        "tx-2",
+        "2.0.0".parse().unwrap(),
+        7,
+        Group::new("A").unwrap(),
+        Group::new("B").unwrap(),
+        at(0),
+    )
+    .unwrap();
+    tx.staged(at(1)).unwrap();
+    let mut ahead = tx.clone();
+    let report = BootReport {
+        booted: Group::new("B").unwrap(),
+        target_bootable: true,
+    };
+    assert_eq!(
+        ahead.booted(at(2), &report, BootPolicy::default()).unwrap(),
+        [abide_core::Action::RunHealthGate]
+    );
+    assert_eq!(ahead.state.name(), "trial");
+    // The same crash, and the trial then failed to boot: the bootloader fell back to A.
+    let mut fell_back = tx.clone();
+    let report = BootReport {
+        booted: Group::new("A").unwrap(),
+        target_bootable: true,
+    };
+    fell_back
+        .booted(at(2), &report, BootPolicy::default())
+        .unwrap();
+    assert_eq!(
+        fell_back.state,
+        abide_core::TxState::RolledBack {
+            reason: RollbackReason::BootFailed
+        }
+    );
+    // A crash before activation reached the bootloader: the install was interrupted.
+    let report = BootReport {
+        booted: Group::new("A").unwrap(),
+        target_bootable: false,
+    };
+    tx.booted(at(2), &report, BootPolicy::default()).unwrap();
+    assert_eq!(
+        tx.state,
+        abide_core::TxState::Failed {
+            reason: FailReason::Interrupted
+        }
+    );
+}
+
+#[test]
 fn transitions_out_of_order_are_refused_and_change_nothing() {
     check(
         &[
@@ -287,6 +343,7 @@ fn the_state_file_form_round_trips() {
         at(3),
         &BootReport {
             booted: Group::new("B").unwrap(),
+            target_bootable: true,
         },
         BootPolicy::default(),
     )

@@ -2,6 +2,7 @@
 //! scripts rely on.
 
 mod bundle;
+mod device;
 mod keys;
 
 use std::path::{Path, PathBuf};

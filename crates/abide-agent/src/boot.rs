@@ -1,0 +1,70 @@
+//! The boot-time step (`abide boot`): read what the bootloader booted, advance the
+//! transaction, run the health gate during a trial, and commit or roll back.
+
+use abide_core::{Action, BootReport, TxState};
+use serde::Serialize;
+
+use crate::device::Device;
+use crate::error::Result;
+use crate::health::{Clock, run_gate};
+
+/// What the boot step did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BootOutcome {
+    /// The group that booted.
+    pub booted: Option<String>,
+    /// The transaction's state afterwards, if there is one.
+    pub state: Option<&'static str>,
+    /// Whether the device must restart (a failed trial goes back to the known-good group).
+    pub reboot: bool,
+}
+
+/// Runs the boot step.
+pub fn boot(device: &mut Device, clock: &dyn Clock) -> Result<BootOutcome> {
+    let mut state = device.state()?;
+    let boot_state = device.bootloader().load()?;
+    let booted = boot_state.booted.clone();
+    let mut outcome = BootOutcome {
+        booted: booted.as_ref().map(ToString::to_string),
+        state: state.transaction.as_ref().map(|t| t.state.name()),
+        reboot: false,
+    };
+    let (Some(booted), Some(mut tx)) = (booted, state.transaction.clone()) else {
+        return Ok(outcome);
+    };
+    if tx.state.is_terminal() {
+        return Ok(outcome);
+    }
+    let report = BootReport {
+        booted,
+        target_bootable: boot_state
+            .bootable
+            .get(&tx.target)
+            .copied()
+            .unwrap_or(false),
+    };
+    let actions = tx.booted(clock.now(), &report, device.config.boot_policy)?;
+    let mut reboot =
+        device.commit_step(clock.now(), event(&tx.state), &mut state, &tx, &actions)?;
+    if actions.contains(&Action::RunHealthGate) {
+        let verdict = run_gate(&device.config, &tx, clock);
+        let actions = tx.health(clock.now(), verdict)?;
+        reboot |= device.commit_step(clock.now(), event(&tx.state), &mut state, &tx, &actions)?;
+    }
+    outcome.state = Some(tx.state.name());
+    outcome.reboot = reboot;
+    Ok(outcome)
+}
+
+/// The audit event for reaching `state`.
+pub fn event(state: &TxState) -> &'static str {
+    match state {
+        TxState::Downloading => "begin",
+        TxState::Staged => "stage",
+        TxState::Activated { .. } => "activate",
+        TxState::Trial { .. } => "trial",
+        TxState::Committed { .. } => "commit",
+        TxState::Failed { .. } => "fail",
+        TxState::RolledBack { .. } => "rollback",
+    }
+}

@@ -1,0 +1,367 @@
+//! `system.toml`: the device's configuration, parsed into validated settings. Relative paths
+//! are relative to the file's directory. An error names the file, the key and what was
+//! expected.
+
+use std::path::{Path, PathBuf};
+
+use abide_boot::persist::read_bounded;
+use abide_core::{Group, HealthPolicy};
+use jiff::SignedDuration;
+use serde::Deserialize;
+
+use crate::error::{AgentError, Result};
+
+/// The default configuration path.
+pub const DEFAULT_PATH: &str = "/etc/abide/system.toml";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    product: String,
+    compatible: String,
+    state_dir: Option<PathBuf>,
+    trust: PathBuf,
+    reboot: Option<Vec<String>>,
+    bootloader: RawBootloader,
+    #[serde(rename = "group")]
+    groups: Vec<RawGroup>,
+    #[serde(default)]
+    health: RawHealth,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBootloader {
+    backend: String,
+    path: PathBuf,
+    tries: Option<u8>,
+    max_trial_boots: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    #[serde(rename = "slot")]
+    slots: Vec<RawSlot>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlot {
+    class: String,
+    path: PathBuf,
+    kind: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    deadline: Option<String>,
+    grace: Option<String>,
+    #[serde(default, rename = "check")]
+    checks: Vec<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: String,
+    kind: String,
+    command: Option<String>,
+    path: Option<PathBuf>,
+    address: Option<String>,
+    seconds: Option<u64>,
+    timeout: Option<String>,
+    retries: Option<u32>,
+    interval: Option<String>,
+    critical: Option<bool>,
+}
+
+/// Which bootloader backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// The simulated bootloader (a JSON file).
+    Sim,
+    /// GRUB's environment block.
+    Grub,
+}
+
+/// What a slot is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotKind {
+    /// A regular file holding an image (written in place, never grown).
+    Image,
+    /// A block device or partition.
+    Block,
+}
+
+/// One slot of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// Its class (`rootfs`, `kernel`, …): which components it takes.
+    pub class: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// What it is.
+    pub kind: SlotKind,
+}
+
+/// A slot group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotGroup {
+    /// Its name.
+    pub name: Group,
+    /// Its slots.
+    pub slots: Vec<Slot>,
+}
+
+/// What a health check looks at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// A command run through `sh -c`; exit status 0 passes.
+    Command(String),
+    /// A file exists.
+    File(PathBuf),
+    /// A TCP port accepts a connection.
+    Tcp(String),
+    /// The system has been up at least this many seconds.
+    Uptime(u64),
+}
+
+/// One health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    /// Its name.
+    pub name: String,
+    /// What it checks.
+    pub kind: CheckKind,
+    /// How long one attempt may take.
+    pub timeout: SignedDuration,
+    /// How many attempts after the first.
+    pub retries: u32,
+    /// The pause between attempts.
+    pub interval: SignedDuration,
+    /// Whether a failure rolls back at once.
+    pub critical: bool,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from.
+    pub path: PathBuf,
+    /// The product.
+    pub product: String,
+    /// The hardware id bundles must list.
+    pub compatible: abide_bundle::HardwareId,
+    /// The state directory.
+    pub state_dir: PathBuf,
+    /// The trust root file.
+    pub trust: PathBuf,
+    /// The reboot command; none on a simulated device.
+    pub reboot: Option<Vec<String>>,
+    /// The bootloader backend.
+    pub backend: Backend,
+    /// The backend's file.
+    pub boot_path: PathBuf,
+    /// Boot limits for trials.
+    pub boot_policy: abide_core::transaction::BootPolicy,
+    /// The slot groups (two).
+    pub groups: Vec<SlotGroup>,
+    /// The health gate's time limits.
+    pub health: HealthPolicy,
+    /// The health checks.
+    pub checks: Vec<Check>,
+}
+
+impl Config {
+    /// Reads and validates the configuration at `path`.
+    pub fn load(path: &Path) -> Result<Config> {
+        let bytes = read_bounded(path, 1 << 20)?;
+        let text = String::from_utf8(bytes).map_err(|_| err(path, "the file is not UTF-8 text"))?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates configuration text that came from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config> {
+        let raw: RawConfig =
+            toml::from_str(text).map_err(|e| err(path, e.to_string().trim_end()))?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_owned()
+            } else {
+                base.join(p)
+            }
+        };
+        let compatible = abide_bundle::HardwareId::parse("compatible", &raw.compatible, 64)
+            .map_err(|e| err(path, &format!("key `compatible`: {e}")))?;
+        abide_bundle::Name::parse("product", &raw.product, 64)
+            .map_err(|e| err(path, &format!("key `product`: {e}")))?;
+        let backend = match raw.bootloader.backend.as_str() {
+            "sim" => Backend::Sim,
+            "grub" => Backend::Grub,
+            other => {
+                return Err(err(
+                    path,
+                    &format!(
+                        "key `bootloader.backend`: expected \"sim\" or \"grub\", found {other:?}"
+                    ),
+                ));
+            }
+        };
+        let tries = raw.bootloader.tries.unwrap_or(1);
+        if !(1..=abide_boot::MAX_TRIES).contains(&tries) {
+            return Err(err(
+                path,
+                &format!(
+                    "key `bootloader.tries`: expected 1 to {}, found {tries}",
+                    abide_boot::MAX_TRIES
+                ),
+            ));
+        }
+        let mut groups = Vec::new();
+        for (i, g) in raw.groups.iter().enumerate() {
+            let name = Group::new(&g.name)
+                .map_err(|e| err(path, &format!("key `group[{i}].name`: {e}")))?;
+            let mut slots = Vec::new();
+            for (j, s) in g.slots.iter().enumerate() {
+                let kind = match s.kind.as_deref().unwrap_or("image") {
+                    "image" => SlotKind::Image,
+                    "block" => SlotKind::Block,
+                    other => {
+                        return Err(err(
+                            path,
+                            &format!(
+                                "key `group[{i}].slot[{j}].kind`: expected \"image\" or \"block\", found {other:?}"
+                            ),
+                        ));
+                    }
+                };
+                slots.push(Slot {
+                    class: s.class.clone(),
+                    path: resolve(&s.path),
+                    kind,
+                });
+            }
+            groups.push(SlotGroup { name, slots });
+        }
+        if groups.len() != 2 || groups[0].name == groups[1].name {
+            return Err(err(
+                path,
+                "key `group`: expected exactly two groups with different names",
+            ));
+        }
+        if backend == Backend::Grub
+            && groups
+                .iter()
+                .any(|g| !["A", "B"].contains(&g.name.as_str()))
+        {
+            return Err(err(
+                path,
+                "key `group`: the grub backend needs the groups to be named A and B",
+            ));
+        }
+        let duration = |key: &str,
+                        value: &Option<String>,
+                        default: SignedDuration|
+         -> Result<SignedDuration> {
+            match value {
+                None => Ok(default),
+                Some(text) => text
+                    .parse::<SignedDuration>()
+                    .ok()
+                    .filter(|d| !d.is_negative())
+                    .ok_or_else(|| err(path, &format!("key `{key}`: expected a duration like \"30s\" or \"5m\", found {text:?}"))),
+            }
+        };
+        let defaults = HealthPolicy::default();
+        let health = HealthPolicy {
+            deadline: duration("health.deadline", &raw.health.deadline, defaults.deadline)?,
+            grace: duration("health.grace", &raw.health.grace, defaults.grace)?,
+        };
+        let mut checks = Vec::new();
+        for (i, c) in raw.health.checks.iter().enumerate() {
+            let key = |k: &str| format!("health.check[{i}].{k}");
+            let need = |v: Option<String>, k: &str| {
+                v.ok_or_else(|| {
+                    err(
+                        path,
+                        &format!("key `{}`: required for kind {:?}", key(k), c.kind),
+                    )
+                })
+            };
+            let kind = match c.kind.as_str() {
+                "command" => CheckKind::Command(need(c.command.clone(), "command")?),
+                "file" => {
+                    CheckKind::File(resolve(&c.path.clone().ok_or_else(|| {
+                        err(path, &format!("key `{}`: required", key("path")))
+                    })?))
+                }
+                "tcp" => CheckKind::Tcp(need(c.address.clone(), "address")?),
+                "uptime" => CheckKind::Uptime(
+                    c.seconds
+                        .ok_or_else(|| err(path, &format!("key `{}`: required", key("seconds"))))?,
+                ),
+                other => {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `{}`: expected one of command, file, tcp, uptime, found {other:?}",
+                            key("kind")
+                        ),
+                    ));
+                }
+            };
+            checks.push(Check {
+                name: c.name.clone(),
+                kind,
+                timeout: duration(&key("timeout"), &c.timeout, SignedDuration::from_secs(30))?,
+                retries: c.retries.unwrap_or(0),
+                interval: duration(&key("interval"), &c.interval, SignedDuration::from_secs(5))?,
+                critical: c.critical.unwrap_or(true),
+            });
+        }
+        Ok(Config {
+            path: path.to_owned(),
+            product: raw.product,
+            compatible,
+            state_dir: resolve(
+                &raw.state_dir
+                    .unwrap_or_else(|| PathBuf::from("/var/lib/abide")),
+            ),
+            trust: resolve(&raw.trust),
+            reboot: raw.reboot,
+            backend,
+            boot_path: resolve(&raw.bootloader.path),
+            boot_policy: abide_core::transaction::BootPolicy {
+                tries,
+                max_trial_boots: raw.bootloader.max_trial_boots.unwrap_or(3),
+            },
+            groups,
+            health,
+            checks,
+        })
+    }
+
+    /// The group called `name`.
+    pub fn group(&self, name: &Group) -> Option<&SlotGroup> {
+        self.groups.iter().find(|g| &g.name == name)
+    }
+
+    /// The group names.
+    pub fn group_names(&self) -> Vec<Group> {
+        self.groups.iter().map(|g| g.name.clone()).collect()
+    }
+}
+
+fn err(path: &Path, what: &str) -> AgentError {
+    AgentError::Config {
+        path: path.to_owned(),
+        what: what.to_owned(),
+    }
+}

@@ -1,0 +1,126 @@
+//! A device: its configuration, bootloader backend, state file and audit log, and the one
+//! place where engine actions are carried out and every change is recorded.
+//!
+//! The order of every step: the audit record (I5), then the bootloader, then the state file.
+//! The bootloader goes before the state file so that after a crash between the two the
+//! bootloader is at most one step ahead, which `Transaction::booted` resolves (I7): a target
+//! that boots was activated; a target made unbootable is never booted (I2).
+
+use abide_boot::{BootState, Bootloader, GrubBootloader, SimBootloader};
+use abide_core::{Action, Group, Transaction};
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+
+use crate::audit::AuditLog;
+use crate::config::{Backend, Config};
+use crate::error::Result;
+use crate::state::DeviceState;
+
+/// An opened device.
+pub struct Device {
+    /// Its configuration.
+    pub config: Config,
+    bootloader: Box<dyn Bootloader>,
+    audit: AuditLog,
+}
+
+impl Device {
+    /// Opens the device described by `config` (repairing a torn audit record if there is one).
+    pub fn open(config: Config) -> Result<Device> {
+        let bootloader: Box<dyn Bootloader> = match config.backend {
+            Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
+            Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),
+        };
+        let (audit, _) = AuditLog::open(&config.state_dir.join("audit.log"))?;
+        Ok(Device {
+            config,
+            bootloader,
+            audit,
+        })
+    }
+
+    /// The bootloader backend.
+    pub fn bootloader(&self) -> &dyn Bootloader {
+        self.bootloader.as_ref()
+    }
+
+    /// The device state.
+    pub fn state(&self) -> Result<DeviceState> {
+        DeviceState::load(&self.config.state_dir)
+    }
+
+    /// Appends an audit record and makes it durable.
+    pub fn record(&mut self, now: Timestamp, event: &str, details: Value) -> Result<()> {
+        let details = match details {
+            Value::Object(map) => map,
+            other => Map::from_iter([("value".to_owned(), other)]),
+        };
+        self.audit.append(now, event, details)?;
+        Ok(())
+    }
+
+    /// Records a transaction's change (audit, then state file), then carries out the actions
+    /// the engine returned, in order. Returns whether a reboot was asked for.
+    pub fn commit_step(
+        &mut self,
+        now: Timestamp,
+        event: &str,
+        state: &mut DeviceState,
+        tx: &Transaction,
+        actions: &[Action],
+    ) -> Result<bool> {
+        let mut details = json!({"transaction": tx.id, "version": tx.version.to_string(), "state": tx.state.name(),
+                                 "target": tx.target.as_str()});
+        match &tx.state {
+            abide_core::TxState::RolledBack { reason } => {
+                details["reason"] = json!(reason.to_string())
+            }
+            abide_core::TxState::Failed { reason } => details["reason"] = json!(reason.to_string()),
+            _ => {}
+        }
+        self.record(now, event, details)?;
+        state.transaction = Some(tx.clone());
+        let mut reboot = false;
+        let mut boot: Option<BootState> = None;
+        for action in actions {
+            match action {
+                Action::MarkUnbootable { .. }
+                | Action::TryNext { .. }
+                | Action::MarkGood { .. } => {
+                    let s = match boot.as_mut() {
+                        Some(s) => s,
+                        None => boot.insert(self.bootloader.load()?),
+                    };
+                    s.apply(action)
+                        .map_err(|e| abide_boot::BootError::Inconsistent {
+                            path: self.config.boot_path.clone(),
+                            what: e.to_string(),
+                        })?;
+                    if let Action::MarkGood { group } = action {
+                        state.version = tx.version.clone();
+                        state.groups.insert(group.clone(), Some(tx.version.clone()));
+                    }
+                }
+                Action::RaiseSecurityVersion { to } => {
+                    state.security_version = state.security_version.max(*to)
+                }
+                Action::Quarantine { version, reason } => {
+                    state.quarantine.add(version, reason, now)
+                }
+                Action::RunHealthGate => {}
+                Action::Reboot => reboot = true,
+            }
+        }
+        if let Some(s) = boot {
+            self.bootloader.store(&s)?;
+        }
+        state.store(&self.config.state_dir)?;
+        Ok(reboot)
+    }
+
+    /// The group the bootloader booted last and the known-good group.
+    pub fn groups(&self) -> Result<(Option<Group>, Option<Group>)> {
+        let s = self.bootloader.load()?;
+        Ok((s.booted.clone(), s.good().cloned()))
+    }
+}

@@ -1,0 +1,122 @@
+//! The agent's error type: each variant says which check or step failed and carries what it
+//! is about; `code()` is the stable machine code.
+
+use std::path::PathBuf;
+
+use abide_boot::persist::IoError;
+
+use crate::audit::AuditError;
+
+/// What the agent refuses or fails at.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The configuration is wrong.
+    #[error("{}: {what}", path.display())]
+    Config {
+        /// The configuration file.
+        path: PathBuf,
+        /// The key and what was expected.
+        what: String,
+    },
+    /// A file operation failed.
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// The bootloader backend failed.
+    #[error(transparent)]
+    Boot(#[from] abide_boot::BootError),
+    /// The bundle was refused.
+    #[error(transparent)]
+    Bundle(#[from] abide_bundle::Error),
+    /// The engine refused (quarantine, downgrade, a transition out of order).
+    #[error(transparent)]
+    Core(#[from] abide_core::Error),
+    /// The audit log failed.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The bundle is for another product.
+    #[error("wrong product: the bundle is for {bundle:?}, this device is {device:?}")]
+    WrongProduct {
+        /// The bundle's product.
+        bundle: String,
+        /// The device's product.
+        device: String,
+    },
+    /// Another transaction is under way.
+    #[error(
+        "transaction {id} is {state}; finish it (reboot, mark-good or rollback) before another install"
+    )]
+    Busy {
+        /// Its id.
+        id: String,
+        /// Its state.
+        state: &'static str,
+    },
+    /// The target group has no slot for a component.
+    #[error("group {group} has no slot of class {class} for component {component}")]
+    NoSlot {
+        /// The target group.
+        group: String,
+        /// The slot class asked for.
+        class: String,
+        /// The component.
+        component: String,
+    },
+    /// A component does not fit its slot.
+    #[error("component {component} is {size} bytes but slot {} holds {capacity}", slot.display())]
+    TooSmall {
+        /// The component.
+        component: String,
+        /// Its size.
+        size: u64,
+        /// The slot.
+        slot: PathBuf,
+        /// The slot's capacity.
+        capacity: u64,
+    },
+    /// No transaction to act on.
+    #[error("there is no transaction to {0}")]
+    NoTransaction(&'static str),
+    /// The device state file is damaged.
+    #[error("{}: {what}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl AgentError {
+    /// The stable machine code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AgentError::Config { .. } => "config",
+            AgentError::Io(_) => "io",
+            AgentError::Boot(_) => "bootloader",
+            AgentError::Bundle(e) => e.code(),
+            AgentError::Core(e) => e.code(),
+            AgentError::Audit(_) => "audit",
+            AgentError::WrongProduct { .. } => "wrong-product",
+            AgentError::Busy { .. } => "busy",
+            AgentError::NoSlot { .. } => "no-slot",
+            AgentError::TooSmall { .. } => "slot-too-small",
+            AgentError::NoTransaction(_) => "no-transaction",
+            AgentError::State { .. } => "state",
+        }
+    }
+
+    /// Whether the error is a refusal of the input (as opposed to a failure of the device).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            AgentError::Bundle(e) => e.code() != "io",
+            AgentError::Io(_)
+            | AgentError::Boot(_)
+            | AgentError::Audit(_)
+            | AgentError::State { .. } => false,
+            _ => true,
+        }
+    }
+}
+
+/// The result type of the agent.
+pub type Result<T, E = AgentError> = std::result::Result<T, E>;

@@ -1,0 +1,183 @@
+//! Running the health gate: each configured check with its timeout, retries and interval,
+//! until `abide_core::health::verdict` decides.
+
+use std::io::Read;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use abide_core::{CheckOutcome, CheckResult, Criticality, Transaction, TxState, Verdict, verdict};
+use jiff::{SignedDuration, Timestamp};
+
+use crate::config::{Check, CheckKind, Config};
+
+/// Time as the gate sees it: real on a device, simulated in tests.
+pub trait Clock {
+    /// Now.
+    fn now(&self) -> Timestamp;
+    /// Waits.
+    fn sleep(&self, d: SignedDuration);
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+    fn sleep(&self, d: SignedDuration) {
+        std::thread::sleep(Duration::try_from(d).unwrap_or_default());
+    }
+}
+
+/// Runs every check once (with its retries) and returns the results.
+pub fn run_checks(
+    config: &Config,
+    tx: Option<&Transaction>,
+    group: &str,
+    clock: &dyn Clock,
+) -> Vec<CheckResult> {
+    config
+        .checks
+        .iter()
+        .map(|c| CheckResult {
+            name: c.name.clone(),
+            criticality: if c.critical {
+                Criticality::Critical
+            } else {
+                Criticality::NonCritical
+            },
+            outcome: run_with_retries(c, tx, group, clock),
+        })
+        .collect()
+}
+
+/// Runs the gate for a trial until it decides.
+pub fn run_gate(config: &Config, tx: &Transaction, clock: &dyn Clock) -> Verdict {
+    let TxState::Trial {
+        since,
+        mut degraded_since,
+        ..
+    } = tx.state
+    else {
+        return Verdict::Wait {
+            degraded_since: None,
+        };
+    };
+    let pause = config
+        .checks
+        .iter()
+        .map(|c| c.interval)
+        .min()
+        .unwrap_or(SignedDuration::from_secs(5));
+    loop {
+        let results = run_checks(config, Some(tx), tx.target.as_str(), clock);
+        match verdict(&config.health, since, degraded_since, &results, clock.now()) {
+            Verdict::Wait { degraded_since: d } => {
+                degraded_since = d;
+                clock.sleep(pause);
+            }
+            decided => return decided,
+        }
+    }
+}
+
+fn run_with_retries(
+    check: &Check,
+    tx: Option<&Transaction>,
+    group: &str,
+    clock: &dyn Clock,
+) -> CheckOutcome {
+    let mut last = String::new();
+    for attempt in 0..=check.retries {
+        if attempt > 0 {
+            clock.sleep(check.interval);
+        }
+        match run_once(check, tx, group) {
+            Ok(()) => return CheckOutcome::Pass,
+            Err(why) => last = why,
+        }
+    }
+    CheckOutcome::Fail(last)
+}
+
+fn run_once(check: &Check, tx: Option<&Transaction>, group: &str) -> Result<(), String> {
+    let timeout = Duration::try_from(check.timeout).unwrap_or(Duration::from_secs(30));
+    match &check.kind {
+        CheckKind::Command(cmd) => {
+            let mut child = Command::new("sh")
+                .arg("-c")
+                .arg(cmd)
+                .env(
+                    "ABIDE_VERSION",
+                    tx.map(|t| t.version.to_string()).unwrap_or_default(),
+                )
+                .env("ABIDE_GROUP", group)
+                .env(
+                    "ABIDE_TRANSACTION",
+                    tx.map(|t| t.id.clone()).unwrap_or_default(),
+                )
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| format!("cannot run sh: {e}"))?;
+            let start = std::time::Instant::now();
+            loop {
+                match child.try_wait() {
+                    Ok(Some(status)) if status.success() => return Ok(()),
+                    Ok(Some(status)) => {
+                        let mut err = String::new();
+                        if let Some(mut e) = child.stderr.take() {
+                            let _ = e.read_to_string(&mut err);
+                        }
+                        let err: String = err.trim().chars().take(200).collect();
+                        return Err(format!(
+                            "{status}{}{err}",
+                            if err.is_empty() { "" } else { ": " }
+                        ));
+                    }
+                    Ok(None) if start.elapsed() >= timeout => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!("timed out after {}s", timeout.as_secs()));
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        }
+        CheckKind::File(path) => {
+            if path.exists() {
+                Ok(())
+            } else {
+                Err(format!("{} does not exist", path.display()))
+            }
+        }
+        CheckKind::Tcp(address) => {
+            let addr = address
+                .to_socket_addrs()
+                .map_err(|e| format!("{address}: {e}"))?
+                .next()
+                .ok_or_else(|| format!("{address} resolves to nothing"))?;
+            TcpStream::connect_timeout(&addr, timeout)
+                .map(|_| ())
+                .map_err(|e| format!("{address}: {e}"))
+        }
+        CheckKind::Uptime(seconds) => {
+            let text = std::fs::read_to_string("/proc/uptime")
+                .map_err(|e| format!("/proc/uptime: {e}"))?;
+            let up: f64 = text
+                .split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .ok_or("unreadable /proc/uptime")?;
+            if up >= *seconds as f64 {
+                Ok(())
+            } else {
+                Err(format!("up {up:.0}s, need {seconds}s"))
+            }
+        }
+    }
+}

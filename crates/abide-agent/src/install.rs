@@ -1,0 +1,201 @@
+//! The install pipeline: verify the bundle and everything about this device before anything
+//! changes; then make the target unbootable, stream each component into its slot with every
+//! chunk checked, verify each component digest, and hand the target to the bootloader for a
+//! trial.
+
+use std::io::Read;
+
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, TrustRoot};
+use abide_core::{FailReason, Force, Installed, Transaction, admit};
+use jiff::Timestamp;
+use serde_json::json;
+
+use crate::config::Slot;
+use crate::device::Device;
+use crate::error::{AgentError, Result};
+use crate::slots::{SlotWriter, capacity};
+
+/// How an install ends for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallOutcome {
+    /// The transaction, now activated.
+    pub transaction: Transaction,
+    /// Whether the engine asked for a reboot (the caller runs the reboot command if there is
+    /// one and `--no-reboot` was not given).
+    pub reboot: bool,
+}
+
+/// Installs the bundle read from `src` into the group that is not the known-good one and
+/// activates it for a trial. A refusal before the first change is recorded in the audit log
+/// and changes no slot, no bootloader variable and no counter (I9).
+pub fn install(
+    device: &mut Device,
+    src: &mut dyn Read,
+    force: Force,
+    now: &dyn Fn() -> Timestamp,
+) -> Result<InstallOutcome> {
+    let mut state = device.state()?;
+    if let Some(tx) = &state.transaction
+        && !tx.state.is_terminal()
+    {
+        return Err(AgentError::Busy {
+            id: tx.id.clone(),
+            state: tx.state.name(),
+        });
+    }
+    let planned = plan(device, &state, src, force, now());
+    let (mut bundle, version, security_version, slots) = match planned {
+        Ok(p) => p,
+        Err(e) => {
+            if e.is_refusal() {
+                device.record(
+                    now(),
+                    "refuse",
+                    json!({"code": e.code(), "detail": e.to_string()}),
+                )?;
+            }
+            return Err(e);
+        }
+    };
+    let boot = device.bootloader().load()?;
+    let good = boot.good().cloned().ok_or_else(|| AgentError::State {
+        path: device.config.boot_path.clone(),
+        what: "the bootloader has no bootable group".into(),
+    })?;
+    let target = device
+        .config
+        .group_names()
+        .into_iter()
+        .find(|g| *g != good)
+        .expect("two groups");
+    let id = format!("tx-{}-{version}", now().as_second());
+
+    // From here on, every step is recorded and durable before the next (I5).
+    let (mut tx, actions) =
+        Transaction::begin(&id, version, security_version, good, target.clone(), now())?;
+    device.commit_step(now(), "begin", &mut state, &tx, &actions)?;
+    let group = device.config.group(&target).expect("configured").clone();
+    let written = (|| -> Result<()> {
+        for class in &slots {
+            let slot = group
+                .slots
+                .iter()
+                .find(|s| &s.class == class)
+                .expect("planned");
+            let table = bundle.read_chunk_table()?;
+            let mut writer = SlotWriter::open(slot)?;
+            bundle.read_chunks(&table, &mut |data| writer.write(data))?;
+            writer.finish()?;
+        }
+        bundle.finish()?;
+        Ok(())
+    })();
+    if let Err(e) = written {
+        let reason = match &e {
+            AgentError::Bundle(b) if b.code() != "io" => FailReason::Refused {
+                code: b.code().to_owned(),
+                detail: b.to_string(),
+            },
+            other => FailReason::Io {
+                detail: other.to_string(),
+            },
+        };
+        let actions = tx.fail(now(), reason)?;
+        device.commit_step(now(), "fail", &mut state, &tx, &actions)?;
+        return Err(e);
+    }
+    let actions = tx.staged(now())?;
+    device.commit_step(now(), "stage", &mut state, &tx, &actions)?;
+    let actions = tx.activate(now(), device.config.boot_policy)?;
+    let reboot = device.commit_step(now(), "activate", &mut state, &tx, &actions)?;
+    Ok(InstallOutcome {
+        transaction: tx,
+        reboot,
+    })
+}
+
+type Plan<'a> = (
+    abide_bundle::VerifiedBundle<&'a mut dyn Read>,
+    semver::Version,
+    u64,
+    Vec<String>,
+);
+
+/// Every check that needs no change: signatures and policy, product, quarantine and version
+/// order, and a slot of the right class and size for every component in the target group.
+fn plan<'a>(
+    device: &Device,
+    state: &crate::state::DeviceState,
+    src: &'a mut dyn Read,
+    force: Force,
+    now: Timestamp,
+) -> Result<Plan<'a>> {
+    let config = &device.config;
+    let limits = Limits::default();
+    let trust_bytes = abide_boot::persist::read_bounded(&config.trust, limits.max_trust_bytes)?;
+    let trust = TrustRoot::load(&trust_bytes, now, ExpirationEnforcement::Safe, &limits)?;
+    let policy = Policy {
+        trust: &trust,
+        now,
+        expiration: ExpirationEnforcement::Safe,
+        compatible: Some(&config.compatible),
+        min_security_version: state.security_version,
+    };
+    let bundle = BundleReader::open(src, limits)?.verify(&policy)?;
+    let manifest = bundle.manifest().clone();
+    if manifest.product.as_str() != config.product {
+        return Err(AgentError::WrongProduct {
+            bundle: manifest.product.to_string(),
+            device: config.product.clone(),
+        });
+    }
+    let installed = Installed {
+        version: state.version.clone(),
+        security_version: state.security_version,
+    };
+    admit(
+        &installed,
+        &manifest.version,
+        manifest.security_version,
+        &state.quarantine,
+        force,
+    )?;
+    let boot = device.bootloader().load()?;
+    let good = boot.good().cloned();
+    let target = config
+        .group_names()
+        .into_iter()
+        .find(|g| Some(g) != good.as_ref())
+        .expect("two groups");
+    let group = config.group(&target).expect("configured");
+    let mut classes = Vec::new();
+    for c in &manifest.components {
+        let slot: &Slot = group
+            .slots
+            .iter()
+            .find(|s| s.class == c.slot_class.as_str())
+            .ok_or_else(|| AgentError::NoSlot {
+                group: target.to_string(),
+                class: c.slot_class.to_string(),
+                component: c.name.to_string(),
+            })?;
+        if classes.contains(&slot.class) {
+            return Err(AgentError::NoSlot {
+                group: target.to_string(),
+                class: format!("{} (a second component for the same slot)", slot.class),
+                component: c.name.to_string(),
+            });
+        }
+        let cap = capacity(slot)?;
+        if c.size > cap {
+            return Err(AgentError::TooSmall {
+                component: c.name.to_string(),
+                size: c.size,
+                slot: slot.path.clone(),
+                capacity: cap,
+            });
+        }
+        classes.push(slot.class.clone());
+    }
+    Ok((bundle, manifest.version, manifest.security_version, classes))
+}

@@ -1,0 +1,260 @@
+//! The device commands: install, boot, status, health, mark-good, mark-bad, rollback, log.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use abide_agent::audit::AuditLog;
+use abide_agent::boot::{boot, event};
+use abide_agent::config::Config;
+use abide_agent::device::Device;
+use abide_agent::health::{SystemClock, run_checks};
+use abide_agent::install::install;
+use abide_core::{CheckOutcome, Force};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// Where the device's configuration is.
+#[derive(Args, Clone)]
+pub struct ConfigArg {
+    /// The device configuration.
+    #[arg(long, global = true, default_value = abide_agent::config::DEFAULT_PATH)]
+    pub config: PathBuf,
+}
+
+/// The `abide log` subcommands.
+#[derive(Subcommand)]
+pub enum LogCommand {
+    /// Check the hash chain: any edit, deletion, reordering or truncation is found.
+    Verify,
+}
+
+/// Opens the device a configuration describes.
+pub fn open(config: &Path) -> Result<Device> {
+    let config = Config::load(config)?;
+    Ok(Device::open(config)?)
+}
+
+/// `abide install`.
+pub fn run_install(
+    config: &Path,
+    bundle: &Path,
+    no_reboot: bool,
+    force: bool,
+    out: Output,
+) -> Result<()> {
+    let mut device = open(config)?;
+    let mut src: Box<dyn Read> = if bundle.as_os_str() == "-" {
+        Box::new(BufReader::with_capacity(1 << 20, io::stdin().lock()))
+    } else {
+        Box::new(File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?)
+    };
+    let force = if force { Force::Yes } else { Force::No };
+    let done = install(&mut device, &mut src, force, &Timestamp::now)
+        .with_context(|| format!("installing {}", bundle.display()))?;
+    let tx = &done.transaction;
+    let reboot = done.reboot && !no_reboot && device.config.reboot.is_some();
+    out.print(
+        &json!({"transaction": tx.id, "version": tx.version.to_string(), "target": tx.target.as_str(),
+                "state": tx.state.name(), "reboot": reboot}),
+        || format!("{} installed into group {} and activated for a trial ({})", tx.version, tx.target, tx.id),
+    );
+    if reboot {
+        reboot_now(&device)?;
+    }
+    Ok(())
+}
+
+/// `abide boot`.
+pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
+    let mut device = open(config)?;
+    let outcome = boot(&mut device, &SystemClock)?;
+    out.print(&serde_json::to_value(&outcome).expect("serializes"), || {
+        format!(
+            "booted {}; transaction {}{}",
+            outcome.booted.as_deref().unwrap_or("?"),
+            outcome.state.unwrap_or("none"),
+            if outcome.reboot { "; rebooting" } else { "" }
+        )
+    });
+    if outcome.reboot && device.config.reboot.is_some() {
+        reboot_now(&device)?;
+    }
+    Ok(outcome.reboot)
+}
+
+/// The status JSON of a device.
+pub fn status_json(device: &Device) -> Result<Value> {
+    let state = device.state()?;
+    let (booted, good) = device.groups()?;
+    let tx = state.transaction.as_ref();
+    let mut v = json!({
+        "booted": booted.map(|g| g.to_string()),
+        "good": good.map(|g| g.to_string()),
+        "state": tx.map_or("idle", |t| t.state.name()),
+        "version": state.version.to_string(),
+        "security_version": state.security_version,
+        "transaction": tx.map(|t| t.id.clone()),
+        "quarantine": state.quarantine.versions().collect::<Vec<_>>(),
+    });
+    if let Some(t) = tx {
+        v["target"] = json!(t.target.as_str());
+        v["target_version"] = json!(t.version.to_string());
+        match &t.state {
+            abide_core::TxState::RolledBack { reason } => v["reason"] = json!(reason.to_string()),
+            abide_core::TxState::Failed { reason } => v["reason"] = json!(reason.to_string()),
+            _ => {}
+        }
+    }
+    Ok(v)
+}
+
+/// `abide status`.
+pub fn run_status(config: &Path, out: Output) -> Result<()> {
+    let device = open(config)?;
+    let v = status_json(&device)?;
+    out.print(&v, || {
+        let mut text = format!(
+            "running {} on group {} (known-good {}); transaction: {}",
+            v["version"].as_str().unwrap_or("?"),
+            v["booted"].as_str().unwrap_or("?"),
+            v["good"].as_str().unwrap_or("?"),
+            v["state"].as_str().unwrap_or("?"),
+        );
+        if let Some(r) = v["reason"].as_str() {
+            text.push_str(&format!(" ({r})"));
+        }
+        text
+    });
+    Ok(())
+}
+
+/// `abide health`.
+pub fn run_health(config: &Path, out: Output) -> Result<()> {
+    let device = open(config)?;
+    let state = device.state()?;
+    let (booted, _) = device.groups()?;
+    let group = booted.map(|g| g.to_string()).unwrap_or_default();
+    let results = run_checks(
+        &device.config,
+        state.transaction.as_ref(),
+        &group,
+        &SystemClock,
+    );
+    let rows: Vec<Value> = results
+        .iter()
+        .map(|r| {
+            let (outcome, detail) = match &r.outcome {
+                CheckOutcome::Pass => ("pass", String::new()),
+                CheckOutcome::Fail(d) => ("fail", d.clone()),
+                CheckOutcome::Pending => ("pending", String::new()),
+            };
+            json!({"name": r.name, "critical": r.criticality == abide_core::Criticality::Critical,
+                   "outcome": outcome, "detail": detail})
+        })
+        .collect();
+    let healthy = results.iter().all(|r| r.outcome == CheckOutcome::Pass);
+    out.print(&json!({"healthy": healthy, "checks": rows}), || {
+        rows.iter()
+            .map(|r| {
+                format!(
+                    "{} {}: {} {}",
+                    if r["critical"] == true {
+                        "critical"
+                    } else {
+                        "optional"
+                    },
+                    r["name"],
+                    r["outcome"],
+                    r["detail"]
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    if !healthy {
+        bail!("health checks failed");
+    }
+    Ok(())
+}
+
+/// `abide mark-good`, `abide mark-bad`, `abide rollback`.
+pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Result<()> {
+    let mut device = open(config)?;
+    let mut state = device.state()?;
+    let Some(mut tx) = state.transaction.clone() else {
+        return Err(abide_agent::AgentError::NoTransaction(if good {
+            "mark good"
+        } else {
+            "roll back"
+        })
+        .into());
+    };
+    let now = Timestamp::now();
+    let actions = if good {
+        tx.mark_good(now)
+    } else {
+        tx.rollback(now, reason)
+    }
+    .map_err(abide_agent::AgentError::from)?;
+    let reboot = device.commit_step(now, event(&tx.state), &mut state, &tx, &actions)?;
+    out.print(
+        &json!({"transaction": tx.id, "state": tx.state.name(), "reboot": reboot}),
+        || format!("transaction {} is {}", tx.id, tx.state.name()),
+    );
+    if reboot && device.config.reboot.is_some() {
+        reboot_now(&device)?;
+    }
+    Ok(())
+}
+
+/// `abide log` and `abide log verify`.
+pub fn run_log(config: &Path, verify: bool, out: Output) -> Result<()> {
+    let config = Config::load(config)?;
+    let path = config.state_dir.join("audit.log");
+    let records = AuditLog::verify(&path)?;
+    if verify {
+        out.print(&json!({"ok": true, "records": records.len()}), || {
+            format!("ok: {} records, hash chain intact", records.len())
+        });
+        return Ok(());
+    }
+    out.print(&serde_json::to_value(&records).expect("serializes"), || {
+        records
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:>4} {} {:<9} {}",
+                    r.seq,
+                    r.time,
+                    r.event,
+                    Value::Object(r.details.clone())
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+fn reboot_now(device: &Device) -> Result<()> {
+    let Some(cmd) = &device.config.reboot else {
+        return Ok(());
+    };
+    let Some((program, args)) = cmd.split_first() else {
+        return Ok(());
+    };
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {program}"))?;
+    if !status.success() {
+        bail!("the reboot command {cmd:?} failed: {status}");
+    }
+    Ok(())
+}

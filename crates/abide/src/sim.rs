@@ -1,0 +1,214 @@
+//! `abide sim`: simulated devices with two image-file slot groups and the `sim` bootloader, and
+//! their power cycles.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use abide_agent::boot::boot;
+use abide_agent::health::SystemClock;
+use abide_agent::state::DeviceState;
+use abide_boot::SimBootloader;
+use abide_boot::persist::write_atomic;
+use abide_core::{Group, Quarantine};
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::Output;
+use crate::device::{open, status_json};
+
+#[derive(Subcommand)]
+pub enum SimCommand {
+    /// Make a simulated device in DIR: groups A and B with one rootfs image slot each, the sim
+    /// bootloader, and version V committed in group A.
+    Init {
+        /// The device directory (created).
+        dir: PathBuf,
+        /// The trust root bundles must be signed under.
+        #[arg(long)]
+        trust: PathBuf,
+        /// The product.
+        #[arg(long, default_value = "sim-device")]
+        product: String,
+        /// The hardware id.
+        #[arg(long, default_value = "sim-board")]
+        compatible: String,
+        /// The version installed in group A.
+        #[arg(long, default_value = "1.0.0")]
+        version: String,
+        /// The size of each slot (bytes, or with K, M or G).
+        #[arg(long, default_value = "64M")]
+        slot_size: String,
+        /// A critical health check run through `sh -c`.
+        #[arg(long)]
+        health_command: Option<String>,
+    },
+    /// One power cycle: the sim firmware picks a group and `abide boot` runs; a failed trial's
+    /// reboot is carried out too, until the device is steady.
+    Reboot {
+        /// The device directory.
+        dir: PathBuf,
+        /// The next N boots of a trial group die before user space (a kernel panic).
+        #[arg(long, default_value_t = 0)]
+        panic: u32,
+    },
+}
+
+pub fn run(command: SimCommand, out: Output) -> Result<()> {
+    match command {
+        SimCommand::Init {
+            dir,
+            trust,
+            product,
+            compatible,
+            version,
+            slot_size,
+            health_command,
+        } => init(
+            &dir,
+            &trust,
+            &product,
+            &compatible,
+            &version,
+            &slot_size,
+            health_command.as_deref(),
+            out,
+        ),
+        SimCommand::Reboot { dir, panic } => reboot(&dir, panic, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn init(
+    dir: &Path,
+    trust: &Path,
+    product: &str,
+    compatible: &str,
+    version: &str,
+    slot_size: &str,
+    health_command: Option<&str>,
+    out: Output,
+) -> Result<()> {
+    // Validate everything before creating anything.
+    let version: semver::Version = version
+        .parse()
+        .with_context(|| format!("--version {version:?} is not SemVer"))?;
+    let size = parse_size(slot_size)?;
+    let trust_bytes = fs::read(trust).with_context(|| format!("reading {}", trust.display()))?;
+    if dir.exists() && fs::read_dir(dir)?.next().is_some() {
+        bail!("{} exists and is not empty", dir.display());
+    }
+    let mut config = format!(
+        "# A simulated Abide device: two slot groups with one image-file rootfs slot each.\n\
+         product = {product:?}\ncompatible = {compatible:?}\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\n\
+         [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/rootfs.A.img\"\n\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/rootfs.B.img\"\n"
+    );
+    if let Some(cmd) = health_command {
+        config.push_str(&format!(
+            "\n[health]\ndeadline = \"5m\"\n\n[[health.check]]\nname = \"command\"\nkind = \"command\"\ncommand = {cmd:?}\ntimeout = \"30s\"\ncritical = true\n"
+        ));
+    }
+    // The text must be a valid configuration before it is written.
+    abide_agent::config::Config::parse(&dir.join("system.toml"), &config)?;
+    fs::create_dir_all(dir.join("slots"))?;
+    fs::create_dir_all(dir.join("state"))?;
+    for g in ["A", "B"] {
+        let f = fs::File::create(dir.join(format!("slots/rootfs.{g}.img")))?;
+        f.set_len(size)?;
+        f.sync_all()?;
+    }
+    write_atomic(&dir.join("trust.json"), &trust_bytes, 0o644)?;
+    let (a, b) = (Group::new("A")?, Group::new("B")?);
+    let sim = SimBootloader::init(&dir.join("boot.json"), &[a.clone(), b.clone()])?;
+    sim.power_on()?;
+    DeviceState {
+        version: version.clone(),
+        security_version: 0,
+        groups: [(a, Some(version.clone())), (b, None)]
+            .into_iter()
+            .collect(),
+        transaction: None,
+        quarantine: Quarantine::default(),
+    }
+    .store(&dir.join("state"))?;
+    write_atomic(&dir.join("system.toml"), config.as_bytes(), 0o644)?;
+    out.print(
+        &json!({"dir": dir, "version": version.to_string(), "config": dir.join("system.toml")}),
+        || {
+            format!(
+                "simulated device in {} running {version} on group A",
+                dir.display()
+            )
+        },
+    );
+    Ok(())
+}
+
+fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
+    let config = dir.join("system.toml");
+    let sim = SimBootloader::new(&dir.join("boot.json"));
+    let mut panics_left = panic;
+    let mut cycles = Vec::new();
+    for _ in 0..16 {
+        let chosen = sim
+            .power_on()?
+            .context("the sim firmware found no bootable group")?;
+        let device = open(&config)?;
+        let state = device.state()?;
+        let on_trial = state
+            .transaction
+            .as_ref()
+            .is_some_and(|t| !t.state.is_terminal() && t.target == chosen);
+        if on_trial && panics_left > 0 {
+            panics_left -= 1;
+            cycles.push(json!({"booted": chosen.as_str(), "panic": true}));
+            continue;
+        }
+        drop(device);
+        let mut device = open(&config)?;
+        let outcome = boot(&mut device, &SystemClock)?;
+        cycles.push(
+            json!({"booted": chosen.as_str(), "state": outcome.state, "reboot": outcome.reboot}),
+        );
+        if !outcome.reboot {
+            let status = status_json(&device)?;
+            out.print(&json!({"cycles": cycles, "status": status}), || {
+                format!(
+                    "{} power cycle(s); running {} on group {}; transaction {}{}",
+                    cycles.len(),
+                    status["version"].as_str().unwrap_or("?"),
+                    status["booted"].as_str().unwrap_or("?"),
+                    status["state"].as_str().unwrap_or("?"),
+                    status["reason"]
+                        .as_str()
+                        .map(|r| format!(" ({r})"))
+                        .unwrap_or_default()
+                )
+            });
+            return Ok(());
+        }
+    }
+    bail!("the device did not settle within 16 power cycles")
+}
+
+fn parse_size(text: &str) -> Result<u64> {
+    let (digits, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = digits
+        .parse()
+        .with_context(|| format!("--slot-size {text:?} is not a size"))?;
+    let mult = match unit {
+        "" => 1,
+        "K" | "k" => 1 << 10,
+        "M" | "m" => 1 << 20,
+        "G" | "g" => 1 << 30,
+        _ => bail!("--slot-size {text:?}: the unit is K, M or G"),
+    };
+    n.checked_mul(mult)
+        .filter(|&s| s > 0)
+        .with_context(|| format!("--slot-size {text:?} is out of range"))
+}

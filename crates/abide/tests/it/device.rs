@@ -1,0 +1,396 @@
+//! A simulated device end to end through the command: a good update commits; a failing health
+//! check, a kernel panic and an undecided health gate each end on the old group, rolled back
+//! with the reason; quarantine, downgrades and bundles for other devices are refused with
+//! slots, bootloader state and counters byte-identical.
+
+use std::path::{Path, PathBuf};
+
+use abide_bundle::Digest;
+use serde_json::Value;
+
+use crate::{json, ok, workspace};
+
+struct Sim {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Sim {
+    fn new(health: Option<&str>) -> Sim {
+        let (tmp, dir) = workspace();
+        let mut args = vec![
+            "sim",
+            "init",
+            "dev",
+            "--trust",
+            "trust.json",
+            "--product",
+            "gw",
+            "--compatible",
+            "gw-1",
+            "--version",
+            "1.0.0",
+            "--slot-size",
+            "4M",
+        ];
+        if let Some(h) = health {
+            args.extend(["--health-command", h]);
+        }
+        crate::json_args(&dir, &args, 0);
+        Sim { _tmp: tmp, dir }
+    }
+
+    fn bundle(&self, version: &str, security_version: u64, seed: u64) -> String {
+        let img = format!("img-{version}");
+        std::fs::write(self.dir.join(&img), abide_testkit::image(1_500_000, seed)).unwrap();
+        let out = format!("{version}.abide");
+        ok(
+            &self.dir,
+            &format!(
+                "bundle create --product gw --version {version} --security-version {security_version} --compatible gw-1 \
+                 --component rootfs={img} --sign a.key --out {out}"
+            ),
+        );
+        out
+    }
+
+    fn status(&self) -> Value {
+        json(&self.dir, "status --config dev/system.toml", 0)
+    }
+
+    /// Digests of everything a refusal must leave alone.
+    fn fingerprint(&self) -> Vec<(String, Digest)> {
+        [
+            "dev/slots/rootfs.A.img",
+            "dev/slots/rootfs.B.img",
+            "dev/boot.json",
+            "dev/state/state.json",
+        ]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                Digest::of(&std::fs::read(self.dir.join(f)).unwrap()),
+            )
+        })
+        .collect()
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+}
+
+fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}"))
+}
+
+#[test]
+fn a_good_update_goes_through_a_trial_and_commits() {
+    let sim = Sim::new(Some(
+        "test \"$ABIDE_GROUP\" = B && test -n \"$ABIDE_TRANSACTION\" && test \"$ABIDE_VERSION\" = 2.0.0",
+    ));
+    let s = sim.status();
+    assert_eq!(
+        (
+            field(&s, "booted"),
+            field(&s, "good"),
+            field(&s, "state"),
+            field(&s, "version")
+        ),
+        ("A", "A", "idle", "1.0.0")
+    );
+    assert_eq!(s["transaction"], Value::Null);
+    let b = sim.bundle("2.0.0", 3, 1);
+    let v = json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    assert_eq!(
+        (field(&v, "state"), field(&v, "target")),
+        ("activated", "B")
+    );
+    let s = sim.status();
+    assert_eq!(
+        (
+            field(&s, "state"),
+            field(&s, "booted"),
+            field(&s, "version")
+        ),
+        ("activated", "A", "1.0.0")
+    );
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    let s = &v["status"];
+    assert_eq!(
+        (
+            field(s, "booted"),
+            field(s, "good"),
+            field(s, "state"),
+            field(s, "version")
+        ),
+        ("B", "B", "committed", "2.0.0")
+    );
+    assert_eq!(s["security_version"], 3, "the counter rises at commit");
+    // The slot holds the image, as sha256sum would see it.
+    let img = std::fs::read(sim.path("img-2.0.0")).unwrap();
+    let slot = std::fs::read(sim.path("dev/slots/rootfs.B.img")).unwrap();
+    assert_eq!(&slot[..img.len()], &img[..]);
+    // Later power cycles keep running it.
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    assert_eq!(field(&v["status"], "booted"), "B");
+    let log = json(&sim.dir, "log --config dev/system.toml", 0);
+    let events: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events, ["begin", "stage", "activate", "trial", "commit"]);
+    assert_eq!(
+        json(&sim.dir, "log verify --config dev/system.toml", 0)["records"],
+        5
+    );
+}
+
+#[test]
+fn a_failing_health_check_rolls_back_and_the_version_is_quarantined() {
+    let sim = Sim::new(Some("test \"$ABIDE_VERSION\" != 2.0.0"));
+    let b = sim.bundle("2.0.0", 0, 2);
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    let s = &v["status"];
+    assert_eq!(
+        (
+            field(s, "booted"),
+            field(s, "good"),
+            field(s, "state"),
+            field(s, "version")
+        ),
+        ("A", "A", "rolled_back", "1.0.0")
+    );
+    assert!(
+        field(s, "reason").contains("health check command failed"),
+        "{s}"
+    );
+    assert_eq!(
+        v["cycles"].as_array().unwrap().len(),
+        2,
+        "the failed trial rebooted into A by itself"
+    );
+    // The rolled-back version is refused from now on, and the refusal changes nothing.
+    let before = sim.fingerprint();
+    let v = json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        1,
+    );
+    assert_eq!(v["error"]["code"], "quarantined");
+    assert_eq!(sim.fingerprint(), before);
+    // An operator can force it.
+    json(
+        &sim.dir,
+        &format!("install {b} --force --config dev/system.toml"),
+        0,
+    );
+}
+
+#[test]
+fn a_new_system_that_panics_is_rolled_back_by_the_boot_counter() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 0, 3);
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    let v = json(&sim.dir, "sim reboot dev --panic 5", 0);
+    let cycles = v["cycles"].as_array().unwrap();
+    assert_eq!(cycles[0]["panic"], true);
+    assert_eq!(cycles[0]["booted"], "B");
+    assert_eq!(
+        cycles.len(),
+        2,
+        "one try, then the bootloader fell back: {cycles:?}"
+    );
+    let s = &v["status"];
+    assert_eq!(
+        (field(s, "booted"), field(s, "state"), field(s, "version")),
+        ("A", "rolled_back", "1.0.0")
+    );
+    assert!(field(s, "reason").contains("bootloader fell back"), "{s}");
+}
+
+#[test]
+fn a_trial_whose_health_gate_never_decides_rolls_back_at_the_deadline() {
+    let sim = Sim::new(None);
+    // A non-critical check that keeps failing, a grace period longer than the deadline: the
+    // gate stays undecided until the deadline.
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap()
+        + "\n[health]\ndeadline = \"2s\"\ngrace = \"1h\"\n\n[[health.check]]\nname = \"metrics\"\nkind = \"file\"\n\
+           path = \"never-there\"\ncritical = false\ninterval = \"500ms\"\n";
+    std::fs::write(sim.path("dev/system.toml"), config).unwrap();
+    let b = sim.bundle("2.0.0", 0, 4);
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    let s = &v["status"];
+    assert_eq!(
+        (field(s, "booted"), field(s, "state")),
+        ("A", "rolled_back")
+    );
+    assert!(field(s, "reason").contains("deadline"), "{s}");
+}
+
+#[test]
+fn downgrades_and_bundles_for_other_devices_change_nothing() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 4, 5);
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    json(&sim.dir, "sim reboot dev", 0);
+    let before = sim.fingerprint();
+    let older = sim.bundle("1.5.0", 4, 6);
+    assert_eq!(
+        json(
+            &sim.dir,
+            &format!("install {older} --config dev/system.toml"),
+            1
+        )["error"]["code"],
+        "older-version"
+    );
+    let insecure = sim.bundle("3.0.0", 3, 7);
+    assert_eq!(
+        json(
+            &sim.dir,
+            &format!("install {insecure} --config dev/system.toml"),
+            1
+        )["error"]["code"],
+        "downgrade"
+    );
+    assert_eq!(
+        json(
+            &sim.dir,
+            &format!("install {insecure} --force --config dev/system.toml"),
+            1
+        )["error"]["code"],
+        "downgrade",
+        "force never overrides the security counter"
+    );
+    std::fs::write(sim.path("other.img"), b"x").unwrap();
+    ok(
+        &sim.dir,
+        "bundle create --product other --version 9.0.0 --security-version 4 --compatible gw-1 --component rootfs=other.img --sign a.key --out p.abide",
+    );
+    assert_eq!(
+        json(&sim.dir, "install p.abide --config dev/system.toml", 1)["error"]["code"],
+        "wrong-product"
+    );
+    ok(
+        &sim.dir,
+        "bundle create --product gw --version 9.0.0 --security-version 4 --compatible gw-2 --component rootfs=other.img --sign a.key --out h.abide",
+    );
+    assert_eq!(
+        json(&sim.dir, "install h.abide --config dev/system.toml", 1)["error"]["code"],
+        "incompatible"
+    );
+    ok(
+        &sim.dir,
+        "bundle create --product gw --version 9.0.0 --security-version 4 --compatible gw-1 --component rootfs=other.img --sign c.key --out u.abide",
+    );
+    assert_eq!(
+        json(&sim.dir, "install u.abide --config dev/system.toml", 1)["error"]["code"],
+        "untrusted-key"
+    );
+    let big = sim.path("big.img");
+    std::fs::write(&big, vec![7u8; 5 << 20]).unwrap();
+    ok(
+        &sim.dir,
+        "bundle create --product gw --version 9.0.0 --security-version 4 --compatible gw-1 --component rootfs=big.img --sign a.key --out big.abide",
+    );
+    let v = json(&sim.dir, "install big.abide --config dev/system.toml", 1);
+    assert_eq!(v["error"]["code"], "slot-too-small");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5242880 bytes but slot"),
+        "{v}"
+    );
+    assert_eq!(sim.fingerprint(), before);
+    let log = json(&sim.dir, "log --config dev/system.toml", 0);
+    let refusals = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["event"] == "refuse")
+        .count();
+    assert_eq!(refusals, 7, "every refusal is in the audit log");
+}
+
+#[test]
+fn a_corrupt_bundle_fails_the_transaction_before_activation_and_the_old_group_runs_on() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 0, 8);
+    let mut bytes = std::fs::read(sim.path(&b)).unwrap();
+    let n = bytes.len();
+    bytes[n - 100] ^= 1;
+    std::fs::write(sim.path("bad.abide"), &bytes).unwrap();
+    let v = json(&sim.dir, "install bad.abide --config dev/system.toml", 1);
+    assert_eq!(v["error"]["code"], "chunk-digest");
+    let s = sim.status();
+    assert_eq!((field(&s, "state"), field(&s, "good")), ("failed", "A"));
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    assert_eq!(
+        (
+            field(&v["status"], "booted"),
+            field(&v["status"], "version")
+        ),
+        ("A", "1.0.0")
+    );
+    // The same bundle, intact, installs afterwards.
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    assert_eq!(
+        field(&json(&sim.dir, "sim reboot dev", 0)["status"], "state"),
+        "committed"
+    );
+}
+
+#[test]
+fn operators_can_commit_or_roll_back_a_trial_by_hand() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 0, 9);
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+    assert_eq!(
+        json(&sim.dir, "mark-good --config dev/system.toml", 1)["error"]["code"],
+        "invalid-transition"
+    );
+    let v = json(
+        &sim.dir,
+        "rollback --reason maintenance --config dev/system.toml",
+        0,
+    );
+    assert_eq!(v["state"], "rolled_back");
+    let s = sim.status();
+    assert!(field(&s, "reason").contains("maintenance"));
+    assert_eq!(json(&sim.dir, "sim reboot dev", 0)["status"]["booted"], "A");
+    let _ = Path::new("");
+}

@@ -170,8 +170,10 @@ impl AuditLog {
             .append(true)
             .open(&self.path)
             .map_err(|e| io("opening", e))?;
+        abide_boot::crash::point("audit:before-append", "");
         file.write_all(&line).map_err(|e| io("appending to", e))?;
         file.sync_all().map_err(|e| io("fsync of", e))?;
+        abide_boot::crash::point("audit:after-fsync", "");
         let head = Head {
             seq: record.seq,
             hash: record.hash.clone(),

@@ -44,8 +44,12 @@ impl SlotWriter {
 
     /// Appends verified content.
     pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        let before = self.written;
         self.file.write_all(data)?;
         self.written += data.len() as u64;
+        if before == 0 || before >> 20 != self.written >> 20 {
+            abide_boot::crash::point("slot:write", "");
+        }
         Ok(())
     }
 
@@ -57,7 +61,9 @@ impl SlotWriter {
             path: path.clone(),
             source: e.into_error(),
         })?;
+        abide_boot::crash::point("slot:before-fsync", "");
         file.sync_all().map_err(io("fsync of slot", &path))?;
+        abide_boot::crash::point("slot:after-fsync", "");
         Ok(self.written)
     }
 }

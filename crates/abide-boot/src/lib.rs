@@ -6,6 +6,7 @@
 //! ([`BootState::apply`]), and the backend stores it in one atomic step.
 
 pub mod backend;
+pub mod crash;
 pub mod grub;
 pub mod grubenv;
 pub mod persist;

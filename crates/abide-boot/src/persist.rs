@@ -82,8 +82,10 @@ impl AtomicFile {
         let file = self.file.take().expect("present until commit");
         file.sync_all().map_err(io_err("fsync of", &self.temp))?;
         drop(file);
+        crate::crash::point("persist:before-rename", &self.target.to_string_lossy());
         fs::rename(&self.temp, &self.target)
             .map_err(io_err("renaming into place", &self.target))?;
+        crate::crash::point("persist:after-rename", &self.target.to_string_lossy());
         sync_dir(parent(&self.target))
     }
 

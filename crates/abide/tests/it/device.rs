@@ -10,13 +10,13 @@ use serde_json::Value;
 
 use crate::{json, ok, workspace};
 
-struct Sim {
+pub struct Sim {
     _tmp: tempfile::TempDir,
-    dir: PathBuf,
+    pub dir: PathBuf,
 }
 
 impl Sim {
-    fn new(health: Option<&str>) -> Sim {
+    pub fn new(health: Option<&str>) -> Sim {
         let (tmp, dir) = workspace();
         let mut args = vec![
             "sim",
@@ -40,7 +40,7 @@ impl Sim {
         Sim { _tmp: tmp, dir }
     }
 
-    fn bundle(&self, version: &str, security_version: u64, seed: u64) -> String {
+    pub fn bundle(&self, version: &str, security_version: u64, seed: u64) -> String {
         let img = format!("img-{version}");
         std::fs::write(self.dir.join(&img), abide_testkit::image(1_500_000, seed)).unwrap();
         let out = format!("{version}.abide");
@@ -54,12 +54,12 @@ impl Sim {
         out
     }
 
-    fn status(&self) -> Value {
+    pub fn status(&self) -> Value {
         json(&self.dir, "status --config dev/system.toml", 0)
     }
 
     /// Digests of everything a refusal must leave alone.
-    fn fingerprint(&self) -> Vec<(String, Digest)> {
+    pub fn fingerprint(&self) -> Vec<(String, Digest)> {
         [
             "dev/slots/rootfs.A.img",
             "dev/slots/rootfs.B.img",
@@ -76,12 +76,12 @@ impl Sim {
         .collect()
     }
 
-    fn path(&self, p: &str) -> PathBuf {
+    pub fn path(&self, p: &str) -> PathBuf {
         self.dir.join(p)
     }
 }
 
-fn field<'a>(v: &'a Value, k: &str) -> &'a str {
+pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
     v[k].as_str().unwrap_or_else(|| panic!("{k} in {v}"))
 }
 

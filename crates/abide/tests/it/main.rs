@@ -2,6 +2,7 @@
 //! scripts rely on.
 
 mod bundle;
+mod crash;
 mod device;
 mod keys;
 

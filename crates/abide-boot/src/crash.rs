@@ -1,0 +1,48 @@
+//! Crash points: the places where a power loss must be survivable, made reachable by tests.
+//!
+//! Every durable step calls [`point`] with a name. With `ABIDE_CRASH_TRACE=FILE` in the
+//! environment, each call appends its name to FILE (so a test learns the sequence of durable
+//! steps of an operation); with `ABIDE_CRASH_AT=K`, the K-th call (counting from 0) aborts the
+//! process on the spot — no destructors, no flushing — as a power loss would. Without those
+//! variables a point costs one cached environment lookup.
+
+use std::io::Write;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+struct Plan {
+    trace: Option<std::path::PathBuf>,
+    crash_at: Option<usize>,
+}
+
+fn plan() -> &'static Plan {
+    static PLAN: OnceLock<Plan> = OnceLock::new();
+    PLAN.get_or_init(|| Plan {
+        trace: std::env::var_os("ABIDE_CRASH_TRACE").map(Into::into),
+        crash_at: std::env::var("ABIDE_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok()),
+    })
+}
+
+/// A durable step (`name`, about `detail`) is about to happen or just happened; see the
+/// module documentation.
+pub fn point(name: &str, detail: &str) {
+    static HITS: AtomicUsize = AtomicUsize::new(0);
+    let plan = plan();
+    if plan.trace.is_none() && plan.crash_at.is_none() {
+        return;
+    }
+    let n = HITS.fetch_add(1, Ordering::SeqCst);
+    if let Some(path) = &plan.trace
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(f, "{name} {detail}");
+    }
+    if plan.crash_at == Some(n) {
+        std::process::abort();
+    }
+}

@@ -34,6 +34,8 @@ struct RawConfig {
 struct RawBootloader {
     backend: String,
     path: PathBuf,
+    redundant_path: Option<PathBuf>,
+    env_size: Option<usize>,
     tries: Option<u8>,
     max_trial_boots: Option<u32>,
 }
@@ -85,6 +87,13 @@ pub enum Backend {
     Sim,
     /// GRUB's environment block.
     Grub,
+    /// The U-Boot environment: one copy, or two redundant ones, of `size` bytes.
+    Uboot {
+        /// The second copy, if the environment is redundant.
+        redundant: Option<PathBuf>,
+        /// The size of a copy.
+        size: usize,
+    },
 }
 
 /// What a slot is.
@@ -205,12 +214,20 @@ impl Config {
         let backend = match raw.bootloader.backend.as_str() {
             "sim" => Backend::Sim,
             "grub" => Backend::Grub,
+            "uboot" => Backend::Uboot {
+                redundant: raw.bootloader.redundant_path.as_deref().map(resolve),
+                size: raw
+                    .bootloader
+                    .env_size
+                    .filter(|s| (64..=(1 << 20)).contains(s))
+                    .ok_or_else(|| {
+                        err(path, "key `bootloader.env_size`: the uboot backend needs the size of a copy, 64 bytes to 1 MiB")
+                    })?,
+            },
             other => {
                 return Err(err(
                     path,
-                    &format!(
-                        "key `bootloader.backend`: expected \"sim\" or \"grub\", found {other:?}"
-                    ),
+                    &format!("key `bootloader.backend`: expected \"sim\", \"grub\" or \"uboot\", found {other:?}"),
                 ));
             }
         };
@@ -256,14 +273,14 @@ impl Config {
                 "key `group`: expected exactly two groups with different names",
             ));
         }
-        if backend == Backend::Grub
+        if backend != Backend::Sim
             && groups
                 .iter()
                 .any(|g| !["A", "B"].contains(&g.name.as_str()))
         {
             return Err(err(
                 path,
-                "key `group`: the grub backend needs the groups to be named A and B",
+                "key `group`: the grub and uboot backends need the groups to be named A and B",
             ));
         }
         let duration = |key: &str,

@@ -27,9 +27,15 @@ pub struct Device {
 impl Device {
     /// Opens the device described by `config` (repairing a torn audit record if there is one).
     pub fn open(config: Config) -> Result<Device> {
-        let bootloader: Box<dyn Bootloader> = match config.backend {
+        let bootloader: Box<dyn Bootloader> = match config.backend.clone() {
             Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
             Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),
+            Backend::Uboot { redundant, size } => {
+                let copies: Vec<_> = std::iter::once(config.boot_path.clone())
+                    .chain(redundant.clone())
+                    .collect();
+                Box::new(abide_boot::UbootBootloader::new(&copies, size))
+            }
         };
         let (audit, _) = AuditLog::open(&config.state_dir.join("audit.log"))?;
         Ok(Device {

@@ -36,89 +36,17 @@ impl GrubBootloader {
 
     /// The state an environment block describes.
     pub fn state_of(&self, env: &GrubEnv) -> Result<BootState, BootError> {
-        let bad = |what: String| BootError::Inconsistent {
-            path: self.path.clone(),
-            what,
-        };
-        let order: Vec<Group> = match env.get("ABIDE_ORDER") {
-            None => self.groups.to_vec(),
-            Some(text) => text
-                .split_whitespace()
-                .map(Group::new)
-                .collect::<Result<_, _>>()
-                .map_err(|e| bad(e.to_string()))?,
-        };
-        let mut sorted = order.clone();
-        sorted.sort();
-        if sorted != self.groups {
-            return Err(bad(format!(
-                "ABIDE_ORDER must name A and B once each, not {order:?}"
-            )));
-        }
-        let mut bootable = BTreeMap::new();
-        let mut trial = None;
-        for g in &self.groups {
-            let ok = match env.get(&format!("ABIDE_{g}_OK")) {
-                None | Some("1") => true,
-                Some("0") => false,
-                Some(other) => return Err(bad(format!("ABIDE_{g}_OK is {other:?}, not 0 or 1"))),
-            };
-            let tries = match env.get(&format!("ABIDE_{g}_TRY")) {
-                None | Some("") => 0,
-                Some(t) => t
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|n| *n <= MAX_TRIES)
-                    .ok_or_else(|| bad(format!("ABIDE_{g}_TRY is {t:?}, not 0 to {MAX_TRIES}")))?,
-            };
-            bootable.insert(g.clone(), ok);
-            // The script counts the first group with boots left as on trial; a spent trial
-            // (0 left) of a bootable group is kept so the agent sees it was tried.
-            if trial.is_none() && ok && tries > 0 {
-                trial = Some((g.clone(), tries));
-            }
-        }
-        let booted = match env.get("ABIDE_BOOTED") {
-            None | Some("") => None,
-            Some(g) => Some(Group::new(g).map_err(|e| bad(e.to_string()))?),
-        };
-        Ok(BootState {
-            order,
-            trial,
-            bootable,
-            booted,
-        })
+        env_to_state(&self.path, &self.groups, |name| env.get(name))
     }
 
     /// Writes `state` into `env` (in memory).
     pub fn fill(&self, env: &mut GrubEnv, state: &BootState) -> Result<(), BootError> {
-        let order = state
-            .order
-            .iter()
-            .map(Group::as_str)
-            .collect::<Vec<_>>()
-            .join(" ");
-        let mut set = |name: &str, value: &str| {
+        state_to_env(&self.groups, state, |name, value| {
             env.set(name, value).map_err(|source| BootError::Grub {
                 path: self.path.clone(),
                 source,
             })
-        };
-        set("ABIDE_ORDER", &order)?;
-        for g in &self.groups {
-            let ok = state.bootable.get(g).copied().unwrap_or(false);
-            let tries = match &state.trial {
-                Some((t, n)) if t == g => *n,
-                _ => 0,
-            };
-            set(&format!("ABIDE_{g}_OK"), if ok { "1" } else { "0" })?;
-            set(&format!("ABIDE_{g}_TRY"), &tries.to_string())?;
-        }
-        set(
-            "ABIDE_BOOTED",
-            state.booted.as_ref().map_or("", Group::as_str),
-        )?;
-        Ok(())
+        })
     }
 
     fn read_env(&self) -> Result<GrubEnv, BootError> {
@@ -156,4 +84,93 @@ impl Bootloader for GrubBootloader {
         write_atomic(&self.path, &block, 0o644)?;
         Ok(())
     }
+}
+
+/// Reads a boot state from the variables both the GRUB and the U-Boot backends use
+/// (`ABIDE_ORDER`, `ABIDE_<G>_OK`, `ABIDE_<G>_TRY`, `ABIDE_BOOTED`); `path` names the medium in
+/// errors.
+pub fn env_to_state<'a>(
+    path: &Path,
+    groups: &[Group; 2],
+    get: impl Fn(&str) -> Option<&'a str>,
+) -> Result<BootState, BootError> {
+    let bad = |what: String| BootError::Inconsistent {
+        path: path.to_owned(),
+        what,
+    };
+    let order: Vec<Group> = match get("ABIDE_ORDER") {
+        None => groups.to_vec(),
+        Some(text) => text
+            .split_whitespace()
+            .map(Group::new)
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(e.to_string()))?,
+    };
+    let mut sorted = order.clone();
+    sorted.sort();
+    if sorted != groups {
+        return Err(bad(format!(
+            "ABIDE_ORDER must name A and B once each, not {order:?}"
+        )));
+    }
+    let mut bootable = BTreeMap::new();
+    let mut trial = None;
+    for g in groups {
+        let ok = match get(&format!("ABIDE_{g}_OK")) {
+            None | Some("1") => true,
+            Some("0") => false,
+            Some(other) => return Err(bad(format!("ABIDE_{g}_OK is {other:?}, not 0 or 1"))),
+        };
+        let tries = match get(&format!("ABIDE_{g}_TRY")) {
+            None | Some("") => 0,
+            Some(t) => t
+                .parse::<u8>()
+                .ok()
+                .filter(|n| *n <= MAX_TRIES)
+                .ok_or_else(|| bad(format!("ABIDE_{g}_TRY is {t:?}, not 0 to {MAX_TRIES}")))?,
+        };
+        bootable.insert(g.clone(), ok);
+        // The boot scripts take the first bootable group with boots left as on trial.
+        if trial.is_none() && ok && tries > 0 {
+            trial = Some((g.clone(), tries));
+        }
+    }
+    let booted = match get("ABIDE_BOOTED") {
+        None | Some("") => None,
+        Some(g) => Some(Group::new(g).map_err(|e| bad(e.to_string()))?),
+    };
+    Ok(BootState {
+        order,
+        trial,
+        bootable,
+        booted,
+    })
+}
+
+/// Writes a boot state as the variables of [`env_to_state`].
+pub fn state_to_env(
+    groups: &[Group; 2],
+    state: &BootState,
+    mut set: impl FnMut(&str, &str) -> Result<(), BootError>,
+) -> Result<(), BootError> {
+    let order = state
+        .order
+        .iter()
+        .map(Group::as_str)
+        .collect::<Vec<_>>()
+        .join(" ");
+    set("ABIDE_ORDER", &order)?;
+    for g in groups {
+        let ok = state.bootable.get(g).copied().unwrap_or(false);
+        let tries = match &state.trial {
+            Some((t, n)) if t == g => *n,
+            _ => 0,
+        };
+        set(&format!("ABIDE_{g}_OK"), if ok { "1" } else { "0" })?;
+        set(&format!("ABIDE_{g}_TRY"), &tries.to_string())?;
+    }
+    set(
+        "ABIDE_BOOTED",
+        state.booted.as_ref().map_or("", Group::as_str),
+    )
 }

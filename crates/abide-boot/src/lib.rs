@@ -12,9 +12,12 @@ pub mod grubenv;
 pub mod persist;
 pub mod sim;
 pub mod state;
+pub mod uboot;
+pub mod ubootenv;
 
 pub use backend::{BootError, Bootloader};
 pub use grub::GrubBootloader;
 pub use grubenv::{GrubEnv, GrubEnvError};
 pub use sim::SimBootloader;
 pub use state::{BootState, MAX_TRIES, StateError};
+pub use uboot::UbootBootloader;

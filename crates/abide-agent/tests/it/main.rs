@@ -1,3 +1,4 @@
 //! The agent's parts against real files.
 
 mod audit;
+mod config;

@@ -4,3 +4,4 @@
 mod backends;
 mod grubenv;
 mod grubscript;
+mod uboot;

@@ -1,0 +1,121 @@
+//! Configuration errors name the file, the key and what was expected; paths resolve against
+//! the file's directory.
+
+use std::path::Path;
+
+use abide_agent::config::{Backend, CheckKind, Config};
+
+const GOOD: &str = r#"
+product = "gw"
+compatible = "gw-1"
+state_dir = "state"
+trust = "/etc/abide/trust.json"
+reboot = ["systemctl", "reboot"]
+
+[bootloader]
+backend = "uboot"
+path = "env.0"
+redundant_path = "env.1"
+env_size = 8192
+tries = 2
+
+[[group]]
+name = "A"
+[[group.slot]]
+class = "rootfs"
+path = "/dev/mmcblk0p2"
+kind = "block"
+
+[[group]]
+name = "B"
+[[group.slot]]
+class = "rootfs"
+path = "/dev/mmcblk0p3"
+kind = "block"
+
+[health]
+deadline = "3m"
+grace = "30s"
+
+[[health.check]]
+name = "api"
+kind = "tcp"
+address = "127.0.0.1:8080"
+retries = 5
+interval = "2s"
+"#;
+
+fn parse(text: &str) -> Result<Config, String> {
+    Config::parse(Path::new("/etc/abide/system.toml"), text).map_err(|e| e.to_string())
+}
+
+#[test]
+fn a_full_configuration_validates() {
+    let c = parse(GOOD).unwrap();
+    assert_eq!(c.state_dir, Path::new("/etc/abide/state"));
+    assert_eq!(
+        c.backend,
+        Backend::Uboot {
+            redundant: Some("/etc/abide/env.1".into()),
+            size: 8192
+        }
+    );
+    assert_eq!(c.boot_policy.tries, 2);
+    assert_eq!(c.health.deadline.as_secs(), 180);
+    assert_eq!(c.checks[0].kind, CheckKind::Tcp("127.0.0.1:8080".into()));
+    assert!(c.checks[0].critical);
+    assert_eq!(
+        c.reboot.as_deref(),
+        Some(&["systemctl".to_owned(), "reboot".to_owned()][..])
+    );
+}
+
+#[test]
+fn errors_name_the_file_the_key_and_the_expectation() {
+    for (edit, expected) in [
+        (
+            GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""),
+            "key `bootloader.backend`: expected \"sim\", \"grub\" or \"uboot\"",
+        ),
+        (
+            GOOD.replace("env_size = 8192", ""),
+            "key `bootloader.env_size`",
+        ),
+        (
+            GOOD.replace("tries = 2", "tries = 9"),
+            "key `bootloader.tries`: expected 1 to 3",
+        ),
+        (
+            GOOD.replace("name = \"B\"", "name = \"A\""),
+            "key `group`: expected exactly two groups",
+        ),
+        (
+            GOOD.replace("name = \"B\"", "name = \"C\""),
+            "need the groups to be named A and B",
+        ),
+        (
+            GOOD.replace("kind = \"tcp\"", "kind = \"ping\""),
+            "key `health.check[0].kind`: expected one of",
+        ),
+        (
+            GOOD.replace("interval = \"2s\"", "interval = \"soon\""),
+            "key `health.check[0].interval`: expected a duration",
+        ),
+        (
+            GOOD.replace("compatible = \"gw-1\"", "compatible = \"gw/1\""),
+            "key `compatible`",
+        ),
+        (
+            GOOD.replace("kind = \"block\"", "kind = \"tape\""),
+            "key `group[0].slot[0].kind`",
+        ),
+        (
+            GOOD.replace("product = \"gw\"", "product = \"gw\"\ncolour = \"blue\""),
+            "unknown field `colour`",
+        ),
+    ] {
+        let err = parse(&edit).unwrap_err();
+        assert!(err.starts_with("/etc/abide/system.toml: "), "{err}");
+        assert!(err.contains(expected), "{err}\nexpected: {expected}");
+    }
+}

@@ -13,6 +13,7 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench-bundle") => bench_bundle(&args[1..]),
+        Some("bench-install") => bench_install(&args[1..]),
         _ => bail!(
             "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]"
         ),
@@ -56,16 +57,31 @@ struct Measure {
 }
 
 fn run(label: &str, script: &str, runs: usize) -> Result<Measure> {
+    run_after(label, "true", script, runs)
+}
+
+/// Like [`run`], with an untimed `setup` script before each timed run.
+fn run_after(label: &str, setup: &str, script: &str, runs: usize) -> Result<Measure> {
     let mut best = f64::INFINITY;
     let mut peak = None;
     for _ in 0..runs {
+        let prepared = Command::new("bash")
+            .args(["-c", setup])
+            .output()
+            .with_context(|| format!("preparing {label}"))?;
+        if !prepared.status.success() {
+            bail!(
+                "preparing {label} failed: {}",
+                String::from_utf8_lossy(&prepared.stderr)
+            );
+        }
         let has_time = Path::new("/usr/bin/time").exists();
         let mut cmd = if has_time {
             let mut c = Command::new("/usr/bin/time");
-            c.args(["-f", "%M", "sh", "-c", script]);
+            c.args(["-f", "%M", "bash", "-c", script]);
             c
         } else {
-            let mut c = Command::new("sh");
+            let mut c = Command::new("bash");
             c.args(["-c", script]);
             c
         };
@@ -244,6 +260,115 @@ fn bench_image(
         rate(&verify) / floor,
         rate(&sha),
         rate(&unzstd)
+    );
+    Ok(())
+}
+
+/// `abide install` of an ext4 image into an image-file slot of a simulated device, side by
+/// side with `zstd -dc | tee >(sha256sum) > slot; sync` and `cp` + fsync on the same files.
+fn bench_install(args: &[String]) -> Result<()> {
+    let o = parse(args)?;
+    let abide = std::fs::canonicalize("target/release/abide")
+        .context("build the release binary first: cargo build --release -p abide")?;
+    std::fs::create_dir_all(&o.dir)?;
+    let dir = std::fs::canonicalize(&o.dir)?;
+    let d = dir.display().to_string();
+    let a = abide.display().to_string();
+    let size = o.size_mib;
+    let img = dir.join(format!("ext4-{size}m.img"));
+    if !img.exists() {
+        run(
+            "mke2fs",
+            &format!(
+                "mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d /usr/lib/x86_64-linux-gnu {} {size}M",
+                img.display()
+            ),
+            1,
+        )?;
+    }
+    let sh = |s: &str| {
+        s.replace("{d}", &d)
+            .replace("{a}", &a)
+            .replace("{i}", &img.display().to_string())
+            .replace("{s}", &size.to_string())
+    };
+    run(
+        "keys",
+        &sh(
+            "rm -f {d}/ik.key {d}/ik.pub && {a} key generate --out {d}/ik >/dev/null && \
+             {a} trust init --key {d}/ik.pub --threshold 1 --sign {d}/ik.key --out {d}/itrust.json >/dev/null && \
+             {a} bundle create --product bench --version 2.0.0 --compatible bench-board --component rootfs={i} \
+               --sign {d}/ik.key --out {d}/install.abide >/dev/null && zstd -3 -T0 -q -f {i} -o {d}/install.zst",
+        ),
+        1,
+    )?;
+    run(
+        "warm",
+        &sh("cat {i} {d}/install.abide {d}/install.zst > /dev/null"),
+        1,
+    )?;
+    let fresh_device = sh(
+        "rm -rf {d}/dev && {a} sim init {d}/dev --trust {d}/itrust.json --product bench --compatible bench-board \
+        --slot-size $(( {s} + 64 ))M >/dev/null",
+    );
+    let fresh_slot = sh("rm -f {d}/slot.raw && truncate -s $(( {s} + 64 ))M {d}/slot.raw");
+    let runs = o.runs;
+    let unzstd = run("zstd -d", &sh("zstd -dc {d}/install.zst > /dev/null"), runs)?;
+    let cp = run_after(
+        "cp + fsync",
+        &fresh_slot,
+        &sh("cp {i} {d}/slot.raw && sync {d}/slot.raw"),
+        runs,
+    )?;
+    let pipeline = run_after(
+        "zstd | tee >(sha256sum) > slot; sync",
+        &fresh_slot,
+        &sh(
+            "zstd -dc {d}/install.zst | tee >(sha256sum > /dev/null) > {d}/slot.raw; sync {d}/slot.raw",
+        ),
+        runs,
+    )?;
+    let install = run_after(
+        "abide install",
+        &fresh_device,
+        &sh("{a} install {d}/install.abide --no-reboot --config {d}/dev/system.toml > /dev/null"),
+        runs,
+    )?;
+    let mb = std::fs::metadata(&img)?.len() as f64 / 1e6;
+    let rate = |m: &Measure| mb / m.seconds;
+    let mem = |m: &Measure| {
+        m.peak_kib.map_or("n/a".to_owned(), |k| {
+            format!("{:.1} MiB", k as f64 / 1024.0)
+        })
+    };
+    println!(
+        "abide install benchmark: ext4 image of /usr/lib/x86_64-linux-gnu, {mb:.0} MB, into an image-file slot; best of {runs}"
+    );
+    println!(
+        "{:<40} {:>9} {:>11} {:>12}",
+        "command", "seconds", "MB/s", "peak RSS"
+    );
+    for (name, m) in [
+        ("zstd -d to /dev/null (baseline)", &unzstd),
+        ("cp + fsync (baseline)", &cp),
+        ("zstd -dc | tee >(sha256sum) > slot; sync", &pipeline),
+        ("abide install (verify, write, fsync)", &install),
+    ] {
+        println!(
+            "{name:<40} {:>9.3} {:>11.0} {:>12}",
+            m.seconds,
+            rate(m),
+            mem(m)
+        );
+    }
+    let floor = rate(&cp).min(rate(&unzstd));
+    println!(
+        "install: {:.0} MB/s = {:.2} x min(cp + fsync {:.0}, zstd -d {:.0}) (target >= 0.80); {:.2}x the shell pipeline (target >= 2)",
+        rate(&install),
+        rate(&install) / floor,
+        rate(&cp),
+        rate(&unzstd),
+        pipeline.seconds / install.seconds
     );
     Ok(())
 }

@@ -73,6 +73,11 @@ struct RawCheck {
     command: Option<String>,
     path: Option<PathBuf>,
     address: Option<String>,
+    url: Option<String>,
+    status: Option<u16>,
+    body: Option<String>,
+    unit: Option<String>,
+    process: Option<String>,
     seconds: Option<u64>,
     timeout: Option<String>,
     retries: Option<u32>,
@@ -136,6 +141,21 @@ pub enum CheckKind {
     Tcp(String),
     /// The system has been up at least this many seconds.
     Uptime(u64),
+    /// An HTTP GET answers with this status (and, if given, a body containing this text).
+    Http {
+        /// Host and port (`host:port`).
+        authority: String,
+        /// The request path.
+        path: String,
+        /// The expected status.
+        status: u16,
+        /// Text the body must contain.
+        body: Option<String>,
+    },
+    /// A systemd unit is active (`systemctl is-active`).
+    Systemd(String),
+    /// A process of this name runs (`/proc/*/comm`).
+    Process(String),
 }
 
 /// One health check.
@@ -320,6 +340,28 @@ impl Config {
                     })?))
                 }
                 "tcp" => CheckKind::Tcp(need(c.address.clone(), "address")?),
+                "http" => {
+                    let url = need(c.url.clone(), "url")?;
+                    let rest = url.strip_prefix("http://").ok_or_else(|| {
+                        err(path, &format!("key `{}`: expected an http:// URL (health endpoints are local), found {url:?}", key("url")))
+                    })?;
+                    let (authority, path_part) = rest
+                        .split_once('/')
+                        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+                    let authority = if authority.contains(':') {
+                        authority.to_owned()
+                    } else {
+                        format!("{authority}:80")
+                    };
+                    CheckKind::Http {
+                        authority,
+                        path: path_part,
+                        status: c.status.unwrap_or(200),
+                        body: c.body.clone(),
+                    }
+                }
+                "systemd" => CheckKind::Systemd(need(c.unit.clone(), "unit")?),
+                "process" => CheckKind::Process(need(c.process.clone(), "process")?),
                 "uptime" => CheckKind::Uptime(
                     c.seconds
                         .ok_or_else(|| err(path, &format!("key `{}`: required", key("seconds"))))?,
@@ -328,7 +370,7 @@ impl Config {
                     return Err(err(
                         path,
                         &format!(
-                            "key `{}`: expected one of command, file, tcp, uptime, found {other:?}",
+                            "key `{}`: expected one of command, http, tcp, systemd, process, file, uptime, found {other:?}",
                             key("kind")
                         ),
                     ));

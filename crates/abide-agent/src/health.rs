@@ -165,6 +165,45 @@ fn run_once(check: &Check, tx: Option<&Transaction>, group: &str) -> Result<(), 
                 .map(|_| ())
                 .map_err(|e| format!("{address}: {e}"))
         }
+        CheckKind::Http {
+            authority,
+            path,
+            status,
+            body,
+        } => http_check(authority, path, *status, body.as_deref(), timeout),
+        CheckKind::Systemd(unit) => {
+            let out = Command::new("systemctl")
+                .args(["is-active", unit])
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run systemctl: {e}"))?;
+            let state = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!("{unit} is {state}"))
+            }
+        }
+        CheckKind::Process(name) => {
+            let running = std::fs::read_dir("/proc")
+                .map_err(|e| format!("/proc: {e}"))?
+                .filter_map(Result::ok)
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .any(|e| {
+                    std::fs::read_to_string(e.path().join("comm"))
+                        .is_ok_and(|c| c.trim_end() == name)
+                });
+            if running {
+                Ok(())
+            } else {
+                Err(format!("no process named {name}"))
+            }
+        }
         CheckKind::Uptime(seconds) => {
             let text = std::fs::read_to_string("/proc/uptime")
                 .map_err(|e| format!("/proc/uptime: {e}"))?;
@@ -180,4 +219,61 @@ fn run_once(check: &Check, tx: Option<&Transaction>, group: &str) -> Result<(), 
             }
         }
     }
+}
+
+/// A minimal HTTP/1.1 GET: connect, ask, read until the peer closes or the timeout, compare
+/// the status and look for `body` in what follows the headers.
+fn http_check(
+    authority: &str,
+    path: &str,
+    status: u16,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(), String> {
+    use std::io::Write;
+    let addr = authority
+        .to_socket_addrs()
+        .map_err(|e| format!("{authority}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{authority} resolves to nothing"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{authority}: {e}"))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: abide\r\n\r\n"
+    )
+    .map_err(|e| format!("{authority}: {e}"))?;
+    let mut answer = Vec::new();
+    stream
+        .take(1 << 20)
+        .read_to_end(&mut answer)
+        .map_err(|e| format!("{authority}: {e}"))?;
+    let text = String::from_utf8_lossy(&answer);
+    let code: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .filter(|_| text.starts_with("HTTP/"))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{authority}{path}: not an HTTP answer"))?;
+    if code != status {
+        return Err(format!(
+            "{authority}{path} answered {code}, expected {status}"
+        ));
+    }
+    if let Some(want) = body {
+        let content = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        if !content.contains(want) {
+            return Err(format!(
+                "{authority}{path}: the body does not contain {want:?}"
+            ));
+        }
+    }
+    Ok(())
 }

@@ -1,15 +1,26 @@
 //! Writing components into slots: image files and block devices are written in place from
-//! offset 0 through a large buffer and fsynced at the end. A slot is opened for writing only
-//! once the engine made its group unbootable, and only ever in the target group (I1).
+//! offset 0 by a thread of their own, so writing and writeback overlap the verification of the
+//! next chunks; data is flushed to the device every 64 MiB along the way and fsynced at the
+//! end. A slot is opened for writing only once the engine made its group unbootable, and only
+//! ever in the target group (I1).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
 
 use abide_boot::persist::IoError;
 
 use crate::config::Slot;
 use crate::error::Result;
+
+/// Bytes handed to the writing thread at a time.
+const BLOCK: usize = 4 << 20;
+/// Blocks in flight between the verifier and the writing thread (memory: QUEUE × BLOCK).
+const QUEUE: usize = 4;
+/// Data is pushed to the device every this many bytes, so the final fsync is short.
+const FLUSH_EVERY: u64 = 64 << 20;
 
 /// How many bytes `slot` can hold: the file's length (an image file is never grown) or the
 /// block device's size.
@@ -23,8 +34,10 @@ pub fn capacity(slot: &Slot) -> Result<u64> {
 
 /// A slot open for writing.
 pub struct SlotWriter {
-    file: std::io::BufWriter<File>,
-    path: std::path::PathBuf,
+    path: PathBuf,
+    block: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    thread: Option<JoinHandle<Result<u64, IoError>>>,
     written: u64,
 }
 
@@ -35,37 +48,92 @@ impl SlotWriter {
             .write(true)
             .open(&slot.path)
             .map_err(io("opening slot for writing", &slot.path))?;
+        let (tx, rx) = sync_channel(QUEUE);
+        let path = slot.path.clone();
+        let thread = std::thread::Builder::new()
+            .name("abide-slot-writer".into())
+            .spawn(move || write_blocks(file, rx, &path))
+            .map_err(io("starting the writer for", &slot.path))?;
         Ok(SlotWriter {
-            file: std::io::BufWriter::with_capacity(4 << 20, file),
             path: slot.path.clone(),
+            block: Vec::with_capacity(BLOCK),
+            tx: Some(tx),
+            thread: Some(thread),
             written: 0,
         })
     }
 
     /// Appends verified content.
-    pub fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+    pub fn write(&mut self, mut data: &[u8]) -> std::io::Result<()> {
         let before = self.written;
-        self.file.write_all(data)?;
         self.written += data.len() as u64;
+        while !data.is_empty() {
+            let take = (BLOCK - self.block.len()).min(data.len());
+            self.block.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.block.len() == BLOCK {
+                self.send()?;
+            }
+        }
         if before == 0 || before >> 20 != self.written >> 20 {
             abide_boot::crash::point("slot:write", "");
         }
         Ok(())
     }
 
-    /// Flushes and fsyncs; returns the bytes written.
-    pub fn finish(self) -> Result<u64> {
-        let path = self.path.clone();
-        let file = self.file.into_inner().map_err(|e| IoError {
-            op: "writing slot",
-            path: path.clone(),
-            source: e.into_error(),
-        })?;
-        abide_boot::crash::point("slot:before-fsync", "");
-        file.sync_all().map_err(io("fsync of slot", &path))?;
-        abide_boot::crash::point("slot:after-fsync", "");
+    fn send(&mut self) -> std::io::Result<()> {
+        let block = std::mem::replace(&mut self.block, Vec::with_capacity(BLOCK));
+        let tx = self.tx.as_ref().expect("open until finish");
+        // A send fails only when the writer stopped on an error, which `finish` reports.
+        tx.send(block)
+            .map_err(|_| std::io::Error::other("the slot writer stopped"))
+    }
+
+    /// Writes what is left, waits for the writer, fsyncs; returns the bytes written.
+    pub fn finish(mut self) -> Result<u64> {
+        if !self.block.is_empty() {
+            let _ = self.send();
+        }
+        drop(self.tx.take());
+        let written = self
+            .thread
+            .take()
+            .expect("open until finish")
+            .join()
+            .map_err(|_| IoError {
+                op: "writing slot",
+                path: self.path.clone(),
+                source: std::io::Error::other("the slot writer panicked"),
+            })??;
+        debug_assert_eq!(written, self.written);
         Ok(self.written)
     }
+}
+
+impl Drop for SlotWriter {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn write_blocks(mut file: File, rx: Receiver<Vec<u8>>, path: &Path) -> Result<u64, IoError> {
+    let mut written = 0u64;
+    let mut flushed = 0u64;
+    for block in rx {
+        file.write_all(&block).map_err(io("writing slot", path))?;
+        written += block.len() as u64;
+        if written - flushed >= FLUSH_EVERY {
+            file.sync_data().map_err(io("flushing slot", path))?;
+            flushed = written;
+        }
+    }
+    abide_boot::crash::point("slot:before-fsync", "");
+    file.sync_all().map_err(io("fsync of slot", path))?;
+    abide_boot::crash::point("slot:after-fsync", "");
+    Ok(written)
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IoError + 'a {

@@ -397,11 +397,21 @@ fn operators_can_commit_or_roll_back_a_trial_by_hand() {
 
 #[test]
 fn the_shipped_systemd_unit_runs_the_boot_step_with_the_default_config() {
-    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../dist/systemd/abide-boot.service")).unwrap();
-    let exec = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("ExecStart");
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../dist/systemd/abide-boot.service"
+    ))
+    .unwrap();
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("ExecStart");
     let args: Vec<&str> = exec.split_whitespace().collect();
     assert_eq!(args[0], "/usr/bin/abide");
-    assert_eq!(&args[1..], ["boot", "--config", abide_agent::config::DEFAULT_PATH]);
+    assert_eq!(
+        &args[1..],
+        ["boot", "--config", abide_agent::config::DEFAULT_PATH]
+    );
     assert!(unit.contains("Type=oneshot"));
     // The arguments parse: the command accepts them (here against a sim device's config).
     let sim = Sim::new(None);

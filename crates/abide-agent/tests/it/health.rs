@@ -1,0 +1,135 @@
+//! Each kind of health check against something real: a command with the trial's environment,
+//! an HTTP endpoint, a TCP port, a process, a file; retries and timeouts.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use abide_agent::config::Config;
+use abide_agent::health::{Clock, run_checks};
+use abide_core::{CheckOutcome, Group, Transaction};
+use jiff::{SignedDuration, Timestamp};
+
+/// A clock that only moves when slept on.
+struct FakeClock(AtomicU64);
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + self.0.load(Ordering::SeqCst) as i64).unwrap()
+    }
+    fn sleep(&self, d: SignedDuration) {
+        self.0
+            .fetch_add(d.as_secs().max(1) as u64, Ordering::SeqCst);
+    }
+}
+
+fn config(checks: &str) -> Config {
+    let text = format!(
+        "product = \"p\"\ncompatible = \"c\"\ntrust = \"t.json\"\n[bootloader]\nbackend = \"sim\"\npath = \"b.json\"\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n{checks}"
+    );
+    Config::parse(Path::new("/tmp/system.toml"), &text).unwrap()
+}
+
+/// Serves `answers` HTTP requests on a free port, each with `reply`.
+fn http_server(reply: &'static str, answers: usize) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(answers) {
+            let mut stream = stream.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf);
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    addr
+}
+
+fn outcomes(config: &Config, tx: Option<&Transaction>) -> Vec<(String, CheckOutcome)> {
+    let clock = FakeClock(AtomicU64::new(0));
+    run_checks(config, tx, "B", &clock)
+        .into_iter()
+        .map(|r| (r.name, r.outcome))
+        .collect()
+}
+
+#[test]
+fn command_checks_see_the_trial() {
+    let (tx, _) = Transaction::begin(
+        "tx-7",
+        "2.1.0".parse().unwrap(),
+        0,
+        Group::new("A").unwrap(),
+        Group::new("B").unwrap(),
+        Timestamp::UNIX_EPOCH,
+    )
+    .unwrap();
+    let c = config(
+        "[[health.check]]\nname = \"env\"\nkind = \"command\"\n\
+         command = 'test \"$ABIDE_VERSION $ABIDE_GROUP $ABIDE_TRANSACTION\" = \"2.1.0 B tx-7\"'\n\
+         [[health.check]]\nname = \"fails\"\nkind = \"command\"\ncommand = 'echo broken >&2; exit 3'\nretries = 2\n\
+         [[health.check]]\nname = \"hangs\"\nkind = \"command\"\ncommand = 'sleep 30'\ntimeout = \"200ms\"\n",
+    );
+    let got = outcomes(&c, Some(&tx));
+    assert_eq!(got[0].1, CheckOutcome::Pass);
+    assert_eq!(
+        got[1].1,
+        CheckOutcome::Fail("exit status: 3: broken".into())
+    );
+    assert!(
+        matches!(&got[2].1, CheckOutcome::Fail(d) if d.contains("timed out")),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn http_checks_look_at_the_status_and_the_body() {
+    let ok = http_server("HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nstatus=ok", 2);
+    let down = http_server("HTTP/1.1 503 Service Unavailable\r\n\r\n", 1);
+    let c = config(&format!(
+        "[[health.check]]\nname = \"up\"\nkind = \"http\"\nurl = \"http://{ok}/health\"\nbody = \"status=ok\"\n\
+         [[health.check]]\nname = \"wrong-body\"\nkind = \"http\"\nurl = \"http://{ok}/\"\nbody = \"ready\"\n\
+         [[health.check]]\nname = \"down\"\nkind = \"http\"\nurl = \"http://{down}/\"\n"
+    ));
+    let got = outcomes(&c, None);
+    assert_eq!(got[0].1, CheckOutcome::Pass, "{got:?}");
+    assert!(
+        matches!(&got[1].1, CheckOutcome::Fail(d) if d.contains("does not contain")),
+        "{got:?}"
+    );
+    assert!(
+        matches!(&got[2].1, CheckOutcome::Fail(d) if d.contains("answered 503")),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn tcp_process_and_file_checks() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let open = listener.local_addr().unwrap();
+    let closed = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let me = std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim_end()
+        .to_owned();
+    let c = config(&format!(
+        "[[health.check]]\nname = \"port\"\nkind = \"tcp\"\naddress = \"{open}\"\n\
+         [[health.check]]\nname = \"closed\"\nkind = \"tcp\"\naddress = \"{closed}\"\n\
+         [[health.check]]\nname = \"me\"\nkind = \"process\"\nprocess = \"{me}\"\n\
+         [[health.check]]\nname = \"ghost\"\nkind = \"process\"\nprocess = \"no-such-daemon\"\n\
+         [[health.check]]\nname = \"file\"\nkind = \"file\"\npath = \"/proc/self/status\"\n\
+         [[health.check]]\nname = \"no-file\"\nkind = \"file\"\npath = \"/nonexistent\"\ncritical = false\n"
+    ));
+    let got: Vec<bool> = outcomes(&c, None)
+        .into_iter()
+        .map(|(_, o)| o == CheckOutcome::Pass)
+        .collect();
+    assert_eq!(got, [true, false, true, false, true, false]);
+    drop(listener);
+}

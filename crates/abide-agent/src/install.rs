@@ -3,9 +3,8 @@
 //! chunk checked, verify each component digest, and hand the target to the bootloader for a
 //! trial.
 
-use std::io::Read;
-
-use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, TrustRoot};
+use abide_bundle::chunks::Reuse;
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source, TrustRoot};
 use abide_core::{FailReason, Force, Installed, Transaction, admit};
 use jiff::Timestamp;
 use serde_json::json;
@@ -13,6 +12,7 @@ use serde_json::json;
 use crate::config::Slot;
 use crate::device::Device;
 use crate::error::{AgentError, Result};
+use crate::index::SlotChunks;
 use crate::slots::{SlotWriter, capacity};
 
 /// How an install ends for the caller.
@@ -23,6 +23,10 @@ pub struct InstallOutcome {
     /// Whether the engine asked for a reboot (the caller runs the reboot command if there is
     /// one and `--no-reboot` was not given).
     pub reboot: bool,
+    /// What was copied from the running group instead of read from the bundle.
+    pub reused: Reuse,
+    /// Bundle bytes consumed, read or passed over.
+    pub bundle_bytes: u64,
 }
 
 /// Installs the bundle read from `src` into the group that is not the known-good one and
@@ -30,7 +34,7 @@ pub struct InstallOutcome {
 /// and changes no slot, no bootloader variable and no counter (I9).
 pub fn install(
     device: &mut Device,
-    src: &mut dyn Read,
+    src: &mut dyn Source,
     force: Force,
     now: &dyn Fn() -> Timestamp,
 ) -> Result<InstallOutcome> {
@@ -75,21 +79,50 @@ pub fn install(
         Transaction::begin(&id, version, security_version, good, target.clone(), now())?;
     device.commit_step(now(), "begin", &mut state, &tx, &actions)?;
     let group = device.config.group(&target).expect("configured").clone();
+    let good_group = device.config.group(&tx.good).expect("configured").clone();
+    let state_dir = device.config.state_dir.clone();
+    let mut reused = Reuse::default();
     let written = (|| -> Result<()> {
+        // The target's chunk indexes go before its first byte changes.
+        crate::index::remove(
+            &state_dir,
+            &target,
+            &group
+                .slots
+                .iter()
+                .map(|s| s.class.clone())
+                .collect::<Vec<_>>(),
+        )?;
         for class in &slots {
             let slot = group
                 .slots
                 .iter()
                 .find(|s| &s.class == class)
                 .expect("planned");
+            // Chunks the running group's slot of the same class holds are copied from it
+            // (read-only: the known-good group is never opened for writing, I1).
+            let local = good_group
+                .slots
+                .iter()
+                .find(|s| &s.class == class)
+                .and_then(|s| SlotChunks::open(&state_dir, &tx.good, class, &s.path));
             let table = bundle.read_chunk_table()?;
             let mut writer = SlotWriter::open(slot)?;
-            bundle.read_chunks(&table, &mut |data| writer.write(data))?;
+            let r = bundle.read_chunks_reusing(
+                &table,
+                &mut |entry| local.as_ref().and_then(|l| l.get(entry)),
+                &mut |data| writer.write(data),
+            )?;
             writer.finish()?;
+            crate::index::write(&state_dir, &target, class, &table)?;
+            reused.chunks += r.chunks;
+            reused.bytes += r.bytes;
+            reused.skipped += r.skipped;
         }
         bundle.finish()?;
         Ok(())
     })();
+    let bundle_bytes = bundle.position();
     if let Err(e) = written {
         let reason = match &e {
             AgentError::Bundle(b) if b.code() != "io" => FailReason::Refused {
@@ -111,11 +144,13 @@ pub fn install(
     Ok(InstallOutcome {
         transaction: tx,
         reboot,
+        reused,
+        bundle_bytes,
     })
 }
 
 type Plan<'a> = (
-    abide_bundle::VerifiedBundle<&'a mut dyn Read>,
+    abide_bundle::VerifiedBundle<&'a mut dyn Source>,
     semver::Version,
     u64,
     Vec<String>,
@@ -126,7 +161,7 @@ type Plan<'a> = (
 fn plan<'a>(
     device: &Device,
     state: &crate::state::DeviceState,
-    src: &'a mut dyn Read,
+    src: &'a mut dyn Source,
     force: Force,
     now: Timestamp,
 ) -> Result<Plan<'a>> {

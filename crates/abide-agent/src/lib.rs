@@ -8,6 +8,7 @@ pub mod config;
 pub mod device;
 mod error;
 pub mod health;
+pub mod index;
 pub mod install;
 pub mod slots;
 pub mod state;

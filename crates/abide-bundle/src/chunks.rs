@@ -19,6 +19,7 @@ use crate::format::ChunkEntry;
 use crate::manifest::Component;
 use crate::pipeline::{BufferPool, ordered_map};
 use crate::read::Counted;
+use crate::source::Source;
 
 /// Most distinct repeated chunks kept decoded at once (each at most the chunk size limit).
 const REPEAT_CACHE: usize = 16;
@@ -30,8 +31,79 @@ pub(crate) fn read_chunks<R: Read>(
     table: &[ChunkEntry],
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<()> {
-    let mut whole = Sha256::new();
     let pool = BufferPool::default();
+    let mut produce = |index: usize| -> Result<Option<Item>> {
+        let Some(entry) = table.get(index) else {
+            return Ok(None);
+        };
+        let mut stored = pool.take(entry.stored_length as usize);
+        stored.resize(entry.stored_length as usize, 0);
+        src.read_exact_as(&mut stored, "chunk data")?;
+        Ok(Some(Item::Stored(stored)))
+    };
+    decode_all(component, table, &pool, &mut produce, sink)
+}
+
+/// What [`read_chunks_reusing`] took from where.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reuse {
+    /// Chunks taken from the local copy.
+    pub chunks: u64,
+    /// Their content bytes.
+    pub bytes: u64,
+    /// Stored bundle bytes passed over for them.
+    pub skipped: u64,
+}
+
+/// [`read_chunks`], taking each chunk from `local` when it offers content with the chunk's
+/// name, and then passing over the chunk's stored bytes.
+pub(crate) fn read_chunks_reusing<R: Source>(
+    src: &mut Counted<R>,
+    component: &Component,
+    table: &[ChunkEntry],
+    local: &mut dyn FnMut(&ChunkEntry) -> Option<Vec<u8>>,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> Result<Reuse> {
+    let pool = BufferPool::default();
+    let mut reuse = Reuse::default();
+    let mut produce = |index: usize| -> Result<Option<Item>> {
+        let Some(entry) = table.get(index) else {
+            return Ok(None);
+        };
+        if let Some(content) = local(entry)
+            .filter(|c| c.len() == entry.length as usize && Digest::of(c) == entry.digest)
+        {
+            src.skip_as(entry.stored_length.into(), "chunk data")?;
+            reuse.chunks += 1;
+            reuse.bytes += content.len() as u64;
+            reuse.skipped += u64::from(entry.stored_length);
+            return Ok(Some(Item::Local(content)));
+        }
+        let mut stored = pool.take(entry.stored_length as usize);
+        stored.resize(entry.stored_length as usize, 0);
+        src.read_exact_as(&mut stored, "chunk data")?;
+        Ok(Some(Item::Stored(stored)))
+    };
+    decode_all(component, table, &pool, &mut produce, sink)?;
+    Ok(reuse)
+}
+
+/// A chunk on its way to the workers.
+enum Item {
+    /// Stored bytes from the bundle, to be checked and decoded.
+    Stored(Vec<u8>),
+    /// Content already checked against the chunk's name.
+    Local(Vec<u8>),
+}
+
+fn decode_all(
+    component: &Component,
+    table: &[ChunkEntry],
+    pool: &BufferPool,
+    produce: &mut dyn FnMut(usize) -> Result<Option<Item>>,
+    sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+) -> Result<()> {
+    let mut whole = Sha256::new();
     let repeats = Repeats::new(table);
     ordered_map(
         || {
@@ -40,8 +112,12 @@ pub(crate) fn read_chunks<R: Read>(
                 source,
             })
         },
-        |decompressor, index, stored: Vec<u8>| {
+        |decompressor, index, item: Item| {
             let entry = &table[index];
+            let stored = match item {
+                Item::Local(content) => return Ok(Arc::new(content)),
+                Item::Stored(stored) => stored,
+            };
             if entry.is_raw() {
                 // The stored bytes are the content: one hash checks both.
                 return check_stored(component, index, entry, &stored).map(|()| Arc::new(stored));
@@ -57,15 +133,7 @@ pub(crate) fn read_chunks<R: Read>(
             pool.give(stored);
             result
         },
-        |index| {
-            let Some(entry) = table.get(index) else {
-                return Ok(None);
-            };
-            let mut stored = pool.take(entry.stored_length as usize);
-            stored.resize(entry.stored_length as usize, 0);
-            src.read_exact_as(&mut stored, "chunk data")?;
-            Ok(Some(stored))
-        },
+        produce,
         |index, content: Arc<Vec<u8>>| {
             whole.update(content.as_slice());
             let written = sink(&content).map_err(|source| Error::Io {

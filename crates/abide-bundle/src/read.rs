@@ -152,6 +152,36 @@ impl<R: Read> VerifiedBundle<R> {
         Ok(())
     }
 
+    /// Like [`VerifiedBundle::read_chunks`], but takes the content of a chunk from `local`
+    /// when it has it (a slot of the running group holding the same chunk): `local` is asked
+    /// for each chunk, its answer is used only if it hashes to the chunk's name, and then the
+    /// chunk's stored bytes are passed over (not read, where the source can seek).
+    pub fn read_chunks_reusing(
+        &mut self,
+        table: &[ChunkEntry],
+        local: &mut dyn FnMut(&ChunkEntry) -> Option<Vec<u8>>,
+        sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<crate::chunks::Reuse>
+    where
+        R: crate::source::Source,
+    {
+        let component = self.current()?.clone();
+        let reuse = crate::chunks::read_chunks_reusing(
+            &mut self.reader.src,
+            &component,
+            table,
+            local,
+            sink,
+        )?;
+        self.next += 1;
+        Ok(reuse)
+    }
+
+    /// How many bundle bytes have been consumed (read or passed over) so far.
+    pub fn position(&self) -> u64 {
+        self.reader.src.pos
+    }
+
     /// Reads and checks the whole next component, handing its content to `sink`.
     pub fn read_component(
         &mut self,
@@ -379,6 +409,25 @@ impl<R: Read> Read for Counted<R> {
         let n = self.inner.read(buf)?;
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+impl<R: crate::source::Source> Counted<R> {
+    /// Passes over `n` bytes of `what`.
+    pub(crate) fn skip_as(&mut self, n: u64, what: &'static str) -> Result<()> {
+        let start = self.pos;
+        let k = self.inner.skip(n).map_err(|source| Error::Io {
+            what: "reading the bundle",
+            source,
+        })?;
+        self.pos += k;
+        if k < n {
+            return Err(Error::Truncated {
+                what,
+                offset: start + k,
+            });
+        }
+        Ok(())
     }
 }
 

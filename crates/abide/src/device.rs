@@ -11,6 +11,7 @@ use abide_agent::config::Config;
 use abide_agent::device::Device;
 use abide_agent::health::{SystemClock, run_checks};
 use abide_agent::install::install;
+use abide_bundle::{Source, Stream};
 use abide_core::{CheckOutcome, Force};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -49,20 +50,32 @@ pub fn run_install(
     out: Output,
 ) -> Result<()> {
     let mut device = open(config)?;
-    let mut src: Box<dyn Read> = if bundle.as_os_str() == "-" {
-        Box::new(BufReader::with_capacity(1 << 20, io::stdin().lock()))
+    let mut src: Box<dyn Source> = if bundle.as_os_str() == "-" {
+        Box::new(Stream(BufReader::with_capacity(
+            1 << 20,
+            io::stdin().lock(),
+        )))
     } else {
-        Box::new(File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?)
+        Box::new(SeekableFile(
+            File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?,
+        ))
     };
     let force = if force { Force::Yes } else { Force::No };
     let done = install(&mut device, &mut src, force, &Timestamp::now)
         .with_context(|| format!("installing {}", bundle.display()))?;
     let tx = &done.transaction;
     let reboot = done.reboot && !no_reboot && device.config.reboot.is_some();
+    let read = done.bundle_bytes - done.reused.skipped;
     out.print(
         &json!({"transaction": tx.id, "version": tx.version.to_string(), "target": tx.target.as_str(),
-                "state": tx.state.name(), "reboot": reboot}),
-        || format!("{} installed into group {} and activated for a trial ({})", tx.version, tx.target, tx.id),
+                "state": tx.state.name(), "reboot": reboot, "bundle_bytes_read": read,
+                "reused_chunks": done.reused.chunks, "reused_bytes": done.reused.bytes}),
+        || {
+            format!(
+                "{} installed into group {} and activated for a trial ({}); {read} bundle bytes read, {} bytes reused from group {}",
+                tx.version, tx.target, tx.id, done.reused.bytes, tx.good
+            )
+        },
     );
     if reboot {
         reboot_now(&device)?;
@@ -257,4 +270,24 @@ fn reboot_now(device: &Device) -> Result<()> {
         bail!("the reboot command {cmd:?} failed: {status}");
     }
     Ok(())
+}
+
+/// A bundle file: a source that passes over chunks by seeking.
+struct SeekableFile(File);
+
+impl Read for SeekableFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl Source for SeekableFile {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        use std::io::{Seek, SeekFrom};
+        let here = self.0.stream_position()?;
+        let end = self.0.seek(SeekFrom::End(0))?;
+        let to = here.saturating_add(n).min(end);
+        self.0.seek(SeekFrom::Start(to))?;
+        Ok(to - here)
+    }
 }

@@ -40,9 +40,18 @@ fn http_server(reply: &'static str, answers: usize) -> String {
     std::thread::spawn(move || {
         for stream in listener.incoming().take(answers) {
             let mut stream = stream.unwrap();
+            // Read the whole request before answering, so closing does not reset the
+            // connection under the client.
+            let mut request = Vec::new();
             let mut buf = [0u8; 1024];
-            let _ = stream.read(&mut buf);
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
             let _ = stream.write_all(reply.as_bytes());
+            let _ = stream.shutdown(std::net::Shutdown::Write);
         }
     });
     addr

@@ -334,6 +334,46 @@ fn bench_install(args: &[String]) -> Result<()> {
         &sh("{a} install {d}/install.abide --no-reboot --config {d}/dev/system.toml > /dev/null"),
         runs,
     )?;
+    // The delta case: the same image with 5% of it (one run in the middle) changed, installed
+    // onto a device whose running group holds the original.
+    let changed = dir.join(format!("ext4-{size}m-5pct.img"));
+    if !changed.exists() {
+        let mut bytes = std::fs::read(&img)?;
+        let (start, len) = (bytes.len() / 2, bytes.len() / 20);
+        let mut rng = abide_testkit::SplitMix(7);
+        bytes[start..start + len]
+            .iter_mut()
+            .for_each(|b| *b = rng.next_u64() as u8);
+        std::fs::write(&changed, &bytes)?;
+    }
+    run(
+        "delta bundle",
+        &sh(&format!(
+            "{{a}} bundle create --product bench --version 3.0.0 --compatible bench-board --component rootfs={} \
+               --sign {{d}}/ik.key --out {{d}}/delta.abide >/dev/null",
+            changed.display()
+        )),
+        1,
+    )?;
+    let delta_setup = format!(
+        "{fresh_device} && {}",
+        sh(
+            "{a} install {d}/install.abide --no-reboot --config {d}/dev/system.toml >/dev/null && {a} sim reboot {d}/dev >/dev/null"
+        )
+    );
+    let delta = run_after(
+        "abide install (5% changed)",
+        &delta_setup,
+        &sh(
+            "{a} install {d}/delta.abide --no-reboot --config {d}/dev/system.toml --json > {d}/delta.json",
+        ),
+        runs,
+    )?;
+    let delta_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("delta.json"))?)?;
+    let delta_read = delta_json["bundle_bytes_read"].as_u64().unwrap_or(0) as f64 / 1e6;
+    let delta_size = std::fs::metadata(dir.join("delta.abide"))?.len() as f64 / 1e6;
+
     let mb = std::fs::metadata(&img)?.len() as f64 / 1e6;
     let rate = |m: &Measure| mb / m.seconds;
     let mem = |m: &Measure| {
@@ -353,6 +393,7 @@ fn bench_install(args: &[String]) -> Result<()> {
         ("cp + fsync (baseline)", &cp),
         ("zstd -dc | tee >(sha256sum) > slot; sync", &pipeline),
         ("abide install (verify, write, fsync)", &install),
+        ("abide install, 5% changed (delta)", &delta),
     ] {
         println!(
             "{name:<40} {:>9.3} {:>11.0} {:>12}",
@@ -369,6 +410,12 @@ fn bench_install(args: &[String]) -> Result<()> {
         rate(&cp),
         rate(&unzstd),
         pipeline.seconds / install.seconds
+    );
+    println!(
+        "delta: {delta_read:.1} MB of the {delta_size:.0} MB bundle read ({:.1}%), {:.3} s ({:.2}x faster than a full install)",
+        100.0 * delta_read / delta_size,
+        delta.seconds,
+        install.seconds / delta.seconds
     );
     Ok(())
 }

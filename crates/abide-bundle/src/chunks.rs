@@ -103,51 +103,71 @@ fn decode_all(
     produce: &mut dyn FnMut(usize) -> Result<Option<Item>>,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<()> {
-    let mut whole = Sha256::new();
     let repeats = Repeats::new(table);
-    ordered_map(
-        || {
-            zstd::bulk::Decompressor::new().map_err(|source| Error::Io {
-                what: "starting a zstd decompressor",
-                source,
-            })
-        },
-        |decompressor, index, item: Item| {
-            let entry = &table[index];
-            let stored = match item {
-                Item::Local(content) => return Ok(Arc::new(content)),
-                Item::Stored(stored) => stored,
-            };
-            if entry.is_raw() {
-                // The stored bytes are the content: one hash checks both.
-                return check_stored(component, index, entry, &stored).map(|()| Arc::new(stored));
-            }
-            let result = check_stored(component, index, entry, &stored).and_then(|()| {
-                if let Some(content) = repeats.get(entry) {
-                    return Ok(content);
+    // The whole-component digest is sequential work: a thread of its own does it while this
+    // thread reads and hands on, and the workers check and decode.
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(64);
+    let (actual, decoded) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || {
+            let mut whole = Sha256::new();
+            for content in hash_rx {
+                whole.update(content.as_slice());
+                if let Ok(buf) = Arc::try_unwrap(content) {
+                    pool.give(buf);
                 }
-                let mut content = pool.take(entry.length as usize);
-                decode_into(decompressor, component, index, entry, &stored, &mut content)?;
-                Ok(Arc::new(content))
-            });
-            pool.give(stored);
-            result
-        },
-        produce,
-        |index, content: Arc<Vec<u8>>| {
-            whole.update(content.as_slice());
-            let written = sink(&content).map_err(|source| Error::Io {
-                what: "writing component content",
-                source,
-            });
-            repeats.offer(&table[index], &content);
-            if let Ok(buf) = Arc::try_unwrap(content) {
-                pool.give(buf);
             }
-            written
-        },
-    )?;
-    let actual = Digest(whole.finalize().into());
+            Digest(whole.finalize().into())
+        });
+        let decoded = ordered_map(
+            || {
+                zstd::bulk::Decompressor::new().map_err(|source| Error::Io {
+                    what: "starting a zstd decompressor",
+                    source,
+                })
+            },
+            |decompressor, index, item: Item| {
+                let entry = &table[index];
+                let stored = match item {
+                    Item::Local(content) => return Ok(Arc::new(content)),
+                    Item::Stored(stored) => stored,
+                };
+                if entry.is_raw() {
+                    // The stored bytes are the content: one hash checks both.
+                    return check_stored(component, index, entry, &stored)
+                        .map(|()| Arc::new(stored));
+                }
+                let result = check_stored(component, index, entry, &stored).and_then(|()| {
+                    if let Some(content) = repeats.get(entry) {
+                        return Ok(content);
+                    }
+                    let mut content = pool.take(entry.length as usize);
+                    decode_into(decompressor, component, index, entry, &stored, &mut content)?;
+                    Ok(Arc::new(content))
+                });
+                pool.give(stored);
+                result
+            },
+            produce,
+            |index, content: Arc<Vec<u8>>| {
+                let written = sink(&content).map_err(|source| Error::Io {
+                    what: "writing component content",
+                    source,
+                });
+                repeats.offer(&table[index], &content);
+                hash_tx.send(content).map_err(|_| Error::Io {
+                    what: "hashing the component",
+                    source: io::Error::other("the hashing thread stopped"),
+                })?;
+                written
+            },
+        );
+        drop(hash_tx);
+        (
+            hasher.join().expect("the hashing thread does not panic"),
+            decoded,
+        )
+    });
+    decoded?;
     if actual != component.digest {
         return Err(Error::ComponentDigest {
             component: component.name.to_string(),

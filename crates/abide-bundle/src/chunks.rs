@@ -106,7 +106,7 @@ fn decode_all(
     let repeats = Repeats::new(table);
     // The whole-component digest is sequential work: a thread of its own does it while this
     // thread reads and hands on, and the workers check and decode.
-    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(64);
+    let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(16);
     let (actual, decoded) = std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
             let mut whole = Sha256::new();

@@ -382,7 +382,7 @@ impl Transaction {
     ) -> Result<Vec<Action>> {
         let on_target = report.booted == self.target;
         match self.state.clone() {
-            TxState::Staged if on_target => {
+            TxState::Staged | TxState::Activated { .. } if on_target => {
                 self.set(
                     TxState::Trial {
                         since: now,
@@ -404,17 +404,6 @@ impl Transaction {
                     now,
                 );
                 Ok(Vec::new())
-            }
-            TxState::Activated { .. } if on_target => {
-                self.set(
-                    TxState::Trial {
-                        since: now,
-                        boots: 1,
-                        degraded_since: None,
-                    },
-                    now,
-                );
-                Ok(vec![Action::RunHealthGate])
             }
             TxState::Trial {
                 since,

@@ -30,13 +30,14 @@ pub struct InstallOutcome {
 }
 
 /// Installs the bundle read from `src` into the group that is not the known-good one and
-/// activates it for a trial. A refusal before the first change is recorded in the audit log
+/// activates it for a trial; `progress` hears (bytes written, bytes in all) as it goes. A refusal before the first change is recorded in the audit log
 /// and changes no slot, no bootloader variable and no counter (I9).
 pub fn install(
     device: &mut Device,
     src: &mut dyn Source,
     force: Force,
     now: &dyn Fn() -> Timestamp,
+    progress: &mut dyn FnMut(u64, u64),
 ) -> Result<InstallOutcome> {
     let mut state = device.state()?;
     if let Some(tx) = &state.transaction
@@ -82,6 +83,8 @@ pub fn install(
     let good_group = device.config.group(&tx.good).expect("configured").clone();
     let state_dir = device.config.state_dir.clone();
     let mut reused = Reuse::default();
+    let total: u64 = bundle.manifest().components.iter().map(|c| c.size).sum();
+    let mut done = 0u64;
     let written = (|| -> Result<()> {
         // The target's chunk indexes go before its first byte changes.
         crate::index::remove(
@@ -111,7 +114,11 @@ pub fn install(
             let r = bundle.read_chunks_reusing(
                 &table,
                 &mut |entry| local.as_ref().and_then(|l| l.get(entry)),
-                &mut |data| writer.write(data),
+                &mut |data| {
+                    done += data.len() as u64;
+                    progress(done, total);
+                    writer.write(data)
+                },
             )?;
             writer.finish()?;
             crate::index::write(&state_dir, &target, class, &table)?;

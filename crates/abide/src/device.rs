@@ -1,7 +1,7 @@
 //! The device commands: install, boot, status, health, mark-good, mark-bad, rollback, log.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufReader, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -61,8 +61,17 @@ pub fn run_install(
         ))
     };
     let force = if force { Force::Yes } else { Force::No };
-    let done = install(&mut device, &mut src, force, &Timestamp::now)
-        .with_context(|| format!("installing {}", bundle.display()))?;
+    let mut bar = Progress::new(!out.is_json() && io::stderr().is_terminal());
+    let done = install(
+        &mut device,
+        &mut src,
+        force,
+        &Timestamp::now,
+        &mut |d, t| bar.show(d, t),
+    )
+    .with_context(|| format!("installing {}", bundle.display()));
+    bar.finish();
+    let done = done?;
     let tx = &done.transaction;
     let reboot = done.reboot && !no_reboot && device.config.reboot.is_some();
     let read = done.bundle_bytes - done.reused.skipped;
@@ -289,5 +298,67 @@ impl Source for SeekableFile {
         let to = here.saturating_add(n).min(end);
         self.0.seek(SeekFrom::Start(to))?;
         Ok(to - here)
+    }
+}
+
+/// A progress bar on standard error for terminals: bytes, rate and time left, redrawn at most
+/// ten times a second.
+struct Progress {
+    on: bool,
+    start: std::time::Instant,
+    last: Option<std::time::Instant>,
+    drawn: bool,
+}
+
+impl Progress {
+    fn new(on: bool) -> Progress {
+        Progress {
+            on,
+            start: std::time::Instant::now(),
+            last: None,
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, done: u64, total: u64) {
+        let now = std::time::Instant::now();
+        if !self.on
+            || self
+                .last
+                .is_some_and(|l| now - l < std::time::Duration::from_millis(100))
+                && done < total
+        {
+            return;
+        }
+        self.last = Some(now);
+        let secs = (now - self.start).as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let left = if rate > 0.0 {
+            (total.saturating_sub(done)) as f64 / rate
+        } else {
+            0.0
+        };
+        let width = 30;
+        let filled = if total == 0 {
+            width
+        } else {
+            (done as u128 * width as u128 / total as u128) as usize
+        };
+        eprint!(
+            "\r[{}{}] {:>7.1}/{:.1} MiB {:>6.1} MB/s ETA {:>4.0}s",
+            "=".repeat(filled),
+            " ".repeat(width - filled),
+            done as f64 / 1048576.0,
+            total as f64 / 1048576.0,
+            rate / 1e6,
+            left
+        );
+        self.drawn = true;
+    }
+
+    fn finish(&mut self) {
+        if self.drawn {
+            eprintln!();
+        }
     }
 }

@@ -102,6 +102,11 @@ pub struct Output {
 }
 
 impl Output {
+    /// Whether output is JSON.
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// Prints `value` as JSON, or `text` for people.
     pub fn print(&self, value: &serde_json::Value, text: impl FnOnce() -> String) {
         if self.json {

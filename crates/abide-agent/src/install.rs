@@ -113,7 +113,7 @@ pub fn install(
             let mut writer = SlotWriter::open(slot)?;
             let r = bundle.read_chunks_reusing(
                 &table,
-                &mut |entry| local.as_ref().and_then(|l| l.get(entry)),
+                &|entry| local.as_ref().and_then(|l| l.get(entry)),
                 &mut |data| {
                     done += data.len() as u64;
                     progress(done, total);

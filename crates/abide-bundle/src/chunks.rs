@@ -61,30 +61,50 @@ pub(crate) fn read_chunks_reusing<R: Source>(
     src: &mut Counted<R>,
     component: &Component,
     table: &[ChunkEntry],
-    local: &mut dyn FnMut(&ChunkEntry) -> Option<Vec<u8>>,
+    local: &(dyn Fn(&ChunkEntry) -> Option<Vec<u8>> + Sync),
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Reuse> {
     let pool = BufferPool::default();
     let mut reuse = Reuse::default();
-    let mut produce = |index: usize| -> Result<Option<Item>> {
-        let Some(entry) = table.get(index) else {
-            return Ok(None);
+    // A thread of its own fetches local copies ahead, in table order, and keeps only those
+    // that hash to the chunk's name; this thread then passes over or reads each chunk's
+    // stored bytes, in order.
+    let (local_tx, local_rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(32);
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            for entry in table {
+                let content = local(entry)
+                    .filter(|c| c.len() == entry.length as usize && Digest::of(c) == entry.digest);
+                if local_tx.send(content).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut produce = |index: usize| -> Result<Option<Item>> {
+            let Some(entry) = table.get(index) else {
+                return Ok(None);
+            };
+            let fetched = local_rx.recv().map_err(|_| Error::Io {
+                what: "reading local chunks",
+                source: io::Error::other("the local chunk reader stopped"),
+            })?;
+            if let Some(content) = fetched {
+                src.skip_as(entry.stored_length.into(), "chunk data")?;
+                reuse.chunks += 1;
+                reuse.bytes += content.len() as u64;
+                reuse.skipped += u64::from(entry.stored_length);
+                return Ok(Some(Item::Local(content)));
+            }
+            let mut stored = pool.take(entry.stored_length as usize);
+            stored.resize(entry.stored_length as usize, 0);
+            src.read_exact_as(&mut stored, "chunk data")?;
+            Ok(Some(Item::Stored(stored)))
         };
-        if let Some(content) = local(entry)
-            .filter(|c| c.len() == entry.length as usize && Digest::of(c) == entry.digest)
-        {
-            src.skip_as(entry.stored_length.into(), "chunk data")?;
-            reuse.chunks += 1;
-            reuse.bytes += content.len() as u64;
-            reuse.skipped += u64::from(entry.stored_length);
-            return Ok(Some(Item::Local(content)));
-        }
-        let mut stored = pool.take(entry.stored_length as usize);
-        stored.resize(entry.stored_length as usize, 0);
-        src.read_exact_as(&mut stored, "chunk data")?;
-        Ok(Some(Item::Stored(stored)))
-    };
-    decode_all(component, table, &pool, &mut produce, sink)?;
+        let decoded = decode_all(component, table, &pool, &mut produce, sink);
+        // Dropping the receiver stops the fetcher if decoding ended early.
+        drop(local_rx);
+        decoded
+    })?;
     Ok(reuse)
 }
 

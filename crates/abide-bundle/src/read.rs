@@ -159,7 +159,7 @@ impl<R: Read> VerifiedBundle<R> {
     pub fn read_chunks_reusing(
         &mut self,
         table: &[ChunkEntry],
-        local: &mut dyn FnMut(&ChunkEntry) -> Option<Vec<u8>>,
+        local: &(dyn Fn(&ChunkEntry) -> Option<Vec<u8>> + Sync),
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<crate::chunks::Reuse>
     where

@@ -235,3 +235,79 @@ fn repeated_chunks_are_each_checked() {
         "chunk-digest"
     );
 }
+
+#[test]
+fn reusing_local_chunks_gives_the_same_content_and_stops_cleanly_on_a_bad_chunk() {
+    // Over 32 chunks, so the local fetcher is still running when the bad chunk is met.
+    let content = abide_testkit::image(3_000_000, 31);
+    let fixture = Fixture {
+        components: vec![("rootfs", "rootfs", "rootfs", content.clone())],
+        ..Fixture::default()
+    };
+    let bytes = fixture.build(&[&key(0)]);
+    let t = trust(&[0], 1);
+    let policy = Policy {
+        trust: &t,
+        now: abide_testkit::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    };
+    let parts = abide_testkit::parts::Parts::split(&bytes);
+    let table = parts.components[0].table.clone();
+    assert!(table.len() > 40, "{} chunks", table.len());
+    // The "local slot" holds the even chunks' content (and garbage for chunk 2).
+    let mut offsets = Vec::new();
+    let mut at = 0usize;
+    for e in &table {
+        offsets.push(at);
+        at += e.length as usize;
+    }
+    let local = |e: &abide_bundle::format::ChunkEntry| {
+        let i = table.iter().position(|t| t == e)?;
+        if i % 2 == 1 {
+            return None;
+        }
+        let mut c = content[offsets[i]..offsets[i] + e.length as usize].to_vec();
+        if i == 2 {
+            c[0] ^= 1;
+        }
+        Some(c)
+    };
+    let mut bundle = BundleReader::open(bytes.as_slice(), Limits::default())
+        .unwrap()
+        .verify(&policy)
+        .unwrap();
+    let t2 = bundle.read_chunk_table().unwrap();
+    let mut got = Vec::new();
+    let reuse = bundle
+        .read_chunks_reusing(&t2, &local, &mut |d| {
+            got.extend_from_slice(d);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(got, content);
+    assert_eq!(
+        reuse.chunks as usize,
+        table.len().div_ceil(2) - 1,
+        "every even chunk but the damaged one"
+    );
+    bundle.finish().unwrap();
+
+    // A damaged bundle chunk early on: an error, not a hang, while the fetcher is ahead.
+    let mut bad = bytes.clone();
+    let at = parts.data_start(1)
+        + table.len() * abide_bundle::format::CHUNK_ENTRY_LEN
+        + parts.components[0].chunks[0].len()
+        + 3;
+    bad[at] ^= 1;
+    let mut bundle = BundleReader::open(bad.as_slice(), Limits::default())
+        .unwrap()
+        .verify(&policy)
+        .unwrap();
+    let t3 = bundle.read_chunk_table().unwrap();
+    let err = bundle
+        .read_chunks_reusing(&t3, &|_| None, &mut |_| Ok(()))
+        .unwrap_err();
+    assert_eq!(err.code(), "chunk-digest");
+}

@@ -2,19 +2,12 @@
 //! it lists, and a block written here reads back through it, edits included.
 
 use std::path::Path;
+
+use crate::data;
 use std::process::Command;
 
 use abide_boot::{GrubEnv, GrubEnvError};
 use expect_test::expect;
-
-fn data(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(name),
-    )
-    .unwrap()
-}
 
 /// Runs grub-editenv (Debian's grub-common; `scripts/deps` installs it).
 fn editenv(file: &Path, args: &[&str]) -> String {

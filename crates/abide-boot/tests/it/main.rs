@@ -5,3 +5,13 @@ mod backends;
 mod grubenv;
 mod grubscript;
 mod uboot;
+
+/// A file from `tests/data`.
+pub fn data(name: &str) -> Vec<u8> {
+    std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name),
+    )
+    .unwrap()
+}

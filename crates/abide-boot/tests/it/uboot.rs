@@ -8,16 +8,9 @@ use abide_boot::ubootenv::{UbootEnv, UbootEnvError, select};
 use abide_boot::{Bootloader, UbootBootloader};
 use abide_core::{Action, Group};
 
-const SIZE: usize = 0x2000;
+use crate::data;
 
-fn data(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(name),
-    )
-    .unwrap()
-}
+const SIZE: usize = 0x2000;
 
 fn g(name: &str) -> Group {
     Group::new(name).unwrap()

@@ -24,3 +24,14 @@ pub fn verify(bytes: &[u8], trust: &TrustRoot) -> abide_bundle::Result<abide_bun
     bundle.verify_rest()?;
     Ok(bundle.manifest().clone())
 }
+
+/// The policy with no hardware or security-version requirement, at the test time.
+pub fn any_device(trust: &TrustRoot) -> Policy<'_> {
+    Policy {
+        trust,
+        now: abide_testkit::now(),
+        expiration: ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    }
+}

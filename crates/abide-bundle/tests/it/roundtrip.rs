@@ -1,20 +1,14 @@
 //! Bundles made by the writer read back byte for byte, with the layout the spec describes.
 
 use abide_bundle::format::{HEADER_LEN, MAGIC};
-use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, add_signature};
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, add_signature};
 use abide_testkit::{Fixture, key, trust};
 use expect_test::expect;
 
 use crate::verify;
 
 fn read_all(bytes: &[u8], trust: &abide_bundle::TrustRoot) -> Vec<(String, Vec<u8>)> {
-    let policy = Policy {
-        trust,
-        now: abide_testkit::now(),
-        expiration: ExpirationEnforcement::Safe,
-        compatible: None,
-        min_security_version: 0,
-    };
+    let policy = crate::any_device(trust);
     let mut bundle = BundleReader::open(bytes, Limits::default())
         .unwrap()
         .verify(&policy)
@@ -151,13 +145,7 @@ fn extracting_one_component_skips_the_others_unchecked() {
         + 5;
     bytes[at] ^= 0xff;
     let t = trust(&[0], 1);
-    let policy = Policy {
-        trust: &t,
-        now: abide_testkit::now(),
-        expiration: ExpirationEnforcement::Safe,
-        compatible: None,
-        min_security_version: 0,
-    };
+    let policy = crate::any_device(&t);
     let mut bundle = BundleReader::open(bytes.as_slice(), Limits::default())
         .unwrap()
         .verify(&policy)
@@ -181,13 +169,7 @@ fn expiry_is_enforced_only_when_safe() {
     };
     let bytes = fixture.build(&[&key(0)]);
     let t = trust(&[0], 1);
-    let mut policy = Policy {
-        trust: &t,
-        now: abide_testkit::now(),
-        expiration: ExpirationEnforcement::Safe,
-        compatible: None,
-        min_security_version: 0,
-    };
+    let mut policy = crate::any_device(&t);
     let err = BundleReader::open(bytes.as_slice(), Limits::default())
         .unwrap()
         .verify(&policy)
@@ -246,13 +228,7 @@ fn reusing_local_chunks_gives_the_same_content_and_stops_cleanly_on_a_bad_chunk(
     };
     let bytes = fixture.build(&[&key(0)]);
     let t = trust(&[0], 1);
-    let policy = Policy {
-        trust: &t,
-        now: abide_testkit::now(),
-        expiration: ExpirationEnforcement::Safe,
-        compatible: None,
-        min_security_version: 0,
-    };
+    let policy = crate::any_device(&t);
     let parts = abide_testkit::parts::Parts::split(&bytes);
     let table = parts.components[0].table.clone();
     assert!(table.len() > 40, "{} chunks", table.len());

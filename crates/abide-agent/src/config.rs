@@ -36,6 +36,7 @@ struct RawBootloader {
     path: PathBuf,
     redundant_path: Option<PathBuf>,
     env_size: Option<usize>,
+    cmdline: Option<PathBuf>,
     tries: Option<u8>,
     max_trial_boots: Option<u32>,
 }
@@ -92,6 +93,12 @@ pub enum Backend {
     Sim,
     /// GRUB's environment block.
     Grub,
+    /// GPT partition attributes (ChromeOS style) on the disk at `boot_path`; the booted group
+    /// comes from the kernel command line in `cmdline`.
+    Gpt {
+        /// The kernel command line file.
+        cmdline: PathBuf,
+    },
     /// The U-Boot environment: one copy, or two redundant ones, of `size` bytes.
     Uboot {
         /// The second copy, if the environment is redundant.
@@ -234,6 +241,9 @@ impl Config {
         let backend = match raw.bootloader.backend.as_str() {
             "sim" => Backend::Sim,
             "grub" => Backend::Grub,
+            "gpt" => Backend::Gpt {
+                cmdline: resolve(raw.bootloader.cmdline.as_deref().unwrap_or(Path::new("/proc/cmdline"))),
+            },
             "uboot" => Backend::Uboot {
                 redundant: raw.bootloader.redundant_path.as_deref().map(resolve),
                 size: raw
@@ -247,7 +257,7 @@ impl Config {
             other => {
                 return Err(err(
                     path,
-                    &format!("key `bootloader.backend`: expected \"sim\", \"grub\" or \"uboot\", found {other:?}"),
+                    &format!("key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\" or \"gpt\", found {other:?}"),
                 ));
             }
         };
@@ -300,7 +310,7 @@ impl Config {
         {
             return Err(err(
                 path,
-                "key `group`: the grub and uboot backends need the groups to be named A and B",
+                "key `group`: the grub, uboot and gpt backends need the groups to be named A and B",
             ));
         }
         let duration = |key: &str,

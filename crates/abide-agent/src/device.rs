@@ -30,6 +30,11 @@ impl Device {
         let bootloader: Box<dyn Bootloader> = match config.backend.clone() {
             Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
             Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),
+            Backend::Gpt { cmdline } => Box::new(abide_boot::GptBootloader::new(
+                &config.boot_path,
+                &cmdline,
+                &config.group_names(),
+            )),
             Backend::Uboot { redundant, size } => {
                 let copies: Vec<_> = std::iter::once(config.boot_path.clone())
                     .chain(redundant.clone())

@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod crash;
+pub mod gpt;
 pub mod grub;
 pub mod grubenv;
 pub mod persist;
@@ -16,6 +17,7 @@ pub mod uboot;
 pub mod ubootenv;
 
 pub use backend::{BootError, Bootloader};
+pub use gpt::GptBootloader;
 pub use grub::GrubBootloader;
 pub use grubenv::{GrubEnv, GrubEnvError};
 pub use sim::SimBootloader;

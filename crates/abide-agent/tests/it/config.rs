@@ -75,7 +75,7 @@ fn errors_name_the_file_the_key_and_the_expectation() {
     for (edit, expected) in [
         (
             GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""),
-            "key `bootloader.backend`: expected \"sim\", \"grub\" or \"uboot\"",
+            "key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\" or \"gpt\"",
         ),
         (
             GOOD.replace("env_size = 8192", ""),

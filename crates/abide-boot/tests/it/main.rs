@@ -2,6 +2,7 @@
 //! reference firmware rule.
 
 mod backends;
+mod gpt;
 mod grubenv;
 mod grubscript;
 mod uboot;

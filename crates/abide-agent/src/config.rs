@@ -20,6 +20,7 @@ struct RawConfig {
     product: String,
     compatible: String,
     state_dir: Option<PathBuf>,
+    state_reserve: Option<String>,
     trust: PathBuf,
     reboot: Option<Vec<String>>,
     bootloader: RawBootloader,
@@ -193,6 +194,8 @@ pub struct Config {
     pub compatible: abide_bundle::HardwareId,
     /// The state directory.
     pub state_dir: PathBuf,
+    /// Space that must stay free in the state directory's file system after an install.
+    pub state_reserve: u64,
     /// The trust root file.
     pub trust: PathBuf,
     /// The reboot command; none on a simulated device.
@@ -395,6 +398,12 @@ impl Config {
                 critical: c.critical.unwrap_or(true),
             });
         }
+        let state_reserve = match &raw.state_reserve {
+            None => 16 << 20,
+            Some(text) => {
+                parse_size(text).map_err(|e| err(path, &format!("key `state_reserve`: {e}")))?
+            }
+        };
         Ok(Config {
             path: path.to_owned(),
             product: raw.product,
@@ -403,6 +412,7 @@ impl Config {
                 &raw.state_dir
                     .unwrap_or_else(|| PathBuf::from("/var/lib/abide")),
             ),
+            state_reserve,
             trust: resolve(&raw.trust),
             reboot: raw.reboot,
             backend,
@@ -433,4 +443,25 @@ fn err(path: &Path, what: &str) -> AgentError {
         path: path.to_owned(),
         what: what.to_owned(),
     }
+}
+
+/// Parses a size: bytes, or a number with K, M, G or T (powers of 1024).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512M"))?;
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("{text:?}: the unit is K, M, G or T")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
 }

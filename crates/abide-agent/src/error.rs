@@ -73,6 +73,18 @@ pub enum AgentError {
         /// The slot's capacity.
         capacity: u64,
     },
+    /// The state directory's file system has too little free space.
+    #[error("no space: {} has {available} bytes free; the install needs {needed} bytes there and {reserve} must stay free", dir.display())]
+    NoSpace {
+        /// The state directory.
+        dir: PathBuf,
+        /// Free bytes.
+        available: u64,
+        /// Bytes the install writes there.
+        needed: u64,
+        /// Bytes that must stay free.
+        reserve: u64,
+    },
     /// No transaction to act on.
     #[error("there is no transaction to {0}")]
     NoTransaction(&'static str),
@@ -100,6 +112,7 @@ impl AgentError {
             AgentError::Busy { .. } => "busy",
             AgentError::NoSlot { .. } => "no-slot",
             AgentError::TooSmall { .. } => "slot-too-small",
+            AgentError::NoSpace { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",
             AgentError::State { .. } => "state",
         }

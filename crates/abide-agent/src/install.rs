@@ -9,6 +9,8 @@ use abide_core::{FailReason, Force, Installed, Transaction, admit};
 use jiff::Timestamp;
 use serde_json::json;
 
+use abide_boot::persist::IoError;
+
 use crate::config::Slot;
 use crate::device::Device;
 use crate::error::{AgentError, Result};
@@ -238,6 +240,27 @@ fn plan<'a>(
             });
         }
         classes.push(slot.class.clone());
+    }
+    // The state directory takes a chunk index per slot, the state file and the audit records.
+    let needed: u64 = manifest
+        .components
+        .iter()
+        .map(|c| c.chunk_table.count * 36 + 8)
+        .sum::<u64>()
+        + (256 << 10);
+    let fs = rustix::fs::statvfs(&config.state_dir).map_err(|e| IoError {
+        op: "measuring free space in",
+        path: config.state_dir.clone(),
+        source: e.into(),
+    })?;
+    let available = fs.f_bavail.saturating_mul(fs.f_frsize);
+    if available < needed.saturating_add(config.state_reserve) {
+        return Err(AgentError::NoSpace {
+            dir: config.state_dir.clone(),
+            available,
+            needed,
+            reserve: config.state_reserve,
+        });
     }
     Ok((bundle, manifest.version, manifest.security_version, classes))
 }

@@ -194,21 +194,8 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
 }
 
 fn parse_size(text: &str) -> Result<u64> {
-    let (digits, unit) = text.split_at(
-        text.find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(text.len()),
-    );
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("--slot-size {text:?} is not a size"))?;
-    let mult = match unit {
-        "" => 1,
-        "K" | "k" => 1 << 10,
-        "M" | "m" => 1 << 20,
-        "G" | "g" => 1 << 30,
-        _ => bail!("--slot-size {text:?}: the unit is K, M or G"),
-    };
-    n.checked_mul(mult)
+    abide_agent::config::parse_size(text)
+        .ok()
         .filter(|&s| s > 0)
-        .with_context(|| format!("--slot-size {text:?} is out of range"))
+        .with_context(|| format!("--slot-size {text:?}: expected a size like 64M"))
 }

@@ -483,3 +483,36 @@ fn a_delta_update_reads_only_the_changed_chunks_and_survives_a_damaged_running_s
     let slot = std::fs::read(sim.path("dev/slots/rootfs.B.img")).unwrap();
     assert_eq!(&slot[..v3.len()], &v3[..]);
 }
+
+#[test]
+fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 0, 50);
+    // Keep 4 PiB free: no file system here has that much.
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap();
+    std::fs::write(
+        sim.path("dev/system.toml"),
+        format!("state_reserve = \"4096T\"\n{config}"),
+    )
+    .unwrap();
+    let before = sim.fingerprint();
+    let v = json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        1,
+    );
+    assert_eq!(v["error"]["code"], "no-space");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("bytes free") && message.contains("4503599627370496 must stay free"),
+        "{message}"
+    );
+    assert_eq!(sim.fingerprint(), before);
+    // With the default reserve the same bundle installs.
+    std::fs::write(sim.path("dev/system.toml"), config).unwrap();
+    json(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml"),
+        0,
+    );
+}

@@ -6,6 +6,7 @@ mod gpt;
 mod grubenv;
 mod grubscript;
 mod uboot;
+mod ubootscript;
 
 /// A file from `tests/data`.
 pub fn data(name: &str) -> Vec<u8> {

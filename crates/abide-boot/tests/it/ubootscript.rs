@@ -1,0 +1,231 @@
+//! The shipped U-Boot script (`uboot/abide.env`, `abide_select`), run by a small interpreter of
+//! the hush-shell subset it uses, against the sim firmware's rule for every boot state: both
+//! choose the same group and leave the same state.
+
+use std::collections::HashMap;
+
+use abide_boot::BootState;
+use abide_boot::uboot::SCRIPT;
+use abide_core::Group;
+
+#[derive(Debug)]
+enum Stmt {
+    Simple(Vec<String>),
+    If(Vec<(String, Vec<Stmt>)>, Vec<Stmt>),
+    For(String, String, Vec<Stmt>),
+}
+
+/// The script's statements, `;`-separated, with `then `, `do ` and `else ` prefixes split off.
+fn tokens() -> Vec<String> {
+    let line = SCRIPT
+        .lines()
+        .find_map(|l| l.strip_prefix("abide_select="))
+        .expect("abide_select is defined");
+    let mut out = Vec::new();
+    for part in line.split(';').map(str::trim).filter(|p| !p.is_empty()) {
+        let mut rest = part;
+        loop {
+            if let Some(r) = rest
+                .strip_prefix("then ")
+                .or_else(|| rest.strip_prefix("do "))
+                .or_else(|| rest.strip_prefix("else "))
+            {
+                out.push(rest[..rest.len() - r.len()].trim().to_owned());
+                rest = r.trim();
+            } else {
+                out.push(rest.to_owned());
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn parse(
+    tokens: &mut std::iter::Peekable<std::vec::IntoIter<String>>,
+    enders: &[&str],
+) -> Vec<Stmt> {
+    let mut out = Vec::new();
+    while let Some(tok) = tokens.peek().cloned() {
+        let word = tok.split_whitespace().next().unwrap_or_default().to_owned();
+        if enders.contains(&word.as_str()) {
+            return out;
+        }
+        tokens.next();
+        match word.as_str() {
+            "if" => {
+                let mut arms = Vec::new();
+                let mut cond = tok["if ".len()..].to_owned();
+                let mut otherwise = Vec::new();
+                loop {
+                    assert_eq!(tokens.next().as_deref(), Some("then"), "if … then");
+                    arms.push((cond.clone(), parse(tokens, &["elif", "else", "fi"])));
+                    let next = tokens.next().expect("if is closed");
+                    if let Some(c) = next.strip_prefix("elif ") {
+                        cond = c.to_owned();
+                        continue;
+                    }
+                    if next == "else" {
+                        otherwise = parse(tokens, &["fi"]);
+                        assert_eq!(tokens.next().as_deref(), Some("fi"));
+                    } else {
+                        assert_eq!(next, "fi");
+                    }
+                    break;
+                }
+                out.push(Stmt::If(arms, otherwise));
+            }
+            "for" => {
+                let words: Vec<&str> = tok.split_whitespace().collect();
+                assert_eq!(words[2], "in");
+                assert_eq!(tokens.next().as_deref(), Some("do"));
+                let body = parse(tokens, &["done"]);
+                assert_eq!(tokens.next().as_deref(), Some("done"));
+                out.push(Stmt::For(words[1].to_owned(), words[3..].join(" "), body));
+            }
+            _ => out.push(Stmt::Simple(
+                tok.split_whitespace().map(str::to_owned).collect(),
+            )),
+        }
+    }
+    out
+}
+
+struct Shell {
+    env: HashMap<String, String>,
+    saved: bool,
+}
+
+impl Shell {
+    fn expand(&self, word: &str) -> String {
+        let mut s = word.trim_matches('"').to_owned();
+        while let Some(start) = s.find("${") {
+            let end = s[start..].find('}').expect("}") + start;
+            let value = self
+                .env
+                .get(&s[start + 2..end])
+                .cloned()
+                .unwrap_or_default();
+            s.replace_range(start..=end, &value);
+        }
+        s
+    }
+
+    fn test(&self, cond: &str) -> bool {
+        cond.split("&&").all(|t| {
+            let words: Vec<&str> = t.split_whitespace().collect();
+            assert_eq!(words[0], "test", "{t}");
+            match &words[1..] {
+                ["-n", w] => !self.expand(w).is_empty(),
+                ["-z", w] => self.expand(w).is_empty(),
+                [a, "=", b] => self.expand(a) == self.expand(b),
+                [a, "!=", b] => self.expand(a) != self.expand(b),
+                other => panic!("the interpreter does not know test {other:?}"),
+            }
+        })
+    }
+
+    fn run(&mut self, program: &[Stmt]) {
+        for stmt in program {
+            match stmt {
+                Stmt::Simple(words) => match words[0].as_str() {
+                    "setenv" if words.len() == 2 => {
+                        self.env.remove(&words[1]);
+                    }
+                    "setenv" => {
+                        let v = words[2..]
+                            .iter()
+                            .map(|w| self.expand(w))
+                            .collect::<Vec<_>>()
+                            .join(" ");
+                        self.env.insert(words[1].clone(), v);
+                    }
+                    "setexpr" => {
+                        // U-Boot's setexpr reads and prints hexadecimal.
+                        assert_eq!(words[3], "-");
+                        let a = u64::from_str_radix(&self.expand(&words[2]), 16).unwrap();
+                        let b = u64::from_str_radix(&self.expand(&words[4]), 16).unwrap();
+                        self.env.insert(words[1].clone(), format!("{:x}", a - b));
+                    }
+                    "saveenv" => self.saved = true,
+                    other => panic!("the interpreter does not know {other}"),
+                },
+                Stmt::If(arms, otherwise) => match arms.iter().find(|(c, _)| self.test(c)) {
+                    Some((_, body)) => self.run(body),
+                    None => self.run(otherwise),
+                },
+                Stmt::For(var, list, body) => {
+                    for item in self
+                        .expand(list)
+                        .split_whitespace()
+                        .map(str::to_owned)
+                        .collect::<Vec<_>>()
+                    {
+                        self.env.insert(var.clone(), item);
+                        self.run(body);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
+    let mut it = tokens().into_iter().peekable();
+    let program = parse(&mut it, &[]);
+    assert!(it.next().is_none());
+    let groups = [Group::new("A").unwrap(), Group::new("B").unwrap()];
+    let path = std::path::Path::new("env");
+    let mut checked = 0;
+    for order in [
+        [groups[0].clone(), groups[1].clone()],
+        [groups[1].clone(), groups[0].clone()],
+    ] {
+        for (a_ok, b_ok) in [(true, true), (true, false), (false, true), (false, false)] {
+            let trials =
+                [None]
+                    .into_iter()
+                    .chain((1..=3).flat_map(|n| {
+                        [Some((groups[0].clone(), n)), Some((groups[1].clone(), n))]
+                    }));
+            for trial in trials {
+                let mut state = BootState::new(&order);
+                state.bootable.insert(groups[0].clone(), a_ok);
+                state.bootable.insert(groups[1].clone(), b_ok);
+                state.trial = trial;
+                if state
+                    .trial
+                    .as_ref()
+                    .is_some_and(|(g, _)| !state.bootable[g])
+                {
+                    continue;
+                }
+                let mut env = HashMap::new();
+                abide_boot::grub::state_to_env(&groups, &state, |n, v| {
+                    env.insert(n.to_owned(), v.to_owned());
+                    Ok(())
+                })
+                .unwrap();
+                let mut shell = Shell { env, saved: false };
+                shell.run(&program);
+                assert!(shell.saved, "the script saves the environment");
+                let mut reference = state.clone();
+                let want = reference.firmware_select();
+                let chosen = shell.env.get("abide_group").cloned().unwrap_or_default();
+                assert_eq!(
+                    chosen,
+                    want.as_ref().map_or("", Group::as_str),
+                    "choice for {state:?}"
+                );
+                let after = abide_boot::grub::env_to_state(path, &groups, |n| {
+                    shell.env.get(n).map(String::as_str)
+                })
+                .unwrap();
+                assert_eq!(after, reference, "state after booting from {state:?}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 32);
+}

@@ -29,6 +29,9 @@ pub fn boot(device: &mut Device, clock: &dyn Clock) -> Result<BootOutcome> {
         state: state.transaction.as_ref().map(|t| t.state.name()),
         reboot: false,
     };
+    if let Some(group) = &booted {
+        switch_links(&device.config, group)?;
+    }
     let (Some(booted), Some(mut tx)) = (booted, state.transaction.clone()) else {
         return Ok(outcome);
     };
@@ -67,4 +70,32 @@ pub fn event(state: &TxState) -> &'static str {
         TxState::Failed { .. } => "fail",
         TxState::RolledBack { .. } => "rollback",
     }
+}
+
+/// Points the link of every directory slot at the booted group's directory, atomically (a new
+/// symlink renamed over the old one).
+pub fn switch_links(config: &crate::config::Config, booted: &abide_core::Group) -> Result<()> {
+    let Some(group) = config.group(booted) else {
+        return Ok(());
+    };
+    for slot in &group.slots {
+        let Some(link) = &slot.link else { continue };
+        if std::fs::read_link(link).is_ok_and(|t| t == slot.path) {
+            continue;
+        }
+        let name = link
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let temp = link.with_file_name(format!(".{name}.abide-tmp"));
+        let io = |op: &'static str, path: &std::path::Path| {
+            let path = path.to_owned();
+            move |source| abide_boot::persist::IoError { op, path, source }
+        };
+        let _ = std::fs::remove_file(&temp);
+        std::os::unix::fs::symlink(&slot.path, &temp).map_err(io("creating link", &temp))?;
+        std::fs::rename(&temp, link).map_err(io("switching link", link))?;
+        abide_boot::persist::sync_dir(link.parent().unwrap_or(std::path::Path::new(".")))?;
+    }
+    Ok(())
 }

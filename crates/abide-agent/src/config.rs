@@ -56,6 +56,7 @@ struct RawSlot {
     class: String,
     path: PathBuf,
     kind: Option<String>,
+    link: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -116,6 +117,9 @@ pub enum SlotKind {
     Image,
     /// A block device or partition.
     Block,
+    /// A directory; the component is a tar archive unpacked into it, and the slot's `link`
+    /// (a symlink) is switched atomically to the booted group's directory.
+    Dir,
 }
 
 /// One slot of a group.
@@ -127,6 +131,8 @@ pub struct Slot {
     pub path: PathBuf,
     /// What it is.
     pub kind: SlotKind,
+    /// For a directory slot: the symlink that points at the booted group's directory.
+    pub link: Option<PathBuf>,
 }
 
 /// A slot group.
@@ -230,6 +236,8 @@ impl Config {
             .parent()
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."));
+        // Absolute, so that links and messages do not depend on the working directory.
+        let base = &std::path::absolute(base).unwrap_or_else(|_| base.to_owned());
         let resolve = |p: &Path| {
             if p.is_absolute() {
                 p.to_owned()
@@ -283,11 +291,12 @@ impl Config {
                 let kind = match s.kind.as_deref().unwrap_or("image") {
                     "image" => SlotKind::Image,
                     "block" => SlotKind::Block,
+                    "dir" => SlotKind::Dir,
                     other => {
                         return Err(err(
                             path,
                             &format!(
-                                "key `group[{i}].slot[{j}].kind`: expected \"image\" or \"block\", found {other:?}"
+                                "key `group[{i}].slot[{j}].kind`: expected \"image\", \"block\" or \"dir\", found {other:?}"
                             ),
                         ));
                     }
@@ -296,6 +305,7 @@ impl Config {
                     class: s.class.clone(),
                     path: resolve(&s.path),
                     kind,
+                    link: s.link.as_deref().map(resolve),
                 });
             }
             groups.push(SlotGroup { name, slots });

@@ -110,6 +110,7 @@ pub fn install(
                 .slots
                 .iter()
                 .find(|s| &s.class == class)
+                .filter(|s| s.kind != crate::config::SlotKind::Dir)
                 .and_then(|s| SlotChunks::open(&state_dir, &tx.good, class, &s.path));
             let table = bundle.read_chunk_table()?;
             let mut writer = SlotWriter::open(slot)?;
@@ -123,7 +124,9 @@ pub fn install(
                 },
             )?;
             writer.finish()?;
-            crate::index::write(&state_dir, &target, class, &table)?;
+            if slot.kind != crate::config::SlotKind::Dir {
+                crate::index::write(&state_dir, &target, class, &table)?;
+            }
             reused.chunks += r.chunks;
             reused.bytes += r.bytes;
             reused.skipped += r.skipped;

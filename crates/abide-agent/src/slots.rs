@@ -25,6 +25,11 @@ const FLUSH_EVERY: u64 = 64 << 20;
 /// How many bytes `slot` can hold: the file's length (an image file is never grown) or the
 /// block device's size.
 pub fn capacity(slot: &Slot) -> Result<u64> {
+    if slot.kind == crate::config::SlotKind::Dir {
+        // A directory takes what its file system holds; the archive's size is checked as it
+        // unpacks.
+        return Ok(u64::MAX);
+    }
     let mut file = File::open(&slot.path).map_err(io("opening slot", &slot.path))?;
     let size = file
         .seek(SeekFrom::End(0))
@@ -44,16 +49,22 @@ pub struct SlotWriter {
 impl SlotWriter {
     /// Opens `slot` for writing from its start.
     pub fn open(slot: &Slot) -> Result<SlotWriter> {
-        let file = OpenOptions::new()
-            .write(true)
-            .open(&slot.path)
-            .map_err(io("opening slot for writing", &slot.path))?;
         let (tx, rx) = sync_channel(QUEUE);
         let path = slot.path.clone();
-        let thread = std::thread::Builder::new()
-            .name("abide-slot-writer".into())
-            .spawn(move || write_blocks(file, rx, &path))
-            .map_err(io("starting the writer for", &slot.path))?;
+        let thread = if slot.kind == crate::config::SlotKind::Dir {
+            std::thread::Builder::new()
+                .name("abide-slot-unpacker".into())
+                .spawn(move || unpack_blocks(rx, &path))
+        } else {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&slot.path)
+                .map_err(io("opening slot for writing", &slot.path))?;
+            std::thread::Builder::new()
+                .name("abide-slot-writer".into())
+                .spawn(move || write_blocks(file, rx, &path))
+        }
+        .map_err(io("starting the writer for", &slot.path))?;
         Ok(SlotWriter {
             path: slot.path.clone(),
             block: Vec::with_capacity(BLOCK),
@@ -141,5 +152,70 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Io
         op,
         path: path.to_owned(),
         source,
+    }
+}
+
+/// Unpacks a tar archive arriving in blocks into the directory `dir`, which is emptied first;
+/// entries that would land outside it are refused by the unpacker. The file system is synced
+/// at the end.
+fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path) -> Result<u64, IoError> {
+    std::fs::create_dir_all(dir).map_err(io("creating slot", dir))?;
+    for entry in std::fs::read_dir(dir).map_err(io("reading slot", dir))? {
+        let path = entry.map_err(io("reading slot", dir))?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(io("emptying slot", &path))?;
+    }
+    let mut reader = BlockReader {
+        rx,
+        block: Vec::new(),
+        at: 0,
+        total: 0,
+    };
+    let mut archive = tar::Archive::new(&mut reader);
+    archive.set_overwrite(true);
+    archive
+        .unpack(dir)
+        .map_err(io("unpacking into slot", dir))?;
+    // The end-of-archive padding: read what is left so the sender never waits.
+    std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading the archive for", dir))?;
+    abide_boot::crash::point("slot:before-fsync", "");
+    let handle = File::open(dir).map_err(io("opening slot", dir))?;
+    rustix::fs::syncfs(&handle).map_err(|e| IoError {
+        op: "syncing the file system of slot",
+        path: dir.to_owned(),
+        source: e.into(),
+    })?;
+    abide_boot::crash::point("slot:after-fsync", "");
+    Ok(reader.total)
+}
+
+/// Blocks from the verifier, read as one stream.
+struct BlockReader {
+    rx: Receiver<Vec<u8>>,
+    block: Vec<u8>,
+    at: usize,
+    total: u64,
+}
+
+impl std::io::Read for BlockReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.at == self.block.len() {
+            match self.rx.recv() {
+                Ok(block) => {
+                    self.total += block.len() as u64;
+                    self.block = block;
+                    self.at = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.block.len() - self.at);
+        buf[..n].copy_from_slice(&self.block[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }

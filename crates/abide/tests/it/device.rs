@@ -516,3 +516,96 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
         0,
     );
 }
+
+#[test]
+fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
+    let sim = Sim::new(Some("test \"$ABIDE_VERSION\" != 3.0.0"));
+    // Two slot classes per group: the rootfs image and an application directory whose link
+    // points at the booted group's copy.
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap();
+    let with_app = config
+        .replace(
+            "path = \"slots/rootfs.A.img\"\n",
+            "path = \"slots/rootfs.A.img\"\n[[group.slot]]\nclass = \"app\"\nkind = \"dir\"\npath = \"apps/A\"\nlink = \"current-app\"\n",
+        )
+        .replace(
+            "path = \"slots/rootfs.B.img\"\n",
+            "path = \"slots/rootfs.B.img\"\n[[group.slot]]\nclass = \"app\"\nkind = \"dir\"\npath = \"apps/B\"\nlink = \"current-app\"\n",
+        );
+    assert_ne!(with_app, config);
+    std::fs::write(sim.path("dev/system.toml"), with_app).unwrap();
+    std::fs::write(sim.path("img"), abide_testkit::image(300_000, 60)).unwrap();
+    let python = |script: &str| {
+        let out = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&sim.dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Archives made with Python's tarfile: one per version, and a hostile one.
+    python(
+        "import tarfile, io\n\
+         for v in ['2.0.0', '3.0.0']:\n\
+         \x20   with tarfile.open(f'app-{v}.tar', 'w') as t:\n\
+         \x20       for name, data in [('bin/app', f'app {v}'.encode()), ('etc/app.conf', b'port=8080')]:\n\
+         \x20           i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n\
+         with tarfile.open('evil.tar', 'w') as t:\n\
+         \x20   i = tarfile.TarInfo('../../escaped'); i.size = 4; t.addfile(i, io.BytesIO(b'evil'))\n",
+    );
+    for v in ["2.0.0", "3.0.0"] {
+        ok(
+            &sim.dir,
+            &format!(
+                "bundle create --product gw --version {v} --compatible gw-1 --component rootfs=img \
+                 --component app=app-{v}.tar --sign a.key --out {v}.abide"
+            ),
+        );
+    }
+    json(&sim.dir, "install 2.0.0.abide --config dev/system.toml", 0);
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    assert_eq!(
+        (field(&v["status"], "state"), field(&v["status"], "booted")),
+        ("committed", "B")
+    );
+    let link = sim.path("dev/current-app");
+    assert_eq!(std::fs::read_link(&link).unwrap(), sim.path("dev/apps/B"));
+    assert_eq!(
+        std::fs::read_to_string(link.join("bin/app")).unwrap(),
+        "app 2.0.0"
+    );
+    // 3.0.0 fails its health check: during the trial the link pointed at A's copy; after the
+    // rollback it points at B's again.
+    json(&sim.dir, "install 3.0.0.abide --config dev/system.toml", 0);
+    assert_eq!(
+        std::fs::read_to_string(sim.path("dev/apps/A/bin/app")).unwrap(),
+        "app 3.0.0"
+    );
+    let v = json(&sim.dir, "sim reboot dev", 0);
+    assert_eq!(
+        (field(&v["status"], "state"), field(&v["status"], "booted")),
+        ("rolled_back", "B")
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), sim.path("dev/apps/B"));
+    assert_eq!(
+        std::fs::read_to_string(link.join("bin/app")).unwrap(),
+        "app 2.0.0"
+    );
+    // An archive entry that would land outside its slot never does.
+    ok(
+        &sim.dir,
+        "bundle create --product gw --version 4.0.0 --compatible gw-1 --component rootfs=img \
+         --component app=evil.tar --sign a.key --out 4.0.0.abide",
+    );
+    let _ = crate::abide(&sim.dir, "install 4.0.0.abide --config dev/system.toml");
+    assert!(
+        !sim.path("escaped").exists()
+            && !sim.path("dev/escaped").exists()
+            && !sim.path("dev/apps/escaped").exists()
+    );
+}

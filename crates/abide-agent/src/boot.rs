@@ -1,7 +1,7 @@
 //! The boot-time step (`abide boot`): read what the bootloader booted, advance the
 //! transaction, run the health gate during a trial, and commit or roll back.
 
-use abide_core::{Action, BootReport, TxState};
+use abide_core::{Action, BootReport};
 use serde::Serialize;
 
 use crate::device::Device;
@@ -47,29 +47,15 @@ pub fn boot(device: &mut Device, clock: &dyn Clock) -> Result<BootOutcome> {
             .unwrap_or(false),
     };
     let actions = tx.booted(clock.now(), &report, device.config.boot_policy)?;
-    let mut reboot =
-        device.commit_step(clock.now(), event(&tx.state), &mut state, &tx, &actions)?;
+    let mut reboot = device.commit_step(clock.now(), &mut state, &tx, &actions)?;
     if actions.contains(&Action::RunHealthGate) {
         let verdict = run_gate(&device.config, &tx, clock);
         let actions = tx.health(clock.now(), verdict)?;
-        reboot |= device.commit_step(clock.now(), event(&tx.state), &mut state, &tx, &actions)?;
+        reboot |= device.commit_step(clock.now(), &mut state, &tx, &actions)?;
     }
     outcome.state = Some(tx.state.name());
     outcome.reboot = reboot;
     Ok(outcome)
-}
-
-/// The audit event for reaching `state`.
-pub fn event(state: &TxState) -> &'static str {
-    match state {
-        TxState::Downloading => "begin",
-        TxState::Staged => "stage",
-        TxState::Activated { .. } => "activate",
-        TxState::Trial { .. } => "trial",
-        TxState::Committed { .. } => "commit",
-        TxState::Failed { .. } => "fail",
-        TxState::RolledBack { .. } => "rollback",
-    }
 }
 
 /// Points the link of every directory slot at the booted group's directory, atomically (a new

@@ -7,7 +7,7 @@
 //! that boots was activated; a target made unbootable is never booted (I2).
 
 use abide_boot::{BootState, Bootloader, GrubBootloader, SimBootloader};
-use abide_core::{Action, Group, Transaction};
+use abide_core::{Action, Group, Transaction, TxState};
 use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
@@ -75,7 +75,6 @@ impl Device {
     pub fn commit_step(
         &mut self,
         now: Timestamp,
-        event: &str,
         state: &mut DeviceState,
         tx: &Transaction,
         actions: &[Action],
@@ -89,7 +88,7 @@ impl Device {
             abide_core::TxState::Failed { reason } => details["reason"] = json!(reason.to_string()),
             _ => {}
         }
-        self.record(now, event, details)?;
+        self.record(now, event(&tx.state), details)?;
         state.transaction = Some(tx.clone());
         let mut reboot = false;
         let mut boot: Option<BootState> = None;
@@ -133,5 +132,18 @@ impl Device {
     pub fn groups(&self) -> Result<(Option<Group>, Option<Group>)> {
         let s = self.bootloader.load()?;
         Ok((s.booted.clone(), s.good().cloned()))
+    }
+}
+
+/// The audit event for a transaction reaching `state`.
+pub fn event(state: &TxState) -> &'static str {
+    match state {
+        TxState::Downloading => "begin",
+        TxState::Staged => "stage",
+        TxState::Activated { .. } => "activate",
+        TxState::Trial { .. } => "trial",
+        TxState::Committed { .. } => "commit",
+        TxState::Failed { .. } => "fail",
+        TxState::RolledBack { .. } => "rollback",
     }
 }

@@ -80,7 +80,7 @@ pub fn install(
     // From here on, every step is recorded and durable before the next (I5).
     let (mut tx, actions) =
         Transaction::begin(&id, version, security_version, good, target.clone(), now())?;
-    device.commit_step(now(), "begin", &mut state, &tx, &actions)?;
+    device.commit_step(now(), &mut state, &tx, &actions)?;
     let group = device.config.group(&target).expect("configured").clone();
     let good_group = device.config.group(&tx.good).expect("configured").clone();
     let state_dir = device.config.state_dir.clone();
@@ -146,13 +146,13 @@ pub fn install(
             },
         };
         let actions = tx.fail(now(), reason)?;
-        device.commit_step(now(), "fail", &mut state, &tx, &actions)?;
+        device.commit_step(now(), &mut state, &tx, &actions)?;
         return Err(e);
     }
     let actions = tx.staged(now())?;
-    device.commit_step(now(), "stage", &mut state, &tx, &actions)?;
+    device.commit_step(now(), &mut state, &tx, &actions)?;
     let actions = tx.activate(now(), device.config.boot_policy)?;
-    let reboot = device.commit_step(now(), "activate", &mut state, &tx, &actions)?;
+    let reboot = device.commit_step(now(), &mut state, &tx, &actions)?;
     Ok(InstallOutcome {
         transaction: tx,
         reboot,

@@ -383,14 +383,7 @@ impl Transaction {
         let on_target = report.booted == self.target;
         match self.state.clone() {
             TxState::Staged | TxState::Activated { .. } if on_target => {
-                self.set(
-                    TxState::Trial {
-                        since: now,
-                        boots: 1,
-                        degraded_since: None,
-                    },
-                    now,
-                );
+                self.set_trial(now, now, 1, None);
                 Ok(vec![Action::RunHealthGate])
             }
             TxState::Staged if report.target_bootable => {
@@ -414,14 +407,7 @@ impl Transaction {
                 if boots > policy.max_trial_boots {
                     return Ok(self.roll_back(now, RollbackReason::BootLoop { boots }, true));
                 }
-                self.set(
-                    TxState::Trial {
-                        since,
-                        boots,
-                        degraded_since,
-                    },
-                    now,
-                );
+                self.set_trial(now, since, boots, degraded_since);
                 Ok(vec![Action::RunHealthGate])
             }
             TxState::Activated { .. } | TxState::Trial { .. } => {
@@ -443,14 +429,7 @@ impl Transaction {
             Verdict::Commit => self.commit(now),
             Verdict::RollBack(reason) => self.roll_back(now, reason, true),
             Verdict::Wait { degraded_since } => {
-                self.set(
-                    TxState::Trial {
-                        since,
-                        boots,
-                        degraded_since,
-                    },
-                    now,
-                );
+                self.set_trial(now, since, boots, degraded_since);
                 Vec::new()
             }
         })
@@ -508,6 +487,23 @@ impl Transaction {
             actions.push(Action::Reboot);
         }
         actions
+    }
+
+    fn set_trial(
+        &mut self,
+        now: Timestamp,
+        since: Timestamp,
+        boots: u32,
+        degraded_since: Option<Timestamp>,
+    ) {
+        self.set(
+            TxState::Trial {
+                since,
+                boots,
+                degraded_since,
+            },
+            now,
+        );
     }
 
     fn set(&mut self, state: TxState, now: Timestamp) {

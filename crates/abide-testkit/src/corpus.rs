@@ -43,6 +43,23 @@ pub fn attacks() -> Vec<Attack> {
     let parts = Parts::split(&base);
     let data_start = parts.data_start(1);
     let manifest_len = parts.manifest_bytes().len();
+    // Attacks verified against a 2-of-2 trust root.
+    let manifest = parts.manifest_bytes();
+    let dup = sign(&key(0), &manifest);
+    let threshold_two = vec![
+        Attack {
+            name: "duplicate-signatures-one-key".into(),
+            bytes: parts.assemble_raw(&manifest, &[dup.clone(), dup]),
+            code: "signature-threshold",
+            threshold: 2,
+        },
+        Attack {
+            name: "threshold-not-met".into(),
+            bytes: parts.assemble(&[&key(0), &key(7)]),
+            code: "signature-threshold",
+            threshold: 2,
+        },
+    ];
     let mut out = Vec::new();
     let mut add = |name: &str, bytes: Vec<u8>, code: &'static str| {
         out.push(Attack {
@@ -156,7 +173,6 @@ pub fn attacks() -> Vec<Attack> {
     // Signatures.
     add("unsigned", parts.assemble(&[]), "unsigned");
     add("wrong-key", parts.assemble(&[&key(7)]), "untrusted-key");
-    let manifest = parts.manifest_bytes();
     let foreign = {
         let mut p = parts.clone();
         p.manifest["version"] = "9.9.9".into();
@@ -167,28 +183,6 @@ pub fn attacks() -> Vec<Attack> {
         parts.assemble_raw(&manifest, &[foreign]),
         "bad-signature",
     );
-    let dup = sign(&key(0), &manifest);
-    let mut two_of_one = parts.assemble_raw(&manifest, &[dup.clone(), dup]);
-    out.push(Attack {
-        name: "duplicate-signatures-one-key".into(),
-        bytes: std::mem::take(&mut two_of_one),
-        code: "signature-threshold",
-        threshold: 2,
-    });
-    out.push(Attack {
-        name: "threshold-not-met".into(),
-        bytes: parts.assemble(&[&key(0), &key(7)]),
-        code: "signature-threshold",
-        threshold: 2,
-    });
-    let mut add = |name: &str, bytes: Vec<u8>, code: &'static str| {
-        out.push(Attack {
-            name: name.to_owned(),
-            bytes,
-            code,
-            threshold: 1,
-        })
-    };
 
     // Policy.
     let edit = |f: &dyn Fn(&mut Value)| {
@@ -487,6 +481,7 @@ pub fn attacks() -> Vec<Attack> {
         c0(&|c| c["size"] = (c["size"].as_u64().expect("size") + 1).into()),
         "size-mismatch",
     );
+    out.extend(threshold_two);
     out
 }
 

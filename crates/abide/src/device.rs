@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use abide_agent::audit::AuditLog;
-use abide_agent::boot::{boot, event};
+use abide_agent::boot::boot;
 use abide_agent::config::Config;
 use abide_agent::device::Device;
 use abide_agent::health::{SystemClock, run_checks};
@@ -224,7 +224,7 @@ pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Resul
         tx.rollback(now, reason)
     }
     .map_err(abide_agent::AgentError::from)?;
-    let reboot = device.commit_step(now, event(&tx.state), &mut state, &tx, &actions)?;
+    let reboot = device.commit_step(now, &mut state, &tx, &actions)?;
     out.print(
         &json!({"transaction": tx.id, "state": tx.state.name(), "reboot": reboot}),
         || format!("transaction {} is {}", tx.id, tx.state.name()),

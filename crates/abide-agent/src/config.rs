@@ -101,6 +101,12 @@ pub enum Backend {
         /// The kernel command line file.
         cmdline: PathBuf,
     },
+    /// systemd-boot entry files in the EFI system partition mounted at `boot_path`; the
+    /// booted group comes from the kernel command line in `cmdline`.
+    SystemdBoot {
+        /// The kernel command line file.
+        cmdline: PathBuf,
+    },
     /// The U-Boot environment: one copy, or two redundant ones, of `size` bytes.
     Uboot {
         /// The second copy, if the environment is redundant.
@@ -255,6 +261,9 @@ impl Config {
             "gpt" => Backend::Gpt {
                 cmdline: resolve(raw.bootloader.cmdline.as_deref().unwrap_or(Path::new("/proc/cmdline"))),
             },
+            "systemd-boot" => Backend::SystemdBoot {
+                cmdline: resolve(raw.bootloader.cmdline.as_deref().unwrap_or(Path::new("/proc/cmdline"))),
+            },
             "uboot" => Backend::Uboot {
                 redundant: raw.bootloader.redundant_path.as_deref().map(resolve),
                 size: raw
@@ -268,7 +277,7 @@ impl Config {
             other => {
                 return Err(err(
                     path,
-                    &format!("key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\" or \"gpt\", found {other:?}"),
+                    &format!("key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\", \"gpt\" or \"systemd-boot\", found {other:?}"),
                 ));
             }
         };
@@ -323,7 +332,7 @@ impl Config {
         {
             return Err(err(
                 path,
-                "key `group`: the grub, uboot and gpt backends need the groups to be named A and B",
+                "key `group`: the grub, uboot, gpt and systemd-boot backends need the groups to be named A and B",
             ));
         }
         let duration = |key: &str,

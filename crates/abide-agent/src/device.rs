@@ -35,6 +35,11 @@ impl Device {
                 &cmdline,
                 &config.group_names(),
             )),
+            Backend::SystemdBoot { cmdline } => Box::new(abide_boot::SystemdBootBootloader::new(
+                &config.boot_path,
+                &cmdline,
+                &config.group_names(),
+            )),
             Backend::Uboot { redundant, size } => {
                 let copies: Vec<_> = std::iter::once(config.boot_path.clone())
                     .chain(redundant.clone())

@@ -13,6 +13,7 @@ pub mod grubenv;
 pub mod persist;
 pub mod sim;
 pub mod state;
+pub mod systemd_boot;
 pub mod uboot;
 pub mod ubootenv;
 
@@ -22,4 +23,5 @@ pub use grub::GrubBootloader;
 pub use grubenv::{GrubEnv, GrubEnvError};
 pub use sim::SimBootloader;
 pub use state::{BootState, MAX_TRIES, StateError};
+pub use systemd_boot::SystemdBootBootloader;
 pub use uboot::UbootBootloader;

@@ -71,11 +71,41 @@ fn a_full_configuration_validates() {
 }
 
 #[test]
+fn the_systemd_boot_backend_takes_the_esp_and_the_command_line() {
+    let text = GOOD.replace(
+        "backend = \"uboot\"\npath = \"env.0\"\nredundant_path = \"env.1\"\nenv_size = 8192",
+        "backend = \"systemd-boot\"\npath = \"/boot/efi\"",
+    );
+    let c = parse(&text).unwrap();
+    assert_eq!(c.boot_path, Path::new("/boot/efi"));
+    assert_eq!(
+        c.backend,
+        Backend::SystemdBoot {
+            cmdline: "/proc/cmdline".into()
+        }
+    );
+    let c = parse(&text.replace(
+        "path = \"/boot/efi\"",
+        "path = \"esp\"\ncmdline = \"cmdline\"",
+    ))
+    .unwrap();
+    assert_eq!(
+        (c.boot_path.as_path(), c.backend),
+        (
+            Path::new("/etc/abide/esp"),
+            Backend::SystemdBoot {
+                cmdline: "/etc/abide/cmdline".into()
+            }
+        )
+    );
+}
+
+#[test]
 fn errors_name_the_file_the_key_and_the_expectation() {
     for (edit, expected) in [
         (
             GOOD.replace("backend = \"uboot\"", "backend = \"lilo\""),
-            "key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\" or \"gpt\"",
+            "key `bootloader.backend`: expected \"sim\", \"grub\", \"uboot\", \"gpt\" or \"systemd-boot\"",
         ),
         (
             GOOD.replace("env_size = 8192", ""),

@@ -8,7 +8,10 @@ fn g(name: &str) -> Group {
     Group::new(name).unwrap()
 }
 
-fn round_trip(backend: &dyn Bootloader, power_on: &dyn Fn(&dyn Bootloader) -> Option<Group>) {
+pub(crate) fn round_trip(
+    backend: &dyn Bootloader,
+    power_on: &dyn Fn(&dyn Bootloader) -> Option<Group>,
+) {
     let mut s = backend.load().unwrap();
     assert_eq!(s.good(), Some(&g("A")));
     // Install into B: unbootable first, then a trial of one boot.

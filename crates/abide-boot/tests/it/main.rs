@@ -5,6 +5,7 @@ mod backends;
 mod gpt;
 mod grubenv;
 mod grubscript;
+mod systemd_boot;
 mod uboot;
 mod ubootscript;
 

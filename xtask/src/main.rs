@@ -140,7 +140,8 @@ fn bench_bundle(args: &[String]) -> Result<()> {
         run(
             "mke2fs",
             &format!(
-                "mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d /usr/lib/x86_64-linux-gnu {} {}M",
+                // A partly populated image (the tree did not fit) must not be reused.
+                "mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d /usr/lib/x86_64-linux-gnu {0} {1}M || {{ rm -f {0}; exit 1; }}",
                 fs.display(),
                 o.size_mib
             ),
@@ -280,7 +281,7 @@ fn bench_install(args: &[String]) -> Result<()> {
         run(
             "mke2fs",
             &format!(
-                "mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d /usr/lib/x86_64-linux-gnu {} {size}M",
+                "mke2fs -q -F -t ext4 -b 4096 -E root_owner=0:0 -d /usr/lib/x86_64-linux-gnu {0} {size}M || {{ rm -f {0}; exit 1; }}",
                 img.display()
             ),
             1,

@@ -95,15 +95,17 @@ impl SlotChunks {
         Some(SlotChunks { file, at })
     }
 
-    /// The content the slot holds for `entry`, if the index knows it (unchecked: the reader
-    /// checks it against the chunk's name).
-    pub fn get(&self, entry: &ChunkEntry) -> Option<Vec<u8>> {
-        let &(offset, length) = self.at.get(&entry.digest)?;
+    /// Puts the content the slot holds for `entry` into `buf` and says whether it did: only
+    /// if the index knows the chunk and the slot could be read (unchecked: the reader checks
+    /// it against the chunk's name).
+    pub fn read_into(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool {
+        let Some(&(offset, length)) = self.at.get(&entry.digest) else {
+            return false;
+        };
         if length != entry.length {
-            return None;
+            return false;
         }
-        let mut buf = vec![0u8; length as usize];
-        self.file.read_exact_at(&mut buf, offset).ok()?;
-        Some(buf)
+        buf.resize(length as usize, 0);
+        self.file.read_exact_at(buf, offset).is_ok()
     }
 }

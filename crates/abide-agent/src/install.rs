@@ -116,7 +116,7 @@ pub fn install(
             let mut writer = SlotWriter::open(slot)?;
             let r = bundle.read_chunks_reusing(
                 &table,
-                &|entry| local.as_ref().and_then(|l| l.get(entry)),
+                &|entry, buf| local.as_ref().is_some_and(|l| l.read_into(entry, buf)),
                 &mut |data| {
                     done += data.len() as u64;
                     progress(done, total);

@@ -61,20 +61,30 @@ pub(crate) fn read_chunks_reusing<R: Source>(
     src: &mut Counted<R>,
     component: &Component,
     table: &[ChunkEntry],
-    local: &(dyn Fn(&ChunkEntry) -> Option<Vec<u8>> + Sync),
+    local: &(dyn Fn(&ChunkEntry, &mut Vec<u8>) -> bool + Sync),
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Reuse> {
     let pool = BufferPool::default();
     let mut reuse = Reuse::default();
     // A thread of its own fetches local copies ahead, in table order, and keeps only those
     // that hash to the chunk's name; this thread then passes over or reads each chunk's
-    // stored bytes, in order.
+    // stored bytes, in order. Its buffers come from the pool the other threads return
+    // theirs to, so memory stays that of the pipeline window.
     let (local_tx, local_rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(32);
+    let pool = &pool;
     std::thread::scope(|scope| {
         scope.spawn(move || {
             for entry in table {
-                let content = local(entry)
-                    .filter(|c| c.len() == entry.length as usize && Digest::of(c) == entry.digest);
+                let mut buf = pool.take(entry.length as usize);
+                let content = if local(entry, &mut buf)
+                    && buf.len() == entry.length as usize
+                    && Digest::of(&buf) == entry.digest
+                {
+                    Some(buf)
+                } else {
+                    pool.give(buf);
+                    None
+                };
                 if local_tx.send(content).is_err() {
                     break;
                 }
@@ -100,7 +110,7 @@ pub(crate) fn read_chunks_reusing<R: Source>(
             src.read_exact_as(&mut stored, "chunk data")?;
             Ok(Some(Item::Stored(stored)))
         };
-        let decoded = decode_all(component, table, &pool, &mut produce, sink);
+        let decoded = decode_all(component, table, pool, &mut produce, sink);
         // Dropping the receiver stops the fetcher if decoding ended early.
         drop(local_rx);
         decoded

@@ -116,7 +116,7 @@ impl BufferPool {
     /// Returns a buffer for reuse (the pool keeps a bounded number).
     pub fn give(&self, buf: Vec<u8>) {
         if let Ok(mut pool) = self.0.lock()
-            && pool.len() < 256
+            && pool.len() < 64
         {
             pool.push(buf);
         }

@@ -154,12 +154,13 @@ impl<R: Read> VerifiedBundle<R> {
 
     /// Like [`VerifiedBundle::read_chunks`], but takes the content of a chunk from `local`
     /// when it has it (a slot of the running group holding the same chunk): `local` is asked
-    /// for each chunk, its answer is used only if it hashes to the chunk's name, and then the
-    /// chunk's stored bytes are passed over (not read, where the source can seek).
+    /// to put each chunk's content into the (empty) buffer it is given and to say whether it
+    /// did; its answer is used only if it hashes to the chunk's name, and then the chunk's
+    /// stored bytes are passed over (not read, where the source can seek).
     pub fn read_chunks_reusing(
         &mut self,
         table: &[ChunkEntry],
-        local: &(dyn Fn(&ChunkEntry) -> Option<Vec<u8>> + Sync),
+        local: &(dyn Fn(&ChunkEntry, &mut Vec<u8>) -> bool + Sync),
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<crate::chunks::Reuse>
     where

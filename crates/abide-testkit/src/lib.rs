@@ -5,6 +5,7 @@
 
 pub mod corpus;
 pub mod parts;
+pub mod pg;
 pub mod tidy;
 
 use std::io::Cursor;

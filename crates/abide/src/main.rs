@@ -6,6 +6,7 @@
 mod bundle;
 mod device;
 mod key;
+mod server;
 mod sim;
 mod trust;
 
@@ -37,6 +38,8 @@ enum Command {
     /// Bundles: create, sign, inspect, verify, extract.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// The fleet server: releases, devices, rollouts, audit trail.
+    Server(server::ServerArgs),
     /// Install a bundle into the group that is not the known-good one and activate it.
     Install {
         /// The bundle (`-` reads standard input).
@@ -148,6 +151,7 @@ fn main() -> ExitCode {
         }
         Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
+        Command::Server(a) => server::run(a, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

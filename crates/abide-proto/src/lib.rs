@@ -1,0 +1,287 @@
+//! The JSON the fleet server, its devices and the `abide fleet` command exchange. Plain data:
+//! no I/O, no validation beyond what serde does (the server checks every field it uses).
+//!
+//! Times are RFC 3339 strings in UTC. Unknown fields are refused on requests, so a misspelt
+//! key is an error rather than a silent default.
+
+use serde::{Deserialize, Serialize};
+
+/// The domain separator of an assignment signature: the server signs
+/// `abide-assignment-v1` followed by the exact `payload` bytes.
+pub const ASSIGNMENT_DOMAIN: &[u8] = b"abide-assignment-v1";
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// A machine-readable code and a sentence for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// A stable code (`unauthorized`, `bad-request`, `bundle-refused`, the bundle check's own
+    /// code, …).
+    pub code: String,
+    /// What was wrong, for a person.
+    pub message: String,
+}
+
+/// A release: a verified bundle the server holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    /// Its id (derived from the bundle's SHA-256).
+    pub id: String,
+    /// The product the bundle is for.
+    pub product: String,
+    /// The release version.
+    pub version: String,
+    /// The bundle's anti-rollback counter.
+    pub security_version: u64,
+    /// The hardware ids it may be installed on.
+    pub compatible: Vec<String>,
+    /// The bundle's size in bytes.
+    pub size: u64,
+    /// SHA-256 of the whole bundle file, hex.
+    pub sha256: String,
+    /// When it was uploaded.
+    pub created_at: String,
+}
+
+/// An admin's request for an enrolment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollTokenRequest {
+    /// The group devices enrolled with it join.
+    pub group: String,
+    /// Tags they get.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// How long the token is valid, in seconds (default 7 days).
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+/// An enrolment token, as created (the secret `token` is shown only here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollToken {
+    /// Its id.
+    pub id: String,
+    /// The secret devices present.
+    pub token: String,
+    /// The group.
+    pub group: String,
+    /// The tags.
+    pub tags: Vec<String>,
+    /// When it stops working.
+    pub expires_at: String,
+}
+
+/// A device's enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The enrolment token.
+    pub token: String,
+    /// The device's id (unique in the fleet).
+    pub device_id: String,
+    /// Its product.
+    pub product: String,
+    /// Its hardware ids.
+    pub compatible: Vec<String>,
+    /// Its group: must be the token's, if given.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// More tags, besides the token's.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// What an enrolled device gets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    /// The device id.
+    pub device_id: String,
+    /// The device's credential: `Authorization: Bearer CREDENTIAL` on every device request.
+    pub credential: String,
+    /// The server's assignment-signing public key, hex.
+    pub server_key: String,
+    /// The group the device joined.
+    pub group: String,
+}
+
+/// A device's check-in: a fresh nonce and its inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckinRequest {
+    /// A fresh random value (16 to 64 hex digits) the signed answer must carry.
+    pub nonce: String,
+    /// The running version.
+    pub version: String,
+    /// The booted slot group.
+    #[serde(default)]
+    pub booted: Option<String>,
+    /// The known-good slot group.
+    #[serde(default)]
+    pub good: Option<String>,
+    /// The device's transaction state (`idle`, `trial`, `committed`, …).
+    pub state: String,
+    /// Its health (`healthy`, `degraded`, `unhealthy`, `unknown`).
+    #[serde(default)]
+    pub health: Option<String>,
+}
+
+/// The answer to a check-in: an [`Assignment`] as exact JSON bytes and the server's signature
+/// over them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedAssignment {
+    /// The assignment's JSON text, exactly as signed.
+    pub payload: String,
+    /// Ed25519 signature over [`ASSIGNMENT_DOMAIN`] ‖ payload, hex.
+    pub signature: String,
+    /// The signing key's id.
+    pub key_id: String,
+}
+
+/// What a device should do, bound to the device and the check-in that asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assignment {
+    /// The device it is for.
+    pub device_id: String,
+    /// The nonce of the check-in it answers.
+    pub nonce: String,
+    /// When it was made.
+    pub issued_at: String,
+    /// After this the device must not act on it.
+    pub expires_at: String,
+    /// The release to install, or none.
+    pub release: Option<AssignedRelease>,
+    /// The maintenance window of the device's group, if it has one.
+    pub window: Option<Window>,
+}
+
+/// The release an assignment points at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignedRelease {
+    /// The release id.
+    pub release_id: String,
+    /// The rollout that assigns it.
+    pub rollout_id: String,
+    /// Its version.
+    pub version: String,
+    /// Its security version.
+    pub security_version: u64,
+    /// Where to download the bundle (a path on the server).
+    pub url: String,
+    /// SHA-256 of the bundle file, hex.
+    pub sha256: String,
+    /// Its size.
+    pub size: u64,
+    /// `install`, or `rollback` (install the previous release; a trial rolls back instead).
+    pub action: String,
+}
+
+/// A maintenance window: activation and reboot only on these days between these times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Days of the week (`mon` … `sun`).
+    pub days: Vec<String>,
+    /// Start, `HH:MM`.
+    pub start: String,
+    /// End, `HH:MM` (before the start: the window crosses midnight).
+    pub end: String,
+    /// IANA time zone.
+    pub zone: String,
+}
+
+/// A device's report of a step of its update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    /// The device's sequence number for this report, from 1, one more for each new report.
+    pub seq: u64,
+    /// `downloading`, `staged`, `rebooting`, `trial`, `committed`, `failed`, `rolled_back`.
+    pub status: String,
+    /// The release it is about.
+    #[serde(default)]
+    pub release_id: Option<String>,
+    /// The rollout it is about.
+    #[serde(default)]
+    pub rollout_id: Option<String>,
+    /// Why (required for `failed` and `rolled_back`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// How long the step took, in seconds (download, apply, reboot-to-healthy).
+    #[serde(default)]
+    pub seconds: Option<f64>,
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportResponse {
+    /// The sequence number.
+    pub seq: u64,
+    /// `recorded`, or `duplicate` (already recorded: nothing changed).
+    pub outcome: String,
+}
+
+/// A device as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    /// Its id.
+    pub id: String,
+    /// Its group.
+    pub group: String,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Its product.
+    pub product: String,
+    /// The running version (as last reported).
+    pub version: Option<String>,
+    /// Its update status (`pending`, `downloading`, …, `committed`, `failed`, `rolled_back`),
+    /// or its own transaction state before it reported any.
+    pub state: String,
+    /// The reason of a failure or rollback.
+    pub reason: Option<String>,
+    /// The booted group.
+    pub booted: Option<String>,
+    /// Its health.
+    pub health: Option<String>,
+    /// When it last checked in.
+    pub last_seen: Option<String>,
+}
+
+/// One record of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Its place in the chain, from 1.
+    pub seq: u64,
+    /// When.
+    pub at: String,
+    /// Who: `admin`, `device:ID`, `server`.
+    pub actor: String,
+    /// What (`release.upload`, `device.enroll`, `device.report`, `rollout.pause`, …).
+    pub action: String,
+    /// The details, as JSON.
+    pub details: serde_json::Value,
+    /// The previous record's hash, hex.
+    pub prev: String,
+    /// This record's hash, hex.
+    pub hash: String,
+}
+
+/// The result of checking the audit chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerify {
+    /// Whether every record links to the one before and hashes right.
+    pub ok: bool,
+    /// How many records were checked.
+    pub records: u64,
+    /// The first record that does not, if any.
+    pub first_bad: Option<u64>,
+    /// What is wrong with it.
+    pub problem: Option<String>,
+}

@@ -1,0 +1,69 @@
+//! Who is asking: the admin (a bearer token whose SHA-256 the database holds) or an enrolled
+//! device (a bearer credential `DEVICE_ID:SECRET`, whose secret's SHA-256 is stored with the
+//! device). Missing or unknown credentials get 401; nothing else is looked at before that.
+
+use axum::http::HeaderMap;
+
+use crate::Server;
+use crate::error::{ApiError, ApiResult};
+
+fn bearer(headers: &HeaderMap) -> ApiResult<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::unauthorized("no Authorization header"))?
+        .to_str()
+        .map_err(|_| ApiError::unauthorized("the Authorization header is not text"))?;
+    value
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::unauthorized("expected Authorization: Bearer TOKEN"))
+}
+
+/// Compares two hex digests without stopping at the first difference.
+pub fn same_digest(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+/// Checks the admin token.
+pub fn admin(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
+    let token = bearer(headers)?;
+    if same_digest(&crate::sha256_hex(token.as_bytes()), &server.admin_hash) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("not the admin token"))
+    }
+}
+
+/// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+pub fn valid_device_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Checks a device credential and returns the device id.
+pub async fn device(server: &Server, headers: &HeaderMap) -> ApiResult<String> {
+    let credential = bearer(headers)?;
+    let (id, secret) = credential
+        .split_once(':')
+        .filter(|(id, _)| valid_device_id(id))
+        .ok_or_else(|| ApiError::unauthorized("not a device credential"))?;
+    let row: Option<(String,)> =
+        sqlx::query_as("SELECT credential_hash FROM devices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&server.db.pool)
+            .await?;
+    match row {
+        Some((hash,)) if same_digest(&crate::sha256_hex(secret.as_bytes()), &hash) => {
+            Ok(id.to_owned())
+        }
+        _ => Err(ApiError::unauthorized("unknown device credential")),
+    }
+}

@@ -1,0 +1,216 @@
+//! The database: SQLite in the data directory by default, PostgreSQL when several server
+//! processes share one. Both are reached through sqlx's `Any` driver with the same SQL (`$N`
+//! parameters, `BIGINT` and `TEXT` columns, times as Unix milliseconds); the few statements
+//! that differ ask [`Db::dialect`].
+//!
+//! SQLite gets one connection (writes are serialized anyway, and a single connection never
+//! sees `SQLITE_BUSY`), WAL journaling and `synchronous = FULL`, so a committed write survives
+//! a power loss. PostgreSQL gets a pool; decisions that must happen once take row locks.
+//!
+//! The schema is created and upgraded at start by the migrations below, each applied once in
+//! its own transaction and recorded in `schema_migrations`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::{AnyPool, Executor};
+
+/// Which SQL dialect the database speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    /// SQLite.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A connected, migrated database.
+#[derive(Clone, Debug)]
+pub struct Db {
+    /// The connection pool.
+    pub pool: AnyPool,
+    /// Its dialect.
+    pub dialect: Dialect,
+}
+
+/// The schema, in order. Never edit an applied migration; add a new one.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE releases (
+    id TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL UNIQUE,
+    product TEXT NOT NULL,
+    version TEXT NOT NULL,
+    security_version BIGINT NOT NULL,
+    compatible TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
+);
+CREATE TABLE enroll_tokens (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    grp TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+CREATE TABLE devices (
+    id TEXT PRIMARY KEY,
+    credential_hash TEXT NOT NULL,
+    product TEXT NOT NULL,
+    compatible TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    version TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    booted TEXT,
+    good TEXT,
+    health TEXT,
+    last_seen BIGINT,
+    last_seq BIGINT NOT NULL,
+    enrolled_at BIGINT NOT NULL
+);
+CREATE INDEX devices_grp ON devices (grp);
+CREATE TABLE reports (
+    device_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    release_id TEXT,
+    rollout_id TEXT,
+    reason TEXT,
+    millis BIGINT,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (device_id, seq)
+);
+CREATE TABLE audit (
+    seq BIGINT PRIMARY KEY,
+    at BIGINT NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    details TEXT NOT NULL,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE audit_head (
+    id BIGINT PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
+"#,
+)];
+
+/// Why the database could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL names no database Abide speaks.
+    #[error(
+        "--db {0}: expected postgres://… or sqlite://… (or nothing, for SQLite in the data directory)"
+    )]
+    Url(String),
+    /// The database refused or failed.
+    #[error("{what}: {source}")]
+    Sql {
+        /// What was being done.
+        what: String,
+        /// The driver's error.
+        #[source]
+        source: sqlx::Error,
+    },
+}
+
+impl Db {
+    /// Connects to `url`, or to SQLite at `DATA/abide.db` when there is none, and applies the
+    /// migrations not yet applied.
+    pub async fn open(url: Option<&str>, data: &Path) -> Result<Db, DbError> {
+        install_default_drivers();
+        let url = match url {
+            Some(u) => u.to_owned(),
+            None => format!("sqlite://{}?mode=rwc", data.join("abide.db").display()),
+        };
+        let dialect = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Dialect::Postgres
+        } else if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            return Err(DbError::Url(url));
+        };
+        let sql = |what: &str| {
+            let what = what.to_owned();
+            move |source| DbError::Sql { what, source }
+        };
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(30));
+        let pool = match dialect {
+            Dialect::Sqlite => options
+                .max_connections(1)
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                        Ok(())
+                    })
+                })
+                .connect(&url)
+                .await
+                .map_err(sql(&format!("opening the SQLite database {url}")))?,
+            Dialect::Postgres => options
+                .max_connections(16)
+                .connect(&url)
+                .await
+                .map_err(sql("connecting to PostgreSQL"))?,
+        };
+        let db = Db { pool, dialect };
+        db.migrate().await.map_err(sql("migrating the schema"))?;
+        Ok(db)
+    }
+
+    async fn migrate(&self) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            // One migrating process at a time.
+            tx.execute("SELECT pg_advisory_xact_lock(7296417)").await?;
+        }
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+        )
+        .await?;
+        for (version, script) in MIGRATIONS {
+            let done: Option<(i64,)> =
+                sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if done.is_some() {
+                continue;
+            }
+            for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                tx.execute(statement).await?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
+                .bind(version)
+                .bind(crate::clock::now_ms())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await
+    }
+
+    /// ` FOR UPDATE` on PostgreSQL (a row lock for the rest of the transaction); nothing on
+    /// SQLite, whose single connection already serializes every transaction.
+    pub fn for_update(&self) -> &'static str {
+        match self.dialect {
+            Dialect::Postgres => " FOR UPDATE",
+            Dialect::Sqlite => "",
+        }
+    }
+}

@@ -1,0 +1,516 @@
+//! Devices: enrolment tokens, enrolment, check-ins with signed answers, and reports.
+//!
+//! A check-in writes nothing at once: the device's last-seen time and inventory go into
+//! [`LastSeen`], which a background task writes in one transaction every half second (and the
+//! admin views write before they read), so check-ins stay cheap at scale. Reports are written
+//! at once, in a transaction that also appends the audit record: a report with a sequence
+//! number already recorded changes nothing and says `duplicate`; an older report arriving
+//! after a newer one is recorded but does not change the device's current state.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use abide_bundle::{HardwareId, Name};
+use abide_proto::{
+    Assignment, CheckinRequest, EnrollRequest, EnrollResponse, EnrollToken, EnrollTokenRequest,
+    ReportRequest, ReportResponse, SignedAssignment,
+};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+
+use crate::Server;
+use crate::auth::valid_device_id;
+use crate::clock::{now_ms, rfc3339};
+use crate::error::{ApiError, ApiResult, parse_json};
+
+/// The update statuses a device reports.
+pub const STATUSES: &[&str] = &[
+    "downloading",
+    "staged",
+    "rebooting",
+    "trial",
+    "committed",
+    "failed",
+    "rolled_back",
+];
+
+/// The transaction states a device's own inventory may carry.
+pub const DEVICE_STATES: &[&str] = &[
+    "idle",
+    "downloading",
+    "staged",
+    "activated",
+    "trial",
+    "committed",
+    "rolled_back",
+    "failed",
+];
+
+fn valid_label(s: &str, max: usize) -> bool {
+    (1..=max).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+fn check_tags(tags: &[String]) -> ApiResult<()> {
+    if tags.len() > 32 {
+        return Err(ApiError::bad_request("at most 32 tags"));
+    }
+    match tags.iter().find(|t| !valid_label(t, 64)) {
+        Some(t) => Err(ApiError::bad_request(format!(
+            "tag {t:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :"
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn check_group(group: &str) -> ApiResult<()> {
+    if valid_label(group, 64) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "group {group:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :"
+        )))
+    }
+}
+
+/// `POST /api/v1/enroll-tokens` (admin): a token devices enrol with into a group.
+pub async fn create_token(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<EnrollToken>)> {
+    crate::auth::admin(&server, &headers)?;
+    let req: EnrollTokenRequest = parse_json(&body)?;
+    check_group(&req.group)?;
+    check_tags(&req.tags)?;
+    let ttl = req.expires_in.unwrap_or(7 * 86_400);
+    if !(60..=366 * 86_400).contains(&ttl) {
+        return Err(ApiError::bad_request(
+            "expires_in: expected 60 seconds to 366 days",
+        ));
+    }
+    let id = format!("t-{}", crate::random_hex(8));
+    let token = format!("abide-enroll-{}", crate::random_hex(24));
+    let expires_at = now_ms() + ttl as i64 * 1000;
+    let mut tx = server.db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO enroll_tokens (id, token_hash, grp, tags, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&id)
+    .bind(crate::sha256_hex(token.as_bytes()))
+    .bind(&req.group)
+    .bind(serde_json::to_string(&req.tags).expect("strings serialize"))
+    .bind(now_ms())
+    .bind(expires_at)
+    .execute(&mut *tx)
+    .await?;
+    crate::audit::append(
+        &server,
+        &mut tx,
+        "admin",
+        "enroll-token.create",
+        serde_json::json!({"token_id": id, "group": req.group, "tags": req.tags, "expires_at": rfc3339(expires_at)}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollToken {
+            id,
+            token,
+            group: req.group,
+            tags: req.tags,
+            expires_at: rfc3339(expires_at),
+        }),
+    ))
+}
+
+/// `POST /api/v1/device/enroll`: a device with a valid token gets a credential. An id that is
+/// already enrolled is refused (re-enrolment would hand the device's identity to whoever holds
+/// a token).
+pub async fn enroll(
+    State(server): State<Server>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
+    let req: EnrollRequest = parse_json(&body)?;
+    let row: Option<(String, String, String, i64)> =
+        sqlx::query_as("SELECT id, grp, tags, expires_at FROM enroll_tokens WHERE token_hash = $1")
+            .bind(crate::sha256_hex(req.token.as_bytes()))
+            .fetch_optional(&server.db.pool)
+            .await?;
+    let Some((token_id, group, token_tags, expires_at)) = row else {
+        return Err(ApiError::unauthorized("unknown enrolment token"));
+    };
+    if expires_at <= now_ms() {
+        return Err(ApiError::forbidden(format!(
+            "the enrolment token expired at {}",
+            rfc3339(expires_at)
+        )));
+    }
+    if !valid_device_id(&req.device_id) {
+        return Err(ApiError::bad_request(format!(
+            "device_id {:?}: expected 1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot",
+            req.device_id
+        )));
+    }
+    if let Some(g) = req.group.as_deref().filter(|g| *g != group) {
+        return Err(ApiError::forbidden(format!(
+            "this token enrols into group {group}, not {g}"
+        )));
+    }
+    Name::parse("product", &req.product, 64)
+        .map_err(|e| ApiError::bad_request(format!("product: {e}")))?;
+    if req.compatible.is_empty() || req.compatible.len() > 16 {
+        return Err(ApiError::bad_request(
+            "compatible: expected 1 to 16 hardware ids",
+        ));
+    }
+    for c in &req.compatible {
+        HardwareId::parse("compatible", c, 64)
+            .map_err(|e| ApiError::bad_request(format!("compatible: {e}")))?;
+    }
+    check_tags(&req.tags)?;
+    let mut tags: Vec<String> = serde_json::from_str(&token_tags).unwrap_or_default();
+    for t in req.tags {
+        if !tags.contains(&t) {
+            tags.push(t);
+        }
+    }
+    let secret = crate::random_hex(32);
+    let mut tx = server.db.pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO devices (id, credential_hash, product, compatible, grp, tags, state, last_seq, enrolled_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, 'idle', 0, $7) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(&req.device_id)
+    .bind(crate::sha256_hex(secret.as_bytes()))
+    .bind(&req.product)
+    .bind(serde_json::to_string(&req.compatible).expect("strings serialize"))
+    .bind(&group)
+    .bind(serde_json::to_string(&tags).expect("strings serialize"))
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict(format!(
+            "device {} is already enrolled",
+            req.device_id
+        )));
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        &format!("device:{}", req.device_id),
+        "device.enroll",
+        serde_json::json!({"token_id": token_id, "group": group, "tags": tags, "product": req.product}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(EnrollResponse {
+            credential: format!("{}:{secret}", req.device_id),
+            device_id: req.device_id,
+            server_key: crate::public_key(&server).to_hex(),
+            group,
+        }),
+    ))
+}
+
+/// A device's inventory from its latest check-in, not yet written.
+#[derive(Debug, Clone)]
+struct Seen {
+    at: i64,
+    version: String,
+    booted: Option<String>,
+    good: Option<String>,
+    state: String,
+    health: Option<String>,
+}
+
+/// Check-ins waiting to be written, by device.
+#[derive(Debug, Default)]
+pub struct LastSeen(Mutex<HashMap<String, Seen>>);
+
+/// Writes the pending check-ins in one transaction.
+pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
+    let pending: Vec<(String, Seen)> = {
+        let mut map = server.last_seen.0.lock().expect("not poisoned");
+        map.drain().collect()
+    };
+    if pending.is_empty() {
+        return Ok(0);
+    }
+    let mut tx = server.db.pool.begin().await?;
+    for (id, s) in &pending {
+        sqlx::query(
+            "UPDATE devices SET last_seen = $2, version = $3, booted = $4, good = $5, health = $6, \
+             state = CASE WHEN last_seq = 0 THEN $7 ELSE state END WHERE id = $1",
+        )
+        .bind(id)
+        .bind(s.at)
+        .bind(&s.version)
+        .bind(&s.booted)
+        .bind(&s.good)
+        .bind(&s.health)
+        .bind(&s.state)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(pending.len())
+}
+
+/// Writes pending check-ins every half second, for as long as the server runs.
+pub async fn flush_last_seen_forever(server: Server) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        if let Err(e) = flush_last_seen(&server).await {
+            eprintln!("abide server: writing last-seen times: {}", e.message);
+        }
+    }
+}
+
+fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
+    if !(16..=64).contains(&req.nonce.len()) || !req.nonce.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(
+            "nonce: expected 16 to 64 hex digits, fresh for each check-in",
+        ));
+    }
+    if !valid_label(&req.version, 64) {
+        return Err(ApiError::bad_request(format!(
+            "version {:?}: not a version",
+            req.version
+        )));
+    }
+    if !DEVICE_STATES.contains(&req.state.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "state {:?}: expected one of {}",
+            req.state,
+            DEVICE_STATES.join(", ")
+        )));
+    }
+    for (field, v) in [
+        ("booted", &req.booted),
+        ("good", &req.good),
+        ("health", &req.health),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !valid_label(v, 32)) {
+            return Err(ApiError::bad_request(format!(
+                "{field} {v:?}: expected a short name"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/device/checkin`: records the inventory (coalesced) and answers the device's
+/// assignment, signed, bound to its id and nonce, valid for a few minutes.
+pub async fn checkin(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<SignedAssignment>> {
+    let id = crate::auth::device(&server, &headers).await?;
+    let req: CheckinRequest = parse_json(&body)?;
+    check_inventory(&req)?;
+    let now = now_ms();
+    server.last_seen.0.lock().expect("not poisoned").insert(
+        id.clone(),
+        Seen {
+            at: now,
+            version: req.version.clone(),
+            booted: req.booted.clone(),
+            good: req.good.clone(),
+            state: req.state.clone(),
+            health: req.health.clone(),
+        },
+    );
+    let assignment = Assignment {
+        device_id: id,
+        nonce: req.nonce,
+        issued_at: rfc3339(now),
+        expires_at: rfc3339(now + server.config.assignment_ttl * 1000),
+        release: None,
+        window: None,
+    };
+    Ok(Json(sign(&server, &assignment)))
+}
+
+/// Signs an assignment.
+pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
+    let payload = serde_json::to_string(assignment).expect("plain data serializes");
+    let signature = server
+        .signing
+        .sign(abide_proto::ASSIGNMENT_DOMAIN, payload.as_bytes());
+    SignedAssignment {
+        payload,
+        signature: signature.iter().map(|b| format!("{b:02x}")).collect(),
+        key_id: server.signing.public().id().to_string(),
+    }
+}
+
+/// `POST /api/v1/device/report`.
+pub async fn report(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<ReportResponse>> {
+    let id = crate::auth::device(&server, &headers).await?;
+    let req: ReportRequest = parse_json(&body)?;
+    if req.seq == 0 || req.seq > i64::MAX as u64 {
+        return Err(ApiError::bad_request("seq: expected 1 or more"));
+    }
+    if !STATUSES.contains(&req.status.as_str()) {
+        return Err(ApiError::bad_request(format!(
+            "status {:?}: expected one of {}",
+            req.status,
+            STATUSES.join(", ")
+        )));
+    }
+    let needs_reason = matches!(req.status.as_str(), "failed" | "rolled_back");
+    match req.reason.as_deref() {
+        None | Some("") if needs_reason => {
+            return Err(ApiError::bad_request(format!(
+                "a {} report needs a reason",
+                req.status
+            )));
+        }
+        Some(r) if r.len() > 1024 => {
+            return Err(ApiError::bad_request("reason: at most 1024 bytes"));
+        }
+        _ => {}
+    }
+    for (field, v) in [
+        ("release_id", &req.release_id),
+        ("rollout_id", &req.rollout_id),
+    ] {
+        if let Some(v) = v.as_deref().filter(|v| !valid_label(v, 64)) {
+            return Err(ApiError::bad_request(format!("{field} {v:?}: not an id")));
+        }
+    }
+    if req.seconds.is_some_and(|s| !(0.0..=1e7).contains(&s)) {
+        return Err(ApiError::bad_request("seconds: expected 0 to 10^7"));
+    }
+    let seq = req.seq as i64;
+    let mut tx = server.db.pool.begin().await?;
+    let (last_seq,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT last_seq FROM devices WHERE id = $1{}",
+        server.db.for_update()
+    )))
+    .bind(&id)
+    .fetch_one(&mut *tx)
+    .await?;
+    let inserted = sqlx::query(
+        "INSERT INTO reports (device_id, seq, status, release_id, rollout_id, reason, millis, at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device_id, seq) DO NOTHING",
+    )
+    .bind(&id)
+    .bind(seq)
+    .bind(&req.status)
+    .bind(&req.release_id)
+    .bind(&req.rollout_id)
+    .bind(&req.reason)
+    // Milliseconds as an integer: the same column type on both databases.
+    .bind(req.seconds.map(|s| (s * 1000.0).round() as i64))
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        tx.rollback().await?;
+        return Ok(Json(ReportResponse {
+            seq: req.seq,
+            outcome: "duplicate".into(),
+        }));
+    }
+    if seq > last_seq {
+        sqlx::query("UPDATE devices SET state = $2, reason = $3, last_seq = $4 WHERE id = $1")
+            .bind(&id)
+            .bind(&req.status)
+            .bind(&req.reason)
+            .bind(seq)
+            .execute(&mut *tx)
+            .await?;
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        &format!("device:{id}"),
+        "device.report",
+        serde_json::json!({"seq": req.seq, "status": req.status, "release": req.release_id,
+                           "rollout": req.rollout_id, "reason": req.reason, "current": seq > last_seq}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(ReportResponse {
+        seq: req.seq,
+        outcome: "recorded".into(),
+    }))
+}
+
+/// Filters of the device list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    /// Only this group.
+    pub group: Option<String>,
+    /// Only this state.
+    pub state: Option<String>,
+}
+
+type DeviceRow = (
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+/// `GET /api/v1/devices?group=G&state=S` (admin).
+pub async fn list(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> ApiResult<Json<Vec<abide_proto::Device>>> {
+    crate::auth::admin(&server, &headers)?;
+    flush_last_seen(&server).await?;
+    let rows: Vec<DeviceRow> = sqlx::query_as(
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen FROM devices \
+         WHERE ($1 = '' OR grp = $1) AND ($2 = '' OR state = $2) ORDER BY id",
+    )
+    .bind(filter.group.unwrap_or_default())
+    .bind(filter.state.unwrap_or_default())
+    .fetch_all(&server.db.pool)
+    .await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(
+                |(id, group, tags, product, version, state, reason, booted, health, last_seen)| {
+                    abide_proto::Device {
+                        id,
+                        group,
+                        tags: serde_json::from_str(&tags).unwrap_or_default(),
+                        product,
+                        version,
+                        state,
+                        reason,
+                        booted,
+                        health,
+                        last_seen: last_seen.map(rfc3339),
+                    }
+                },
+            )
+            .collect(),
+    ))
+}

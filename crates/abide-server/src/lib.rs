@@ -1,0 +1,320 @@
+//! The Abide fleet server: releases (verified bundles served with HTTP Range), enrolment of
+//! devices, signed check-ins, idempotent reports, and a hash-chained audit trail, over SQLite
+//! or PostgreSQL.
+//!
+//! [`Server::start`] opens the data directory and the database and returns the shared state;
+//! [`app`] is the whole HTTP API as an axum `Router`, which tests drive in-process and
+//! [`serve`] binds to a socket. Everything that matters lives in the database, so several
+//! processes can serve one PostgreSQL database.
+
+pub mod audit;
+pub mod auth;
+pub mod clock;
+pub mod db;
+pub mod devices;
+pub mod error;
+pub mod releases;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use abide_boot::persist::write_new;
+use abide_bundle::{ExpirationEnforcement, Limits, PublicKey, SecretKey, TrustRoot};
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+
+use crate::db::Db;
+
+/// How the server is started.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The data directory: bundles, keys, the admin token, and the SQLite database.
+    pub data: PathBuf,
+    /// A database URL (`postgres://…`); SQLite in `data` when `None`.
+    pub db: Option<String>,
+    /// The fleet trust root; `data/trust.json` when `None`.
+    pub trust: Option<PathBuf>,
+    /// The largest bundle an upload may carry.
+    pub max_bundle: u64,
+    /// How long a signed assignment is valid, in seconds.
+    pub assignment_ttl: i64,
+}
+
+impl Config {
+    /// Defaults for `data`: SQLite, `data/trust.json`, bundles up to 16 GiB, assignments valid
+    /// for 10 minutes.
+    pub fn new(data: &Path) -> Config {
+        Config {
+            data: data.to_owned(),
+            db: None,
+            trust: None,
+            max_bundle: 16 << 30,
+            assignment_ttl: 600,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    /// A file in the data directory.
+    #[error(transparent)]
+    Io(#[from] abide_boot::persist::IoError),
+    /// The trust root or the signing key.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// The state every request shares.
+#[derive(Clone)]
+pub struct Server(pub Arc<Inner>);
+
+/// What [`Server`] holds.
+pub struct Inner {
+    /// The configuration.
+    pub config: Config,
+    /// The database.
+    pub db: Db,
+    /// The fleet trust root bundles are verified against.
+    pub trust: TrustRoot,
+    /// The key that signs assignments.
+    pub signing: SecretKey,
+    /// SHA-256 of the admin token, hex.
+    pub admin_hash: String,
+    /// Device check-ins whose last-seen time is not yet written (coalesced).
+    pub last_seen: devices::LastSeen,
+}
+
+impl std::ops::Deref for Server {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// What the start did that the operator should know.
+#[derive(Debug, Default)]
+pub struct StartNotes {
+    /// Lines to print.
+    pub lines: Vec<String>,
+}
+
+impl Server {
+    /// Opens the data directory and the database; on the first start writes the admin token
+    /// (`admin.token`, mode 0600) and the assignment-signing key (`server.key`, mode 0600).
+    pub async fn start(config: Config) -> Result<(Server, StartNotes), StartError> {
+        let mut notes = StartNotes::default();
+        let data = &config.data;
+        for dir in [data.clone(), data.join("releases"), data.join("tmp")] {
+            std::fs::create_dir_all(&dir).map_err(|source| abide_boot::persist::IoError {
+                op: "creating",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let db = Db::open(config.db.as_deref(), data).await?;
+        let trust_path = config
+            .trust
+            .clone()
+            .unwrap_or_else(|| data.join("trust.json"));
+        let trust_bytes = std::fs::read(&trust_path).map_err(|e| {
+            StartError::Setup(format!(
+                "{}: {e}: the server verifies every uploaded bundle against the fleet's trust root; \
+                 put it there or pass --trust FILE",
+                trust_path.display()
+            ))
+        })?;
+        let trust = TrustRoot::load(
+            &trust_bytes,
+            jiff::Timestamp::now(),
+            ExpirationEnforcement::Safe,
+            &Limits::default(),
+        )
+        .map_err(|e| StartError::Setup(format!("{}: {e}", trust_path.display())))?;
+        let admin_hash = admin_token(&db, data, &mut notes).await?;
+        let signing = signing_key(&db, data, &mut notes).await?;
+        let server = Server(Arc::new(Inner {
+            config,
+            db,
+            trust,
+            signing,
+            admin_hash,
+            last_seen: devices::LastSeen::default(),
+        }));
+        Ok((server, notes))
+    }
+}
+
+/// `bytes` random bytes, hex.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).expect("the system's random source works");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// SHA-256 of `text`, hex.
+pub fn sha256_hex(text: &[u8]) -> String {
+    abide_bundle::Digest::of(text).to_string()
+}
+
+async fn setting(db: &Db, key: &str) -> Result<Option<String>, StartError> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT value FROM settings WHERE key = $1")
+        .bind(key)
+        .fetch_optional(&db.pool)
+        .await
+        .map_err(|source| db::DbError::Sql {
+            what: format!("reading setting {key}"),
+            source,
+        })?;
+    Ok(row.map(|(v,)| v))
+}
+
+/// Records `value` unless another process recorded one first; returns the one that counts.
+async fn set_setting_once(db: &Db, key: &str, value: &str) -> Result<String, StartError> {
+    sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+        .bind(key)
+        .bind(value)
+        .execute(&db.pool)
+        .await
+        .map_err(|source| db::DbError::Sql {
+            what: format!("writing setting {key}"),
+            source,
+        })?;
+    Ok(setting(db, key).await?.unwrap_or_default())
+}
+
+async fn admin_token(db: &Db, data: &Path, notes: &mut StartNotes) -> Result<String, StartError> {
+    let path = data.join("admin.token");
+    if let Some(hash) = setting(db, "admin_token_sha256").await? {
+        let here = std::fs::read_to_string(&path).ok();
+        if here.as_deref().map(|t| sha256_hex(t.trim().as_bytes())) != Some(hash.clone()) {
+            notes.lines.push(format!(
+                "admin token: set by the server that first used this database; {} does not hold it",
+                path.display()
+            ));
+        }
+        return Ok(hash);
+    }
+    let token = format!("abide-admin-{}", random_hex(32));
+    let hash = sha256_hex(token.as_bytes());
+    write_new(&path, format!("{token}\n").as_bytes(), 0o600)?;
+    let counted = set_setting_once(db, "admin_token_sha256", &hash).await?;
+    if counted != hash {
+        let _ = std::fs::remove_file(&path);
+        notes.lines.push(
+            "admin token: another server process set it first; use its admin.token".to_owned(),
+        );
+    } else {
+        notes.lines.push(format!(
+            "admin token written to {} (mode 0600)",
+            path.display()
+        ));
+    }
+    Ok(counted)
+}
+
+async fn signing_key(
+    db: &Db,
+    data: &Path,
+    notes: &mut StartNotes,
+) -> Result<SecretKey, StartError> {
+    let path = data.join("server.key");
+    let recorded = setting(db, "server_public_key").await?;
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => SecretKey::from_file_text(&text)
+            .map_err(|e| StartError::Setup(format!("{}: {e}", path.display())))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(public) = recorded {
+                return Err(StartError::Setup(format!(
+                    "{} is missing: this database's devices trust the signing key {public}; copy \
+                     server.key from the server that created it",
+                    path.display()
+                )));
+            }
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).expect("the system's random source works");
+            let key = SecretKey::from_seed(seed);
+            write_new(&path, key.to_file_text().as_bytes(), 0o600)?;
+            write_new(
+                &data.join("server.pub"),
+                key.public().to_file_text().as_bytes(),
+                0o644,
+            )?;
+            notes.lines.push(format!(
+                "assignment signing key written to {} (public key {})",
+                path.display(),
+                key.public().to_hex()
+            ));
+            key
+        }
+        Err(e) => {
+            return Err(StartError::Setup(format!("{}: {e}", path.display())));
+        }
+    };
+    let public = key.public().to_hex();
+    let counted = set_setting_once(db, "server_public_key", &public).await?;
+    if counted != public {
+        return Err(StartError::Setup(format!(
+            "{}: its public key {public} is not the one this database's devices trust ({counted})",
+            path.display()
+        )));
+    }
+    Ok(key)
+}
+
+/// The server's public key, as devices pin it.
+pub fn public_key(server: &Server) -> PublicKey {
+    server.signing.public()
+}
+
+/// The whole HTTP API.
+pub fn app(server: Server) -> Router {
+    let json_limit = DefaultBodyLimit::max(64 << 10);
+    Router::new()
+        .route(
+            "/api/v1/health",
+            get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
+        )
+        .route("/api/v1/server-key", get(releases::server_key))
+        .route(
+            "/api/v1/releases",
+            post(releases::upload)
+                .layer(DefaultBodyLimit::disable())
+                .get(releases::list),
+        )
+        .route("/api/v1/releases/{id}", get(releases::show))
+        .route("/api/v1/releases/{id}/bundle", get(releases::download))
+        .route(
+            "/api/v1/enroll-tokens",
+            post(devices::create_token).layer(json_limit),
+        )
+        .route(
+            "/api/v1/device/enroll",
+            post(devices::enroll).layer(json_limit),
+        )
+        .route(
+            "/api/v1/device/checkin",
+            post(devices::checkin).layer(json_limit),
+        )
+        .route(
+            "/api/v1/device/report",
+            post(devices::report).layer(json_limit),
+        )
+        .route("/api/v1/devices", get(devices::list))
+        .route("/api/v1/audit", get(audit::list))
+        .route("/api/v1/audit/verify", get(audit::verify))
+        .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .with_state(server)
+}
+
+/// Serves [`app`] on `listener` until the process is stopped, writing coalesced last-seen
+/// times in the background.
+pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let flusher = server.clone();
+    tokio::spawn(async move { devices::flush_last_seen_forever(flusher).await });
+    axum::serve(listener, app(server)).await
+}

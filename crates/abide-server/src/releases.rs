@@ -1,0 +1,351 @@
+//! Releases: bundles uploaded by the admin, verified against the fleet trust root before they
+//! are accepted, stored under their SHA-256 (`DATA/releases/SHA256.abide`: no name from a
+//! request ever becomes a path), and served with HTTP Range.
+
+use std::io::SeekFrom;
+
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Stream};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt as _;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+
+use crate::Server;
+use crate::clock::{now_ms, rfc3339};
+use crate::error::{ApiError, ApiResult};
+
+type Row = (String, String, String, String, i64, String, i64, i64);
+
+const COLUMNS: &str =
+    "id, sha256, product, version, security_version, compatible, size, created_at";
+
+fn release(row: Row) -> abide_proto::Release {
+    let (id, sha256, product, version, security_version, compatible, size, created_at) = row;
+    abide_proto::Release {
+        id,
+        product,
+        version,
+        security_version: security_version as u64,
+        compatible: serde_json::from_str(&compatible).unwrap_or_default(),
+        size: size as u64,
+        sha256,
+        created_at: rfc3339(created_at),
+    }
+}
+
+/// The release `id`, if there is one.
+pub async fn find(server: &Server, id: &str) -> ApiResult<Option<abide_proto::Release>> {
+    let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM releases WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&server.db.pool)
+    .await?;
+    Ok(row.map(release))
+}
+
+/// `GET /api/v1/server-key`: the assignment-signing public key (devices pin it).
+pub async fn server_key(State(server): State<Server>) -> Json<serde_json::Value> {
+    let key = crate::public_key(&server);
+    Json(serde_json::json!({"key": key.to_hex(), "key_id": key.id().to_string()}))
+}
+
+/// Removes a temporary file when dropped, unless it was kept.
+struct TempFile(Option<std::path::PathBuf>);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// `POST /api/v1/releases`: the body is a bundle. It is written to a temporary file while its
+/// SHA-256 is computed, fsynced, verified completely (signatures against the trust root, every
+/// chunk and digest), then renamed to its content address and recorded. A refused bundle gets
+/// 422 with the verification's code and leaves nothing behind.
+pub async fn upload(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<abide_proto::Release>)> {
+    crate::auth::admin(&server, &headers)?;
+    let tmp_dir = server.config.data.join("tmp");
+    let tmp_path = tmp_dir.join(format!("upload-{}", crate::random_hex(12)));
+    let mut guard = TempFile(Some(tmp_path.clone()));
+    let mut file = tokio::fs::File::create(&tmp_path)
+        .await
+        .map_err(|e| ApiError::internal("creating the upload file", e))?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        size += data.len() as u64;
+        if size > server.config.max_bundle {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!(
+                    "the bundle is larger than this server accepts ({} bytes)",
+                    server.config.max_bundle
+                ),
+            ));
+        }
+        hasher.update(&data);
+        file.write_all(&data)
+            .await
+            .map_err(|e| ApiError::internal("writing the upload", e))?;
+    }
+    if size == 0 {
+        return Err(ApiError::bad_request(
+            "the request body is empty: send the bundle file",
+        ));
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| ApiError::internal("syncing the upload", e))?;
+    drop(file);
+    let sha256: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let verify_path = tmp_path.clone();
+    let checked = {
+        let server = server.clone();
+        tokio::task::spawn_blocking(
+            move || -> Result<abide_bundle::Manifest, abide_bundle::Error> {
+                let file = std::fs::File::open(&verify_path).map_err(|source| {
+                    abide_bundle::Error::Io {
+                        what: "reading the upload",
+                        source,
+                    }
+                })?;
+                let policy = Policy {
+                    trust: &server.trust,
+                    now: jiff::Timestamp::now(),
+                    expiration: ExpirationEnforcement::Safe,
+                    compatible: None,
+                    min_security_version: 0,
+                };
+                let mut bundle = BundleReader::open(
+                    Stream(std::io::BufReader::with_capacity(1 << 20, file)),
+                    Limits::default(),
+                )?
+                .verify(&policy)?;
+                bundle.verify_rest()?;
+                Ok(bundle.manifest().clone())
+            },
+        )
+        .await
+        .map_err(|e| ApiError::internal("verifying the upload", e))?
+    };
+    let manifest = checked.map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            e.code(),
+            format!("the bundle was refused: {e}"),
+        )
+    })?;
+    let id = format!("r-{}", &sha256[..16]);
+    if let Some(existing) = find(&server, &id).await? {
+        return Err(ApiError::conflict(format!(
+            "this bundle is already release {} ({} {})",
+            existing.id, existing.product, existing.version
+        )));
+    }
+    let target = server
+        .config
+        .data
+        .join("releases")
+        .join(format!("{sha256}.abide"));
+    tokio::fs::rename(&tmp_path, &target)
+        .await
+        .map_err(|e| ApiError::internal("storing the bundle", e))?;
+    guard.0 = None;
+    abide_boot::persist::sync_dir(&server.config.data.join("releases"))
+        .map_err(|e| ApiError::internal("storing the bundle", e))?;
+    let compatible: Vec<String> = manifest
+        .compatible
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let row: Row = (
+        id.clone(),
+        sha256.clone(),
+        manifest.product.to_string(),
+        manifest.version.to_string(),
+        manifest.security_version as i64,
+        serde_json::to_string(&compatible).expect("strings serialize"),
+        size as i64,
+        now_ms(),
+    );
+    let mut tx = server.db.pool.begin().await?;
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO releases ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+    )))
+    .bind(&row.0)
+    .bind(&row.1)
+    .bind(&row.2)
+    .bind(&row.3)
+    .bind(row.4)
+    .bind(&row.5)
+    .bind(row.6)
+    .bind(row.7)
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict(format!(
+            "this bundle is already release {id}"
+        )));
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        "admin",
+        "release.upload",
+        serde_json::json!({"release": id, "product": row.2, "version": row.3, "sha256": sha256, "size": size}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok((StatusCode::CREATED, Json(release(row))))
+}
+
+/// `GET /api/v1/releases`.
+pub async fn list(
+    State(server): State<Server>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<abide_proto::Release>>> {
+    crate::auth::admin(&server, &headers)?;
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM releases ORDER BY created_at, id"
+    )))
+    .fetch_all(&server.db.pool)
+    .await?;
+    Ok(Json(rows.into_iter().map(release).collect()))
+}
+
+/// `GET /api/v1/releases/{id}`.
+pub async fn show(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<abide_proto::Release>> {
+    crate::auth::admin(&server, &headers)?;
+    find(&server, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no release {id}")))
+}
+
+/// A `Range` header that names no single range inside the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadRange;
+
+/// A single byte range of a `size`-byte file: `Ok(None)` for the whole file.
+pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, BadRange> {
+    let Some(h) = header else { return Ok(None) };
+    let spec = h.trim().strip_prefix("bytes=").ok_or(BadRange)?;
+    if spec.contains(',') {
+        return Err(BadRange);
+    }
+    let (a, b) = spec.split_once('-').ok_or(BadRange)?;
+    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| BadRange);
+    let (start, end) = match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, false) => {
+            let n = num(b)?;
+            if n == 0 {
+                return Err(BadRange);
+            }
+            (size.saturating_sub(n), size.checked_sub(1).ok_or(BadRange)?)
+        }
+        (false, true) => (num(a)?, size.checked_sub(1).ok_or(BadRange)?),
+        (false, false) => (num(a)?, num(b)?.min(size.saturating_sub(1))),
+        (true, true) => return Err(BadRange),
+    };
+    if start > end || start >= size {
+        return Err(BadRange);
+    }
+    Ok(Some((start, end)))
+}
+
+/// `GET /api/v1/releases/{id}/bundle`, for the admin or any enrolled device, with
+/// `Range: bytes=A-B` (one range) answered 206, and 416 for a range outside the file.
+pub async fn download(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    if crate::auth::admin(&server, &headers).is_err() {
+        crate::auth::device(&server, &headers).await?;
+    }
+    let rel = find(&server, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no release {id}")))?;
+    let path = server
+        .config
+        .data
+        .join("releases")
+        .join(format!("{}.abide", rel.sha256));
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("opening the bundle", e))?;
+    let size = rel.size;
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
+    let range = parse_range(range, size).map_err(|BadRange| {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range",
+            format!("expected one range inside the {size}-byte bundle, as bytes=START-END"),
+        )
+    });
+    let range = match range {
+        Ok(r) => r,
+        Err(e) => {
+            let mut resp = e.into_response();
+            resp.headers_mut().insert(
+                header::CONTENT_RANGE,
+                HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+            );
+            return Ok(resp);
+        }
+    };
+    let (status, start, len) = match range {
+        None => (StatusCode::OK, 0, size),
+        Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
+    };
+    file.seek(SeekFrom::Start(start))
+        .await
+        .map_err(|e| ApiError::internal("reading the bundle", e))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    let mut resp = Response::new(Body::from_stream(stream));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/vnd.abide.bundle"),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::ETAG,
+        HeaderValue::from_str(&format!("\"{}\"", rel.sha256)).expect("hex"),
+    );
+    if status == StatusCode::PARTIAL_CONTENT {
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_str(&format!("bytes {}-{}/{size}", start, start + len - 1))
+                .expect("ascii"),
+        );
+    }
+    Ok(resp)
+}

@@ -8,6 +8,7 @@
 mod error;
 pub mod health;
 pub mod quarantine;
+pub mod rollout;
 pub mod transaction;
 
 pub use error::{Error, Result};

@@ -35,9 +35,10 @@ pub struct Db {
 }
 
 /// The schema, in order. Never edit an applied migration; add a new one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -105,7 +106,66 @@ CREATE TABLE audit_head (
 );
 INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000');
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE device_tags (
+    device_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    PRIMARY KEY (device_id, tag)
+);
+CREATE INDEX device_tags_tag ON device_tags (tag);
+CREATE TABLE rollouts (
+    id TEXT PRIMARY KEY,
+    release_id TEXT NOT NULL,
+    grp TEXT,
+    tag TEXT,
+    stages TEXT NOT NULL,
+    threshold_bp BIGINT NOT NULL,
+    failure_baseline BIGINT NOT NULL,
+    unresponsive_ms BIGINT NOT NULL,
+    stage BIGINT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    stage_started_at BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    updated_at BIGINT NOT NULL
+);
+CREATE TABLE rollout_devices (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    place BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT,
+    from_version TEXT,
+    assigned_at BIGINT,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (rollout_id, device_id)
+);
+CREATE INDEX rollout_devices_place ON rollout_devices (rollout_id, place);
+CREATE INDEX rollout_devices_device ON rollout_devices (device_id);
+CREATE TABLE quarantine (
+    device_id TEXT NOT NULL,
+    release_id TEXT NOT NULL,
+    at BIGINT NOT NULL,
+    PRIMARY KEY (device_id, release_id)
+);
+CREATE TABLE groups (
+    name TEXT PRIMARY KEY,
+    max_unavailable BIGINT,
+    quorum BIGINT,
+    maintenance TEXT
+);
+CREATE TABLE leases (
+    device_id TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
+    granted_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+"#,
+    ),
+];
 
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]

@@ -50,7 +50,8 @@ pub const DEVICE_STATES: &[&str] = &[
     "failed",
 ];
 
-fn valid_label(s: &str, max: usize) -> bool {
+/// Whether `s` is a short name: 1 to `max` of `A-Z a-z 0-9 . _ - :`.
+pub fn valid_label(s: &str, max: usize) -> bool {
     (1..=max).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
@@ -202,6 +203,15 @@ pub async fn enroll(
             req.device_id
         )));
     }
+    for tag in &tags {
+        sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2)")
+            .bind(&req.device_id)
+            .bind(tag)
+            .execute(&mut *tx)
+            .await?;
+    }
+    // Unfinished rollouts that target the device take it in at its place.
+    crate::rollouts::enrol_device(&mut tx, &req.device_id).await?;
     crate::audit::append(
         &server,
         &mut tx,
@@ -332,13 +342,18 @@ pub async fn checkin(
             health: req.health.clone(),
         },
     );
+    let release = crate::rollouts::assignment(&server, &id, &req.version, now).await?;
+    let window = match &release {
+        Some(_) => crate::groups::window_of_device(&server, &id).await?,
+        None => None,
+    };
     let assignment = Assignment {
         device_id: id,
         nonce: req.nonce,
         issued_at: rfc3339(now),
         expires_at: rfc3339(now + server.config.assignment_ttl * 1000),
-        release: None,
-        window: None,
+        release,
+        window,
     };
     Ok(Json(sign(&server, &assignment)))
 }
@@ -437,6 +452,30 @@ pub async fn report(
             .bind(seq)
             .execute(&mut *tx)
             .await?;
+        if let Some(rollout) = &req.rollout_id {
+            crate::rollouts::on_report(
+                &mut tx,
+                &id,
+                rollout,
+                req.release_id.as_deref(),
+                &req.status,
+                req.reason.as_deref(),
+                now_ms(),
+            )
+            .await?;
+        }
+    }
+    // A device that rolled a release back is never offered it again.
+    if let (Some(release), "rolled_back") = (&req.release_id, req.status.as_str()) {
+        sqlx::query(
+            "INSERT INTO quarantine (device_id, release_id, at) VALUES ($1, $2, $3) \
+             ON CONFLICT (device_id, release_id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(release)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
     }
     crate::audit::append(
         &server,

@@ -13,7 +13,9 @@ pub mod clock;
 pub mod db;
 pub mod devices;
 pub mod error;
+pub mod groups;
 pub mod releases;
+pub mod rollouts;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -305,6 +307,24 @@ pub fn app(server: Server) -> Router {
             post(devices::report).layer(json_limit),
         )
         .route("/api/v1/devices", get(devices::list))
+        .route(
+            "/api/v1/rollouts",
+            post(rollouts::create).layer(json_limit).get(rollouts::list),
+        )
+        .route("/api/v1/rollouts/{id}", get(rollouts::show))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
+        .route(
+            "/api/v1/groups/{name}",
+            axum::routing::put(groups::set)
+                .layer(json_limit)
+                .get(groups::show),
+        )
+        .route(
+            "/api/v1/device/lease",
+            post(groups::acquire)
+                .delete(groups::release)
+                .layer(json_limit),
+        )
         .route("/api/v1/audit", get(audit::list))
         .route("/api/v1/audit/verify", get(audit::verify))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
@@ -316,5 +336,7 @@ pub fn app(server: Server) -> Router {
 pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let flusher = server.clone();
     tokio::spawn(async move { devices::flush_last_seen_forever(flusher).await });
+    let decider = server.clone();
+    tokio::spawn(async move { rollouts::tick_forever(decider).await });
     axum::serve(listener, app(server)).await
 }

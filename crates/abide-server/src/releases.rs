@@ -39,11 +39,26 @@ fn release(row: Row) -> abide_proto::Release {
 
 /// The release `id`, if there is one.
 pub async fn find(server: &Server, id: &str) -> ApiResult<Option<abide_proto::Release>> {
+    Ok(find_with(&server.db.pool, id).await?)
+}
+
+/// The release `id`, read inside a transaction.
+pub async fn find_in(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    id: &str,
+) -> Result<Option<abide_proto::Release>, sqlx::Error> {
+    find_with(&mut **tx, id).await
+}
+
+async fn find_with<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
+    e: E,
+    id: &str,
+) -> Result<Option<abide_proto::Release>, sqlx::Error> {
     let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM releases WHERE id = $1"
     )))
     .bind(id)
-    .fetch_optional(&server.db.pool)
+    .fetch_optional(e)
     .await?;
     Ok(row.map(release))
 }

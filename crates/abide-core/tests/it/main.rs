@@ -2,6 +2,7 @@
 
 mod health;
 mod quarantine;
+mod rollout;
 mod tidy;
 mod transaction;
 

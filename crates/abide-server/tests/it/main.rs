@@ -2,6 +2,7 @@
 //! PostgreSQL started for the test. Each scenario runs on both.
 
 mod api;
+mod rollouts;
 
 use abide_server::{Config, Server};
 use abide_testkit::pg::Postgres;

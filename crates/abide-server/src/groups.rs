@@ -1,0 +1,341 @@
+//! Device groups' settings and reboot leases (the FleetLock idea).
+//!
+//! A group may set `max_unavailable` (how many of its devices may hold a lease at once) and
+//! `quorum` (how many healthy devices must stay up), and a maintenance window that check-in
+//! answers carry. A device asks for a lease before it activates and reboots; it is granted
+//! only if fewer than `max_unavailable` leases are held in its group and at least `quorum`
+//! healthy members remain without one. The decision runs under the group row's lock, so
+//! several server processes never grant past the limits; expired leases are reclaimed first.
+
+use abide_proto::Window;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::{Deserialize, Serialize};
+
+use crate::Server;
+use crate::clock::{now_ms, rfc3339};
+use crate::error::{ApiError, ApiResult, parse_json};
+
+/// A group's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    /// At most this many devices hold a lease at once (unlimited when absent).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    /// At least this many healthy devices stay without a lease.
+    #[serde(default)]
+    pub quorum: Option<u32>,
+    /// Activation and reboot only inside this window.
+    #[serde(default)]
+    pub window: Option<Window>,
+}
+
+const DAYS: &[&str] = &["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+fn check_time(field: &str, t: &str) -> ApiResult<()> {
+    let ok = t.len() == 5
+        && t.as_bytes()[2] == b':'
+        && t[..2].parse::<u8>().is_ok_and(|h| h < 24)
+        && t[3..].parse::<u8>().is_ok_and(|m| m < 60);
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "window.{field} {t:?}: expected HH:MM"
+        )))
+    }
+}
+
+/// Checks a maintenance window: known days, `HH:MM` times, an IANA zone this machine knows.
+pub fn check_window(w: &Window) -> ApiResult<()> {
+    if w.days.is_empty() || w.days.iter().any(|d| !DAYS.contains(&d.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "window.days {:?}: expected some of {}",
+            w.days,
+            DAYS.join(", ")
+        )));
+    }
+    check_time("start", &w.start)?;
+    check_time("end", &w.end)?;
+    if w.start == w.end {
+        return Err(ApiError::bad_request(
+            "window: start and end are the same time",
+        ));
+    }
+    jiff::tz::TimeZone::get(&w.zone).map_err(|e| {
+        ApiError::bad_request(format!(
+            "window.zone {:?}: not a known IANA time zone ({e})",
+            w.zone
+        ))
+    })?;
+    Ok(())
+}
+
+async fn load(server: &Server, name: &str) -> ApiResult<GroupSettings> {
+    let row: Option<(Option<i64>, Option<i64>, Option<String>)> =
+        sqlx::query_as("SELECT max_unavailable, quorum, maintenance FROM groups WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&server.db.pool)
+            .await?;
+    Ok(
+        row.map_or_else(GroupSettings::default, |(m, q, w)| GroupSettings {
+            max_unavailable: m.map(|m| m as u32),
+            quorum: q.map(|q| q as u32),
+            window: w.and_then(|w| serde_json::from_str(&w).ok()),
+        }),
+    )
+}
+
+/// `PUT /api/v1/groups/{name}` (admin): replaces the group's settings.
+pub async fn set(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    crate::auth::admin(&server, &headers)?;
+    if !crate::devices::valid_label(&name, 64) {
+        return Err(ApiError::bad_request(format!("group {name:?}: not a name")));
+    }
+    let s: GroupSettings = parse_json(&body)?;
+    if let Some(w) = &s.window {
+        check_window(w)?;
+    }
+    if s.max_unavailable == Some(0) {
+        return Err(ApiError::bad_request(
+            "max_unavailable: 0 would never let a device update; leave it out for no limit",
+        ));
+    }
+    let mut tx = server.db.pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO groups (name, max_unavailable, quorum, maintenance) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET max_unavailable = $2, quorum = $3, maintenance = $4",
+    )
+    .bind(&name)
+    .bind(s.max_unavailable.map(i64::from))
+    .bind(s.quorum.map(i64::from))
+    .bind(
+        s.window
+            .as_ref()
+            .map(|w| serde_json::to_string(w).expect("plain data")),
+    )
+    .execute(&mut *tx)
+    .await?;
+    crate::audit::append(
+        &server,
+        &mut tx,
+        "admin",
+        "group.set",
+        serde_json::json!({"group": name, "settings": s}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(serde_json::json!({"group": name, "settings": s})))
+}
+
+/// `GET /api/v1/groups/{name}` (admin): settings, members, healthy members, leases.
+pub async fn show(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    crate::auth::admin(&server, &headers)?;
+    crate::devices::flush_last_seen(&server).await?;
+    let settings = load(&server, &name).await?;
+    let (members,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM devices WHERE grp = $1")
+        .bind(&name)
+        .fetch_one(&server.db.pool)
+        .await?;
+    let (healthy,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM devices WHERE grp = $1 AND health = 'healthy'")
+            .bind(&name)
+            .fetch_one(&server.db.pool)
+            .await?;
+    let leases: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT device_id, expires_at FROM leases WHERE grp = $1 AND expires_at > $2 ORDER BY device_id",
+    )
+    .bind(&name)
+    .bind(now_ms())
+    .fetch_all(&server.db.pool)
+    .await?;
+    Ok(Json(serde_json::json!({
+        "group": name, "settings": settings, "members": members, "healthy": healthy,
+        "leases": leases.iter().map(|(d, e)| serde_json::json!({"device": d, "expires_at": rfc3339(*e)})).collect::<Vec<_>>(),
+    })))
+}
+
+/// The maintenance window of a device's group.
+pub async fn window_of_device(server: &Server, device: &str) -> ApiResult<Option<Window>> {
+    let row: Option<(Option<String>,)> = sqlx::query_as(
+        "SELECT g.maintenance FROM devices d JOIN groups g ON g.name = d.grp WHERE d.id = $1",
+    )
+    .bind(device)
+    .fetch_optional(&server.db.pool)
+    .await?;
+    Ok(row
+        .and_then(|(w,)| w)
+        .and_then(|w| serde_json::from_str(&w).ok()))
+}
+
+/// What a lease request may carry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    /// How long the lease lasts (default `30m`, at most `24h`).
+    #[serde(default)]
+    pub duration: Option<String>,
+}
+
+/// `POST /api/v1/device/lease` (device): a reboot lease, or 409 `lease-refused` with the reason.
+pub async fn acquire(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    let device = crate::auth::device(&server, &headers).await?;
+    let req: LeaseRequest = if body.is_empty() {
+        LeaseRequest::default()
+    } else {
+        parse_json(&body)?
+    };
+    let seconds = abide_core::rollout::parse_duration(req.duration.as_deref().unwrap_or("30m"))
+        .map_err(|e| ApiError::bad_request(format!("duration: {e}")))?;
+    if !(1..=86_400).contains(&seconds) {
+        return Err(ApiError::bad_request("duration: 1s to 24h"));
+    }
+    // Health from check-ins not yet written counts too.
+    crate::devices::flush_last_seen(&server).await?;
+    let now = now_ms();
+    let mut tx = server.db.pool.begin().await?;
+    let (group,): (String,) = sqlx::query_as("SELECT grp FROM devices WHERE id = $1")
+        .bind(&device)
+        .fetch_one(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+        .bind(&group)
+        .execute(&mut *tx)
+        .await?;
+    let (max_unavailable, quorum): (Option<i64>, Option<i64>) =
+        sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT max_unavailable, quorum FROM groups WHERE name = $1{}",
+            server.db.for_update()
+        )))
+        .bind(&group)
+        .fetch_one(&mut *tx)
+        .await?;
+    let expired: Vec<(String,)> =
+        sqlx::query_as("SELECT device_id FROM leases WHERE grp = $1 AND expires_at <= $2")
+            .bind(&group)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+    if !expired.is_empty() {
+        sqlx::query("DELETE FROM leases WHERE grp = $1 AND expires_at <= $2")
+            .bind(&group)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        let ids: Vec<String> = expired.into_iter().map(|(d,)| d).collect();
+        crate::audit::append(
+            &server,
+            &mut tx,
+            "server",
+            "lease.reclaim",
+            serde_json::json!({"group": group, "devices": ids}),
+        )
+        .await?;
+    }
+    let expires = now + seconds as i64 * 1000;
+    let held: Option<(i64,)> = sqlx::query_as("SELECT expires_at FROM leases WHERE device_id = $1")
+        .bind(&device)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if held.is_none() {
+        let (leased,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM leases WHERE grp = $1")
+            .bind(&group)
+            .fetch_one(&mut *tx)
+            .await?;
+        let (healthy_free,): (i64,) = sqlx::query_as(
+            "SELECT COUNT(*) FROM devices d WHERE d.grp = $1 AND d.health = 'healthy' AND d.id <> $2 \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id)",
+        )
+        .bind(&group)
+        .bind(&device)
+        .fetch_one(&mut *tx)
+        .await?;
+        let refused = match (max_unavailable, quorum) {
+            (Some(m), _) if leased >= m => Some(format!(
+                "{leased} of group {group}'s devices already hold a lease (max_unavailable {m})"
+            )),
+            (_, Some(q)) if healthy_free < q => Some(format!(
+                "only {healthy_free} other healthy devices of group {group} would stay up (quorum {q})"
+            )),
+            _ => None,
+        };
+        if let Some(why) = refused {
+            tx.rollback().await?;
+            return Err(ApiError::new(StatusCode::CONFLICT, "lease-refused", why));
+        }
+        sqlx::query(
+            "INSERT INTO leases (device_id, grp, granted_at, expires_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&device)
+        .bind(&group)
+        .bind(now)
+        .bind(expires)
+        .execute(&mut *tx)
+        .await?;
+    } else {
+        sqlx::query("UPDATE leases SET expires_at = $2 WHERE device_id = $1")
+            .bind(&device)
+            .bind(expires)
+            .execute(&mut *tx)
+            .await?;
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        &format!("device:{device}"),
+        if held.is_none() {
+            "lease.grant"
+        } else {
+            "lease.extend"
+        },
+        serde_json::json!({"group": group, "expires_at": rfc3339(expires)}),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(
+        serde_json::json!({"granted": true, "group": group, "expires_at": rfc3339(expires)}),
+    ))
+}
+
+/// `DELETE /api/v1/device/lease` (device): gives the lease back (after commit or rollback).
+pub async fn release(
+    State(server): State<Server>,
+    headers: HeaderMap,
+) -> ApiResult<Json<serde_json::Value>> {
+    let device = crate::auth::device(&server, &headers).await?;
+    let mut tx = server.db.pool.begin().await?;
+    let gone = sqlx::query("DELETE FROM leases WHERE device_id = $1")
+        .bind(&device)
+        .execute(&mut *tx)
+        .await?;
+    if gone.rows_affected() > 0 {
+        crate::audit::append(
+            &server,
+            &mut tx,
+            &format!("device:{device}"),
+            "lease.release",
+            serde_json::json!({}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(
+        serde_json::json!({"released": gone.rows_affected() > 0}),
+    ))
+}

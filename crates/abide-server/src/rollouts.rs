@@ -1,0 +1,917 @@
+//! Rollouts: a release targeted at the devices of a group and/or tag, moved through stages
+//! gated by what the devices report.
+//!
+//! Every targeted device has a row in `rollout_devices` with its stable place (see
+//! [`abide_core::rollout::place`]) from the moment the rollout is created or the device
+//! enrols, so stage counts are one indexed query. A device of the current stage gets the
+//! release on its next check-in; its reports move its row; [`tick`] decides each running
+//! rollout's stage under a row lock, so with several server processes a stage advances once.
+//!
+//! Statuses: `waiting` (targets no device yet), `running`, `paused` (with the reason),
+//! `completed`, `aborted`, `rolled_back`.
+
+use abide_core::rollout::{self, Counts, Decision, Stage};
+use abide_proto::AssignedRelease;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use serde::Deserialize;
+use sqlx::{Any, Transaction};
+
+use crate::Server;
+use crate::clock::{now_ms, rfc3339};
+use crate::error::{ApiError, ApiResult, parse_json};
+
+/// Device states that end a device's part in a rollout.
+pub const TERMINAL: &[&str] = &[
+    "committed",
+    "failed",
+    "rolled_back",
+    "unresponsive",
+    "skipped",
+];
+/// Of those, the ones that count as failures.
+pub const FAILED: &[&str] = &["failed", "rolled_back", "unresponsive"];
+
+fn sql_list(items: &[&str]) -> String {
+    items
+        .iter()
+        .map(|s| format!("'{s}'"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A rollout as stored.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    /// Its id.
+    pub id: String,
+    /// The release.
+    pub release_id: String,
+    /// The targeted group.
+    pub group: Option<String>,
+    /// The targeted tag.
+    pub tag: Option<String>,
+    /// Its stages.
+    pub stages: Vec<Stage>,
+    /// Failure threshold, basis points.
+    pub threshold_bp: u32,
+    /// Failures already accepted by an operator's resume, in the current stage.
+    pub failure_baseline: i64,
+    /// After how long a device that has not finished counts as failed.
+    pub unresponsive_ms: i64,
+    /// The current stage (0-based).
+    pub stage: usize,
+    /// Its status.
+    pub status: String,
+    /// Why it is paused (or was stopped).
+    pub reason: Option<String>,
+    /// When the current stage started.
+    pub stage_started_at: i64,
+    /// When it was created.
+    pub created_at: i64,
+}
+
+type RolloutRow = (
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    i64,
+    i64,
+);
+
+const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at";
+
+fn from_row(r: RolloutRow) -> Rollout {
+    Rollout {
+        id: r.0,
+        release_id: r.1,
+        group: r.2,
+        tag: r.3,
+        stages: serde_json::from_str(&r.4).unwrap_or_default(),
+        threshold_bp: r.5 as u32,
+        failure_baseline: r.6,
+        unresponsive_ms: r.7,
+        stage: r.8 as usize,
+        status: r.9,
+        reason: r.10,
+        stage_started_at: r.11,
+        created_at: r.12,
+    }
+}
+
+/// Loads a rollout inside `tx`, locking its row on PostgreSQL.
+pub async fn load_locked(
+    server: &Server,
+    tx: &mut Transaction<'static, Any>,
+    id: &str,
+) -> Result<Option<Rollout>, sqlx::Error> {
+    let row: Option<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM rollouts WHERE id = $1{}",
+        server.db.for_update()
+    )))
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    Ok(row.map(from_row))
+}
+
+/// What `POST /api/v1/rollouts` takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// The release id.
+    pub release: String,
+    /// `5:24h,25:24h,100`.
+    pub stages: String,
+    /// `10%` (default).
+    #[serde(default)]
+    pub failure_threshold: Option<String>,
+    /// Only devices of this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Only devices with this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// After how long a device that has not finished counts as failed (default `4h`).
+    #[serde(default)]
+    pub unresponsive_after: Option<String>,
+}
+
+/// A device the rollout may target.
+struct Candidate {
+    id: String,
+    version: Option<String>,
+}
+
+/// The enrolled devices a release's rollout to `group`/`tag` targets: same product, a shared
+/// hardware id, the group, the tag.
+async fn candidates(
+    tx: &mut Transaction<'static, Any>,
+    release: &abide_proto::Release,
+    group: Option<&str>,
+    tag: Option<&str>,
+    only: Option<&str>,
+) -> Result<Vec<Candidate>, sqlx::Error> {
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT d.id, d.compatible, d.version FROM devices d WHERE d.product = $1 \
+         AND ($2 = '' OR d.grp = $2) \
+         AND ($3 = '' OR EXISTS (SELECT 1 FROM device_tags t WHERE t.device_id = d.id AND t.tag = $3)) \
+         AND ($4 = '' OR d.id = $4)",
+    )
+    .bind(&release.product)
+    .bind(group.unwrap_or(""))
+    .bind(tag.unwrap_or(""))
+    .bind(only.unwrap_or(""))
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .filter(|(_, compatible, _)| {
+            let ids: Vec<String> = serde_json::from_str(compatible).unwrap_or_default();
+            ids.iter().any(|c| release.compatible.contains(c))
+        })
+        .map(|(id, _, version)| Candidate { id, version })
+        .collect())
+}
+
+/// Adds `devices` to rollout `r` (ignoring ones already in it).
+async fn add_devices(
+    tx: &mut Transaction<'static, Any>,
+    r: &Rollout,
+    release: &abide_proto::Release,
+    devices: &[Candidate],
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    for d in devices {
+        let quarantined: Option<(i64,)> =
+            sqlx::query_as("SELECT at FROM quarantine WHERE device_id = $1 AND release_id = $2")
+                .bind(&d.id)
+                .bind(&r.release_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+        let (state, reason) = if quarantined.is_some() {
+            ("skipped", Some("rolled this release back before"))
+        } else if d.version.as_deref() == Some(release.version.as_str()) {
+            ("committed", Some("already running this release"))
+        } else {
+            ("pending", None)
+        };
+        sqlx::query(
+            "INSERT INTO rollout_devices (rollout_id, device_id, place, state, reason, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (rollout_id, device_id) DO NOTHING",
+        )
+        .bind(&r.id)
+        .bind(&d.id)
+        .bind(rollout::place(&r.id, &d.id) as i64)
+        .bind(state)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Puts a newly enrolled device into every unfinished rollout that targets it.
+pub async fn enrol_device(
+    tx: &mut Transaction<'static, Any>,
+    device: &str,
+) -> Result<(), sqlx::Error> {
+    let rows: Vec<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM rollouts WHERE status IN ('waiting', 'running', 'paused')"
+    )))
+    .fetch_all(&mut **tx)
+    .await?;
+    for r in rows.into_iter().map(from_row) {
+        let Some(release) = crate::releases::find_in(tx, &r.release_id).await? else {
+            continue;
+        };
+        let found = candidates(
+            tx,
+            &release,
+            r.group.as_deref(),
+            r.tag.as_deref(),
+            Some(device),
+        )
+        .await?;
+        add_devices(tx, &r, &release, &found, now_ms()).await?;
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/rollouts` (admin).
+pub async fn create(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    crate::auth::admin(&server, &headers)?;
+    let req: CreateRequest = parse_json(&body)?;
+    let stages =
+        rollout::parse_stages(&req.stages).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let threshold = rollout::parse_percent(req.failure_threshold.as_deref().unwrap_or("10%"))
+        .map_err(|e| ApiError::bad_request(format!("failure_threshold: {e}")))?;
+    let unresponsive = rollout::parse_duration(req.unresponsive_after.as_deref().unwrap_or("4h"))
+        .map_err(|e| ApiError::bad_request(format!("unresponsive_after: {e}")))?;
+    if unresponsive == 0 {
+        return Err(ApiError::bad_request(
+            "unresponsive_after: must be more than 0s",
+        ));
+    }
+    for (field, v) in [("group", &req.group), ("tag", &req.tag)] {
+        if let Some(v) = v.as_deref().filter(|v| !crate::devices::valid_label(v, 64)) {
+            return Err(ApiError::bad_request(format!("{field} {v:?}: not a name")));
+        }
+    }
+    let release = crate::releases::find(&server, &req.release)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no release {}", req.release)))?;
+    let now = now_ms();
+    let mut r = Rollout {
+        id: format!("ro-{}", crate::random_hex(6)),
+        release_id: release.id.clone(),
+        group: req.group,
+        tag: req.tag,
+        stages,
+        threshold_bp: threshold,
+        failure_baseline: 0,
+        unresponsive_ms: unresponsive as i64 * 1000,
+        stage: 0,
+        status: "waiting".into(),
+        reason: None,
+        stage_started_at: now,
+        created_at: now,
+    };
+    let mut tx = server.db.pool.begin().await?;
+    let found = candidates(
+        &mut tx,
+        &release,
+        r.group.as_deref(),
+        r.tag.as_deref(),
+        None,
+    )
+    .await?;
+    if !found.is_empty() {
+        r.status = "running".into();
+    }
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO rollouts ({COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+    )))
+    .bind(&r.id)
+    .bind(&r.release_id)
+    .bind(&r.group)
+    .bind(&r.tag)
+    .bind(serde_json::to_string(&r.stages).expect("plain data"))
+    .bind(i64::from(r.threshold_bp))
+    .bind(0i64)
+    .bind(r.unresponsive_ms)
+    .bind(0i64)
+    .bind(&r.status)
+    .bind(&r.reason)
+    .bind(now)
+    .bind(now)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    add_devices(&mut tx, &r, &release, &found, now).await?;
+    crate::audit::append(
+        &server,
+        &mut tx,
+        "admin",
+        "rollout.create",
+        serde_json::json!({"rollout": r.id, "release": r.release_id, "stages": r.stages,
+            "failure_threshold_bp": r.threshold_bp, "group": r.group, "tag": r.tag, "devices": found.len()}),
+    )
+    .await?;
+    tx.commit().await?;
+    let status = status_of(&server, &r.id).await?;
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+/// A rollout's status with per-stage counts and its failing devices.
+pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value> {
+    let row: Option<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM rollouts WHERE id = $1"
+    )))
+    .bind(id)
+    .fetch_optional(&server.db.pool)
+    .await?;
+    let r = from_row(row.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?);
+    let rows: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
+        "SELECT place, state, device_id, reason FROM rollout_devices WHERE rollout_id = $1 ORDER BY place",
+    )
+    .bind(id)
+    .fetch_all(&server.db.pool)
+    .await?;
+    let mut stages = Vec::new();
+    let mut lower = 0u64;
+    for (i, s) in r.stages.iter().enumerate() {
+        let upper = rollout::cutoff(s.percent);
+        let mut counts = serde_json::Map::new();
+        let mut n = 0u64;
+        for (place, state, _, _) in &rows {
+            let p = *place as u64;
+            if p >= lower && p < upper {
+                n += 1;
+                let e = counts.entry(state.clone()).or_insert(serde_json::json!(0));
+                *e = serde_json::json!(e.as_u64().unwrap_or(0) + 1);
+            }
+        }
+        stages.push(serde_json::json!({
+            "index": i + 1, "percent": s.percent, "soak_seconds": s.soak,
+            "devices": n, "states": counts,
+            "committed": counts.get("committed").and_then(|v| v.as_u64()).unwrap_or(0),
+            "failed": FAILED.iter().map(|f| counts.get(*f).and_then(|v| v.as_u64()).unwrap_or(0)).sum::<u64>(),
+            "current": i == r.stage && matches!(r.status.as_str(), "running" | "paused" | "waiting"),
+        }));
+        lower = upper;
+    }
+    let failing: Vec<serde_json::Value> = rows
+        .iter()
+        .filter(|(_, state, _, _)| FAILED.contains(&state.as_str()))
+        .map(|(_, state, device, reason)| serde_json::json!({"device": device, "state": state, "reason": reason}))
+        .collect();
+    let count = |want: &[&str]| {
+        rows.iter()
+            .filter(|(_, s, _, _)| want.contains(&s.as_str()))
+            .count()
+    };
+    Ok(serde_json::json!({
+        "id": r.id,
+        "release": r.release_id,
+        "status": r.status,
+        "reason": r.reason,
+        "group": r.group,
+        "tag": r.tag,
+        "stage": r.stage + 1,
+        "stages": stages,
+        "failure_threshold": format!("{}%", f64::from(r.threshold_bp) / 100.0),
+        "devices": rows.len(),
+        "committed": count(&["committed"]),
+        "failed": count(FAILED),
+        "in_progress": rows.len() - count(TERMINAL) - count(&["pending"]),
+        "pending": count(&["pending"]),
+        "failing": failing,
+        "stage_started_at": rfc3339(r.stage_started_at),
+        "created_at": rfc3339(r.created_at),
+    }))
+}
+
+/// `GET /api/v1/rollouts/{id}` (admin).
+pub async fn show(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    crate::auth::admin(&server, &headers)?;
+    Ok(Json(status_of(&server, &id).await?))
+}
+
+/// `GET /api/v1/rollouts` (admin): every rollout's status, newest first.
+pub async fn list(
+    State(server): State<Server>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    crate::auth::admin(&server, &headers)?;
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM rollouts ORDER BY created_at DESC, id")
+            .fetch_all(&server.db.pool)
+            .await?;
+    let mut out = Vec::new();
+    for (id,) in ids {
+        out.push(status_of(&server, &id).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn set_status(
+    tx: &mut Transaction<'static, Any>,
+    id: &str,
+    status: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE rollouts SET status = $2, reason = $3, updated_at = $4 WHERE id = $1")
+        .bind(id)
+        .bind(status)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The highest place in the rollout's current stage, as the database stores places (a stage
+/// of 100 % ends at 2^63 − 1, the highest place there is).
+fn last_place(r: &Rollout) -> i64 {
+    let cutoff = rollout::cutoff(r.stages.get(r.stage).map_or(100, |s| s.percent));
+    (i128::from(cutoff) - 1) as i64
+}
+
+async fn stage_counts(
+    tx: &mut Transaction<'static, Any>,
+    r: &Rollout,
+) -> Result<Counts, sqlx::Error> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT state, COUNT(*) FROM rollout_devices WHERE rollout_id = $1 AND place <= $2 GROUP BY state",
+    )
+    .bind(&r.id)
+    .bind(last_place(r))
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut c = Counts::default();
+    for (state, n) in rows {
+        let n = n as u64;
+        c.total += n;
+        match state.as_str() {
+            "committed" => c.committed += n,
+            "skipped" => c.skipped += n,
+            s if FAILED.contains(&s) => c.failed += n,
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+/// One decision about a rollout, for the log, the audit trail and the benchmark.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    /// The rollout.
+    pub rollout: String,
+    /// What happened (`advance`, `complete`, `pause`, `start`, `wait`).
+    pub what: String,
+    /// How long the decision took, in seconds.
+    pub seconds: f64,
+}
+
+/// Decides every waiting or running rollout at `now`: devices past their time become
+/// unresponsive, then the stage waits, advances, completes, or pauses. Each rollout is decided
+/// in its own transaction holding its row lock.
+pub async fn tick(server: &Server, now: i64) -> ApiResult<Vec<Decided>> {
+    let ids: Vec<(String,)> = sqlx::query_as(
+        "SELECT id FROM rollouts WHERE status IN ('waiting', 'running') ORDER BY created_at",
+    )
+    .fetch_all(&server.db.pool)
+    .await?;
+    let mut out = Vec::new();
+    for (id,) in ids {
+        let started = std::time::Instant::now();
+        let mut tx = server.db.pool.begin().await?;
+        let Some(mut r) = load_locked(server, &mut tx, &id).await? else {
+            continue;
+        };
+        let what = decide_one(server, &mut tx, &mut r, now).await?;
+        tx.commit().await?;
+        out.push(Decided {
+            rollout: id,
+            what,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(out)
+}
+
+async fn decide_one(
+    server: &Server,
+    tx: &mut Transaction<'static, Any>,
+    r: &mut Rollout,
+    now: i64,
+) -> Result<String, sqlx::Error> {
+    if !matches!(r.status.as_str(), "waiting" | "running") {
+        return Ok("none".into());
+    }
+    let (targeted,): (i64,) =
+        sqlx::query_as("SELECT COUNT(*) FROM rollout_devices WHERE rollout_id = $1")
+            .bind(&r.id)
+            .fetch_one(&mut **tx)
+            .await?;
+    if targeted == 0 {
+        return Ok("wait".into());
+    }
+    if r.status == "waiting" {
+        sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
+            .bind(&r.id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        r.status = "running".into();
+        r.stage_started_at = now;
+        crate::audit::append(
+            server,
+            tx,
+            "server",
+            "rollout.start",
+            serde_json::json!({"rollout": r.id, "devices": targeted}),
+        )
+        .await?;
+    }
+    let cutoff = last_place(r);
+    let limit = now - r.unresponsive_ms;
+    let terminal = sql_list(TERMINAL);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE rollout_devices SET state = 'unresponsive', reason = 'no result in time', updated_at = $3 \
+         WHERE rollout_id = $1 AND place <= $2 AND state NOT IN ({terminal}) AND state <> 'pending' AND assigned_at < $4"
+    )))
+    .bind(&r.id)
+    .bind(cutoff)
+    .bind(now)
+    .bind(limit)
+    .execute(&mut **tx)
+    .await?;
+    if r.stage_started_at < limit {
+        sqlx::query(
+            "UPDATE rollout_devices SET state = 'unresponsive', reason = 'did not check in', updated_at = $3 \
+             WHERE rollout_id = $1 AND place <= $2 AND state = 'pending'",
+        )
+        .bind(&r.id)
+        .bind(cutoff)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    let mut counts = stage_counts(tx, r).await?;
+    counts.accepted = r.failure_baseline as u64;
+    let decision = rollout::decide(
+        &r.stages,
+        r.stage,
+        r.stage_started_at,
+        now,
+        counts,
+        r.threshold_bp,
+    );
+    let what = match decision {
+        Decision::Wait => return Ok("wait".into()),
+        Decision::Advance => {
+            let moved = sqlx::query(
+                "UPDATE rollouts SET stage = stage + 1, stage_started_at = $2, failure_baseline = 0, updated_at = $2 \
+                 WHERE id = $1 AND stage = $3 AND status = 'running'",
+            )
+            .bind(&r.id)
+            .bind(now)
+            .bind(r.stage as i64)
+            .execute(&mut **tx)
+            .await?;
+            if moved.rows_affected() != 1 {
+                return Ok("none".into());
+            }
+            "advance"
+        }
+        Decision::Complete => {
+            set_status(tx, &r.id, "completed", None, now).await?;
+            "complete"
+        }
+        Decision::Pause(ref reason) => {
+            set_status(tx, &r.id, "paused", Some(reason), now).await?;
+            "pause"
+        }
+    };
+    let reason = match &decision {
+        Decision::Pause(reason) => Some(reason.clone()),
+        _ => None,
+    };
+    crate::audit::append(
+        server,
+        tx,
+        "server",
+        &format!("rollout.{what}"),
+        serde_json::json!({"rollout": r.id, "stage": r.stage + 1, "counts": counts, "reason": reason}),
+    )
+    .await?;
+    Ok(what.into())
+}
+
+/// `POST /api/v1/rollouts/{id}/{action}` (admin): `pause`, `resume`, `advance`, `abort`,
+/// `rollback`. A transition the rollout's status does not allow is a 409.
+pub async fn act(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    crate::auth::admin(&server, &headers)?;
+    let now = now_ms();
+    let mut tx = server.db.pool.begin().await?;
+    let r = load_locked(&server, &mut tx, &id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
+    let refuse =
+        |verb: &str| ApiError::conflict(format!("a {} rollout cannot be {verb}", r.status));
+    let mut details = serde_json::json!({"rollout": id, "from": r.status});
+    match action.as_str() {
+        "pause" => {
+            if !matches!(r.status.as_str(), "running" | "waiting") {
+                return Err(refuse("paused"));
+            }
+            set_status(&mut tx, &id, "paused", Some("paused by an operator"), now).await?;
+        }
+        "resume" => {
+            if r.status != "paused" {
+                return Err(refuse("resumed"));
+            }
+            // The failures that paused it are accepted; new ones count from here.
+            let counts = stage_counts(&mut tx, &r).await?;
+            sqlx::query("UPDATE rollouts SET status = 'running', reason = NULL, failure_baseline = $2, updated_at = $3 WHERE id = $1")
+                .bind(&id)
+                .bind(counts.failed as i64)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            details["accepted_failures"] = serde_json::json!(counts.failed);
+        }
+        "advance" => {
+            if !matches!(r.status.as_str(), "running" | "paused" | "waiting") {
+                return Err(refuse("advanced"));
+            }
+            if r.stage + 1 >= r.stages.len() {
+                return Err(ApiError::conflict("the rollout is at its last stage"));
+            }
+            sqlx::query(
+                "UPDATE rollouts SET stage = stage + 1, stage_started_at = $2, failure_baseline = 0, status = 'running', reason = NULL, updated_at = $2 WHERE id = $1",
+            )
+            .bind(&id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            details["stage"] = serde_json::json!(r.stage + 2);
+        }
+        "abort" => {
+            if !matches!(r.status.as_str(), "running" | "paused" | "waiting") {
+                return Err(refuse("aborted"));
+            }
+            set_status(&mut tx, &id, "aborted", Some("aborted by an operator"), now).await?;
+        }
+        "rollback" => {
+            if !matches!(
+                r.status.as_str(),
+                "running" | "paused" | "completed" | "aborted"
+            ) {
+                return Err(refuse("rolled back"));
+            }
+            set_status(
+                &mut tx,
+                &id,
+                "rolled_back",
+                Some("fleet-wide rollback by an operator"),
+                now,
+            )
+            .await?;
+        }
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no rollout action {other:?}: expected pause, resume, advance, abort or rollback"
+            )));
+        }
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        "admin",
+        &format!("rollout.{action}"),
+        details,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Json(status_of(&server, &id).await?))
+}
+
+type AssignRow = (
+    String,
+    i64,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    i64,
+    Option<String>,
+);
+
+/// The release a device should act on now, if any (newest rollout first). The first time a
+/// device of the current stage is given a release its row becomes `assigned`.
+pub async fn assignment(
+    server: &Server,
+    device: &str,
+    version: &str,
+    now: i64,
+) -> ApiResult<Option<AssignedRelease>> {
+    let rows: Vec<AssignRow> = sqlx::query_as(
+        "SELECT r.id, r.stage, r.stages, r.status, rel.id, rel.security_version, rel.version, rel.sha256, rel.size, \
+                rd.state, rd.place, rd.from_version \
+         FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id JOIN releases rel ON rel.id = r.release_id \
+         WHERE rd.device_id = $1 AND r.status IN ('running', 'rolled_back') ORDER BY r.created_at DESC",
+    )
+    .bind(device)
+    .fetch_all(&server.db.pool)
+    .await?;
+    for (
+        rollout_id,
+        stage,
+        stages,
+        status,
+        release_id,
+        security,
+        rel_version,
+        sha256,
+        size,
+        state,
+        place,
+        from,
+    ) in rows
+    {
+        let stages: Vec<Stage> = serde_json::from_str(&stages).unwrap_or_default();
+        let assigned = |release_id: String,
+                        version: String,
+                        security: i64,
+                        sha256: String,
+                        size: i64,
+                        action: &str| AssignedRelease {
+            url: format!("/api/v1/releases/{release_id}/bundle"),
+            release_id,
+            rollout_id: rollout_id.clone(),
+            version,
+            security_version: security as u64,
+            sha256,
+            size: size as u64,
+            action: action.into(),
+        };
+        if status == "rolled_back" {
+            let Some(prev) = from.as_deref() else {
+                continue;
+            };
+            if !matches!(
+                state.as_str(),
+                "assigned" | "downloading" | "staged" | "rebooting" | "trial" | "committed"
+            ) {
+                continue;
+            }
+            let previous: Option<(String, i64, String, i64)> = sqlx::query_as(
+                "SELECT p.id, p.security_version, p.sha256, p.size FROM releases p JOIN releases n ON n.product = p.product \
+                 WHERE n.id = $1 AND p.version = $2 ORDER BY p.created_at DESC LIMIT 1",
+            )
+            .bind(&release_id)
+            .bind(prev)
+            .fetch_optional(&server.db.pool)
+            .await?;
+            let Some((pid, psec, psha, psize)) = previous else {
+                continue;
+            };
+            if state == "committed" && psec < security {
+                // The device raised its security counter on commit: it cannot go back.
+                continue;
+            }
+            if state == "committed" && version == prev {
+                continue;
+            }
+            let action = if state == "committed" {
+                "install"
+            } else {
+                "rollback"
+            };
+            return Ok(Some(assigned(
+                pid,
+                prev.to_owned(),
+                psec,
+                psha,
+                psize,
+                action,
+            )));
+        }
+        let cutoff = rollout::cutoff(stages.get(stage as usize).map_or(100, |s| s.percent));
+        if (place as u64) >= cutoff || TERMINAL.contains(&state.as_str()) {
+            continue;
+        }
+        let quarantined: Option<(i64,)> =
+            sqlx::query_as("SELECT at FROM quarantine WHERE device_id = $1 AND release_id = $2")
+                .bind(device)
+                .bind(&release_id)
+                .fetch_optional(&server.db.pool)
+                .await?;
+        if quarantined.is_some() {
+            sqlx::query("UPDATE rollout_devices SET state = 'skipped', reason = 'rolled this release back before', updated_at = $3 WHERE rollout_id = $1 AND device_id = $2")
+                .bind(&rollout_id)
+                .bind(device)
+                .bind(now)
+                .execute(&server.db.pool)
+                .await?;
+            continue;
+        }
+        if state == "pending" {
+            sqlx::query(
+                "UPDATE rollout_devices SET state = 'assigned', assigned_at = $3, from_version = $4, updated_at = $3 \
+                 WHERE rollout_id = $1 AND device_id = $2 AND state = 'pending'",
+            )
+            .bind(&rollout_id)
+            .bind(device)
+            .bind(now)
+            .bind(version)
+            .execute(&server.db.pool)
+            .await?;
+        }
+        return Ok(Some(assigned(
+            release_id,
+            rel_version,
+            security,
+            sha256,
+            size,
+            "install",
+        )));
+    }
+    Ok(None)
+}
+
+/// Moves a device's row in a rollout after a report (the newest report only).
+pub async fn on_report(
+    tx: &mut Transaction<'static, Any>,
+    device: &str,
+    rollout_id: &str,
+    release_id: Option<&str>,
+    status: &str,
+    reason: Option<&str>,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let row: Option<(String,)> = sqlx::query_as("SELECT release_id FROM rollouts WHERE id = $1")
+        .bind(rollout_id)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some((rollout_release,)) = row else {
+        return Ok(());
+    };
+    // A report about another release in this rollout is the fleet-wide rollback's reinstall.
+    let state = if status == "committed" && release_id.is_some_and(|r| r != rollout_release) {
+        "reverted"
+    } else {
+        status
+    };
+    sqlx::query("UPDATE rollout_devices SET state = $3, reason = $4, updated_at = $5 WHERE rollout_id = $1 AND device_id = $2")
+        .bind(rollout_id)
+        .bind(device)
+        .bind(state)
+        .bind(reason)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Decides the rollouts every second, for as long as the server runs.
+pub async fn tick_forever(server: Server) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        every.tick().await;
+        if let Err(e) = tick(&server, now_ms()).await {
+            eprintln!("abide server: deciding rollouts: {}", e.message);
+        }
+    }
+}

@@ -452,6 +452,17 @@ pub async fn report(
             .bind(seq)
             .execute(&mut *tx)
             .await?;
+        // A committed release is what the device runs now.
+        if let (Some(release), "committed") = (&req.release_id, req.status.as_str()) {
+            sqlx::query(
+                "UPDATE devices SET version = (SELECT version FROM releases WHERE id = $2) \
+                 WHERE id = $1 AND EXISTS (SELECT 1 FROM releases WHERE id = $2)",
+            )
+            .bind(&id)
+            .bind(release)
+            .execute(&mut *tx)
+            .await?;
+        }
         if let Some(rollout) = &req.rollout_id {
             crate::rollouts::on_report(
                 &mut tx,

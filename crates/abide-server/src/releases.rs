@@ -311,9 +311,12 @@ pub async fn download(
         .data
         .join("releases")
         .join(format!("{}.abide", rel.sha256));
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::internal("opening the bundle", e))?;
+    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+        ApiError::internal(
+            "opening the bundle (server processes that share a database must share the data directory)",
+            format!("{}: {e}", path.display()),
+        )
+    })?;
     let size = rel.size;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = parse_range(range, size).map_err(|BadRange| {

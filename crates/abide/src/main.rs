@@ -5,6 +5,7 @@
 
 mod bundle;
 mod device;
+mod fleet;
 mod key;
 mod server;
 mod sim;
@@ -40,6 +41,8 @@ enum Command {
     Bundle(bundle::BundleCommand),
     /// The fleet server: releases, devices, rollouts, audit trail.
     Server(server::ServerArgs),
+    /// The fleet server's admin commands, and the fleet simulator.
+    Fleet(fleet::FleetArgs),
     /// Install a bundle into the group that is not the known-good one and activate it.
     Install {
         /// The bundle (`-` reads standard input).
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
         Command::Server(a) => server::run(a, out),
+        Command::Fleet(a) => fleet::run(a, out),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 mod bundle;
 mod crash;
 mod device;
+mod fleet;
 mod keys;
 
 use std::path::{Path, PathBuf};

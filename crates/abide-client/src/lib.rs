@@ -1,0 +1,348 @@
+//! Clients of the fleet server's HTTP API: [`Admin`] for operators and tools, [`Device`] for
+//! a device (or a simulated one), and [`simulate`], which runs many simulated devices in one
+//! process.
+//!
+//! A device checks every check-in answer before acting on it: the server's signature (with the
+//! key pinned at enrolment), its own id, the nonce it just sent, and the expiry.
+
+pub mod simulate;
+
+use abide_bundle::PublicKey;
+use abide_proto::{Assignment, EnrollResponse, SignedAssignment};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+/// What a request to the server can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached or the answer not read.
+    #[error("{what}: {source}")]
+    Http {
+        /// The request.
+        what: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error.
+    #[error("{what}: the server answered {status} [{code}]: {message}")]
+    Refused {
+        /// The request.
+        what: String,
+        /// The HTTP status.
+        status: u16,
+        /// The error code.
+        code: String,
+        /// Its message.
+        message: String,
+    },
+    /// A check-in answer that must not be acted on.
+    #[error("check-in answer refused: {0}")]
+    BadAssignment(String),
+}
+
+impl ClientError {
+    /// The server's error code, if it answered one.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Refused { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A result of this crate.
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+async fn answer<T: DeserializeOwned>(what: &str, resp: reqwest::Response) -> Result<T> {
+    let status = resp.status();
+    let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
+        what: what.to_owned(),
+        source,
+    })?;
+    if !status.is_success() {
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        return Err(ClientError::Refused {
+            what: what.to_owned(),
+            status: status.as_u16(),
+            code: body["error"]["code"].as_str().unwrap_or("").to_owned(),
+            message: body["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+        });
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Refused {
+        what: what.to_owned(),
+        status: status.as_u16(),
+        code: "bad-answer".into(),
+        message: format!("not the expected JSON: {e}"),
+    })
+}
+
+fn http_error(what: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Http {
+        what: what.to_owned(),
+        source,
+    }
+}
+
+/// The admin API.
+#[derive(Clone)]
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Admin {
+    /// A client for the server at `base` (`http://host:port`) with the admin token.
+    pub fn new(base: &str, token: &str) -> Admin {
+        Admin {
+            http: reqwest::Client::new(),
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.trim().to_owned(),
+        }
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<reqwest::Body>,
+        json: bool,
+    ) -> Result<T> {
+        let what = format!("{method} {path}");
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
+        if json {
+            req = req.header("content-type", "application/json");
+        }
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.map_err(http_error(&what))?;
+        answer(&what, resp).await
+    }
+
+    /// GET `path`.
+    pub async fn get(&self, path: &str) -> Result<Value> {
+        self.send(reqwest::Method::GET, path, None, false).await
+    }
+
+    /// POST `value` as JSON to `path`.
+    pub async fn post(&self, path: &str, value: &Value) -> Result<Value> {
+        self.send(
+            reqwest::Method::POST,
+            path,
+            Some(value.to_string().into()),
+            true,
+        )
+        .await
+    }
+
+    /// PUT `value` as JSON to `path`.
+    pub async fn put(&self, path: &str, value: &Value) -> Result<Value> {
+        self.send(
+            reqwest::Method::PUT,
+            path,
+            Some(value.to_string().into()),
+            true,
+        )
+        .await
+    }
+
+    /// Uploads a bundle file as a release.
+    pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value> {
+        self.send(
+            reqwest::Method::POST,
+            "/api/v1/releases",
+            Some(bundle.into()),
+            false,
+        )
+        .await
+    }
+}
+
+/// An enrolled device's side of the API.
+#[derive(Clone)]
+pub struct Device {
+    http: reqwest::Client,
+    base: String,
+    /// Its id.
+    pub id: String,
+    credential: String,
+    server_key: PublicKey,
+    /// Its group.
+    pub group: String,
+}
+
+fn nonce() -> String {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("the system's random source works");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Device {
+    /// Enrols `id` with `token` and pins the server key it answers with.
+    pub async fn enroll(
+        http: &reqwest::Client,
+        base: &str,
+        token: &str,
+        id: &str,
+        product: &str,
+        compatible: &[String],
+    ) -> Result<Device> {
+        let what = "POST /api/v1/device/enroll";
+        let resp = http
+            .post(format!("{}/api/v1/device/enroll", base.trim_end_matches('/')))
+            .header("content-type", "application/json")
+            .body(
+                serde_json::json!({"token": token, "device_id": id, "product": product, "compatible": compatible})
+                    .to_string(),
+            )
+            .send()
+            .await
+            .map_err(http_error(what))?;
+        let e: EnrollResponse = answer(what, resp).await?;
+        let server_key = PublicKey::from_hex(&e.server_key)
+            .map_err(|err| ClientError::BadAssignment(format!("server key: {err}")))?;
+        Ok(Device {
+            http: http.clone(),
+            base: base.trim_end_matches('/').to_owned(),
+            id: e.device_id,
+            credential: e.credential,
+            server_key,
+            group: e.group,
+        })
+    }
+
+    async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T> {
+        let what = format!("POST {path}");
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(&self.credential)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(http_error(&what))?;
+        answer(&what, resp).await
+    }
+
+    /// Checks in with a fresh nonce and returns the verified assignment.
+    pub async fn checkin(
+        &self,
+        version: &str,
+        state: &str,
+        health: &str,
+        now: jiff::Timestamp,
+    ) -> Result<Assignment> {
+        let nonce = nonce();
+        let signed: SignedAssignment = self
+            .post(
+                "/api/v1/device/checkin",
+                serde_json::json!({"nonce": nonce, "version": version, "state": state,
+                                   "health": health, "booted": "A", "good": "A"}),
+            )
+            .await?;
+        self.verify(&signed, &nonce, now)
+    }
+
+    /// Checks a signed assignment: signature, device, nonce, expiry.
+    pub fn verify(
+        &self,
+        signed: &SignedAssignment,
+        nonce: &str,
+        now: jiff::Timestamp,
+    ) -> Result<Assignment> {
+        let bad = |w: &str| ClientError::BadAssignment(w.to_owned());
+        let sig: Vec<u8> = (0..signed.signature.len() / 2)
+            .filter_map(|i| u8::from_str_radix(signed.signature.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect();
+        let sig: [u8; 64] = sig.try_into().map_err(|_| bad("malformed signature"))?;
+        if !self.server_key.verify(
+            abide_proto::ASSIGNMENT_DOMAIN,
+            signed.payload.as_bytes(),
+            &sig,
+        ) {
+            return Err(bad("the signature is not the server's"));
+        }
+        let a: Assignment =
+            serde_json::from_str(&signed.payload).map_err(|e| bad(&format!("payload: {e}")))?;
+        if a.device_id != self.id {
+            return Err(bad("it is for another device"));
+        }
+        if a.nonce != nonce {
+            return Err(bad("it answers another check-in (replayed)"));
+        }
+        let expires: jiff::Timestamp = a.expires_at.parse().map_err(|_| bad("bad expiry"))?;
+        if expires <= now {
+            return Err(bad("it has expired"));
+        }
+        Ok(a)
+    }
+
+    /// Reports a step; `Ok(true)` when recorded, `Ok(false)` when it was a duplicate.
+    pub async fn report(&self, report: &abide_proto::ReportRequest) -> Result<bool> {
+        let r: abide_proto::ReportResponse = self
+            .post(
+                "/api/v1/device/report",
+                serde_json::to_value(report).expect("plain data"),
+            )
+            .await?;
+        Ok(r.outcome == "recorded")
+    }
+
+    /// Asks for a reboot lease; `Ok(false)` when the server refused it for now.
+    pub async fn lease(&self) -> Result<bool> {
+        match self
+            .post::<Value>("/api/v1/device/lease", serde_json::json!({}))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.code() == Some("lease-refused") => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the lease back.
+    pub async fn release_lease(&self) -> Result<()> {
+        let what = "DELETE /api/v1/device/lease";
+        let resp = self
+            .http
+            .delete(format!("{}/api/v1/device/lease", self.base))
+            .bearer_auth(&self.credential)
+            .send()
+            .await
+            .map_err(http_error(what))?;
+        answer::<Value>(what, resp).await.map(|_| ())
+    }
+
+    /// Reads `len` bytes of a release's bundle from `start` (a range request).
+    pub async fn fetch(&self, url: &str, start: u64, len: u64) -> Result<Vec<u8>> {
+        let what = format!("GET {url}");
+        let resp = self
+            .http
+            .get(format!("{}{url}", self.base))
+            .bearer_auth(&self.credential)
+            .header("range", format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+            .map_err(http_error(&what))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(http_error(&what))?;
+        if status != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(ClientError::Refused {
+                what,
+                status: status.as_u16(),
+                code: "range".into(),
+                message: "expected 206 Partial Content".into(),
+            });
+        }
+        Ok(bytes.to_vec())
+    }
+}

@@ -1,0 +1,531 @@
+//! `abide fleet`: the fleet server's admin commands and the fleet simulator.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// `abide fleet` arguments.
+#[derive(Args)]
+pub struct FleetArgs {
+    /// The server, `http://host:port`.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8440")]
+    server: String,
+    /// A file holding the admin token (the server writes DATA/admin.token).
+    #[arg(long, global = true)]
+    token_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: FleetCommand,
+}
+
+#[derive(Subcommand)]
+enum FleetCommand {
+    /// Releases.
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+    /// Enrolment tokens.
+    #[command(subcommand, name = "enroll-token")]
+    EnrollToken(TokenCommand),
+    /// Enrolled devices.
+    Devices {
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only this state.
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// Rollouts.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Group settings: lease limits and the maintenance window.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// The audit trail.
+    Audit {
+        /// Check the hash chain instead of listing it.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// Run simulated devices against the server.
+    Simulate {
+        /// The enrolment token they use.
+        #[arg(long)]
+        enroll_token: String,
+        /// How many.
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Their product.
+        #[arg(long, default_value = "acme-gateway")]
+        product: String,
+        /// Their hardware id.
+        #[arg(long, default_value = "acme-gw")]
+        compatible: String,
+        /// The version they run at first.
+        #[arg(long, default_value = "1.0.0")]
+        version: String,
+        /// Probability that an update rolls back, as 0.1 or 10%.
+        #[arg(long, default_value = "0")]
+        fail_rate: String,
+        /// Seconds between a device's check-ins (0: as fast as answered).
+        #[arg(long, default_value_t = 5.0)]
+        poll: f64,
+        /// How long to run (30s, 10m, …).
+        #[arg(long, default_value = "60s")]
+        duration: String,
+        /// Device ids are PREFIX-N.
+        #[arg(long, default_value = "sim")]
+        prefix: String,
+        /// Stop once every device committed this version or rolled it back.
+        #[arg(long)]
+        until_version: Option<String>,
+        /// Write every report sent (the ledger) to this file as JSON.
+        #[arg(long)]
+        ledger: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReleaseCommand {
+    /// Upload a bundle (the server verifies it against the fleet trust root).
+    Upload {
+        /// The bundle file.
+        file: PathBuf,
+    },
+    /// List releases.
+    List,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create an enrolment token.
+    Create {
+        /// The group devices join.
+        #[arg(long)]
+        group: String,
+        /// Tags they get (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// How long it is valid (7d by default).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RolloutCommand {
+    /// Create a rollout.
+    Create {
+        /// The release id.
+        #[arg(long)]
+        release: String,
+        /// Stages, as 5:24h,25:24h,100.
+        #[arg(long)]
+        stages: String,
+        /// Failure threshold, as 10%.
+        #[arg(long, default_value = "10%")]
+        failure_threshold: String,
+        /// Only this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only devices with this tag.
+        #[arg(long)]
+        tag: Option<String>,
+        /// After how long an unfinished device counts as failed (4h by default).
+        #[arg(long)]
+        unresponsive_after: Option<String>,
+    },
+    /// A rollout's status with per-stage counts.
+    Status {
+        /// The rollout id.
+        id: String,
+    },
+    /// List rollouts.
+    List,
+    /// Pause a rollout.
+    Pause {
+        /// The rollout id.
+        id: String,
+    },
+    /// Resume a paused rollout (accepting the failures that paused it).
+    Resume {
+        /// The rollout id.
+        id: String,
+    },
+    /// Start the next stage now (skipping the soak).
+    Advance {
+        /// The rollout id.
+        id: String,
+    },
+    /// Stop giving the release to more devices.
+    Abort {
+        /// The rollout id.
+        id: String,
+    },
+    /// Fleet-wide rollback: trials roll back, committed devices get the previous release.
+    Rollback {
+        /// The rollout id.
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Set a group's lease limits and maintenance window.
+    Set {
+        /// The group.
+        group: String,
+        /// At most this many devices updating at once.
+        #[arg(long)]
+        max_unavailable: Option<u32>,
+        /// At least this many healthy devices stay up.
+        #[arg(long)]
+        quorum: Option<u32>,
+        /// The window, as sat,sun@02:00-04:00/Europe/Berlin.
+        #[arg(long)]
+        window: Option<String>,
+    },
+    /// A group's settings, members and leases.
+    Show {
+        /// The group.
+        group: String,
+    },
+}
+
+fn parse_window(text: &str) -> Result<Value> {
+    let bad = || {
+        anyhow::anyhow!(
+            "--window {text:?}: expected DAYS@HH:MM-HH:MM/ZONE, as sat,sun@02:00-04:00/Europe/Berlin"
+        )
+    };
+    let (days, rest) = text.split_once('@').ok_or_else(bad)?;
+    let (times, zone) = rest.split_once('/').ok_or_else(bad)?;
+    let (start, end) = times.split_once('-').ok_or_else(bad)?;
+    Ok(
+        json!({"days": days.split(',').collect::<Vec<_>>(), "start": start, "end": end, "zone": zone}),
+    )
+}
+
+fn print_table(out: &Output, value: &Value, columns: &[&str]) {
+    out.print(value, || {
+        let rows = value.as_array().cloned().unwrap_or_default();
+        let mut text = columns.join("\t");
+        for r in rows {
+            text.push('\n');
+            let cells: Vec<String> = columns
+                .iter()
+                .map(|c| match &r[*c] {
+                    Value::String(s) => s.clone(),
+                    Value::Null => "-".into(),
+                    v => v.to_string(),
+                })
+                .collect();
+            text.push_str(&cells.join("\t"));
+        }
+        text
+    });
+}
+
+fn describe_rollout(s: &Value) -> String {
+    let mut text = format!(
+        "rollout {} of release {}: {}{} — stage {} of {}, {} devices: {} committed, {} failed, {} in progress, {} pending",
+        s["id"].as_str().unwrap_or(""),
+        s["release"].as_str().unwrap_or(""),
+        s["status"].as_str().unwrap_or(""),
+        s["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default(),
+        s["stage"],
+        s["stages"].as_array().map_or(0, Vec::len),
+        s["devices"],
+        s["committed"],
+        s["failed"],
+        s["in_progress"],
+        s["pending"],
+    );
+    for st in s["stages"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n  stage {} ({}%, soak {}s): {} devices, {} committed, {} failed{}",
+            st["index"],
+            st["percent"],
+            st["soak_seconds"],
+            st["devices"],
+            st["committed"],
+            st["failed"],
+            if st["current"] == true {
+                "  <- current"
+            } else {
+                ""
+            }
+        ));
+    }
+    for f in s["failing"].as_array().into_iter().flatten() {
+        text.push_str(&format!(
+            "\n  failing: {} {}: {}",
+            f["device"].as_str().unwrap_or(""),
+            f["state"].as_str().unwrap_or(""),
+            f["reason"].as_str().unwrap_or("")
+        ));
+    }
+    text
+}
+
+/// Runs an `abide fleet` command.
+pub fn run(args: FleetArgs, out: Output) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_async(args, out))
+}
+
+async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
+    if let FleetCommand::Simulate {
+        enroll_token,
+        devices,
+        product,
+        compatible,
+        version,
+        fail_rate,
+        poll,
+        duration,
+        prefix,
+        until_version,
+        ledger,
+    } = args.command
+    {
+        let fail_rate = if fail_rate.trim().ends_with('%') {
+            f64::from(abide_core::rollout::parse_percent(&fail_rate)?) / 10_000.0
+        } else {
+            fail_rate
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|f| (0.0..=1.0).contains(f))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--fail-rate {fail_rate:?}: expected 0 to 1, or a percentage as 10%"
+                    )
+                })?
+        };
+        if !(poll.is_finite() && poll >= 0.0) {
+            bail!("--poll {poll}: expected 0 or more seconds");
+        }
+        let duration = Duration::from_secs(abide_core::rollout::parse_duration(&duration)?);
+        let summary = abide_client::simulate::run(abide_client::simulate::Options {
+            server: args.server,
+            enroll_token,
+            devices,
+            product,
+            compatible,
+            version,
+            fail_rate,
+            poll,
+            duration,
+            prefix,
+            stop_at_version: until_version,
+        })
+        .await?;
+        if let Some(path) = ledger {
+            std::fs::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        let mut value = serde_json::to_value(&summary)?;
+        value.as_object_mut().map(|m| m.remove("ledger"));
+        out.print(&value, || {
+            format!(
+                "{} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
+                summary.enrolled,
+                summary.seconds,
+                summary.checkins,
+                summary.checkins_per_second,
+                summary.reports,
+                summary.committed,
+                summary.rolled_back,
+                summary.lease_refusals,
+                summary.errors,
+                summary.error_samples.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
+            )
+        });
+        return Ok(());
+    }
+    let token_file = args
+        .token_file
+        .context("admin commands need --token-file (the server writes DATA/admin.token)")?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?;
+    let admin = abide_client::Admin::new(&args.server, &token);
+    match args.command {
+        FleetCommand::Simulate { .. } => unreachable!("handled above"),
+        FleetCommand::Release(ReleaseCommand::Upload { file }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = admin.upload(bytes).await?;
+            out.print(&r, || {
+                format!(
+                    "release {}: {} {} (security version {}), {} bytes",
+                    r["id"].as_str().unwrap_or(""),
+                    r["product"].as_str().unwrap_or(""),
+                    r["version"].as_str().unwrap_or(""),
+                    r["security_version"],
+                    r["size"]
+                )
+            });
+        }
+        FleetCommand::Release(ReleaseCommand::List) => {
+            let r = admin.get("/api/v1/releases").await?;
+            print_table(
+                &out,
+                &r,
+                &[
+                    "id",
+                    "product",
+                    "version",
+                    "security_version",
+                    "size",
+                    "created_at",
+                ],
+            );
+        }
+        FleetCommand::EnrollToken(TokenCommand::Create {
+            group,
+            tags,
+            expires,
+        }) => {
+            let expires_in = expires
+                .map(|e| abide_core::rollout::parse_duration(&e))
+                .transpose()?;
+            let r = admin
+                .post(
+                    "/api/v1/enroll-tokens",
+                    &json!({"group": group, "tags": tags, "expires_in": expires_in}),
+                )
+                .await?;
+            out.print(&r, || r["token"].as_str().unwrap_or("").to_owned());
+        }
+        FleetCommand::Devices { group, state } => {
+            let mut q = Vec::new();
+            if let Some(g) = group {
+                q.push(format!("group={g}"));
+            }
+            if let Some(s) = state {
+                q.push(format!("state={s}"));
+            }
+            let path = if q.is_empty() {
+                "/api/v1/devices".to_owned()
+            } else {
+                format!("/api/v1/devices?{}", q.join("&"))
+            };
+            let r = admin.get(&path).await?;
+            print_table(
+                &out,
+                &r,
+                &["id", "group", "version", "state", "reason", "last_seen"],
+            );
+        }
+        FleetCommand::Rollout(cmd) => {
+            let r = match cmd {
+                RolloutCommand::Create {
+                    release,
+                    stages,
+                    failure_threshold,
+                    group,
+                    tag,
+                    unresponsive_after,
+                } => {
+                    admin
+                        .post(
+                            "/api/v1/rollouts",
+                            &json!({"release": release, "stages": stages, "failure_threshold": failure_threshold,
+                                    "group": group, "tag": tag, "unresponsive_after": unresponsive_after}),
+                        )
+                        .await?
+                }
+                RolloutCommand::Status { id } => admin.get(&format!("/api/v1/rollouts/{id}")).await?,
+                RolloutCommand::List => {
+                    let r = admin.get("/api/v1/rollouts").await?;
+                    print_table(&out, &r, &["id", "release", "status", "stage", "devices", "committed", "failed"]);
+                    return Ok(());
+                }
+                RolloutCommand::Pause { id } => act(&admin, &id, "pause").await?,
+                RolloutCommand::Resume { id } => act(&admin, &id, "resume").await?,
+                RolloutCommand::Advance { id } => act(&admin, &id, "advance").await?,
+                RolloutCommand::Abort { id } => act(&admin, &id, "abort").await?,
+                RolloutCommand::Rollback { id } => act(&admin, &id, "rollback").await?,
+            };
+            out.print(&r, || describe_rollout(&r));
+        }
+        FleetCommand::Group(GroupCommand::Set {
+            group,
+            max_unavailable,
+            quorum,
+            window,
+        }) => {
+            let window = window.as_deref().map(parse_window).transpose()?;
+            let r = admin
+                .put(
+                    &format!("/api/v1/groups/{group}"),
+                    &json!({"max_unavailable": max_unavailable, "quorum": quorum, "window": window}),
+                )
+                .await?;
+            out.print(&r, || format!("group {group}: {}", r["settings"]));
+        }
+        FleetCommand::Group(GroupCommand::Show { group }) => {
+            let r = admin.get(&format!("/api/v1/groups/{group}")).await?;
+            out.print(&r, || serde_json::to_string_pretty(&r).unwrap_or_default());
+        }
+        FleetCommand::Audit { verify: true } => {
+            let r = admin.get("/api/v1/audit/verify").await?;
+            let ok = r["ok"] == true;
+            out.print(&r, || {
+                if ok {
+                    format!(
+                        "ok: {} audit records, the hash chain is intact",
+                        r["records"]
+                    )
+                } else {
+                    format!(
+                        "audit trail damaged at record {}: {}",
+                        r["first_bad"],
+                        r["problem"].as_str().unwrap_or("")
+                    )
+                }
+            });
+            if !ok {
+                bail!("the audit trail does not verify");
+            }
+        }
+        FleetCommand::Audit { verify: false } => {
+            let mut all = Vec::new();
+            let mut after = 0u64;
+            loop {
+                let page = admin
+                    .get(&format!("/api/v1/audit?after={after}&limit=1000"))
+                    .await?;
+                let rows = page.as_array().cloned().unwrap_or_default();
+                if rows.is_empty() {
+                    break;
+                }
+                after = rows.last().and_then(|r| r["seq"].as_u64()).unwrap_or(after);
+                all.extend(rows);
+            }
+            print_table(
+                &out,
+                &Value::Array(all),
+                &["seq", "at", "actor", "action", "details"],
+            );
+        }
+    }
+    Ok(())
+}
+
+async fn act(admin: &abide_client::Admin, id: &str, action: &str) -> Result<Value> {
+    Ok(admin
+        .post(&format!("/api/v1/rollouts/{id}/{action}"), &json!({}))
+        .await?)
+}

@@ -342,6 +342,10 @@ pub async fn checkin(
             health: req.health.clone(),
         },
     );
+    server
+        .counters
+        .checkins
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let release = crate::rollouts::assignment(&server, &id, &req.version, now).await?;
     let window = match &release {
         Some(_) => crate::groups::window_of_device(&server, &id).await?,

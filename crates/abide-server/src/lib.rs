@@ -14,8 +14,10 @@ pub mod db;
 pub mod devices;
 pub mod error;
 pub mod groups;
+pub mod metrics;
 pub mod releases;
 pub mod rollouts;
+pub mod web;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,6 +91,8 @@ pub struct Inner {
     pub admin_hash: String,
     /// Device check-ins whose last-seen time is not yet written (coalesced).
     pub last_seen: devices::LastSeen,
+    /// This process's counters.
+    pub counters: metrics::Counters,
 }
 
 impl std::ops::Deref for Server {
@@ -146,6 +150,7 @@ impl Server {
             signing,
             admin_hash,
             last_seen: devices::LastSeen::default(),
+            counters: metrics::Counters::default(),
         }));
         Ok((server, notes))
     }
@@ -282,6 +287,11 @@ pub fn app(server: Server) -> Router {
             get(|| async { axum::Json(serde_json::json!({"ok": true})) }),
         )
         .route("/api/v1/server-key", get(releases::server_key))
+        .route("/metrics", get(metrics::metrics))
+        .route("/", get(web::index))
+        .route("/ui/login", post(web::sign_in).layer(json_limit))
+        .route("/ui/logout", post(web::sign_out))
+        .route("/ui/rollouts/{id}/{action}", post(web::control))
         .route(
             "/api/v1/releases",
             post(releases::upload)

@@ -638,6 +638,14 @@ pub async fn act(
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     crate::auth::admin(&server, &headers)?;
+    Ok(Json(apply_action(&server, &id, &action).await?))
+}
+
+/// Carries out an operator's action on a rollout (already authenticated) and returns its new
+/// status.
+pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<serde_json::Value> {
+    let server = server.clone();
+    let (id, action) = (id.to_owned(), action.to_owned());
     let now = now_ms();
     let mut tx = server.db.pool.begin().await?;
     let r = load_locked(&server, &mut tx, &id)
@@ -720,7 +728,7 @@ pub async fn act(
     )
     .await?;
     tx.commit().await?;
-    Ok(Json(status_of(&server, &id).await?))
+    status_of(&server, &id).await
 }
 
 type AssignRow = (

@@ -3,6 +3,7 @@
 
 mod api;
 mod rollouts;
+mod web;
 
 use abide_server::{Config, Server};
 use abide_testkit::pg::Postgres;

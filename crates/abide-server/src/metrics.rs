@@ -1,0 +1,174 @@
+//! `/metrics` in the Prometheus text format. Everything but the check-in counter is read from
+//! the database, so any server process of a fleet answers for the whole fleet; the check-in
+//! counter is this process's own (Prometheus sums it over the processes).
+//!
+//! Names: `abide_devices` (by state), `abide_checkins_total`, `abide_reports_total` (by
+//! status), `abide_rollbacks_total`, `abide_rollout_devices` (by rollout and state),
+//! `abide_rollout_success_ratio` (by rollout), and the histograms `abide_download_seconds`,
+//! `abide_apply_seconds` and `abide_reboot_to_healthy_seconds`, from the durations devices
+//! report with `staged`, `rebooting` and `committed`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+
+use crate::Server;
+use crate::error::ApiResult;
+
+/// Counters kept in the process.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Check-ins answered.
+    pub checkins: AtomicU64,
+}
+
+const BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+];
+
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+async fn histogram(
+    server: &Server,
+    out: &mut String,
+    name: &str,
+    help: &str,
+    status: &str,
+) -> ApiResult<()> {
+    let mut cases = String::new();
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let _ = write!(
+            cases,
+            "CAST(SUM(CASE WHEN millis <= {} THEN 1 ELSE 0 END) AS BIGINT) AS b{i}, ",
+            (b * 1000.0) as i64
+        );
+    }
+    let sql = format!(
+        "SELECT {cases}COUNT(*), CAST(COALESCE(SUM(millis), 0) AS BIGINT) FROM reports WHERE status = $1 AND millis IS NOT NULL"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(status)
+        .fetch_one(&server.db.pool)
+        .await?;
+    use sqlx::Row as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let n: Option<i64> = row.try_get(i)?;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", n.unwrap_or(0));
+    }
+    let count: i64 = row.try_get(BUCKETS.len())?;
+    let sum: i64 = row.try_get(BUCKETS.len() + 1)?;
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1000.0);
+    let _ = writeln!(out, "{name}_count {count}");
+    Ok(())
+}
+
+/// Renders the metrics.
+pub async fn render(server: &Server) -> ApiResult<String> {
+    crate::devices::flush_last_seen(server).await?;
+    let mut out = String::new();
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
+            .fetch_all(&server.db.pool)
+            .await?;
+    out.push_str("# HELP abide_devices Enrolled devices by state.\n# TYPE abide_devices gauge\n");
+    for (state, n) in &states {
+        let _ = writeln!(out, "abide_devices{{state=\"{}\"}} {n}", label(state));
+    }
+    let _ = writeln!(
+        out,
+        "# HELP abide_checkins_total Check-ins this server process answered.\n# TYPE abide_checkins_total counter\nabide_checkins_total {}",
+        server.counters.checkins.load(Ordering::Relaxed)
+    );
+    let reports: Vec<(String, i64)> =
+        sqlx::query_as("SELECT status, COUNT(*) FROM reports GROUP BY status ORDER BY status")
+            .fetch_all(&server.db.pool)
+            .await?;
+    out.push_str("# HELP abide_reports_total Reports recorded, by status.\n# TYPE abide_reports_total counter\n");
+    let mut rollbacks = 0;
+    for (status, n) in &reports {
+        let _ = writeln!(
+            out,
+            "abide_reports_total{{status=\"{}\"}} {n}",
+            label(status)
+        );
+        if status == "rolled_back" {
+            rollbacks = *n;
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP abide_rollbacks_total Updates devices rolled back.\n# TYPE abide_rollbacks_total counter\nabide_rollbacks_total {rollbacks}"
+    );
+    let per_rollout: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT rollout_id, state, COUNT(*) FROM rollout_devices GROUP BY rollout_id, state ORDER BY rollout_id, state",
+    )
+    .fetch_all(&server.db.pool)
+    .await?;
+    out.push_str("# HELP abide_rollout_devices Devices of each rollout by state.\n# TYPE abide_rollout_devices gauge\n");
+    let mut ratio: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
+    for (rollout, state, n) in &per_rollout {
+        let _ = writeln!(
+            out,
+            "abide_rollout_devices{{rollout=\"{}\",state=\"{}\"}} {n}",
+            label(rollout),
+            label(state)
+        );
+        let e = ratio.entry(rollout).or_default();
+        if state == "committed" {
+            e.0 += n;
+        } else if crate::rollouts::FAILED.contains(&state.as_str()) {
+            e.1 += n;
+        }
+    }
+    out.push_str("# HELP abide_rollout_success_ratio Committed devices over committed and failed ones, per rollout.\n# TYPE abide_rollout_success_ratio gauge\n");
+    for (rollout, (ok, failed)) in ratio {
+        if ok + failed > 0 {
+            let _ = writeln!(
+                out,
+                "abide_rollout_success_ratio{{rollout=\"{}\"}} {}",
+                label(rollout),
+                ok as f64 / (ok + failed) as f64
+            );
+        }
+    }
+    histogram(
+        server,
+        &mut out,
+        "abide_download_seconds",
+        "Time from the start of a download to staged.",
+        "staged",
+    )
+    .await?;
+    histogram(
+        server,
+        &mut out,
+        "abide_apply_seconds",
+        "Time to apply a staged update before its reboot.",
+        "rebooting",
+    )
+    .await?;
+    histogram(
+        server,
+        &mut out,
+        "abide_reboot_to_healthy_seconds",
+        "Time from the update's start to a committed trial.",
+        "committed",
+    )
+    .await?;
+    Ok(out)
+}
+
+/// `GET /metrics` (no authentication: counts only, no ids of devices).
+pub async fn metrics(State(server): State<Server>) -> ApiResult<impl IntoResponse> {
+    let text = render(&server).await?;
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+}

@@ -1,0 +1,332 @@
+//! The web page at `/`: releases, rollouts with their stage progress and device states, the
+//! failing devices with their reasons, and the pause/resume/advance/abort/rollback controls.
+//! Server-rendered HTML with plain forms and no JavaScript. The admin token is entered once
+//! and kept in an HttpOnly, SameSite=Strict cookie (so another site cannot post the forms);
+//! every value shown is HTML-escaped.
+
+use std::fmt::Write as _;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+
+use crate::Server;
+use crate::error::ApiResult;
+
+const COOKIE: &str = "abide_admin";
+
+/// Escapes text for HTML.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn cookie_token(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            kv.trim()
+                .strip_prefix(&format!("{COOKIE}="))
+                .map(str::to_owned)
+        })
+}
+
+fn signed_in(server: &Server, headers: &HeaderMap) -> bool {
+    cookie_token(headers).is_some_and(|t| {
+        crate::auth::same_digest(&crate::sha256_hex(t.as_bytes()), &server.admin_hash)
+    })
+}
+
+fn page(title: &str, body: &str) -> String {
+    format!(
+        r#"<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
+h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
+table {{ border-collapse: collapse; width: 100%; }} td, th {{ text-align: left; padding: .25em .6em; border-bottom: 1px solid #ddd; }}
+.status {{ font-weight: bold; padding: .1em .5em; border-radius: .3em; background: #eee; }}
+.running {{ background: #d7ecff; }} .paused {{ background: #ffe9b3; }} .completed {{ background: #d5f5d5; }}
+.aborted, .rolled_back {{ background: #f6d0d0; }}
+.bar {{ display: flex; height: 1em; width: 20em; background: #eee; border-radius: .2em; overflow: hidden; }}
+.ok {{ background: #3a3; }} .bad {{ background: #c33; }} .busy {{ background: #e9a21c; }}
+.rollout {{ border: 1px solid #ccc; border-radius: .4em; padding: .6em 1em; margin: 1em 0; }}
+form.inline {{ display: inline; }} button {{ margin-right: .3em; }}
+.reason {{ color: #833; }}
+</style></head><body>
+{body}
+</body></html>"#
+    )
+}
+
+fn login(message: &str) -> String {
+    page(
+        "Abide fleet: sign in",
+        &format!(
+            r#"<h1>Abide fleet</h1>
+<p>{}</p>
+<form method="post" action="/ui/login">
+<label>Admin token <input type="password" name="token" size="60" autofocus></label>
+<button type="submit">Sign in</button>
+</form>"#,
+            escape(message)
+        ),
+    )
+}
+
+/// Percent-decoding of one form value.
+fn form_value(body: &[u8], key: &str) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let raw = text
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))?;
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `GET /`: the page, or the sign-in form.
+pub async fn index(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Response> {
+    if !signed_in(&server, &headers) {
+        return Ok(Html(login(
+            "Enter the admin token (the server wrote it to DATA/admin.token).",
+        ))
+        .into_response());
+    }
+    Ok(Html(render(&server).await?).into_response())
+}
+
+async fn render(server: &Server) -> ApiResult<String> {
+    crate::devices::flush_last_seen(server).await?;
+    let mut body = String::from("<h1>Abide fleet</h1>\n");
+    let states: Vec<(String, i64)> =
+        sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
+            .fetch_all(&server.db.pool)
+            .await?;
+    let total: i64 = states.iter().map(|(_, n)| n).sum();
+    let _ = write!(body, "<p>{total} devices");
+    for (s, n) in &states {
+        let _ = write!(body, " · {} {}", n, escape(s));
+    }
+    body.push_str(" · <a href=\"/metrics\">metrics</a></p>\n");
+
+    body.push_str("<h2>Rollouts</h2>\n");
+    let ids: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM rollouts ORDER BY created_at DESC, id LIMIT 20")
+            .fetch_all(&server.db.pool)
+            .await?;
+    if ids.is_empty() {
+        body.push_str("<p>No rollouts yet.</p>\n");
+    }
+    let mut failing = Vec::new();
+    for (id,) in &ids {
+        let s = crate::rollouts::status_of(server, id).await?;
+        let status = s["status"].as_str().unwrap_or("");
+        let _ = write!(
+            body,
+            "<div class=\"rollout\" id=\"{id}\"><p><b>{id}</b> of release {rel} <span class=\"status {status}\">{status}</span>{reason}</p>\n<p>{devices} devices: {committed} committed, {failed} failed, {busy} in progress, {pending} pending</p>\n<table><tr><th>stage</th><th>share</th><th>soak</th><th>devices</th><th>progress</th><th>states</th></tr>\n",
+            id = escape(id),
+            rel = escape(s["release"].as_str().unwrap_or("")),
+            status = escape(status),
+            reason = s["reason"]
+                .as_str()
+                .map(|r| format!(" <span class=\"reason\">{}</span>", escape(r)))
+                .unwrap_or_default(),
+            devices = s["devices"],
+            committed = s["committed"],
+            failed = s["failed"],
+            busy = s["in_progress"],
+            pending = s["pending"],
+        );
+        for st in s["stages"].as_array().into_iter().flatten() {
+            let n = st["devices"].as_u64().unwrap_or(0).max(1) as f64;
+            let ok = st["committed"].as_u64().unwrap_or(0) as f64;
+            let bad = st["failed"].as_u64().unwrap_or(0) as f64;
+            let pending = st["states"]["pending"].as_u64().unwrap_or(0) as f64;
+            let busy = (n - ok - bad - pending).max(0.0);
+            let states: Vec<String> = st["states"]
+                .as_object()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| format!("{} {}", v, escape(k)))
+                .collect();
+            let _ = writeln!(
+                body,
+                "<tr><td>{}{}</td><td>{}%</td><td>{}s</td><td>{}</td><td><div class=\"bar\"><div class=\"ok\" style=\"width:{:.1}%\"></div><div class=\"bad\" style=\"width:{:.1}%\"></div><div class=\"busy\" style=\"width:{:.1}%\"></div></div></td><td>{}</td></tr>",
+                st["index"],
+                if st["current"] == true {
+                    " (current)"
+                } else {
+                    ""
+                },
+                st["percent"],
+                st["soak_seconds"],
+                st["devices"],
+                100.0 * ok / n,
+                100.0 * bad / n,
+                100.0 * busy / n,
+                states.join(", ")
+            );
+        }
+        body.push_str("</table>\n<p>");
+        let actions: &[&str] = match status {
+            "running" | "waiting" => &["pause", "advance", "abort", "rollback"],
+            "paused" => &["resume", "advance", "abort", "rollback"],
+            "completed" | "aborted" => &["rollback"],
+            _ => &[],
+        };
+        for a in actions {
+            let _ = write!(
+                body,
+                "<form class=\"inline\" method=\"post\" action=\"/ui/rollouts/{}/{a}\"><button type=\"submit\" name=\"action\" value=\"{a}\">{a}</button></form>",
+                escape(id)
+            );
+        }
+        body.push_str("</p></div>\n");
+        for f in s["failing"].as_array().into_iter().flatten() {
+            failing.push((id.clone(), f.clone()));
+        }
+    }
+
+    body.push_str("<h2>Failing devices</h2>\n");
+    if failing.is_empty() {
+        body.push_str("<p>None.</p>\n");
+    } else {
+        body.push_str(
+            "<table><tr><th>device</th><th>rollout</th><th>state</th><th>reason</th></tr>\n",
+        );
+        for (rollout, f) in failing.iter().take(200) {
+            let _ = writeln!(
+                body,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
+                escape(f["device"].as_str().unwrap_or("")),
+                escape(rollout),
+                escape(f["state"].as_str().unwrap_or("")),
+                escape(f["reason"].as_str().unwrap_or(""))
+            );
+        }
+        body.push_str("</table>\n");
+    }
+
+    body.push_str("<h2>Releases</h2>\n<table><tr><th>id</th><th>product</th><th>version</th><th>security version</th><th>size</th><th>uploaded</th></tr>\n");
+    let releases: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
+        "SELECT id, product, version, security_version, size, created_at FROM releases ORDER BY created_at DESC, id LIMIT 50",
+    )
+    .fetch_all(&server.db.pool)
+    .await?;
+    for (id, product, version, security, size, at) in releases {
+        let _ = writeln!(
+            body,
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{security}</td><td>{size}</td><td>{}</td></tr>",
+            escape(&id),
+            escape(&product),
+            escape(&version),
+            crate::clock::rfc3339(at)
+        );
+    }
+    body.push_str("</table>\n<form method=\"post\" action=\"/ui/logout\"><p><button type=\"submit\">Sign out</button></p></form>\n");
+    Ok(page("Abide fleet", &body))
+}
+
+fn redirect(to: &str, cookie: Option<String>) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    r.headers_mut().insert(
+        header::LOCATION,
+        HeaderValue::from_str(to).unwrap_or(HeaderValue::from_static("/")),
+    );
+    if let Some(c) = cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        r.headers_mut().insert(header::SET_COOKIE, c);
+    }
+    r
+}
+
+/// `POST /ui/login`: checks the token and keeps it in the cookie.
+pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
+    let token = form_value(&body, "token").unwrap_or_default();
+    let token = token.trim();
+    let valid = !token.is_empty()
+        && token.bytes().all(|b| b.is_ascii_graphic())
+        && crate::auth::same_digest(&crate::sha256_hex(token.as_bytes()), &server.admin_hash);
+    if !valid {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Html(login("That is not the admin token.")),
+        )
+            .into_response();
+    }
+    redirect(
+        "/",
+        Some(format!(
+            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+        )),
+    )
+}
+
+/// `POST /ui/logout`.
+pub async fn sign_out() -> Response {
+    redirect(
+        "/",
+        Some(format!(
+            "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+        )),
+    )
+}
+
+/// `POST /ui/rollouts/{id}/{action}`: a control button.
+pub async fn control(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> Response {
+    if !signed_in(&server, &headers) {
+        return (StatusCode::UNAUTHORIZED, Html(login("Sign in first."))).into_response();
+    }
+    match crate::rollouts::apply_action(&server, &id, &action).await {
+        Ok(_) => redirect(
+            &format!(
+                "/#{}",
+                id.replace(|c: char| !c.is_ascii_alphanumeric() && c != '-', "")
+            ),
+            None,
+        ),
+        Err(e) => (
+            e.status,
+            Html(page(
+                "Abide fleet",
+                &format!(
+                    "<h1>Abide fleet</h1><p class=\"reason\">{}</p><p><a href=\"/\">Back</a></p>",
+                    escape(&e.message)
+                ),
+            )),
+        )
+            .into_response(),
+    }
+}

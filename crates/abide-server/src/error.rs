@@ -8,7 +8,8 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 
 /// An error answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{status} [{code}]: {message}")]
 pub struct ApiError {
     /// The HTTP status.
     pub status: StatusCode,

@@ -10,6 +10,7 @@ pub mod health;
 pub mod quarantine;
 pub mod rollout;
 pub mod transaction;
+pub mod window;
 
 pub use error::{Error, Result};
 pub use health::{CheckOutcome, CheckResult, Criticality, HealthPolicy, Verdict, verdict};

@@ -33,38 +33,10 @@ pub struct GroupSettings {
     pub window: Option<Window>,
 }
 
-const DAYS: &[&str] = &["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
-
-fn check_time(field: &str, t: &str) -> ApiResult<()> {
-    let ok = t.len() == 5
-        && t.as_bytes()[2] == b':'
-        && t[..2].parse::<u8>().is_ok_and(|h| h < 24)
-        && t[3..].parse::<u8>().is_ok_and(|m| m < 60);
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "window.{field} {t:?}: expected HH:MM"
-        )))
-    }
-}
-
 /// Checks a maintenance window: known days, `HH:MM` times, an IANA zone this machine knows.
 pub fn check_window(w: &Window) -> ApiResult<()> {
-    if w.days.is_empty() || w.days.iter().any(|d| !DAYS.contains(&d.as_str())) {
-        return Err(ApiError::bad_request(format!(
-            "window.days {:?}: expected some of {}",
-            w.days,
-            DAYS.join(", ")
-        )));
-    }
-    check_time("start", &w.start)?;
-    check_time("end", &w.end)?;
-    if w.start == w.end {
-        return Err(ApiError::bad_request(
-            "window: start and end are the same time",
-        ));
-    }
+    abide_core::window::Window::parse(&w.days, &w.start, &w.end)
+        .map_err(|e| ApiError::bad_request(format!("window: {e}")))?;
     jiff::tz::TimeZone::get(&w.zone).map_err(|e| {
         ApiError::bad_request(format!(
             "window.zone {:?}: not a known IANA time zone ({e})",
@@ -72,6 +44,22 @@ pub fn check_window(w: &Window) -> ApiResult<()> {
         ))
     })?;
     Ok(())
+}
+
+/// Whether the window is open at `now`, in the window's own time zone (so daylight saving time
+/// moves it with the local clock).
+pub fn window_open(w: &Window, now: jiff::Timestamp) -> bool {
+    let (Ok(window), Ok(tz)) = (
+        abide_core::window::Window::parse(&w.days, &w.start, &w.end),
+        jiff::tz::TimeZone::get(&w.zone),
+    ) else {
+        return false;
+    };
+    let local = now.to_zoned(tz);
+    window.contains(
+        local.weekday().to_monday_zero_offset() as u8,
+        local.hour() as u16 * 60 + local.minute() as u16,
+    )
 }
 
 async fn load(server: &Server, name: &str) -> ApiResult<GroupSettings> {
@@ -218,9 +206,9 @@ pub async fn acquire(
         .bind(&group)
         .execute(&mut *tx)
         .await?;
-    let (max_unavailable, quorum): (Option<i64>, Option<i64>) =
+    let (max_unavailable, quorum, maintenance): (Option<i64>, Option<i64>, Option<String>) =
         sqlx::query_as(sqlx::AssertSqlSafe(format!(
-            "SELECT max_unavailable, quorum FROM groups WHERE name = $1{}",
+            "SELECT max_unavailable, quorum, maintenance FROM groups WHERE name = $1{}",
             server.db.for_update()
         )))
         .bind(&group)
@@ -266,7 +254,21 @@ pub async fn acquire(
         .bind(&device)
         .fetch_one(&mut *tx)
         .await?;
+        let window: Option<Window> = maintenance.and_then(|w| serde_json::from_str(&w).ok());
         let refused = match (max_unavailable, quorum) {
+            _ if window
+                .as_ref()
+                .is_some_and(|w| !window_open(w, jiff::Timestamp::now())) =>
+            {
+                let w = window.as_ref().expect("checked");
+                Some(format!(
+                    "group {group}'s maintenance window ({} {}-{} {}) is closed",
+                    w.days.join(","),
+                    w.start,
+                    w.end,
+                    w.zone
+                ))
+            }
             (Some(m), _) if leased >= m => Some(format!(
                 "{leased} of group {group}'s devices already hold a lease (max_unavailable {m})"
             )),

@@ -5,6 +5,7 @@ mod quarantine;
 mod rollout;
 mod tidy;
 mod transaction;
+mod window;
 
 use jiff::Timestamp;
 

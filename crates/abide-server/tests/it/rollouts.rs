@@ -653,4 +653,37 @@ async fn leases_keep_max_unavailable_and_quorum(backend: Backend) {
         .await;
     let a: Value = serde_json::from_str(r.json()["payload"].as_str().unwrap()).unwrap();
     assert_eq!(a["window"], window);
+    // Leases only inside the window: one that opens in two hours refuses, one around now grants.
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let hhmm = |h: i64| {
+        let t = now
+            .checked_add(jiff::SignedDuration::from_hours(h))
+            .unwrap();
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    };
+    let all = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    h.call(
+        Method::DELETE,
+        "/api/v1/device/lease",
+        Some(&devices[3].1),
+        &[],
+        vec![],
+    )
+    .await;
+    put(json!({"window": {"days": all, "start": hhmm(2), "end": hhmm(3), "zone": "UTC"}})).await;
+    let closed = lease(devices[0].1.clone(), json!({})).await;
+    assert_eq!(closed.code(), "lease-refused");
+    assert!(
+        closed.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("maintenance window"),
+        "{}",
+        closed.json()
+    );
+    put(json!({"window": {"days": all, "start": hhmm(-1), "end": hhmm(1), "zone": "UTC"}})).await;
+    assert_eq!(
+        lease(devices[0].1.clone(), json!({})).await.status,
+        StatusCode::OK
+    );
 }

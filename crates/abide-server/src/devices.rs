@@ -282,7 +282,7 @@ pub async fn flush_last_seen_forever(server: Server) {
     loop {
         tick.tick().await;
         if let Err(e) = flush_last_seen(&server).await {
-            eprintln!("abide server: writing last-seen times: {}", e.message);
+            tracing::error!(error = %e.message, "writing last-seen times");
         }
     }
 }

@@ -53,7 +53,7 @@ impl ApiError {
     }
     /// 500: the server failed; `detail` is logged, not answered.
     pub fn internal(what: &str, detail: impl std::fmt::Display) -> ApiError {
-        eprintln!("abide server: {what}: {detail}");
+        tracing::error!(%detail, "{what}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

@@ -619,6 +619,7 @@ async fn decide_one(
         Decision::Pause(reason) => Some(reason.clone()),
         _ => None,
     };
+    tracing::info!(rollout = %r.id, stage = r.stage + 1, decision = what, ?counts, "rollout decided");
     crate::audit::append(
         server,
         tx,
@@ -919,7 +920,7 @@ pub async fn tick_forever(server: Server) {
     loop {
         every.tick().await;
         if let Err(e) = tick(&server, now_ms()).await {
-            eprintln!("abide server: deciding rollouts: {}", e.message);
+            tracing::error!(error = %e.message, "deciding rollouts");
         }
     }
 }

@@ -356,13 +356,21 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
             "50:0s,100",
             "--failure-threshold",
             "20%",
+            "--group",
+            "canary",
         ],
+    );
+    let canary = fleet(
+        &dir,
+        &url,
+        &token,
+        &["enroll-token", "create", "--group", "canary"],
     );
     let bad_ledger = dir.join("ledger-bad.json");
     let sim = simulate(
         &dir,
         &url,
-        &enroll_token,
+        canary["token"].as_str().unwrap(),
         &[
             "--devices",
             "10",

@@ -268,6 +268,12 @@ async fn enrolment_and_signed_check_ins(backend: Backend) {
     let credential = e.json()["credential"].as_str().unwrap().to_owned();
     let server_key = PublicKey::from_hex(e.json()["server_key"].as_str().unwrap()).unwrap();
     assert_eq!(e.json()["group"], "lab");
+    // The key devices pin is the one the server publishes.
+    let published = h
+        .call(Method::GET, "/api/v1/server-key", None, &[], vec![])
+        .await
+        .json();
+    assert_eq!(published["key"], e.json()["server_key"]);
     let devices_before = count(&h, "devices").await;
     for (body, status) in [
         (enroll("gw-1", json!({})), StatusCode::CONFLICT),

@@ -55,15 +55,35 @@ pub async fn device(server: &Server, headers: &HeaderMap) -> ApiResult<String> {
         .split_once(':')
         .filter(|(id, _)| valid_device_id(id))
         .ok_or_else(|| ApiError::unauthorized("not a device credential"))?;
-    let row: Option<(String,)> =
-        sqlx::query_as("SELECT credential_hash FROM devices WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&server.db.pool)
-            .await?;
-    match row {
-        Some((hash,)) if same_digest(&crate::sha256_hex(secret.as_bytes()), &hash) => {
-            Ok(id.to_owned())
+    let presented = crate::sha256_hex(secret.as_bytes());
+    // A device's credential never changes once enrolled, so a hash read once is kept.
+    let cached = server
+        .credentials
+        .read()
+        .expect("not poisoned")
+        .get(id)
+        .cloned();
+    let hash = match cached {
+        Some(hash) => hash,
+        None => {
+            let row: Option<(String,)> =
+                sqlx::query_as("SELECT credential_hash FROM devices WHERE id = $1")
+                    .bind(id)
+                    .fetch_optional(&server.db.read)
+                    .await?;
+            let Some((hash,)) = row else {
+                return Err(ApiError::unauthorized("unknown device credential"));
+            };
+            let mut cache = server.credentials.write().expect("not poisoned");
+            if cache.len() < 1_000_000 {
+                cache.insert(id.to_owned(), hash.clone());
+            }
+            hash
         }
-        _ => Err(ApiError::unauthorized("unknown device credential")),
+    };
+    if same_digest(&presented, &hash) {
+        Ok(id.to_owned())
+    } else {
+        Err(ApiError::unauthorized("unknown device credential"))
     }
 }

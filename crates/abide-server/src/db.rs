@@ -3,9 +3,10 @@
 //! parameters, `BIGINT` and `TEXT` columns, times as Unix milliseconds); the few statements
 //! that differ ask [`Db::dialect`].
 //!
-//! SQLite gets one connection (writes are serialized anyway, and a single connection never
-//! sees `SQLITE_BUSY`), WAL journaling and `synchronous = FULL`, so a committed write survives
-//! a power loss. PostgreSQL gets a pool; decisions that must happen once take row locks.
+//! SQLite gets one connection that writes (writes are serialized anyway, and a single writer
+//! never sees `SQLITE_BUSY`) and a few read-only ones for the hot reads of check-ins, WAL
+//! journaling and `synchronous = FULL`, so a committed write survives a power loss.
+//! PostgreSQL gets a pool; decisions that must happen once take row locks.
 //!
 //! The schema is created and upgraded at start by the migrations below, each applied once in
 //! its own transaction and recorded in `schema_migrations`.
@@ -28,8 +29,12 @@ pub enum Dialect {
 /// A connected, migrated database.
 #[derive(Clone, Debug)]
 pub struct Db {
-    /// The connection pool.
+    /// The connection pool (on SQLite: the one connection that writes).
     pub pool: AnyPool,
+    /// Connections for reads that need not see the writer's open transaction (on SQLite:
+    /// read-only connections that run beside the writer, as WAL allows; on PostgreSQL: the
+    /// same pool).
+    pub read: AnyPool,
     /// Its dialect.
     pub dialect: Dialect,
 }
@@ -229,8 +234,29 @@ impl Db {
                 .await
                 .map_err(sql("connecting to PostgreSQL"))?,
         };
-        let db = Db { pool, dialect };
+        let mut db = Db {
+            read: pool.clone(),
+            pool,
+            dialect,
+        };
         db.migrate().await.map_err(sql("migrating the schema"))?;
+        if dialect == Dialect::Sqlite {
+            let read_url = url.replace("mode=rwc", "mode=ro");
+            db.read = AnyPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(30))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute("PRAGMA busy_timeout = 10000;").await?;
+                        Ok(())
+                    })
+                })
+                .connect(&read_url)
+                .await
+                .map_err(sql(&format!(
+                    "opening the SQLite database {read_url} for reading"
+                )))?;
+        }
         Ok(db)
     }
 

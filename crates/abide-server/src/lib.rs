@@ -93,6 +93,8 @@ pub struct Inner {
     pub last_seen: devices::LastSeen,
     /// This process's counters.
     pub counters: metrics::Counters,
+    /// Device credential hashes already read (they never change), by device id.
+    pub credentials: std::sync::RwLock<std::collections::HashMap<String, String>>,
 }
 
 impl std::ops::Deref for Server {
@@ -151,6 +153,7 @@ impl Server {
             admin_hash,
             last_seen: devices::LastSeen::default(),
             counters: metrics::Counters::default(),
+            credentials: Default::default(),
         }));
         Ok((server, notes))
     }

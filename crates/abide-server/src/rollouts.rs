@@ -184,7 +184,7 @@ async fn candidates(
         .collect())
 }
 
-/// Adds `devices` to rollout `r` (ignoring ones already in it).
+/// Adds `devices` to rollout `r` (ignoring ones already in it), 500 rows per statement.
 async fn add_devices(
     tx: &mut Transaction<'static, Any>,
     r: &Rollout,
@@ -192,32 +192,52 @@ async fn add_devices(
     devices: &[Candidate],
     now: i64,
 ) -> Result<(), sqlx::Error> {
-    for d in devices {
-        let quarantined: Option<(i64,)> =
-            sqlx::query_as("SELECT at FROM quarantine WHERE device_id = $1 AND release_id = $2")
-                .bind(&d.id)
-                .bind(&r.release_id)
-                .fetch_optional(&mut **tx)
-                .await?;
-        let (state, reason) = if quarantined.is_some() {
-            ("skipped", Some("rolled this release back before"))
-        } else if d.version.as_deref() == Some(release.version.as_str()) {
-            ("committed", Some("already running this release"))
-        } else {
-            ("pending", None)
-        };
-        sqlx::query(
-            "INSERT INTO rollout_devices (rollout_id, device_id, place, state, reason, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (rollout_id, device_id) DO NOTHING",
-        )
-        .bind(&r.id)
-        .bind(&d.id)
-        .bind(rollout::place(&r.id, &d.id) as i64)
-        .bind(state)
-        .bind(reason)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
+    let quarantined: std::collections::HashSet<String> =
+        sqlx::query_as::<_, (String,)>("SELECT device_id FROM quarantine WHERE release_id = $1")
+            .bind(&r.release_id)
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(d,)| d)
+            .collect();
+    for chunk in devices.chunks(500) {
+        let mut sql = String::from(
+            "INSERT INTO rollout_devices (rollout_id, device_id, place, state, reason, updated_at) VALUES ",
+        );
+        for k in 0..chunk.len() {
+            let b = k * 6;
+            if k > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            ));
+        }
+        sql.push_str(" ON CONFLICT (rollout_id, device_id) DO NOTHING");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for d in chunk {
+            let (state, reason) = if quarantined.contains(&d.id) {
+                ("skipped", Some("rolled this release back before"))
+            } else if d.version.as_deref() == Some(release.version.as_str()) {
+                ("committed", Some("already running this release"))
+            } else {
+                ("pending", None)
+            };
+            q = q
+                .bind(r.id.clone())
+                .bind(d.id.clone())
+                .bind(rollout::place(&r.id, &d.id) as i64)
+                .bind(state)
+                .bind(reason)
+                .bind(now);
+        }
+        q.execute(&mut **tx).await?;
     }
     Ok(())
 }
@@ -762,7 +782,7 @@ pub async fn assignment(
          WHERE rd.device_id = $1 AND r.status IN ('running', 'rolled_back') ORDER BY r.created_at DESC",
     )
     .bind(device)
-    .fetch_all(&server.db.pool)
+    .fetch_all(&server.db.read)
     .await?;
     for (
         rollout_id,

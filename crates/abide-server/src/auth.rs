@@ -48,8 +48,37 @@ pub fn valid_device_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Checks a device credential and returns the device id.
-pub async fn device(server: &Server, headers: &HeaderMap) -> ApiResult<String> {
+/// Checks that a connection's client certificate, if it has one, names device `id`; and that
+/// there is one if the server requires it.
+pub fn check_peer(
+    server: &Server,
+    id: &str,
+    peer: Option<&crate::tls::PeerIdentity>,
+) -> ApiResult<()> {
+    let required = server
+        .config
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.require_device_cert);
+    match peer.and_then(|p| p.0.as_deref()) {
+        Some(name) if name != id => Err(ApiError::forbidden(format!(
+            "the client certificate is for device {name}, not {id}"
+        ))),
+        Some(_) => Ok(()),
+        None if required => Err(ApiError::forbidden(
+            "this server requires a device certificate (a client certificate whose common name is the device id)",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Checks a device credential (and the connection's client certificate, see [`check_peer`])
+/// and returns the device id.
+pub async fn device(
+    server: &Server,
+    headers: &HeaderMap,
+    peer: Option<&crate::tls::PeerIdentity>,
+) -> ApiResult<String> {
     let credential = bearer(headers)?;
     let (id, secret) = credential
         .split_once(':')
@@ -82,6 +111,7 @@ pub async fn device(server: &Server, headers: &HeaderMap) -> ApiResult<String> {
         }
     };
     if same_digest(&presented, &hash) {
+        check_peer(server, id, peer)?;
         Ok(id.to_owned())
     } else {
         Err(ApiError::unauthorized("unknown device credential"))

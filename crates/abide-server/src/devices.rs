@@ -136,9 +136,11 @@ pub async fn create_token(
 /// a token).
 pub async fn enroll(
     State(server): State<Server>,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
     let req: EnrollRequest = parse_json(&body)?;
+    crate::auth::check_peer(&server, &req.device_id, peer.as_deref())?;
     let row: Option<(String, String, String, i64)> =
         sqlx::query_as("SELECT id, grp, tags, expires_at FROM enroll_tokens WHERE token_hash = $1")
             .bind(crate::sha256_hex(req.token.as_bytes()))
@@ -325,9 +327,10 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
 pub async fn checkin(
     State(server): State<Server>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     body: Bytes,
 ) -> ApiResult<Json<SignedAssignment>> {
-    let id = crate::auth::device(&server, &headers).await?;
+    let id = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: CheckinRequest = parse_json(&body)?;
     check_inventory(&req)?;
     let now = now_ms();
@@ -379,9 +382,10 @@ pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
 pub async fn report(
     State(server): State<Server>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     body: Bytes,
 ) -> ApiResult<Json<ReportResponse>> {
-    let id = crate::auth::device(&server, &headers).await?;
+    let id = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: ReportRequest = parse_json(&body)?;
     if req.seq == 0 || req.seq > i64::MAX as u64 {
         return Err(ApiError::bad_request("seq: expected 1 or more"));

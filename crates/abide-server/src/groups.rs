@@ -181,9 +181,10 @@ pub struct LeaseRequest {
 pub async fn acquire(
     State(server): State<Server>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let device = crate::auth::device(&server, &headers).await?;
+    let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: LeaseRequest = if body.is_empty() {
         LeaseRequest::default()
     } else {
@@ -319,8 +320,9 @@ pub async fn acquire(
 pub async fn release(
     State(server): State<Server>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let device = crate::auth::device(&server, &headers).await?;
+    let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let mut tx = server.db.pool.begin().await?;
     let gone = sqlx::query("DELETE FROM leases WHERE device_id = $1")
         .bind(&device)

@@ -17,6 +17,7 @@ pub mod groups;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
+pub mod tls;
 pub mod web;
 
 use std::path::{Path, PathBuf};
@@ -43,6 +44,8 @@ pub struct Config {
     pub max_bundle: u64,
     /// How long a signed assignment is valid, in seconds.
     pub assignment_ttl: i64,
+    /// HTTPS (and device certificates), if configured.
+    pub tls: Option<tls::TlsConfig>,
 }
 
 impl Config {
@@ -55,6 +58,7 @@ impl Config {
             trust: None,
             max_bundle: 16 << 30,
             assignment_ttl: 600,
+            tls: None,
         }
     }
 }
@@ -347,9 +351,14 @@ pub fn app(server: Server) -> Router {
 /// Serves [`app`] on `listener` until the process is stopped, writing coalesced last-seen
 /// times in the background.
 pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    spawn_background(&server);
+    axum::serve(listener, app(server)).await
+}
+
+/// Starts the background work: coalesced last-seen writes and the rollout decisions.
+pub fn spawn_background(server: &Server) {
     let flusher = server.clone();
     tokio::spawn(async move { devices::flush_last_seen_forever(flusher).await });
     let decider = server.clone();
     tokio::spawn(async move { rollouts::tick_forever(decider).await });
-    axum::serve(listener, app(server)).await
 }

@@ -298,10 +298,11 @@ pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>
 pub async fn download(
     State(server): State<Server>,
     headers: HeaderMap,
+    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
     if crate::auth::admin(&server, &headers).is_err() {
-        crate::auth::device(&server, &headers).await?;
+        crate::auth::device(&server, &headers, peer.as_deref()).await?;
     }
     let rel = find(&server, &id)
         .await?

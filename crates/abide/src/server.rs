@@ -23,6 +23,19 @@ pub struct ServerArgs {
     /// The fleet trust root uploads are verified against (default DATA/trust.json).
     #[arg(long)]
     trust: Option<PathBuf>,
+    /// Serve HTTPS with this certificate chain (PEM).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Accept device client certificates issued by this CA (PEM); a certificate's common name
+    /// must be the device id of the credential it comes with.
+    #[arg(long, requires = "tls_cert")]
+    device_ca: Option<PathBuf>,
+    /// Refuse device requests that come without a device certificate.
+    #[arg(long, requires = "device_ca")]
+    require_device_cert: bool,
 }
 
 /// Runs the server until it is stopped.
@@ -47,6 +60,21 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
         let mut config = abide_server::Config::new(&args.data);
         config.db = args.db;
         config.trust = args.trust;
+        config.tls = match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => Some(abide_server::tls::TlsConfig {
+                cert,
+                key,
+                device_ca: args.device_ca,
+                require_device_cert: args.require_device_cert,
+            }),
+            _ => None,
+        };
+        let tls = config
+            .tls
+            .as_ref()
+            .map(abide_server::tls::server_config)
+            .transpose()
+            .context("setting up TLS")?;
         let (server, notes) = abide_server::Server::start(config)
             .await
             .context("starting the server")?;
@@ -61,12 +89,15 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             || {
                 let mut text: Vec<String> = notes.lines.clone();
                 text.push(format!("assignment signing key: {key}"));
-                text.push(format!("abide server listening on http://{addr}"));
+                let scheme = if tls.is_some() { "https" } else { "http" };
+                text.push(format!("abide server listening on {scheme}://{addr}"));
                 text.join("\n")
             },
         );
-        abide_server::serve(server, listener)
-            .await
-            .context("serving")
+        match tls {
+            Some(tls) => abide_server::tls::serve_tls(server, listener, tls).await,
+            None => abide_server::serve(server, listener).await,
+        }
+        .context("serving")
     })
 }

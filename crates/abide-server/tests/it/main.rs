@@ -3,6 +3,7 @@
 
 mod api;
 mod rollouts;
+mod tls;
 mod web;
 
 use abide_server::{Config, Server};

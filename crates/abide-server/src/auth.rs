@@ -85,29 +85,29 @@ pub async fn device(
         .filter(|(id, _)| valid_device_id(id))
         .ok_or_else(|| ApiError::unauthorized("not a device credential"))?;
     let presented = crate::sha256_hex(secret.as_bytes());
-    // A device's credential never changes once enrolled, so a hash read once is kept.
+    // A device's credential and group never change once enrolled, so they are kept once read.
     let cached = server
         .credentials
         .read()
         .expect("not poisoned")
         .get(id)
         .cloned();
-    let hash = match cached {
-        Some(hash) => hash,
+    let (hash, _group) = match cached {
+        Some(known) => known,
         None => {
-            let row: Option<(String,)> =
-                sqlx::query_as("SELECT credential_hash FROM devices WHERE id = $1")
+            let row: Option<(String, String)> =
+                sqlx::query_as("SELECT credential_hash, grp FROM devices WHERE id = $1")
                     .bind(id)
                     .fetch_optional(&server.db.read)
                     .await?;
-            let Some((hash,)) = row else {
+            let Some(known) = row else {
                 return Err(ApiError::unauthorized("unknown device credential"));
             };
             let mut cache = server.credentials.write().expect("not poisoned");
             if cache.len() < 1_000_000 {
-                cache.insert(id.to_owned(), hash.clone());
+                cache.insert(id.to_owned(), known.clone());
             }
-            hash
+            known
         }
     };
     if same_digest(&presented, &hash) {

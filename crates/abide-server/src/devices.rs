@@ -350,10 +350,7 @@ pub async fn checkin(
         .checkins
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let release = crate::rollouts::assignment(&server, &id, &req.version, now).await?;
-    let window = match &release {
-        Some(_) => crate::groups::window_of_device(&server, &id).await?,
-        None => None,
-    };
+    let window = crate::groups::window_of_device(&server, &id).await?;
     let assignment = Assignment {
         device_id: id,
         nonce: req.nonce,

@@ -97,8 +97,11 @@ pub struct Inner {
     pub last_seen: devices::LastSeen,
     /// This process's counters.
     pub counters: metrics::Counters,
-    /// Device credential hashes already read (they never change), by device id.
-    pub credentials: std::sync::RwLock<std::collections::HashMap<String, String>>,
+    /// Device credential hashes and groups already read (they never change), by device id.
+    pub credentials: std::sync::RwLock<std::collections::HashMap<String, (String, String)>>,
+    /// The groups' maintenance windows as last read, and when (they change rarely; a check-in
+    /// reads them from here, at most two seconds old).
+    pub windows: std::sync::RwLock<(i64, std::collections::HashMap<String, abide_proto::Window>)>,
 }
 
 impl std::ops::Deref for Server {
@@ -158,6 +161,7 @@ impl Server {
             last_seen: devices::LastSeen::default(),
             counters: metrics::Counters::default(),
             credentials: Default::default(),
+            windows: std::sync::RwLock::new((i64::MIN, Default::default())),
         }));
         Ok((server, notes))
     }

@@ -641,6 +641,20 @@ async fn leases_keep_max_unavailable_and_quorum(backend: Backend) {
     let window =
         json!({"days": ["sat", "sun"], "start": "02:00", "end": "04:00", "zone": "Europe/Berlin"});
     assert_eq!(put(json!({"window": window})).await.status, StatusCode::OK);
+    // Every answer carries the group's window, with or without a release.
+    let r = h
+        .json(
+            Method::POST,
+            "/api/v1/device/checkin",
+            Some(&devices[1].1),
+            json!({"nonce": "0123456789abcdef0123", "version": "1.3.0", "state": "idle"}),
+        )
+        .await;
+    let a: Value = serde_json::from_str(r.json()["payload"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        (a["release"].clone(), a["window"].clone()),
+        (Value::Null, window.clone())
+    );
     let rel = release(&h, "1.4.0", 5).await;
     create(&h, json!({"release": rel, "stages": "100"})).await;
     let r = h

@@ -72,6 +72,25 @@ fn start_server(data: &Path, port: u16, db: Option<&str>) -> ServerProcess {
     }
 }
 
+/// A server data directory `name` in `dir`, holding the workspace's trust root.
+fn data_dir(dir: &Path, name: &str) -> PathBuf {
+    let data = dir.join(name);
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::copy(dir.join("trust.json"), data.join("trust.json")).unwrap();
+    data
+}
+
+/// Waits until `abide fleet devices ARGS` lists `n` devices.
+fn wait_for_devices(dir: &Path, server: &str, token: &Path, args: &[&str], n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut all = vec!["devices"];
+    all.extend_from_slice(args);
+    while fleet(dir, server, token, &all).as_array().unwrap().len() < n {
+        assert!(Instant::now() < deadline, "devices did not enrol");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// `abide fleet --server URL --token-file TOKEN ARGS --json`.
 fn fleet(dir: &Path, server: &str, token: &Path, args: &[&str]) -> Value {
     let mut all = vec!["fleet", "--server", server, "--token-file"];
@@ -210,9 +229,7 @@ fn decisions(dir: &Path, server: &str, token: &Path) -> (BTreeMap<String, usize>
 #[test]
 fn a_rollout_through_the_command_line_and_simulated_devices() {
     let (_tmp, dir) = workspace();
-    let data = dir.join("server");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::copy(dir.join("trust.json"), data.join("trust.json")).unwrap();
+    let data = data_dir(&dir, "server");
     let server = start_server(&data, free_port(), None);
     let token = data.join("admin.token");
     let url = server.url.clone();
@@ -256,16 +273,7 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
         ],
         &ledger,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet(&dir, &url, &token, &["devices", "--group", "lab"])
-        .as_array()
-        .unwrap()
-        .len()
-        < 24
-    {
-        assert!(Instant::now() < deadline, "devices did not enrol");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_devices(&dir, &url, &token, &["--group", "lab"], 24);
     let ro = fleet(
         &dir,
         &url,
@@ -436,9 +444,7 @@ fn two_server_processes_on_one_postgres_decide_once_and_keep_the_lease_limits() 
     let (_tmp, dir) = workspace();
     // Both processes serve one data directory (the bundles, the signing key, the admin token:
     // on a shared volume in production) and one database.
-    let d1 = dir.join("shared");
-    std::fs::create_dir_all(&d1).unwrap();
-    std::fs::copy(dir.join("trust.json"), d1.join("trust.json")).unwrap();
+    let d1 = data_dir(&dir, "shared");
     let s1 = start_server(&d1, free_port(), Some(&db));
     let s2 = start_server(&d1, free_port(), Some(&db));
     let token = d1.join("admin.token");
@@ -488,16 +494,7 @@ fn two_server_processes_on_one_postgres_decide_once_and_keep_the_lease_limits() 
         &[&common[..], &["--prefix", "two"]].concat(),
         &l2,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet(&dir, &s2.url, &token, &["devices"])
-        .as_array()
-        .unwrap()
-        .len()
-        < 40
-    {
-        assert!(Instant::now() < deadline, "devices did not enrol");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_devices(&dir, &s2.url, &token, &[], 40);
     fleet(
         &dir,
         &s2.url,
@@ -549,9 +546,7 @@ fn two_server_processes_on_one_postgres_decide_once_and_keep_the_lease_limits() 
 #[test]
 fn a_kill_9_of_the_server_mid_rollout_loses_and_doubles_nothing() {
     let (_tmp, dir) = workspace();
-    let data = dir.join("server");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::copy(dir.join("trust.json"), data.join("trust.json")).unwrap();
+    let data = data_dir(&dir, "server");
     let port = free_port();
     let mut server = start_server(&data, port, None);
     let url = server.url.clone();
@@ -587,16 +582,7 @@ fn a_kill_9_of_the_server_mid_rollout_loses_and_doubles_nothing() {
         ],
         &ledger,
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet(&dir, &url, &token, &["devices"])
-        .as_array()
-        .unwrap()
-        .len()
-        < 30
-    {
-        assert!(Instant::now() < deadline, "devices did not enrol");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_devices(&dir, &url, &token, &[], 30);
     let ro = fleet(
         &dir,
         &url,

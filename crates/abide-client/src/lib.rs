@@ -15,14 +15,14 @@ use serde_json::Value;
 /// What a request to the server can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server could not be reached or the answer not read.
-    #[error("{what}: {source}")]
+    /// The server could not be reached or the answer not read (the transport error is in the
+    /// message, not chained, so that it is printed once).
+    #[error("{what}: {detail}")]
     Http {
         /// The request.
         what: String,
-        /// The transport error.
-        #[source]
-        source: reqwest::Error,
+        /// The transport error with its causes.
+        detail: String,
     },
     /// The server answered with an error.
     #[error("{what}: the server answered {status} [{code}]: {message}")]
@@ -51,15 +51,30 @@ impl ClientError {
     }
 }
 
+/// A transport error as one line with its causes.
+pub(crate) fn http(what: &str, error: &reqwest::Error) -> ClientError {
+    let mut detail = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(": ");
+            detail.push_str(&text);
+        }
+        cause = c.source();
+    }
+    ClientError::Http {
+        what: what.to_owned(),
+        detail,
+    }
+}
+
 /// A result of this crate.
 pub type Result<T> = std::result::Result<T, ClientError>;
 
 async fn answer<T: DeserializeOwned>(what: &str, resp: reqwest::Response) -> Result<T> {
     let status = resp.status();
-    let bytes = resp.bytes().await.map_err(|source| ClientError::Http {
-        what: what.to_owned(),
-        source,
-    })?;
+    let bytes = resp.bytes().await.map_err(|source| http(what, &source))?;
     if !status.is_success() {
         let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         return Err(ClientError::Refused {
@@ -81,10 +96,7 @@ async fn answer<T: DeserializeOwned>(what: &str, resp: reqwest::Response) -> Res
 }
 
 fn http_error(what: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
-    move |source| ClientError::Http {
-        what: what.to_owned(),
-        source,
-    }
+    move |source| http(what, &source)
 }
 
 /// The admin API.

@@ -247,10 +247,7 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()
-        .map_err(|source| ClientError::Http {
-            what: "building the HTTP client".into(),
-            source,
-        })?;
+        .map_err(|error| crate::http("building the HTTP client", &error))?;
     let tally = Arc::new(Tally::default());
     // Enrol with bounded concurrency.
     let mut sims = Vec::with_capacity(opts.devices);

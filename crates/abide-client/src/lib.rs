@@ -194,7 +194,7 @@ pub struct Device {
 fn nonce() -> String {
     let mut b = [0u8; 16];
     getrandom::fill(&mut b).expect("the system's random source works");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    abide_bundle::digest::encode_hex(&b)
 }
 
 impl Device {
@@ -272,10 +272,9 @@ impl Device {
         now: jiff::Timestamp,
     ) -> Result<Assignment> {
         let bad = |w: &str| ClientError::BadAssignment(w.to_owned());
-        let sig: Vec<u8> = (0..signed.signature.len() / 2)
-            .filter_map(|i| u8::from_str_radix(signed.signature.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
-        let sig: [u8; 64] = sig.try_into().map_err(|_| bad("malformed signature"))?;
+        let sig: [u8; 64] = abide_bundle::digest::decode_hex(&signed.signature)
+            .and_then(|s| s.try_into().ok())
+            .ok_or_else(|| bad("malformed signature"))?;
         if !self.server_key.verify(
             abide_proto::ASSIGNMENT_DOMAIN,
             signed.payload.as_bytes(),

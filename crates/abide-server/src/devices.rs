@@ -370,7 +370,7 @@ pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
         .sign(abide_proto::ASSIGNMENT_DOMAIN, payload.as_bytes());
     SignedAssignment {
         payload,
-        signature: signature.iter().map(|b| format!("{b:02x}")).collect(),
+        signature: abide_bundle::digest::encode_hex(&signature),
         key_id: server.signing.public().id().to_string(),
     }
 }
@@ -507,6 +507,16 @@ pub async fn report(
         seq: req.seq,
         outcome: "recorded".into(),
     }))
+}
+
+/// Enrolled devices by state (pending check-ins written first), in state order.
+pub async fn count_by_state(server: &Server) -> ApiResult<Vec<(String, i64)>> {
+    flush_last_seen(server).await?;
+    Ok(
+        sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
+            .fetch_all(&server.db.pool)
+            .await?,
+    )
 }
 
 /// Filters of the device list.

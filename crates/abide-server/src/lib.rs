@@ -171,7 +171,7 @@ impl Server {
 pub fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     getrandom::fill(&mut b).expect("the system's random source works");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    abide_bundle::digest::encode_hex(&b)
 }
 
 /// SHA-256 of `text`, hex.

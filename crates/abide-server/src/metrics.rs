@@ -73,12 +73,8 @@ async fn histogram(
 
 /// Renders the metrics.
 pub async fn render(server: &Server) -> ApiResult<String> {
-    crate::devices::flush_last_seen(server).await?;
     let mut out = String::new();
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
-            .fetch_all(&server.db.pool)
-            .await?;
+    let states = crate::devices::count_by_state(server).await?;
     out.push_str("# HELP abide_devices Enrolled devices by state.\n# TYPE abide_devices gauge\n");
     for (state, n) in &states {
         let _ = writeln!(out, "abide_devices{{state=\"{}\"}} {n}", label(state));

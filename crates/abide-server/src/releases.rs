@@ -129,11 +129,7 @@ pub async fn upload(
         .await
         .map_err(|e| ApiError::internal("syncing the upload", e))?;
     drop(file);
-    let sha256: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sha256 = abide_bundle::digest::encode_hex(&hasher.finalize());
     let verify_path = tmp_path.clone();
     let checked = {
         let server = server.clone();

@@ -125,12 +125,8 @@ pub async fn index(State(server): State<Server>, headers: HeaderMap) -> ApiResul
 }
 
 async fn render(server: &Server) -> ApiResult<String> {
-    crate::devices::flush_last_seen(server).await?;
     let mut body = String::from("<h1>Abide fleet</h1>\n");
-    let states: Vec<(String, i64)> =
-        sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
-            .fetch_all(&server.db.pool)
-            .await?;
+    let states = crate::devices::count_by_state(server).await?;
     let total: i64 = states.iter().map(|(_, n)| n).sum();
     let _ = write!(body, "<p>{total} devices");
     for (s, n) in &states {

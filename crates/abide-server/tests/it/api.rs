@@ -311,10 +311,10 @@ async fn enrolment_and_signed_check_ins(backend: Backend) {
     let signed = c.json();
     let payload = signed["payload"].as_str().unwrap();
     let sig_hex = signed["signature"].as_str().unwrap();
-    let sig: Vec<u8> = (0..64)
-        .map(|i| u8::from_str_radix(&sig_hex[2 * i..2 * i + 2], 16).unwrap())
-        .collect();
-    let sig: [u8; 64] = sig.try_into().unwrap();
+    let sig: [u8; 64] = abide_bundle::digest::decode_hex(sig_hex)
+        .unwrap()
+        .try_into()
+        .unwrap();
     assert!(server_key.verify(abide_proto::ASSIGNMENT_DOMAIN, payload.as_bytes(), &sig));
     let mut tampered = payload.replace("gw-1", "gw-9");
     assert!(!server_key.verify(abide_proto::ASSIGNMENT_DOMAIN, tampered.as_bytes(), &sig));

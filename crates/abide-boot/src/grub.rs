@@ -9,7 +9,7 @@ use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
 use crate::grubenv::GrubEnv;
-use crate::persist::{read_bounded, write_atomic};
+use crate::persist::{overwrite_in_place, read_bounded, write_new};
 use crate::state::{BootState, MAX_TRIES};
 
 /// The GRUB script that implements the boot counting; install it beside grub.cfg.
@@ -67,12 +67,16 @@ impl Bootloader for GrubBootloader {
         self.state_of(&self.read_env()?)
     }
 
+    /// Rewrites the block in place (same inode, same size, fsynced), as GRUB's own tools do:
+    /// GRUB reads the file's blocks without replaying the file system's journal, so a block
+    /// renamed into place could stay invisible to it after a power cut. A missing block is
+    /// created (as `grub-editenv create` would) with the default size.
     fn store(&self, state: &BootState) -> Result<(), BootError> {
         // Other variables in the block (GRUB's own, like saved_entry) are kept.
-        let mut env = match self.read_env() {
-            Ok(env) => env,
+        let (mut env, exists) = match self.read_env() {
+            Ok(env) => (env, true),
             Err(BootError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
-                GrubEnv::default()
+                (GrubEnv::default(), false)
             }
             Err(e) => return Err(e),
         };
@@ -81,7 +85,11 @@ impl Bootloader for GrubBootloader {
             path: self.path.clone(),
             source,
         })?;
-        write_atomic(&self.path, &block, 0o644)?;
+        if exists {
+            overwrite_in_place(&self.path, &block)?;
+        } else {
+            write_new(&self.path, &block, 0o644)?;
+        }
         Ok(())
     }
 }

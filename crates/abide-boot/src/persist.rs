@@ -1,5 +1,10 @@
 //! Durable file replacement (DESIGN I6): write a temporary file beside the target, fsync it,
 //! rename it over the target, fsync the directory. A failed fsync is an error, never retried.
+//!
+//! Files a bootloader reads are the exception ([`overwrite_in_place`]): firmware reads the
+//! blocks the file system's metadata pointed at when it was last written home, and does not
+//! replay a journal, so a renamed-in file may be invisible to it after a power cut while Linux
+//! sees it. Those files keep their inode and blocks and are rewritten in place.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -118,6 +123,42 @@ pub fn write_atomic(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoErro
         .write_all(bytes)
         .map_err(io_err("writing", target))?;
     file.commit()
+}
+
+/// Rewrites the existing file `target` in place with `bytes` of exactly its current length,
+/// then fsyncs it: the same inode and the same blocks, as GRUB's `save_env` and
+/// `grub-editenv` do, so a bootloader that reads the blocks directly sees the new content
+/// once the fsync returned. A file of another length is refused unchanged (the blocks a
+/// bootloader found must not move or grow).
+pub fn overwrite_in_place(target: &Path, bytes: &[u8]) -> Result<(), IoError> {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .write(true)
+        .open(target)
+        .map_err(io_err("opening for an in-place write", target))?;
+    let len = file
+        .metadata()
+        .map_err(io_err("reading the size of", target))?
+        .len();
+    if len != bytes.len() as u64 {
+        return Err(IoError {
+            op: "rewriting in place",
+            path: target.to_owned(),
+            source: io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the file holds {len} bytes and the new content {}: its size must not change",
+                    bytes.len()
+                ),
+            ),
+        });
+    }
+    crate::crash::point("persist:before-overwrite", &target.to_string_lossy());
+    file.write_all_at(bytes, 0)
+        .map_err(io_err("writing in place", target))?;
+    file.sync_all().map_err(io_err("fsync of", target))?;
+    crate::crash::point("persist:after-overwrite", &target.to_string_lossy());
+    Ok(())
 }
 
 /// Creates `target` with `bytes` only if nothing is there yet (a key is never replaced).

@@ -11,7 +11,7 @@ use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
 use crate::grub::{env_to_state, state_to_env};
-use crate::persist::{IoError, read_bounded, write_atomic};
+use crate::persist::{IoError, overwrite_in_place, read_bounded};
 use crate::state::BootState;
 use crate::ubootenv::{UbootEnv, UbootEnvError, select};
 
@@ -82,8 +82,10 @@ impl Bootloader for UbootBootloader {
             Ok(())
         })?;
         if self.copies.len() == 1 {
+            // In place, as fw_setenv does: U-Boot reads the copy's blocks (a raw offset, or a
+            // file on a FAT or ext4 partition without replaying a journal), never a rename.
             let bytes = env.encode(self.size, false, 0).map_err(|e| self.err(e))?;
-            write_atomic(&self.copies[0], &bytes, 0o644)?;
+            overwrite_in_place(&self.copies[0], &bytes)?;
             return Ok(());
         }
         // Write the other copy with the next flag, in place, and make it durable: until then

@@ -2,6 +2,7 @@
 //! reference firmware rule.
 
 mod backends;
+mod firmware_view;
 mod gpt;
 mod grubenv;
 mod grubscript;

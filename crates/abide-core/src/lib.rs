@@ -6,6 +6,7 @@
 //! tables of inputs and expected outputs.
 
 mod error;
+pub mod fleet;
 pub mod health;
 pub mod quarantine;
 pub mod rollout;

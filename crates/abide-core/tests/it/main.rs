@@ -1,5 +1,6 @@
 //! The core's decisions as tables: (state, input, now) → (state, actions).
 
+mod fleet;
 mod health;
 mod quarantine;
 mod rollout;

@@ -1,0 +1,155 @@
+//! The device's side of the fleet as a table: (offer, transaction, window, lease) → next step.
+
+use abide_core::fleet::{Lease, Offer, OfferKind, Step, View, WindowState, decide, status};
+use abide_core::{FailReason, Group, RollbackReason, Transaction, TxState};
+use expect_test::expect;
+
+use crate::at;
+
+fn offer(version: &str, kind: OfferKind) -> Offer {
+    Offer {
+        release_id: format!("r-{version}"),
+        rollout_id: "ro-1".into(),
+        version: version.parse().unwrap(),
+        kind,
+    }
+}
+
+fn tx(version: &str, state: TxState) -> Transaction {
+    let (mut t, _) = Transaction::begin(
+        "tx-1",
+        version.parse().unwrap(),
+        1,
+        Group::new("A").unwrap(),
+        Group::new("B").unwrap(),
+        at(0),
+    )
+    .unwrap();
+    t.state = state;
+    t
+}
+
+#[test]
+fn the_next_step_for_every_kind_of_situation() {
+    use OfferKind::{Install, RollBack};
+    use TxState::*;
+    let trial = Trial {
+        since: at(1),
+        boots: 1,
+        degraded_since: None,
+    };
+    let refused = Failed {
+        reason: FailReason::Refused {
+            code: "bad-signature".into(),
+            detail: "x".into(),
+        },
+    };
+    let broke = Failed {
+        reason: FailReason::Io {
+            detail: "connection reset".into(),
+        },
+    };
+    let rolled = RolledBack {
+        reason: RollbackReason::BootFailed,
+    };
+    let (open, closed) = (WindowState::Open, WindowState::Closed);
+    let (none, held) = (Lease::None, Lease::Held);
+    #[rustfmt::skip]
+    let cases: Vec<(&str, Option<Offer>, Option<Transaction>, bool, WindowState, Lease)> = vec![
+        ("nothing assigned, nothing going on", None, None, false, open, none),
+        ("assigned the running version", Some(offer("1.0.0", Install)), None, false, open, none),
+        ("assigned a new version", Some(offer("2.0.0", Install)), None, false, closed, none),
+        ("assigned a quarantined version", Some(offer("2.0.0", Install)), None, true, open, none),
+        ("new version after an older commit", Some(offer("2.0.0", Install)), Some(tx("1.5.0", Committed { at: at(1) })), false, open, none),
+        ("a download a stopped agent left", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Downloading)), false, open, none),
+        ("staged, window closed", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Staged)), false, closed, none),
+        ("staged, window open, no lease", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Staged)), false, open, none),
+        ("staged, window open, lease held", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Staged)), false, open, held),
+        ("staged, window closed, lease held", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Staged)), false, closed, held),
+        ("staged, assignment withdrawn", None, Some(tx("2.0.0", Staged)), false, open, none),
+        ("staged another version than assigned", Some(offer("3.0.0", Install)), Some(tx("2.0.0", Staged)), false, open, none),
+        ("activated: rebooting", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Activated { tries: 1 })), false, open, held),
+        ("on trial", Some(offer("2.0.0", Install)), Some(tx("2.0.0", trial.clone())), false, open, held),
+        ("on trial, fleet rolls it back", Some(offer("2.0.0", RollBack)), Some(tx("2.0.0", trial.clone())), false, open, held),
+        ("on trial, rollback of another version", Some(offer("1.9.0", RollBack)), Some(tx("2.0.0", trial.clone())), false, open, held),
+        ("committed, lease held", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Committed { at: at(2) })), false, open, held),
+        ("rolled back, lease held", Some(offer("2.0.0", Install)), Some(tx("2.0.0", rolled.clone())), true, open, held),
+        ("rolled back, lease given back", Some(offer("2.0.0", Install)), Some(tx("2.0.0", rolled.clone())), true, open, none),
+        ("bundle refused before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", refused.clone())), false, open, none),
+        ("download broke off before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", broke.clone())), false, open, none),
+        ("fleet rollback, not on trial", Some(offer("2.0.0", RollBack)), None, false, open, none),
+    ];
+    let running: semver::Version = "1.0.0".parse().unwrap();
+    let mut out = String::new();
+    for (what, offer, transaction, quarantined, window, lease) in &cases {
+        let step: Step = decide(&View {
+            offer: offer.as_ref(),
+            running: &running,
+            quarantined: *quarantined,
+            transaction: transaction.as_ref(),
+            window: *window,
+            lease: *lease,
+        });
+        out.push_str(&format!("{what} => {step:?}\n"));
+    }
+    expect![[r#"
+        nothing assigned, nothing going on => Idle
+        assigned the running version => Idle
+        assigned a new version => Stage
+        assigned a quarantined version => Idle
+        new version after an older commit => Stage
+        a download a stopped agent left => Abandon
+        staged, window closed => WaitForWindow
+        staged, window open, no lease => AskLease
+        staged, window open, lease held => Activate
+        staged, window closed, lease held => WaitForWindow
+        staged, assignment withdrawn => Idle
+        staged another version than assigned => Cancel
+        activated: rebooting => Idle
+        on trial => Idle
+        on trial, fleet rolls it back => RollBack
+        on trial, rollback of another version => Idle
+        committed, lease held => ReleaseLease
+        rolled back, lease held => ReleaseLease
+        rolled back, lease given back => Idle
+        bundle refused before => Idle
+        download broke off before => Stage
+        fleet rollback, not on trial => Idle
+    "#]]
+    .assert_eq(&out);
+}
+
+#[test]
+fn every_transaction_state_has_its_report() {
+    let mut out = String::new();
+    for state in [
+        TxState::Downloading,
+        TxState::Staged,
+        TxState::Activated { tries: 1 },
+        TxState::Trial {
+            since: at(0),
+            boots: 1,
+            degraded_since: None,
+        },
+        TxState::Committed { at: at(1) },
+        TxState::Failed {
+            reason: FailReason::Cancelled,
+        },
+        TxState::RolledBack {
+            reason: RollbackReason::BootFailed,
+        },
+    ] {
+        let (s, reason) = status(&state);
+        out.push_str(&format!("{} => {} {reason:?}\n", state.name(), s.as_str()));
+    }
+    expect![[r#"
+        downloading => downloading None
+        staged => staged None
+        activated => rebooting None
+        trial => trial None
+        committed => committed None
+        failed => failed Some("cancelled")
+        rolled_back => rolled_back Some("the new system did not boot; the bootloader fell back")
+    "#]]
+    .assert_eq(&out);
+}

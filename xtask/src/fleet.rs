@@ -190,7 +190,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
         let d = d.clone();
         async move {
             d[((c as u64 + i * clients) % n) as usize]
-                .checkin("1.0.0", "idle", "healthy", jiff::Timestamp::now())
+                .checkin(idle_inventory(), jiff::Timestamp::now())
                 .await
                 .is_ok()
         }
@@ -201,7 +201,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
         let d = d.clone();
         async move {
             d[((c as u64 + i * clients) % n) as usize]
-                .checkin("1.0.0", "idle", "healthy", jiff::Timestamp::now())
+                .checkin(idle_inventory(), jiff::Timestamp::now())
                 .await
                 .is_ok()
         }
@@ -338,4 +338,16 @@ pub fn bench(args: &[String]) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// What an idle device at 1.0.0 on group A sends.
+fn idle_inventory() -> abide_proto::CheckinRequest {
+    abide_proto::CheckinRequest {
+        nonce: String::new(),
+        version: "1.0.0".into(),
+        booted: Some("A".into()),
+        good: Some("A".into()),
+        state: "idle".into(),
+        health: Some("healthy".into()),
+    }
 }

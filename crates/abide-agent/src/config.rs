@@ -28,6 +28,27 @@ struct RawConfig {
     groups: Vec<RawGroup>,
     #[serde(default)]
     health: RawHealth,
+    server: Option<RawServer>,
+    #[serde(default, rename = "window")]
+    windows: Vec<RawWindow>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    url: String,
+    enroll_token_file: Option<PathBuf>,
+    device_id: Option<String>,
+    poll_interval: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    days: Vec<String>,
+    start: String,
+    end: String,
+    zone: String,
 }
 
 #[derive(Deserialize)]
@@ -195,6 +216,60 @@ pub struct Check {
     pub critical: bool,
 }
 
+/// The fleet server the agent checks in with (`[server]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerSettings {
+    /// Its base URL, `http://host:port`.
+    pub url: String,
+    /// The file holding the enrolment token (read once, at enrolment).
+    pub enroll_token_file: Option<PathBuf>,
+    /// The device's id in the fleet.
+    pub device_id: String,
+    /// Seconds between check-ins (jittered; the server may ask for another interval).
+    pub poll_interval: SignedDuration,
+}
+
+/// A maintenance window of the device itself (`[[window]]`): activation and reboot only while
+/// it, and the group's window from the server, are open.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceWindow {
+    /// Days and times.
+    pub window: abide_core::window::Window,
+    /// The IANA time zone the times are in.
+    pub zone: jiff::tz::TimeZone,
+    /// As written, for messages.
+    pub text: String,
+}
+
+impl DeviceWindow {
+    /// Whether the window is open at `now` (in its own zone, so daylight saving time moves it
+    /// with the local clock).
+    pub fn is_open(&self, now: jiff::Timestamp) -> bool {
+        let local = now.to_zoned(self.zone.clone());
+        let weekday = local.weekday().to_monday_zero_offset() as u8;
+        let minute = local.hour() as u16 * 60 + local.minute() as u16;
+        self.window.contains(weekday, minute)
+    }
+
+    /// Parses `days`, `start`, `end` and `zone` as the server's windows are written.
+    pub fn parse(
+        days: &[String],
+        start: &str,
+        end: &str,
+        zone: &str,
+    ) -> std::result::Result<DeviceWindow, String> {
+        let window =
+            abide_core::window::Window::parse(days, start, end).map_err(|e| e.to_string())?;
+        let tz = jiff::tz::TimeZone::get(zone)
+            .map_err(|_| format!("zone {zone:?}: not an IANA time zone on this system"))?;
+        Ok(DeviceWindow {
+            window,
+            zone: tz,
+            text: format!("{} {start}-{end} {zone}", days.join(",")),
+        })
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -224,6 +299,10 @@ pub struct Config {
     pub health: HealthPolicy,
     /// The health checks.
     pub checks: Vec<Check>,
+    /// The fleet server, if the device belongs to a fleet.
+    pub server: Option<ServerSettings>,
+    /// The device's own maintenance windows (none: any time the group's window allows).
+    pub windows: Vec<DeviceWindow>,
 }
 
 impl Config {
@@ -423,7 +502,67 @@ impl Config {
                 parse_size(text).map_err(|e| err(path, &format!("key `state_reserve`: {e}")))?
             }
         };
+        let server = match raw.server {
+            None => None,
+            Some(sv) => {
+                if !(sv.url.starts_with("http://") || sv.url.starts_with("https://"))
+                    || sv.url.len() < 10
+                {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `server.url`: expected an http:// or https:// URL, found {:?}",
+                            sv.url
+                        ),
+                    ));
+                }
+                let device_id = match sv.device_id {
+                    Some(id) => id,
+                    None => read_bounded(Path::new("/etc/hostname"), 256)
+                        .ok()
+                        .and_then(|b| String::from_utf8(b).ok())
+                        .map(|h| h.trim().to_owned())
+                        .filter(|h| !h.is_empty())
+                        .ok_or_else(|| err(path, "key `server.device_id`: required where /etc/hostname gives no name"))?,
+                };
+                if !(1..=64).contains(&device_id.len())
+                    || !device_id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+                {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `server.device_id`: expected 1 to 64 of A-Z a-z 0-9 . _ -, found {device_id:?}"
+                        ),
+                    ));
+                }
+                let poll_interval = duration(
+                    "server.poll_interval",
+                    &sv.poll_interval,
+                    SignedDuration::from_secs(60),
+                )?;
+                if poll_interval < SignedDuration::from_millis(100) {
+                    return Err(err(path, "key `server.poll_interval`: at least 100ms"));
+                }
+                Some(ServerSettings {
+                    url: sv.url.trim_end_matches('/').to_owned(),
+                    enroll_token_file: sv.enroll_token_file.as_deref().map(resolve),
+                    device_id,
+                    poll_interval,
+                })
+            }
+        };
+        let mut windows = Vec::new();
+        for (i, w) in raw.windows.iter().enumerate() {
+            windows.push(
+                DeviceWindow::parse(&w.days, &w.start, &w.end, &w.zone)
+                    .map_err(|e| err(path, &format!("key `window[{i}]`: {e}")))?,
+            );
+        }
         Ok(Config {
+            server,
+            windows,
             path: path.to_owned(),
             product: raw.product,
             compatible,

@@ -85,6 +85,9 @@ pub enum AgentError {
         /// Bytes that must stay free.
         reserve: u64,
     },
+    /// The fleet server refused a request or could not be reached.
+    #[error(transparent)]
+    Server(#[from] abide_client::ClientError),
     /// No transaction to act on.
     #[error("there is no transaction to {0}")]
     NoTransaction(&'static str),
@@ -115,6 +118,7 @@ impl AgentError {
             AgentError::NoSpace { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",
             AgentError::State { .. } => "state",
+            AgentError::Server(_) => "server",
         }
     }
 
@@ -125,7 +129,8 @@ impl AgentError {
             AgentError::Io(_)
             | AgentError::Boot(_)
             | AgentError::Audit(_)
-            | AgentError::State { .. } => false,
+            | AgentError::State { .. }
+            | AgentError::Server(_) => false,
             _ => true,
         }
     }

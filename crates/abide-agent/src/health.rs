@@ -31,10 +31,29 @@ impl Clock for SystemClock {
     }
 }
 
+/// What the checks run on: command checks see it as `ABIDE_VERSION` and `ABIDE_TRANSACTION`.
+#[derive(Debug, Clone, Copy)]
+pub struct Running<'a> {
+    /// The version running now (the trial's during a trial).
+    pub version: &'a str,
+    /// The transaction on trial, if there is one.
+    pub transaction: Option<&'a str>,
+}
+
+impl<'a> Running<'a> {
+    /// A trial of `tx`.
+    pub fn trial(tx: &'a Transaction, version: &'a str) -> Running<'a> {
+        Running {
+            version,
+            transaction: Some(&tx.id),
+        }
+    }
+}
+
 /// Runs every check once (with its retries) and returns the results.
 pub fn run_checks(
     config: &Config,
-    tx: Option<&Transaction>,
+    running: Running<'_>,
     group: &str,
     clock: &dyn Clock,
 ) -> Vec<CheckResult> {
@@ -48,7 +67,7 @@ pub fn run_checks(
             } else {
                 Criticality::NonCritical
             },
-            outcome: run_with_retries(c, tx, group, clock),
+            outcome: run_with_retries(c, running, group, clock),
         })
         .collect()
 }
@@ -72,7 +91,13 @@ pub fn run_gate(config: &Config, tx: &Transaction, clock: &dyn Clock) -> Verdict
         .min()
         .unwrap_or(SignedDuration::from_secs(5));
     loop {
-        let results = run_checks(config, Some(tx), tx.target.as_str(), clock);
+        let version = tx.version.to_string();
+        let results = run_checks(
+            config,
+            Running::trial(tx, &version),
+            tx.target.as_str(),
+            clock,
+        );
         match verdict(&config.health, since, degraded_since, &results, clock.now()) {
             Verdict::Wait { degraded_since: d } => {
                 degraded_since = d;
@@ -85,7 +110,7 @@ pub fn run_gate(config: &Config, tx: &Transaction, clock: &dyn Clock) -> Verdict
 
 fn run_with_retries(
     check: &Check,
-    tx: Option<&Transaction>,
+    running: Running<'_>,
     group: &str,
     clock: &dyn Clock,
 ) -> CheckOutcome {
@@ -94,7 +119,7 @@ fn run_with_retries(
         if attempt > 0 {
             clock.sleep(check.interval);
         }
-        match run_once(check, tx, group) {
+        match run_once(check, running, group) {
             Ok(()) => return CheckOutcome::Pass,
             Err(why) => last = why,
         }
@@ -102,22 +127,16 @@ fn run_with_retries(
     CheckOutcome::Fail(last)
 }
 
-fn run_once(check: &Check, tx: Option<&Transaction>, group: &str) -> Result<(), String> {
+fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), String> {
     let timeout = Duration::try_from(check.timeout).unwrap_or(Duration::from_secs(30));
     match &check.kind {
         CheckKind::Command(cmd) => {
             let mut child = Command::new("sh")
                 .arg("-c")
                 .arg(cmd)
-                .env(
-                    "ABIDE_VERSION",
-                    tx.map(|t| t.version.to_string()).unwrap_or_default(),
-                )
+                .env("ABIDE_VERSION", running.version)
                 .env("ABIDE_GROUP", group)
-                .env(
-                    "ABIDE_TRANSACTION",
-                    tx.map(|t| t.id.clone()).unwrap_or_default(),
-                )
+                .env("ABIDE_TRANSACTION", running.transaction.unwrap_or_default())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())

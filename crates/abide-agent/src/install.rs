@@ -32,8 +32,7 @@ pub struct InstallOutcome {
 }
 
 /// Installs the bundle read from `src` into the group that is not the known-good one and
-/// activates it for a trial; `progress` hears (bytes written, bytes in all) as it goes. A refusal before the first change is recorded in the audit log
-/// and changes no slot, no bootloader variable and no counter (I9).
+/// activates it for a trial: [`stage`], then [`activate`].
 pub fn install(
     device: &mut Device,
     src: &mut dyn Source,
@@ -41,6 +40,65 @@ pub fn install(
     now: &dyn Fn() -> Timestamp,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<InstallOutcome> {
+    let staged = stage(device, src, force, now, progress)?;
+    let (transaction, reboot) = activate(device, now())?;
+    Ok(InstallOutcome {
+        transaction,
+        reboot,
+        reused: staged.reused,
+        bundle_bytes: staged.bundle_bytes,
+    })
+}
+
+/// How a stage ends for the caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageOutcome {
+    /// The transaction, now staged.
+    pub transaction: Transaction,
+    /// What was copied from the running group instead of read from the bundle.
+    pub reused: Reuse,
+    /// Bundle bytes consumed, read or passed over.
+    pub bundle_bytes: u64,
+}
+
+/// Hands the staged transaction's target to the bootloader for a trial; returns it and
+/// whether the engine asked for a reboot.
+pub fn activate(device: &mut Device, now: Timestamp) -> Result<(Transaction, bool)> {
+    let mut state = device.state()?;
+    let mut tx = state
+        .transaction
+        .clone()
+        .ok_or(AgentError::NoTransaction("activate"))?;
+    let actions = tx.activate(now, device.config.boot_policy)?;
+    let reboot = device.commit_step(now, &mut state, &tx, &actions)?;
+    Ok((tx, reboot))
+}
+
+/// Ends an install that has not been activated: `reason` says why (a download a stopped
+/// process left behind is [`FailReason::Interrupted`]; a withdrawn one is cancelled). The
+/// target stays unbootable.
+pub fn abandon(device: &mut Device, now: Timestamp, reason: FailReason) -> Result<Transaction> {
+    let mut state = device.state()?;
+    let mut tx = state
+        .transaction
+        .clone()
+        .ok_or(AgentError::NoTransaction("abandon"))?;
+    let actions = tx.fail(now, reason)?;
+    device.commit_step(now, &mut state, &tx, &actions)?;
+    Ok(tx)
+}
+
+/// Verifies the bundle read from `src`, writes it into the group that is not the known-good
+/// one, and stages it (every digest verified, the target still unbootable); `progress` hears
+/// (bytes written, bytes in all) as it goes. A refusal before the first change is recorded in
+/// the audit log and changes no slot, no bootloader variable and no counter (I9).
+pub fn stage(
+    device: &mut Device,
+    src: &mut dyn Source,
+    force: Force,
+    now: &dyn Fn() -> Timestamp,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<StageOutcome> {
     let mut state = device.state()?;
     if let Some(tx) = &state.transaction
         && !tx.state.is_terminal()
@@ -151,11 +209,8 @@ pub fn install(
     }
     let actions = tx.staged(now())?;
     device.commit_step(now(), &mut state, &tx, &actions)?;
-    let actions = tx.activate(now(), device.config.boot_policy)?;
-    let reboot = device.commit_step(now(), &mut state, &tx, &actions)?;
-    Ok(InstallOutcome {
+    Ok(StageOutcome {
         transaction: tx,
-        reboot,
         reused,
         bundle_bytes,
     })

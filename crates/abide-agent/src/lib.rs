@@ -7,6 +7,7 @@ pub mod boot;
 pub mod config;
 pub mod device;
 mod error;
+pub mod fleet;
 pub mod health;
 pub mod index;
 pub mod install;

@@ -231,6 +231,38 @@ impl Device {
         })
     }
 
+    /// A device enrolled earlier, from what it kept: its id, credential, group and the server
+    /// key it pinned (hex).
+    pub fn restore(
+        http: &reqwest::Client,
+        base: &str,
+        id: &str,
+        credential: &str,
+        server_key: &str,
+        group: &str,
+    ) -> Result<Device> {
+        let server_key = PublicKey::from_hex(server_key)
+            .map_err(|err| ClientError::BadAssignment(format!("pinned server key: {err}")))?;
+        Ok(Device {
+            http: http.clone(),
+            base: base.trim_end_matches('/').to_owned(),
+            id: id.to_owned(),
+            credential: credential.to_owned(),
+            server_key,
+            group: group.to_owned(),
+        })
+    }
+
+    /// The credential the device authenticates with (to be kept secret).
+    pub fn credential(&self) -> &str {
+        &self.credential
+    }
+
+    /// The server key pinned at enrolment, hex.
+    pub fn server_key_hex(&self) -> String {
+        self.server_key.to_hex()
+    }
+
     async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T> {
         let what = format!("POST {path}");
         let resp = self
@@ -245,23 +277,21 @@ impl Device {
         answer(&what, resp).await
     }
 
-    /// Checks in with a fresh nonce and returns the verified assignment.
+    /// Checks in with the inventory in `request` and a fresh nonce (which replaces the one in
+    /// `request`), and returns the verified assignment.
     pub async fn checkin(
         &self,
-        version: &str,
-        state: &str,
-        health: &str,
+        mut request: abide_proto::CheckinRequest,
         now: jiff::Timestamp,
     ) -> Result<Assignment> {
-        let nonce = nonce();
+        request.nonce = nonce();
         let signed: SignedAssignment = self
             .post(
                 "/api/v1/device/checkin",
-                serde_json::json!({"nonce": nonce, "version": version, "state": state,
-                                   "health": health, "booted": "A", "good": "A"}),
+                serde_json::to_value(&request).expect("plain data"),
             )
             .await?;
-        self.verify(&signed, &nonce, now)
+        self.verify(&signed, &request.nonce, now)
     }
 
     /// Checks a signed assignment: signature, device, nonce, expiry.
@@ -331,6 +361,48 @@ impl Device {
             .await
             .map_err(http_error(what))?;
         answer::<Value>(what, resp).await.map(|_| ())
+    }
+
+    /// Starts reading `len` bytes of a release's bundle from `start` (a range request); the
+    /// answer's body is read as it arrives (`Response::chunk`). Anything but 206 with the
+    /// asked range is refused.
+    pub async fn range(&self, url: &str, start: u64, len: u64) -> Result<reqwest::Response> {
+        let what = format!("GET {url}");
+        let resp = self
+            .http
+            .get(format!("{}{url}", self.base))
+            .bearer_auth(&self.credential)
+            .header("range", format!("bytes={start}-{}", start + len - 1))
+            .send()
+            .await
+            .map_err(http_error(&what))?;
+        let status = resp.status();
+        if status != reqwest::StatusCode::PARTIAL_CONTENT {
+            return Err(answer::<Value>(&what, resp)
+                .await
+                .err()
+                .unwrap_or(ClientError::Refused {
+                    what,
+                    status: status.as_u16(),
+                    code: "range".into(),
+                    message: "expected 206 Partial Content".into(),
+                }));
+        }
+        let expected = format!("bytes {start}-{}/", start + len - 1);
+        let got = resp
+            .headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !got.starts_with(&expected) {
+            return Err(ClientError::Refused {
+                what,
+                status: status.as_u16(),
+                code: "range".into(),
+                message: format!("asked for {expected}…, the server sent {got:?}"),
+            });
+        }
+        Ok(resp)
     }
 
     /// Reads `len` bytes of a release's bundle from `start` (a range request).

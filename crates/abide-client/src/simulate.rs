@@ -174,7 +174,17 @@ impl Sim {
     async fn step(&mut self, tally: &Tally, fail_rate: f64) -> Result<(), ClientError> {
         let a = self
             .device
-            .checkin(&self.version, self.state, "healthy", jiff::Timestamp::now())
+            .checkin(
+                abide_proto::CheckinRequest {
+                    nonce: String::new(),
+                    version: self.version.clone(),
+                    booted: None,
+                    good: None,
+                    state: self.state.into(),
+                    health: Some("healthy".into()),
+                },
+                jiff::Timestamp::now(),
+            )
             .await?;
         tally.checkins.fetch_add(1, Ordering::Relaxed);
         let Some(r) = a.release else { return Ok(()) };

@@ -9,7 +9,7 @@ use abide_agent::audit::AuditLog;
 use abide_agent::boot::boot;
 use abide_agent::config::Config;
 use abide_agent::device::Device;
-use abide_agent::health::{SystemClock, run_checks};
+use abide_agent::health::{Running, SystemClock, run_checks};
 use abide_agent::install::install;
 use abide_bundle::{Source, Stream};
 use abide_core::{CheckOutcome, Force};
@@ -162,12 +162,17 @@ pub fn run_health(config: &Path, out: Output) -> Result<()> {
     let state = device.state()?;
     let (booted, _) = device.groups()?;
     let group = booted.map(|g| g.to_string()).unwrap_or_default();
-    let results = run_checks(
-        &device.config,
-        state.transaction.as_ref(),
-        &group,
-        &SystemClock,
-    );
+    // During a trial the checks run on the version being tried; otherwise on the committed one.
+    let trial = state
+        .transaction
+        .as_ref()
+        .filter(|t| matches!(t.state, abide_core::TxState::Trial { .. }));
+    let version = trial.map_or(&state.version, |t| &t.version).to_string();
+    let running = Running {
+        version: &version,
+        transaction: trial.map(|t| t.id.as_str()),
+    };
+    let results = run_checks(&device.config, running, &group, &SystemClock);
     let rows: Vec<Value> = results
         .iter()
         .map(|r| {

@@ -3,6 +3,7 @@
 //! Exit codes: 0 success; 1 a check refused the input (the error names it); 2 the command line
 //! is wrong; 3 anything else (a file could not be read or written, …).
 
+mod agent;
 mod bundle;
 mod device;
 mod fleet;
@@ -43,6 +44,10 @@ enum Command {
     Server(server::ServerArgs),
     /// The fleet server's admin commands, and the fleet simulator.
     Fleet(fleet::FleetArgs),
+    /// The device agent: enrols with the fleet server of `[server]` in system.toml, checks in,
+    /// downloads assigned releases straight into the target group, activates them in the
+    /// maintenance window under a reboot lease, and reports every step.
+    Agent(agent::AgentArgs),
     /// Install a bundle into the group that is not the known-good one and activate it.
     Install {
         /// The bundle (`-` reads standard input).
@@ -154,6 +159,7 @@ fn main() -> ExitCode {
         }
         Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
+        Command::Agent(a) => agent::run(a, out),
         Command::Server(a) => server::run(a, out),
         Command::Fleet(a) => fleet::run(a, out),
     };
@@ -161,6 +167,21 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => report(&err, out),
     }
+}
+
+/// Logs to standard error; `ABIDE_LOG=debug|info|warn|error` (default info).
+pub fn init_logging() {
+    use tracing_subscriber::filter::LevelFilter;
+    let max = match std::env::var("ABIDE_LOG").as_deref() {
+        Ok("debug") => LevelFilter::DEBUG,
+        Ok("warn") => LevelFilter::WARN,
+        Ok("error") => LevelFilter::ERROR,
+        _ => LevelFilter::INFO,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(max)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Prints the error as one line on standard error (and as JSON with `--json`) and picks the

@@ -40,18 +40,7 @@ pub struct ServerArgs {
 
 /// Runs the server until it is stopped.
 pub fn run(args: ServerArgs, out: Output) -> Result<()> {
-    // Logs to standard error; ABIDE_LOG=debug|info|warn|error (default info).
-    use tracing_subscriber::filter::LevelFilter;
-    let max = match std::env::var("ABIDE_LOG").as_deref() {
-        Ok("debug") => LevelFilter::DEBUG,
-        Ok("warn") => LevelFilter::WARN,
-        Ok("error") => LevelFilter::ERROR,
-        _ => LevelFilter::INFO,
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(max)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::init_logging();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -17,6 +17,8 @@ use serde_json::json;
 use crate::Output;
 use crate::device::{open, status_json};
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum SimCommand {
     /// Make a simulated device in DIR: groups A and B with one rootfs image slot each, the sim
@@ -42,6 +44,27 @@ pub enum SimCommand {
         /// A critical health check run through `sh -c`.
         #[arg(long)]
         health_command: Option<String>,
+        /// The fleet server the device's agent checks in with (`abide sim run` runs it).
+        #[arg(long)]
+        server: Option<String>,
+        /// The enrolment token (a file; copied into the device directory, mode 0600).
+        #[arg(long, requires = "server")]
+        enroll_token_file: Option<PathBuf>,
+        /// The device's id in the fleet (default: the directory's name).
+        #[arg(long, requires = "server")]
+        device_id: Option<String>,
+        /// Time between the agent's check-ins.
+        #[arg(long, default_value = "1s", requires = "server")]
+        poll: String,
+    },
+    /// Run a simulated device's whole life until stopped: power on (the sim firmware), `abide
+    /// boot` (the health gate), then the agent until it reboots the device, and again.
+    Run {
+        /// The device directory (made by `abide sim init --server`).
+        dir: PathBuf,
+        /// Stop after this many power cycles.
+        #[arg(long)]
+        max_boots: Option<u32>,
     },
     /// One power cycle: the sim firmware picks a group and `abide boot` runs; a failed trial's
     /// reboot is carried out too, until the device is steady.
@@ -64,18 +87,40 @@ pub fn run(command: SimCommand, out: Output) -> Result<()> {
             version,
             slot_size,
             health_command,
-        } => init(
-            &dir,
-            &trust,
-            &product,
-            &compatible,
-            &version,
-            &slot_size,
-            health_command.as_deref(),
-            out,
-        ),
+            server,
+            enroll_token_file,
+            device_id,
+            poll,
+        } => {
+            let fleet = server.map(|url| FleetArgs {
+                url,
+                token: enroll_token_file,
+                device_id,
+                poll,
+            });
+            init(
+                &dir,
+                &trust,
+                &product,
+                &compatible,
+                &version,
+                &slot_size,
+                health_command.as_deref(),
+                fleet.as_ref(),
+                out,
+            )
+        }
         SimCommand::Reboot { dir, panic } => reboot(&dir, panic, out),
+        SimCommand::Run { dir, max_boots } => run_device(&dir, max_boots, out),
     }
+}
+
+/// The fleet settings of a simulated device.
+pub struct FleetArgs {
+    url: String,
+    token: Option<PathBuf>,
+    device_id: Option<String>,
+    poll: String,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -87,6 +132,7 @@ fn init(
     version: &str,
     slot_size: &str,
     health_command: Option<&str>,
+    fleet: Option<&FleetArgs>,
     out: Output,
 ) -> Result<()> {
     // Validate everything before creating anything.
@@ -110,6 +156,24 @@ fn init(
             "\n[health]\ndeadline = \"5m\"\n\n[[health.check]]\nname = \"command\"\nkind = \"command\"\ncommand = {cmd:?}\ntimeout = \"30s\"\ncritical = true\n"
         ));
     }
+    let mut token = None;
+    if let Some(f) = fleet {
+        let id = match &f.device_id {
+            Some(id) => id.clone(),
+            None => dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .context("the device directory has no name to use as the device id")?,
+        };
+        config.push_str(&format!(
+            "\n[server]\nurl = {:?}\ndevice_id = {id:?}\npoll_interval = {:?}\n",
+            f.url, f.poll
+        ));
+        if let Some(t) = &f.token {
+            token = Some(fs::read(t).with_context(|| format!("reading {}", t.display()))?);
+            config.push_str("enroll_token_file = \"enroll.token\"\n");
+        }
+    }
     // The text must be a valid configuration before it is written.
     abide_agent::config::Config::parse(&dir.join("system.toml"), &config)?;
     fs::create_dir_all(dir.join("slots"))?;
@@ -120,6 +184,9 @@ fn init(
         f.sync_all()?;
     }
     write_atomic(&dir.join("trust.json"), &trust_bytes, 0o644)?;
+    if let Some(t) = &token {
+        write_atomic(&dir.join("enroll.token"), t, 0o600)?;
+    }
     let (a, b) = (Group::new("A")?, Group::new("B")?);
     let sim = SimBootloader::init(&dir.join("boot.json"), &[a.clone(), b.clone()])?;
     sim.power_on()?;
@@ -191,6 +258,40 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
         }
     }
     bail!("the device did not settle within 16 power cycles")
+}
+
+/// `abide sim run`: power on, boot step, agent until it reboots the device; again.
+fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
+    crate::init_logging();
+    let config = dir.join("system.toml");
+    let sim = SimBootloader::new(&dir.join("boot.json"));
+    let mut boots = 0u32;
+    loop {
+        if max_boots.is_some_and(|m| boots >= m) {
+            let device = open(&config)?;
+            let status = status_json(&device)?;
+            out.print(&json!({"boots": boots, "status": status}), || {
+                format!("{boots} power cycle(s); {status}")
+            });
+            return Ok(());
+        }
+        boots += 1;
+        let chosen = sim
+            .power_on()?
+            .context("the sim firmware found no bootable group")?;
+        let mut device = open(&config)?;
+        let outcome = boot(&mut device, &SystemClock)?;
+        eprintln!(
+            "sim: power on {boots}: booted {chosen}; transaction {}",
+            outcome.state.unwrap_or("none")
+        );
+        drop(device);
+        if outcome.reboot {
+            continue;
+        }
+        let mut agent = abide_agent::fleet::agent::Agent::new(&config)?;
+        agent.run(&abide_agent::fleet::agent::Options { once: false })?;
+    }
 }
 
 fn parse_size(text: &str) -> Result<u64> {

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use abide_agent::config::Config;
-use abide_agent::health::{Clock, run_checks};
+use abide_agent::health::{Clock, Running, run_checks};
 use abide_core::{CheckOutcome, Group, Transaction};
 use jiff::{SignedDuration, Timestamp};
 
@@ -59,7 +59,12 @@ fn http_server(reply: &'static str, answers: usize) -> String {
 
 fn outcomes(config: &Config, tx: Option<&Transaction>) -> Vec<(String, CheckOutcome)> {
     let clock = FakeClock(AtomicU64::new(0));
-    run_checks(config, tx, "B", &clock)
+    let version = tx.map(|t| t.version.to_string()).unwrap_or_default();
+    let running = Running {
+        version: &version,
+        transaction: tx.map(|t| t.id.as_str()),
+    };
+    run_checks(config, running, "B", &clock)
         .into_iter()
         .map(|r| (r.name, r.outcome))
         .collect()

@@ -54,8 +54,16 @@ fn the_next_step_for_every_kind_of_situation() {
     };
     let (open, closed) = (WindowState::Open, WindowState::Closed);
     let (none, held) = (Lease::None, Lease::Held);
+    type Case = (
+        &'static str,
+        Option<Offer>,
+        Option<Transaction>,
+        bool,
+        WindowState,
+        Lease,
+    );
     #[rustfmt::skip]
-    let cases: Vec<(&str, Option<Offer>, Option<Transaction>, bool, WindowState, Lease)> = vec![
+    let cases: Vec<Case> = vec![
         ("nothing assigned, nothing going on", None, None, false, open, none),
         ("assigned the running version", Some(offer("1.0.0", Install)), None, false, open, none),
         ("assigned a new version", Some(offer("2.0.0", Install)), None, false, closed, none),

@@ -16,9 +16,9 @@ use serde_json::Value;
 use crate::{json_args, ok, workspace};
 
 /// A running `abide server`.
-struct ServerProcess {
-    child: Child,
-    url: String,
+pub(crate) struct ServerProcess {
+    pub(crate) child: Child,
+    pub(crate) url: String,
 }
 
 impl Drop for ServerProcess {
@@ -28,7 +28,7 @@ impl Drop for ServerProcess {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -49,7 +49,7 @@ fn healthy(port: u16) -> bool {
     answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200")
 }
 
-fn start_server(data: &Path, port: u16, db: Option<&str>) -> ServerProcess {
+pub(crate) fn start_server(data: &Path, port: u16, db: Option<&str>) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_abide"));
     cmd.args(["server", "--data"])
         .arg(data)
@@ -73,7 +73,7 @@ fn start_server(data: &Path, port: u16, db: Option<&str>) -> ServerProcess {
 }
 
 /// A server data directory `name` in `dir`, holding the workspace's trust root.
-fn data_dir(dir: &Path, name: &str) -> PathBuf {
+pub(crate) fn data_dir(dir: &Path, name: &str) -> PathBuf {
     let data = dir.join(name);
     std::fs::create_dir_all(&data).unwrap();
     std::fs::copy(dir.join("trust.json"), data.join("trust.json")).unwrap();
@@ -81,7 +81,7 @@ fn data_dir(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// Waits until `abide fleet devices ARGS` lists `n` devices.
-fn wait_for_devices(dir: &Path, server: &str, token: &Path, args: &[&str], n: usize) {
+pub(crate) fn wait_for_devices(dir: &Path, server: &str, token: &Path, args: &[&str], n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut all = vec!["devices"];
     all.extend_from_slice(args);
@@ -92,7 +92,7 @@ fn wait_for_devices(dir: &Path, server: &str, token: &Path, args: &[&str], n: us
 }
 
 /// `abide fleet --server URL --token-file TOKEN ARGS --json`.
-fn fleet(dir: &Path, server: &str, token: &Path, args: &[&str]) -> Value {
+pub(crate) fn fleet(dir: &Path, server: &str, token: &Path, args: &[&str]) -> Value {
     let mut all = vec!["fleet", "--server", server, "--token-file"];
     let token = token.to_str().unwrap();
     all.push(token);
@@ -150,7 +150,11 @@ fn bundle(dir: &Path, version: &str) -> PathBuf {
 }
 
 /// Every report the server recorded, from its audit trail: (device, seq) → count.
-fn recorded_reports(dir: &Path, server: &str, token: &Path) -> BTreeMap<(String, u64), usize> {
+pub(crate) fn recorded_reports(
+    dir: &Path,
+    server: &str,
+    token: &Path,
+) -> BTreeMap<(String, u64), usize> {
     let audit = fleet(dir, server, token, &["audit"]);
     let mut seen = BTreeMap::new();
     for r in audit.as_array().unwrap() {

@@ -1,6 +1,7 @@
 //! The `abide` command end to end: real processes, real files, the JSON and exit codes that
 //! scripts rely on.
 
+mod agent;
 mod bundle;
 mod crash;
 mod device;

@@ -1,0 +1,562 @@
+//! `abide agent`: the device daemon. Each round: report what changed, check in with the true
+//! inventory, verify the assignment, ask `abide_core::fleet::decide` for the next step and
+//! carry it out. Network calls run on a Tokio runtime; the install pipeline and every durable
+//! step run on the calling thread, as `abide install` runs them.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use abide_client::{ClientError, Device as Client};
+use abide_core::fleet::{self, Lease, Offer, OfferKind, Step, View, WindowState};
+use abide_core::{CheckOutcome, FailReason, Force, Transaction, TxState};
+use abide_proto::{Assignment, CheckinRequest, ReportRequest};
+use jiff::Timestamp;
+use serde_json::json;
+
+use crate::config::{Config, DeviceWindow, ServerSettings};
+use crate::device::Device;
+use crate::error::{AgentError, Result};
+use crate::fleet::source::{HttpSource, Meter};
+use crate::fleet::store::{Assigned, Enrolment, FleetState};
+use crate::health::{Running, SystemClock, run_checks};
+
+/// How the agent runs.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Stop as soon as there is nothing to do (instead of polling on).
+    pub once: bool,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The device must restart now (after an activation or a fleet rollback); the reboot
+    /// command has been run if the configuration has one.
+    Reboot,
+    /// Nothing to do (`--once`).
+    Idle,
+}
+
+/// The agent of the device configured at `config_path`.
+pub struct Agent {
+    config_path: std::path::PathBuf,
+    server: ServerSettings,
+    rt: tokio::runtime::Runtime,
+    http: reqwest::Client,
+    client: Option<Client>,
+    failures: u32,
+}
+
+impl Agent {
+    /// Reads the configuration (which must have a `[server]` section).
+    pub fn new(config_path: &Path) -> Result<Agent> {
+        let config = Config::load(config_path)?;
+        let server = config.server.clone().ok_or_else(|| AgentError::Config {
+            path: config_path.to_owned(),
+            what: "the agent needs a [server] section with its url".into(),
+        })?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|source| abide_boot::persist::IoError {
+                op: "starting the network runtime for",
+                path: config_path.to_owned(),
+                source,
+            })?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| {
+                AgentError::Server(ClientError::Http {
+                    what: "building the HTTP client".into(),
+                    detail: e.to_string(),
+                })
+            })?;
+        Ok(Agent {
+            config_path: config_path.to_owned(),
+            server,
+            rt,
+            http,
+            client: None,
+            failures: 0,
+        })
+    }
+
+    /// Runs until the device must reboot, or (with `once`) until there is nothing to do.
+    pub fn run(&mut self, options: &Options) -> Result<Exit> {
+        loop {
+            match self.round() {
+                Ok(Some(exit)) => return Ok(exit),
+                Ok(None) => {
+                    self.failures = 0;
+                    continue;
+                }
+                Err(Wait::Idle) => {
+                    self.failures = 0;
+                    if options.once {
+                        return Ok(Exit::Idle);
+                    }
+                }
+                Err(Wait::Failed(e)) => {
+                    self.failures += 1;
+                    tracing::warn!(error = %e, failures = self.failures, "round failed; backing off");
+                    if options.once && self.failures >= 3 {
+                        return Err(e);
+                    }
+                }
+            }
+            std::thread::sleep(self.pause());
+        }
+    }
+
+    /// The pause before the next round: the poll interval with ±20 % jitter, doubled for
+    /// each failed round in a row, at most 16 times the interval.
+    fn pause(&self) -> Duration {
+        let base = self.server.poll_interval.as_secs_f64();
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).expect("the system's random source works");
+        let jitter = 0.8 + 0.4 * f64::from(u16::from_le_bytes(r)) / 65535.0;
+        let factor = f64::from(1u32 << self.failures.min(4));
+        Duration::from_secs_f64(base * factor * jitter)
+    }
+
+    fn open(&self) -> Result<(Device, FleetState)> {
+        let device = Device::open(Config::load(&self.config_path)?)?;
+        let fleet = FleetState::load(&device.config.state_dir)?;
+        Ok((device, fleet))
+    }
+
+    /// Enrols once (the enrolment is kept in the state directory), then reuses it.
+    fn client(&mut self, device: &Device, fleet: &mut FleetState) -> Result<Client> {
+        if let Some(c) = &self.client {
+            return Ok(c.clone());
+        }
+        let client =
+            match &fleet.enrolment {
+                Some(e) => Client::restore(
+                    &self.http,
+                    &self.server.url,
+                    &e.device_id,
+                    &e.credential,
+                    &e.server_key,
+                    &e.group,
+                )?,
+                None => {
+                    let file = self.server.enroll_token_file.as_ref().ok_or_else(|| {
+                        AgentError::Config {
+                            path: self.config_path.clone(),
+                            what: "key `server.enroll_token_file`: needed to enrol this device"
+                                .into(),
+                        }
+                    })?;
+                    let token = abide_boot::persist::read_bounded(file, 4096)?;
+                    let token = String::from_utf8_lossy(&token).trim().to_owned();
+                    let c = self.rt.block_on(Client::enroll(
+                        &self.http,
+                        &self.server.url,
+                        &token,
+                        &self.server.device_id,
+                        &device.config.product,
+                        &[device.config.compatible.to_string()],
+                    ))?;
+                    fleet.enrolment = Some(Enrolment {
+                        server: self.server.url.clone(),
+                        device_id: c.id.clone(),
+                        credential: c.credential().to_owned(),
+                        server_key: c.server_key_hex(),
+                        group: c.group.clone(),
+                    });
+                    fleet.store(&device.config.state_dir)?;
+                    tracing::info!(device = %c.id, group = %c.group, "enrolled");
+                    c
+                }
+            };
+        self.client = Some(client.clone());
+        Ok(client)
+    }
+
+    /// One round; `Ok(None)` when another round should follow at once.
+    fn round(&mut self) -> std::result::Result<Option<Exit>, Wait> {
+        let (mut device, mut fleet) = self.open()?;
+        let client = self.client(&device, &mut fleet)?;
+        let state = device.state()?;
+        queue_report(&mut fleet, state.transaction.as_ref(), &device)?;
+        self.flush(&client, &mut fleet, &mut device)?;
+
+        let inventory = inventory(&device, &state)?;
+        let assignment = match self
+            .rt
+            .block_on(client.checkin(inventory, Timestamp::now()))
+        {
+            Ok(a) => a,
+            Err(ClientError::BadAssignment(why)) => {
+                tracing::warn!(%why, "assignment refused");
+                device.record(
+                    Timestamp::now(),
+                    "assignment-refused",
+                    json!({"reason": why}),
+                )?;
+                return Err(Wait::Failed(AgentError::Server(
+                    ClientError::BadAssignment(why),
+                )));
+            }
+            Err(e) => return Err(Wait::Failed(e.into())),
+        };
+        let offer = offer_of(&assignment);
+        let window = window_state(&device.config.windows, &assignment, Timestamp::now());
+        let quarantined = offer
+            .as_ref()
+            .is_some_and(|o| state.quarantine.get(&o.version).is_some());
+        let step = fleet::decide(&View {
+            offer: offer.as_ref(),
+            running: &state.version,
+            quarantined,
+            transaction: state.transaction.as_ref(),
+            window,
+            lease: if fleet.lease {
+                Lease::Held
+            } else {
+                Lease::None
+            },
+        });
+        tracing::debug!(?step, "decided");
+        let now = Timestamp::now();
+        match step {
+            Step::Idle | Step::WaitForWindow => Err(Wait::Idle),
+            Step::Stage => {
+                let offer = offer.expect("staging needs an offer");
+                let release = assignment.release.expect("an offer comes from a release");
+                fleet.assigned = Some(Assigned {
+                    version: offer.version.to_string(),
+                    release_id: offer.release_id.clone(),
+                    rollout_id: offer.rollout_id.clone(),
+                });
+                fleet.queue(ReportRequest {
+                    seq: 0,
+                    status: fleet::Status::Downloading.as_str().to_owned(),
+                    release_id: Some(offer.release_id.clone()),
+                    rollout_id: Some(offer.rollout_id.clone()),
+                    reason: None,
+                    seconds: None,
+                });
+                fleet.store(&device.config.state_dir)?;
+                let _ = self.flush(&client, &mut fleet, &mut device);
+                self.stage(&mut device, &client, &release)?;
+                Ok(None)
+            }
+            Step::Abandon => {
+                crate::install::abandon(&mut device, now, FailReason::Interrupted)?;
+                Ok(None)
+            }
+            Step::Cancel => {
+                crate::install::abandon(&mut device, now, FailReason::Cancelled)?;
+                Ok(None)
+            }
+            Step::AskLease => {
+                if self.rt.block_on(client.lease())? {
+                    fleet.lease = true;
+                    fleet.store(&device.config.state_dir)?;
+                    tracing::info!("reboot lease granted");
+                    Ok(None)
+                } else {
+                    tracing::info!("reboot lease refused for now");
+                    Err(Wait::Idle)
+                }
+            }
+            Step::ReleaseLease => {
+                self.rt.block_on(client.release_lease())?;
+                fleet.lease = false;
+                fleet.store(&device.config.state_dir)?;
+                tracing::info!("reboot lease given back");
+                Ok(None)
+            }
+            Step::Activate => {
+                let (tx, reboot) = crate::install::activate(&mut device, now)?;
+                tracing::info!(version = %tx.version, target = %tx.target, "activated");
+                self.after_change(&client, &mut device, reboot)
+            }
+            Step::RollBack => {
+                let mut st = device.state()?;
+                let mut tx = st
+                    .transaction
+                    .clone()
+                    .ok_or(AgentError::NoTransaction("roll back"))?;
+                let actions = tx
+                    .rollback(now, "fleet-wide rollback")
+                    .map_err(AgentError::from)?;
+                let reboot = device.commit_step(now, &mut st, &tx, &actions)?;
+                tracing::info!(version = %tx.version, "rolled back by the fleet");
+                self.after_change(&client, &mut device, reboot)
+            }
+        }
+    }
+
+    /// Reports the change (best effort: the queue keeps what the server did not take) and
+    /// reboots if the engine asked for it.
+    fn after_change(
+        &mut self,
+        client: &Client,
+        device: &mut Device,
+        reboot: bool,
+    ) -> std::result::Result<Option<Exit>, Wait> {
+        let mut fleet = FleetState::load(&device.config.state_dir)?;
+        let state = device.state()?;
+        queue_report(&mut fleet, state.transaction.as_ref(), device)?;
+        let _ = self.flush(client, &mut fleet, device);
+        if !reboot {
+            return Ok(None);
+        }
+        if let Some(cmd) = &device.config.reboot
+            && let Some((program, args)) = cmd.split_first()
+        {
+            let status = std::process::Command::new(program)
+                .args(args)
+                .status()
+                .map_err(|source| abide_boot::persist::IoError {
+                    op: "running the reboot command",
+                    path: program.into(),
+                    source,
+                })?;
+            if !status.success() {
+                return Err(Wait::Failed(AgentError::State {
+                    path: device.config.path.clone(),
+                    what: format!("the reboot command {cmd:?} failed: {status}"),
+                }));
+            }
+        }
+        Ok(Some(Exit::Reboot))
+    }
+
+    /// Downloads the release straight into the target group and stages it.
+    fn stage(
+        &mut self,
+        device: &mut Device,
+        client: &Client,
+        release: &abide_proto::AssignedRelease,
+    ) -> Result<()> {
+        let meter = Arc::new(Meter::default());
+        let mut src = HttpSource::new(
+            self.rt.handle().clone(),
+            client.clone(),
+            &release.url,
+            release.size,
+            meter.clone(),
+        );
+        // While the download runs, keep checking in: a withdrawn assignment stops it.
+        let watcher = {
+            let (client, meter) = (client.clone(), meter.clone());
+            let (release_id, every) = (release.release_id.clone(), self.server.poll_interval);
+            let version = device.state()?.version.to_string();
+            self.rt.spawn(async move {
+                loop {
+                    tokio::time::sleep(every.unsigned_abs()).await;
+                    let req = CheckinRequest {
+                        nonce: String::new(),
+                        version: version.clone(),
+                        booted: None,
+                        good: None,
+                        state: "downloading".into(),
+                        health: None,
+                    };
+                    if let Ok(a) = client.checkin(req, Timestamp::now()).await
+                        && a.release
+                            .as_ref()
+                            .is_none_or(|r| r.release_id != release_id)
+                    {
+                        meter.cancel.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                }
+            })
+        };
+        let started = Instant::now();
+        let mut last = Instant::now();
+        tracing::info!(version = %release.version, bytes = release.size, "downloading into the target group");
+        let result = crate::install::stage(
+            device,
+            &mut src,
+            Force::No,
+            &Timestamp::now,
+            &mut |done, total| {
+                if last.elapsed() >= Duration::from_secs(2) {
+                    last = Instant::now();
+                    let secs = started.elapsed().as_secs_f64().max(1e-3);
+                    tracing::info!(
+                        written = done,
+                        total,
+                        fetched = meter.fetched.load(Ordering::Relaxed),
+                        mb_per_s = format!(
+                            "{:.1}",
+                            meter.fetched.load(Ordering::Relaxed) as f64 / secs / 1e6
+                        ),
+                        "downloading"
+                    );
+                }
+            },
+        );
+        watcher.abort();
+        let fetched = meter.fetched.load(Ordering::Relaxed);
+        let resumed = meter.resumed.load(Ordering::Relaxed);
+        match result {
+            Ok(out) => {
+                tracing::info!(
+                    version = %out.transaction.version,
+                    fetched,
+                    resumed,
+                    reused_bytes = out.reused.bytes,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "staged"
+                );
+                device.record(
+                    Timestamp::now(),
+                    "download",
+                    json!({"release": release.release_id, "fetched": fetched, "resumed": resumed,
+                           "reused_bytes": out.reused.bytes, "bundle_bytes": release.size}),
+                )?;
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, fetched, "staging failed");
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends queued reports in order; stops at the first the server did not answer.
+    fn flush(&self, client: &Client, fleet: &mut FleetState, device: &mut Device) -> Result<()> {
+        while let Some(report) = fleet.outbox.first().cloned() {
+            match self.rt.block_on(client.report(&report)) {
+                Ok(_) => {}
+                Err(ClientError::Refused {
+                    status, message, ..
+                }) if (400..500).contains(&status) && status != 401 && status != 429 => {
+                    // The server will never take it: recorded here, not retried forever.
+                    device.record(
+                        Timestamp::now(),
+                        "report-refused",
+                        json!({"seq": report.seq, "status": report.status, "reason": message}),
+                    )?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+            fleet.outbox.remove(0);
+            fleet.store(&device.config.state_dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a round ended without asking for another at once.
+enum Wait {
+    /// Nothing to do until the next check-in.
+    Idle,
+    /// Something failed; back off.
+    Failed(AgentError),
+}
+
+impl<E: Into<AgentError>> From<E> for Wait {
+    fn from(e: E) -> Wait {
+        Wait::Failed(e.into())
+    }
+}
+
+/// Queues the report the transaction's state makes, if it is about a release the fleet
+/// assigned and was not reported yet.
+fn queue_report(fleet: &mut FleetState, tx: Option<&Transaction>, device: &Device) -> Result<()> {
+    let (Some(tx), Some(assigned)) = (tx, fleet.assigned.clone()) else {
+        return Ok(());
+    };
+    if assigned.version != tx.version.to_string() {
+        return Ok(());
+    }
+    let (status, reason) = fleet::status(&tx.state);
+    let key = (tx.id.clone(), status.as_str().to_owned());
+    if fleet.reported.as_ref() == Some(&key) {
+        return Ok(());
+    }
+    let seconds = match &tx.state {
+        TxState::Staged => Some(tx.updated.duration_since(tx.started).as_secs_f64()),
+        _ => None,
+    };
+    fleet.queue(ReportRequest {
+        seq: 0,
+        status: status.as_str().to_owned(),
+        release_id: Some(assigned.release_id),
+        rollout_id: Some(assigned.rollout_id),
+        reason: reason.map(|r| r.chars().take(1000).collect()),
+        seconds,
+    });
+    fleet.reported = Some(key);
+    fleet.store(&device.config.state_dir)
+}
+
+/// What the device truly is: its groups as the bootloader has them, its version, its
+/// transaction's state and its health (the configured checks; `unknown` during a trial, whose
+/// gate decides).
+fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<CheckinRequest> {
+    let (booted, good) = device.groups()?;
+    let tx = state.transaction.as_ref();
+    let on_trial =
+        tx.is_some_and(|t| matches!(t.state, TxState::Activated { .. } | TxState::Trial { .. }));
+    let health = if on_trial {
+        "unknown"
+    } else {
+        let group = booted.as_ref().map(ToString::to_string).unwrap_or_default();
+        let version = state.version.to_string();
+        let running = Running {
+            version: &version,
+            transaction: None,
+        };
+        let results = run_checks(&device.config, running, &group, &SystemClock);
+        if results.iter().all(|r| r.outcome == CheckOutcome::Pass) {
+            "healthy"
+        } else if results.iter().any(|r| {
+            r.criticality == abide_core::Criticality::Critical && r.outcome != CheckOutcome::Pass
+        }) {
+            "unhealthy"
+        } else {
+            "degraded"
+        }
+    };
+    Ok(CheckinRequest {
+        nonce: String::new(),
+        version: state.version.to_string(),
+        booted: booted.map(|g| g.to_string()),
+        good: good.map(|g| g.to_string()),
+        state: tx.map_or("idle", |t| t.state.name()).to_owned(),
+        health: Some(health.to_owned()),
+    })
+}
+
+fn offer_of(a: &Assignment) -> Option<Offer> {
+    let r = a.release.as_ref()?;
+    let version = r.version.parse().ok()?;
+    let kind = match r.action.as_str() {
+        "rollback" => OfferKind::RollBack,
+        _ => OfferKind::Install,
+    };
+    Some(Offer {
+        release_id: r.release_id.clone(),
+        rollout_id: r.rollout_id.clone(),
+        version,
+        kind,
+    })
+}
+
+/// Open when the group's window (if the assignment has one) and one of the device's own
+/// windows (if it has any) are open; a window that cannot be read counts as closed.
+fn window_state(own: &[DeviceWindow], a: &Assignment, now: Timestamp) -> WindowState {
+    let group_open = a.window.as_ref().is_none_or(|w| {
+        DeviceWindow::parse(&w.days, &w.start, &w.end, &w.zone).is_ok_and(|w| w.is_open(now))
+    });
+    let own_open = own.is_empty() || own.iter().any(|w| w.is_open(now));
+    if group_open && own_open {
+        WindowState::Open
+    } else {
+        WindowState::Closed
+    }
+}

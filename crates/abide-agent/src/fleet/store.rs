@@ -1,0 +1,122 @@
+//! `STATE_DIR/fleet.json` (mode 0600: it holds the credential): the device's enrolment (id,
+//! credential, group, the server key it pinned), which release each version it installs came
+//! from, whether it holds a reboot lease, and the reports not yet acknowledged, in order, with
+//! their sequence numbers. Replaced atomically on every change (I6), so a report queued before
+//! a reboot or a power cut is still sent after it, once.
+
+use std::path::{Path, PathBuf};
+
+use abide_boot::persist::{AtomicFile, read_bounded};
+use abide_proto::ReportRequest;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{AgentError, Result};
+
+/// The format version this code writes; a newer one is refused.
+pub const FORMAT: u32 = 1;
+
+/// The device's enrolment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrolment {
+    /// The server it enrolled with.
+    pub server: String,
+    /// Its id.
+    pub device_id: String,
+    /// Its credential.
+    pub credential: String,
+    /// The server's assignment-signing key, hex, pinned at enrolment.
+    pub server_key: String,
+    /// Its group.
+    pub group: String,
+}
+
+/// The release a version was assigned as.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assigned {
+    /// The version.
+    pub version: String,
+    /// The release.
+    pub release_id: String,
+    /// The rollout.
+    pub rollout_id: String,
+}
+
+/// Everything the agent keeps about the fleet.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct FleetState {
+    /// The file format.
+    pub format: u32,
+    /// The enrolment, once enrolled.
+    pub enrolment: Option<Enrolment>,
+    /// The release being installed, by version.
+    pub assigned: Option<Assigned>,
+    /// Whether a reboot lease is held.
+    pub lease: bool,
+    /// The sequence number of the next new report.
+    pub next_seq: u64,
+    /// The last transaction state reported: (transaction id, status).
+    pub reported: Option<(String, String)>,
+    /// Reports not yet acknowledged, oldest first.
+    pub outbox: Vec<ReportRequest>,
+}
+
+impl FleetState {
+    /// The file in `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("fleet.json")
+    }
+
+    /// Reads the file; a missing one is a device that never enrolled.
+    pub fn load(state_dir: &Path) -> Result<FleetState> {
+        let path = FleetState::path(state_dir);
+        let bytes = match read_bounded(&path, 4 << 20) {
+            Ok(b) => b,
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(FleetState {
+                    format: FORMAT,
+                    next_seq: 1,
+                    ..FleetState::default()
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let state: FleetState = serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
+            path: path.clone(),
+            what: format!("not a fleet state: {e}"),
+        })?;
+        if state.format != FORMAT {
+            return Err(AgentError::State {
+                path,
+                what: format!(
+                    "format {} is not the format {FORMAT} this abide reads (written by a newer version?)",
+                    state.format
+                ),
+            });
+        }
+        Ok(state)
+    }
+
+    /// Replaces the file atomically, readable by its owner only.
+    pub fn store(&self, state_dir: &Path) -> Result<()> {
+        let mut bytes = serde_json::to_vec_pretty(self).expect("plain data");
+        bytes.push(b'\n');
+        let path = FleetState::path(state_dir);
+        let mut file = AtomicFile::create(&path, 0o600)?;
+        std::io::Write::write_all(file.file(), &bytes).map_err(|source| {
+            abide_boot::persist::IoError {
+                op: "writing",
+                path: path.clone(),
+                source,
+            }
+        })?;
+        file.commit()?;
+        Ok(())
+    }
+
+    /// Queues a report with the next sequence number.
+    pub fn queue(&mut self, mut report: ReportRequest) {
+        report.seq = self.next_seq;
+        self.next_seq += 1;
+        self.outbox.push(report);
+    }
+}

@@ -1,0 +1,30 @@
+//! `abide agent`: the device daemon in the foreground (run by `dist/systemd/abide-agent.service`).
+
+use abide_agent::fleet::agent::{Agent, Exit, Options};
+use anyhow::Result;
+use clap::Args;
+use serde_json::json;
+
+use crate::Output;
+use crate::device::ConfigArg;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Stop when there is nothing to do, instead of polling on (for scripts and tests).
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    config: ConfigArg,
+}
+
+pub fn run(args: AgentArgs, out: Output) -> Result<()> {
+    crate::init_logging();
+    let mut agent = Agent::new(&args.config.config)?;
+    let exit = agent.run(&Options { once: args.once })?;
+    let what = match exit {
+        Exit::Reboot => "reboot",
+        Exit::Idle => "idle",
+    };
+    out.print(&json!({"exit": what}), || format!("agent stopped: {what}"));
+    Ok(())
+}

@@ -281,3 +281,544 @@ fn sim_devices_commit_a_staged_rollout_and_roll_back_a_failing_release_which_pau
         assert_eq!(status(&dir, d)["version"], "2.0.0");
     }
 }
+
+/// A `[[window]]` in UTC from `from` to `to` minutes after now, on every day.
+fn window_from_now(from: i64, to: i64) -> String {
+    let now = jiff::Timestamp::now();
+    let at = |m: i64| {
+        let t = now
+            .checked_add(jiff::SignedDuration::from_mins(m))
+            .unwrap()
+            .to_zoned(jiff::tz::TimeZone::UTC);
+        format!("{:02}:{:02}", t.hour(), t.minute())
+    };
+    format!(
+        "\n[[window]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n\
+         start = \"{}\"\nend = \"{}\"\nzone = \"UTC\"\n",
+        at(from),
+        at(to)
+    )
+}
+
+#[test]
+fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = start_server(&data, free_port(), None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let bundle = release_bundle(&dir, "2.0.0", 1);
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", bundle.to_str().unwrap()],
+    );
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let dev = device(&dir, "gw-w", &url, &dir.join("lab.token"));
+    let config = dev.join("system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{text}{}", window_from_now(120, 180))).unwrap();
+    let _running = sim_run(&dir, &dev);
+    wait_for_devices(&dir, &url, &admin, &[], 1);
+    let ro = fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+    );
+    let devices = [dev.clone()];
+    wait("the device to stage", 60, &devices, || {
+        fleet(&dir, &url, &admin, &["devices"])[0]["state"] == "staged"
+    });
+    // Several check-ins later it is still staged: the target is not bootable, nothing rebooted.
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (
+            s["state"].as_str(),
+            s["booted"].as_str(),
+            s["version"].as_str()
+        ),
+        (Some("staged"), Some("A"), Some("1.0.0")),
+        "{s}"
+    );
+    let boot: Value =
+        serde_json::from_slice(&std::fs::read(dev.join("boot.json")).unwrap()).unwrap();
+    assert_eq!(boot["bootable"]["B"], false, "{boot}");
+    // The window opens: it activates, reboots and commits.
+    std::fs::write(&config, format!("{text}{}", window_from_now(-60, 60))).unwrap();
+    wait("the device to commit", 60, &devices, || {
+        status(&dir, &dev)["state"] == "committed"
+    });
+    let st = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["rollout", "status", ro["id"].as_str().unwrap()],
+    );
+    assert_eq!(st["committed"], 1, "{st}");
+}
+
+/// `abide agent --once --config DEVICE/system.toml --json`, expecting exit code `exit`.
+fn agent_once(dir: &Path, device: &Path, exit: i32) -> Value {
+    let config = device.join("system.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--once", "--json", "--config"])
+        .arg(&config)
+        .current_dir(dir)
+        .env("ABIDE_LOG", "debug")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(exit),
+        "abide agent --once: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+/// The device's reports as the server recorded them, in the order of its audit trail.
+fn reports_on_server(dir: &Path, url: &str, admin: &Path, device: &str) -> Vec<(u64, String)> {
+    let audit = fleet(dir, url, admin, &["audit"]);
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["action"] == "device.report" && r["actor"] == format!("device:{device}"))
+        .map(|r| {
+            (
+                r["details"]["seq"].as_u64().unwrap(),
+                r["details"]["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let port = free_port();
+    let server = start_server(&data, port, None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let bundle = release_bundle(&dir, "2.0.0", 1);
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", bundle.to_str().unwrap()],
+    );
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let dev = device(&dir, "gw-off", &url, &dir.join("lab.token"));
+    assert_eq!(
+        agent_once(&dir, &dev, 0)["exit"],
+        "idle",
+        "enrolled, nothing assigned"
+    );
+    fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+    );
+    // Downloaded, staged, leased, activated: the agent hands over to a reboot.
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    assert_eq!(status(&dir, &dev)["state"], "activated");
+    drop(server);
+
+    // The server is away: the device reboots, its gate commits, the report waits on disk.
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(status(&dir, &dev)["state"], "committed");
+    agent_once(&dir, &dev, 3);
+    let fleet_state: Value =
+        serde_json::from_slice(&std::fs::read(dev.join("state/fleet.json")).unwrap()).unwrap();
+    let queued: Vec<&str> = fleet_state["outbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(queued, ["committed"], "{fleet_state}");
+
+    // Back: the queued report arrives, once, after the ones before it.
+    let server = start_server(&data, port, None);
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
+    let seen = reports_on_server(&dir, &server.url, &admin, "gw-off");
+    let statuses: Vec<&str> = seen.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        ["downloading", "staged", "rebooting", "committed"]
+    );
+    let seqs: Vec<u64> = seen.iter().map(|(n, _)| *n).collect();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    // A second run sends nothing again.
+    agent_once(&dir, &dev, 0);
+    assert_eq!(
+        reports_on_server(&dir, &server.url, &admin, "gw-off").len(),
+        4
+    );
+    let listed = fleet(&dir, &server.url, &admin, &["devices"]);
+    assert_eq!(
+        (listed[0]["state"].as_str(), listed[0]["version"].as_str()),
+        (Some("committed"), Some("2.0.0"))
+    );
+}
+
+/// A TCP proxy in front of the server that cuts bundle downloads: each answer to a range
+/// request is forwarded up to the next cut offset (counted in bundle bytes) and the connection
+/// is then closed in the middle of the body. Every request gets `connection: close`, so each
+/// one has its own connection. Counts the bundle bytes it forwarded.
+struct CuttingProxy {
+    url: String,
+    forwarded: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    cuts_made: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: &str, cuts: Vec<u64>) -> CuttingProxy {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let forwarded = Arc::new(AtomicU64::new(0));
+        let cuts_made = Arc::new(AtomicU64::new(0));
+        let pending = Arc::new(Mutex::new(cuts));
+        let (fwd, made) = (forwarded.clone(), cuts_made.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let (upstream, fwd, made, pending) =
+                    (upstream.clone(), fwd.clone(), made.clone(), pending.clone());
+                std::thread::spawn(move || {
+                    // The request head, then its body (Content-Length) if any.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let header = |name: &str| {
+                        text.lines().find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                        })
+                    };
+                    let body_len: usize = header("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; body_len];
+                    if client.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let range_start: Option<u64> = header("range").and_then(|r| {
+                        r.trim_start_matches("bytes=")
+                            .split('-')
+                            .next()?
+                            .parse()
+                            .ok()
+                    });
+                    let mut rewritten: String = text
+                        .trim_end_matches("\r\n")
+                        .lines()
+                        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+                        .map(|l| format!("{l}\r\n"))
+                        .collect();
+                    rewritten.push_str("connection: close\r\n\r\n");
+                    let Ok(mut server) = TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    if server.write_all(rewritten.as_bytes()).is_err()
+                        || server.write_all(&body).is_err()
+                    {
+                        return;
+                    }
+                    // The answer: its head as is, then the body, cut where a cut falls.
+                    let mut answer = Vec::new();
+                    let mut buf = [0u8; 16 << 10];
+                    let mut body_at: Option<usize> = None;
+                    loop {
+                        let n = server.read(&mut buf).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        answer.extend_from_slice(&buf[..n]);
+                        if body_at.is_none()
+                            && let Some(p) = answer.windows(4).position(|w| w == b"\r\n\r\n")
+                        {
+                            body_at = Some(p + 4);
+                        }
+                        if let (Some(start), Some(at)) = (range_start, body_at) {
+                            let end = start + (answer.len() - at) as u64;
+                            let mut cuts = pending.lock().unwrap();
+                            if let Some(i) = cuts.iter().position(|c| (start..end).contains(c)) {
+                                let cut = cuts.remove(i);
+                                drop(cuts);
+                                let keep = at + (cut - start) as usize;
+                                let _ = client.write_all(&answer[..keep]);
+                                fwd.fetch_add(cut - start, Ordering::Relaxed);
+                                made.fetch_add(1, Ordering::Relaxed);
+                                return;
+                            }
+                        }
+                    }
+                    if let (Some(_), Some(at)) = (range_start, body_at) {
+                        fwd.fetch_add((answer.len() - at) as u64, Ordering::Relaxed);
+                    }
+                    let _ = client.write_all(&answer);
+                });
+            }
+        });
+        CuttingProxy {
+            url,
+            forwarded,
+            cuts_made,
+        }
+    }
+}
+
+#[test]
+fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
+    use std::sync::atomic::Ordering;
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = start_server(&data, free_port(), None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let bundle = release_bundle(&dir, "2.0.0", 7);
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", bundle.to_str().unwrap()],
+    );
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    // Cuts in the header and manifest, the signatures and the chunk table (the first few KiB),
+    // and spread through the chunks, each at an odd offset (inside a chunk).
+    let mut cuts: Vec<u64> = vec![7, 90, 333, 700, 1001, 1500, 2049, 2600, 3100, 4000];
+    cuts.extend((1..16).map(|k| size * k / 16 + 777));
+    let n_cuts = cuts.len() as u64;
+    let proxy = CuttingProxy::start(&url, cuts);
+    let dev = device(&dir, "gw-cut", &proxy.url, &dir.join("lab.token"));
+    agent_once(&dir, &dev, 0);
+    fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+    );
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    assert_eq!(
+        proxy.cuts_made.load(Ordering::Relaxed),
+        n_cuts,
+        "every cut happened"
+    );
+    let fetched = proxy.forwarded.load(Ordering::Relaxed);
+    assert!(
+        fetched as f64 <= 1.1 * size as f64,
+        "fetched {fetched} bytes of a {size}-byte bundle"
+    );
+    let image = std::fs::read(dir.join("image-7.img")).unwrap();
+    let slot = dev.join("slots/rootfs.B.img");
+    assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(status(&dir, &dev)["state"], "committed");
+    // The device's audit log has the download with its resumptions.
+    let log = json_args(
+        &dir,
+        &["log", "--config", dev.join("system.toml").to_str().unwrap()],
+        0,
+    );
+    let download = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["event"] == "download")
+        .expect("a download record");
+    assert!(
+        download["details"]["resumed"].as_u64().unwrap() >= n_cuts,
+        "{download}"
+    );
+}
+
+/// A stand-in for the fleet server that enrols any device, pins key 1 as the server key, and
+/// answers every check-in with an assignment spoiled as `mode` says (each offering a release,
+/// so acting on it would start an install).
+fn spoiling_server(mode: std::sync::Arc<std::sync::Mutex<&'static str>>) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let server_key = abide_testkit::key(1);
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if conn.read(&mut byte).unwrap_or(0) == 0 {
+                    break;
+                }
+                head.push(byte[0]);
+            }
+            let text = String::from_utf8_lossy(&head).into_owned();
+            let len: usize = text
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            let mut body = vec![0u8; len];
+            let _ = conn.read_exact(&mut body);
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let answer = if text.starts_with("POST /api/v1/device/enroll") {
+                serde_json::json!({"device_id": request["device_id"], "credential": "c-1",
+                                   "server_key": server_key.public().to_hex(), "group": "lab"})
+            } else if text.starts_with("POST /api/v1/device/checkin") {
+                let mode = *mode.lock().unwrap();
+                let now = jiff::Timestamp::now();
+                let hour = jiff::SignedDuration::from_hours(1);
+                let payload = serde_json::json!({
+                    "device_id": if mode == "foreign" { "someone-else" } else { "gw-spoiled" },
+                    "nonce": if mode == "replayed" { "00112233445566778899aabbccddeeff".into() } else { request["nonce"].clone() },
+                    "issued_at": now.to_string(),
+                    "expires_at": if mode == "stale" { (now - hour).to_string() } else { (now + hour).to_string() },
+                    "release": {"release_id": "r-1", "rollout_id": "ro-1", "version": "2.0.0",
+                                "security_version": 1, "url": "/api/v1/releases/r-1/bundle",
+                                "sha256": "00", "size": 1000, "action": "install"},
+                    "window": null,
+                })
+                .to_string();
+                let signer = if mode == "wrong-key" {
+                    abide_testkit::key(2)
+                } else {
+                    abide_testkit::key(1)
+                };
+                let signature = signer.sign(b"abide-assignment-v1", payload.as_bytes());
+                serde_json::json!({"payload": payload,
+                                   "signature": abide_bundle::digest::encode_hex(&signature),
+                                   "key_id": signer.public().id().as_str()})
+            } else {
+                serde_json::json!({"seq": 1, "outcome": "recorded"})
+            };
+            let answer = answer.to_string();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                answer.len()
+            );
+        }
+    });
+    url
+}
+
+#[test]
+fn stale_replayed_foreign_and_badly_signed_assignments_are_refused_audited_and_change_nothing() {
+    let (_tmp, dir) = workspace();
+    let mode = std::sync::Arc::new(std::sync::Mutex::new("good"));
+    let url = spoiling_server(mode.clone());
+    std::fs::write(dir.join("any.token"), "abide-enroll-x").unwrap();
+    let dev = device(&dir, "gw-spoiled", &url, &dir.join("any.token"));
+    let snapshot = || {
+        [
+            "state/state.json",
+            "boot.json",
+            "slots/rootfs.B.img",
+            "state/fleet.json",
+        ]
+        .map(|f| Digest::of(&std::fs::read(dev.join(f)).unwrap_or_default()).to_hex())
+    };
+    for (spoil, why) in [
+        ("stale", "expired"),
+        ("replayed", "replayed"),
+        ("foreign", "another device"),
+        ("wrong-key", "not the server's"),
+    ] {
+        *mode.lock().unwrap() = spoil;
+        let before = (spoil != "stale").then(snapshot);
+        let log_before = std::fs::read_to_string(dev.join("state/audit.log")).unwrap_or_default();
+        agent_once(&dir, &dev, 3);
+        if let Some(before) = before {
+            assert_eq!(snapshot(), before, "{spoil}: something changed");
+        }
+        let log = std::fs::read_to_string(dev.join("state/audit.log")).unwrap();
+        let new: Vec<&str> = log[log_before.len()..].lines().collect();
+        assert!(!new.is_empty(), "{spoil}: nothing audited");
+        for line in &new {
+            assert!(
+                line.contains("assignment-refused") && line.contains(why),
+                "{spoil}: {line}"
+            );
+        }
+        let s = status(&dir, &dev);
+        assert_eq!(
+            (s["state"].as_str(), s["version"].as_str()),
+            (Some("idle"), Some("1.0.0")),
+            "{spoil}"
+        );
+    }
+    let verified = json_args(
+        &dir,
+        &[
+            "log",
+            "verify",
+            "--config",
+            dev.join("system.toml").to_str().unwrap(),
+        ],
+        0,
+    );
+    assert_eq!(verified["ok"], true);
+}

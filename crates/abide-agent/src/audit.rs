@@ -189,8 +189,14 @@ impl AuditLog {
 
     /// Reads and verifies the whole log at `path`; a torn last record is reported as an
     /// error here (opening the log repairs it).
+    /// A device that never wrote a record has no log and no head: that is an empty log. A
+    /// missing log whose head names records is a deletion.
     pub fn verify(path: &Path) -> Result<Vec<Record>, AuditError> {
-        let bytes = read_bounded(path, 1 << 30)?;
+        let bytes = match read_bounded(path, 1 << 30) {
+            Ok(bytes) => bytes,
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
         if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
             let torn = bytes.len() - bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
             return Err(AuditError::Broken {

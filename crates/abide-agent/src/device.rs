@@ -13,7 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::audit::AuditLog;
 use crate::config::{Backend, Config};
-use crate::error::Result;
+use crate::error::{AgentError, Result};
+use crate::lock::{Contention, DeviceLock};
 use crate::state::DeviceState;
 
 /// An opened device.
@@ -21,37 +22,45 @@ pub struct Device {
     /// Its configuration.
     pub config: Config,
     bootloader: Box<dyn Bootloader>,
-    audit: AuditLog,
+    /// None when opened read-only.
+    audit: Option<AuditLog>,
+    _lock: Option<DeviceLock>,
 }
 
 impl Device {
-    /// Opens the device described by `config` (repairing a torn audit record if there is one).
+    /// Opens the device described by `config` to change it: takes the state directory's lock
+    /// (failing with `busy` while another process holds it) and opens the audit log
+    /// (repairing a torn last record if there is one).
     pub fn open(config: Config) -> Result<Device> {
-        let bootloader: Box<dyn Bootloader> = match config.backend.clone() {
-            Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
-            Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),
-            Backend::Gpt { cmdline } => Box::new(abide_boot::GptBootloader::new(
-                &config.boot_path,
-                &cmdline,
-                &config.group_names(),
-            )),
-            Backend::SystemdBoot { cmdline } => Box::new(abide_boot::SystemdBootBootloader::new(
-                &config.boot_path,
-                &cmdline,
-                &config.group_names(),
-            )),
-            Backend::Uboot { redundant, size } => {
-                let copies: Vec<_> = std::iter::once(config.boot_path.clone())
-                    .chain(redundant.clone())
-                    .collect();
-                Box::new(abide_boot::UbootBootloader::new(&copies, size))
-            }
-        };
+        Device::open_as_writer(config, Contention::Fail)
+    }
+
+    /// [`Device::open`], waiting for the lock instead of failing (the boot step, the agent).
+    pub fn open_waiting(config: Config) -> Result<Device> {
+        Device::open_as_writer(config, Contention::Wait)
+    }
+
+    /// Opens the device to look at it: no lock, no write anywhere (works on a read-only state
+    /// directory); [`Device::record`] and [`Device::commit_step`] refuse.
+    pub fn open_read_only(config: Config) -> Result<Device> {
+        let bootloader = backend(&config);
+        Ok(Device {
+            config,
+            bootloader,
+            audit: None,
+            _lock: None,
+        })
+    }
+
+    fn open_as_writer(config: Config, contention: Contention) -> Result<Device> {
+        let lock = DeviceLock::take(&config.state_dir, contention)?;
+        let bootloader = backend(&config);
         let (audit, _) = AuditLog::open(&config.state_dir.join("audit.log"))?;
         Ok(Device {
             config,
             bootloader,
-            audit,
+            audit: Some(audit),
+            _lock: Some(lock),
         })
     }
 
@@ -71,7 +80,11 @@ impl Device {
             Value::Object(map) => map,
             other => Map::from_iter([("value".to_owned(), other)]),
         };
-        self.audit.append(now, event, details)?;
+        let audit = self.audit.as_mut().ok_or_else(|| AgentError::State {
+            path: self.config.state_dir.clone(),
+            what: "the device was opened read-only".into(),
+        })?;
+        audit.append(now, event, details)?;
         Ok(())
     }
 
@@ -150,5 +163,29 @@ pub fn event(state: &TxState) -> &'static str {
         TxState::Committed { .. } => "commit",
         TxState::Failed { .. } => "fail",
         TxState::RolledBack { .. } => "rollback",
+    }
+}
+
+/// The bootloader backend a configuration names.
+fn backend(config: &Config) -> Box<dyn Bootloader> {
+    match config.backend.clone() {
+        Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
+        Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),
+        Backend::Gpt { cmdline } => Box::new(abide_boot::GptBootloader::new(
+            &config.boot_path,
+            &cmdline,
+            &config.group_names(),
+        )),
+        Backend::SystemdBoot { cmdline } => Box::new(abide_boot::SystemdBootBootloader::new(
+            &config.boot_path,
+            &cmdline,
+            &config.group_names(),
+        )),
+        Backend::Uboot { redundant, size } => {
+            let copies: Vec<_> = std::iter::once(config.boot_path.clone())
+                .chain(redundant.clone())
+                .collect();
+            Box::new(abide_boot::UbootBootloader::new(&copies, size))
+        }
     }
 }

@@ -85,6 +85,12 @@ pub enum AgentError {
         /// Bytes that must stay free.
         reserve: u64,
     },
+    /// Another process is changing the device.
+    #[error("{}: another abide process is changing this device (the agent, an install, a boot step); try again when it is done", path.display())]
+    Locked {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// The fleet server refused a request or could not be reached.
     #[error(transparent)]
     Server(#[from] abide_client::ClientError),
@@ -119,6 +125,7 @@ impl AgentError {
             AgentError::NoTransaction(_) => "no-transaction",
             AgentError::State { .. } => "state",
             AgentError::Server(_) => "server",
+            AgentError::Locked { .. } => "busy",
         }
     }
 

@@ -11,6 +11,7 @@ pub mod fleet;
 pub mod health;
 pub mod index;
 pub mod install;
+pub mod lock;
 pub mod slots;
 pub mod state;
 

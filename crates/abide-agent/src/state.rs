@@ -12,9 +12,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{AgentError, Result};
 
+/// The state file format this code writes. A file without a format is format 1 (the format
+/// before the field existed); a newer one is refused, never guessed at.
+pub const FORMAT: u32 = 1;
+
+fn format_one() -> u32 {
+    1
+}
+
 /// Everything the agent remembers between runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
+    /// The file format ([`FORMAT`]).
+    #[serde(default = "format_one")]
+    pub format: u32,
     /// The committed version the device runs.
     pub version: Version,
     /// The anti-rollback counter.
@@ -37,6 +48,23 @@ impl DeviceState {
     pub fn load(state_dir: &Path) -> Result<DeviceState> {
         let path = DeviceState::path(state_dir);
         let bytes = read_bounded(&path, 1 << 20)?;
+        // The format first, so that a newer file is named as such rather than as damaged.
+        #[derive(Deserialize)]
+        struct Format {
+            #[serde(default = "format_one")]
+            format: u32,
+        }
+        let format = serde_json::from_slice::<Format>(&bytes).map(|f| f.format);
+        if let Ok(f) = format
+            && f != FORMAT
+        {
+            return Err(AgentError::State {
+                path,
+                what: format!(
+                    "state file format {f}; this abide reads format {FORMAT} (was it written by a newer abide?)"
+                ),
+            });
+        }
         serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
             path,
             what: format!("not a device state: {e}"),

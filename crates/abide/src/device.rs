@@ -35,10 +35,23 @@ pub enum LogCommand {
     Verify,
 }
 
-/// Opens the device a configuration describes.
+/// Opens the device a configuration describes to change it (`busy` while another process
+/// changes it).
 pub fn open(config: &Path) -> Result<Device> {
     let config = Config::load(config)?;
     Ok(Device::open(config)?)
+}
+
+/// Opens the device to change it, waiting for another process to finish first.
+pub fn open_waiting(config: &Path) -> Result<Device> {
+    let config = Config::load(config)?;
+    Ok(Device::open_waiting(config)?)
+}
+
+/// Opens the device to look at it: no lock and no write (a read-only state directory works).
+pub fn open_read_only(config: &Path) -> Result<Device> {
+    let config = Config::load(config)?;
+    Ok(Device::open_read_only(config)?)
 }
 
 /// `abide install`.
@@ -94,7 +107,7 @@ pub fn run_install(
 
 /// `abide boot`.
 pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
-    let mut device = open(config)?;
+    let mut device = open_waiting(config)?;
     let outcome = boot(&mut device, &SystemClock)?;
     out.print(&serde_json::to_value(&outcome).expect("serializes"), || {
         format!(
@@ -138,7 +151,7 @@ pub fn status_json(device: &Device) -> Result<Value> {
 
 /// `abide status`.
 pub fn run_status(config: &Path, out: Output) -> Result<()> {
-    let device = open(config)?;
+    let device = open_read_only(config)?;
     let v = status_json(&device)?;
     out.print(&v, || {
         let mut text = format!(
@@ -158,7 +171,7 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
 
 /// `abide health`.
 pub fn run_health(config: &Path, out: Output) -> Result<()> {
-    let device = open(config)?;
+    let device = open_read_only(config)?;
     let state = device.state()?;
     let (booted, _) = device.groups()?;
     let group = booted.map(|g| g.to_string()).unwrap_or_default();

@@ -15,7 +15,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::Output;
-use crate::device::{open, status_json};
+use crate::device::{open_read_only, open_waiting, status_json};
 
 // Parsed once per process: the size of a variant does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -191,6 +191,7 @@ fn init(
     let sim = SimBootloader::init(&dir.join("boot.json"), &[a.clone(), b.clone()])?;
     sim.power_on()?;
     DeviceState {
+        format: abide_agent::state::FORMAT,
         version: version.clone(),
         security_version: 0,
         groups: [(a, Some(version.clone())), (b, None)]
@@ -222,7 +223,7 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
         let chosen = sim
             .power_on()?
             .context("the sim firmware found no bootable group")?;
-        let device = open(&config)?;
+        let device = open_read_only(&config)?;
         let state = device.state()?;
         let on_trial = state
             .transaction
@@ -234,7 +235,7 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
             continue;
         }
         drop(device);
-        let mut device = open(&config)?;
+        let mut device = open_waiting(&config)?;
         let outcome = boot(&mut device, &SystemClock)?;
         cycles.push(
             json!({"booted": chosen.as_str(), "state": outcome.state, "reboot": outcome.reboot}),
@@ -268,7 +269,7 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
     let mut boots = 0u32;
     loop {
         if max_boots.is_some_and(|m| boots >= m) {
-            let device = open(&config)?;
+            let device = open_read_only(&config)?;
             let status = status_json(&device)?;
             out.print(&json!({"boots": boots, "status": status}), || {
                 format!("{boots} power cycle(s); {status}")
@@ -279,7 +280,7 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
         let chosen = sim
             .power_on()?
             .context("the sim firmware found no bootable group")?;
-        let mut device = open(&config)?;
+        let mut device = open_waiting(&config)?;
         let outcome = boot(&mut device, &SystemClock)?;
         eprintln!(
             "sim: power on {boots}: booted {chosen}; transaction {}",

@@ -125,7 +125,7 @@ impl Agent {
     }
 
     fn open(&self) -> Result<(Device, FleetState)> {
-        let device = Device::open(Config::load(&self.config_path)?)?;
+        let device = Device::open_waiting(Config::load(&self.config_path)?)?;
         let fleet = FleetState::load(&device.config.state_dir)?;
         Ok((device, fleet))
     }

@@ -159,3 +159,14 @@ fn a_head_one_record_behind_is_a_crash_between_two_fsyncs_not_tampering() {
     let (log, _) = AuditLog::open(&path).unwrap();
     assert_eq!(log.len(), 3);
 }
+
+#[test]
+fn no_log_is_an_empty_log_but_a_deleted_log_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 0);
+    write_log(&path, 3);
+    std::fs::remove_file(&path).unwrap();
+    let err = AuditLog::verify(&path).unwrap_err().to_string();
+    assert!(err.contains("record 3 was written"), "{err}");
+}

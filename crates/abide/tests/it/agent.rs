@@ -507,7 +507,7 @@ struct CuttingProxy {
 }
 
 impl CuttingProxy {
-    fn start(upstream: &str, cuts: Vec<u64>) -> CuttingProxy {
+    fn start(upstream: &str, cuts: Vec<u64>, pace: Option<Duration>) -> CuttingProxy {
         use std::io::{Read, Write};
         use std::net::{TcpListener, TcpStream};
         use std::sync::atomic::{AtomicU64, Ordering};
@@ -570,10 +570,12 @@ impl CuttingProxy {
                     {
                         return;
                     }
-                    // The answer: its head as is, then the body, cut where a cut falls.
+                    // The answer, forwarded as it comes: its head as is, then the body, cut
+                    // where a cut falls; with a pace, one piece per pause.
                     let mut answer = Vec::new();
                     let mut buf = [0u8; 16 << 10];
                     let mut body_at: Option<usize> = None;
+                    let mut written = 0usize;
                     loop {
                         let n = server.read(&mut buf).unwrap_or(0);
                         if n == 0 {
@@ -585,24 +587,34 @@ impl CuttingProxy {
                         {
                             body_at = Some(p + 4);
                         }
+                        let mut limit = answer.len();
+                        let mut cut_here = false;
                         if let (Some(start), Some(at)) = (range_start, body_at) {
                             let end = start + (answer.len() - at) as u64;
                             let mut cuts = pending.lock().unwrap();
                             if let Some(i) = cuts.iter().position(|c| (start..end).contains(c)) {
                                 let cut = cuts.remove(i);
-                                drop(cuts);
-                                let keep = at + (cut - start) as usize;
-                                let _ = client.write_all(&answer[..keep]);
-                                fwd.fetch_add(cut - start, Ordering::Relaxed);
-                                made.fetch_add(1, Ordering::Relaxed);
-                                return;
+                                limit = at + (cut - start) as usize;
+                                cut_here = true;
                             }
                         }
+                        if client.write_all(&answer[written..limit]).is_err() {
+                            return;
+                        }
+                        if let (Some(_), Some(at)) = (range_start, body_at) {
+                            fwd.fetch_add((limit - written.max(at)) as u64, Ordering::Relaxed);
+                        }
+                        written = limit;
+                        if cut_here {
+                            made.fetch_add(1, Ordering::Relaxed);
+                            return;
+                        }
+                        if range_start.is_some()
+                            && let Some(p) = pace
+                        {
+                            std::thread::sleep(p);
+                        }
                     }
-                    if let (Some(_), Some(at)) = (range_start, body_at) {
-                        fwd.fetch_add((answer.len() - at) as u64, Ordering::Relaxed);
-                    }
-                    let _ = client.write_all(&answer);
                 });
             }
         });
@@ -641,7 +653,7 @@ fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
     let mut cuts: Vec<u64> = vec![7, 90, 333, 700, 1001, 1500, 2049, 2600, 3100, 4000];
     cuts.extend((1..16).map(|k| size * k / 16 + 777));
     let n_cuts = cuts.len() as u64;
-    let proxy = CuttingProxy::start(&url, cuts);
+    let proxy = CuttingProxy::start(&url, cuts, None);
     let dev = device(&dir, "gw-cut", &proxy.url, &dir.join("lab.token"));
     agent_once(&dir, &dev, 0);
     fleet(
@@ -821,4 +833,91 @@ fn stale_replayed_foreign_and_badly_signed_assignments_are_refused_audited_and_c
         0,
     );
     assert_eq!(verified["ok"], true);
+}
+
+#[test]
+fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = start_server(&data, free_port(), None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let bundle = release_bundle(&dir, "2.0.0", 1);
+    let other = release_bundle(&dir, "9.0.0", 2);
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", bundle.to_str().unwrap()],
+    );
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    // A slow link: the download takes a few seconds.
+    let proxy = CuttingProxy::start(&url, Vec::new(), Some(Duration::from_millis(60)));
+    let dev = device(&dir, "gw-busy", &proxy.url, &dir.join("lab.token"));
+    agent_once(&dir, &dev, 0);
+    fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+    );
+    let agent = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--once", "--json", "--config"])
+        .arg(dev.join("system.toml"))
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let devices = [dev.clone()];
+    wait("the agent to be downloading", 30, &devices, || {
+        status(&dir, &dev)["state"] == "downloading"
+    });
+    let config = dev.join("system.toml");
+    let refused = json_args(
+        &dir,
+        &[
+            "install",
+            other.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        1,
+    );
+    assert_eq!(refused["error"]["code"], "busy", "{refused}");
+    let out = agent.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["state"].as_str(), s["target_version"].as_str()),
+        (Some("activated"), Some("2.0.0")),
+        "{s}"
+    );
+    let image = std::fs::read(dir.join("image-1.img")).unwrap();
+    let slot = dev.join("slots/rootfs.B.img");
+    assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
+    let log = std::fs::read_to_string(dev.join("state/audit.log")).unwrap();
+    assert!(
+        !log.contains("9.0.0"),
+        "the refused install left a trace: {log}"
+    );
 }

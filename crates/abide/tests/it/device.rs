@@ -609,3 +609,67 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
             && !sim.path("dev/apps/escaped").exists()
     );
 }
+
+#[test]
+fn read_only_commands_work_on_a_read_only_state_directory_and_write_nothing() {
+    let sim = Sim::new(None);
+    let state = sim.dir.join("dev/state");
+    let abide = env!("CARGO_BIN_EXE_abide");
+    // A private mount namespace with the state directory bound read-only over itself.
+    let script = format!(
+        "set -e; mount --bind {s} {s}; mount -o remount,bind,ro {s}; \
+         ! touch {s}/probe 2>/dev/null; \
+         {abide} status --config dev/system.toml --json; \
+         {abide} health --config dev/system.toml --json; \
+         {abide} log verify --config dev/system.toml --json",
+        s = state.display()
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(&sim.dir)
+        .output()
+        .expect("unshare runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("\"version\": \"1.0.0\""), "{text}");
+    assert!(
+        !state.join("lock").exists(),
+        "a read-only command took the lock"
+    );
+}
+
+#[test]
+fn a_state_file_of_a_newer_format_is_refused_by_name() {
+    let sim = Sim::new(None);
+    let path = sim.dir.join("dev/state/state.json");
+    let mut state: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(state["format"], 1);
+    state["format"] = 2.into();
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let err = json(&sim.dir, "status --config dev/system.toml", 3);
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("format 2") && message.contains("newer abide"),
+        "{message}"
+    );
+    let bundle = sim.bundle("2.0.0", 1, 3);
+    let err = json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml"),
+        3,
+    );
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("format 2")
+    );
+    // A file from before the format field reads as format 1.
+    state.as_object_mut().unwrap().remove("format");
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    assert_eq!(sim.status()["version"], "1.0.0");
+}

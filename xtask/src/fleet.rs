@@ -349,5 +349,7 @@ fn idle_inventory() -> abide_proto::CheckinRequest {
         good: Some("A".into()),
         state: "idle".into(),
         health: Some("healthy".into()),
+        trust_version: None,
+        progress: None,
     }
 }

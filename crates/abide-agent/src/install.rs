@@ -234,7 +234,7 @@ fn plan<'a>(
 ) -> Result<Plan<'a>> {
     let config = &device.config;
     let limits = Limits::default();
-    let trust_bytes = abide_boot::persist::read_bounded(&config.trust, limits.max_trust_bytes)?;
+    let trust_bytes = crate::trust::bytes(config)?;
     let trust = TrustRoot::load(&trust_bytes, now, ExpirationEnforcement::Safe, &limits)?;
     let policy = Policy {
         trust: &trust,

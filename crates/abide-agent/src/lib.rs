@@ -14,5 +14,6 @@ pub mod install;
 pub mod lock;
 pub mod slots;
 pub mod state;
+pub mod trust;
 
 pub use error::{AgentError, Result};

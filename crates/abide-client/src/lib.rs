@@ -166,6 +166,12 @@ impl Admin {
         .await
     }
 
+    /// POST the exact bytes of a JSON document to `path` (a trust root is signed over its bytes).
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Value> {
+        self.send(reqwest::Method::POST, path, Some(body.into()), true)
+            .await
+    }
+
     /// Uploads a bundle file as a release.
     pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value> {
         self.send(

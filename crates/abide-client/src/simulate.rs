@@ -182,6 +182,8 @@ impl Sim {
                     good: None,
                     state: self.state.into(),
                     health: Some("healthy".into()),
+                    trust_version: None,
+                    progress: None,
                 },
                 jiff::Timestamp::now(),
             )

@@ -129,6 +129,29 @@ pub struct CheckinRequest {
     /// Its health (`healthy`, `degraded`, `unhealthy`, `unknown`).
     #[serde(default)]
     pub health: Option<String>,
+    /// The version of the trust root it holds; the answer carries the published roots after
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_version: Option<u64>,
+    /// Download progress of the release it is staging, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// How far a download is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    /// The release being downloaded.
+    pub release_id: String,
+    /// Bundle bytes consumed so far (fetched or passed over as already held).
+    pub bytes: u64,
+    /// The bundle's size.
+    pub total: u64,
+    /// Bytes fetched from the server so far.
+    pub fetched: u64,
+    /// Bytes per second fetched, over the download so far.
+    pub rate: u64,
 }
 
 /// The answer to a check-in: an [`Assignment`] as exact JSON bytes and the server's signature
@@ -159,6 +182,10 @@ pub struct Assignment {
     pub release: Option<AssignedRelease>,
     /// The maintenance window of the device's group, if it has one.
     pub window: Option<Window>,
+    /// Trust roots published after the one the device holds, oldest first, as their exact
+    /// JSON texts; the device checks each against the one before it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust: Vec<String>,
 }
 
 /// The release an assignment points at.
@@ -252,6 +279,9 @@ pub struct Device {
     pub health: Option<String>,
     /// When it last checked in.
     pub last_seen: Option<String>,
+    /// How far its download is, while it downloads.
+    #[serde(default)]
+    pub progress: Option<Progress>,
 }
 
 /// One record of the audit trail.

@@ -170,6 +170,17 @@ CREATE TABLE leases (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+CREATE TABLE trust_roots (
+    version BIGINT PRIMARY KEY,
+    body TEXT NOT NULL,
+    published_at BIGINT NOT NULL
+);
+ALTER TABLE devices ADD COLUMN progress TEXT;
+"#,
+    ),
 ];
 
 /// Why the database could not be opened.
@@ -261,6 +272,12 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<(), sqlx::Error> {
+        // A repeated version would be skipped as already applied.
+        if MIGRATIONS.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(sqlx::Error::Protocol(
+                "the migration versions must rise one by one".into(),
+            ));
+        }
         let mut tx = self.pool.begin().await?;
         if self.dialect == Dialect::Postgres {
             // One migrating process at a time.

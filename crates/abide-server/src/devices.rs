@@ -243,6 +243,7 @@ struct Seen {
     good: Option<String>,
     state: String,
     health: Option<String>,
+    progress: Option<abide_proto::Progress>,
 }
 
 /// Check-ins waiting to be written, by device.
@@ -262,7 +263,7 @@ pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
     for (id, s) in &pending {
         sqlx::query(
             "UPDATE devices SET last_seen = $2, version = $3, booted = $4, good = $5, health = $6, \
-             state = CASE WHEN last_seq = 0 THEN $7 ELSE state END WHERE id = $1",
+             state = CASE WHEN last_seq = 0 THEN $7 ELSE state END, progress = $8 WHERE id = $1",
         )
         .bind(id)
         .bind(s.at)
@@ -271,6 +272,11 @@ pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
         .bind(&s.good)
         .bind(&s.health)
         .bind(&s.state)
+        .bind(
+            s.progress
+                .as_ref()
+                .map(|p| serde_json::to_string(p).expect("plain data")),
+        )
         .execute(&mut *tx)
         .await?;
     }
@@ -300,6 +306,13 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
             "version {:?}: not a version",
             req.version
         )));
+    }
+    if let Some(p) = &req.progress
+        && (!valid_label(&p.release_id, 64) || p.bytes > p.total)
+    {
+        return Err(ApiError::bad_request(
+            "progress: expected a release id and bytes no more than total",
+        ));
     }
     if !DEVICE_STATES.contains(&req.state.as_str()) {
         return Err(ApiError::bad_request(format!(
@@ -343,6 +356,7 @@ pub async fn checkin(
             good: req.good.clone(),
             state: req.state.clone(),
             health: req.health.clone(),
+            progress: req.progress.clone(),
         },
     );
     server
@@ -351,6 +365,10 @@ pub async fn checkin(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let release = crate::rollouts::assignment(&server, &id, &req.version, now).await?;
     let window = crate::groups::window_of_device(&server, &id).await?;
+    let trust = match req.trust_version {
+        Some(v) => crate::trust::after(&server, v).await?,
+        None => Vec::new(),
+    };
     let assignment = Assignment {
         device_id: id,
         nonce: req.nonce,
@@ -358,6 +376,7 @@ pub async fn checkin(
         expires_at: rfc3339(now + server.config.assignment_ttl * 1000),
         release,
         window,
+        trust,
     };
     Ok(Json(sign(&server, &assignment)))
 }
@@ -540,6 +559,7 @@ type DeviceRow = (
     Option<String>,
     Option<String>,
     Option<i64>,
+    Option<String>,
 );
 
 /// `GET /api/v1/devices?group=G&state=S` (admin).
@@ -551,31 +571,41 @@ pub async fn list(
     crate::auth::admin(&server, &headers)?;
     flush_last_seen(&server).await?;
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen FROM devices \
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress FROM devices \
          WHERE ($1 = '' OR grp = $1) AND ($2 = '' OR state = $2) ORDER BY id",
     )
     .bind(filter.group.unwrap_or_default())
     .bind(filter.state.unwrap_or_default())
     .fetch_all(&server.db.pool)
     .await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(
-                |(id, group, tags, product, version, state, reason, booted, health, last_seen)| {
-                    abide_proto::Device {
-                        id,
-                        group,
-                        tags: serde_json::from_str(&tags).unwrap_or_default(),
-                        product,
-                        version,
-                        state,
-                        reason,
-                        booted,
-                        health,
-                        last_seen: last_seen.map(rfc3339),
-                    }
-                },
-            )
-            .collect(),
-    ))
+    let corrupt = |id: &str, column: &str, e: serde_json::Error| {
+        ApiError::internal(
+            "reading the devices",
+            format!("device {id}: column {column} does not decode: {e}"),
+        )
+    };
+    let mut devices = Vec::with_capacity(rows.len());
+    for (id, group, tags, product, version, state, reason, booted, health, last_seen, progress) in
+        rows
+    {
+        let tags = serde_json::from_str(&tags).map_err(|e| corrupt(&id, "tags", e))?;
+        let progress = progress
+            .map(|p| serde_json::from_str(&p))
+            .transpose()
+            .map_err(|e| corrupt(&id, "progress", e))?;
+        devices.push(abide_proto::Device {
+            id,
+            group,
+            tags,
+            product,
+            version,
+            state,
+            reason,
+            booted,
+            health,
+            last_seen: last_seen.map(rfc3339),
+            progress,
+        });
+    }
+    Ok(Json(devices))
 }

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod releases;
 pub mod rollouts;
 pub mod tls;
+pub mod trust;
 pub mod web;
 
 use std::path::{Path, PathBuf};
@@ -345,6 +346,10 @@ pub fn app(server: Server) -> Router {
             post(groups::acquire)
                 .delete(groups::release)
                 .layer(json_limit),
+        )
+        .route(
+            "/api/v1/trust",
+            post(trust::publish).layer(json_limit).get(trust::show),
         )
         .route("/api/v1/audit", get(audit::list))
         .route("/api/v1/audit/verify", get(audit::verify))

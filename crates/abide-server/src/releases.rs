@@ -131,8 +131,8 @@ pub async fn upload(
     drop(file);
     let sha256 = abide_bundle::digest::encode_hex(&hasher.finalize());
     let verify_path = tmp_path.clone();
+    let trust = crate::trust::current(&server).await?;
     let checked = {
-        let server = server.clone();
         tokio::task::spawn_blocking(
             move || -> Result<abide_bundle::Manifest, abide_bundle::Error> {
                 let file = std::fs::File::open(&verify_path).map_err(|source| {
@@ -142,7 +142,7 @@ pub async fn upload(
                     }
                 })?;
                 let policy = Policy {
-                    trust: &server.trust,
+                    trust: &trust,
                     now: jiff::Timestamp::now(),
                     expiration: ExpirationEnforcement::Safe,
                     compatible: None,

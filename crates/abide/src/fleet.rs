@@ -45,6 +45,10 @@ enum FleetCommand {
     /// Group settings: lease limits and the maintenance window.
     #[command(subcommand)]
     Group(GroupCommand),
+    /// The fleet's trust root: publish its successor, which devices take at their next
+    /// check-in.
+    #[command(subcommand)]
+    Trust(TrustCommand),
     /// The audit trail.
     Audit {
         /// Check the hash chain instead of listing it.
@@ -171,6 +175,18 @@ enum RolloutCommand {
         /// The rollout id.
         id: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TrustCommand {
+    /// Publish the next trust root (version N+1, signed by a threshold of version N's keys and
+    /// of its own, as `abide trust rotate` makes it).
+    Publish {
+        /// The trust root file.
+        file: PathBuf,
+    },
+    /// The current trust root: version, threshold and key ids.
+    Show,
 }
 
 #[derive(Subcommand)]
@@ -374,6 +390,26 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     r["version"].as_str().unwrap_or(""),
                     r["security_version"],
                     r["size"]
+                )
+            });
+        }
+        FleetCommand::Trust(TrustCommand::Publish { file }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = admin.post_raw("/api/v1/trust", bytes).await?;
+            out.print(&r, || {
+                format!(
+                    "trust root version {} published: threshold {} of {}",
+                    r["version"], r["threshold"], r["keys"]
+                )
+            });
+        }
+        FleetCommand::Trust(TrustCommand::Show) => {
+            let r = admin.get("/api/v1/trust").await?;
+            out.print(&r, || {
+                format!(
+                    "trust root version {}: threshold {} of {}",
+                    r["version"], r["threshold"], r["keys"]
                 )
             });
         }

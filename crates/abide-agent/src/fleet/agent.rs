@@ -206,6 +206,9 @@ impl Agent {
             }
             Err(e) => return Err(Wait::Failed(e.into())),
         };
+        if !assignment.trust.is_empty() {
+            self.rotate_trust(&mut device, &assignment.trust)?;
+        }
         let offer = offer_of(&assignment);
         let window = window_state(&device.config.windows, &assignment, Timestamp::now());
         let quarantined = offer
@@ -346,22 +349,27 @@ impl Agent {
             release.size,
             meter.clone(),
         );
-        // While the download runs, keep checking in: a withdrawn assignment stops it.
+        // While the download runs, keep checking in with its progress: a withdrawn assignment
+        // stops it.
         let watcher = {
             let (client, meter) = (client.clone(), meter.clone());
-            let (release_id, every) = (release.release_id.clone(), self.server.poll_interval);
-            let version = device.state()?.version.to_string();
+            let (release_id, total) = (release.release_id.clone(), release.size);
+            let every = self.server.poll_interval;
+            let mut inventory = inventory(device, &device.state()?)?;
+            inventory.state = "downloading".into();
+            let started = Instant::now();
             self.rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every.unsigned_abs()).await;
-                    let req = CheckinRequest {
-                        nonce: String::new(),
-                        version: version.clone(),
-                        booted: None,
-                        good: None,
-                        state: "downloading".into(),
-                        health: None,
-                    };
+                    let fetched = meter.fetched.load(Ordering::Relaxed);
+                    let mut req = inventory.clone();
+                    req.progress = Some(abide_proto::Progress {
+                        release_id: release_id.clone(),
+                        bytes: meter.consumed.load(Ordering::Relaxed),
+                        total,
+                        fetched,
+                        rate: (fetched as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64,
+                    });
                     if let Ok(a) = client.checkin(req, Timestamp::now()).await
                         && a.release
                             .as_ref()
@@ -424,6 +432,30 @@ impl Agent {
                 Err(e)
             }
         }
+    }
+
+    /// Takes the trust roots the server delivered; a refused one is audited and changes
+    /// nothing.
+    fn rotate_trust(&self, device: &mut Device, bodies: &[String]) -> Result<()> {
+        let now = Timestamp::now();
+        let rotation = crate::trust::accept(&device.config, bodies, now)?;
+        if rotation.from != rotation.to {
+            tracing::info!(from = rotation.from, to = rotation.to, "trust root rotated");
+            device.record(
+                now,
+                "trust-rotate",
+                json!({"from": rotation.from, "to": rotation.to}),
+            )?;
+        }
+        if let Some(e) = rotation.refused {
+            tracing::warn!(error = %e, "trust root refused");
+            device.record(
+                now,
+                "trust-refused",
+                json!({"code": e.code(), "reason": e.to_string(), "holding": rotation.to}),
+            )?;
+        }
+        Ok(())
     }
 
     /// Sends queued reports in order; stops at the first the server did not answer.
@@ -529,6 +561,8 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
         good: good.map(|g| g.to_string()),
         state: tx.map_or("idle", |t| t.state.name()).to_owned(),
         health: Some(health.to_owned()),
+        trust_version: Some(crate::trust::version(&device.config)?),
+        progress: None,
     })
 }
 

@@ -921,3 +921,146 @@ fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
         "the refused install left a trace: {log}"
     );
 }
+
+#[test]
+fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_the_new_keys() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = start_server(&data, free_port(), None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let dev = device(&dir, "gw-rot", &url, &dir.join("lab.token"));
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
+
+    // Version 2 drops key a and adds key c: signed by a (old) and c (new).
+    ok(
+        &dir,
+        "trust rotate --from trust.json --key b.pub --key c.pub --threshold 1 \
+         --sign a.key --sign c.key --out trust-v2.json",
+    );
+    // A root that skips a version, or is not signed by the current keys, is refused.
+    ok(
+        &dir,
+        "trust rotate --from trust-v2.json --key c.pub --threshold 1 --sign c.key --out trust-v3.json",
+    );
+    let skipped = json_args(
+        &dir,
+        &[
+            "fleet",
+            "--server",
+            &url,
+            "--token-file",
+            admin.to_str().unwrap(),
+            "trust",
+            "publish",
+            "trust-v3.json",
+        ],
+        3,
+    );
+    assert!(
+        skipped["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("trust-rotation"),
+        "{skipped}"
+    );
+    let published = fleet(&dir, &url, &admin, &["trust", "publish", "trust-v2.json"]);
+    assert_eq!(published["version"], 2);
+    assert_eq!(fleet(&dir, &url, &admin, &["trust", "show"])["version"], 2);
+
+    // The device takes it at its next check-in and records it.
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
+    let held = std::fs::read(dev.join("state/trust.json")).unwrap();
+    assert_eq!(held, std::fs::read(dir.join("trust-v2.json")).unwrap());
+    let log = std::fs::read_to_string(dev.join("state/audit.log")).unwrap();
+    assert!(
+        log.contains("trust-rotate") && log.contains("\"to\":2"),
+        "{log}"
+    );
+
+    let image = dir.join("image-r.img");
+    std::fs::write(&image, abide_testkit::image(IMAGE_LEN, 11)).unwrap();
+    let make = |version: &str, key: &str| {
+        ok(
+            &dir,
+            &format!(
+                "bundle create --product gw --version {version} --security-version 1 \
+                 --compatible gw-board --component rootfs={} --sign {key}.key --out by-{key}.abide",
+                image.display()
+            ),
+        );
+        dir.join(format!("by-{key}.abide"))
+    };
+    // Signed only by the removed key: the device and the server refuse it.
+    let by_a = make("2.0.0", "a");
+    let config = dev.join("system.toml");
+    let refused = json_args(
+        &dir,
+        &[
+            "install",
+            by_a.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        1,
+    );
+    assert_eq!(refused["error"]["code"], "untrusted-key", "{refused}");
+    let upload = json_args(
+        &dir,
+        &[
+            "fleet",
+            "--server",
+            &url,
+            "--token-file",
+            admin.to_str().unwrap(),
+            "release",
+            "upload",
+            by_a.to_str().unwrap(),
+        ],
+        3,
+    );
+    assert!(
+        upload["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("untrusted-key"),
+        "{upload}"
+    );
+    // Signed by the new key: it goes through the fleet and commits.
+    let by_c = make("2.1.0", "c");
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", by_c.to_str().unwrap()],
+    );
+    fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+    );
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["state"].as_str(), s["version"].as_str()),
+        (Some("committed"), Some("2.1.0")),
+        "{s}"
+    );
+}

@@ -132,6 +132,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     let server = ServerProcess(cmd.spawn()?);
     let pid = server.0.id().to_string();
     let base = format!("http://127.0.0.1:{port}");
+    abide_client::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;

@@ -40,6 +40,9 @@ struct RawServer {
     enroll_token_file: Option<PathBuf>,
     device_id: Option<String>,
     poll_interval: Option<String>,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -227,6 +230,11 @@ pub struct ServerSettings {
     pub device_id: String,
     /// Seconds between check-ins (jittered; the server may ask for another interval).
     pub poll_interval: SignedDuration,
+    /// The CA certificates (PEM) that vouch for an https:// server; the system's roots when
+    /// none is given.
+    pub ca_file: Option<PathBuf>,
+    /// The device's client certificate and its key (PEM), for servers that ask for one.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
 }
 
 /// A maintenance window of the device itself (`[[window]]`): activation and reboot only while
@@ -545,11 +553,31 @@ impl Config {
                 if poll_interval < SignedDuration::from_millis(100) {
                     return Err(err(path, "key `server.poll_interval`: at least 100ms"));
                 }
+                let client_identity = match (&sv.client_cert, &sv.client_key) {
+                    (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(err(
+                            path,
+                            "keys `server.client_cert` and `server.client_key`: give both or neither",
+                        ));
+                    }
+                };
+                if (sv.ca_file.is_some() || client_identity.is_some())
+                    && !sv.url.starts_with("https://")
+                {
+                    return Err(err(
+                        path,
+                        "key `server.url`: ca_file and a client certificate need an https:// URL",
+                    ));
+                }
                 Some(ServerSettings {
                     url: sv.url.trim_end_matches('/').to_owned(),
                     enroll_token_file: sv.enroll_token_file.as_deref().map(resolve),
                     device_id,
                     poll_interval,
+                    ca_file: sv.ca_file.as_deref().map(resolve),
+                    client_identity,
                 })
             }
         };

@@ -6,6 +6,7 @@
 //! key pinned at enrolment), its own id, the nonce it just sent, and the expiry.
 
 pub mod simulate;
+pub mod tls;
 
 use abide_bundle::PublicKey;
 use abide_proto::{Assignment, EnrollResponse, SignedAssignment};
@@ -36,6 +37,9 @@ pub enum ClientError {
         /// Its message.
         message: String,
     },
+    /// The TLS set-up (CA file, client certificate or key) is unusable.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A check-in answer that must not be acted on.
     #[error("check-in answer refused: {0}")]
     BadAssignment(String),
@@ -110,8 +114,14 @@ pub struct Admin {
 impl Admin {
     /// A client for the server at `base` (`http://host:port`) with the admin token.
     pub fn new(base: &str, token: &str) -> Admin {
+        tls::install_crypto_provider();
+        Admin::with_client(reqwest::Client::new(), base, token)
+    }
+
+    /// [`Admin::new`] over a client of the caller's (for HTTPS: [`tls::http_client`]).
+    pub fn with_client(http: reqwest::Client, base: &str, token: &str) -> Admin {
         Admin {
-            http: reqwest::Client::new(),
+            http,
             base: base.trim_end_matches('/').to_owned(),
             token: token.trim().to_owned(),
         }

@@ -256,6 +256,7 @@ impl Sim {
 /// Runs the simulation until `duration` has passed (or every device reached
 /// `stop_at_version`).
 pub async fn run(opts: Options) -> Result<Summary, ClientError> {
+    crate::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()

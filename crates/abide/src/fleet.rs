@@ -18,6 +18,10 @@ pub struct FleetArgs {
     /// A file holding the admin token (the server writes DATA/admin.token).
     #[arg(long, global = true)]
     token_file: Option<PathBuf>,
+    /// For an https:// server: the CA certificate (PEM) that vouches for it (default: the
+    /// system's roots).
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
     #[command(subcommand)]
     command: FleetCommand,
 }
@@ -375,7 +379,8 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
         .context("admin commands need --token-file (the server writes DATA/admin.token)")?;
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading {}", token_file.display()))?;
-    let admin = abide_client::Admin::new(&args.server, &token);
+    let http = abide_client::tls::http_client(&args.server, args.ca_file.as_deref(), None)?;
+    let admin = abide_client::Admin::with_client(http, &args.server, &token);
     match args.command {
         FleetCommand::Simulate { .. } => unreachable!("handled above"),
         FleetCommand::Release(ReleaseCommand::Upload { file }) => {

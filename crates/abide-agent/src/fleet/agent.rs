@@ -66,16 +66,14 @@ impl Agent {
                 path: config_path.to_owned(),
                 source,
             })?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|e| {
-                AgentError::Server(ClientError::Http {
-                    what: "building the HTTP client".into(),
-                    detail: e.to_string(),
-                })
-            })?;
+        let http = abide_client::tls::http_client(
+            &server.url,
+            server.ca_file.as_deref(),
+            server
+                .client_identity
+                .as_ref()
+                .map(|(c, k)| (c.as_path(), k.as_path())),
+        )?;
         Ok(Agent {
             config_path: config_path.to_owned(),
             server,

@@ -1064,3 +1064,121 @@ fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_
         "{s}"
     );
 }
+
+/// A CA and certificates it signs, written as PEM files into `dir`: `NAME.pem`, `NAME.key`.
+struct TestCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    fn new(dir: &Path, name: &str) -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        TestCa {
+            issuer: Issuer::new(params, key),
+        }
+    }
+
+    fn issue(&self, dir: &Path, name: &str, cn: &str, san: &[&str]) {
+        use rcgen::{CertificateParams, DnType, KeyPair};
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(san.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn over_https_with_a_device_certificate_the_agent_enrols_checks_in_and_updates() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let ca = TestCa::new(&dir, "fleet-ca");
+    ca.issue(&dir, "server", "abide server", &["127.0.0.1"]);
+    ca.issue(&dir, "gw-tls", "gw-tls", &[]);
+    ca.issue(&dir, "other", "someone-else", &[]);
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["server", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--tls-cert", "server.pem", "--tls-key", "server.key"])
+        .args(["--device-ca", "fleet-ca.pem", "--require-device-cert"])
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("https://127.0.0.1:{port}");
+    let admin = data.join("admin.token");
+    let admin_cmd = |args: &[&str], exit: i32| {
+        let mut all = vec![
+            "fleet",
+            "--server",
+            &url,
+            "--ca-file",
+            "fleet-ca.pem",
+            "--token-file",
+        ];
+        all.push(admin.to_str().unwrap());
+        all.extend_from_slice(args);
+        json_args(&dir, &all, exit)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(admin.exists() && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()) {
+        assert!(Instant::now() < deadline, "the server did not come up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let enroll = admin_cmd(&["enroll-token", "create", "--group", "lab"], 0);
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let bundle = release_bundle(&dir, "2.0.0", 3);
+    let release = admin_cmd(&["release", "upload", bundle.to_str().unwrap()], 0);
+
+    let dev = device(&dir, "gw-tls", &url, &dir.join("lab.token"));
+    let config = dev.join("system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let with_cert = |name: &str| {
+        format!(
+            "{text}ca_file = \"../fleet-ca.pem\"\nclient_cert = \"../{name}.pem\"\nclient_key = \"../{name}.key\"\n"
+        )
+    };
+    // Another device's certificate: the server refuses, nothing is enrolled.
+    std::fs::write(&config, with_cert("other")).unwrap();
+    agent_once(&dir, &dev, 3);
+    assert!(!dev.join("state/fleet.json").exists());
+    // Its own: enrolled, and the update goes through over HTTPS.
+    std::fs::write(&config, with_cert("gw-tls")).unwrap();
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
+    admin_cmd(
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+        ],
+        0,
+    );
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
+    let listed = admin_cmd(&["devices"], 0);
+    assert_eq!(
+        (listed[0]["state"].as_str(), listed[0]["version"].as_str()),
+        (Some("committed"), Some("2.0.0")),
+        "{listed}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

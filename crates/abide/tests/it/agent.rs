@@ -361,17 +361,18 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
         serde_json::from_slice(&std::fs::read(dev.join("boot.json")).unwrap()).unwrap();
     assert_eq!(boot["bootable"]["B"], false, "{boot}");
     // The window opens: it activates, reboots and commits.
-    std::fs::write(&config, format!("{text}{}", window_from_now(-60, 60))).unwrap();
+    // Replaced atomically, as an editor would, so the agent never reads half a file.
+    let next = dev.join("system.toml.new");
+    std::fs::write(&next, format!("{text}{}", window_from_now(-60, 60))).unwrap();
+    std::fs::rename(&next, &config).unwrap();
     wait("the device to commit", 60, &devices, || {
         status(&dir, &dev)["state"] == "committed"
     });
-    let st = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["rollout", "status", ro["id"].as_str().unwrap()],
-    );
-    assert_eq!(st["committed"], 1, "{st}");
+    // Its report follows.
+    let ro_id = ro["id"].as_str().unwrap().to_owned();
+    wait("the server to count the commit", 30, &devices, || {
+        fleet(&dir, &url, &admin, &["rollout", "status", &ro_id])["committed"] == 1
+    });
 }
 
 /// `abide agent --once --config DEVICE/system.toml --json`, expecting exit code `exit`.

@@ -186,6 +186,9 @@ pub struct Assignment {
     /// JSON texts; the device checks each against the one before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust: Vec<String>,
+    /// The check-in interval the server asks for, in seconds; it wins over the device's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub poll_seconds: Option<u64>,
 }
 
 /// The release an assignment points at.

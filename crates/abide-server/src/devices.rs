@@ -377,6 +377,7 @@ pub async fn checkin(
         release,
         window,
         trust,
+        poll_seconds: server.config.device_poll,
     };
     Ok(Json(sign(&server, &assignment)))
 }

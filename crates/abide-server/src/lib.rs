@@ -47,6 +47,8 @@ pub struct Config {
     pub assignment_ttl: i64,
     /// HTTPS (and device certificates), if configured.
     pub tls: Option<tls::TlsConfig>,
+    /// The check-in interval devices are told to keep, in seconds (their own when `None`).
+    pub device_poll: Option<u64>,
 }
 
 impl Config {
@@ -60,6 +62,7 @@ impl Config {
             max_bundle: 16 << 30,
             assignment_ttl: 600,
             tls: None,
+            device_poll: None,
         }
     }
 }

@@ -36,6 +36,9 @@ pub struct ServerArgs {
     /// Refuse device requests that come without a device certificate.
     #[arg(long, requires = "device_ca")]
     require_device_cert: bool,
+    /// Tell devices to check in at this interval (as 30s or 5m), whatever their own setting.
+    #[arg(long)]
+    device_poll: Option<String>,
 }
 
 /// Runs the server until it is stopped.
@@ -48,6 +51,16 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
     runtime.block_on(async move {
         let mut config = abide_server::Config::new(&args.data);
         config.db = args.db;
+        config.device_poll = args
+            .device_poll
+            .as_deref()
+            .map(|t| {
+                abide_core::rollout::parse_duration(t)
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .with_context(|| format!("--device-poll {t:?}: expected 1s to 24h"))
+            })
+            .transpose()?;
         config.trust = args.trust;
         config.tls = match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(abide_server::tls::TlsConfig {

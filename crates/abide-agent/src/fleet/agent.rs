@@ -47,6 +47,8 @@ pub struct Agent {
     http: reqwest::Client,
     client: Option<Client>,
     failures: u32,
+    /// The interval the server asked for at the last check-in.
+    suggested: Option<Duration>,
 }
 
 impl Agent {
@@ -81,6 +83,7 @@ impl Agent {
             http,
             client: None,
             failures: 0,
+            suggested: None,
         })
     }
 
@@ -111,10 +114,13 @@ impl Agent {
         }
     }
 
-    /// The pause before the next round: the poll interval with ±20 % jitter, doubled for
-    /// each failed round in a row, at most 16 times the interval.
+    /// The pause before the next round: the poll interval (the server's, if it asked for
+    /// one) with ±20 % jitter, doubled for each failed round in a row, at most 16 times the
+    /// interval.
     fn pause(&self) -> Duration {
-        let base = self.server.poll_interval.as_secs_f64();
+        let base = self
+            .suggested
+            .map_or(self.server.poll_interval.as_secs_f64(), |d| d.as_secs_f64());
         let mut r = [0u8; 2];
         getrandom::fill(&mut r).expect("the system's random source works");
         let jitter = 0.8 + 0.4 * f64::from(u16::from_le_bytes(r)) / 65535.0;
@@ -204,6 +210,7 @@ impl Agent {
             }
             Err(e) => return Err(Wait::Failed(e.into())),
         };
+        self.suggested = assignment.poll_seconds.map(Duration::from_secs);
         if !assignment.trust.is_empty() {
             self.rotate_trust(&mut device, &assignment.trust)?;
         }

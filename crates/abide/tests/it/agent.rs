@@ -1183,3 +1183,40 @@ fn over_https_with_a_device_certificate_the_agent_enrols_checks_in_and_updates()
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `abide_checkins_total` from the server's /metrics.
+fn checkins(url: &str) -> u64 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("abide_checkins_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the metric is there")
+}
+
+#[test]
+fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server =
+        crate::fleet::start_server_with(&data, free_port(), None, &["--device-poll", "3s"]);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    // The device's own interval is 200ms: 20 check-ins in 4 seconds; the server's, 3s: 2 or 3.
+    let dev = device(&dir, "gw-poll", &url, &dir.join("lab.token"));
+    let before = checkins(&url);
+    let running = sim_run(&dir, &dev);
+    std::thread::sleep(Duration::from_secs(4));
+    drop(running);
+    let n = checkins(&url) - before;
+    assert!((1..=3).contains(&n), "{n} check-ins in 4 seconds");
+}

@@ -50,10 +50,21 @@ fn healthy(port: u16) -> bool {
 }
 
 pub(crate) fn start_server(data: &Path, port: u16, db: Option<&str>) -> ServerProcess {
+    start_server_with(data, port, db, &[])
+}
+
+/// [`start_server`] with more arguments.
+pub(crate) fn start_server_with(
+    data: &Path,
+    port: u16,
+    db: Option<&str>,
+    extra: &[&str],
+) -> ServerProcess {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_abide"));
     cmd.args(["server", "--data"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());

@@ -1,14 +1,20 @@
-//! The fleet simulator: many virtual devices in one process that enrol, check in, verify
-//! their signed assignments, take reboot leases, and report the whole lifecycle of an update
-//! (downloading, staged, rebooting, trial, then committed, or rolled back with probability
-//! `fail_rate`). It needs no slots: the bundle is probed with a range request, not installed.
-//! It is both the load generator of the benchmarks and the driver of the rollout tests; its
-//! ledger of reports is what tests compare with the server's database.
+//! The fleet simulator, a load generator with synthetic outcomes: many virtual devices in one
+//! process that enrol, check in, verify their signed assignments, take reboot leases, and
+//! report the whole lifecycle of an update. Each drives the same decision
+//! (`abide_core::fleet::decide`) and transaction engine as a real device, but installs nothing:
+//! the bundle is probed with one range request, and a trial commits or rolls back by a random
+//! draw (`fail_rate`). Real devices, simulated or not, are `abide sim run`. Its ledger of
+//! reports is what tests compare with the server's database.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use abide_core::fleet::{self, Lease, Offer, OfferKind, Step, View, WindowState};
+use abide_core::{
+    Action, BootPolicy, BootReport, FailReason, Group, Quarantine, RollbackReason, Transaction,
+    TxState, Verdict,
+};
 use abide_proto::ReportRequest;
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -121,31 +127,24 @@ impl Rng {
 
 struct Sim {
     device: Device,
-    version: String,
+    /// The committed version.
+    version: semver::Version,
+    /// The current or last transaction, driven through the engine's own transitions.
+    tx: Option<Transaction>,
+    quarantine: Quarantine,
+    /// The known-good group, A or B.
+    good: Group,
+    lease: bool,
+    /// The release and rollout the transaction is for.
+    assigned: Option<(String, String)>,
+    /// The last (transaction, status) reported.
+    reported: Option<(String, &'static str)>,
     seq: u64,
-    state: &'static str,
     rng: Rng,
-    refused: Vec<String>,
 }
 
 impl Sim {
-    async fn report(
-        &mut self,
-        tally: &Tally,
-        status: &str,
-        a: &abide_proto::AssignedRelease,
-        reason: Option<&str>,
-        seconds: Option<f64>,
-    ) -> Result<(), ClientError> {
-        self.seq += 1;
-        let r = ReportRequest {
-            seq: self.seq,
-            status: status.into(),
-            release_id: Some(a.release_id.clone()),
-            rollout_id: Some(a.rollout_id.clone()),
-            reason: reason.map(str::to_owned),
-            seconds,
-        };
+    async fn send(&mut self, tally: &Tally, r: ReportRequest) -> Result<(), ClientError> {
         // A report the server did not acknowledge is sent again with the same sequence
         // number (the server records it once), so none is lost when the server restarts.
         let mut attempt = 0;
@@ -162,25 +161,53 @@ impl Sim {
         tally.reports.fetch_add(1, Ordering::Relaxed);
         tally.ledger.lock().await.push(Entry {
             device: self.device.id.clone(),
-            seq: self.seq,
-            status: status.into(),
-            release: Some(a.release_id.clone()),
+            seq: r.seq,
+            status: r.status.clone(),
+            release: r.release_id.clone(),
             outcome: if recorded { "recorded" } else { "duplicate" }.into(),
         });
         Ok(())
     }
 
-    /// One poll: check in, and if there is something to do, do all of it.
+    /// Reports what the transaction's state makes, if it changed since the last report.
+    async fn report(&mut self, tally: &Tally, seconds: Option<f64>) -> Result<(), ClientError> {
+        let (Some(tx), Some((release, rollout))) = (&self.tx, &self.assigned) else {
+            return Ok(());
+        };
+        let (status, reason) = fleet::status(&tx.state);
+        let key = (tx.id.clone(), status.as_str());
+        if self.reported.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        self.seq += 1;
+        let r = ReportRequest {
+            seq: self.seq,
+            status: status.as_str().into(),
+            release_id: Some(release.clone()),
+            rollout_id: Some(rollout.clone()),
+            reason,
+            seconds,
+        };
+        self.reported = Some(key);
+        self.send(tally, r).await
+    }
+
+    fn target(&self) -> Group {
+        Group::new(if self.good.as_str() == "A" { "B" } else { "A" }).expect("valid")
+    }
+
+    /// One poll: check in, then carry out what `abide_core::fleet::decide` says, step by
+    /// step, until it says to wait. The outcome of a trial is drawn at random (`fail_rate`).
     async fn step(&mut self, tally: &Tally, fail_rate: f64) -> Result<(), ClientError> {
         let a = self
             .device
             .checkin(
                 abide_proto::CheckinRequest {
                     nonce: String::new(),
-                    version: self.version.clone(),
-                    booted: None,
-                    good: None,
-                    state: self.state.into(),
+                    version: self.version.to_string(),
+                    booted: Some(self.good.to_string()),
+                    good: Some(self.good.to_string()),
+                    state: self.tx.as_ref().map_or("idle", |t| t.state.name()).into(),
                     health: Some("healthy".into()),
                     trust_version: None,
                     progress: None,
@@ -189,67 +216,142 @@ impl Sim {
             )
             .await?;
         tally.checkins.fetch_add(1, Ordering::Relaxed);
-        let Some(r) = a.release else { return Ok(()) };
-        if r.action == "rollback" {
-            if self.state == "trial" {
-                self.report(tally, "rolled_back", &r, Some("fleet-wide rollback"), None)
-                    .await?;
-                self.state = "rolled_back";
-            }
-            return Ok(());
-        }
-        if r.version == self.version || self.refused.contains(&r.release_id) {
-            return Ok(());
-        }
+        let offer = a.release.as_ref().and_then(|r| {
+            Some(Offer {
+                release_id: r.release_id.clone(),
+                rollout_id: r.rollout_id.clone(),
+                version: r.version.parse().ok()?,
+                kind: if r.action == "rollback" {
+                    OfferKind::RollBack
+                } else {
+                    OfferKind::Install
+                },
+            })
+        });
         let started = Instant::now();
-        self.report(tally, "downloading", &r, None, None).await?;
-        self.device.fetch(&r.url, 0, r.size.min(64)).await?;
-        self.report(
-            tally,
-            "staged",
-            &r,
-            None,
-            Some(started.elapsed().as_secs_f64()),
-        )
-        .await?;
-        if !self.device.lease().await? {
-            tally.lease_refusals.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
+        for _ in 0..16 {
+            let now = jiff::Timestamp::now();
+            let step = fleet::decide(&View {
+                offer: offer.as_ref(),
+                running: &self.version,
+                quarantined: offer
+                    .as_ref()
+                    .is_some_and(|o| self.quarantine.get(&o.version).is_some()),
+                transaction: self.tx.as_ref(),
+                window: WindowState::Open,
+                lease: if self.lease { Lease::Held } else { Lease::None },
+            });
+            let engine = |e: abide_core::Error| ClientError::BadAssignment(e.to_string());
+            match step {
+                Step::Idle | Step::WaitForWindow => break,
+                Step::Stage => {
+                    let (o, r) = (offer.as_ref().expect("an offer"), a.release.as_ref().expect("a release"));
+                    self.assigned = Some((o.release_id.clone(), o.rollout_id.clone()));
+                    let id = format!("tx-sim-{}-{}", self.seq, o.version);
+                    let (tx, _) = Transaction::begin(&id, o.version.clone(), r.security_version, self.good.clone(), self.target(), now)
+                        .map_err(engine)?;
+                    self.tx = Some(tx);
+                    self.report(tally, None).await?;
+                    // The download is simulated: one range request proves it is served.
+                    self.device.fetch(&r.url, 0, r.size.min(64)).await?;
+                    let tx = self.tx.as_mut().expect("begun");
+                    tx.staged(now).map_err(engine)?;
+                    self.report(tally, Some(started.elapsed().as_secs_f64())).await?;
+                }
+                Step::Abandon | Step::Cancel => {
+                    let tx = self.tx.as_mut().expect("a transaction");
+                    let reason = if step == Step::Cancel { FailReason::Cancelled } else { FailReason::Interrupted };
+                    tx.fail(now, reason).map_err(engine)?;
+                    self.report(tally, None).await?;
+                }
+                Step::AskLease => {
+                    if !self.device.lease().await? {
+                        tally.lease_refusals.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                    self.lease = true;
+                }
+                Step::Activate => {
+                    let policy = BootPolicy::default();
+                    let tx = self.tx.as_mut().expect("staged");
+                    tx.activate(now, policy).map_err(engine)?;
+                    self.report(tally, Some(0.0)).await?;
+                    // The simulated reboot: the target boots and the gate decides.
+                    let tx = self.tx.as_mut().expect("activated");
+                    let booted = BootReport { booted: tx.target.clone(), target_bootable: true };
+                    tx.booted(now, &booted, policy).map_err(engine)?;
+                    self.report(tally, None).await?;
+                    let verdict = if self.rng.next() < fail_rate {
+                        Verdict::RollBack(RollbackReason::HealthCheck {
+                            check: "simulated".into(),
+                            detail: "synthetic failure drawn by the simulator".into(),
+                        })
+                    } else {
+                        Verdict::Commit
+                    };
+                    self.finish_trial(tally, verdict, started).await?;
+                }
+                Step::RollBack => {
+                    let tx = self.tx.as_mut().expect("on trial");
+                    let actions = tx.rollback(now, "fleet-wide rollback").map_err(engine)?;
+                    self.apply(&actions, now);
+                    tally.rolled_back.fetch_add(1, Ordering::Relaxed);
+                    self.report(tally, None).await?;
+                }
+                Step::ReleaseLease => {
+                    self.device.release_lease().await?;
+                    self.lease = false;
+                }
+            }
         }
-        self.report(tally, "rebooting", &r, None, Some(0.0)).await?;
-        self.report(tally, "trial", &r, None, None).await?;
-        if self.rng.next() < fail_rate {
-            self.report(
-                tally,
-                "rolled_back",
-                &r,
-                Some("simulated: health check failed in the trial"),
-                None,
-            )
-            .await?;
-            self.refused.push(r.release_id.clone());
-            self.state = "rolled_back";
-            tally.rolled_back.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.report(
-                tally,
-                "committed",
-                &r,
-                None,
-                Some(started.elapsed().as_secs_f64()),
-            )
-            .await?;
-            self.version = r.version.clone();
-            self.state = "committed";
+        Ok(())
+    }
+
+    async fn finish_trial(
+        &mut self,
+        tally: &Tally,
+        verdict: Verdict,
+        started: Instant,
+    ) -> Result<(), ClientError> {
+        let now = jiff::Timestamp::now();
+        let tx = self.tx.as_mut().expect("on trial");
+        let actions = tx
+            .health(now, verdict)
+            .map_err(|e| ClientError::BadAssignment(e.to_string()))?;
+        self.apply(&actions, now);
+        let committed = matches!(self.tx.as_ref().map(|t| &t.state), Some(TxState::Committed { .. }));
+        if committed {
             tally.committed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            tally.rolled_back.fetch_add(1, Ordering::Relaxed);
         }
-        self.device.release_lease().await
+        self.report(tally, committed.then(|| started.elapsed().as_secs_f64())).await
+    }
+
+    /// The engine's actions on the simulated device: a commit moves the good group and the
+    /// version, a rollback quarantines.
+    fn apply(&mut self, actions: &[Action], now: jiff::Timestamp) {
+        for a in actions {
+            match a {
+                Action::MarkGood { group } => {
+                    self.good = group.clone();
+                    if let Some(tx) = &self.tx {
+                        self.version = tx.version.clone();
+                    }
+                }
+                Action::Quarantine { version, reason } => self.quarantine.add(version, reason, now),
+                _ => {}
+            }
+        }
     }
 
     fn done(&self, target: &Option<String>) -> bool {
-        target
-            .as_ref()
-            .is_some_and(|v| &self.version == v || self.state == "rolled_back")
+        target.as_ref().is_some_and(|v| {
+            self.version.to_string() == *v
+                || self.tx.as_ref().is_some_and(|t| {
+                    t.version.to_string() == *v && matches!(t.state, TxState::RolledBack { .. })
+                })
+        })
     }
 }
 
@@ -288,11 +390,17 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
             getrandom::fill(&mut seed).expect("the system's random source works");
             sims.push(Sim {
                 device,
-                version: opts.version.clone(),
+                version: opts.version.parse().map_err(|e| {
+                    ClientError::BadAssignment(format!("--version {}: {e}", opts.version))
+                })?,
+                tx: None,
+                quarantine: Quarantine::default(),
+                good: Group::new("A").expect("valid"),
+                lease: false,
+                assigned: None,
+                reported: None,
                 seq: 0,
-                state: "idle",
                 rng: Rng(u64::from_le_bytes(seed)),
-                refused: Vec::new(),
             });
         }
     }

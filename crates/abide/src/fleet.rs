@@ -59,7 +59,12 @@ enum FleetCommand {
         #[arg(long)]
         verify: bool,
     },
-    /// Run simulated devices against the server.
+    /// A load generator: many simulated devices in one process whose outcomes are synthetic.
+    ///
+    /// They enrol, check in, verify assignments, take leases and report through the same
+    /// decisions and transaction engine as real devices, but install nothing: a trial commits
+    /// or rolls back by a random draw (--fail-rate). For devices that really install, boot and
+    /// run their health gate, use `abide sim init --server` and `abide sim run`.
     Simulate {
         /// The enrolment token they use.
         #[arg(long)]
@@ -356,10 +361,13 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 .with_context(|| format!("writing {}", path.display()))?;
         }
         let mut value = serde_json::to_value(&summary)?;
-        value.as_object_mut().map(|m| m.remove("ledger"));
+        if let Some(m) = value.as_object_mut() {
+            m.remove("ledger");
+            m.insert("synthetic".into(), json!(true));
+        }
         out.print(&value, || {
             format!(
-                "{} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
+                "synthetic outcomes (nothing installed): {} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
                 summary.enrolled,
                 summary.seconds,
                 summary.checkins,

@@ -221,10 +221,10 @@ impl Sim {
                 release_id: r.release_id.clone(),
                 rollout_id: r.rollout_id.clone(),
                 version: r.version.parse().ok()?,
-                kind: if r.action == "rollback" {
-                    OfferKind::RollBack
-                } else {
-                    OfferKind::Install
+                kind: match r.action.as_str() {
+                    "rollback" => OfferKind::RollBack,
+                    "stage" => OfferKind::Stage,
+                    _ => OfferKind::Install,
                 },
             })
         });
@@ -245,22 +245,37 @@ impl Sim {
             match step {
                 Step::Idle | Step::WaitForWindow => break,
                 Step::Stage => {
-                    let (o, r) = (offer.as_ref().expect("an offer"), a.release.as_ref().expect("a release"));
+                    let (o, r) = (
+                        offer.as_ref().expect("an offer"),
+                        a.release.as_ref().expect("a release"),
+                    );
                     self.assigned = Some((o.release_id.clone(), o.rollout_id.clone()));
                     let id = format!("tx-sim-{}-{}", self.seq, o.version);
-                    let (tx, _) = Transaction::begin(&id, o.version.clone(), r.security_version, self.good.clone(), self.target(), now)
-                        .map_err(engine)?;
+                    let (tx, _) = Transaction::begin(
+                        &id,
+                        o.version.clone(),
+                        r.security_version,
+                        self.good.clone(),
+                        self.target(),
+                        now,
+                    )
+                    .map_err(engine)?;
                     self.tx = Some(tx);
                     self.report(tally, None).await?;
                     // The download is simulated: one range request proves it is served.
                     self.device.fetch(&r.url, 0, r.size.min(64)).await?;
                     let tx = self.tx.as_mut().expect("begun");
                     tx.staged(now).map_err(engine)?;
-                    self.report(tally, Some(started.elapsed().as_secs_f64())).await?;
+                    self.report(tally, Some(started.elapsed().as_secs_f64()))
+                        .await?;
                 }
                 Step::Abandon | Step::Cancel => {
                     let tx = self.tx.as_mut().expect("a transaction");
-                    let reason = if step == Step::Cancel { FailReason::Cancelled } else { FailReason::Interrupted };
+                    let reason = if step == Step::Cancel {
+                        FailReason::Cancelled
+                    } else {
+                        FailReason::Interrupted
+                    };
                     tx.fail(now, reason).map_err(engine)?;
                     self.report(tally, None).await?;
                 }
@@ -278,7 +293,10 @@ impl Sim {
                     self.report(tally, Some(0.0)).await?;
                     // The simulated reboot: the target boots and the gate decides.
                     let tx = self.tx.as_mut().expect("activated");
-                    let booted = BootReport { booted: tx.target.clone(), target_bootable: true };
+                    let booted = BootReport {
+                        booted: tx.target.clone(),
+                        target_bootable: true,
+                    };
                     tx.booted(now, &booted, policy).map_err(engine)?;
                     self.report(tally, None).await?;
                     let verdict = if self.rng.next() < fail_rate {
@@ -319,13 +337,17 @@ impl Sim {
             .health(now, verdict)
             .map_err(|e| ClientError::BadAssignment(e.to_string()))?;
         self.apply(&actions, now);
-        let committed = matches!(self.tx.as_ref().map(|t| &t.state), Some(TxState::Committed { .. }));
+        let committed = matches!(
+            self.tx.as_ref().map(|t| &t.state),
+            Some(TxState::Committed { .. })
+        );
         if committed {
             tally.committed.fetch_add(1, Ordering::Relaxed);
         } else {
             tally.rolled_back.fetch_add(1, Ordering::Relaxed);
         }
-        self.report(tally, committed.then(|| started.elapsed().as_secs_f64())).await
+        self.report(tally, committed.then(|| started.elapsed().as_secs_f64()))
+            .await
     }
 
     /// The engine's actions on the simulated device: a commit moves the good group and the

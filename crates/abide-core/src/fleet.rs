@@ -30,6 +30,8 @@ pub struct Offer {
 pub enum OfferKind {
     /// Download, stage, and activate in the window.
     Install,
+    /// Download and stage only (a rollout that stages the fleet before it activates anyone).
+    Stage,
     /// Roll a trial of this release back (the fleet rolls it back).
     RollBack,
 }
@@ -117,13 +119,16 @@ pub fn decide(v: &View<'_>) -> Step {
         return Step::Abandon;
     }
     let staged = tx.filter(|t| matches!(t.state, TxState::Staged));
-    let Some(offer) = v.offer.filter(|o| o.kind == OfferKind::Install) else {
+    let Some(offer) = v.offer.filter(|o| o.kind != OfferKind::RollBack) else {
         // Without an assignment a staged release waits: a paused rollout may resume.
         return Step::Idle;
     };
     if let Some(t) = staged {
         if t.version != offer.version {
             return Step::Cancel;
+        }
+        if offer.kind == OfferKind::Stage {
+            return Step::Idle;
         }
         return match (v.window, v.lease) {
             (WindowState::Closed, _) => Step::WaitForWindow,

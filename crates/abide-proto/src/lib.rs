@@ -209,7 +209,9 @@ pub struct AssignedRelease {
     pub sha256: String,
     /// Its size.
     pub size: u64,
-    /// `install`, or `rollback` (install the previous release; a trial rolls back instead).
+    /// `install`; `stage` (download and stage only: the rollout stages every device before
+    /// it activates any); or `rollback` (install the previous release; a trial rolls back
+    /// instead).
     pub action: String,
 }
 

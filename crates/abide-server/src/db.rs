@@ -179,6 +179,7 @@ CREATE TABLE trust_roots (
     published_at BIGINT NOT NULL
 );
 ALTER TABLE devices ADD COLUMN progress TEXT;
+ALTER TABLE rollouts ADD COLUMN prestage_bp BIGINT;
 "#,
     ),
 ];

@@ -7,8 +7,9 @@
 //! release on its next check-in; its reports move its row; [`tick`] decides each running
 //! rollout's stage under a row lock, so with several server processes a stage advances once.
 //!
-//! Statuses: `waiting` (targets no device yet), `running`, `paused` (with the reason),
-//! `completed`, `aborted`, `rolled_back`.
+//! Statuses: `waiting` (targets no device yet), `prestaging` (with `prestage`: every targeted
+//! device downloads and stages, and no one activates until the given share is staged),
+//! `running`, `paused` (with the reason), `completed`, `aborted`, `rolled_back`.
 
 use abide_core::rollout::{self, Counts, Decision, Stage};
 use abide_proto::AssignedRelease;
@@ -71,6 +72,9 @@ pub struct Rollout {
     pub stage_started_at: i64,
     /// When it was created.
     pub created_at: i64,
+    /// With prestaging: the share of targeted devices (basis points) that must be staged
+    /// before the first stage activates; every targeted device stages first.
+    pub prestage_bp: Option<u32>,
 }
 
 type RolloutRow = (
@@ -87,12 +91,14 @@ type RolloutRow = (
     Option<String>,
     i64,
     i64,
+    Option<i64>,
 );
 
-const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at";
+const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at, prestage_bp";
 
 fn from_row(r: RolloutRow) -> Rollout {
     Rollout {
+        prestage_bp: r.13.map(|b| b as u32),
         id: r.0,
         release_id: r.1,
         group: r.2,
@@ -145,6 +151,10 @@ pub struct CreateRequest {
     /// After how long a device that has not finished counts as failed (default `4h`).
     #[serde(default)]
     pub unresponsive_after: Option<String>,
+    /// Stage every targeted device first; activate (stage by stage) only once this share of
+    /// them (`80%`) is staged.
+    #[serde(default)]
+    pub prestage: Option<String>,
 }
 
 /// A device the rollout may target.
@@ -293,6 +303,20 @@ pub async fn create(
             return Err(ApiError::bad_request(format!("{field} {v:?}: not a name")));
         }
     }
+    let prestage_bp = req
+        .prestage
+        .as_deref()
+        .map(|p| {
+            rollout::parse_percent(p)
+                .ok()
+                .filter(|bp| *bp > 0)
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "prestage {p:?}: expected a share above 0%, as 80%"
+                    ))
+                })
+        })
+        .transpose()?;
     let release = crate::releases::find(&server, &req.release)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no release {}", req.release)))?;
@@ -311,6 +335,7 @@ pub async fn create(
         reason: None,
         stage_started_at: now,
         created_at: now,
+        prestage_bp,
     };
     let mut tx = server.db.pool.begin().await?;
     let found = candidates(
@@ -322,10 +347,15 @@ pub async fn create(
     )
     .await?;
     if !found.is_empty() {
-        r.status = "running".into();
+        r.status = if r.prestage_bp.is_some() {
+            "prestaging"
+        } else {
+            "running"
+        }
+        .into();
     }
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO rollouts ({COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        "INSERT INTO rollouts ({COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
     )))
     .bind(&r.id)
     .bind(&r.release_id)
@@ -340,6 +370,7 @@ pub async fn create(
     .bind(&r.reason)
     .bind(now)
     .bind(now)
+    .bind(r.prestage_bp.map(i64::from))
     .bind(now)
     .execute(&mut *tx)
     .await?;
@@ -350,7 +381,8 @@ pub async fn create(
         "admin",
         "rollout.create",
         serde_json::json!({"rollout": r.id, "release": r.release_id, "stages": r.stages,
-            "failure_threshold_bp": r.threshold_bp, "group": r.group, "tag": r.tag, "devices": found.len()}),
+            "failure_threshold_bp": r.threshold_bp, "group": r.group, "tag": r.tag, "devices": found.len(),
+            "prestage_bp": r.prestage_bp}),
     )
     .await?;
     tx.commit().await?;
@@ -392,7 +424,7 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value
             "devices": n, "states": counts,
             "committed": counts.get("committed").and_then(|v| v.as_u64()).unwrap_or(0),
             "failed": FAILED.iter().map(|f| counts.get(*f).and_then(|v| v.as_u64()).unwrap_or(0)).sum::<u64>(),
-            "current": i == r.stage && matches!(r.status.as_str(), "running" | "paused" | "waiting"),
+            "current": i == r.stage && matches!(r.status.as_str(), "running" | "paused" | "waiting" | "prestaging"),
         }));
         lower = upper;
     }
@@ -405,6 +437,12 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value
         rows.iter()
             .filter(|(_, s, _, _)| want.contains(&s.as_str()))
             .count()
+    };
+    let taking_part = rows.len() - count(&["skipped"]);
+    let staged_share = if taking_part == 0 {
+        0.0
+    } else {
+        (count(&["staged", "committed"]) as f64 / taking_part as f64 * 1000.0).round() / 10.0
     };
     Ok(serde_json::json!({
         "id": r.id,
@@ -424,6 +462,9 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value
         "failing": failing,
         "stage_started_at": rfc3339(r.stage_started_at),
         "created_at": rfc3339(r.created_at),
+        "prestage": r.prestage_bp.map(|bp| format!("{}%", f64::from(bp) / 100.0)),
+        "staged": count(&["staged"]),
+        "staged_share": staged_share,
     }))
 }
 
@@ -519,7 +560,7 @@ pub struct Decided {
 /// in its own transaction holding its row lock.
 pub async fn tick(server: &Server, now: i64) -> ApiResult<Vec<Decided>> {
     let ids: Vec<(String,)> = sqlx::query_as(
-        "SELECT id FROM rollouts WHERE status IN ('waiting', 'running') ORDER BY created_at",
+        "SELECT id FROM rollouts WHERE status IN ('waiting', 'prestaging', 'running') ORDER BY created_at",
     )
     .fetch_all(&server.db.pool)
     .await?;
@@ -547,7 +588,7 @@ async fn decide_one(
     r: &mut Rollout,
     now: i64,
 ) -> Result<String, sqlx::Error> {
-    if !matches!(r.status.as_str(), "waiting" | "running") {
+    if !matches!(r.status.as_str(), "waiting" | "prestaging" | "running") {
         return Ok("none".into());
     }
     let (targeted,): (i64,) =
@@ -557,6 +598,33 @@ async fn decide_one(
             .await?;
     if targeted == 0 {
         return Ok("wait".into());
+    }
+    if r.status == "waiting" && r.prestage_bp.is_some() {
+        set_status(tx, &r.id, "prestaging", None, now).await?;
+        r.status = "prestaging".into();
+    }
+    if r.status == "prestaging" {
+        let (ready, total) = staged_share(tx, &r.id).await?;
+        let bp = i64::from(r.prestage_bp.unwrap_or(0));
+        if total == 0 || ready * 10_000 < bp * total {
+            return Ok("wait".into());
+        }
+        sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
+            .bind(&r.id)
+            .bind(now)
+            .execute(&mut **tx)
+            .await?;
+        r.status = "running".into();
+        r.stage_started_at = now;
+        crate::audit::append(
+            server,
+            tx,
+            "server",
+            "rollout.start",
+            serde_json::json!({"rollout": r.id, "devices": targeted, "staged": ready, "of": total}),
+        )
+        .await?;
+        return Ok("start".into());
     }
     if r.status == "waiting" {
         sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
@@ -578,14 +646,16 @@ async fn decide_one(
     let cutoff = last_place(r);
     let limit = now - r.unresponsive_ms;
     let terminal = sql_list(TERMINAL);
+    // A device assigned before its stage began (it prestaged) counts from the stage's start.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE rollout_devices SET state = 'unresponsive', reason = 'no result in time', updated_at = $3 \
-         WHERE rollout_id = $1 AND place <= $2 AND state NOT IN ({terminal}) AND state <> 'pending' AND assigned_at < $4"
+         WHERE rollout_id = $1 AND place <= $2 AND state NOT IN ({terminal}) AND state <> 'pending' AND assigned_at < $4 AND $5 < $4"
     )))
     .bind(&r.id)
     .bind(cutoff)
     .bind(now)
     .bind(limit)
+    .bind(r.stage_started_at)
     .execute(&mut **tx)
     .await?;
     if r.stage_started_at < limit {
@@ -651,6 +721,22 @@ async fn decide_one(
     Ok(what.into())
 }
 
+/// How many targeted devices are ready to activate (staged, or already running the release)
+/// of all that take part (not skipped).
+async fn staged_share(
+    tx: &mut Transaction<'static, Any>,
+    id: &str,
+) -> Result<(i64, i64), sqlx::Error> {
+    sqlx::query_as(
+        "SELECT COALESCE(SUM(CASE WHEN state IN ('staged', 'committed') THEN 1 ELSE 0 END), 0), \
+                COALESCE(SUM(CASE WHEN state <> 'skipped' THEN 1 ELSE 0 END), 0) \
+         FROM rollout_devices WHERE rollout_id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut **tx)
+    .await
+}
+
 /// `POST /api/v1/rollouts/{id}/{action}` (admin): `pause`, `resume`, `advance`, `abort`,
 /// `rollback`. A transition the rollout's status does not allow is a 409.
 pub async fn act(
@@ -677,7 +763,7 @@ pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<
     let mut details = serde_json::json!({"rollout": id, "from": r.status});
     match action.as_str() {
         "pause" => {
-            if !matches!(r.status.as_str(), "running" | "waiting") {
+            if !matches!(r.status.as_str(), "running" | "waiting" | "prestaging") {
                 return Err(refuse("paused"));
             }
             set_status(&mut tx, &id, "paused", Some("paused by an operator"), now).await?;
@@ -686,12 +772,19 @@ pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<
             if r.status != "paused" {
                 return Err(refuse("resumed"));
             }
-            // The failures that paused it are accepted; new ones count from here.
+            // The failures that paused it are accepted; new ones count from here. A rollout
+            // paused while it prestaged goes back to prestaging until its share is staged.
             let counts = stage_counts(&mut tx, &r).await?;
-            sqlx::query("UPDATE rollouts SET status = 'running', reason = NULL, failure_baseline = $2, updated_at = $3 WHERE id = $1")
+            let (ready, total) = staged_share(&mut tx, &id).await?;
+            let back = match r.prestage_bp {
+                Some(bp) if r.stage == 0 && ready * 10_000 < i64::from(bp) * total => "prestaging",
+                _ => "running",
+            };
+            sqlx::query("UPDATE rollouts SET status = $4, reason = NULL, failure_baseline = $2, updated_at = $3 WHERE id = $1")
                 .bind(&id)
                 .bind(counts.failed as i64)
                 .bind(now)
+                .bind(back)
                 .execute(&mut *tx)
                 .await?;
             details["accepted_failures"] = serde_json::json!(counts.failed);
@@ -713,7 +806,10 @@ pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<
             details["stage"] = serde_json::json!(r.stage + 2);
         }
         "abort" => {
-            if !matches!(r.status.as_str(), "running" | "paused" | "waiting") {
+            if !matches!(
+                r.status.as_str(),
+                "running" | "paused" | "waiting" | "prestaging"
+            ) {
                 return Err(refuse("aborted"));
             }
             set_status(&mut tx, &id, "aborted", Some("aborted by an operator"), now).await?;
@@ -765,6 +861,7 @@ type AssignRow = (
     String,
     i64,
     Option<String>,
+    Option<i64>,
 );
 
 /// The release a device should act on now, if any (newest rollout first). The first time a
@@ -777,9 +874,9 @@ pub async fn assignment(
 ) -> ApiResult<Option<AssignedRelease>> {
     let rows: Vec<AssignRow> = sqlx::query_as(
         "SELECT r.id, r.stage, r.stages, r.status, rel.id, rel.security_version, rel.version, rel.sha256, rel.size, \
-                rd.state, rd.place, rd.from_version \
+                rd.state, rd.place, rd.from_version, r.prestage_bp \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id JOIN releases rel ON rel.id = r.release_id \
-         WHERE rd.device_id = $1 AND r.status IN ('running', 'rolled_back') ORDER BY r.created_at DESC",
+         WHERE rd.device_id = $1 AND r.status IN ('prestaging', 'running', 'rolled_back') ORDER BY r.created_at DESC",
     )
     .bind(device)
     .fetch_all(&server.db.read)
@@ -797,6 +894,7 @@ pub async fn assignment(
         state,
         place,
         from,
+        prestage,
     ) in rows
     {
         let stages: Vec<Stage> = serde_json::from_str(&stages).unwrap_or_default();
@@ -857,10 +955,19 @@ pub async fn assignment(
                 action,
             )));
         }
-        let cutoff = rollout::cutoff(stages.get(stage as usize).map_or(100, |s| s.percent));
-        if (place as u64) >= cutoff || TERMINAL.contains(&state.as_str()) {
+        if TERMINAL.contains(&state.as_str()) {
             continue;
         }
+        // With prestaging every targeted device stages; only the current stage's activate.
+        let cutoff = rollout::cutoff(stages.get(stage as usize).map_or(100, |s| s.percent));
+        let action = if status == "prestaging" || (place as u64) >= cutoff {
+            if prestage.is_none() {
+                continue;
+            }
+            "stage"
+        } else {
+            "install"
+        };
         let quarantined: Option<(i64,)> =
             sqlx::query_as("SELECT at FROM quarantine WHERE device_id = $1 AND release_id = $2")
                 .bind(device)
@@ -894,7 +1001,7 @@ pub async fn assignment(
             security,
             sha256,
             size,
-            "install",
+            action,
         )));
     }
     Ok(None)

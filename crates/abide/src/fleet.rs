@@ -151,6 +151,10 @@ enum RolloutCommand {
         /// After how long an unfinished device counts as failed (4h by default).
         #[arg(long)]
         unresponsive_after: Option<String>,
+        /// Stage every targeted device first, and activate (stage by stage) only once this
+        /// share of them is staged, as 80%.
+        #[arg(long)]
+        prestage: Option<String>,
     },
     /// A rollout's status with per-stage counts.
     Status {
@@ -273,6 +277,12 @@ fn describe_rollout(s: &Value) -> String {
         s["in_progress"],
         s["pending"],
     );
+    if let Some(p) = s["prestage"].as_str() {
+        text.push_str(&format!(
+            "\n  prestage: activation waits for {p} staged; {}% staged ({} devices)",
+            s["staged_share"], s["staged"]
+        ));
+    }
     for st in s["stages"].as_array().into_iter().flatten() {
         text.push_str(&format!(
             "\n  stage {} ({}%, soak {}s): {} devices, {} committed, {} failed{}",
@@ -486,12 +496,14 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     group,
                     tag,
                     unresponsive_after,
+                    prestage,
                 } => {
                     admin
                         .post(
                             "/api/v1/rollouts",
                             &json!({"release": release, "stages": stages, "failure_threshold": failure_threshold,
-                                    "group": group, "tag": tag, "unresponsive_after": unresponsive_after}),
+                                    "group": group, "tag": tag, "unresponsive_after": unresponsive_after,
+                                    "prestage": prestage}),
                         )
                         .await?
                 }

@@ -576,6 +576,7 @@ fn offer_of(a: &Assignment) -> Option<Offer> {
     let version = r.version.parse().ok()?;
     let kind = match r.action.as_str() {
         "rollback" => OfferKind::RollBack,
+        "stage" => OfferKind::Stage,
         _ => OfferKind::Install,
     };
     Some(Offer {

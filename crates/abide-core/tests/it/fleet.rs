@@ -31,7 +31,7 @@ fn tx(version: &str, state: TxState) -> Transaction {
 
 #[test]
 fn the_next_step_for_every_kind_of_situation() {
-    use OfferKind::{Install, RollBack};
+    use OfferKind::{Install, RollBack, Stage};
     use TxState::*;
     let trial = Trial {
         since: at(1),
@@ -86,6 +86,10 @@ fn the_next_step_for_every_kind_of_situation() {
         ("bundle refused before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", refused.clone())), false, open, none),
         ("download broke off before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", broke.clone())), false, open, none),
         ("fleet rollback, not on trial", Some(offer("2.0.0", RollBack)), None, false, open, none),
+        ("prestage: not staged yet", Some(offer("2.0.0", Stage)), None, false, open, none),
+        ("prestage: staged, window open", Some(offer("2.0.0", Stage)), Some(tx("2.0.0", Staged)), false, open, none),
+        ("prestage: staged another version", Some(offer("3.0.0", Stage)), Some(tx("2.0.0", Staged)), false, open, none),
+        ("prestage: the running version", Some(offer("1.0.0", Stage)), None, false, open, none),
     ];
     let running: semver::Version = "1.0.0".parse().unwrap();
     let mut out = String::new();
@@ -123,6 +127,10 @@ fn the_next_step_for_every_kind_of_situation() {
         bundle refused before => Idle
         download broke off before => Stage
         fleet rollback, not on trial => Idle
+        prestage: not staged yet => Stage
+        prestage: staged, window open => Idle
+        prestage: staged another version => Cancel
+        prestage: the running version => Idle
     "#]]
     .assert_eq(&out);
 }

@@ -136,9 +136,19 @@ fn server_device<'a>(devices: &'a Value, id: &str) -> &'a Value {
 
 #[test]
 fn sim_devices_commit_a_staged_rollout_and_roll_back_a_failing_release_which_pauses() {
+    rollout_and_failing_release(None);
+}
+
+#[test]
+fn the_same_on_postgresql() {
+    let pg = abide_testkit::pg::Postgres::start();
+    rollout_and_failing_release(Some(&pg.url()));
+}
+
+fn rollout_and_failing_release(db: Option<&str>) {
     let (_tmp, dir) = workspace();
     let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
+    let server = start_server(&data, free_port(), db);
     let (url, admin) = (server.url.clone(), data.join("admin.token"));
     let upload = |version: &str, seed: u64| {
         let bundle = release_bundle(&dir, version, seed);
@@ -1219,4 +1229,91 @@ fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
     drop(running);
     let n = checkins(&url) - before;
     assert!((1..=3).contains(&n), "{n} check-ins in 4 seconds");
+}
+
+#[test]
+fn with_prestage_no_device_activates_until_the_share_is_staged() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = start_server(&data, free_port(), None);
+    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let bundle = release_bundle(&dir, "2.0.0", 1);
+    let release = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["release", "upload", bundle.to_str().unwrap()],
+    );
+    let enroll = fleet(
+        &dir,
+        &url,
+        &admin,
+        &["enroll-token", "create", "--group", "lab"],
+    );
+    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let devices: Vec<PathBuf> = (1..=3)
+        .map(|i| device(&dir, &format!("gw-p{i}"), &url, &dir.join("lab.token")))
+        .collect();
+    for d in &devices {
+        agent_once(&dir, d, 0);
+    }
+    let ro = fleet(
+        &dir,
+        &url,
+        &admin,
+        &[
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "50:0s,100",
+            "--prestage",
+            "100%",
+            "--group",
+            "lab",
+        ],
+    );
+    assert_eq!(ro["status"], "prestaging", "{ro}");
+    let ro_id = ro["id"].as_str().unwrap().to_owned();
+    // Two of the three run: they stage, and wait.
+    let mut running: Vec<Running> = devices[..2].iter().map(|d| sim_run(&dir, d)).collect();
+    wait("two devices staged", 60, &devices, || {
+        let st = fleet(&dir, &url, &admin, &["rollout", "status", &ro_id]);
+        st["staged"] == 2
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = fleet(&dir, &url, &admin, &["rollout", "status", &ro_id]);
+    assert_eq!(st["status"], "prestaging", "{st}");
+    assert_eq!(st["staged_share"], 66.7, "{st}");
+    for d in &devices[..2] {
+        let s = status(&dir, d);
+        assert_eq!(
+            (s["state"].as_str(), s["booted"].as_str()),
+            (Some("staged"), Some("A")),
+            "{s}"
+        );
+    }
+    // The third stages too: activation begins, stage by stage, and all commit.
+    running.push(sim_run(&dir, &devices[2]));
+    wait("the rollout to complete", 90, &devices, || {
+        fleet(&dir, &url, &admin, &["rollout", "status", &ro_id])["status"] == "completed"
+    });
+    for d in &devices {
+        assert_eq!(status(&dir, d)["state"], "committed");
+    }
+    let audit = fleet(&dir, &url, &admin, &["audit"]);
+    let start = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["action"] == "rollout.start")
+        .expect("the rollout started");
+    assert_eq!(
+        (
+            start["details"]["staged"].as_i64(),
+            start["details"]["of"].as_i64()
+        ),
+        (Some(3), Some(3))
+    );
 }

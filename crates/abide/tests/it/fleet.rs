@@ -309,7 +309,10 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
     let ro_id = ro["id"].as_str().unwrap().to_owned();
     assert_eq!(ro["status"], "running");
     let summary = finish(sim);
-    assert_eq!(summary["synthetic"], true, "the simulator says its outcomes are synthetic");
+    assert_eq!(
+        summary["synthetic"], true,
+        "the simulator says its outcomes are synthetic"
+    );
     assert_eq!(
         (
             summary["enrolled"].as_u64(),

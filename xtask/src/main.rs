@@ -1,8 +1,10 @@
 //! Project automation. `cargo run --release -p xtask -- bench-bundle` measures `abide bundle
 //! create` and `abide bundle verify` on a generated image side by side with `zstd` and
 //! `openssl` baselines run on the same files in the same run; `bench-install` measures
-//! `abide install`; `bench-fleet` measures the fleet server (see fleet.rs).
+//! `abide install`; `bench-fleet` measures the fleet server (see fleet.rs); `bench-agent` the
+//! device agent (see agent.rs).
 
+mod agent;
 mod fleet;
 
 use std::io::Write;
@@ -18,8 +20,9 @@ fn main() -> Result<()> {
         Some("bench-bundle") => bench_bundle(&args[1..]),
         Some("bench-install") => bench_install(&args[1..]),
         Some("bench-fleet") => fleet::bench(&args[1..]),
+        Some("bench-agent") => agent::bench(&args[1..]),
         _ => bail!(
-            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N]"
+            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]"
         ),
     }
 }

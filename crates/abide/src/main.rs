@@ -8,6 +8,7 @@ mod bundle;
 mod device;
 mod fleet;
 mod key;
+#[cfg(feature = "server")]
 mod server;
 mod sim;
 mod trust;
@@ -41,6 +42,7 @@ enum Command {
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
     /// The fleet server: releases, devices, rollouts, audit trail.
+    #[cfg(feature = "server")]
     Server(server::ServerArgs),
     /// The fleet server's admin commands, and the fleet simulator.
     Fleet(fleet::FleetArgs),
@@ -160,6 +162,7 @@ fn main() -> ExitCode {
         Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
         Command::Agent(a) => agent::run(a, out),
+        #[cfg(feature = "server")]
         Command::Server(a) => server::run(a, out),
         Command::Fleet(a) => fleet::run(a, out),
     };

@@ -64,6 +64,78 @@ pub(crate) fn device(dir: &Path, name: &str, url: &str, token_file: &Path) -> Pa
     dir.join(name)
 }
 
+/// A running `abide server` (SQLite, or the database `db`) with the workspace's trust root, and
+/// the admin commands against it.
+struct Fleet {
+    server: Option<crate::fleet::ServerProcess>,
+    url: String,
+    admin: PathBuf,
+    dir: PathBuf,
+    data: PathBuf,
+    port: u16,
+}
+
+impl Fleet {
+    fn start(dir: &Path, db: Option<&str>, extra: &[&str]) -> Fleet {
+        let data = data_dir(dir, "server");
+        let port = free_port();
+        let server = crate::fleet::start_server_with(&data, port, db, extra);
+        Fleet {
+            url: server.url.clone(),
+            server: Some(server),
+            admin: data.join("admin.token"),
+            dir: dir.to_owned(),
+            data,
+            port,
+        }
+    }
+
+    /// Stops the server (kill).
+    fn stop(&mut self) {
+        self.server = None;
+    }
+
+    /// Starts it again on the same port and data (SQLite).
+    fn restart(&mut self) {
+        self.server = Some(start_server(&self.data, self.port, None));
+    }
+
+    /// `abide fleet ARGS --json`.
+    fn cmd(&self, args: &[&str]) -> Value {
+        fleet(&self.dir, &self.url, &self.admin, args)
+    }
+
+    /// An enrolment token for `group`, written to DIR/GROUP.token.
+    fn token(&self, group: &str) -> PathBuf {
+        let created = self.cmd(&["enroll-token", "create", "--group", group]);
+        let path = self.dir.join(format!("{group}.token"));
+        std::fs::write(&path, created["token"].as_str().unwrap()).unwrap();
+        path
+    }
+
+    /// Uploads `bundle`; returns the release.
+    fn upload(&self, bundle: &Path) -> Value {
+        self.cmd(&["release", "upload", bundle.to_str().unwrap()])
+    }
+
+    /// A rollout of `release` (as uploaded) to `group` with `stages` and more arguments.
+    fn rollout(&self, release: &Value, stages: &str, group: &str, more: &[&str]) -> Value {
+        let id = release["id"].as_str().unwrap();
+        let mut args = vec![
+            "rollout",
+            "create",
+            "--release",
+            id,
+            "--stages",
+            stages,
+            "--group",
+            group,
+        ];
+        args.extend_from_slice(more);
+        self.cmd(&args)
+    }
+}
+
 /// `abide sim run DIR` in the background, logging to DIR.log.
 struct Running(Child);
 
@@ -147,53 +219,20 @@ fn the_same_on_postgresql() {
 
 fn rollout_and_failing_release(db: Option<&str>) {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), db);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
-    let upload = |version: &str, seed: u64| {
-        let bundle = release_bundle(&dir, version, seed);
-        fleet(
-            &dir,
-            &url,
-            &admin,
-            &["release", "upload", bundle.to_str().unwrap()],
-        )["id"]
+    let f = Fleet::start(&dir, db, &[]);
+    let (url, admin) = (f.url.clone(), f.admin.clone());
+    let upload = |version: &str, seed: u64| f.upload(&release_bundle(&dir, version, seed));
+    let rollout = |release: &Value, stages: &str, group: &str| {
+        f.rollout(release, stages, group, &["--failure-threshold", "10%"])["id"]
             .as_str()
             .unwrap()
             .to_owned()
     };
-    let rollout = |release: &str, stages: &str, group: &str| {
-        fleet(
-            &dir,
-            &url,
-            &admin,
-            &[
-                "rollout",
-                "create",
-                "--release",
-                release,
-                "--stages",
-                stages,
-                "--failure-threshold",
-                "10%",
-                "--group",
-                group,
-            ],
-        )["id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let rollout_status = |id: &str| fleet(&dir, &url, &admin, &["rollout", "status", id]);
+    let rollout_status = |id: &str| f.cmd(&["rollout", "status", id]);
     let good = upload("2.0.0", 1);
     // Three devices in group lab, two in group canary.
     for group in ["lab", "canary"] {
-        let enroll = fleet(
-            &dir,
-            &url,
-            &admin,
-            &["enroll-token", "create", "--group", group],
-        );
+        let enroll = f.cmd(&["enroll-token", "create", "--group", group]);
         let token = enroll["token"].as_str().unwrap();
         std::fs::write(dir.join(format!("{group}.token")), token).unwrap();
     }
@@ -208,7 +247,7 @@ fn rollout_and_failing_release(db: Option<&str>) {
     wait_for_devices(&dir, &url, &admin, &[], 5);
     // The inventory is the device's own: booted A, known-good A, healthy.
     wait("check-ins with inventories", 30, &devices, || {
-        let listed = fleet(&dir, &url, &admin, &["devices"]);
+        let listed = f.cmd(&["devices"]);
         listed
             .as_array()
             .unwrap()
@@ -227,7 +266,7 @@ fn rollout_and_failing_release(db: Option<&str>) {
     });
     let image = std::fs::read(dir.join("image-1.img")).unwrap();
     let want = Digest::of(&image).to_hex();
-    let listed = fleet(&dir, &url, &admin, &["devices"]);
+    let listed = f.cmd(&["devices"]);
     for d in &devices {
         let s = status(&dir, d);
         assert_eq!(
@@ -257,7 +296,7 @@ fn rollout_and_failing_release(db: Option<&str>) {
     wait("the failing rollout to pause", 90, &devices, || {
         rollout_status(&ro)["status"] == "paused"
     });
-    let listed = fleet(&dir, &url, &admin, &["devices"]);
+    let listed = f.cmd(&["devices"]);
     let rolled: Vec<&Value> = listed
         .as_array()
         .unwrap()
@@ -313,47 +352,21 @@ fn window_from_now(from: i64, to: i64) -> String {
 #[test]
 fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let f = Fleet::start(&dir, None, &[]);
+    let (url, admin) = (f.url.clone(), f.admin.clone());
     let bundle = release_bundle(&dir, "2.0.0", 1);
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", bundle.to_str().unwrap()],
-    );
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
-    let dev = device(&dir, "gw-w", &url, &dir.join("lab.token"));
+    let release = f.upload(&bundle);
+    let token = f.token("lab");
+    let dev = device(&dir, "gw-w", &url, &token);
     let config = dev.join("system.toml");
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{text}{}", window_from_now(120, 180))).unwrap();
     let _running = sim_run(&dir, &dev);
     wait_for_devices(&dir, &url, &admin, &[], 1);
-    let ro = fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "100",
-            "--group",
-            "lab",
-        ],
-    );
+    let ro = f.rollout(&release, "100", "lab", &[]);
     let devices = [dev.clone()];
     wait("the device to stage", 60, &devices, || {
-        fleet(&dir, &url, &admin, &["devices"])[0]["state"] == "staged"
+        f.cmd(&["devices"])[0]["state"] == "staged"
     });
     // Several check-ins later it is still staged: the target is not bootable, nothing rebooted.
     std::thread::sleep(Duration::from_millis(1500));
@@ -381,7 +394,7 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
     // Its report follows.
     let ro_id = ro["id"].as_str().unwrap().to_owned();
     wait("the server to count the commit", 30, &devices, || {
-        fleet(&dir, &url, &admin, &["rollout", "status", &ro_id])["committed"] == 1
+        f.cmd(&["rollout", "status", &ro_id])["committed"] == 1
     });
 }
 
@@ -425,49 +438,22 @@ fn reports_on_server(dir: &Path, url: &str, admin: &Path, device: &str) -> Vec<(
 #[test]
 fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let port = free_port();
-    let server = start_server(&data, port, None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let mut f = Fleet::start(&dir, None, &[]);
+    let (url, admin) = (f.url.clone(), f.admin.clone());
     let bundle = release_bundle(&dir, "2.0.0", 1);
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", bundle.to_str().unwrap()],
-    );
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
-    let dev = device(&dir, "gw-off", &url, &dir.join("lab.token"));
+    let release = f.upload(&bundle);
+    let token = f.token("lab");
+    let dev = device(&dir, "gw-off", &url, &token);
     assert_eq!(
         agent_once(&dir, &dev, 0)["exit"],
         "idle",
         "enrolled, nothing assigned"
     );
-    fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "100",
-            "--group",
-            "lab",
-        ],
-    );
+    f.rollout(&release, "100", "lab", &[]);
     // Downloaded, staged, leased, activated: the agent hands over to a reboot.
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
     assert_eq!(status(&dir, &dev)["state"], "activated");
-    drop(server);
+    f.stop();
 
     // The server is away: the device reboots, its gate commits, the report waits on disk.
     ok(&dir, &format!("sim reboot {}", dev.display()));
@@ -484,9 +470,9 @@ fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
     assert_eq!(queued, ["committed"], "{fleet_state}");
 
     // Back: the queued report arrives, once, after the ones before it.
-    let server = start_server(&data, port, None);
+    f.restart();
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
-    let seen = reports_on_server(&dir, &server.url, &admin, "gw-off");
+    let seen = reports_on_server(&dir, &url, &admin, "gw-off");
     let statuses: Vec<&str> = seen.iter().map(|(_, s)| s.as_str()).collect();
     assert_eq!(
         statuses,
@@ -496,11 +482,8 @@ fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
     assert_eq!(seqs, [1, 2, 3, 4]);
     // A second run sends nothing again.
     agent_once(&dir, &dev, 0);
-    assert_eq!(
-        reports_on_server(&dir, &server.url, &admin, "gw-off").len(),
-        4
-    );
-    let listed = fleet(&dir, &server.url, &admin, &["devices"]);
+    assert_eq!(reports_on_server(&dir, &url, &admin, "gw-off").len(), 4);
+    let listed = f.cmd(&["devices"]);
     assert_eq!(
         (listed[0]["state"].as_str(), listed[0]["version"].as_str()),
         (Some("committed"), Some("2.0.0"))
@@ -641,24 +624,12 @@ impl CuttingProxy {
 fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
     use std::sync::atomic::Ordering;
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let f = Fleet::start(&dir, None, &[]);
+    let url = f.url.clone();
     let bundle = release_bundle(&dir, "2.0.0", 7);
     let size = std::fs::metadata(&bundle).unwrap().len();
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", bundle.to_str().unwrap()],
-    );
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let release = f.upload(&bundle);
+    f.token("lab");
     // Cuts in the header and manifest, the signatures and the chunk table (the first few KiB),
     // and spread through the chunks, each at an odd offset (inside a chunk).
     let mut cuts: Vec<u64> = vec![7, 90, 333, 700, 1001, 1500, 2049, 2600, 3100, 4000];
@@ -667,21 +638,7 @@ fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
     let proxy = CuttingProxy::start(&url, cuts, None);
     let dev = device(&dir, "gw-cut", &proxy.url, &dir.join("lab.token"));
     agent_once(&dir, &dev, 0);
-    fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "100",
-            "--group",
-            "lab",
-        ],
-    );
+    f.rollout(&release, "100", "lab", &[]);
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
     assert_eq!(
         proxy.cuts_made.load(Ordering::Relaxed),
@@ -849,43 +806,17 @@ fn stale_replayed_foreign_and_badly_signed_assignments_are_refused_audited_and_c
 #[test]
 fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let f = Fleet::start(&dir, None, &[]);
+    let url = f.url.clone();
     let bundle = release_bundle(&dir, "2.0.0", 1);
     let other = release_bundle(&dir, "9.0.0", 2);
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", bundle.to_str().unwrap()],
-    );
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let release = f.upload(&bundle);
+    f.token("lab");
     // A slow link: the download takes a few seconds.
     let proxy = CuttingProxy::start(&url, Vec::new(), Some(Duration::from_millis(60)));
     let dev = device(&dir, "gw-busy", &proxy.url, &dir.join("lab.token"));
     agent_once(&dir, &dev, 0);
-    fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "100",
-            "--group",
-            "lab",
-        ],
-    );
+    f.rollout(&release, "100", "lab", &[]);
     let agent = Command::new(env!("CARGO_BIN_EXE_abide"))
         .args(["agent", "--once", "--json", "--config"])
         .arg(dev.join("system.toml"))
@@ -936,17 +867,10 @@ fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
 #[test]
 fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_the_new_keys() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
-    let dev = device(&dir, "gw-rot", &url, &dir.join("lab.token"));
+    let f = Fleet::start(&dir, None, &[]);
+    let (url, admin) = (f.url.clone(), f.admin.clone());
+    let token = f.token("lab");
+    let dev = device(&dir, "gw-rot", &url, &token);
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
 
     // Version 2 drops key a and adds key c: signed by a (old) and c (new).
@@ -981,9 +905,9 @@ fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_
             .contains("trust-rotation"),
         "{skipped}"
     );
-    let published = fleet(&dir, &url, &admin, &["trust", "publish", "trust-v2.json"]);
+    let published = f.cmd(&["trust", "publish", "trust-v2.json"]);
     assert_eq!(published["version"], 2);
-    assert_eq!(fleet(&dir, &url, &admin, &["trust", "show"])["version"], 2);
+    assert_eq!(f.cmd(&["trust", "show"])["version"], 2);
 
     // The device takes it at its next check-in and records it.
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle");
@@ -1045,27 +969,8 @@ fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_
     );
     // Signed by the new key: it goes through the fleet and commits.
     let by_c = make("2.1.0", "c");
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", by_c.to_str().unwrap()],
-    );
-    fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "100",
-            "--group",
-            "lab",
-        ],
-    );
+    let release = f.upload(&by_c);
+    f.rollout(&release, "100", "lab", &[]);
     assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
     ok(&dir, &format!("sim reboot {}", dev.display()));
     let s = status(&dir, &dev);
@@ -1210,19 +1115,11 @@ fn checkins(url: &str) -> u64 {
 #[test]
 fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server =
-        crate::fleet::start_server_with(&data, free_port(), None, &["--device-poll", "3s"]);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let f = Fleet::start(&dir, None, &["--device-poll", "3s"]);
+    let url = f.url.clone();
+    let token = f.token("lab");
     // The device's own interval is 200ms: 20 check-ins in 4 seconds; the server's, 3s: 2 or 3.
-    let dev = device(&dir, "gw-poll", &url, &dir.join("lab.token"));
+    let dev = device(&dir, "gw-poll", &url, &token);
     let before = checkins(&url);
     let running = sim_run(&dir, &dev);
     std::thread::sleep(Duration::from_secs(4));
@@ -1234,56 +1131,28 @@ fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
 #[test]
 fn with_prestage_no_device_activates_until_the_share_is_staged() {
     let (_tmp, dir) = workspace();
-    let data = data_dir(&dir, "server");
-    let server = start_server(&data, free_port(), None);
-    let (url, admin) = (server.url.clone(), data.join("admin.token"));
+    let f = Fleet::start(&dir, None, &[]);
+    let url = f.url.clone();
     let bundle = release_bundle(&dir, "2.0.0", 1);
-    let release = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["release", "upload", bundle.to_str().unwrap()],
-    );
-    let enroll = fleet(
-        &dir,
-        &url,
-        &admin,
-        &["enroll-token", "create", "--group", "lab"],
-    );
-    std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
+    let release = f.upload(&bundle);
+    f.token("lab");
     let devices: Vec<PathBuf> = (1..=3)
         .map(|i| device(&dir, &format!("gw-p{i}"), &url, &dir.join("lab.token")))
         .collect();
     for d in &devices {
         agent_once(&dir, d, 0);
     }
-    let ro = fleet(
-        &dir,
-        &url,
-        &admin,
-        &[
-            "rollout",
-            "create",
-            "--release",
-            release["id"].as_str().unwrap(),
-            "--stages",
-            "50:0s,100",
-            "--prestage",
-            "100%",
-            "--group",
-            "lab",
-        ],
-    );
+    let ro = f.rollout(&release, "50:0s,100", "lab", &["--prestage", "100%"]);
     assert_eq!(ro["status"], "prestaging", "{ro}");
     let ro_id = ro["id"].as_str().unwrap().to_owned();
     // Two of the three run: they stage, and wait.
     let mut running: Vec<Running> = devices[..2].iter().map(|d| sim_run(&dir, d)).collect();
     wait("two devices staged", 60, &devices, || {
-        let st = fleet(&dir, &url, &admin, &["rollout", "status", &ro_id]);
+        let st = f.cmd(&["rollout", "status", &ro_id]);
         st["staged"] == 2
     });
     std::thread::sleep(Duration::from_millis(1500));
-    let st = fleet(&dir, &url, &admin, &["rollout", "status", &ro_id]);
+    let st = f.cmd(&["rollout", "status", &ro_id]);
     assert_eq!(st["status"], "prestaging", "{st}");
     assert_eq!(st["staged_share"], 66.7, "{st}");
     for d in &devices[..2] {
@@ -1297,12 +1166,12 @@ fn with_prestage_no_device_activates_until_the_share_is_staged() {
     // The third stages too: activation begins, stage by stage, and all commit.
     running.push(sim_run(&dir, &devices[2]));
     wait("the rollout to complete", 90, &devices, || {
-        fleet(&dir, &url, &admin, &["rollout", "status", &ro_id])["status"] == "completed"
+        f.cmd(&["rollout", "status", &ro_id])["status"] == "completed"
     });
     for d in &devices {
         assert_eq!(status(&dir, d)["state"], "committed");
     }
-    let audit = fleet(&dir, &url, &admin, &["audit"]);
+    let audit = f.cmd(&["audit"]);
     let start = audit
         .as_array()
         .unwrap()
@@ -1315,5 +1184,52 @@ fn with_prestage_no_device_activates_until_the_share_is_staged() {
             start["details"]["of"].as_i64()
         ),
         (Some(3), Some(3))
+    );
+}
+
+#[test]
+fn an_update_fetches_only_the_chunks_the_running_group_lacks() {
+    let (_tmp, dir) = workspace();
+    let f = Fleet::start(&dir, None, &[]);
+    let url = f.url.clone();
+    f.token("lab");
+    let proxy = CuttingProxy::start(&url, Vec::new(), None);
+    let dev = device(&dir, "gw-delta", &proxy.url, &dir.join("lab.token"));
+    // 2.0.0 installed from a file and committed: group B holds it, with its chunk index.
+    let v2 = release_bundle(&dir, "2.0.0", 5);
+    let config = dev.join("system.toml");
+    ok(
+        &dir,
+        &format!("install {} --config {}", v2.display(), config.display()),
+    );
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(status(&dir, &dev)["version"], "2.0.0");
+    // 2.1.0: the same image with 5 % of it changed in one place.
+    let mut image = std::fs::read(dir.join("image-5.img")).unwrap();
+    let (from, len) = (IMAGE_LEN / 3, IMAGE_LEN / 20);
+    for (i, b) in image[from..from + len].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(31) ^ 0x5a;
+    }
+    std::fs::write(dir.join("image-6.img"), &image).unwrap();
+    let v21 = release_bundle(&dir, "2.1.0", 6);
+    let size = std::fs::metadata(&v21).unwrap().len();
+    let release = f.upload(&v21);
+    agent_once(&dir, &dev, 0);
+    f.rollout(&release, "100", "lab", &[]);
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    let fetched = proxy.forwarded.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        fetched * 4 < size,
+        "fetched {fetched} bytes of a {size}-byte bundle for a 5 % change"
+    );
+    // The new image is in group A, byte for byte, and commits.
+    let slot = dev.join("slots/rootfs.A.img");
+    assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["version"].as_str(), s["booted"].as_str()),
+        (Some("2.1.0"), Some("A")),
+        "{s}"
     );
 }

@@ -221,6 +221,12 @@ pub fn bench(args: &[String]) -> Result<()> {
     if !exit.contains("reboot") {
         bail!("the agent did not activate: {exit}");
     }
+    // What the agent had to fetch: the bundle less the chunks it passed over.
+    let needed: u64 = sh(&format!(
+        "{a} log --json --config {d}/agent/system.toml | python3 -c 'import json,sys; print([r for r in json.load(sys.stdin) if r[\"event\"] == \"download\"][-1][\"details\"][\"needed\"])'"
+    ))?
+    .trim()
+    .parse()?;
 
     // The baseline: the whole bundle with curl, then a local install of the file.
     let token = std::fs::read_to_string(dir.join("server/admin.token"))?;
@@ -261,8 +267,9 @@ pub fn bench(args: &[String]) -> Result<()> {
         o.size_mib, o.change_pct, bundle_size
     );
     println!(
-        "  abide agent (download into the slot, verify, stage, activate): {agent_seconds:.2} s, {agent_bytes} bytes on the wire ({:.1} % of the bundle)",
-        100.0 * agent_bytes as f64 / bundle_size as f64
+        "  abide agent (download into the slot, verify, stage, activate): {agent_seconds:.2} s, {agent_bytes} bytes on the wire ({:.1} % of the bundle; the chunks it lacked: {needed} bytes, so {:.3}x of what was needed)",
+        100.0 * agent_bytes as f64 / bundle_size as f64,
+        agent_bytes as f64 / needed as f64
     );
     println!(
         "  curl of the bundle + abide install of the file:                {:.2} s ({curl_seconds:.2} + {install_seconds:.2}), {bundle_size} bytes downloaded",

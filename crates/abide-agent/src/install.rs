@@ -195,6 +195,15 @@ pub fn stage(
     let bundle_bytes = bundle.position();
     if let Err(e) = written {
         let reason = match &e {
+            // The source was told to stop (the fleet withdrew the release): not a failure of
+            // the bundle or of the device.
+            AgentError::Bundle(abide_bundle::Error::Io { source, .. })
+                if source
+                    .get_ref()
+                    .is_some_and(|e| e.is::<crate::fleet::source::Stopped>()) =>
+            {
+                FailReason::Cancelled
+            }
             AgentError::Bundle(b) if b.code() != "io" => FailReason::Refused {
                 code: b.code().to_owned(),
                 detail: b.to_string(),

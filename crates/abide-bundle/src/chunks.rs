@@ -44,6 +44,9 @@ pub(crate) fn read_chunks<R: Read>(
     decode_all(component, table, &pool, &mut produce, sink)
 }
 
+/// How many local chunk results the reader may hold ahead of the chunk it hands on.
+const LOCAL_AHEAD: usize = 32;
+
 /// What [`read_chunks_reusing`] took from where.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reuse {
@@ -70,7 +73,7 @@ pub(crate) fn read_chunks_reusing<R: Source>(
     // that hash to the chunk's name; this thread then passes over or reads each chunk's
     // stored bytes, in order. Its buffers come from the pool the other threads return
     // theirs to, so memory stays that of the pipeline window.
-    let (local_tx, local_rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(32);
+    let (local_tx, local_rx) = std::sync::mpsc::sync_channel::<Option<Vec<u8>>>(LOCAL_AHEAD);
     let pool = &pool;
     std::thread::scope(|scope| {
         scope.spawn(move || {
@@ -90,14 +93,28 @@ pub(crate) fn read_chunks_reusing<R: Source>(
                 }
             }
         });
+        // The local results known so far, in table order: they say how many of the next
+        // chunks must be read from the bundle in one run (a hint for network sources).
+        let mut ahead: std::collections::VecDeque<Option<Vec<u8>>> = Default::default();
         let mut produce = |index: usize| -> Result<Option<Item>> {
             let Some(entry) = table.get(index) else {
                 return Ok(None);
             };
-            let fetched = local_rx.recv().map_err(|_| Error::Io {
-                what: "reading local chunks",
-                source: io::Error::other("the local chunk reader stopped"),
-            })?;
+            if ahead.is_empty() {
+                let next = local_rx.recv().map_err(|_| Error::Io {
+                    what: "reading local chunks",
+                    source: io::Error::other("the local chunk reader stopped"),
+                })?;
+                ahead.push_back(next);
+            }
+            // Bounded like the channel, so memory stays that of the pipeline window.
+            while ahead.len() < LOCAL_AHEAD {
+                match local_rx.try_recv() {
+                    Ok(next) => ahead.push_back(next),
+                    Err(_) => break,
+                }
+            }
+            let fetched = ahead.pop_front().expect("filled above");
             if let Some(content) = fetched {
                 src.skip_as(entry.stored_length.into(), "chunk data")?;
                 reuse.chunks += 1;
@@ -105,6 +122,14 @@ pub(crate) fn read_chunks_reusing<R: Source>(
                 reuse.skipped += u64::from(entry.stored_length);
                 return Ok(Some(Item::Local(content)));
             }
+            let run: u64 = u64::from(entry.stored_length)
+                + ahead
+                    .iter()
+                    .zip(&table[index + 1..])
+                    .take_while(|(local, _)| local.is_none())
+                    .map(|(_, e)| u64::from(e.stored_length))
+                    .sum::<u64>();
+            src.inner.will_read(run);
             let mut stored = pool.take(entry.stored_length as usize);
             stored.resize(entry.stored_length as usize, 0);
             src.read_exact_as(&mut stored, "chunk data")?;

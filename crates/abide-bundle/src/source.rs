@@ -10,6 +10,13 @@ pub trait Source: Read {
     fn skip(&mut self, n: u64) -> io::Result<u64> {
         io::copy(&mut self.take(n), &mut io::sink())
     }
+
+    /// A hint: the reader will read the next `n` bytes, every one of them (and may pass over
+    /// what follows). A source that fetches ahead, over a network, fetches that much and no
+    /// more; others ignore it.
+    fn will_read(&mut self, n: u64) {
+        let _ = n;
+    }
 }
 
 impl Source for &[u8] {
@@ -24,11 +31,19 @@ impl<S: Source + ?Sized> Source for &mut S {
     fn skip(&mut self, n: u64) -> io::Result<u64> {
         (**self).skip(n)
     }
+
+    fn will_read(&mut self, n: u64) {
+        (**self).will_read(n)
+    }
 }
 
 impl<S: Source + ?Sized> Source for Box<S> {
     fn skip(&mut self, n: u64) -> io::Result<u64> {
         (**self).skip(n)
+    }
+
+    fn will_read(&mut self, n: u64) {
+        (**self).will_read(n)
     }
 }
 

@@ -423,25 +423,11 @@ impl Device {
 
     /// Reads `len` bytes of a release's bundle from `start` (a range request).
     pub async fn fetch(&self, url: &str, start: u64, len: u64) -> Result<Vec<u8>> {
-        let what = format!("GET {url}");
-        let resp = self
-            .http
-            .get(format!("{}{url}", self.base))
-            .bearer_auth(&self.credential)
-            .header("range", format!("bytes={start}-{}", start + len - 1))
-            .send()
+        let resp = self.range(url, start, len).await?;
+        let bytes = resp
+            .bytes()
             .await
-            .map_err(http_error(&what))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await.map_err(http_error(&what))?;
-        if status != reqwest::StatusCode::PARTIAL_CONTENT {
-            return Err(ClientError::Refused {
-                what,
-                status: status.as_u16(),
-                code: "range".into(),
-                message: "expected 206 Partial Content".into(),
-            });
-        }
+            .map_err(http_error(&format!("GET {url}")))?;
         Ok(bytes.to_vec())
     }
 }

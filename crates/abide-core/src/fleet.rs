@@ -140,13 +140,13 @@ pub fn decide(v: &View<'_>) -> Step {
         return Step::Idle;
     }
     // A bundle the device refused is not fetched again and again; a download that broke off
-    // (network, I/O, a restart) is tried again.
+    // (network, I/O, a restart) or was stopped (the assignment withdrawn) is tried again.
     if let Some(t) = tx
         && t.version == offer.version
         && matches!(
             t.state,
             TxState::Failed {
-                reason: FailReason::Refused { .. } | FailReason::Cancelled
+                reason: FailReason::Refused { .. }
             }
         )
     {

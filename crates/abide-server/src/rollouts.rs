@@ -609,39 +609,14 @@ async fn decide_one(
         if total == 0 || ready * 10_000 < bp * total {
             return Ok("wait".into());
         }
-        sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
-            .bind(&r.id)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        r.status = "running".into();
-        r.stage_started_at = now;
-        crate::audit::append(
-            server,
-            tx,
-            "server",
-            "rollout.start",
-            serde_json::json!({"rollout": r.id, "devices": targeted, "staged": ready, "of": total}),
-        )
-        .await?;
+        let details =
+            serde_json::json!({"rollout": r.id, "devices": targeted, "staged": ready, "of": total});
+        start(server, tx, r, now, details).await?;
         return Ok("start".into());
     }
     if r.status == "waiting" {
-        sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
-            .bind(&r.id)
-            .bind(now)
-            .execute(&mut **tx)
-            .await?;
-        r.status = "running".into();
-        r.stage_started_at = now;
-        crate::audit::append(
-            server,
-            tx,
-            "server",
-            "rollout.start",
-            serde_json::json!({"rollout": r.id, "devices": targeted}),
-        )
-        .await?;
+        let details = serde_json::json!({"rollout": r.id, "devices": targeted});
+        start(server, tx, r, now, details).await?;
     }
     let cutoff = last_place(r);
     let limit = now - r.unresponsive_ms;
@@ -719,6 +694,24 @@ async fn decide_one(
     )
     .await?;
     Ok(what.into())
+}
+
+/// Starts the first stage now.
+async fn start(
+    server: &Server,
+    tx: &mut Transaction<'static, Any>,
+    r: &mut Rollout,
+    now: i64,
+    details: serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE rollouts SET status = 'running', stage_started_at = $2, updated_at = $2 WHERE id = $1")
+        .bind(&r.id)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    r.status = "running".into();
+    r.stage_started_at = now;
+    crate::audit::append(server, tx, "server", "rollout.start", details).await
 }
 
 /// How many targeted devices are ready to activate (staged, or already running the release)

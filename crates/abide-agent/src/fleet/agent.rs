@@ -428,7 +428,8 @@ impl Agent {
                     Timestamp::now(),
                     "download",
                     json!({"release": release.release_id, "fetched": fetched, "resumed": resumed,
-                           "reused_bytes": out.reused.bytes, "bundle_bytes": release.size}),
+                           "reused_bytes": out.reused.bytes, "bundle_bytes": release.size,
+                           "needed": release.size.saturating_sub(out.reused.skipped)}),
                 )?;
                 Ok(())
             }
@@ -508,6 +509,15 @@ fn queue_report(fleet: &mut FleetState, tx: Option<&Transaction>, device: &Devic
         return Ok(());
     };
     if assigned.version != tx.version.to_string() {
+        return Ok(());
+    }
+    // A download the fleet stopped by withdrawing the release is not a failure to report.
+    if matches!(
+        tx.state,
+        TxState::Failed {
+            reason: FailReason::Cancelled
+        }
+    ) {
         return Ok(());
     }
     let (status, reason) = fleet::status(&tx.state);

@@ -1,8 +1,10 @@
 //! A bundle read from the fleet server with HTTP Range requests, as a [`Source`] for the
 //! install pipeline: no temporary copy, every byte checked by the pipeline before it is
 //! written. Chunks the running group already holds are passed over without being fetched.
-//! A request that breaks off is resumed from the first byte not yet received, after a pause
-//! that grows with each failure in a row; only a run of failures without progress gives up.
+//! The reader says how many bytes it will read in a row ([`Source::will_read`]: the chunks the
+//! running group lacks, up to the next one it has), and exactly that is asked for. A request
+//! that breaks off is resumed from the first byte not yet received, after a pause that grows
+//! with each failure in a row; only a run of failures without progress gives up.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -19,6 +21,12 @@ const MIN_WINDOW: u64 = 64 << 10;
 
 /// Failures in a row without a byte of progress before the download gives up.
 pub const MAX_FAILURES: u32 = 8;
+
+/// The error a download stopped on purpose ends with ([`Meter::cancel`]); not `Interrupted`,
+/// which readers retry.
+#[derive(Debug, thiserror::Error)]
+#[error("the download was stopped: the fleet no longer assigns this release")]
+pub struct Stopped;
 
 /// Counters a download shares with whoever watches it.
 #[derive(Debug, Default)]
@@ -44,6 +52,8 @@ pub struct HttpSource {
     buf: Vec<u8>,
     at: usize,
     window: u64,
+    /// The reader said it will read every byte up to here ([`Source::will_read`]).
+    hinted_end: u64,
     meter: Arc<Meter>,
     backoff: Duration,
 }
@@ -67,24 +77,30 @@ impl HttpSource {
             buf: Vec::new(),
             at: 0,
             window: MIN_WINDOW,
+            hinted_end: 0,
             meter,
             backoff: Duration::from_millis(100),
         }
     }
 
-    /// Fetches the next window into `buf`, resuming a request that breaks off.
+    /// Fetches the next window into `buf`, resuming a request that breaks off: exactly the
+    /// run the reader said it will read, when it said so; otherwise a window that grows
+    /// while nothing is passed over.
     fn fill(&mut self) -> io::Result<()> {
         let start = self.pos;
-        let len = self.window.min(self.size - start);
+        let hinted = self.hinted_end > start;
+        let want = if hinted {
+            (self.hinted_end - start).min(MAX_WINDOW)
+        } else {
+            self.window
+        };
+        let len = want.min(self.size - start);
         self.buf.clear();
         self.at = 0;
         let mut failures = 0u32;
         while (self.buf.len() as u64) < len {
             if self.meter.cancel.load(Ordering::Relaxed) {
-                return Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "the download was stopped (the assignment was withdrawn)",
-                ));
+                return Err(io::Error::other(Stopped));
             }
             let from = start + self.buf.len() as u64;
             let want = len - self.buf.len() as u64;
@@ -99,6 +115,10 @@ impl HttpSource {
                             detail: e.to_string(),
                         })?
                 {
+                    if self.meter.cancel.load(Ordering::Relaxed) {
+                        // Checked again at the top of the loop, which stops the download.
+                        break;
+                    }
                     let room = (want as usize).saturating_sub(self.buf.len() - before);
                     let take = piece.len().min(room);
                     self.buf.extend_from_slice(&piece[..take]);
@@ -108,6 +128,9 @@ impl HttpSource {
             });
             let progressed = self.buf.len() > before;
             let complete = self.buf.len() as u64 >= len;
+            if self.meter.cancel.load(Ordering::Relaxed) && !complete {
+                continue;
+            }
             match result {
                 Ok(()) if complete => break,
                 outcome => {
@@ -133,7 +156,9 @@ impl HttpSource {
                 }
             }
         }
-        self.window = (self.window * 2).min(MAX_WINDOW);
+        if !hinted {
+            self.window = (self.window * 2).min(MAX_WINDOW);
+        }
         Ok(())
     }
 }
@@ -156,6 +181,10 @@ impl Read for HttpSource {
 }
 
 impl Source for HttpSource {
+    fn will_read(&mut self, n: u64) {
+        self.hinted_end = self.pos + n;
+    }
+
     fn skip(&mut self, n: u64) -> io::Result<u64> {
         let n = n.min(self.size - self.pos);
         let buffered = (self.buf.len() - self.at) as u64;

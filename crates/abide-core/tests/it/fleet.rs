@@ -85,6 +85,7 @@ fn the_next_step_for_every_kind_of_situation() {
         ("rolled back, lease given back", Some(offer("2.0.0", Install)), Some(tx("2.0.0", rolled.clone())), true, open, none),
         ("bundle refused before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", refused.clone())), false, open, none),
         ("download broke off before", Some(offer("2.0.0", Install)), Some(tx("2.0.0", broke.clone())), false, open, none),
+        ("download stopped by a withdrawal, offered again", Some(offer("2.0.0", Install)), Some(tx("2.0.0", Failed { reason: FailReason::Cancelled })), false, open, none),
         ("fleet rollback, not on trial", Some(offer("2.0.0", RollBack)), None, false, open, none),
         ("prestage: not staged yet", Some(offer("2.0.0", Stage)), None, false, open, none),
         ("prestage: staged, window open", Some(offer("2.0.0", Stage)), Some(tx("2.0.0", Staged)), false, open, none),
@@ -126,6 +127,7 @@ fn the_next_step_for_every_kind_of_situation() {
         rolled back, lease given back => Idle
         bundle refused before => Idle
         download broke off before => Stage
+        download stopped by a withdrawal, offered again => Stage
         fleet rollback, not on trial => Idle
         prestage: not staged yet => Stage
         prestage: staged, window open => Idle

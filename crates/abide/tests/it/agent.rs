@@ -1233,3 +1233,58 @@ fn an_update_fetches_only_the_chunks_the_running_group_lacks() {
         "{s}"
     );
 }
+
+#[test]
+fn a_paused_rollout_stops_a_running_download_cleanly_and_a_resumed_one_completes_it() {
+    let (_tmp, dir) = workspace();
+    let f = Fleet::start(&dir, None, &[]);
+    let release = f.upload(&release_bundle(&dir, "2.0.0", 1));
+    let token = f.token("lab");
+    // A slow link, so the pause comes in the middle of the download.
+    let proxy = CuttingProxy::start(&f.url, Vec::new(), Some(Duration::from_millis(60)));
+    let dev = device(&dir, "gw-stop", &proxy.url, &token);
+    agent_once(&dir, &dev, 0);
+    let ro = f.rollout(&release, "100", "lab", &[]);
+    let ro_id = ro["id"].as_str().unwrap().to_owned();
+    let agent = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--once", "--json", "--config"])
+        .arg(dev.join("system.toml"))
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let devices = [dev.clone()];
+    wait("the download to start", 30, &devices, || {
+        status(&dir, &dev)["state"] == "downloading"
+    });
+    f.cmd(&["rollout", "pause", &ro_id]);
+    let out = agent.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Stopped: the target is not bootable, nothing was reported as a failure.
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["state"].as_str(), s["booted"].as_str()),
+        (Some("failed"), Some("A")),
+        "{s}"
+    );
+    assert!(s["reason"].as_str().unwrap().contains("cancelled"), "{s}");
+    let boot: Value =
+        serde_json::from_slice(&std::fs::read(dev.join("boot.json")).unwrap()).unwrap();
+    assert_eq!(boot["bootable"]["B"], false, "{boot}");
+    let st = f.cmd(&["rollout", "status", &ro_id]);
+    assert_eq!(
+        st["failed"], 0,
+        "a withdrawn download is not a failure: {st}"
+    );
+    // Resumed: the device downloads again and activates.
+    f.cmd(&["rollout", "resume", &ro_id]);
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(status(&dir, &dev)["state"], "committed");
+}

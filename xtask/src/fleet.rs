@@ -348,8 +348,8 @@ fn idle_inventory() -> abide_proto::CheckinRequest {
         version: "1.0.0".into(),
         booted: Some("A".into()),
         good: Some("A".into()),
-        state: "idle".into(),
-        health: Some("healthy".into()),
+        state: abide_proto::DeviceState::Idle,
+        health: Some(abide_proto::Health::Healthy),
         trust_version: None,
         progress: None,
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use abide_core::fleet::{self, Lease, Offer, OfferKind, Step, View, WindowState};
+use abide_core::fleet::{self, Lease, Offer, Step, View, WindowState};
 use abide_core::{
     Action, BootPolicy, BootReport, FailReason, Group, Quarantine, RollbackReason, Transaction,
     TxState, Verdict,
@@ -162,7 +162,7 @@ impl Sim {
         tally.ledger.lock().await.push(Entry {
             device: self.device.id.clone(),
             seq: r.seq,
-            status: r.status.clone(),
+            status: r.status.as_str().to_owned(),
             release: r.release_id.clone(),
             outcome: if recorded { "recorded" } else { "duplicate" }.into(),
         });
@@ -182,7 +182,7 @@ impl Sim {
         self.seq += 1;
         let r = ReportRequest {
             seq: self.seq,
-            status: status.as_str().into(),
+            status: crate::report_status(status),
             release_id: Some(release.clone()),
             rollout_id: Some(rollout.clone()),
             reason,
@@ -207,8 +207,8 @@ impl Sim {
                     version: self.version.to_string(),
                     booted: Some(self.good.to_string()),
                     good: Some(self.good.to_string()),
-                    state: self.tx.as_ref().map_or("idle", |t| t.state.name()).into(),
-                    health: Some("healthy".into()),
+                    state: crate::device_state(self.tx.as_ref()),
+                    health: Some(abide_proto::Health::Healthy),
                     trust_version: None,
                     progress: None,
                 },
@@ -221,11 +221,7 @@ impl Sim {
                 release_id: r.release_id.clone(),
                 rollout_id: r.rollout_id.clone(),
                 version: r.version.parse().ok()?,
-                kind: match r.action.as_str() {
-                    "rollback" => OfferKind::RollBack,
-                    "stage" => OfferKind::Stage,
-                    _ => OfferKind::Install,
-                },
+                kind: crate::offer_kind(r.action),
             })
         });
         let started = Instant::now();

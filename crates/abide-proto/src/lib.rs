@@ -10,6 +10,115 @@ use serde::{Deserialize, Serialize};
 /// `abide-assignment-v1` followed by the exact `payload` bytes.
 pub const ASSIGNMENT_DOMAIN: &[u8] = b"abide-assignment-v1";
 
+/// Defines a wire enum: its variants, their names on the wire, and `ALL`.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        pub enum $name {
+            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in order.
+            pub const ALL: &[$name] = &[$($name::$variant,)+];
+
+            /// Its name on the wire.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The value named `text` on the wire.
+            pub fn parse(text: &str) -> Option<$name> {
+                $name::ALL.iter().copied().find(|v| v.as_str() == text)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// A step of an update, as a device reports it.
+    ReportStatus {
+        /// Content is streaming into the target group.
+        Downloading = "downloading",
+        /// Every digest verified; waiting to activate.
+        Staged = "staged",
+        /// Activated; rebooting into the target.
+        Rebooting = "rebooting",
+        /// Booted into the target; the health gate decides.
+        Trial = "trial",
+        /// The health gate passed on the new system.
+        Committed = "committed",
+        /// Ended before activation (a reason is required).
+        Failed = "failed",
+        /// The trial failed; back on the previous system (a reason is required).
+        RolledBack = "rolled_back",
+    }
+}
+
+impl ReportStatus {
+    /// Whether a report of this status must say why.
+    pub fn needs_reason(self) -> bool {
+        matches!(self, ReportStatus::Failed | ReportStatus::RolledBack)
+    }
+}
+
+wire_enum! {
+    /// A device's own transaction state, in its check-in inventory.
+    DeviceState {
+        /// No transaction, or none since the device started.
+        Idle = "idle",
+        /// Content is streaming into the target group.
+        Downloading = "downloading",
+        /// Staged, waiting to activate.
+        Staged = "staged",
+        /// Activated, rebooting.
+        Activated = "activated",
+        /// On trial.
+        Trial = "trial",
+        /// The last update committed.
+        Committed = "committed",
+        /// The last update rolled back.
+        RolledBack = "rolled_back",
+        /// The last update ended before activation.
+        Failed = "failed",
+    }
+}
+
+wire_enum! {
+    /// A device's health, from its checks.
+    Health {
+        /// Every check passes.
+        Healthy = "healthy",
+        /// A non-critical check fails.
+        Degraded = "degraded",
+        /// A critical check fails.
+        Unhealthy = "unhealthy",
+        /// Not known (during a trial, whose gate decides).
+        Unknown = "unknown",
+    }
+}
+
+wire_enum! {
+    /// What a device is to do with an assigned release.
+    AssignedAction {
+        /// Download, stage, and activate in its windows under a lease.
+        Install = "install",
+        /// Download and stage only (the rollout stages every device before it activates any).
+        Stage = "stage",
+        /// Install the previous release; a trial rolls back instead.
+        Rollback = "rollback",
+    }
+}
+
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -124,11 +233,11 @@ pub struct CheckinRequest {
     /// The known-good slot group.
     #[serde(default)]
     pub good: Option<String>,
-    /// The device's transaction state (`idle`, `trial`, `committed`, …).
-    pub state: String,
-    /// Its health (`healthy`, `degraded`, `unhealthy`, `unknown`).
+    /// The device's transaction state.
+    pub state: DeviceState,
+    /// Its health.
     #[serde(default)]
-    pub health: Option<String>,
+    pub health: Option<Health>,
     /// The version of the trust root it holds; the answer carries the published roots after
     /// it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,10 +318,8 @@ pub struct AssignedRelease {
     pub sha256: String,
     /// Its size.
     pub size: u64,
-    /// `install`; `stage` (download and stage only: the rollout stages every device before
-    /// it activates any); or `rollback` (install the previous release; a trial rolls back
-    /// instead).
-    pub action: String,
+    /// What to do with it.
+    pub action: AssignedAction,
 }
 
 /// A maintenance window: activation and reboot only on these days between these times.
@@ -235,8 +342,8 @@ pub struct Window {
 pub struct ReportRequest {
     /// The device's sequence number for this report, from 1, one more for each new report.
     pub seq: u64,
-    /// `downloading`, `staged`, `rebooting`, `trial`, `committed`, `failed`, `rolled_back`.
-    pub status: String,
+    /// The step.
+    pub status: ReportStatus,
     /// The release it is about.
     #[serde(default)]
     pub release_id: Option<String>,

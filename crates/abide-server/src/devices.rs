@@ -14,7 +14,7 @@ use std::time::Duration;
 use abide_bundle::{HardwareId, Name};
 use abide_proto::{
     Assignment, CheckinRequest, EnrollRequest, EnrollResponse, EnrollToken, EnrollTokenRequest,
-    ReportRequest, ReportResponse, SignedAssignment,
+    ReportRequest, ReportResponse, ReportStatus, SignedAssignment,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -27,28 +27,6 @@ use crate::auth::valid_device_id;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
 
-/// The update statuses a device reports.
-pub const STATUSES: &[&str] = &[
-    "downloading",
-    "staged",
-    "rebooting",
-    "trial",
-    "committed",
-    "failed",
-    "rolled_back",
-];
-
-/// The transaction states a device's own inventory may carry.
-pub const DEVICE_STATES: &[&str] = &[
-    "idle",
-    "downloading",
-    "staged",
-    "activated",
-    "trial",
-    "committed",
-    "rolled_back",
-    "failed",
-];
 
 /// Whether `s` is a short name: 1 to `max` of `A-Z a-z 0-9 . _ - :`.
 pub fn valid_label(s: &str, max: usize) -> bool {
@@ -241,8 +219,8 @@ struct Seen {
     version: String,
     booted: Option<String>,
     good: Option<String>,
-    state: String,
-    health: Option<String>,
+    state: abide_proto::DeviceState,
+    health: Option<abide_proto::Health>,
     progress: Option<abide_proto::Progress>,
 }
 
@@ -270,8 +248,8 @@ pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
         .bind(&s.version)
         .bind(&s.booted)
         .bind(&s.good)
-        .bind(&s.health)
-        .bind(&s.state)
+        .bind(s.health.map(|h| h.as_str()))
+        .bind(s.state.as_str())
         .bind(
             s.progress
                 .as_ref()
@@ -314,18 +292,7 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
             "progress: expected a release id and bytes no more than total",
         ));
     }
-    if !DEVICE_STATES.contains(&req.state.as_str()) {
-        return Err(ApiError::bad_request(format!(
-            "state {:?}: expected one of {}",
-            req.state,
-            DEVICE_STATES.join(", ")
-        )));
-    }
-    for (field, v) in [
-        ("booted", &req.booted),
-        ("good", &req.good),
-        ("health", &req.health),
-    ] {
+    for (field, v) in [("booted", &req.booted), ("good", &req.good)] {
         if let Some(v) = v.as_deref().filter(|v| !valid_label(v, 32)) {
             return Err(ApiError::bad_request(format!(
                 "{field} {v:?}: expected a short name"
@@ -354,8 +321,8 @@ pub async fn checkin(
             version: req.version.clone(),
             booted: req.booted.clone(),
             good: req.good.clone(),
-            state: req.state.clone(),
-            health: req.health.clone(),
+            state: req.state,
+            health: req.health,
             progress: req.progress.clone(),
         },
     );
@@ -407,14 +374,7 @@ pub async fn report(
     if req.seq == 0 || req.seq > i64::MAX as u64 {
         return Err(ApiError::bad_request("seq: expected 1 or more"));
     }
-    if !STATUSES.contains(&req.status.as_str()) {
-        return Err(ApiError::bad_request(format!(
-            "status {:?}: expected one of {}",
-            req.status,
-            STATUSES.join(", ")
-        )));
-    }
-    let needs_reason = matches!(req.status.as_str(), "failed" | "rolled_back");
+    let needs_reason = req.status.needs_reason();
     match req.reason.as_deref() {
         None | Some("") if needs_reason => {
             return Err(ApiError::bad_request(format!(
@@ -453,7 +413,7 @@ pub async fn report(
     )
     .bind(&id)
     .bind(seq)
-    .bind(&req.status)
+    .bind(req.status.as_str())
     .bind(&req.release_id)
     .bind(&req.rollout_id)
     .bind(&req.reason)
@@ -472,13 +432,13 @@ pub async fn report(
     if seq > last_seq {
         sqlx::query("UPDATE devices SET state = $2, reason = $3, last_seq = $4 WHERE id = $1")
             .bind(&id)
-            .bind(&req.status)
+            .bind(req.status.as_str())
             .bind(&req.reason)
             .bind(seq)
             .execute(&mut *tx)
             .await?;
         // A committed release is what the device runs now.
-        if let (Some(release), "committed") = (&req.release_id, req.status.as_str()) {
+        if let (Some(release), ReportStatus::Committed) = (&req.release_id, req.status) {
             sqlx::query(
                 "UPDATE devices SET version = (SELECT version FROM releases WHERE id = $2) \
                  WHERE id = $1 AND EXISTS (SELECT 1 FROM releases WHERE id = $2)",
@@ -494,7 +454,7 @@ pub async fn report(
                 &id,
                 rollout,
                 req.release_id.as_deref(),
-                &req.status,
+                req.status,
                 req.reason.as_deref(),
                 now_ms(),
             )
@@ -502,7 +462,7 @@ pub async fn report(
         }
     }
     // A device that rolled a release back is never offered it again.
-    if let (Some(release), "rolled_back") = (&req.release_id, req.status.as_str()) {
+    if let (Some(release), ReportStatus::RolledBack) = (&req.release_id, req.status) {
         sqlx::query(
             "INSERT INTO quarantine (device_id, release_id, at) VALUES ($1, $2, $3) \
              ON CONFLICT (device_id, release_id) DO NOTHING",

@@ -12,7 +12,7 @@
 //! `running`, `paused` (with the reason), `completed`, `aborted`, `rolled_back`.
 
 use abide_core::rollout::{self, Counts, Decision, Stage};
-use abide_proto::AssignedRelease;
+use abide_proto::{AssignedAction, AssignedRelease};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -896,7 +896,7 @@ pub async fn assignment(
                         security: i64,
                         sha256: String,
                         size: i64,
-                        action: &str| AssignedRelease {
+                        action: AssignedAction| AssignedRelease {
             url: format!("/api/v1/releases/{release_id}/bundle"),
             release_id,
             rollout_id: rollout_id.clone(),
@@ -904,7 +904,7 @@ pub async fn assignment(
             security_version: security as u64,
             sha256,
             size: size as u64,
-            action: action.into(),
+            action,
         };
         if status == "rolled_back" {
             let Some(prev) = from.as_deref() else {
@@ -935,9 +935,9 @@ pub async fn assignment(
                 continue;
             }
             let action = if state == "committed" {
-                "install"
+                AssignedAction::Install
             } else {
-                "rollback"
+                AssignedAction::Rollback
             };
             return Ok(Some(assigned(
                 pid,
@@ -957,9 +957,9 @@ pub async fn assignment(
             if prestage.is_none() {
                 continue;
             }
-            "stage"
+            AssignedAction::Stage
         } else {
-            "install"
+            AssignedAction::Install
         };
         let quarantined: Option<(i64,)> =
             sqlx::query_as("SELECT at FROM quarantine WHERE device_id = $1 AND release_id = $2")
@@ -1006,7 +1006,7 @@ pub async fn on_report(
     device: &str,
     rollout_id: &str,
     release_id: Option<&str>,
-    status: &str,
+    status: abide_proto::ReportStatus,
     reason: Option<&str>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -1018,10 +1018,12 @@ pub async fn on_report(
         return Ok(());
     };
     // A report about another release in this rollout is the fleet-wide rollback's reinstall.
-    let state = if status == "committed" && release_id.is_some_and(|r| r != rollout_release) {
+    let state = if status == abide_proto::ReportStatus::Committed
+        && release_id.is_some_and(|r| r != rollout_release)
+    {
         "reverted"
     } else {
-        status
+        status.as_str()
     };
     sqlx::query("UPDATE rollout_devices SET state = $3, reason = $4, updated_at = $5 WHERE rollout_id = $1 AND device_id = $2")
         .bind(rollout_id)

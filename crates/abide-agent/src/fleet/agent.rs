@@ -9,9 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use abide_client::{ClientError, Device as Client};
-use abide_core::fleet::{self, Lease, Offer, OfferKind, Step, View, WindowState};
+use abide_core::fleet::{self, Lease, Offer, Step, View, WindowState};
 use abide_core::{CheckOutcome, FailReason, Force, Transaction, TxState};
-use abide_proto::{Assignment, CheckinRequest, ReportRequest};
+use abide_proto::{Assignment, CheckinRequest, Health, ReportRequest};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -245,7 +245,7 @@ impl Agent {
                 });
                 fleet.queue(ReportRequest {
                     seq: 0,
-                    status: fleet::Status::Downloading.as_str().to_owned(),
+                    status: abide_proto::ReportStatus::Downloading,
                     release_id: Some(offer.release_id.clone()),
                     rollout_id: Some(offer.rollout_id.clone()),
                     reason: None,
@@ -361,7 +361,7 @@ impl Agent {
             let (release_id, total) = (release.release_id.clone(), release.size);
             let every = self.server.poll_interval;
             let mut inventory = inventory(device, &device.state()?)?;
-            inventory.state = "downloading".into();
+            inventory.state = abide_proto::DeviceState::Downloading;
             let started = Instant::now();
             self.rt.spawn(async move {
                 loop {
@@ -531,7 +531,7 @@ fn queue_report(fleet: &mut FleetState, tx: Option<&Transaction>, device: &Devic
     };
     fleet.queue(ReportRequest {
         seq: 0,
-        status: status.as_str().to_owned(),
+        status: abide_client::report_status(status),
         release_id: Some(assigned.release_id),
         rollout_id: Some(assigned.rollout_id),
         reason: reason.map(|r| r.chars().take(1000).collect()),
@@ -550,7 +550,7 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
     let on_trial =
         tx.is_some_and(|t| matches!(t.state, TxState::Activated { .. } | TxState::Trial { .. }));
     let health = if on_trial {
-        "unknown"
+        Health::Unknown
     } else {
         let group = booted.as_ref().map(ToString::to_string).unwrap_or_default();
         let version = state.version.to_string();
@@ -560,13 +560,13 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
         };
         let results = run_checks(&device.config, running, &group, &SystemClock);
         if results.iter().all(|r| r.outcome == CheckOutcome::Pass) {
-            "healthy"
+            Health::Healthy
         } else if results.iter().any(|r| {
             r.criticality == abide_core::Criticality::Critical && r.outcome != CheckOutcome::Pass
         }) {
-            "unhealthy"
+            Health::Unhealthy
         } else {
-            "degraded"
+            Health::Degraded
         }
     };
     Ok(CheckinRequest {
@@ -574,8 +574,8 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
         version: state.version.to_string(),
         booted: booted.map(|g| g.to_string()),
         good: good.map(|g| g.to_string()),
-        state: tx.map_or("idle", |t| t.state.name()).to_owned(),
-        health: Some(health.to_owned()),
+        state: abide_client::device_state(tx),
+        health: Some(health),
         trust_version: Some(crate::trust::version(&device.config)?),
         progress: None,
     })
@@ -584,16 +584,11 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
 fn offer_of(a: &Assignment) -> Option<Offer> {
     let r = a.release.as_ref()?;
     let version = r.version.parse().ok()?;
-    let kind = match r.action.as_str() {
-        "rollback" => OfferKind::RollBack,
-        "stage" => OfferKind::Stage,
-        _ => OfferKind::Install,
-    };
     Some(Offer {
         release_id: r.release_id.clone(),
         rollout_id: r.rollout_id.clone(),
         version,
-        kind,
+        kind: abide_client::offer_kind(r.action),
     })
 }
 

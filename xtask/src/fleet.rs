@@ -311,8 +311,8 @@ async fn rollout(o: &Opts, db: &str) -> Result<()> {
         "{db:<10} {} devices (written in {insert_secs:.1} s), rollout created in {create_secs:.2} s; decisions: {}; final status {} with {} committed; peak RSS {:.1} MiB",
         o.rollout,
         decisions.join(", "),
-        status["status"],
-        status["committed"],
+        status.status,
+        status.committed,
         peak_rss_kib("self") as f64 / 1024.0
     );
     drop(pg);

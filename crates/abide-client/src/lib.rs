@@ -224,6 +224,49 @@ impl Admin {
             .await
     }
 
+    /// A rollout's status.
+    pub async fn rollout(&self, id: &str) -> Result<abide_proto::RolloutStatus> {
+        self.send(
+            reqwest::Method::GET,
+            &format!("/api/v1/rollouts/{id}"),
+            None,
+            false,
+        )
+        .await
+    }
+
+    /// Every rollout's status, newest first.
+    pub async fn rollouts(&self) -> Result<Vec<abide_proto::RolloutStatus>> {
+        self.send(reqwest::Method::GET, "/api/v1/rollouts", None, false)
+            .await
+    }
+
+    /// Creates a rollout.
+    pub async fn create_rollout(
+        &self,
+        request: &abide_proto::RolloutRequest,
+    ) -> Result<abide_proto::RolloutStatus> {
+        let body = serde_json::to_vec(request).expect("plain data");
+        self.send(
+            reqwest::Method::POST,
+            "/api/v1/rollouts",
+            Some(body.into()),
+            true,
+        )
+        .await
+    }
+
+    /// An operator action on a rollout (`pause`, `resume`, `advance`, `abort`, `rollback`).
+    pub async fn rollout_action(
+        &self,
+        id: &str,
+        action: &str,
+    ) -> Result<abide_proto::RolloutStatus> {
+        let path = format!("/api/v1/rollouts/{id}/{action}");
+        self.send(reqwest::Method::POST, &path, Some("{}".into()), true)
+            .await
+    }
+
     /// Uploads a bundle file as a release.
     pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value> {
         self.send(

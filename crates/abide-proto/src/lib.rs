@@ -119,6 +119,144 @@ wire_enum! {
     }
 }
 
+wire_enum! {
+    /// Where a rollout is.
+    RolloutState {
+        /// It targets no device yet.
+        Waiting = "waiting",
+        /// Every targeted device stages; activation waits for the prestage share.
+        Prestaging = "prestaging",
+        /// Its current stage is being rolled out.
+        Running = "running",
+        /// Stopped, with the reason (too many failures, or an operator).
+        Paused = "paused",
+        /// Every stage done.
+        Completed = "completed",
+        /// Stopped for good by an operator.
+        Aborted = "aborted",
+        /// Rolled back across the fleet.
+        RolledBack = "rolled_back",
+    }
+}
+
+impl RolloutState {
+    /// The operator actions this state allows, as the API names them.
+    pub fn actions(self) -> &'static [&'static str] {
+        match self {
+            RolloutState::Running | RolloutState::Waiting => {
+                &["pause", "advance", "abort", "rollback"]
+            }
+            RolloutState::Prestaging => &["pause", "abort"],
+            RolloutState::Paused => &["resume", "advance", "abort", "rollback"],
+            RolloutState::Completed | RolloutState::Aborted => &["rollback"],
+            RolloutState::RolledBack => &[],
+        }
+    }
+}
+
+/// An admin's request for a rollout (`POST /api/v1/rollouts`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutRequest {
+    /// The release id.
+    pub release: String,
+    /// The stages, as `5:24h,25:24h,100`.
+    pub stages: String,
+    /// The failure threshold, as `10%` (the default).
+    #[serde(default)]
+    pub failure_threshold: Option<String>,
+    /// Only devices of this group.
+    #[serde(default)]
+    pub group: Option<String>,
+    /// Only devices with this tag.
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// After how long a device that has not finished counts as failed (default `4h`).
+    #[serde(default)]
+    pub unresponsive_after: Option<String>,
+    /// Stage every targeted device first; activate (stage by stage) only once this share of
+    /// them (`80%`) is staged.
+    #[serde(default)]
+    pub prestage: Option<String>,
+}
+
+/// A rollout as the admin API, `abide fleet` and the web page show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// Its id.
+    pub id: String,
+    /// The release it rolls out.
+    pub release: String,
+    /// Where it is.
+    pub status: RolloutState,
+    /// Why it is paused or stopped.
+    pub reason: Option<String>,
+    /// The targeted group.
+    pub group: Option<String>,
+    /// The targeted tag.
+    pub tag: Option<String>,
+    /// The current stage, from 1.
+    pub stage: u64,
+    /// Every stage with its devices.
+    pub stages: Vec<StageView>,
+    /// The failure threshold, as `10%`.
+    pub failure_threshold: String,
+    /// Targeted devices.
+    pub devices: u64,
+    /// Of those, committed.
+    pub committed: u64,
+    /// Failed, rolled back or unresponsive.
+    pub failed: u64,
+    /// Assigned and not finished.
+    pub in_progress: u64,
+    /// Not yet assigned.
+    pub pending: u64,
+    /// The devices that failed, with their reasons.
+    pub failing: Vec<FailingDevice>,
+    /// When the current stage started.
+    pub stage_started_at: String,
+    /// When the rollout was created.
+    pub created_at: String,
+    /// With prestaging: the share that must be staged before activation, as `90%`.
+    pub prestage: Option<String>,
+    /// Devices staged (and not yet further).
+    pub staged: u64,
+    /// Staged or already running the release, percent of the devices taking part.
+    pub staged_share: f64,
+}
+
+/// One stage of a rollout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageView {
+    /// Its number, from 1.
+    pub index: u64,
+    /// Its cumulative share of the targeted devices.
+    pub percent: u8,
+    /// How long it soaks before the next stage.
+    pub soak_seconds: u64,
+    /// Its devices (those not in an earlier stage).
+    pub devices: u64,
+    /// Its devices by state.
+    pub states: std::collections::BTreeMap<String, u64>,
+    /// Of those, committed.
+    pub committed: u64,
+    /// Failed, rolled back or unresponsive.
+    pub failed: u64,
+    /// Whether it is the rollout's current stage.
+    pub current: bool,
+}
+
+/// A device that failed in a rollout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailingDevice {
+    /// The device.
+    pub device: String,
+    /// `failed`, `rolled_back` or `unresponsive`.
+    pub state: String,
+    /// Why.
+    pub reason: Option<String>,
+}
+
 /// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

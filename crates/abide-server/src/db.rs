@@ -184,6 +184,18 @@ ALTER TABLE rollouts ADD COLUMN prestage_bp BIGINT;
     ),
 ];
 
+/// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an
+/// error naming the row and the column, never a silent default.
+pub fn json_column<T: serde::de::DeserializeOwned>(
+    row: &str,
+    column: &str,
+    text: &str,
+) -> Result<T, sqlx::Error> {
+    serde_json::from_str(text).map_err(|e| {
+        sqlx::Error::Decode(format!("{row}: column {column} does not decode: {e}").into())
+    })
+}
+
 /// Why the database could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {

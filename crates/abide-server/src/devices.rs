@@ -27,7 +27,6 @@ use crate::auth::valid_device_id;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
 
-
 /// Whether `s` is a short name: 1 to `max` of `A-Z a-z 0-9 . _ - :`.
 pub fn valid_label(s: &str, max: usize) -> bool {
     (1..=max).contains(&s.len())
@@ -156,7 +155,7 @@ pub async fn enroll(
             .map_err(|e| ApiError::bad_request(format!("compatible: {e}")))?;
     }
     check_tags(&req.tags)?;
-    let mut tags: Vec<String> = serde_json::from_str(&token_tags).unwrap_or_default();
+    let mut tags: Vec<String> = crate::db::json_column("enrolment token", "tags", &token_tags)?;
     for t in req.tags {
         if !tags.contains(&t) {
             tags.push(t);

@@ -23,18 +23,19 @@ type Row = (String, String, String, String, i64, String, i64, i64);
 const COLUMNS: &str =
     "id, sha256, product, version, security_version, compatible, size, created_at";
 
-fn release(row: Row) -> abide_proto::Release {
+fn release(row: Row) -> Result<abide_proto::Release, sqlx::Error> {
     let (id, sha256, product, version, security_version, compatible, size, created_at) = row;
-    abide_proto::Release {
+    let compatible = crate::db::json_column(&format!("release {id}"), "compatible", &compatible)?;
+    Ok(abide_proto::Release {
         id,
         product,
         version,
         security_version: security_version as u64,
-        compatible: serde_json::from_str(&compatible).unwrap_or_default(),
+        compatible,
         size: size as u64,
         sha256,
         created_at: rfc3339(created_at),
-    }
+    })
 }
 
 /// The release `id`, if there is one.
@@ -60,7 +61,7 @@ async fn find_with<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     .bind(id)
     .fetch_optional(e)
     .await?;
-    Ok(row.map(release))
+    row.map(release).transpose()
 }
 
 /// `GET /api/v1/server-key`: the assignment-signing public key (devices pin it).
@@ -228,7 +229,7 @@ pub async fn upload(
     )
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(release(row))))
+    Ok((StatusCode::CREATED, Json(release(row)?)))
 }
 
 /// `GET /api/v1/releases`.
@@ -242,7 +243,9 @@ pub async fn list(
     )))
     .fetch_all(&server.db.pool)
     .await?;
-    Ok(Json(rows.into_iter().map(release).collect()))
+    Ok(Json(
+        rows.into_iter().map(release).collect::<Result<_, _>>()?,
+    ))
 }
 
 /// `GET /api/v1/releases/{id}`.

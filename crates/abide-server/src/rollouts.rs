@@ -12,12 +12,13 @@
 //! `running`, `paused` (with the reason), `completed`, `aborted`, `rolled_back`.
 
 use abide_core::rollout::{self, Counts, Decision, Stage};
-use abide_proto::{AssignedAction, AssignedRelease};
+use abide_proto::{
+    AssignedAction, AssignedRelease, FailingDevice, RolloutState, RolloutStatus, StageView,
+};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde::Deserialize;
 use sqlx::{Any, Transaction};
 
 use crate::Server;
@@ -96,14 +97,23 @@ type RolloutRow = (
 
 const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at, prestage_bp";
 
-fn from_row(r: RolloutRow) -> Rollout {
-    Rollout {
+/// A stored rollout; a column that does not decode is an error (never "no stages").
+fn from_row(r: RolloutRow) -> Result<Rollout, sqlx::Error> {
+    let stages: Vec<Stage> = serde_json::from_str(&r.4).map_err(|e| {
+        sqlx::Error::Decode(format!("rollout {}: column stages does not decode: {e}", r.0).into())
+    })?;
+    if stages.is_empty() {
+        return Err(sqlx::Error::Decode(
+            format!("rollout {}: column stages is empty", r.0).into(),
+        ));
+    }
+    Ok(Rollout {
         prestage_bp: r.13.map(|b| b as u32),
         id: r.0,
         release_id: r.1,
         group: r.2,
         tag: r.3,
-        stages: serde_json::from_str(&r.4).unwrap_or_default(),
+        stages,
         threshold_bp: r.5 as u32,
         failure_baseline: r.6,
         unresponsive_ms: r.7,
@@ -112,7 +122,7 @@ fn from_row(r: RolloutRow) -> Rollout {
         reason: r.10,
         stage_started_at: r.11,
         created_at: r.12,
-    }
+    })
 }
 
 /// Loads a rollout inside `tx`, locking its row on PostgreSQL.
@@ -128,33 +138,7 @@ pub async fn load_locked(
     .bind(id)
     .fetch_optional(&mut **tx)
     .await?;
-    Ok(row.map(from_row))
-}
-
-/// What `POST /api/v1/rollouts` takes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    /// The release id.
-    pub release: String,
-    /// `5:24h,25:24h,100`.
-    pub stages: String,
-    /// `10%` (default).
-    #[serde(default)]
-    pub failure_threshold: Option<String>,
-    /// Only devices of this group.
-    #[serde(default)]
-    pub group: Option<String>,
-    /// Only devices with this tag.
-    #[serde(default)]
-    pub tag: Option<String>,
-    /// After how long a device that has not finished counts as failed (default `4h`).
-    #[serde(default)]
-    pub unresponsive_after: Option<String>,
-    /// Stage every targeted device first; activate (stage by stage) only once this share of
-    /// them (`80%`) is staged.
-    #[serde(default)]
-    pub prestage: Option<String>,
+    row.map(from_row).transpose()
 }
 
 /// A device the rollout may target.
@@ -184,14 +168,15 @@ async fn candidates(
     .bind(only.unwrap_or(""))
     .fetch_all(&mut **tx)
     .await?;
-    Ok(rows
-        .into_iter()
-        .filter(|(_, compatible, _)| {
-            let ids: Vec<String> = serde_json::from_str(compatible).unwrap_or_default();
-            ids.iter().any(|c| release.compatible.contains(c))
-        })
-        .map(|(id, _, version)| Candidate { id, version })
-        .collect())
+    let mut out = Vec::new();
+    for (id, compatible, version) in rows {
+        let ids: Vec<String> =
+            crate::db::json_column(&format!("device {id}"), "compatible", &compatible)?;
+        if ids.iter().any(|c| release.compatible.contains(c)) {
+            out.push(Candidate { id, version });
+        }
+    }
+    Ok(out)
 }
 
 /// Adds `devices` to rollout `r` (ignoring ones already in it), 500 rows per statement.
@@ -258,11 +243,12 @@ pub async fn enrol_device(
     device: &str,
 ) -> Result<(), sqlx::Error> {
     let rows: Vec<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM rollouts WHERE status IN ('waiting', 'running', 'paused')"
+        "SELECT {COLUMNS} FROM rollouts WHERE status IN ('waiting', 'prestaging', 'running', 'paused')"
     )))
     .fetch_all(&mut **tx)
     .await?;
-    for r in rows.into_iter().map(from_row) {
+    for r in rows {
+        let r = from_row(r)?;
         let Some(release) = crate::releases::find_in(tx, &r.release_id).await? else {
             continue;
         };
@@ -284,9 +270,9 @@ pub async fn create(
     State(server): State<Server>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<RolloutStatus>)> {
     crate::auth::admin(&server, &headers)?;
-    let req: CreateRequest = parse_json(&body)?;
+    let req: abide_proto::RolloutRequest = parse_json(&body)?;
     let stages =
         rollout::parse_stages(&req.stages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let threshold = rollout::parse_percent(req.failure_threshold.as_deref().unwrap_or("10%"))
@@ -391,14 +377,20 @@ pub async fn create(
 }
 
 /// A rollout's status with per-stage counts and its failing devices.
-pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value> {
+pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
     let row: Option<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM rollouts WHERE id = $1"
     )))
     .bind(id)
     .fetch_optional(&server.db.pool)
     .await?;
-    let r = from_row(row.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?);
+    let r = from_row(row.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?)?;
+    let status = RolloutState::parse(&r.status).ok_or_else(|| {
+        ApiError::internal(
+            "reading the rollout",
+            format!("rollout {id}: status {:?} is not a rollout state", r.status),
+        )
+    })?;
     let rows: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
         "SELECT place, state, device_id, reason FROM rollout_devices WHERE rollout_id = $1 ORDER BY place",
     )
@@ -409,63 +401,79 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<serde_json::Value
     let mut lower = 0u64;
     for (i, s) in r.stages.iter().enumerate() {
         let upper = rollout::cutoff(s.percent);
-        let mut counts = serde_json::Map::new();
-        let mut n = 0u64;
+        let mut states = std::collections::BTreeMap::<String, u64>::new();
         for (place, state, _, _) in &rows {
-            let p = *place as u64;
-            if p >= lower && p < upper {
-                n += 1;
-                let e = counts.entry(state.clone()).or_insert(serde_json::json!(0));
-                *e = serde_json::json!(e.as_u64().unwrap_or(0) + 1);
+            if (lower..upper).contains(&(*place as u64)) {
+                *states.entry(state.clone()).or_default() += 1;
             }
         }
-        stages.push(serde_json::json!({
-            "index": i + 1, "percent": s.percent, "soak_seconds": s.soak,
-            "devices": n, "states": counts,
-            "committed": counts.get("committed").and_then(|v| v.as_u64()).unwrap_or(0),
-            "failed": FAILED.iter().map(|f| counts.get(*f).and_then(|v| v.as_u64()).unwrap_or(0)).sum::<u64>(),
-            "current": i == r.stage && matches!(r.status.as_str(), "running" | "paused" | "waiting" | "prestaging"),
-        }));
+        stages.push(StageView {
+            index: i as u64 + 1,
+            percent: s.percent,
+            soak_seconds: s.soak,
+            devices: states.values().sum(),
+            committed: states.get("committed").copied().unwrap_or(0),
+            failed: FAILED
+                .iter()
+                .map(|f| states.get(*f).copied().unwrap_or(0))
+                .sum(),
+            current: i == r.stage
+                && matches!(
+                    status,
+                    RolloutState::Running
+                        | RolloutState::Paused
+                        | RolloutState::Waiting
+                        | RolloutState::Prestaging
+                ),
+            states,
+        });
         lower = upper;
     }
-    let failing: Vec<serde_json::Value> = rows
+    let failing = rows
         .iter()
         .filter(|(_, state, _, _)| FAILED.contains(&state.as_str()))
-        .map(|(_, state, device, reason)| serde_json::json!({"device": device, "state": state, "reason": reason}))
+        .map(|(_, state, device, reason)| FailingDevice {
+            device: device.clone(),
+            state: state.clone(),
+            reason: reason.clone(),
+        })
         .collect();
     let count = |want: &[&str]| {
         rows.iter()
             .filter(|(_, s, _, _)| want.contains(&s.as_str()))
-            .count()
+            .count() as u64
     };
-    let taking_part = rows.len() - count(&["skipped"]);
+    let devices = rows.len() as u64;
+    let taking_part = devices - count(&["skipped"]);
     let staged_share = if taking_part == 0 {
         0.0
     } else {
         (count(&["staged", "committed"]) as f64 / taking_part as f64 * 1000.0).round() / 10.0
     };
-    Ok(serde_json::json!({
-        "id": r.id,
-        "release": r.release_id,
-        "status": r.status,
-        "reason": r.reason,
-        "group": r.group,
-        "tag": r.tag,
-        "stage": r.stage + 1,
-        "stages": stages,
-        "failure_threshold": format!("{}%", f64::from(r.threshold_bp) / 100.0),
-        "devices": rows.len(),
-        "committed": count(&["committed"]),
-        "failed": count(FAILED),
-        "in_progress": rows.len() - count(TERMINAL) - count(&["pending"]),
-        "pending": count(&["pending"]),
-        "failing": failing,
-        "stage_started_at": rfc3339(r.stage_started_at),
-        "created_at": rfc3339(r.created_at),
-        "prestage": r.prestage_bp.map(|bp| format!("{}%", f64::from(bp) / 100.0)),
-        "staged": count(&["staged"]),
-        "staged_share": staged_share,
-    }))
+    Ok(RolloutStatus {
+        id: r.id,
+        release: r.release_id,
+        status,
+        reason: r.reason,
+        group: r.group,
+        tag: r.tag,
+        stage: r.stage as u64 + 1,
+        stages,
+        failure_threshold: format!("{}%", f64::from(r.threshold_bp) / 100.0),
+        devices,
+        committed: count(&["committed"]),
+        failed: count(FAILED),
+        in_progress: devices - count(TERMINAL) - count(&["pending"]),
+        pending: count(&["pending"]),
+        failing,
+        stage_started_at: rfc3339(r.stage_started_at),
+        created_at: rfc3339(r.created_at),
+        prestage: r
+            .prestage_bp
+            .map(|bp| format!("{}%", f64::from(bp) / 100.0)),
+        staged: count(&["staged"]),
+        staged_share,
+    })
 }
 
 /// `GET /api/v1/rollouts/{id}` (admin).
@@ -473,7 +481,7 @@ pub async fn show(
     State(server): State<Server>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<RolloutStatus>> {
     crate::auth::admin(&server, &headers)?;
     Ok(Json(status_of(&server, &id).await?))
 }
@@ -482,7 +490,7 @@ pub async fn show(
 pub async fn list(
     State(server): State<Server>,
     headers: HeaderMap,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
+) -> ApiResult<Json<Vec<RolloutStatus>>> {
     crate::auth::admin(&server, &headers)?;
     let ids: Vec<(String,)> =
         sqlx::query_as("SELECT id FROM rollouts ORDER BY created_at DESC, id")
@@ -568,8 +576,21 @@ pub async fn tick(server: &Server, now: i64) -> ApiResult<Vec<Decided>> {
     for (id,) in ids {
         let started = std::time::Instant::now();
         let mut tx = server.db.pool.begin().await?;
-        let Some(mut r) = load_locked(server, &mut tx, &id).await? else {
-            continue;
+        // A rollout whose row does not decode is not decided (and says so in the log); the
+        // others are.
+        let mut r = match load_locked(server, &mut tx, &id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(e @ sqlx::Error::Decode(_)) => {
+                tracing::error!(rollout = %id, error = %e, "a stored rollout does not decode");
+                out.push(Decided {
+                    rollout: id,
+                    what: "error".into(),
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+                continue;
+            }
+            Err(e) => return Err(e.into()),
         };
         let what = decide_one(server, &mut tx, &mut r, now).await?;
         tx.commit().await?;
@@ -736,14 +757,14 @@ pub async fn act(
     State(server): State<Server>,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<RolloutStatus>> {
     crate::auth::admin(&server, &headers)?;
     Ok(Json(apply_action(&server, &id, &action).await?))
 }
 
 /// Carries out an operator's action on a rollout (already authenticated) and returns its new
 /// status.
-pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<serde_json::Value> {
+pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<RolloutStatus> {
     let server = server.clone();
     let (id, action) = (id.to_owned(), action.to_owned());
     let now = now_ms();
@@ -890,7 +911,8 @@ pub async fn assignment(
         prestage,
     ) in rows
     {
-        let stages: Vec<Stage> = serde_json::from_str(&stages).unwrap_or_default();
+        let stages: Vec<Stage> =
+            crate::db::json_column(&format!("rollout {rollout_id}"), "stages", &stages)?;
         let assigned = |release_id: String,
                         version: String,
                         security: i64,

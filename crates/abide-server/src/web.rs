@@ -145,47 +145,51 @@ async fn render(server: &Server) -> ApiResult<String> {
     let mut failing = Vec::new();
     for (id,) in &ids {
         let s = crate::rollouts::status_of(server, id).await?;
-        let status = s["status"].as_str().unwrap_or("");
+        let status = s.status.as_str();
         let _ = write!(
             body,
-            "<div class=\"rollout\" id=\"{id}\"><p><b>{id}</b> of release {rel} <span class=\"status {status}\">{status}</span>{reason}</p>\n<p>{devices} devices: {committed} committed, {failed} failed, {busy} in progress, {pending} pending</p>\n<table><tr><th>stage</th><th>share</th><th>soak</th><th>devices</th><th>progress</th><th>states</th></tr>\n",
+            "<div class=\"rollout\" id=\"{id}\"><p><b>{id}</b> of release {rel} <span class=\"status {status}\">{status}</span>{reason}</p>\n<p>{devices} devices: {committed} committed, {failed} failed, {busy} in progress, {pending} pending{prestage}</p>\n<table><tr><th>stage</th><th>share</th><th>soak</th><th>devices</th><th>progress</th><th>states</th></tr>\n",
             id = escape(id),
-            rel = escape(s["release"].as_str().unwrap_or("")),
-            status = escape(status),
-            reason = s["reason"]
-                .as_str()
+            rel = escape(&s.release),
+            reason = s
+                .reason
+                .as_deref()
                 .map(|r| format!(" <span class=\"reason\">{}</span>", escape(r)))
                 .unwrap_or_default(),
-            devices = s["devices"],
-            committed = s["committed"],
-            failed = s["failed"],
-            busy = s["in_progress"],
-            pending = s["pending"],
+            devices = s.devices,
+            committed = s.committed,
+            failed = s.failed,
+            busy = s.in_progress,
+            pending = s.pending,
+            prestage = s
+                .prestage
+                .as_deref()
+                .map(|p| format!(
+                    "; {}% staged (activation waits for {})",
+                    s.staged_share,
+                    escape(p)
+                ))
+                .unwrap_or_default(),
         );
-        for st in s["stages"].as_array().into_iter().flatten() {
-            let n = st["devices"].as_u64().unwrap_or(0).max(1) as f64;
-            let ok = st["committed"].as_u64().unwrap_or(0) as f64;
-            let bad = st["failed"].as_u64().unwrap_or(0) as f64;
-            let pending = st["states"]["pending"].as_u64().unwrap_or(0) as f64;
+        for st in &s.stages {
+            let n = st.devices.max(1) as f64;
+            let ok = st.committed as f64;
+            let bad = st.failed as f64;
+            let pending = st.states.get("pending").copied().unwrap_or(0) as f64;
             let busy = (n - ok - bad - pending).max(0.0);
-            let states: Vec<String> = st["states"]
-                .as_object()
-                .into_iter()
-                .flatten()
+            let states: Vec<String> = st
+                .states
+                .iter()
                 .map(|(k, v)| format!("{} {}", v, escape(k)))
                 .collect();
             let _ = writeln!(
                 body,
                 "<tr><td>{}{}</td><td>{}%</td><td>{}s</td><td>{}</td><td><div class=\"bar\"><div class=\"ok\" style=\"width:{:.1}%\"></div><div class=\"bad\" style=\"width:{:.1}%\"></div><div class=\"busy\" style=\"width:{:.1}%\"></div></div></td><td>{}</td></tr>",
-                st["index"],
-                if st["current"] == true {
-                    " (current)"
-                } else {
-                    ""
-                },
-                st["percent"],
-                st["soak_seconds"],
-                st["devices"],
+                st.index,
+                if st.current { " (current)" } else { "" },
+                st.percent,
+                st.soak_seconds,
+                st.devices,
                 100.0 * ok / n,
                 100.0 * bad / n,
                 100.0 * busy / n,
@@ -193,13 +197,7 @@ async fn render(server: &Server) -> ApiResult<String> {
             );
         }
         body.push_str("</table>\n<p>");
-        let actions: &[&str] = match status {
-            "running" | "waiting" => &["pause", "advance", "abort", "rollback"],
-            "paused" => &["resume", "advance", "abort", "rollback"],
-            "completed" | "aborted" => &["rollback"],
-            _ => &[],
-        };
-        for a in actions {
+        for a in s.status.actions() {
             let _ = write!(
                 body,
                 "<form class=\"inline\" method=\"post\" action=\"/ui/rollouts/{}/{a}\"><button type=\"submit\" name=\"action\" value=\"{a}\">{a}</button></form>",
@@ -207,8 +205,8 @@ async fn render(server: &Server) -> ApiResult<String> {
             );
         }
         body.push_str("</p></div>\n");
-        for f in s["failing"].as_array().into_iter().flatten() {
-            failing.push((id.clone(), f.clone()));
+        for f in s.failing {
+            failing.push((id.clone(), f));
         }
     }
 
@@ -223,10 +221,10 @@ async fn render(server: &Server) -> ApiResult<String> {
             let _ = writeln!(
                 body,
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
-                escape(f["device"].as_str().unwrap_or("")),
+                escape(&f.device),
                 escape(rollout),
-                escape(f["state"].as_str().unwrap_or("")),
-                escape(f["reason"].as_str().unwrap_or(""))
+                escape(&f.state),
+                escape(f.reason.as_deref().unwrap_or(""))
             );
         }
         body.push_str("</table>\n");

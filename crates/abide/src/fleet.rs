@@ -259,52 +259,48 @@ fn print_table(out: &Output, value: &Value, columns: &[&str]) {
     });
 }
 
-fn describe_rollout(s: &Value) -> String {
+fn describe_rollout(s: &abide_proto::RolloutStatus) -> String {
     let mut text = format!(
         "rollout {} of release {}: {}{} — stage {} of {}, {} devices: {} committed, {} failed, {} in progress, {} pending",
-        s["id"].as_str().unwrap_or(""),
-        s["release"].as_str().unwrap_or(""),
-        s["status"].as_str().unwrap_or(""),
-        s["reason"]
-            .as_str()
+        s.id,
+        s.release,
+        s.status,
+        s.reason
+            .as_deref()
             .map(|r| format!(" ({r})"))
             .unwrap_or_default(),
-        s["stage"],
-        s["stages"].as_array().map_or(0, Vec::len),
-        s["devices"],
-        s["committed"],
-        s["failed"],
-        s["in_progress"],
-        s["pending"],
+        s.stage,
+        s.stages.len(),
+        s.devices,
+        s.committed,
+        s.failed,
+        s.in_progress,
+        s.pending,
     );
-    if let Some(p) = s["prestage"].as_str() {
+    if let Some(p) = &s.prestage {
         text.push_str(&format!(
             "\n  prestage: activation waits for {p} staged; {}% staged ({} devices)",
-            s["staged_share"], s["staged"]
+            s.staged_share, s.staged
         ));
     }
-    for st in s["stages"].as_array().into_iter().flatten() {
+    for st in &s.stages {
         text.push_str(&format!(
             "\n  stage {} ({}%, soak {}s): {} devices, {} committed, {} failed{}",
-            st["index"],
-            st["percent"],
-            st["soak_seconds"],
-            st["devices"],
-            st["committed"],
-            st["failed"],
-            if st["current"] == true {
-                "  <- current"
-            } else {
-                ""
-            }
+            st.index,
+            st.percent,
+            st.soak_seconds,
+            st.devices,
+            st.committed,
+            st.failed,
+            if st.current { "  <- current" } else { "" }
         ));
     }
-    for f in s["failing"].as_array().into_iter().flatten() {
+    for f in &s.failing {
         text.push_str(&format!(
             "\n  failing: {} {}: {}",
-            f["device"].as_str().unwrap_or(""),
-            f["state"].as_str().unwrap_or(""),
-            f["reason"].as_str().unwrap_or("")
+            f.device,
+            f.state,
+            f.reason.as_deref().unwrap_or("")
         ));
     }
     text
@@ -499,27 +495,42 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     prestage,
                 } => {
                     admin
-                        .post(
-                            "/api/v1/rollouts",
-                            &json!({"release": release, "stages": stages, "failure_threshold": failure_threshold,
-                                    "group": group, "tag": tag, "unresponsive_after": unresponsive_after,
-                                    "prestage": prestage}),
-                        )
+                        .create_rollout(&abide_proto::RolloutRequest {
+                            release,
+                            stages,
+                            failure_threshold: Some(failure_threshold),
+                            group,
+                            tag,
+                            unresponsive_after,
+                            prestage,
+                        })
                         .await?
                 }
-                RolloutCommand::Status { id } => admin.get(&format!("/api/v1/rollouts/{id}")).await?,
+                RolloutCommand::Status { id } => admin.rollout(&id).await?,
                 RolloutCommand::List => {
-                    let r = admin.get("/api/v1/rollouts").await?;
-                    print_table(&out, &r, &["id", "release", "status", "stage", "devices", "committed", "failed"]);
+                    let r = serde_json::to_value(admin.rollouts().await?)?;
+                    print_table(
+                        &out,
+                        &r,
+                        &[
+                            "id",
+                            "release",
+                            "status",
+                            "stage",
+                            "devices",
+                            "committed",
+                            "failed",
+                        ],
+                    );
                     return Ok(());
                 }
-                RolloutCommand::Pause { id } => act(&admin, &id, "pause").await?,
-                RolloutCommand::Resume { id } => act(&admin, &id, "resume").await?,
-                RolloutCommand::Advance { id } => act(&admin, &id, "advance").await?,
-                RolloutCommand::Abort { id } => act(&admin, &id, "abort").await?,
-                RolloutCommand::Rollback { id } => act(&admin, &id, "rollback").await?,
+                RolloutCommand::Pause { id } => admin.rollout_action(&id, "pause").await?,
+                RolloutCommand::Resume { id } => admin.rollout_action(&id, "resume").await?,
+                RolloutCommand::Advance { id } => admin.rollout_action(&id, "advance").await?,
+                RolloutCommand::Abort { id } => admin.rollout_action(&id, "abort").await?,
+                RolloutCommand::Rollback { id } => admin.rollout_action(&id, "rollback").await?,
             };
-            out.print(&r, || describe_rollout(&r));
+            out.print(&serde_json::to_value(&r)?, || describe_rollout(&r));
         }
         FleetCommand::Group(GroupCommand::Set {
             group,
@@ -583,10 +594,4 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
         }
     }
     Ok(())
-}
-
-async fn act(admin: &abide_client::Admin, id: &str, action: &str) -> Result<Value> {
-    Ok(admin
-        .post(&format!("/api/v1/rollouts/{id}/{action}"), &json!({}))
-        .await?)
 }

@@ -19,6 +19,7 @@ on_both!(
     a_rollout_that_targets_no_device_waits,
     operator_actions_and_their_refusals,
     leases_keep_max_unavailable_and_quorum,
+    a_corrupt_stored_rollout_is_an_error_not_a_completed_rollout,
 );
 
 const HOUR: i64 = 3_600_000;
@@ -700,4 +701,40 @@ async fn leases_keep_max_unavailable_and_quorum(backend: Backend) {
         lease(devices[0].1.clone(), json!({})).await.status,
         StatusCode::OK
     );
+}
+
+async fn a_corrupt_stored_rollout_is_an_error_not_a_completed_rollout(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let rel = release(&h, "1.4.0", 5).await;
+    fleet(&h, 2, "lab").await;
+    let ro = create(
+        &h,
+        json!({"release": rel, "stages": "50:1h,100", "group": "lab"}),
+    )
+    .await;
+    let id = ro["id"].as_str().unwrap().to_owned();
+    // A damaged stages column: once read as "no stages", which completed the rollout.
+    sqlx::query("UPDATE rollouts SET stages = 'not json' WHERE id = $1")
+        .bind(&id)
+        .execute(&h.server.db.pool)
+        .await
+        .unwrap();
+    let r = h
+        .call(
+            Method::GET,
+            &format!("/api/v1/rollouts/{id}"),
+            Some(&h.admin.clone()),
+            &[],
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let decided = tick(&h.server, now_ms() + 100 * HOUR).await.unwrap();
+    assert_eq!(decided[0].what, "error");
+    let (status,): (String,) = sqlx::query_as("SELECT status FROM rollouts WHERE id = $1")
+        .bind(&id)
+        .fetch_one(&h.server.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "running", "a corrupt rollout is not decided");
 }

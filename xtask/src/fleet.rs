@@ -150,13 +150,16 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     }
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
     let admin = abide_client::Admin::new(&base, &token);
-    let t = admin
+    let t: abide_proto::EnrollToken = admin
         .post(
             "/api/v1/enroll-tokens",
-            &serde_json::json!({"group": "bench"}),
+            &abide_proto::EnrollTokenRequest {
+                group: "bench".into(),
+                ..Default::default()
+            },
         )
         .await?;
-    let enroll = t["token"].as_str().context("token")?.to_owned();
+    let enroll = t.token;
     let enrolled = Instant::now();
     let mut devices = Vec::with_capacity(o.devices);
     let mut pending = tokio::task::JoinSet::new();
@@ -220,10 +223,8 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     })
     .await;
     // Last-seen is durable: every device's last check-in time is in the database.
-    let listed = admin.get("/api/v1/devices").await?;
-    let seen = listed.as_array().map_or(0, |a| {
-        a.iter().filter(|d| d["last_seen"].is_string()).count()
-    });
+    let listed: Vec<abide_proto::Device> = admin.get("/api/v1/devices").await?;
+    let seen = listed.iter().filter(|d| d.last_seen.is_some()).count();
     println!(
         "{db:<10} {:>7} devices (enrolled in {enrol_secs:.1} s)  check-in {checkin_rate:>8.0}/s ({checkin_failed} failed)  no-op {noop_rate:>8.0}/s ({noop_failed} failed)  ratio {:.2}  devices with last-seen {seen}  server peak RSS {:.1} MiB",
         devices.len(),

@@ -191,35 +191,36 @@ impl Admin {
         answer(&what, resp).await
     }
 
-    /// GET `path`.
-    pub async fn get(&self, path: &str) -> Result<Value> {
+    /// GET `path`, answered with a `T` (an `abide_proto` type).
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(reqwest::Method::GET, path, None, false).await
     }
 
-    /// POST `value` as JSON to `path`.
-    pub async fn post(&self, path: &str, value: &Value) -> Result<Value> {
-        self.send(
-            reqwest::Method::POST,
-            path,
-            Some(value.to_string().into()),
-            true,
-        )
-        .await
+    /// POST `body` as JSON to `path`, answered with a `T`.
+    pub async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body).expect("plain data");
+        self.send(reqwest::Method::POST, path, Some(body.into()), true)
+            .await
     }
 
-    /// PUT `value` as JSON to `path`.
-    pub async fn put(&self, path: &str, value: &Value) -> Result<Value> {
-        self.send(
-            reqwest::Method::PUT,
-            path,
-            Some(value.to_string().into()),
-            true,
-        )
-        .await
+    /// PUT `body` as JSON to `path`, answered with a `T`.
+    pub async fn put<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let body = serde_json::to_vec(body).expect("plain data");
+        self.send(reqwest::Method::PUT, path, Some(body.into()), true)
+            .await
     }
 
-    /// POST the exact bytes of a JSON document to `path` (a trust root is signed over its bytes).
-    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> Result<Value> {
+    /// POST the exact bytes of a JSON document to `path` (a trust root is signed over its
+    /// bytes), answered with a `T`.
+    pub async fn post_raw<T: DeserializeOwned>(&self, path: &str, body: Vec<u8>) -> Result<T> {
         self.send(reqwest::Method::POST, path, Some(body.into()), true)
             .await
     }
@@ -268,7 +269,7 @@ impl Admin {
     }
 
     /// Uploads a bundle file as a release.
-    pub async fn upload(&self, bundle: Vec<u8>) -> Result<Value> {
+    pub async fn upload(&self, bundle: Vec<u8>) -> Result<abide_proto::Release> {
         self.send(
             reqwest::Method::POST,
             "/api/v1/releases",
@@ -310,11 +311,21 @@ impl Device {
     ) -> Result<Device> {
         let what = "POST /api/v1/device/enroll";
         let resp = http
-            .post(format!("{}/api/v1/device/enroll", base.trim_end_matches('/')))
+            .post(format!(
+                "{}/api/v1/device/enroll",
+                base.trim_end_matches('/')
+            ))
             .header("content-type", "application/json")
             .body(
-                serde_json::json!({"token": token, "device_id": id, "product": product, "compatible": compatible})
-                    .to_string(),
+                serde_json::to_vec(&abide_proto::EnrollRequest {
+                    token: token.to_owned(),
+                    device_id: id.to_owned(),
+                    product: product.to_owned(),
+                    compatible: compatible.to_vec(),
+                    group: None,
+                    tags: Vec::new(),
+                })
+                .expect("plain data"),
             )
             .send()
             .await
@@ -364,14 +375,18 @@ impl Device {
         self.server_key.to_hex()
     }
 
-    async fn post<T: DeserializeOwned>(&self, path: &str, body: Value) -> Result<T> {
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
         let what = format!("POST {path}");
         let resp = self
             .http
             .post(format!("{}{path}", self.base))
             .bearer_auth(&self.credential)
             .header("content-type", "application/json")
-            .body(body.to_string())
+            .body(serde_json::to_vec(body).expect("plain data"))
             .send()
             .await
             .map_err(http_error(&what))?;
@@ -386,12 +401,7 @@ impl Device {
         now: jiff::Timestamp,
     ) -> Result<Assignment> {
         request.nonce = nonce();
-        let signed: SignedAssignment = self
-            .post(
-                "/api/v1/device/checkin",
-                serde_json::to_value(&request).expect("plain data"),
-            )
-            .await?;
+        let signed: SignedAssignment = self.post("/api/v1/device/checkin", &request).await?;
         self.verify(&signed, &request.nonce, now)
     }
 
@@ -430,19 +440,17 @@ impl Device {
 
     /// Reports a step; `Ok(true)` when recorded, `Ok(false)` when it was a duplicate.
     pub async fn report(&self, report: &abide_proto::ReportRequest) -> Result<bool> {
-        let r: abide_proto::ReportResponse = self
-            .post(
-                "/api/v1/device/report",
-                serde_json::to_value(report).expect("plain data"),
-            )
-            .await?;
+        let r: abide_proto::ReportResponse = self.post("/api/v1/device/report", report).await?;
         Ok(r.outcome == "recorded")
     }
 
     /// Asks for a reboot lease; `Ok(false)` when the server refused it for now.
     pub async fn lease(&self) -> Result<bool> {
         match self
-            .post::<Value>("/api/v1/device/lease", serde_json::json!({}))
+            .post::<_, abide_proto::LeaseGrant>(
+                "/api/v1/device/lease",
+                &std::collections::BTreeMap::<String, String>::new(),
+            )
             .await
         {
             Ok(_) => Ok(true),
@@ -461,7 +469,9 @@ impl Device {
             .send()
             .await
             .map_err(http_error(what))?;
-        answer::<Value>(what, resp).await.map(|_| ())
+        answer::<abide_proto::LeaseReleased>(what, resp)
+            .await
+            .map(|_| ())
     }
 
     /// Starts reading `len` bytes of a release's bundle from `start` (a range request); the

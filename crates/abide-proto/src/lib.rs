@@ -154,6 +154,77 @@ impl RolloutState {
     }
 }
 
+/// A group's settings (`PUT /api/v1/groups/{name}`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSettings {
+    /// At most this many devices hold a lease at once (unlimited when absent).
+    #[serde(default)]
+    pub max_unavailable: Option<u32>,
+    /// At least this many healthy devices stay without a lease.
+    #[serde(default)]
+    pub quorum: Option<u32>,
+    /// Activation and reboot only inside this window.
+    #[serde(default)]
+    pub window: Option<Window>,
+}
+
+/// A group as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    /// Its name.
+    pub group: String,
+    /// Its settings.
+    pub settings: GroupSettings,
+    /// Enrolled devices in it (absent in the answer to a change).
+    #[serde(default)]
+    pub members: Option<u64>,
+    /// Of those, healthy at their last check-in (absent in the answer to a change).
+    #[serde(default)]
+    pub healthy: Option<u64>,
+    /// The leases held now.
+    #[serde(default)]
+    pub leases: Vec<LeaseView>,
+}
+
+/// A reboot lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    /// The device holding it.
+    pub device: String,
+    /// When it runs out.
+    pub expires_at: String,
+}
+
+/// The answer to a lease request that was granted (a refusal is a 409 `lease-refused`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGrant {
+    /// Always true.
+    pub granted: bool,
+    /// The device's group.
+    pub group: String,
+    /// When it runs out unless extended.
+    pub expires_at: String,
+}
+
+/// The answer to giving a lease back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseReleased {
+    /// Whether a lease was held.
+    pub released: bool,
+}
+
+/// The fleet's current trust root, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrustView {
+    /// Its version.
+    pub version: u64,
+    /// How many distinct keys must sign.
+    pub threshold: usize,
+    /// The key ids.
+    pub keys: Vec<String>,
+}
+
 /// An admin's request for a rollout (`POST /api/v1/rollouts`).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,31 +7,16 @@
 //! healthy members remain without one. The decision runs under the group row's lock, so
 //! several server processes never grant past the limits; expired leases are reclaimed first.
 
-use abide_proto::Window;
+use abide_proto::{GroupSettings, GroupView, LeaseGrant, LeaseReleased, LeaseView, Window};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::Server;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
-
-/// A group's settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GroupSettings {
-    /// At most this many devices hold a lease at once (unlimited when absent).
-    #[serde(default)]
-    pub max_unavailable: Option<u32>,
-    /// At least this many healthy devices stay without a lease.
-    #[serde(default)]
-    pub quorum: Option<u32>,
-    /// Activation and reboot only inside this window.
-    #[serde(default)]
-    pub window: Option<Window>,
-}
 
 /// Checks a maintenance window: known days, `HH:MM` times, an IANA zone this machine knows.
 pub fn check_window(w: &Window) -> ApiResult<()> {
@@ -83,7 +68,7 @@ pub async fn set(
     headers: HeaderMap,
     Path(name): Path<String>,
     body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<GroupView>> {
     crate::auth::admin(&server, &headers)?;
     if !crate::devices::valid_label(&name, 64) {
         return Err(ApiError::bad_request(format!("group {name:?}: not a name")));
@@ -123,7 +108,13 @@ pub async fn set(
     tx.commit().await?;
     // This process sees the new window at once; others within two seconds.
     server.windows.write().expect("not poisoned").0 = i64::MIN;
-    Ok(Json(serde_json::json!({"group": name, "settings": s})))
+    Ok(Json(GroupView {
+        group: name,
+        settings: s,
+        members: None,
+        healthy: None,
+        leases: Vec::new(),
+    }))
 }
 
 /// `GET /api/v1/groups/{name}` (admin): settings, members, healthy members, leases.
@@ -131,7 +122,7 @@ pub async fn show(
     State(server): State<Server>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<GroupView>> {
     crate::auth::admin(&server, &headers)?;
     crate::devices::flush_last_seen(&server).await?;
     let settings = load(&server, &name).await?;
@@ -151,10 +142,19 @@ pub async fn show(
     .bind(now_ms())
     .fetch_all(&server.db.pool)
     .await?;
-    Ok(Json(serde_json::json!({
-        "group": name, "settings": settings, "members": members, "healthy": healthy,
-        "leases": leases.iter().map(|(d, e)| serde_json::json!({"device": d, "expires_at": rfc3339(*e)})).collect::<Vec<_>>(),
-    })))
+    Ok(Json(GroupView {
+        group: name,
+        settings,
+        members: Some(members as u64),
+        healthy: Some(healthy as u64),
+        leases: leases
+            .into_iter()
+            .map(|(device, e)| LeaseView {
+                device,
+                expires_at: rfc3339(e),
+            })
+            .collect(),
+    }))
 }
 
 /// The maintenance window of a device's group, from the windows read at most two seconds ago.
@@ -215,7 +215,7 @@ pub async fn acquire(
     headers: HeaderMap,
     peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     body: Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<LeaseGrant>> {
     let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: LeaseRequest = if body.is_empty() {
         LeaseRequest::default()
@@ -343,9 +343,11 @@ pub async fn acquire(
     )
     .await?;
     tx.commit().await?;
-    Ok(Json(
-        serde_json::json!({"granted": true, "group": group, "expires_at": rfc3339(expires)}),
-    ))
+    Ok(Json(LeaseGrant {
+        granted: true,
+        group,
+        expires_at: rfc3339(expires),
+    }))
 }
 
 /// `DELETE /api/v1/device/lease` (device): gives the lease back (after commit or rollback).
@@ -353,7 +355,7 @@ pub async fn release(
     State(server): State<Server>,
     headers: HeaderMap,
     peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<LeaseReleased>> {
     let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let mut tx = server.db.pool.begin().await?;
     let gone = sqlx::query("DELETE FROM leases WHERE device_id = $1")
@@ -371,7 +373,7 @@ pub async fn release(
         .await?;
     }
     tx.commit().await?;
-    Ok(Json(
-        serde_json::json!({"released": gone.rows_affected() > 0}),
-    ))
+    Ok(Json(LeaseReleased {
+        released: gone.rows_affected() > 0,
+    }))
 }

@@ -5,6 +5,7 @@
 //! checks link by link itself before it stores them.
 
 use abide_bundle::{ExpirationEnforcement, Limits, TrustRoot};
+use abide_proto::TrustView;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -52,7 +53,7 @@ pub async fn publish(
     State(server): State<Server>,
     headers: HeaderMap,
     body: Bytes,
-) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+) -> ApiResult<(StatusCode, Json<TrustView>)> {
     crate::auth::admin(&server, &headers)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the trust root is not UTF-8 text"))?;
@@ -100,23 +101,19 @@ pub async fn publish(
     )
     .await?;
     tx.commit().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            serde_json::json!({"version": next.version(), "threshold": next.threshold(), "keys": keys}),
-        ),
-    ))
+    Ok((StatusCode::CREATED, Json(view(&next))))
 }
 
 /// `GET /api/v1/trust` (admin): the current trust root's version, threshold and keys.
-pub async fn show(
-    State(server): State<Server>,
-    headers: HeaderMap,
-) -> ApiResult<Json<serde_json::Value>> {
+pub async fn show(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Json<TrustView>> {
     crate::auth::admin(&server, &headers)?;
-    let current = current(&server).await?;
-    let keys: Vec<String> = current.keys().iter().map(|k| k.id().to_string()).collect();
-    Ok(Json(
-        serde_json::json!({"version": current.version(), "threshold": current.threshold(), "keys": keys}),
-    ))
+    Ok(Json(view(&current(&server).await?)))
+}
+
+fn view(root: &TrustRoot) -> TrustView {
+    TrustView {
+        version: root.version(),
+        threshold: root.threshold(),
+        keys: root.keys().iter().map(|k| k.id().to_string()).collect(),
+    }
 }

@@ -225,7 +225,7 @@ enum GroupCommand {
     },
 }
 
-fn parse_window(text: &str) -> Result<Value> {
+fn parse_window(text: &str) -> Result<abide_proto::Window> {
     let bad = || {
         anyhow::anyhow!(
             "--window {text:?}: expected DAYS@HH:MM-HH:MM/ZONE, as sat,sun@02:00-04:00/Europe/Berlin"
@@ -234,9 +234,12 @@ fn parse_window(text: &str) -> Result<Value> {
     let (days, rest) = text.split_once('@').ok_or_else(bad)?;
     let (times, zone) = rest.split_once('/').ok_or_else(bad)?;
     let (start, end) = times.split_once('-').ok_or_else(bad)?;
-    Ok(
-        json!({"days": days.split(',').collect::<Vec<_>>(), "start": start, "end": end, "zone": zone}),
-    )
+    Ok(abide_proto::Window {
+        days: days.split(',').map(str::to_owned).collect(),
+        start: start.to_owned(),
+        end: end.to_owned(),
+        zone: zone.to_owned(),
+    })
 }
 
 fn print_table(out: &Output, value: &Value, columns: &[&str]) {
@@ -401,42 +404,42 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let r = admin.upload(bytes).await?;
-            out.print(&r, || {
+            out.print(&serde_json::to_value(&r)?, || {
                 format!(
                     "release {}: {} {} (security version {}), {} bytes",
-                    r["id"].as_str().unwrap_or(""),
-                    r["product"].as_str().unwrap_or(""),
-                    r["version"].as_str().unwrap_or(""),
-                    r["security_version"],
-                    r["size"]
+                    r.id, r.product, r.version, r.security_version, r.size
                 )
             });
         }
         FleetCommand::Trust(TrustCommand::Publish { file }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let r = admin.post_raw("/api/v1/trust", bytes).await?;
-            out.print(&r, || {
+            let r: abide_proto::TrustView = admin.post_raw("/api/v1/trust", bytes).await?;
+            out.print(&serde_json::to_value(&r)?, || {
                 format!(
                     "trust root version {} published: threshold {} of {}",
-                    r["version"], r["threshold"], r["keys"]
+                    r.version,
+                    r.threshold,
+                    r.keys.join(", ")
                 )
             });
         }
         FleetCommand::Trust(TrustCommand::Show) => {
-            let r = admin.get("/api/v1/trust").await?;
-            out.print(&r, || {
+            let r: abide_proto::TrustView = admin.get("/api/v1/trust").await?;
+            out.print(&serde_json::to_value(&r)?, || {
                 format!(
                     "trust root version {}: threshold {} of {}",
-                    r["version"], r["threshold"], r["keys"]
+                    r.version,
+                    r.threshold,
+                    r.keys.join(", ")
                 )
             });
         }
         FleetCommand::Release(ReleaseCommand::List) => {
-            let r = admin.get("/api/v1/releases").await?;
+            let r: Vec<abide_proto::Release> = admin.get("/api/v1/releases").await?;
             print_table(
                 &out,
-                &r,
+                &serde_json::to_value(&r)?,
                 &[
                     "id",
                     "product",
@@ -455,13 +458,17 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let expires_in = expires
                 .map(|e| abide_core::rollout::parse_duration(&e))
                 .transpose()?;
-            let r = admin
+            let r: abide_proto::EnrollToken = admin
                 .post(
                     "/api/v1/enroll-tokens",
-                    &json!({"group": group, "tags": tags, "expires_in": expires_in}),
+                    &abide_proto::EnrollTokenRequest {
+                        group,
+                        tags,
+                        expires_in,
+                    },
                 )
                 .await?;
-            out.print(&r, || r["token"].as_str().unwrap_or("").to_owned());
+            out.print(&serde_json::to_value(&r)?, || r.token.clone());
         }
         FleetCommand::Devices { group, state } => {
             let mut q = Vec::new();
@@ -476,10 +483,10 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             } else {
                 format!("/api/v1/devices?{}", q.join("&"))
             };
-            let r = admin.get(&path).await?;
+            let r: Vec<abide_proto::Device> = admin.get(&path).await?;
             print_table(
                 &out,
-                &r,
+                &serde_json::to_value(&r)?,
                 &["id", "group", "version", "state", "reason", "last_seen"],
             );
         }
@@ -539,36 +546,40 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             window,
         }) => {
             let window = window.as_deref().map(parse_window).transpose()?;
-            let r = admin
+            let r: abide_proto::GroupView = admin
                 .put(
                     &format!("/api/v1/groups/{group}"),
-                    &json!({"max_unavailable": max_unavailable, "quorum": quorum, "window": window}),
+                    &abide_proto::GroupSettings {
+                        max_unavailable,
+                        quorum,
+                        window,
+                    },
                 )
                 .await?;
-            out.print(&r, || format!("group {group}: {}", r["settings"]));
+            let settings = serde_json::to_string(&r.settings)?;
+            out.print(&serde_json::to_value(&r)?, || {
+                format!("group {group}: {settings}")
+            });
         }
         FleetCommand::Group(GroupCommand::Show { group }) => {
-            let r = admin.get(&format!("/api/v1/groups/{group}")).await?;
+            let r: abide_proto::GroupView = admin.get(&format!("/api/v1/groups/{group}")).await?;
+            let r = serde_json::to_value(&r)?;
             out.print(&r, || serde_json::to_string_pretty(&r).unwrap_or_default());
         }
         FleetCommand::Audit { verify: true } => {
-            let r = admin.get("/api/v1/audit/verify").await?;
-            let ok = r["ok"] == true;
-            out.print(&r, || {
-                if ok {
-                    format!(
-                        "ok: {} audit records, the hash chain is intact",
-                        r["records"]
-                    )
+            let r: abide_proto::AuditVerify = admin.get("/api/v1/audit/verify").await?;
+            out.print(&serde_json::to_value(&r)?, || {
+                if r.ok {
+                    format!("ok: {} audit records, the hash chain is intact", r.records)
                 } else {
                     format!(
                         "audit trail damaged at record {}: {}",
-                        r["first_bad"],
-                        r["problem"].as_str().unwrap_or("")
+                        r.first_bad.unwrap_or(0),
+                        r.problem.as_deref().unwrap_or("")
                     )
                 }
             });
-            if !ok {
+            if !r.ok {
                 bail!("the audit trail does not verify");
             }
         }
@@ -576,19 +587,18 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let mut all = Vec::new();
             let mut after = 0u64;
             loop {
-                let page = admin
+                let rows: Vec<abide_proto::AuditRecord> = admin
                     .get(&format!("/api/v1/audit?after={after}&limit=1000"))
                     .await?;
-                let rows = page.as_array().cloned().unwrap_or_default();
-                if rows.is_empty() {
+                let Some(last) = rows.last() else {
                     break;
-                }
-                after = rows.last().and_then(|r| r["seq"].as_u64()).unwrap_or(after);
+                };
+                after = last.seq;
                 all.extend(rows);
             }
             print_table(
                 &out,
-                &Value::Array(all),
+                &serde_json::to_value(&all)?,
                 &["seq", "at", "actor", "action", "details"],
             );
         }

@@ -459,8 +459,17 @@ fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
     ok(&dir, &format!("sim reboot {}", dev.display()));
     assert_eq!(status(&dir, &dev)["state"], "committed");
     agent_once(&dir, &dev, 3);
+    // The enrolment (with its credential) is readable by its owner only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dev.join("state/fleet.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     let fleet_state: Value =
         serde_json::from_slice(&std::fs::read(dev.join("state/fleet.json")).unwrap()).unwrap();
+    assert!(fleet_state["enrolment"]["credential"].is_string());
+    assert!(fleet_state["enrolment"]["server_key"].is_string());
     let queued: Vec<&str> = fleet_state["outbox"]
         .as_array()
         .unwrap()

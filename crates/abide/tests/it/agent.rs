@@ -331,21 +331,31 @@ fn rollout_and_failing_release(db: Option<&str>) {
     }
 }
 
-/// A `[[window]]` in UTC from `from` to `to` minutes after now, on every day.
+/// The UTC time of day `m` minutes from now, as HH:MM.
+fn hhmm_from_now(m: i64) -> String {
+    let t = jiff::Timestamp::now()
+        .checked_add(jiff::SignedDuration::from_mins(m))
+        .unwrap()
+        .to_zoned(jiff::tz::TimeZone::UTC);
+    format!("{:02}:{:02}", t.hour(), t.minute())
+}
+
+/// A device's `[[window]]` in UTC from `from` to `to` minutes after now, on every day.
 fn window_from_now(from: i64, to: i64) -> String {
-    let now = jiff::Timestamp::now();
-    let at = |m: i64| {
-        let t = now
-            .checked_add(jiff::SignedDuration::from_mins(m))
-            .unwrap()
-            .to_zoned(jiff::tz::TimeZone::UTC);
-        format!("{:02}:{:02}", t.hour(), t.minute())
-    };
     format!(
         "\n[[window]]\ndays = [\"mon\", \"tue\", \"wed\", \"thu\", \"fri\", \"sat\", \"sun\"]\n\
          start = \"{}\"\nend = \"{}\"\nzone = \"UTC\"\n",
-        at(from),
-        at(to)
+        hhmm_from_now(from),
+        hhmm_from_now(to)
+    )
+}
+
+/// A group's `--window` in UTC from `from` to `to` minutes after now, on every day.
+fn group_window_from_now(from: i64, to: i64) -> String {
+    format!(
+        "mon,tue,wed,thu,fri,sat,sun@{}-{}/UTC",
+        hhmm_from_now(from),
+        hhmm_from_now(to)
     )
 }
 
@@ -383,11 +393,28 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
     let boot: Value =
         serde_json::from_slice(&std::fs::read(dev.join("boot.json")).unwrap()).unwrap();
     assert_eq!(boot["bootable"]["B"], false, "{boot}");
-    // The window opens: it activates, reboots and commits.
+    // The device's window opens, but its group's (from the assignment) is closed: it waits.
+    f.cmd(&[
+        "group",
+        "set",
+        "lab",
+        "--window",
+        &group_window_from_now(120, 180),
+    ]);
     // Replaced atomically, as an editor would, so the agent never reads half a file.
     let next = dev.join("system.toml.new");
     std::fs::write(&next, format!("{text}{}", window_from_now(-60, 60))).unwrap();
     std::fs::rename(&next, &config).unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(status(&dir, &dev)["state"], "staged");
+    // Both open: it activates, reboots and commits.
+    f.cmd(&[
+        "group",
+        "set",
+        "lab",
+        "--window",
+        &group_window_from_now(-60, 60),
+    ]);
     wait("the device to commit", 60, &devices, || {
         status(&dir, &dev)["state"] == "committed"
     });

@@ -411,24 +411,18 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 )
             });
         }
-        FleetCommand::Trust(TrustCommand::Publish { file }) => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let r: abide_proto::TrustView = admin.post_raw("/api/v1/trust", bytes).await?;
+        FleetCommand::Trust(cmd) => {
+            let (r, what): (abide_proto::TrustView, _) = match cmd {
+                TrustCommand::Publish { file } => {
+                    let bytes = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    (admin.post_raw("/api/v1/trust", bytes).await?, " published")
+                }
+                TrustCommand::Show => (admin.get("/api/v1/trust").await?, ""),
+            };
             out.print(&serde_json::to_value(&r)?, || {
                 format!(
-                    "trust root version {} published: threshold {} of {}",
-                    r.version,
-                    r.threshold,
-                    r.keys.join(", ")
-                )
-            });
-        }
-        FleetCommand::Trust(TrustCommand::Show) => {
-            let r: abide_proto::TrustView = admin.get("/api/v1/trust").await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!(
-                    "trust root version {}: threshold {} of {}",
+                    "trust root version {}{what}: threshold {} of {}",
                     r.version,
                     r.threshold,
                     r.keys.join(", ")

@@ -445,6 +445,19 @@ fn agent_once(dir: &Path, device: &Path, exit: i32) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// `abide agent --once` on `device`, started and left running.
+fn agent_once_in_background(dir: &Path, device: &Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--once", "--json", "--config"])
+        .arg(device.join("system.toml"))
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("abide agent starts")
+}
+
 /// The device's reports as the server recorded them, in the order of its audit trail.
 fn reports_on_server(dir: &Path, url: &str, admin: &Path, device: &str) -> Vec<(u64, String)> {
     let audit = fleet(dir, url, admin, &["audit"]);
@@ -853,15 +866,7 @@ fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
     let dev = device(&dir, "gw-busy", &proxy.url, &dir.join("lab.token"));
     agent_once(&dir, &dev, 0);
     f.rollout(&release, "100", "lab", &[]);
-    let agent = Command::new(env!("CARGO_BIN_EXE_abide"))
-        .args(["agent", "--once", "--json", "--config"])
-        .arg(dev.join("system.toml"))
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = agent_once_in_background(&dir, &dev);
     let devices = [dev.clone()];
     wait("the agent to be downloading", 30, &devices, || {
         status(&dir, &dev)["state"] == "downloading"
@@ -1282,15 +1287,7 @@ fn a_paused_rollout_stops_a_running_download_cleanly_and_a_resumed_one_completes
     agent_once(&dir, &dev, 0);
     let ro = f.rollout(&release, "100", "lab", &[]);
     let ro_id = ro["id"].as_str().unwrap().to_owned();
-    let agent = Command::new(env!("CARGO_BIN_EXE_abide"))
-        .args(["agent", "--once", "--json", "--config"])
-        .arg(dev.join("system.toml"))
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let agent = agent_once_in_background(&dir, &dev);
     let devices = [dev.clone()];
     wait("the download to start", 30, &devices, || {
         status(&dir, &dev)["state"] == "downloading"

@@ -23,7 +23,22 @@ pub struct BootOutcome {
 pub fn boot(device: &mut Device, clock: &dyn Clock) -> Result<BootOutcome> {
     let mut state = device.state()?;
     let boot_state = device.bootloader().load()?;
-    let booted = boot_state.booted.clone();
+    // The running kernel's own word (abide.group= on its command line) wins over the
+    // bootloader's variables, which can be stale after a power cut.
+    let booted = match crate::running::from_cmdline(&device.config) {
+        Some(running) => {
+            if boot_state.booted.as_ref().is_some_and(|b| *b != running) {
+                device.record(
+                    clock.now(),
+                    "bootloader-disagrees",
+                    serde_json::json!({"bootloader": boot_state.booted.as_ref().map(|g| g.to_string()),
+                                       "running": running.to_string()}),
+                )?;
+            }
+            Some(running)
+        }
+        None => boot_state.booted.clone(),
+    };
     let mut outcome = BootOutcome {
         booted: booted.as_ref().map(ToString::to_string),
         state: state.transaction.as_ref().map(|t| t.state.name()),

@@ -307,6 +307,10 @@ pub struct Config {
     pub health: HealthPolicy,
     /// The health checks.
     pub checks: Vec<Check>,
+    /// The kernel command line the running group is read from (`abide.group=`): the
+    /// `bootloader.cmdline` key, or `/proc/cmdline` for every real backend; none for `sim`
+    /// unless set.
+    pub cmdline: Option<PathBuf>,
     /// The fleet server, if the device belongs to a fleet.
     pub server: Option<ServerSettings>,
     /// The device's own maintenance windows (none: any time the group's window allows).
@@ -588,7 +592,13 @@ impl Config {
                     .map_err(|e| err(path, &format!("key `window[{i}]`: {e}")))?,
             );
         }
+        let cmdline = match (&backend, &raw.bootloader.cmdline) {
+            (_, Some(c)) => Some(resolve(c)),
+            (Backend::Sim, None) => None,
+            (_, None) => Some(PathBuf::from("/proc/cmdline")),
+        };
         Ok(Config {
+            cmdline,
             server,
             windows,
             path: path.to_owned(),

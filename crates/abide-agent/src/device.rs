@@ -146,10 +146,12 @@ impl Device {
         Ok(reboot)
     }
 
-    /// The group the bootloader booted last and the known-good group.
+    /// The group that booted (as the running kernel's command line says, else as the
+    /// bootloader recorded) and the known-good group.
     pub fn groups(&self) -> Result<(Option<Group>, Option<Group>)> {
         let s = self.bootloader.load()?;
-        Ok((s.booted.clone(), s.good().cloned()))
+        let booted = crate::running::from_cmdline(&self.config).or(s.booted.clone());
+        Ok((booted, s.good().cloned()))
     }
 }
 

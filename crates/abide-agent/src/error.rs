@@ -85,6 +85,20 @@ pub enum AgentError {
         /// Bytes that must stay free.
         reserve: u64,
     },
+    /// The running system contradicts the bootloader's state.
+    #[error("{what}")]
+    RunningGroup {
+        /// What disagrees.
+        what: String,
+    },
+    /// A slot of the target group is in use by the running system.
+    #[error("refusing to write {}: {what}", slot.display())]
+    TargetInUse {
+        /// The slot.
+        slot: PathBuf,
+        /// How it is in use.
+        what: String,
+    },
     /// Another process is changing the device.
     #[error("{}: another abide process is changing this device (the agent, an install, a boot step); try again when it is done", path.display())]
     Locked {
@@ -126,6 +140,8 @@ impl AgentError {
             AgentError::State { .. } => "state",
             AgentError::Server(_) => "server",
             AgentError::Locked { .. } => "busy",
+            AgentError::RunningGroup { .. } => "running-group",
+            AgentError::TargetInUse { .. } => "target-in-use",
         }
     }
 

@@ -279,6 +279,7 @@ fn plan<'a>(
         .find(|g| Some(g) != good.as_ref())
         .expect("two groups");
     let group = config.group(&target).expect("configured");
+    crate::running::check(config, &boot, group)?;
     let mut classes = Vec::new();
     for c in &manifest.components {
         let slot: &Slot = group

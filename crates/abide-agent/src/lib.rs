@@ -12,6 +12,7 @@ pub mod health;
 pub mod index;
 pub mod install;
 pub mod lock;
+pub mod running;
 pub mod slots;
 pub mod state;
 pub mod trust;

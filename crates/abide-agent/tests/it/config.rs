@@ -149,3 +149,22 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         assert!(err.contains(expected), "{err}\nexpected: {expected}");
     }
 }
+
+#[test]
+fn the_running_group_is_read_from_the_kernel_command_line_and_mounts_from_mountinfo() {
+    use abide_agent::running::{cmdline_group, mounted_at};
+    assert_eq!(
+        cmdline_group("BOOT_IMAGE=/vmlinuz root=/dev/vda2 abide.group=B ro").map(|g| g.to_string()),
+        Some("B".into())
+    );
+    assert_eq!(cmdline_group("root=/dev/vda2 ro quiet"), None);
+    assert_eq!(cmdline_group("abide.group=../x"), None, "not a group name");
+    let mountinfo = "\
+22 1 254:2 / / rw,relatime shared:1 - ext4 /dev/vda2 rw
+23 22 0:21 / /proc rw,nosuid shared:12 - proc proc rw
+24 22 254:1 / /boot rw,relatime shared:2 - ext4 /dev/vda1 rw
+";
+    assert_eq!(mounted_at(mountinfo, (254, 2)).as_deref(), Some("/"));
+    assert_eq!(mounted_at(mountinfo, (254, 1)).as_deref(), Some("/boot"));
+    assert_eq!(mounted_at(mountinfo, (254, 3)), None);
+}

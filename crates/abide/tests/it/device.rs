@@ -673,3 +673,86 @@ fn a_state_file_of_a_newer_format_is_refused_by_name() {
     std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
     assert_eq!(sim.status()["version"], "1.0.0");
 }
+
+#[test]
+fn an_install_the_running_system_contradicts_is_refused_before_anything_is_written() {
+    let sim = Sim::new(None);
+    let dev = sim.dir.join("dev");
+    let bundle = sim.bundle("2.0.0", 1, 4);
+    // A GRUB device whose environment block is stale: it says B is known-good and booted,
+    // while the kernel that runs was booted from A (a block renamed into place that GRUB
+    // never saw, after a power cut).
+    let grubenv = dev.join("grubenv");
+    let editenv = |args: &[&str]| {
+        let ok = std::process::Command::new("grub-editenv")
+            .arg(&grubenv)
+            .args(args)
+            .status()
+            .expect("grub-editenv runs (scripts/deps)")
+            .success();
+        assert!(ok);
+    };
+    editenv(&["create"]);
+    editenv(&[
+        "set",
+        "ABIDE_ORDER=B A",
+        "ABIDE_A_OK=1",
+        "ABIDE_B_OK=1",
+        "ABIDE_A_TRY=0",
+        "ABIDE_B_TRY=0",
+        "ABIDE_BOOTED=B",
+    ]);
+    std::fs::write(
+        dev.join("cmdline"),
+        "root=/dev/vda2 ro abide.group=A quiet\n",
+    )
+    .unwrap();
+    let config = std::fs::read_to_string(dev.join("system.toml"))
+        .unwrap()
+        .replace(
+            "backend = \"sim\"\npath = \"boot.json\"",
+            "backend = \"grub\"\npath = \"grubenv\"\ncmdline = \"cmdline\"",
+        );
+    std::fs::write(dev.join("system.toml"), config).unwrap();
+    let digests = || {
+        [
+            "grubenv",
+            "slots/rootfs.A.img",
+            "slots/rootfs.B.img",
+            "state/state.json",
+        ]
+        .map(|f| Digest::of(&std::fs::read(dev.join(f)).unwrap()).to_hex())
+    };
+    let before = digests();
+    let refused = json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml --no-reboot"),
+        1,
+    );
+    assert_eq!(refused["error"]["code"], "running-group", "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("group B booted") && message.contains("group A"),
+        "{message}"
+    );
+    assert_eq!(digests(), before, "a refused install changed something");
+    // `abide status` and the boot step tell what runs, from the running kernel, and the boot
+    // step records the disagreement.
+    assert_eq!(sim.status()["booted"], "A");
+    let booted = json(&sim.dir, "boot --config dev/system.toml", 0);
+    assert_eq!(booted["booted"], "A", "{booted}");
+    let log = std::fs::read_to_string(dev.join("state/audit.log")).unwrap();
+    assert!(log.contains("bootloader-disagrees"), "{log}");
+    // When the running system agrees with the bootloader, the install goes into A.
+    std::fs::write(
+        dev.join("cmdline"),
+        "root=/dev/vda3 ro abide.group=B quiet\n",
+    )
+    .unwrap();
+    let done = json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml --no-reboot"),
+        0,
+    );
+    assert_eq!(done["target"], "A", "{done}");
+}

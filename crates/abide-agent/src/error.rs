@@ -85,6 +85,12 @@ pub enum AgentError {
         /// Bytes that must stay free.
         reserve: u64,
     },
+    /// `abide device init` found a state file already.
+    #[error("{}: the device is already set up (its state would be lost); --force replaces it", path.display())]
+    Initialized {
+        /// The state file.
+        path: PathBuf,
+    },
     /// The running system contradicts the bootloader's state.
     #[error("{what}")]
     RunningGroup {
@@ -141,6 +147,7 @@ impl AgentError {
             AgentError::Server(_) => "server",
             AgentError::Locked { .. } => "busy",
             AgentError::RunningGroup { .. } => "running-group",
+            AgentError::Initialized { .. } => "initialized",
             AgentError::TargetInUse { .. } => "target-in-use",
         }
     }

@@ -10,6 +10,7 @@ mod error;
 pub mod fleet;
 pub mod health;
 pub mod index;
+pub mod init;
 pub mod install;
 pub mod lock;
 pub mod running;

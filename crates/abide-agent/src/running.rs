@@ -45,6 +45,14 @@ fn device_numbers(rdev: u64) -> (u64, u64) {
     )
 }
 
+/// The group whose block slot is mounted at `/`, if one is.
+pub fn from_root(config: &Config) -> Option<Group> {
+    root_group(
+        config,
+        &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+    )
+}
+
 /// The group whose block slot holds the mounted root file system, if one does.
 fn root_group(config: &Config, mountinfo: &str) -> Option<Group> {
     let root = mountinfo.lines().find_map(|line| {

@@ -124,9 +124,11 @@ pub fn env_to_state<'a>(
     let mut bootable = BTreeMap::new();
     let mut trial = None;
     for g in groups {
+        // Unset is not bootable, as the boot scripts read it: a group is bootable only when
+        // its variable says so (`abide device init` writes them).
         let ok = match get(&format!("ABIDE_{g}_OK")) {
-            None | Some("1") => true,
-            Some("0") => false,
+            Some("1") => true,
+            None | Some("0") => false,
             Some(other) => return Err(bad(format!("ABIDE_{g}_OK is {other:?}, not 0 or 1"))),
         };
         let tries = match get(&format!("ABIDE_{g}_TRY")) {

@@ -35,6 +35,65 @@ pub enum LogCommand {
     Verify,
 }
 
+/// The `abide device` subcommands.
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// Set the device up once: check the slots and the state directory, write the
+    /// bootloader's first variables (the running group known-good, the other not bootable)
+    /// and the first state file.
+    Init {
+        /// The version the running group holds.
+        #[arg(long)]
+        version: String,
+        /// The running group (default: abide.group= on the kernel command line, or the block
+        /// slot mounted at /).
+        #[arg(long)]
+        group: Option<String>,
+        /// Replace an existing state file (its record of updates and quarantine is lost).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+/// `abide device …`.
+pub fn run_device(command: DeviceCommand, out: Output) -> Result<()> {
+    match command {
+        DeviceCommand::Init {
+            version,
+            group,
+            force,
+            config,
+        } => {
+            let version: semver::Version = version
+                .parse()
+                .with_context(|| format!("--version {version:?} is not SemVer"))?;
+            let group = group
+                .as_deref()
+                .map(abide_core::Group::new)
+                .transpose()
+                .context("--group")?;
+            let config = Config::load(&config.config)?;
+            let done = abide_agent::init::init(
+                config,
+                &abide_agent::init::InitOptions {
+                    version,
+                    group,
+                    force,
+                },
+            )?;
+            out.print(&serde_json::to_value(&done)?, || {
+                format!(
+                    "set up: group {} runs {} and is known-good; group {} is not bootable until an install",
+                    done.group, done.version, done.other
+                )
+            });
+            Ok(())
+        }
+    }
+}
+
 /// Opens the device a configuration describes to change it (`busy` while another process
 /// changes it).
 pub fn open(config: &Path) -> Result<Device> {

@@ -106,6 +106,9 @@ enum Command {
     /// Simulated devices.
     #[command(subcommand)]
     Sim(sim::SimCommand),
+    /// Set up a real device.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
 }
 
 /// Where output goes: human text or one JSON document.
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
         }
         Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
+        Command::Device(c) => device::run_device(c, out),
         Command::Agent(a) => agent::run(a, out),
         #[cfg(feature = "server")]
         Command::Server(a) => server::run(a, out),

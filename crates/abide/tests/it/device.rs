@@ -756,3 +756,91 @@ fn an_install_the_running_system_contradicts_is_refused_before_anything_is_writt
     );
     assert_eq!(done["target"], "A", "{done}");
 }
+
+#[test]
+fn device_init_sets_up_a_real_device_once() {
+    let (_tmp, dir) = crate::workspace();
+    let dev = dir.join("gw");
+    std::fs::create_dir_all(dev.join("boot")).unwrap();
+    std::fs::create_dir_all(dev.join("slots")).unwrap();
+    std::fs::copy(dir.join("trust.json"), dev.join("trust.json")).unwrap();
+    std::fs::write(dev.join("cmdline"), "root=/dev/vda2 ro abide.group=A\n").unwrap();
+    std::fs::write(
+        dev.join("system.toml"),
+        "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\n\
+         [bootloader]\nbackend = \"grub\"\npath = \"boot/grubenv\"\ncmdline = \"cmdline\"\n\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/a.img\"\n\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/b.img\"\n",
+    )
+    .unwrap();
+    let init = |extra: &str, exit: i32| {
+        json(
+            &dir,
+            &format!("device init --config gw/system.toml --version 1.0.0 {extra}"),
+            exit,
+        )
+    };
+    // A slot that is not there: refused, naming it, and nothing written.
+    std::fs::write(dev.join("slots/a.img"), vec![0u8; 4 << 20]).unwrap();
+    let missing = init("", 1);
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("slots/b.img"),
+        "{missing}"
+    );
+    assert!(!dev.join("state").exists() && !dev.join("boot/grubenv").exists());
+    std::fs::write(dev.join("slots/b.img"), vec![0u8; 4 << 20]).unwrap();
+    let done = init("", 0);
+    assert_eq!(
+        (done["group"].as_str(), done["other"].as_str()),
+        (Some("A"), Some("B"))
+    );
+    // The first variables, as GRUB's own tool reads them: A known-good and booted, B not
+    // bootable.
+    let listed = std::process::Command::new("grub-editenv")
+        .arg(dev.join("boot/grubenv"))
+        .arg("list")
+        .output()
+        .unwrap();
+    let listed = String::from_utf8(listed.stdout).unwrap();
+    for var in [
+        "ABIDE_ORDER=A B",
+        "ABIDE_A_OK=1",
+        "ABIDE_B_OK=0",
+        "ABIDE_BOOTED=A",
+    ] {
+        assert!(listed.contains(var), "{var} in {listed}");
+    }
+    let status = json(&dir, "status --config gw/system.toml", 0);
+    assert_eq!(
+        (
+            status["booted"].as_str(),
+            status["good"].as_str(),
+            status["version"].as_str()
+        ),
+        (Some("A"), Some("A"), Some("1.0.0"))
+    );
+    // Not twice, unless forced.
+    let again = init("", 1);
+    assert_eq!(again["error"]["code"], "initialized", "{again}");
+    init("--force", 0);
+    // And the device installs into B.
+    let img = dir.join("img");
+    std::fs::write(&img, abide_testkit::image(1_000_000, 3)).unwrap();
+    ok(
+        &dir,
+        &format!(
+            "bundle create --product gw --version 2.0.0 --compatible gw-1 --component rootfs={} \
+             --sign a.key --out v2.abide",
+            img.display()
+        ),
+    );
+    let installed = json(
+        &dir,
+        "install v2.abide --config gw/system.toml --no-reboot",
+        0,
+    );
+    assert_eq!(installed["target"], "B", "{installed}");
+}

@@ -844,3 +844,71 @@ fn device_init_sets_up_a_real_device_once() {
     );
     assert_eq!(installed["target"], "B", "{installed}");
 }
+
+/// A file shipped in `dist/` (or elsewhere in the repository).
+fn shipped(path: &str) -> (std::path::PathBuf, String) {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path);
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{path}: {e}"));
+    (p, text)
+}
+
+#[test]
+fn the_shipped_device_files_are_what_they_say() {
+    // The agent's unit runs the agent with the default configuration, after the boot step.
+    let (_, unit) = shipped("dist/systemd/abide-agent.service");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .unwrap();
+    assert_eq!(
+        exec.split_whitespace().collect::<Vec<_>>(),
+        [
+            "/usr/bin/abide",
+            "agent",
+            "--config",
+            abide_agent::config::DEFAULT_PATH
+        ]
+    );
+    assert!(unit.contains("After=abide-boot.service"));
+    // The example system.toml is a valid configuration for block slots under GRUB.
+    let (path, text) = shipped("dist/config/system.toml");
+    let config = abide_agent::config::Config::parse(&path, &text).unwrap();
+    assert_eq!(config.backend, abide_agent::config::Backend::Grub);
+    assert!(config.groups.iter().all(|g| {
+        g.slots
+            .iter()
+            .all(|s| s.kind == abide_agent::config::SlotKind::Block)
+    }));
+    assert!(config.server.is_some() && config.windows.len() == 1);
+    // grub.cfg and abide.cfg are GRUB script that grub-script-check accepts; grub.cfg sources
+    // abide.cfg and defines the two entries abide.cfg chooses between, each telling the
+    // kernel its group.
+    let (grub_cfg, grub) = shipped("dist/grub/grub.cfg");
+    let (abide_cfg, abide) = shipped("crates/abide-boot/grub/abide.cfg");
+    for file in [&grub_cfg, &abide_cfg] {
+        let checked = std::process::Command::new("grub-script-check")
+            .arg(file)
+            .status()
+            .expect("grub-script-check runs (scripts/deps installs grub-common)");
+        assert!(checked.success(), "{}", file.display());
+    }
+    assert!(grub.contains("source ${prefix}/abide.cfg"));
+    for g in ["A", "B"] {
+        assert!(abide.contains(&format!("set default=\"abide-{g}\"")));
+        let entry = grub
+            .split("menuentry")
+            .find(|e| e.contains(&format!("--id abide-{g} ")))
+            .unwrap_or_else(|| panic!("no menu entry abide-{g}"));
+        let linux = entry
+            .lines()
+            .find(|l| l.trim().starts_with("linux "))
+            .unwrap();
+        assert!(linux.contains(&format!("abide.group={g}")), "{linux}");
+    }
+    // The U-Boot script runs the selection and passes the chosen group to the kernel.
+    let (_, boot_cmd) = shipped("dist/uboot/boot.cmd");
+    assert!(boot_cmd.lines().any(|l| l.trim() == "run abide_select"));
+    assert!(boot_cmd.contains("abide.group=${abide_group}"));
+}

@@ -296,6 +296,10 @@ fn rollout_and_failing_release(db: Option<&str>) {
     wait("the failing rollout to pause", 90, &devices, || {
         rollout_status(&ro)["status"] == "paused"
     });
+    // It pauses at the first failure over the threshold; both canaries report theirs.
+    wait("both canaries to report", 60, &devices, || {
+        rollout_status(&ro)["failed"] == 2
+    });
     let listed = f.cmd(&["devices"]);
     let rolled: Vec<&Value> = listed
         .as_array()
@@ -322,8 +326,16 @@ fn rollout_and_failing_release(db: Option<&str>) {
     }
     let st = rollout_status(&ro);
     assert!(
-        st.to_string().contains("failed"),
+        st["reason"].as_str().unwrap().contains("devices failed ("),
         "the pause says why: {st}"
+    );
+    let failing = st["failing"].as_array().unwrap();
+    assert_eq!(failing.len(), 2, "{st}");
+    assert!(
+        failing
+            .iter()
+            .all(|f| f["reason"].as_str().unwrap().contains("health check")),
+        "{st}"
     );
     // The lab group did not move.
     for d in &devices[..3] {

@@ -72,6 +72,13 @@ pub fn check_peer(
     }
 }
 
+/// Forgets a device that is no longer in the database (its cached credential stops working)
+/// and returns the answer its requests get: 401.
+pub fn forget_device(server: &Server, id: &str) -> ApiError {
+    server.credentials.write().expect("not poisoned").remove(id);
+    ApiError::unauthorized("unknown device credential")
+}
+
 /// Checks a device credential (and the connection's client certificate, see [`check_peer`])
 /// and returns the device id.
 pub async fn device(

@@ -237,8 +237,9 @@ pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
         return Ok(0);
     }
     let mut tx = server.db.pool.begin().await?;
+    let mut gone = Vec::new();
     for (id, s) in &pending {
-        sqlx::query(
+        let updated = sqlx::query(
             "UPDATE devices SET last_seen = $2, version = $3, booted = $4, good = $5, health = $6, \
              state = CASE WHEN last_seq = 0 THEN $7 ELSE state END, progress = $8 WHERE id = $1",
         )
@@ -256,8 +257,15 @@ pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
         )
         .execute(&mut *tx)
         .await?;
+        if updated.rows_affected() == 0 {
+            gone.push(id);
+        }
     }
     tx.commit().await?;
+    // A device no longer in the database is no longer authenticated from the cache.
+    for id in gone {
+        crate::auth::forget_device(server, id);
+    }
     Ok(pending.len())
 }
 
@@ -399,13 +407,16 @@ pub async fn report(
     }
     let seq = req.seq as i64;
     let mut tx = server.db.pool.begin().await?;
-    let (last_seq,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row: Option<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT last_seq FROM devices WHERE id = $1{}",
         server.db.for_update()
     )))
     .bind(&id)
-    .fetch_one(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
+    let Some((last_seq,)) = row else {
+        return Err(crate::auth::forget_device(&server, &id));
+    };
     let inserted = sqlx::query(
         "INSERT INTO reports (device_id, seq, status, release_id, rollout_id, reason, millis, at) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device_id, seq) DO NOTHING",
@@ -460,8 +471,11 @@ pub async fn report(
             .await?;
         }
     }
-    // A device that rolled a release back is never offered it again.
-    if let (Some(release), ReportStatus::RolledBack) = (&req.release_id, req.status) {
+    // A device that rolled a release back is never offered it again (an older report,
+    // replayed, changes nothing but the record).
+    if let (true, Some(release), ReportStatus::RolledBack) =
+        (seq > last_seq, &req.release_id, req.status)
+    {
         sqlx::query(
             "INSERT INTO quarantine (device_id, release_id, at) VALUES ($1, $2, $3) \
              ON CONFLICT (device_id, release_id) DO NOTHING",

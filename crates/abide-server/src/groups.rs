@@ -231,10 +231,13 @@ pub async fn acquire(
     crate::devices::flush_last_seen(&server).await?;
     let now = now_ms();
     let mut tx = server.db.pool.begin().await?;
-    let (group,): (String,) = sqlx::query_as("SELECT grp FROM devices WHERE id = $1")
+    let row: Option<(String,)> = sqlx::query_as("SELECT grp FROM devices WHERE id = $1")
         .bind(&device)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await?;
+    let Some((group,)) = row else {
+        return Err(crate::auth::forget_device(&server, &device));
+    };
     sqlx::query("INSERT INTO groups (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
         .bind(&group)
         .execute(&mut *tx)

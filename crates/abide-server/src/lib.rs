@@ -136,6 +136,7 @@ impl Server {
             })?;
         }
         let db = Db::open(config.db.as_deref(), data).await?;
+        clean_uploads(&data.join("tmp"), db.dialect)?;
         let trust_path = config
             .trust
             .clone()
@@ -286,6 +287,39 @@ async fn signing_key(
         )));
     }
     Ok(key)
+}
+
+/// Removes what uploads cut short by a crash left in `tmp` (only the server's own
+/// `upload-*` files): all of them with SQLite, whose one server process owns the directory;
+/// with PostgreSQL, where several processes may share it, those untouched for an hour.
+fn clean_uploads(tmp: &Path, dialect: db::Dialect) -> Result<(), StartError> {
+    let entries = std::fs::read_dir(tmp).map_err(|source| abide_boot::persist::IoError {
+        op: "listing",
+        path: tmp.to_owned(),
+        source,
+    })?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("upload-") {
+            continue;
+        }
+        let stale = dialect == db::Dialect::Sqlite
+            || entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
+        if stale {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| abide_boot::persist::IoError {
+                op: "removing a partial upload",
+                path,
+                source,
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// The server's public key, as devices pin it.

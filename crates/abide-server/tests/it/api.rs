@@ -14,6 +14,8 @@ on_both!(
     reports_are_idempotent_and_ordered,
     the_audit_chain_verifies_and_finds_tampering,
     hostile_requests_get_4xx_and_change_nothing,
+    removed_devices_get_401_and_old_reports_do_not_quarantine,
+    partial_uploads_left_by_a_crash_are_removed_at_start,
 );
 
 async fn count(h: &Harness, table: &str) -> i64 {
@@ -779,4 +781,91 @@ async fn hostile_requests_get_4xx_and_change_nothing(backend: Backend) {
         std::fs::read_dir(h.dir.path().join("tmp")).unwrap().count(),
         0
     );
+}
+
+async fn removed_devices_get_401_and_old_reports_do_not_quarantine(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let cred = h.enroll("gw-x", "lab").await;
+    let report = |seq: u64, body: serde_json::Value| {
+        let (h, cred) = (&h, cred.clone());
+        async move {
+            let mut body = body;
+            body["seq"] = seq.into();
+            h.json(Method::POST, "/api/v1/device/report", Some(&cred), body)
+                .await
+        }
+    };
+    // An older rolled_back report, arriving after a newer one, is recorded and changes
+    // nothing else: no quarantine.
+    assert_eq!(
+        report(2, json!({"status": "committed"})).await.status,
+        StatusCode::OK
+    );
+    let old = report(
+        1,
+        json!({"status": "rolled_back", "release_id": "r-old", "reason": "replayed"}),
+    )
+    .await;
+    assert_eq!(old.json()["outcome"], "recorded");
+    assert_eq!(count(&h, "quarantine").await, 0);
+    let current = report(
+        3,
+        json!({"status": "rolled_back", "release_id": "r-new", "reason": "health"}),
+    )
+    .await;
+    assert_eq!(current.json()["outcome"], "recorded");
+    assert_eq!(count(&h, "quarantine").await, 1);
+
+    // The device is removed from the database: its requests get 401, never 5xx.
+    let checkin = || {
+        let (h, cred) = (&h, cred.clone());
+        async move {
+            h.json(
+                Method::POST,
+                "/api/v1/device/checkin",
+                Some(&cred),
+                json!({"nonce": "0123456789abcdef0123", "version": "1.0.0", "state": "idle"}),
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(checkin().await, StatusCode::OK);
+    for table in ["reports", "quarantine", "device_tags"] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM {table} WHERE device_id = 'gw-x'"
+        )))
+        .execute(&h.server.db.pool)
+        .await
+        .unwrap();
+    }
+    sqlx::query("DELETE FROM devices WHERE id = 'gw-x'")
+        .execute(&h.server.db.pool)
+        .await
+        .unwrap();
+    let r = report(4, json!({"status": "trial"})).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json());
+    let lease = h
+        .json(Method::POST, "/api/v1/device/lease", Some(&cred), json!({}))
+        .await;
+    assert_eq!(lease.status, StatusCode::UNAUTHORIZED, "{}", lease.json());
+    abide_server::devices::flush_last_seen(&h.server)
+        .await
+        .unwrap();
+    assert_eq!(checkin().await, StatusCode::UNAUTHORIZED);
+}
+
+async fn partial_uploads_left_by_a_crash_are_removed_at_start(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let tmp = h.server.config.data.join("tmp");
+    std::fs::write(tmp.join("upload-0123456789ab"), b"half a bundle").unwrap();
+    std::fs::write(tmp.join("notes.txt"), b"not the server's").unwrap();
+    let config = h.server.config.clone();
+    let (again, _) = abide_server::Server::start(config).await.unwrap();
+    drop(again);
+    // SQLite: the one server process owns tmp, so every partial upload goes at once; with
+    // PostgreSQL (shared data directories) only those untouched for an hour.
+    let left = tmp.join("upload-0123456789ab").exists();
+    assert_eq!(left, matches!(backend, Backend::Postgres));
+    assert!(tmp.join("notes.txt").exists());
 }

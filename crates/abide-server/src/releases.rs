@@ -300,12 +300,35 @@ pub async fn download(
     peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    if crate::auth::admin(&server, &headers).is_err() {
-        crate::auth::device(&server, &headers, peer.as_deref()).await?;
-    }
+    let device = if crate::auth::admin(&server, &headers).is_err() {
+        Some(crate::auth::device(&server, &headers, peer.as_deref()).await?)
+    } else {
+        None
+    };
     let rel = find(&server, &id)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no release {id}")))?;
+    // A device gets only what a rollout gives it: its release, or in a fleet-wide rollback
+    // the release it ran before.
+    if let Some(device) = device {
+        let assigned: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             WHERE rd.device_id = $1 AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
+               (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
+                WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version))) LIMIT 1",
+        )
+        .bind(&device)
+        .bind(&rel.id)
+        .fetch_optional(&server.db.read)
+        .await?;
+        if assigned.is_none() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-assigned",
+                format!("release {} is not assigned to device {device}", rel.id),
+            ));
+        }
+    }
     let path = server
         .config
         .data

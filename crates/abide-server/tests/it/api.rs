@@ -219,7 +219,22 @@ async fn releases_are_verified_stored_and_served_with_ranges(backend: Backend) {
             format!("bytes */{n}")
         );
     }
+    // A device gets a bundle only once a rollout targets it with that release.
     let device = h.enroll("gw-1", "lab").await;
+    let unassigned = h.call(Method::GET, &path, Some(&device), &[], vec![]).await;
+    assert_eq!(
+        (unassigned.status, unassigned.code()),
+        (StatusCode::FORBIDDEN, "not-assigned".to_owned())
+    );
+    let ro = h
+        .json(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&admin),
+            json!({"release": id, "stages": "100", "group": "lab"}),
+        )
+        .await;
+    assert_eq!(ro.status, StatusCode::CREATED, "{}", ro.json());
     let by_device = h.call(Method::GET, &path, Some(&device), &[], vec![]).await;
     assert_eq!(by_device.body, bundle);
     let stranger = h.call(Method::GET, &path, None, &[], vec![]).await;

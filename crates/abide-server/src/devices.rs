@@ -405,6 +405,32 @@ pub async fn report(
     if req.seconds.is_some_and(|s| !(0.0..=1e7).contains(&s)) {
         return Err(ApiError::bad_request("seconds: expected 0 to 10^7"));
     }
+    // A report is about a release a rollout gave this device (its own, or in a fleet-wide
+    // rollback the one it ran before), or about none: anything else is refused, so no report
+    // can set a version the device was not given.
+    if req.release_id.is_some() || req.rollout_id.is_some() {
+        let (Some(release), Some(rollout)) = (&req.release_id, &req.rollout_id) else {
+            return Err(ApiError::bad_request(
+                "release_id and rollout_id: give both or neither",
+            ));
+        };
+        let assigned: Option<(i64,)> = sqlx::query_as(
+            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+             WHERE rd.device_id = $1 AND r.id = $3 AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
+               (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
+                WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version)))",
+        )
+        .bind(&id)
+        .bind(release)
+        .bind(rollout)
+        .fetch_optional(&server.db.pool)
+        .await?;
+        if assigned.is_none() {
+            return Err(ApiError::conflict(format!(
+                "release {release} was not assigned to device {id} by rollout {rollout}"
+            )));
+        }
+    }
     let seq = req.seq as i64;
     let mut tx = server.db.pool.begin().await?;
     let row: Option<(i64,)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(

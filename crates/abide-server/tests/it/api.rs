@@ -15,8 +15,30 @@ on_both!(
     the_audit_chain_verifies_and_finds_tampering,
     hostile_requests_get_4xx_and_change_nothing,
     removed_devices_get_401_and_old_reports_do_not_quarantine,
+    reports_about_releases_not_assigned_are_refused,
     partial_uploads_left_by_a_crash_are_removed_at_start,
 );
+
+/// A release (the default fixture bundle) and a rollout of it to `group`: (release, rollout).
+async fn rolled_out(h: &Harness, group: &str) -> (String, String) {
+    let bundle = abide_testkit::Fixture::default().build(&[&abide_testkit::key(0)]);
+    let admin = h.admin.clone();
+    let r = h
+        .call(Method::POST, "/api/v1/releases", Some(&admin), &[], bundle)
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    let release = r.json()["id"].as_str().unwrap().to_owned();
+    let ro = h
+        .json(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&admin),
+            json!({"release": release, "stages": "100", "group": group}),
+        )
+        .await;
+    assert_eq!(ro.status, StatusCode::CREATED, "{}", ro.json());
+    (release, ro.json()["id"].as_str().unwrap().to_owned())
+}
 
 async fn count(h: &Harness, table: &str) -> i64 {
     let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
@@ -410,6 +432,7 @@ async fn reports_are_idempotent_and_ordered(backend: Backend) {
     let h = Harness::new(backend).await;
     let a = h.enroll("gw-a", "lab").await;
     let b = h.enroll("gw-b", "lab").await;
+    let (rel, ro) = rolled_out(&h, "lab").await;
     let report = |cred: String, body: serde_json::Value| {
         let h = &h;
         async move {
@@ -419,7 +442,7 @@ async fn reports_are_idempotent_and_ordered(backend: Backend) {
     };
     let r = report(
         a.clone(),
-        json!({"seq": 1, "status": "downloading", "release_id": "r-1", "rollout_id": "ro-1"}),
+        json!({"seq": 1, "status": "downloading", "release_id": rel, "rollout_id": ro}),
     )
     .await;
     assert_eq!(
@@ -428,7 +451,7 @@ async fn reports_are_idempotent_and_ordered(backend: Backend) {
     );
     let r = report(
         a.clone(),
-        json!({"seq": 1, "status": "downloading", "release_id": "r-1", "rollout_id": "ro-1"}),
+        json!({"seq": 1, "status": "downloading", "release_id": rel, "rollout_id": ro}),
     )
     .await;
     assert_eq!(r.json()["outcome"], "duplicate");
@@ -798,9 +821,55 @@ async fn hostile_requests_get_4xx_and_change_nothing(backend: Backend) {
     );
 }
 
+async fn reports_about_releases_not_assigned_are_refused(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let (rel, ro) = rolled_out(&h, "lab").await;
+    // A device outside the rollout's group claims to have committed its release.
+    let outsider = h.enroll("gw-out", "elsewhere").await;
+    let before = count(&h, "reports").await;
+    for body in [
+        json!({"seq": 1, "status": "committed", "release_id": rel, "rollout_id": ro}),
+        json!({"seq": 1, "status": "committed", "release_id": "r-0000000000000000", "rollout_id": ro}),
+        json!({"seq": 1, "status": "committed", "release_id": rel, "rollout_id": "ro-unknown"}),
+    ] {
+        let r = h
+            .json(
+                Method::POST,
+                "/api/v1/device/report",
+                Some(&outsider),
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CONFLICT, "{body}: {}", r.json());
+    }
+    let half = h
+        .json(
+            Method::POST,
+            "/api/v1/device/report",
+            Some(&outsider),
+            json!({"seq": 1, "status": "committed", "release_id": rel}),
+        )
+        .await;
+    assert_eq!(half.status, StatusCode::BAD_REQUEST);
+    assert_eq!(count(&h, "reports").await, before);
+    let devices = h.get("/api/v1/devices").await.json();
+    let out = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "gw-out")
+        .unwrap();
+    assert!(
+        out["version"].is_null() || out["version"] != "1.2.0",
+        "{out}"
+    );
+    assert_ne!(out["state"], "committed", "{out}");
+}
+
 async fn removed_devices_get_401_and_old_reports_do_not_quarantine(backend: Backend) {
     let h = Harness::new(backend).await;
     let cred = h.enroll("gw-x", "lab").await;
+    let (rel, ro) = rolled_out(&h, "lab").await;
     let report = |seq: u64, body: serde_json::Value| {
         let (h, cred) = (&h, cred.clone());
         async move {
@@ -818,14 +887,14 @@ async fn removed_devices_get_401_and_old_reports_do_not_quarantine(backend: Back
     );
     let old = report(
         1,
-        json!({"status": "rolled_back", "release_id": "r-old", "reason": "replayed"}),
+        json!({"status": "rolled_back", "release_id": rel, "rollout_id": ro, "reason": "replayed"}),
     )
     .await;
     assert_eq!(old.json()["outcome"], "recorded");
     assert_eq!(count(&h, "quarantine").await, 0);
     let current = report(
         3,
-        json!({"status": "rolled_back", "release_id": "r-new", "reason": "health"}),
+        json!({"status": "rolled_back", "release_id": rel, "rollout_id": ro, "reason": "health"}),
     )
     .await;
     assert_eq!(current.json()["outcome"], "recorded");
@@ -846,7 +915,7 @@ async fn removed_devices_get_401_and_old_reports_do_not_quarantine(backend: Back
         }
     };
     assert_eq!(checkin().await, StatusCode::OK);
-    for table in ["reports", "quarantine", "device_tags"] {
+    for table in ["reports", "quarantine", "device_tags", "rollout_devices"] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM {table} WHERE device_id = 'gw-x'"
         )))

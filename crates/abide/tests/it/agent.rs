@@ -162,6 +162,21 @@ fn sim_run(dir: &Path, device: &Path) -> Running {
     )
 }
 
+/// `abide install BUNDLE --config DEVICE/system.toml --json`, expecting exit code `exit`.
+fn install(dir: &Path, device: &Path, bundle: &Path, exit: i32) -> Value {
+    let config = device.join("system.toml");
+    json_args(
+        dir,
+        &[
+            "install",
+            bundle.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        exit,
+    )
+}
+
 /// `abide status --config DEVICE/system.toml --json`.
 fn status(dir: &Path, device: &Path) -> Value {
     let config = device.join("system.toml");
@@ -883,17 +898,7 @@ fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
     wait("the agent to be downloading", 30, &devices, || {
         status(&dir, &dev)["state"] == "downloading"
     });
-    let config = dev.join("system.toml");
-    let refused = json_args(
-        &dir,
-        &[
-            "install",
-            other.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        1,
-    );
+    let refused = install(&dir, &dev, &other, 1);
     assert_eq!(refused["error"]["code"], "busy", "{refused}");
     let out = agent.wait_with_output().unwrap();
     assert!(
@@ -987,17 +992,7 @@ fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_
     };
     // Signed only by the removed key: the device and the server refuse it.
     let by_a = make("2.0.0", "a");
-    let config = dev.join("system.toml");
-    let refused = json_args(
-        &dir,
-        &[
-            "install",
-            by_a.to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        1,
-    );
+    let refused = install(&dir, &dev, &by_a, 1);
     assert_eq!(refused["error"]["code"], "untrusted-key", "{refused}");
     let upload = json_args(
         &dir,

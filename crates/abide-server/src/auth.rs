@@ -39,6 +39,21 @@ pub fn admin(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
+/// Checks the token for `/metrics`: the metrics token, or the admin token (also as the web
+/// page's sign-in cookie, so its link works).
+pub fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
+    if crate::web::signed_in(server, headers) {
+        return Ok(());
+    }
+    let token = bearer(headers)?;
+    let hash = crate::sha256_hex(token.as_bytes());
+    if same_digest(&hash, &server.metrics_hash) || same_digest(&hash, &server.admin_hash) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("not the metrics token"))
+    }
+}
+
 /// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
 pub fn valid_device_id(id: &str) -> bool {
     (1..=128).contains(&id.len())

@@ -531,9 +531,19 @@ pub async fn report(
 /// Enrolled devices by state (pending check-ins written first), in state order.
 pub async fn count_by_state(server: &Server) -> ApiResult<Vec<(String, i64)>> {
     flush_last_seen(server).await?;
+    count_states(&server.db.pool).await
+}
+
+/// Enrolled devices by state as last written (at most half a second old), on the read
+/// connections: what `/metrics` shows, without touching the writer.
+pub async fn count_by_state_read(server: &Server) -> ApiResult<Vec<(String, i64)>> {
+    count_states(&server.db.read).await
+}
+
+async fn count_states(pool: &sqlx::AnyPool) -> ApiResult<Vec<(String, i64)>> {
     Ok(
         sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
-            .fetch_all(&server.db.pool)
+            .fetch_all(pool)
             .await?,
     )
 }

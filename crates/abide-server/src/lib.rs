@@ -97,6 +97,8 @@ pub struct Inner {
     pub signing: SecretKey,
     /// SHA-256 of the admin token, hex.
     pub admin_hash: String,
+    /// SHA-256 of the metrics token (`/metrics` only), hex.
+    pub metrics_hash: String,
     /// Device check-ins whose last-seen time is not yet written (coalesced).
     pub last_seen: devices::LastSeen,
     /// This process's counters.
@@ -155,7 +157,8 @@ impl Server {
             &Limits::default(),
         )
         .map_err(|e| StartError::Setup(format!("{}: {e}", trust_path.display())))?;
-        let admin_hash = admin_token(&db, data, &mut notes).await?;
+        let admin_hash = token(&db, data, "admin", &mut notes).await?;
+        let metrics_hash = token(&db, data, "metrics", &mut notes).await?;
         let signing = signing_key(&db, data, &mut notes).await?;
         let server = Server(Arc::new(Inner {
             config,
@@ -163,6 +166,7 @@ impl Server {
             trust,
             signing,
             admin_hash,
+            metrics_hash,
             last_seen: devices::LastSeen::default(),
             counters: metrics::Counters::default(),
             credentials: Default::default(),
@@ -210,30 +214,38 @@ async fn set_setting_once(db: &Db, key: &str, value: &str) -> Result<String, Sta
     Ok(setting(db, key).await?.unwrap_or_default())
 }
 
-async fn admin_token(db: &Db, data: &Path, notes: &mut StartNotes) -> Result<String, StartError> {
-    let path = data.join("admin.token");
-    if let Some(hash) = setting(db, "admin_token_sha256").await? {
+/// The `name` token (`admin`, `metrics`): its SHA-256 from the database, or on the first start
+/// a new token written to `DATA/NAME.token` (mode 0600).
+async fn token(
+    db: &Db,
+    data: &Path,
+    name: &str,
+    notes: &mut StartNotes,
+) -> Result<String, StartError> {
+    let path = data.join(format!("{name}.token"));
+    let key = format!("{name}_token_sha256");
+    if let Some(hash) = setting(db, &key).await? {
         let here = std::fs::read_to_string(&path).ok();
         if here.as_deref().map(|t| sha256_hex(t.trim().as_bytes())) != Some(hash.clone()) {
             notes.lines.push(format!(
-                "admin token: set by the server that first used this database; {} does not hold it",
+                "{name} token: set by the server that first used this database; {} does not hold it",
                 path.display()
             ));
         }
         return Ok(hash);
     }
-    let token = format!("abide-admin-{}", random_hex(32));
+    let token = format!("abide-{name}-{}", random_hex(32));
     let hash = sha256_hex(token.as_bytes());
     write_new(&path, format!("{token}\n").as_bytes(), 0o600)?;
-    let counted = set_setting_once(db, "admin_token_sha256", &hash).await?;
+    let counted = set_setting_once(db, &key, &hash).await?;
     if counted != hash {
         let _ = std::fs::remove_file(&path);
-        notes.lines.push(
-            "admin token: another server process set it first; use its admin.token".to_owned(),
-        );
+        notes.lines.push(format!(
+            "{name} token: another server process set it first; use its {name}.token"
+        ));
     } else {
         notes.lines.push(format!(
-            "admin token written to {} (mode 0600)",
+            "{name} token written to {} (mode 0600)",
             path.display()
         ));
     }

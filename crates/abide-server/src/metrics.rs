@@ -55,7 +55,7 @@ async fn histogram(
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(status)
-        .fetch_one(&server.db.pool)
+        .fetch_one(&server.db.read)
         .await?;
     use sqlx::Row as _;
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -74,7 +74,7 @@ async fn histogram(
 /// Renders the metrics.
 pub async fn render(server: &Server) -> ApiResult<String> {
     let mut out = String::new();
-    let states = crate::devices::count_by_state(server).await?;
+    let states = crate::devices::count_by_state_read(server).await?;
     out.push_str("# HELP abide_devices Enrolled devices by state.\n# TYPE abide_devices gauge\n");
     for (state, n) in &states {
         let _ = writeln!(out, "abide_devices{{state=\"{}\"}} {n}", label(state));
@@ -86,7 +86,7 @@ pub async fn render(server: &Server) -> ApiResult<String> {
     );
     let reports: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM reports GROUP BY status ORDER BY status")
-            .fetch_all(&server.db.pool)
+            .fetch_all(&server.db.read)
             .await?;
     out.push_str("# HELP abide_reports_total Reports recorded, by status.\n# TYPE abide_reports_total counter\n");
     let mut rollbacks = 0;
@@ -107,7 +107,7 @@ pub async fn render(server: &Server) -> ApiResult<String> {
     let per_rollout: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT rollout_id, state, COUNT(*) FROM rollout_devices GROUP BY rollout_id, state ORDER BY rollout_id, state",
     )
-    .fetch_all(&server.db.pool)
+    .fetch_all(&server.db.read)
     .await?;
     out.push_str("# HELP abide_rollout_devices Devices of each rollout by state.\n# TYPE abide_rollout_devices gauge\n");
     let mut ratio: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
@@ -163,8 +163,13 @@ pub async fn render(server: &Server) -> ApiResult<String> {
     Ok(out)
 }
 
-/// `GET /metrics` (no authentication: counts only, no ids of devices).
-pub async fn metrics(State(server): State<Server>) -> ApiResult<impl IntoResponse> {
+/// `GET /metrics`, for the metrics token (`DATA/metrics.token`, or the admin token). Its
+/// queries run on the read connections, beside the writer, not on it.
+pub async fn metrics(
+    State(server): State<Server>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<impl IntoResponse> {
+    crate::auth::metrics(&server, &headers)?;
     let text = render(&server).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

@@ -45,7 +45,8 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-fn signed_in(server: &Server, headers: &HeaderMap) -> bool {
+/// Whether the request carries the signed-in admin's cookie.
+pub fn signed_in(server: &Server, headers: &HeaderMap) -> bool {
     cookie_token(headers).is_some_and(|t| {
         crate::auth::same_digest(&crate::sha256_hex(t.as_bytes()), &server.admin_hash)
     })

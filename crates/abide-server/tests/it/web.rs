@@ -192,8 +192,33 @@ async fn the_page_and_its_controls(backend: Backend) {
 async fn metrics_in_the_prometheus_format(backend: Backend) {
     let h = Harness::new(backend).await;
     let id = running_rollout(&h, "health check failed").await;
-    let m = h.call(Method::GET, "/metrics", None, &[], vec![]).await;
+    // /metrics shows what is written (the server writes check-ins every half second; here,
+    // now), reading beside the writer.
+    abide_server::devices::flush_last_seen(&h.server)
+        .await
+        .unwrap();
+    // Not open to anyone: the metrics token (or the admin token) reads it.
+    let open = h.call(Method::GET, "/metrics", None, &[], vec![]).await;
+    assert_eq!(open.status, StatusCode::UNAUTHORIZED);
+    let guess = h
+        .call(
+            Method::GET,
+            "/metrics",
+            Some("abide-metrics-guess"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(guess.status, StatusCode::UNAUTHORIZED);
+    let token = std::fs::read_to_string(h.server.config.data.join("metrics.token")).unwrap();
+    let m = h
+        .call(Method::GET, "/metrics", Some(token.trim()), &[], vec![])
+        .await;
     assert_eq!(m.status, StatusCode::OK);
+    let by_admin = h
+        .call(Method::GET, "/metrics", Some(&h.admin.clone()), &[], vec![])
+        .await;
+    assert_eq!(by_admin.status, StatusCode::OK);
     assert!(
         m.headers["content-type"]
             .to_str()

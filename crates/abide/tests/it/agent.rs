@@ -1147,11 +1147,17 @@ fn over_https_with_a_device_certificate_the_agent_enrols_checks_in_and_updates()
     let _ = child.wait();
 }
 
-/// `abide_checkins_total` from the server's /metrics.
-fn checkins(url: &str) -> u64 {
+/// `abide_checkins_total` from the server's /metrics (read with the metrics token).
+fn checkins(f: &Fleet) -> u64 {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(url.trim_start_matches("http://")).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let token = std::fs::read_to_string(f.data.join("metrics.token")).unwrap();
+    let mut s = std::net::TcpStream::connect(f.url.trim_start_matches("http://")).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.0\r\nauthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    )
+    .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     text.lines()
@@ -1168,11 +1174,11 @@ fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
     let token = f.token("lab");
     // The device's own interval is 200ms: 20 check-ins in 4 seconds; the server's, 3s: 2 or 3.
     let dev = device(&dir, "gw-poll", &url, &token);
-    let before = checkins(&url);
+    let before = checkins(&f);
     let running = sim_run(&dir, &dev);
     std::thread::sleep(Duration::from_secs(4));
     drop(running);
-    let n = checkins(&url) - before;
+    let n = checkins(&f) - before;
     assert!((1..=3).contains(&n), "{n} check-ins in 4 seconds");
 }
 

@@ -479,6 +479,37 @@ fn agent_once(dir: &Path, device: &Path, exit: i32) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
 }
 
+/// A device `name` behind a slow link (a pacing proxy) with `release` rolled out to its group
+/// lab, and `abide agent --once` running on it, caught in the middle of its download:
+/// (device, agent, rollout).
+fn slow_download(dir: &Path, f: &Fleet, release: &Value, name: &str) -> (PathBuf, Child, Value) {
+    let token = f.token("lab");
+    let proxy = CuttingProxy::start(&f.url, Vec::new(), Some(Duration::from_millis(60)));
+    let dev = device(dir, name, &proxy.url, &token);
+    agent_once(dir, &dev, 0);
+    let ro = f.rollout(release, "100", "lab", &[]);
+    let agent = agent_once_in_background(dir, &dev);
+    wait(
+        "the download to start",
+        30,
+        std::slice::from_ref(&dev),
+        || status(dir, &dev)["state"] == "downloading",
+    );
+    // The proxy's thread keeps serving after the handle goes.
+    drop(proxy);
+    (dev, agent, ro)
+}
+
+/// Waits for a background agent and insists it succeeded.
+fn succeeded(agent: Child) {
+    let out = agent.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `abide agent --once` on `device`, started and left running.
 fn agent_once_in_background(dir: &Path, device: &Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_abide"))
@@ -890,29 +921,22 @@ fn stale_replayed_foreign_and_badly_signed_assignments_are_refused_audited_and_c
 fn an_install_while_the_agent_installs_is_busy_and_changes_nothing() {
     let (_tmp, dir) = workspace();
     let f = Fleet::start(&dir, None, &[]);
-    let url = f.url.clone();
     let bundle = release_bundle(&dir, "2.0.0", 1);
     let other = release_bundle(&dir, "9.0.0", 2);
     let release = f.upload(&bundle);
-    f.token("lab");
     // A slow link: the download takes a few seconds.
-    let proxy = CuttingProxy::start(&url, Vec::new(), Some(Duration::from_millis(60)));
-    let dev = device(&dir, "gw-busy", &proxy.url, &dir.join("lab.token"));
-    agent_once(&dir, &dev, 0);
-    f.rollout(&release, "100", "lab", &[]);
-    let agent = agent_once_in_background(&dir, &dev);
+    let (dev, agent, _) = slow_download(&dir, &f, &release, "gw-busy");
     let devices = [dev.clone()];
-    wait("the agent to be downloading", 30, &devices, || {
-        status(&dir, &dev)["state"] == "downloading"
+    // The server sees the download's progress.
+    let size = std::fs::metadata(&bundle).unwrap().len();
+    wait("progress on the server", 30, &devices, || {
+        let d = f.cmd(&["devices"]);
+        let p = &d[0]["progress"];
+        p["total"] == size && p["fetched"].as_u64().is_some_and(|n| n > 0 && n < size)
     });
     let refused = install(&dir, &dev, &other, 1);
     assert_eq!(refused["error"]["code"], "busy", "{refused}");
-    let out = agent.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(agent);
     let s = status(&dir, &dev);
     assert_eq!(
         (s["state"].as_str(), s["target_version"].as_str()),
@@ -1184,7 +1208,7 @@ fn the_check_in_interval_the_server_asks_for_wins_over_the_devices_own() {
     let before = checkins(&f);
     let running = sim_run(&dir, &dev);
     // From its first check-in (which brings the server's interval) on, 4 seconds.
-    wait("the first check-in", 30, &[dev.clone()], || {
+    wait("the first check-in", 30, std::slice::from_ref(&dev), || {
         checkins(&f) > before
     });
     let first = checkins(&f);
@@ -1305,25 +1329,11 @@ fn a_paused_rollout_stops_a_running_download_cleanly_and_a_resumed_one_completes
     let (_tmp, dir) = workspace();
     let f = Fleet::start(&dir, None, &[]);
     let release = f.upload(&release_bundle(&dir, "2.0.0", 1));
-    let token = f.token("lab");
     // A slow link, so the pause comes in the middle of the download.
-    let proxy = CuttingProxy::start(&f.url, Vec::new(), Some(Duration::from_millis(60)));
-    let dev = device(&dir, "gw-stop", &proxy.url, &token);
-    agent_once(&dir, &dev, 0);
-    let ro = f.rollout(&release, "100", "lab", &[]);
+    let (dev, agent, ro) = slow_download(&dir, &f, &release, "gw-stop");
     let ro_id = ro["id"].as_str().unwrap().to_owned();
-    let agent = agent_once_in_background(&dir, &dev);
-    let devices = [dev.clone()];
-    wait("the download to start", 30, &devices, || {
-        status(&dir, &dev)["state"] == "downloading"
-    });
     f.cmd(&["rollout", "pause", &ro_id]);
-    let out = agent.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(agent);
     // Stopped: the target is not bootable, nothing was reported as a failure.
     let s = status(&dir, &dev);
     assert_eq!(

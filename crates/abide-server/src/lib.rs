@@ -49,6 +49,9 @@ pub struct Config {
     pub tls: Option<tls::TlsConfig>,
     /// The check-in interval devices are told to keep, in seconds (their own when `None`).
     pub device_poll: Option<u64>,
+    /// How long a client may take to send a request's head (and to finish a TLS handshake),
+    /// and stay idle between requests, before its connection is closed.
+    pub header_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -63,6 +66,7 @@ impl Config {
             assignment_ttl: 600,
             tls: None,
             device_poll: None,
+            header_timeout: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -407,10 +411,39 @@ pub fn app(server: Server) -> Router {
 }
 
 /// Serves [`app`] on `listener` until the process is stopped, writing coalesced last-seen
-/// times in the background.
+/// times in the background. A connection that sends no complete request head within
+/// `header_timeout` (or stays idle that long between requests) is closed; a failed accept
+/// (out of file descriptors, say) is waited out, not fatal.
 pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     spawn_background(&server);
-    axum::serve(listener, app(server)).await
+    let router = app(server.clone());
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (router, timeout) = (router.clone(), server.config.header_timeout);
+        tokio::spawn(serve_connection(tcp, router, timeout));
+    }
+}
+
+/// Serves one HTTP/1.1 connection with the header-read timeout.
+pub(crate) async fn serve_connection<I>(io: I, router: Router, header_timeout: std::time::Duration)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(
+            hyper_util::rt::TokioIo::new(io),
+            hyper_util::service::TowerToHyperService::new(router),
+        )
+        .await;
 }
 
 /// Starts the background work: coalesced last-seen writes and the rollout decisions.

@@ -9,8 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Extension;
-use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -106,7 +104,8 @@ pub async fn serve_tls(
         let (tcp, _) = listener.accept().await?;
         let (acceptor, server) = (acceptor.clone(), server.clone());
         tokio::spawn(async move {
-            let Ok(tls) = acceptor.accept(tcp).await else {
+            let timeout = server.config.header_timeout;
+            let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
                 return;
             };
             let peer = tls
@@ -116,9 +115,7 @@ pub async fn serve_tls(
                 .and_then(|c| c.first())
                 .and_then(|c| common_name(c));
             let app = crate::app(server).layer(Extension(PeerIdentity(peer)));
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), TowerToHyperService::new(app))
-                .await;
+            crate::serve_connection(tls, app, timeout).await;
         });
     }
 }

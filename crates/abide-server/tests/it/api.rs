@@ -17,6 +17,7 @@ on_both!(
     removed_devices_get_401_and_old_reports_do_not_quarantine,
     reports_about_releases_not_assigned_are_refused,
     partial_uploads_left_by_a_crash_are_removed_at_start,
+    idle_and_slow_clients_are_cut_off_and_health_answers_meanwhile,
 );
 
 /// A release (the default fixture bundle) and a rollout of it to `group`: (release, rollout).
@@ -952,4 +953,43 @@ async fn partial_uploads_left_by_a_crash_are_removed_at_start(backend: Backend) 
     let left = tmp.join("upload-0123456789ab").exists();
     assert_eq!(left, matches!(backend, Backend::Postgres));
     assert!(tmp.join("notes.txt").exists());
+}
+
+async fn idle_and_slow_clients_are_cut_off_and_health_answers_meanwhile(backend: Backend) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::new(backend).await;
+    let mut config = h.server.config.clone();
+    config.header_timeout = std::time::Duration::from_secs(1);
+    let (server, _) = abide_server::Server::start(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let serving = tokio::spawn(abide_server::serve(server, listener));
+    // 300 clients that say nothing, and one that starts a request and stalls.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /api/v1/heal").await.unwrap();
+    // Meanwhile health answers.
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /api/v1/health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // After the timeout every one of them is closed by the server.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    idle.push(slow);
+    for mut s in idle {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(2), s.read(&mut buf))
+            .await
+            .expect("the server closed the connection")
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
+    serving.abort();
 }

@@ -146,6 +146,53 @@ impl Device {
         Ok(reboot)
     }
 
+    /// Moves the current transaction with `step` (one of the engine's transitions) and carries
+    /// out its actions; `what` names the step in the error when there is no transaction.
+    /// Returns the transaction and whether a reboot was asked for.
+    pub fn advance(
+        &mut self,
+        now: Timestamp,
+        what: &'static str,
+        step: impl FnOnce(&mut Transaction) -> abide_core::Result<Vec<Action>>,
+    ) -> Result<(Transaction, bool)> {
+        let mut state = self.state()?;
+        let mut tx = state
+            .transaction
+            .clone()
+            .ok_or(AgentError::NoTransaction(what))?;
+        let actions = step(&mut tx)?;
+        let reboot = self.commit_step(now, &mut state, &tx, &actions)?;
+        Ok((tx, reboot))
+    }
+
+    /// Runs the configured reboot command, if there is one (a simulated device has none).
+    pub fn reboot(&self) -> Result<()> {
+        let Some((program, args)) = self
+            .config
+            .reboot
+            .as_deref()
+            .and_then(<[String]>::split_first)
+        else {
+            return Ok(());
+        };
+        let status = std::process::Command::new(program)
+            .args(args)
+            .status()
+            .map_err(|source| abide_boot::persist::IoError {
+                op: "running the reboot command",
+                path: program.into(),
+                source,
+            })?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(AgentError::State {
+                path: self.config.path.clone(),
+                what: format!("the reboot command {program} failed: {status}"),
+            })
+        }
+    }
+
     /// The group that booted (as the running kernel's command line says, else as the
     /// bootloader recorded) and the known-good group.
     pub fn groups(&self) -> Result<(Option<Group>, Option<Group>)> {

@@ -64,28 +64,15 @@ pub struct StageOutcome {
 /// Hands the staged transaction's target to the bootloader for a trial; returns it and
 /// whether the engine asked for a reboot.
 pub fn activate(device: &mut Device, now: Timestamp) -> Result<(Transaction, bool)> {
-    let mut state = device.state()?;
-    let mut tx = state
-        .transaction
-        .clone()
-        .ok_or(AgentError::NoTransaction("activate"))?;
-    let actions = tx.activate(now, device.config.boot_policy)?;
-    let reboot = device.commit_step(now, &mut state, &tx, &actions)?;
-    Ok((tx, reboot))
+    let policy = device.config.boot_policy;
+    device.advance(now, "activate", |tx| tx.activate(now, policy))
 }
 
 /// Ends an install that has not been activated: `reason` says why (a download a stopped
 /// process left behind is [`FailReason::Interrupted`]; a withdrawn one is cancelled). The
 /// target stays unbootable.
 pub fn abandon(device: &mut Device, now: Timestamp, reason: FailReason) -> Result<Transaction> {
-    let mut state = device.state()?;
-    let mut tx = state
-        .transaction
-        .clone()
-        .ok_or(AgentError::NoTransaction("abandon"))?;
-    let actions = tx.fail(now, reason)?;
-    device.commit_step(now, &mut state, &tx, &actions)?;
-    Ok(tx)
+    Ok(device.advance(now, "abandon", |tx| tx.fail(now, reason))?.0)
 }
 
 /// Verifies the bundle read from `src`, writes it into the group that is not the known-good

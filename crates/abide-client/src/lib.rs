@@ -202,9 +202,7 @@ impl Admin {
         path: &str,
         body: &B,
     ) -> Result<T> {
-        let body = serde_json::to_vec(body).expect("plain data");
-        self.send(reqwest::Method::POST, path, Some(body.into()), true)
-            .await
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     /// PUT `body` as JSON to `path`, answered with a `T`.
@@ -213,9 +211,17 @@ impl Admin {
         path: &str,
         body: &B,
     ) -> Result<T> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    async fn send_json<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
         let body = serde_json::to_vec(body).expect("plain data");
-        self.send(reqwest::Method::PUT, path, Some(body.into()), true)
-            .await
+        self.send(method, path, Some(body.into()), true).await
     }
 
     /// POST the exact bytes of a JSON document to `path` (a trust root is signed over its

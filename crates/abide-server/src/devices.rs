@@ -414,18 +414,7 @@ pub async fn report(
                 "release_id and rollout_id: give both or neither",
             ));
         };
-        let assigned: Option<(i64,)> = sqlx::query_as(
-            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-             WHERE rd.device_id = $1 AND r.id = $3 AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
-               (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
-                WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version)))",
-        )
-        .bind(&id)
-        .bind(release)
-        .bind(rollout)
-        .fetch_optional(&server.db.pool)
-        .await?;
-        if assigned.is_none() {
+        if !crate::rollouts::gives(&server, &id, release, Some(rollout)).await? {
             return Err(ApiError::conflict(format!(
                 "release {release} was not assigned to device {id} by rollout {rollout}"
             )));

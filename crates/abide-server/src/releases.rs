@@ -311,17 +311,7 @@ pub async fn download(
     // A device gets only what a rollout gives it: its release, or in a fleet-wide rollback
     // the release it ran before.
     if let Some(device) = device {
-        let assigned: Option<(i64,)> = sqlx::query_as(
-            "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
-             WHERE rd.device_id = $1 AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
-               (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
-                WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version))) LIMIT 1",
-        )
-        .bind(&device)
-        .bind(&rel.id)
-        .fetch_optional(&server.db.read)
-        .await?;
-        if assigned.is_none() {
+        if !crate::rollouts::gives(&server, &device, &rel.id, None).await? {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "not-assigned",

@@ -1022,6 +1022,30 @@ pub async fn assignment(
     Ok(None)
 }
 
+/// Whether a rollout (`rollout`, or any) gives `device` the release `release`: the rollout's
+/// own release, or, once it is rolled back, the release the device ran before it. Downloads
+/// and reports are checked against this.
+pub async fn gives(
+    server: &Server,
+    device: &str,
+    release: &str,
+    rollout: Option<&str>,
+) -> Result<bool, sqlx::Error> {
+    let found: Option<(i64,)> = sqlx::query_as(
+        "SELECT 1 FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id \
+         WHERE rd.device_id = $1 AND ($3 = '' OR r.id = $3) \
+           AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
+             (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
+              WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version))) LIMIT 1",
+    )
+    .bind(device)
+    .bind(release)
+    .bind(rollout.unwrap_or(""))
+    .fetch_optional(&server.db.pool)
+    .await?;
+    Ok(found.is_some())
+}
+
 /// Moves a device's row in a rollout after a report (the newest report only).
 pub async fn on_report(
     tx: &mut Transaction<'static, Any>,

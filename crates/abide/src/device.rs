@@ -3,7 +3,6 @@
 use std::fs::File;
 use std::io::{self, BufReader, IsTerminal, Read};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use abide_agent::audit::AuditLog;
 use abide_agent::boot::boot;
@@ -159,7 +158,7 @@ pub fn run_install(
         },
     );
     if reboot {
-        reboot_now(&device)?;
+        device.reboot()?;
     }
     Ok(())
 }
@@ -176,8 +175,8 @@ pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
             if outcome.reboot { "; rebooting" } else { "" }
         )
     });
-    if outcome.reboot && device.config.reboot.is_some() {
-        reboot_now(&device)?;
+    if outcome.reboot {
+        device.reboot()?;
     }
     Ok(outcome.reboot)
 }
@@ -285,29 +284,18 @@ pub fn run_health(config: &Path, out: Output) -> Result<()> {
 /// `abide mark-good`, `abide mark-bad`, `abide rollback`.
 pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Result<()> {
     let mut device = open(config)?;
-    let mut state = device.state()?;
-    let Some(mut tx) = state.transaction.clone() else {
-        return Err(abide_agent::AgentError::NoTransaction(if good {
-            "mark good"
-        } else {
-            "roll back"
-        })
-        .into());
-    };
     let now = Timestamp::now();
-    let actions = if good {
-        tx.mark_good(now)
+    let (tx, reboot) = if good {
+        device.advance(now, "mark good", |tx| tx.mark_good(now))?
     } else {
-        tx.rollback(now, reason)
-    }
-    .map_err(abide_agent::AgentError::from)?;
-    let reboot = device.commit_step(now, &mut state, &tx, &actions)?;
+        device.advance(now, "roll back", |tx| tx.rollback(now, reason))?
+    };
     out.print(
         &json!({"transaction": tx.id, "state": tx.state.name(), "reboot": reboot}),
         || format!("transaction {} is {}", tx.id, tx.state.name()),
     );
-    if reboot && device.config.reboot.is_some() {
-        reboot_now(&device)?;
+    if reboot {
+        device.reboot()?;
     }
     Ok(())
 }
@@ -338,23 +326,6 @@ pub fn run_log(config: &Path, verify: bool, out: Output) -> Result<()> {
             .collect::<Vec<_>>()
             .join("\n")
     });
-    Ok(())
-}
-
-fn reboot_now(device: &Device) -> Result<()> {
-    let Some(cmd) = &device.config.reboot else {
-        return Ok(());
-    };
-    let Some((program, args)) = cmd.split_first() else {
-        return Ok(());
-    };
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {program}"))?;
-    if !status.success() {
-        bail!("the reboot command {cmd:?} failed: {status}");
-    }
     Ok(())
 }
 

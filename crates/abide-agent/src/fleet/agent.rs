@@ -288,15 +288,9 @@ impl Agent {
                 self.after_change(&client, &mut device, reboot)
             }
             Step::RollBack => {
-                let mut st = device.state()?;
-                let mut tx = st
-                    .transaction
-                    .clone()
-                    .ok_or(AgentError::NoTransaction("roll back"))?;
-                let actions = tx
-                    .rollback(now, "fleet-wide rollback")
-                    .map_err(AgentError::from)?;
-                let reboot = device.commit_step(now, &mut st, &tx, &actions)?;
+                let (tx, reboot) = device.advance(now, "roll back", |tx| {
+                    tx.rollback(now, "fleet-wide rollback")
+                })?;
                 tracing::info!(version = %tx.version, "rolled back by the fleet");
                 self.after_change(&client, &mut device, reboot)
             }
@@ -318,24 +312,7 @@ impl Agent {
         if !reboot {
             return Ok(None);
         }
-        if let Some(cmd) = &device.config.reboot
-            && let Some((program, args)) = cmd.split_first()
-        {
-            let status = std::process::Command::new(program)
-                .args(args)
-                .status()
-                .map_err(|source| abide_boot::persist::IoError {
-                    op: "running the reboot command",
-                    path: program.into(),
-                    source,
-                })?;
-            if !status.success() {
-                return Err(Wait::Failed(AgentError::State {
-                    path: device.config.path.clone(),
-                    what: format!("the reboot command {cmd:?} failed: {status}"),
-                }));
-            }
-        }
+        device.reboot()?;
         Ok(Some(Exit::Reboot))
     }
 

@@ -604,6 +604,35 @@ fn reports_made_while_the_server_is_away_arrive_in_order_once_it_returns() {
     );
 }
 
+/// A request's head (as text) and its body (by Content-Length) from `conn`; none if the
+/// connection ends first.
+fn read_request(conn: &mut std::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    let len: usize = header_of(&text, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).ok()?;
+    Some((text, body))
+}
+
+/// The value of header `name` in a request head.
+fn header_of(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
+}
+
 /// A TCP proxy in front of the server that cuts bundle downloads: each answer to a range
 /// request is forwarded up to the next cut offset (counted in bundle bytes) and the connection
 /// is then closed in the middle of the body. Every request gets `connection: close`, so each
@@ -633,29 +662,10 @@ impl CuttingProxy {
                 let (upstream, fwd, made, pending) =
                     (upstream.clone(), fwd.clone(), made.clone(), pending.clone());
                 std::thread::spawn(move || {
-                    // The request head, then its body (Content-Length) if any.
-                    let mut head = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !head.ends_with(b"\r\n\r\n") {
-                        if client.read(&mut byte).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        head.push(byte[0]);
-                    }
-                    let text = String::from_utf8_lossy(&head).into_owned();
-                    let header = |name: &str| {
-                        text.lines().find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-                        })
-                    };
-                    let body_len: usize = header("content-length")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
-                    let mut body = vec![0u8; body_len];
-                    if client.read_exact(&mut body).is_err() {
+                    let Some((text, body)) = read_request(&mut client) else {
                         return;
-                    }
+                    };
+                    let header = |name: &str| header_of(&text, name);
                     let range_start: Option<u64> = header("range").and_then(|r| {
                         r.trim_start_matches("bytes=")
                             .split('-')
@@ -791,32 +801,16 @@ fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
 /// answers every check-in with an assignment spoiled as `mode` says (each offering a release,
 /// so acting on it would start an install).
 fn spoiling_server(mode: std::sync::Arc<std::sync::Mutex<&'static str>>) -> String {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     std::thread::spawn(move || {
         let server_key = abide_testkit::key(1);
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if conn.read(&mut byte).unwrap_or(0) == 0 {
-                    break;
-                }
-                head.push(byte[0]);
-            }
-            let text = String::from_utf8_lossy(&head).into_owned();
-            let len: usize = text
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse().ok())?
-                })
-                .unwrap_or(0);
-            let mut body = vec![0u8; len];
-            let _ = conn.read_exact(&mut body);
+            let Some((text, body)) = read_request(&mut conn) else {
+                continue;
+            };
             let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
             let answer = if text.starts_with("POST /api/v1/device/enroll") {
                 serde_json::json!({"device_id": request["device_id"], "credential": "c-1",

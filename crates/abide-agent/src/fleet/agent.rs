@@ -114,18 +114,13 @@ impl Agent {
         }
     }
 
-    /// The pause before the next round: the poll interval (the server's, if it asked for
-    /// one) with ±20 % jitter, doubled for each failed round in a row, at most 16 times the
-    /// interval.
     fn pause(&self) -> Duration {
-        let base = self
+        let interval = self
             .suggested
-            .map_or(self.server.poll_interval.as_secs_f64(), |d| d.as_secs_f64());
+            .unwrap_or(self.server.poll_interval.unsigned_abs());
         let mut r = [0u8; 2];
         getrandom::fill(&mut r).expect("the system's random source works");
-        let jitter = 0.8 + 0.4 * f64::from(u16::from_le_bytes(r)) / 65535.0;
-        let factor = f64::from(1u32 << self.failures.min(4));
-        Duration::from_secs_f64(base * factor * jitter)
+        pause(interval, self.failures, u16::from_le_bytes(r))
     }
 
     fn open(&self) -> Result<(Device, FleetState)> {
@@ -463,6 +458,15 @@ impl Agent {
         }
         Ok(())
     }
+}
+
+/// The pause before the next round: `interval` (the server's, if it asked for one) with
+/// ±20 % jitter drawn from `random`, doubled for each of `failures` failed rounds in a row, at
+/// most 16 times the interval.
+pub fn pause(interval: Duration, failures: u32, random: u16) -> Duration {
+    let jitter = 0.8 + 0.4 * f64::from(random) / f64::from(u16::MAX);
+    let factor = f64::from(1u32 << failures.min(4));
+    interval.mul_f64(factor * jitter)
 }
 
 /// Why a round ended without asking for another at once.

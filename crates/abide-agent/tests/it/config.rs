@@ -168,3 +168,50 @@ fn the_running_group_is_read_from_the_kernel_command_line_and_mounts_from_mounti
     assert_eq!(mounted_at(mountinfo, (254, 1)).as_deref(), Some("/boot"));
     assert_eq!(mounted_at(mountinfo, (254, 3)), None);
 }
+
+#[test]
+fn check_ins_are_jittered_and_back_off_up_to_a_cap() {
+    use abide_agent::fleet::agent::pause;
+    use std::time::Duration;
+    let minute = Duration::from_secs(60);
+    // ±20 % around the interval, whatever the draw.
+    assert_eq!(pause(minute, 0, 0), Duration::from_secs(48));
+    assert_eq!(pause(minute, 0, u16::MAX), Duration::from_secs(72));
+    let mid = pause(minute, 0, u16::MAX / 2);
+    assert!(
+        mid > Duration::from_secs(59) && mid < Duration::from_secs(61),
+        "{mid:?}"
+    );
+    // Doubling after each failure in a row, capped at 16 times.
+    assert_eq!(pause(minute, 1, 0), Duration::from_secs(96));
+    assert_eq!(pause(minute, 4, 0), Duration::from_secs(768));
+    assert_eq!(pause(minute, 30, 0), pause(minute, 4, 0));
+}
+
+#[test]
+fn a_client_certificate_needs_its_key_and_an_https_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("system.toml");
+    let base = "product = \"gw\"\ncompatible = \"gw-1\"\ntrust = \"trust.json\"\n\
+        [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
+        [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
+        [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n";
+    for (server, why) in [
+        (
+            "[server]\nurl = \"https://fleet:8440\"\ndevice_id = \"gw\"\nclient_cert = \"c.pem\"\n",
+            "give both or neither",
+        ),
+        (
+            "[server]\nurl = \"http://fleet:8440\"\ndevice_id = \"gw\"\nca_file = \"ca.pem\"\n",
+            "need an https:// URL",
+        ),
+    ] {
+        let err = abide_agent::config::Config::parse(&path, &format!("{base}{server}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    let ok = "[server]\nurl = \"https://fleet:8440\"\ndevice_id = \"gw\"\nclient_cert = \"c.pem\"\nclient_key = \"c.key\"\n";
+    let config = abide_agent::config::Config::parse(&path, &format!("{base}{ok}")).unwrap();
+    assert!(config.server.unwrap().client_identity.is_some());
+}

@@ -215,3 +215,54 @@ fn a_client_certificate_needs_its_key_and_an_https_server() {
     let config = abide_agent::config::Config::parse(&path, &format!("{base}{ok}")).unwrap();
     assert!(config.server.unwrap().client_identity.is_some());
 }
+
+#[test]
+fn a_delivered_trust_root_is_taken_only_along_its_chain() {
+    use abide_testkit::{key, trust};
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = trust(&[0, 1], 1);
+    std::fs::write(dir.path().join("trust.json"), v1.to_file_bytes().unwrap()).unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    let path = dir.path().join("system.toml");
+    let config = abide_agent::config::Config::parse(
+        &path,
+        "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\
+         [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n",
+    )
+    .unwrap();
+    let body =
+        |root: &abide_bundle::TrustRoot| String::from_utf8(root.to_file_bytes().unwrap()).unwrap();
+    let now = jiff::Timestamp::now();
+    // Signed by keys the device does not trust yet: refused, nothing stored.
+    let foreign = trust(&[5, 6], 1)
+        .rotate(vec![key(5).public()], 1, None, &[&key(5), &key(6)])
+        .unwrap();
+    let r = abide_agent::trust::accept(&config, &[body(&foreign)], now).unwrap();
+    assert_eq!((r.from, r.to), (1, 1));
+    assert!(r.refused.is_some());
+    assert!(!dir.path().join("state/trust.json").exists());
+    // Version 2, by a threshold of the old and of the new keys, is taken; a version 3 signed
+    // by a key version 2 dropped is refused, and version 2 stays.
+    let v2 = v1
+        .rotate(
+            vec![key(1).public(), key(2).public()],
+            1,
+            None,
+            &[&key(0), &key(2)],
+        )
+        .unwrap();
+    // (rotate() would refuse to make it; create() signs whatever it is given.)
+    let bad_v3 =
+        abide_bundle::TrustRoot::create(3, vec![key(3).public()], 1, None, &[&key(0), &key(3)])
+            .unwrap();
+    let r = abide_agent::trust::accept(&config, &[body(&v2), body(&bad_v3)], now).unwrap();
+    assert_eq!((r.from, r.to), (1, 2), "{:?}", r.refused);
+    assert!(r.refused.is_some());
+    assert_eq!(
+        std::fs::read(dir.path().join("state/trust.json")).unwrap(),
+        v2.to_file_bytes().unwrap()
+    );
+    assert_eq!(abide_agent::trust::version(&config).unwrap(), 2);
+}

@@ -177,6 +177,13 @@ pub fn write_new(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> 
     file.commit_new()
 }
 
+/// fsyncs a file: its data and its metadata (on FAT, its directory entry).
+pub fn sync_file(path: &Path) -> Result<(), IoError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err("fsync", path))
+}
+
 /// fsyncs a directory, so that a rename in it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
     File::open(dir)

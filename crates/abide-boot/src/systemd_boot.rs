@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
-use crate::persist::{IoError, read_bounded, sync_dir};
+use crate::persist::{IoError, read_bounded, sync_dir, sync_file};
 use crate::state::{BootState, MAX_TRIES};
 
 /// The rank of a trial entry.
@@ -203,6 +203,14 @@ impl SystemdBootBootloader {
             if !self.groups.contains(&entry.group) {
                 continue;
             }
+            let path = dir.join(entry.file_name());
+            let text = read_bounded(&path, MAX_ENTRY_FILE)?;
+            if text.is_empty() {
+                // The new name of a rename that a power cut interrupted on FAT, written before
+                // the file's size was: systemd-boot skips an entry without a `linux` line, and
+                // so does Abide; the next store removes it.
+                continue;
+            }
             if let Some(other) = found.get(&entry.group) {
                 return Err(self.inconsistent(
                     &dir,
@@ -214,8 +222,6 @@ impl SystemdBootBootloader {
                     ),
                 ));
             }
-            let path = dir.join(entry.file_name());
-            let text = read_bounded(&path, MAX_ENTRY_FILE)?;
             let wanted = format!("abide.group={}", entry.group);
             let carries = String::from_utf8_lossy(&text).lines().any(|l| {
                 l.trim()
@@ -243,6 +249,33 @@ impl SystemdBootBootloader {
             }
         }
         Ok(found)
+    }
+
+    /// Removes the empty entry files of Abide's groups that `entries` skipped (left by an
+    /// interrupted rename), so that a later rename cannot meet them.
+    fn remove_empty(&self, entries: &BTreeMap<Group, EntryName>) -> Result<(), BootError> {
+        let dir = self.entries_dir();
+        let listing = std::fs::read_dir(&dir).map_err(|source| IoError {
+            op: "listing",
+            path: dir.clone(),
+            source,
+        })?;
+        for item in listing.flatten() {
+            let Some(entry) = item.file_name().to_str().and_then(EntryName::parse) else {
+                continue;
+            };
+            let empty = item.metadata().is_ok_and(|m| m.is_file() && m.len() == 0);
+            if empty && entries.get(&entry.group) != Some(&entry) {
+                let path = dir.join(entry.file_name());
+                std::fs::remove_file(&path).map_err(|source| IoError {
+                    op: "removing the empty boot entry",
+                    path,
+                    source,
+                })?;
+                sync_dir(&dir)?;
+            }
+        }
+        Ok(())
     }
 
     /// The renames that take the entries `current` to `state`, in the order that keeps every
@@ -315,7 +348,9 @@ impl Bootloader for SystemdBootBootloader {
     fn store(&self, state: &BootState) -> Result<(), BootError> {
         self.check_loader_conf()?;
         let dir = self.entries_dir();
-        for (old, new) in Self::plan(&self.entries()?, state) {
+        let entries = self.entries()?;
+        self.remove_empty(&entries)?;
+        for (old, new) in Self::plan(&entries, state) {
             let (from, to) = (dir.join(old.file_name()), dir.join(new.file_name()));
             crate::crash::point("systemd-boot:before-rename", &to.to_string_lossy());
             std::fs::rename(&from, &to).map_err(|source| IoError {
@@ -323,6 +358,12 @@ impl Bootloader for SystemdBootBootloader {
                 path: from.clone(),
                 source,
             })?;
+            // On FAT the size and first cluster of a file live in its directory entry, and
+            // Linux writes the renamed entry with them only when the file itself is written
+            // back: a directory fsync alone leaves an empty entry on the disk, which
+            // systemd-boot skips (seen after a power cut: both entries empty, no bootable
+            // entry). Syncing the file writes its entry.
+            sync_file(&to)?;
             sync_dir(&dir)?;
         }
         Ok(())

@@ -428,3 +428,41 @@ fn broken_set_ups_are_refused_and_nothing_is_renamed() {
     sd.store(&trial).unwrap();
     assert_eq!(sd.load().unwrap().trial, Some((g("B"), 3)));
 }
+
+/// A power cut during a rename on FAT can leave the new name written before the file's size:
+/// an empty entry beside the old one. systemd-boot skips it (no `linux` line); so does Abide,
+/// and its next store removes it.
+#[test]
+fn an_empty_entry_left_by_an_interrupted_rename_is_skipped_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let esp = esp(dir.path());
+    let cmdline = dir.path().join("cmdline");
+    let sd = SystemdBootBootloader::new(&esp, &cmdline, &[g("A"), g("B")]);
+    let before = sd.load().unwrap();
+    let entries = esp.join("loader/entries");
+    std::fs::write(entries.join("abide-3-B+1.conf"), "").unwrap();
+    assert_eq!(
+        sd.load().unwrap(),
+        before,
+        "the empty entry changes nothing"
+    );
+    let mut trial = before.clone();
+    trial
+        .apply(&Action::TryNext {
+            group: g("B"),
+            tries: 1,
+        })
+        .unwrap();
+    sd.store(&trial).unwrap();
+    assert_eq!(
+        listing(&esp),
+        ["abide-2-A.conf", "abide-3-B+1.conf", "zz-rescue.conf"]
+    );
+    assert!(
+        std::fs::read_to_string(entries.join("abide-3-B+1.conf"))
+            .unwrap()
+            .contains("abide.group=B"),
+        "the renamed entry, not the empty leftover"
+    );
+    assert_eq!(sd.load().unwrap().trial, Some((g("B"), 1)));
+}

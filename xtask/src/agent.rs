@@ -177,7 +177,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     sh(&format!(
-        "{fleet} enroll-token create --group lab > {d}/lab.token"
+        "{fleet} enroll-token create --group lab --uses 2 > {d}/lab.token"
     ))?;
     let (proxy, wire) = counting_proxy(format!("127.0.0.1:{port}"))?;
 

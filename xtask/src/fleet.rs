@@ -124,6 +124,13 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     cmd.args(["server", "--data"])
         .arg(dir.path())
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Every simulated device comes from this one address.
+        .args([
+            "--enroll-rate",
+            "1000000",
+            "--max-connections-per-address",
+            "100000",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     if let Some(pg) = &pg {
@@ -155,6 +162,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
             "/api/v1/enroll-tokens",
             &abide_proto::EnrollTokenRequest {
                 group: "bench".into(),
+                uses: Some(o.devices as u64),
                 ..Default::default()
             },
         )

@@ -196,6 +196,11 @@ impl Admin {
         self.send(reqwest::Method::GET, path, None, false).await
     }
 
+    /// DELETE `path`, answered with a `T`.
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.send(reqwest::Method::DELETE, path, None, false).await
+    }
+
     /// POST `body` as JSON to `path`, answered with a `T`.
     pub async fn post<B: serde::Serialize, T: DeserializeOwned>(
         &self,

@@ -366,7 +366,9 @@ pub struct Release {
     pub created_at: String,
 }
 
-/// An admin's request for an enrolment token.
+/// An admin's request for an enrolment token. A token gives its group and its tags to the
+/// devices that enrol with it (a device cannot add its own), and can be bound to the device ids
+/// it may enrol.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollTokenRequest {
@@ -378,21 +380,55 @@ pub struct EnrollTokenRequest {
     /// How long the token is valid, in seconds (default 7 days).
     #[serde(default)]
     pub expires_in: Option<u64>,
+    /// How many devices may enrol with it (default 1).
+    #[serde(default)]
+    pub uses: Option<u64>,
+    /// The only device ids it enrols, if not empty.
+    #[serde(default)]
+    pub device_ids: Vec<String>,
+    /// A pattern the device id must match (`*` any run of characters, `?` one), if given.
+    #[serde(default)]
+    pub device_id_pattern: Option<String>,
+    /// The product the device must say it is, if given.
+    #[serde(default)]
+    pub product: Option<String>,
+}
+
+/// An enrolment token as the server keeps it (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollTokenView {
+    /// Its id.
+    pub id: String,
+    /// The group.
+    pub group: String,
+    /// The tags.
+    pub tags: Vec<String>,
+    /// How many devices may enrol with it.
+    pub uses: u64,
+    /// How many did.
+    pub used: u64,
+    /// The only device ids it enrols (all if empty).
+    pub device_ids: Vec<String>,
+    /// The pattern device ids must match, if any.
+    pub device_id_pattern: Option<String>,
+    /// The product devices must be, if any.
+    pub product: Option<String>,
+    /// When it was made.
+    pub created_at: String,
+    /// When it stops working.
+    pub expires_at: String,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<String>,
 }
 
 /// An enrolment token, as created (the secret `token` is shown only here).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollToken {
-    /// Its id.
-    pub id: String,
     /// The secret devices present.
     pub token: String,
-    /// The group.
-    pub group: String,
-    /// The tags.
-    pub tags: Vec<String>,
-    /// When it stops working.
-    pub expires_at: String,
+    /// The token's settings.
+    #[serde(flatten)]
+    pub view: EnrollTokenView,
 }
 
 /// A device's enrolment.

@@ -182,6 +182,19 @@ ALTER TABLE devices ADD COLUMN progress TEXT;
 ALTER TABLE rollouts ADD COLUMN prestage_bp BIGINT;
 "#,
     ),
+    (
+        4,
+        // Enrolment tokens get a use limit (tokens made before it may enrol one more device),
+        // bindings to device ids and a product, and revocation.
+        r#"
+ALTER TABLE enroll_tokens ADD COLUMN max_uses BIGINT NOT NULL DEFAULT 1;
+ALTER TABLE enroll_tokens ADD COLUMN used BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE enroll_tokens ADD COLUMN device_ids TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE enroll_tokens ADD COLUMN device_id_pattern TEXT;
+ALTER TABLE enroll_tokens ADD COLUMN product TEXT;
+ALTER TABLE enroll_tokens ADD COLUMN revoked_at BIGINT;
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

@@ -14,7 +14,7 @@ use std::time::Duration;
 use abide_bundle::{HardwareId, Name};
 use abide_proto::{
     Assignment, CheckinRequest, EnrollRequest, EnrollResponse, EnrollToken, EnrollTokenRequest,
-    ReportRequest, ReportResponse, ReportStatus, SignedAssignment,
+    EnrollTokenView, ReportRequest, ReportResponse, ReportStatus, SignedAssignment,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -56,6 +56,32 @@ fn check_group(group: &str) -> ApiResult<()> {
     }
 }
 
+/// The most devices one enrolment token may enrol.
+const MAX_TOKEN_USES: u64 = 1_000_000;
+
+/// Whether `id` matches `pattern`: `*` any run of characters, `?` any one.
+pub fn id_matches(pattern: &str, id: &str) -> bool {
+    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), id.chars().collect());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some(pi);
+            mark = si;
+            pi += 1;
+        } else if let Some(st) = star {
+            pi = st + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
 /// `POST /api/v1/enroll-tokens` (admin): a token devices enrol with into a group.
 pub async fn create_token(
     State(server): State<Server>,
@@ -72,97 +98,257 @@ pub async fn create_token(
             "expires_in: expected 60 seconds to 366 days",
         ));
     }
+    let uses = req.uses.unwrap_or(1);
+    if !(1..=MAX_TOKEN_USES).contains(&uses) {
+        return Err(ApiError::bad_request(format!(
+            "uses: expected 1 to {MAX_TOKEN_USES}"
+        )));
+    }
+    if req.device_ids.len() > 10_000 {
+        return Err(ApiError::bad_request("device_ids: at most 10000"));
+    }
+    if let Some(bad) = req.device_ids.iter().find(|d| !valid_device_id(d)) {
+        return Err(ApiError::bad_request(format!(
+            "device_ids: {bad:?} is not a device id (1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot)"
+        )));
+    }
+    if let Some(p) = &req.device_id_pattern {
+        let ok = (1..=128).contains(&p.len())
+            && p.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'*' | b'?')
+            });
+        if !ok {
+            return Err(ApiError::bad_request(format!(
+                "device_id_pattern {p:?}: expected 1 to 128 of A-Z a-z 0-9 . _ - and the wildcards * ?"
+            )));
+        }
+    }
+    if let Some(p) = &req.product {
+        Name::parse("product", p, 64)
+            .map_err(|e| ApiError::bad_request(format!("product: {e}")))?;
+    }
     let id = format!("t-{}", crate::random_hex(8));
     let token = format!("abide-enroll-{}", crate::random_hex(24));
-    let expires_at = now_ms() + ttl as i64 * 1000;
+    let created_at = now_ms();
+    let expires_at = created_at + ttl as i64 * 1000;
     let mut tx = server.db.pool.begin().await?;
     sqlx::query(
-        "INSERT INTO enroll_tokens (id, token_hash, grp, tags, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO enroll_tokens (id, token_hash, grp, tags, created_at, expires_at, max_uses, used, device_ids, device_id_pattern, product) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $9, $10)",
     )
     .bind(&id)
     .bind(crate::sha256_hex(token.as_bytes()))
     .bind(&req.group)
     .bind(serde_json::to_string(&req.tags).expect("strings serialize"))
-    .bind(now_ms())
+    .bind(created_at)
     .bind(expires_at)
+    .bind(uses as i64)
+    .bind(serde_json::to_string(&req.device_ids).expect("strings serialize"))
+    .bind(&req.device_id_pattern)
+    .bind(&req.product)
     .execute(&mut *tx)
     .await?;
+    let view = EnrollTokenView {
+        id,
+        group: req.group,
+        tags: req.tags,
+        uses,
+        used: 0,
+        device_ids: req.device_ids,
+        device_id_pattern: req.device_id_pattern,
+        product: req.product,
+        created_at: rfc3339(created_at),
+        expires_at: rfc3339(expires_at),
+        revoked_at: None,
+    };
     crate::audit::append(
         &server,
         &mut tx,
         "admin",
         "enroll-token.create",
-        serde_json::json!({"token_id": id, "group": req.group, "tags": req.tags, "expires_at": rfc3339(expires_at)}),
+        serde_json::to_value(&view).expect("serializes"),
     )
     .await?;
     tx.commit().await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(EnrollToken {
-            id,
-            token,
-            group: req.group,
-            tags: req.tags,
-            expires_at: rfc3339(expires_at),
-        }),
+    Ok((StatusCode::CREATED, Json(EnrollToken { token, view })))
+}
+
+type TokenRow = (
+    String,
+    String,
+    String,
+    i64,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+/// The columns of a [`TokenRow`], in its order.
+macro_rules! token_columns {
+    () => {
+        "id, grp, tags, created_at, expires_at, max_uses, used, device_ids, device_id_pattern, product, revoked_at"
+    };
+}
+
+fn token_view(row: TokenRow) -> Result<EnrollTokenView, sqlx::Error> {
+    let (id, group, tags, created_at, expires_at, uses, used, ids, pattern, product, revoked_at) =
+        row;
+    let name = format!("enroll_tokens {id}");
+    Ok(EnrollTokenView {
+        tags: crate::db::json_column(&name, "tags", &tags)?,
+        device_ids: crate::db::json_column(&name, "device_ids", &ids)?,
+        id,
+        group,
+        uses: uses.max(0) as u64,
+        used: used.max(0) as u64,
+        device_id_pattern: pattern,
+        product,
+        created_at: rfc3339(created_at),
+        expires_at: rfc3339(expires_at),
+        revoked_at: revoked_at.map(rfc3339),
+    })
+}
+
+/// `GET /api/v1/enroll-tokens` (admin): every token, without its secret.
+pub async fn list_tokens(
+    State(server): State<Server>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Vec<EnrollTokenView>>> {
+    crate::auth::admin(&server, &headers)?;
+    let rows: Vec<TokenRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        token_columns!(),
+        " FROM enroll_tokens ORDER BY created_at, id"
     ))
+    .fetch_all(&server.db.read)
+    .await?;
+    Ok(Json(
+        rows.into_iter().map(token_view).collect::<Result<_, _>>()?,
+    ))
+}
+
+/// `DELETE /api/v1/enroll-tokens/{id}` (admin): the token enrols no more devices (those it
+/// enrolled stay).
+pub async fn revoke_token(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<EnrollTokenView>> {
+    crate::auth::admin(&server, &headers)?;
+    let mut tx = server.db.pool.begin().await?;
+    let now = now_ms();
+    let changed = sqlx::query(
+        "UPDATE enroll_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(&id)
+    .execute(&mut *tx)
+    .await?;
+    let row: Option<TokenRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        token_columns!(),
+        " FROM enroll_tokens WHERE id = $1"
+    ))
+    .bind(&id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else {
+        return Err(ApiError::not_found(format!("no enrolment token {id}")));
+    };
+    if changed.rows_affected() > 0 {
+        crate::audit::append(
+            &server,
+            &mut tx,
+            "admin",
+            "enroll-token.revoke",
+            serde_json::json!({"token_id": id}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(Json(token_view(row)?))
+}
+
+/// Records a refused enrolment with a known token, then returns the refusal.
+async fn refused(server: &Server, token_id: &str, device_id: &str, e: ApiError) -> ApiError {
+    let record = async {
+        let mut tx = server.db.pool.begin().await?;
+        crate::audit::append(
+            server,
+            &mut tx,
+            "enrolment",
+            "device.enroll-refused",
+            serde_json::json!({"token_id": token_id, "device_id": device_id, "reason": e.message}),
+        )
+        .await?;
+        tx.commit().await
+    };
+    match record.await {
+        Ok(()) => e,
+        Err(db) => ApiError::from(db),
+    }
 }
 
 /// `POST /api/v1/device/enroll`: a device with a valid token gets a credential. An id that is
 /// already enrolled is refused (re-enrolment would hand the device's identity to whoever holds
-/// a token).
+/// a token). Attempts are rate-limited per client address; the token's group and tags are the
+/// device's (it cannot add its own), its bindings (device ids, pattern, product) are checked,
+/// and each enrolment uses it up by one, in the transaction that adds the device.
 pub async fn enroll(
     State(server): State<Server>,
     peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
+    remote: Option<axum::Extension<crate::limit::Remote>>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
-    let req: EnrollRequest = parse_json(&body)?;
-    crate::auth::check_peer(&server, &req.device_id, peer.as_deref())?;
-    let row: Option<(String, String, String, i64)> =
-        sqlx::query_as("SELECT id, grp, tags, expires_at FROM enroll_tokens WHERE token_hash = $1")
-            .bind(crate::sha256_hex(req.token.as_bytes()))
-            .fetch_optional(&server.db.pool)
-            .await?;
-    let Some((token_id, group, token_tags, expires_at)) = row else {
-        return Err(ApiError::unauthorized("unknown enrolment token"));
-    };
-    if expires_at <= now_ms() {
-        return Err(ApiError::forbidden(format!(
-            "the enrolment token expired at {}",
-            rfc3339(expires_at)
-        )));
-    }
-    if !valid_device_id(&req.device_id) {
-        return Err(ApiError::bad_request(format!(
-            "device_id {:?}: expected 1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot",
-            req.device_id
-        )));
-    }
-    if let Some(g) = req.group.as_deref().filter(|g| *g != group) {
-        return Err(ApiError::forbidden(format!(
-            "this token enrols into group {group}, not {g}"
-        )));
-    }
-    Name::parse("product", &req.product, 64)
-        .map_err(|e| ApiError::bad_request(format!("product: {e}")))?;
-    if req.compatible.is_empty() || req.compatible.len() > 16 {
-        return Err(ApiError::bad_request(
-            "compatible: expected 1 to 16 hardware ids",
+    let ip = crate::limit::Remote::ip(remote.as_deref());
+    if let Err(wait) = server.enrolments.take(ip, std::time::Instant::now()) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate-limited",
+            format!(
+                "too many enrolment attempts from {ip} (at most {} a minute); retry in {wait} s",
+                server.config.enroll_per_minute
+            ),
         ));
     }
-    for c in &req.compatible {
-        HardwareId::parse("compatible", c, 64)
-            .map_err(|e| ApiError::bad_request(format!("compatible: {e}")))?;
-    }
-    check_tags(&req.tags)?;
-    let mut tags: Vec<String> = crate::db::json_column("enrolment token", "tags", &token_tags)?;
-    for t in req.tags {
-        if !tags.contains(&t) {
-            tags.push(t);
-        }
+    let req: EnrollRequest = parse_json(&body)?;
+    crate::auth::check_peer(&server, &req.device_id, peer.as_deref())?;
+    let row: Option<TokenRow> = sqlx::query_as(concat!(
+        "SELECT ",
+        token_columns!(),
+        " FROM enroll_tokens WHERE token_hash = $1"
+    ))
+    .bind(crate::sha256_hex(req.token.as_bytes()))
+    .fetch_optional(&server.db.pool)
+    .await?;
+    let Some(row) = row else {
+        return Err(ApiError::unauthorized("unknown enrolment token"));
+    };
+    let expires_at = row.4;
+    let token = token_view(row)?;
+    if let Err(e) = check_enrolment(&token, expires_at, &req) {
+        return Err(refused(&server, &token.id, &req.device_id, e).await);
     }
     let secret = crate::random_hex(32);
     let mut tx = server.db.pool.begin().await?;
+    let taken = sqlx::query(
+        "UPDATE enroll_tokens SET used = used + 1 WHERE id = $1 AND used < max_uses AND revoked_at IS NULL",
+    )
+    .bind(&token.id)
+    .execute(&mut *tx)
+    .await?;
+    if taken.rows_affected() == 0 {
+        drop(tx);
+        let e = ApiError::forbidden(format!(
+            "the enrolment token {} is used up ({} of {} devices enrolled)",
+            token.id, token.uses, token.uses
+        ));
+        return Err(refused(&server, &token.id, &req.device_id, e).await);
+    }
     let inserted = sqlx::query(
         "INSERT INTO devices (id, credential_hash, product, compatible, grp, tags, state, last_seq, enrolled_at) \
          VALUES ($1, $2, $3, $4, $5, $6, 'idle', 0, $7) ON CONFLICT (id) DO NOTHING",
@@ -171,18 +357,17 @@ pub async fn enroll(
     .bind(crate::sha256_hex(secret.as_bytes()))
     .bind(&req.product)
     .bind(serde_json::to_string(&req.compatible).expect("strings serialize"))
-    .bind(&group)
-    .bind(serde_json::to_string(&tags).expect("strings serialize"))
+    .bind(&token.group)
+    .bind(serde_json::to_string(&token.tags).expect("strings serialize"))
     .bind(now_ms())
     .execute(&mut *tx)
     .await?;
     if inserted.rows_affected() == 0 {
-        return Err(ApiError::conflict(format!(
-            "device {} is already enrolled",
-            req.device_id
-        )));
+        drop(tx);
+        let e = ApiError::conflict(format!("device {} is already enrolled", req.device_id));
+        return Err(refused(&server, &token.id, &req.device_id, e).await);
     }
-    for tag in &tags {
+    for tag in &token.tags {
         sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2)")
             .bind(&req.device_id)
             .bind(tag)
@@ -196,7 +381,7 @@ pub async fn enroll(
         &mut tx,
         &format!("device:{}", req.device_id),
         "device.enroll",
-        serde_json::json!({"token_id": token_id, "group": group, "tags": tags, "product": req.product}),
+        serde_json::json!({"token_id": token.id, "group": token.group, "tags": token.tags, "product": req.product}),
     )
     .await?;
     tx.commit().await?;
@@ -206,9 +391,81 @@ pub async fn enroll(
             credential: format!("{}:{secret}", req.device_id),
             device_id: req.device_id,
             server_key: crate::public_key(&server).to_hex(),
-            group,
+            group: token.group,
         }),
     ))
+}
+
+/// Everything an enrolment must satisfy before it uses the token up.
+fn check_enrolment(token: &EnrollTokenView, expires_at: i64, req: &EnrollRequest) -> ApiResult<()> {
+    if token.revoked_at.is_some() {
+        return Err(ApiError::forbidden(format!(
+            "the enrolment token {} was revoked",
+            token.id
+        )));
+    }
+    if expires_at <= now_ms() {
+        return Err(ApiError::forbidden(format!(
+            "the enrolment token expired at {}",
+            token.expires_at
+        )));
+    }
+    if !valid_device_id(&req.device_id) {
+        return Err(ApiError::bad_request(format!(
+            "device_id {:?}: expected 1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot",
+            req.device_id
+        )));
+    }
+    if !token.device_ids.is_empty() && !token.device_ids.contains(&req.device_id) {
+        return Err(ApiError::forbidden(format!(
+            "the enrolment token {} does not enrol device {}",
+            token.id, req.device_id
+        )));
+    }
+    if let Some(p) = token
+        .device_id_pattern
+        .as_deref()
+        .filter(|p| !id_matches(p, &req.device_id))
+    {
+        return Err(ApiError::forbidden(format!(
+            "device id {} does not match the enrolment token's pattern {p}",
+            req.device_id
+        )));
+    }
+    if let Some(g) = req.group.as_deref().filter(|g| *g != token.group) {
+        return Err(ApiError::forbidden(format!(
+            "this token enrols into group {}, not {g}",
+            token.group
+        )));
+    }
+    Name::parse("product", &req.product, 64)
+        .map_err(|e| ApiError::bad_request(format!("product: {e}")))?;
+    if let Some(p) = token.product.as_deref().filter(|p| *p != req.product) {
+        return Err(ApiError::forbidden(format!(
+            "the enrolment token enrols product {p}, not {}",
+            req.product
+        )));
+    }
+    if req.compatible.is_empty() || req.compatible.len() > 16 {
+        return Err(ApiError::bad_request(
+            "compatible: expected 1 to 16 hardware ids",
+        ));
+    }
+    for c in &req.compatible {
+        HardwareId::parse("compatible", c, 64)
+            .map_err(|e| ApiError::bad_request(format!("compatible: {e}")))?;
+    }
+    if let Some(t) = req.tags.iter().find(|t| !token.tags.contains(t)) {
+        return Err(ApiError::forbidden(format!(
+            "tag {t:?}: a device's tags come from its enrolment token ({})",
+            if token.tags.is_empty() {
+                "none".to_owned()
+            } else {
+                token.tags.join(", ")
+            }
+        )));
+    }
+    Ok(())
 }
 
 /// A device's inventory from its latest check-in, not yet written.

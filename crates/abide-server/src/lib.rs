@@ -14,6 +14,8 @@ pub mod db;
 pub mod devices;
 pub mod error;
 pub mod groups;
+pub mod guard;
+pub mod limit;
 pub mod metrics;
 pub mod releases;
 pub mod rollouts;
@@ -52,6 +54,12 @@ pub struct Config {
     /// How long a client may take to send a request's head (and to finish a TLS handshake),
     /// and stay idle between requests, before its connection is closed.
     pub header_timeout: std::time::Duration,
+    /// Enrolment attempts a client address may make per minute (and at once).
+    pub enroll_per_minute: u32,
+    /// Connections one client address may hold open at once; more are closed at accept.
+    pub max_connections_per_address: usize,
+    /// How long a client may take to send the body of a request (uploads: to send more of it).
+    pub body_timeout: std::time::Duration,
 }
 
 impl Config {
@@ -67,6 +75,9 @@ impl Config {
             tls: None,
             device_poll: None,
             header_timeout: std::time::Duration::from_secs(10),
+            enroll_per_minute: 30,
+            max_connections_per_address: 64,
+            body_timeout: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -109,6 +120,10 @@ pub struct Inner {
     pub counters: metrics::Counters,
     /// Device credential hashes and groups already read (they never change), by device id.
     pub credentials: std::sync::RwLock<std::collections::HashMap<String, (String, String)>>,
+    /// Enrolment attempts by client address (a token bucket each).
+    pub enrolments: limit::Buckets,
+    /// Connections open by client address.
+    pub connections: limit::Connections,
     /// The groups' maintenance windows as last read, and when (they change rarely; a check-in
     /// reads them from here, at most two seconds old).
     pub windows: std::sync::RwLock<(i64, std::collections::HashMap<String, abide_proto::Window>)>,
@@ -164,6 +179,7 @@ impl Server {
         let admin_hash = token(&db, data, "admin", &mut notes).await?;
         let metrics_hash = token(&db, data, "metrics", &mut notes).await?;
         let signing = signing_key(&db, data, &mut notes).await?;
+        let enroll_per_minute = config.enroll_per_minute;
         let server = Server(Arc::new(Inner {
             config,
             db,
@@ -174,6 +190,8 @@ impl Server {
             last_seen: devices::LastSeen::default(),
             counters: metrics::Counters::default(),
             credentials: Default::default(),
+            enrolments: limit::Buckets::new(enroll_per_minute),
+            connections: Default::default(),
             windows: std::sync::RwLock::new((i64::MIN, Default::default())),
         }));
         Ok((server, notes))
@@ -367,7 +385,13 @@ pub fn app(server: Server) -> Router {
         .route("/api/v1/releases/{id}/bundle", get(releases::download))
         .route(
             "/api/v1/enroll-tokens",
-            post(devices::create_token).layer(json_limit),
+            post(devices::create_token)
+                .layer(json_limit)
+                .get(devices::list_tokens),
+        )
+        .route(
+            "/api/v1/enroll-tokens/{id}",
+            axum::routing::delete(devices::revoke_token),
         )
         .route(
             "/api/v1/device/enroll",
@@ -407,6 +431,10 @@ pub fn app(server: Server) -> Router {
         .route("/api/v1/audit", get(audit::list))
         .route("/api/v1/audit/verify", get(audit::verify))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
+        .layer(axum::middleware::from_fn_with_state(
+            server.clone(),
+            guard::guard,
+        ))
         .with_state(server)
 }
 
@@ -418,30 +446,51 @@ pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io
     spawn_background(&server);
     let router = app(server.clone());
     loop {
-        let tcp = match listener.accept().await {
-            Ok((tcp, _)) => tcp,
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a connection");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Some(held) = server
+            .connections
+            .hold(remote.ip(), server.config.max_connections_per_address)
+        else {
+            continue; // dropped: this address holds as many connections as it may
+        };
         let (router, timeout) = (router.clone(), server.config.header_timeout);
-        tokio::spawn(serve_connection(tcp, router, timeout));
+        tokio::spawn(async move {
+            serve_connection(tcp, router, timeout, remote).await;
+            drop(held);
+        });
     }
 }
 
-/// Serves one HTTP/1.1 connection with the header-read timeout.
-pub(crate) async fn serve_connection<I>(io: I, router: Router, header_timeout: std::time::Duration)
-where
+/// Serves one HTTP/1.1 connection with the header-read timeout, each request carrying the
+/// client's address ([`limit::Remote`]).
+pub(crate) async fn serve_connection<I>(
+    io: I,
+    router: Router,
+    header_timeout: std::time::Duration,
+    remote: std::net::SocketAddr,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let service = tower::ServiceExt::map_request(
+        router,
+        move |mut request: axum::http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(limit::Remote(remote));
+            request
+        },
+    );
     let _ = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout)
         .serve_connection(
             hyper_util::rt::TokioIo::new(io),
-            hyper_util::service::TowerToHyperService::new(router),
+            hyper_util::service::TowerToHyperService::new(service),
         )
         .await;
 }

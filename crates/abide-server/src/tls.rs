@@ -101,9 +101,23 @@ pub async fn serve_tls(
     crate::spawn_background(&server);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
-        let (tcp, _) = listener.accept().await?;
+        let (tcp, remote) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(held) = server
+            .connections
+            .hold(remote.ip(), server.config.max_connections_per_address)
+        else {
+            continue;
+        };
         let (acceptor, server) = (acceptor.clone(), server.clone());
         tokio::spawn(async move {
+            let _held = held;
             let timeout = server.config.header_timeout;
             let Ok(Ok(tls)) = tokio::time::timeout(timeout, acceptor.accept(tcp)).await else {
                 return;
@@ -115,7 +129,7 @@ pub async fn serve_tls(
                 .and_then(|c| c.first())
                 .and_then(|c| common_name(c));
             let app = crate::app(server).layer(Extension(PeerIdentity(peer)));
-            crate::serve_connection(tls, app, timeout).await;
+            crate::serve_connection(tls, app, timeout, remote).await;
         });
     }
 }

@@ -126,6 +126,25 @@ enum TokenCommand {
         /// How long it is valid (7d by default).
         #[arg(long)]
         expires: Option<String>,
+        /// How many devices may enrol with it (1 by default).
+        #[arg(long)]
+        uses: Option<u64>,
+        /// The only device ids it enrols (repeatable).
+        #[arg(long = "device-id")]
+        device_ids: Vec<String>,
+        /// A pattern device ids must match (`*` any run, `?` one character).
+        #[arg(long)]
+        device_id_pattern: Option<String>,
+        /// The product devices must be.
+        #[arg(long)]
+        product: Option<String>,
+    },
+    /// List the enrolment tokens (without their secrets).
+    List,
+    /// Revoke an enrolment token: it enrols no more devices.
+    Revoke {
+        /// The token's id (t-…).
+        id: String,
     },
 }
 
@@ -448,6 +467,10 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             group,
             tags,
             expires,
+            uses,
+            device_ids,
+            device_id_pattern,
+            product,
         }) => {
             let expires_in = expires
                 .map(|e| abide_core::rollout::parse_duration(&e))
@@ -459,10 +482,29 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                         group,
                         tags,
                         expires_in,
+                        uses,
+                        device_ids,
+                        device_id_pattern,
+                        product,
                     },
                 )
                 .await?;
             out.print(&serde_json::to_value(&r)?, || r.token.clone());
+        }
+        FleetCommand::EnrollToken(TokenCommand::List) => {
+            let r: Vec<abide_proto::EnrollTokenView> = admin.get("/api/v1/enroll-tokens").await?;
+            print_table(
+                &out,
+                &serde_json::to_value(&r)?,
+                &["id", "group", "uses", "used", "expires_at", "revoked_at"],
+            );
+        }
+        FleetCommand::EnrollToken(TokenCommand::Revoke { id }) => {
+            let r: abide_proto::EnrollTokenView =
+                admin.delete(&format!("/api/v1/enroll-tokens/{id}")).await?;
+            out.print(&serde_json::to_value(&r)?, || {
+                format!("revoked {} ({} of {} uses made)", r.id, r.used, r.uses)
+            });
         }
         FleetCommand::Devices { group, state } => {
             let mut q = Vec::new();

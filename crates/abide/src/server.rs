@@ -39,6 +39,19 @@ pub struct ServerArgs {
     /// Tell devices to check in at this interval (as 30s or 5m), whatever their own setting.
     #[arg(long)]
     device_poll: Option<String>,
+    /// Enrolment attempts one client address may make per minute (and at once).
+    #[arg(long, default_value_t = 30)]
+    enroll_rate: u32,
+    /// Connections one client address may hold open; more are closed as they are accepted.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_address: u32,
+    /// How long a client may take to send a request's head, or stay idle between requests
+    /// (as 10s).
+    #[arg(long, default_value = "10s")]
+    header_timeout: String,
+    /// How long a client may take to send a request's body (uploads: to send more of it).
+    #[arg(long, default_value = "30s")]
+    body_timeout: String,
 }
 
 /// Runs the server until it is stopped.
@@ -62,6 +75,17 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             })
             .transpose()?;
         config.trust = args.trust;
+        config.enroll_per_minute = args.enroll_rate;
+        config.max_connections_per_address = args.max_connections_per_address as usize;
+        let seconds = |flag: &str, t: &str| {
+            abide_core::rollout::parse_duration(t)
+                .ok()
+                .filter(|s| (1..=3600).contains(s))
+                .map(std::time::Duration::from_secs)
+                .with_context(|| format!("{flag} {t:?}: expected 1s to 1h"))
+        };
+        config.header_timeout = seconds("--header-timeout", &args.header_timeout)?;
+        config.body_timeout = seconds("--body-timeout", &args.body_timeout)?;
         config.tls = match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(abide_server::tls::TlsConfig {
                 cert,

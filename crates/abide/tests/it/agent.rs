@@ -107,7 +107,7 @@ impl Fleet {
 
     /// An enrolment token for `group`, written to DIR/GROUP.token.
     fn token(&self, group: &str) -> PathBuf {
-        let created = self.cmd(&["enroll-token", "create", "--group", group]);
+        let created = self.cmd(&["enroll-token", "create", "--group", group, "--uses", "100"]);
         let path = self.dir.join(format!("{group}.token"));
         std::fs::write(&path, created["token"].as_str().unwrap()).unwrap();
         path
@@ -247,7 +247,7 @@ fn rollout_and_failing_release(db: Option<&str>) {
     let good = upload("2.0.0", 1);
     // Three devices in group lab, two in group canary.
     for group in ["lab", "canary"] {
-        let enroll = f.cmd(&["enroll-token", "create", "--group", group]);
+        let enroll = f.cmd(&["enroll-token", "create", "--group", group, "--uses", "100"]);
         let token = enroll["token"].as_str().unwrap();
         std::fs::write(dir.join(format!("{group}.token")), token).unwrap();
     }
@@ -1126,7 +1126,10 @@ fn over_https_with_a_device_certificate_the_agent_enrols_checks_in_and_updates()
         assert!(Instant::now() < deadline, "the server did not come up");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let enroll = admin_cmd(&["enroll-token", "create", "--group", "lab"], 0);
+    let enroll = admin_cmd(
+        &["enroll-token", "create", "--group", "lab", "--uses", "100"],
+        0,
+    );
     std::fs::write(dir.join("lab.token"), enroll["token"].as_str().unwrap()).unwrap();
     let bundle = release_bundle(&dir, "2.0.0", 3);
     let release = admin_cmd(&["release", "upload", bundle.to_str().unwrap()], 0);

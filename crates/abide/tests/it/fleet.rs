@@ -64,6 +64,8 @@ pub(crate) fn start_server_with(
     cmd.args(["server", "--data"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Every simulated device comes from this one address.
+        .args(["--enroll-rate", "10000"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -263,7 +265,7 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
         &dir,
         &url,
         &token,
-        &["enroll-token", "create", "--group", "lab"],
+        &["enroll-token", "create", "--group", "lab", "--uses", "100"],
     );
     let enroll_token = enroll["token"].as_str().unwrap().to_owned();
     assert!(enroll["id"].as_str().unwrap().starts_with("t-"));
@@ -391,7 +393,14 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
         &dir,
         &url,
         &token,
-        &["enroll-token", "create", "--group", "canary"],
+        &[
+            "enroll-token",
+            "create",
+            "--group",
+            "canary",
+            "--uses",
+            "100",
+        ],
     );
     let bad_ledger = dir.join("ledger-bad.json");
     let sim = simulate(
@@ -483,7 +492,7 @@ fn two_server_processes_on_one_postgres_decide_once_and_keep_the_lease_limits() 
         &dir,
         &s1.url,
         &token,
-        &["enroll-token", "create", "--group", "lab"],
+        &["enroll-token", "create", "--group", "lab", "--uses", "100"],
     );
     let t = enroll["token"].as_str().unwrap().to_owned();
     let (l1, l2) = (dir.join("l1.json"), dir.join("l2.json"));
@@ -580,7 +589,7 @@ fn a_kill_9_of_the_server_mid_rollout_loses_and_doubles_nothing() {
         &dir,
         &url,
         &token,
-        &["enroll-token", "create", "--group", "lab"],
+        &["enroll-token", "create", "--group", "lab", "--uses", "100"],
     );
     let ledger = dir.join("ledger.json");
     let sim = simulate(

@@ -6,6 +6,7 @@ mod bundle;
 mod crash;
 mod device;
 mod fleet;
+mod hostile;
 mod keys;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,471 @@
+//! Hostile clients: enrolment tokens that cannot be abused, rate limits, credentials checked
+//! before a body is read, slow bodies cut off. Every refusal is checked to change nothing.
+
+use std::time::{Duration, Instant};
+
+use axum::http::{Method, StatusCode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{Backend, Harness, on_both};
+
+on_both!(
+    an_enrolment_token_enrols_as_many_devices_as_it_may_and_no_more,
+    an_enrolment_token_binds_device_ids_product_and_tags,
+    a_revoked_token_enrols_no_more,
+);
+
+async fn token(h: &Harness, body: serde_json::Value) -> (String, String) {
+    let admin = h.admin.clone();
+    let t = h
+        .json(Method::POST, "/api/v1/enroll-tokens", Some(&admin), body)
+        .await;
+    assert_eq!(t.status, StatusCode::CREATED, "{}", t.json());
+    (
+        t.json()["token"].as_str().unwrap().to_owned(),
+        t.json()["id"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn enroll(
+    h: &Harness,
+    token: &str,
+    id: &str,
+    extra: serde_json::Value,
+) -> (StatusCode, serde_json::Value) {
+    let mut body = json!({"token": token, "device_id": id, "product": "acme-gateway",
+                          "compatible": ["acme-gw"]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let r = h
+        .json(Method::POST, "/api/v1/device/enroll", None, body)
+        .await;
+    (r.status, r.json())
+}
+
+async fn count(h: &Harness, sql: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .fetch_one(&h.server.db.pool)
+        .await
+        .unwrap()
+}
+
+fn message(v: &serde_json::Value) -> String {
+    v["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn an_enrolment_token_enrols_as_many_devices_as_it_may_and_no_more(backend: Backend) {
+    let h = Harness::new(backend).await;
+    // By default a token enrols one device.
+    let (once, once_id) = token(&h, json!({"group": "lab"})).await;
+    assert_eq!(
+        enroll(&h, &once, "gw-1", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    let (status, body) = enroll(&h, &once, "gw-2", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message(&body).contains("used up (1 of 1"), "{body}");
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 1);
+    // Twelve devices at once on a token for five: exactly five get in.
+    let (five, five_id) = token(&h, json!({"group": "lab", "uses": 5})).await;
+    let mut racing = tokio::task::JoinSet::new();
+    for i in 0..12 {
+        let (server, five) = (h.server.clone(), five.clone());
+        racing.spawn(async move {
+            let body = json!({"token": five, "device_id": format!("race-{i}"),
+                              "product": "acme-gateway", "compatible": ["acme-gw"]});
+            let req = axum::http::Request::post("/api/v1/device/enroll")
+                .header("content-type", "application/json")
+                .body(axum::body::Body::from(body.to_string()))
+                .unwrap();
+            tower::ServiceExt::oneshot(abide_server::app(server), req)
+                .await
+                .unwrap()
+                .status()
+        });
+    }
+    let statuses: Vec<StatusCode> = racing.join_all().await;
+    let created = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::CREATED)
+        .count();
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::FORBIDDEN)
+        .count();
+    assert_eq!((created, refused), (5, 7), "{statuses:?}");
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 6);
+    // The list shows each token's uses, without its secret.
+    let list = h.get("/api/v1/enroll-tokens").await.json();
+    let used: Vec<(String, u64, u64)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            assert!(t.get("token").is_none(), "no secret in the list: {t}");
+            (
+                t["id"].as_str().unwrap().to_owned(),
+                t["used"].as_u64().unwrap(),
+                t["uses"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(used, vec![(once_id, 1, 1), (five_id, 5, 5)]);
+    // Refusals with a known token are in the audit trail.
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM audit WHERE action = 'device.enroll-refused'"
+        )
+        .await,
+        8
+    );
+}
+
+async fn an_enrolment_token_binds_device_ids_product_and_tags(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let (bound, _) = token(
+        &h,
+        json!({"group": "prod", "tags": ["canary"], "uses": 10, "device_ids": ["gw-7"]}),
+    )
+    .await;
+    let (pattern, _) = token(
+        &h,
+        json!({"group": "edge", "uses": 10, "device_id_pattern": "edge-??-*", "product": "acme-gateway"}),
+    )
+    .await;
+    let before = count(&h, "SELECT COUNT(*) FROM devices").await;
+    let used_before = count(
+        &h,
+        "SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) FROM enroll_tokens",
+    )
+    .await;
+    for (token, id, extra, status, says) in [
+        // Another id than the token names: it cannot squat a real device's id.
+        (
+            &bound,
+            "gw-9",
+            json!({}),
+            StatusCode::FORBIDDEN,
+            "does not enrol device gw-9",
+        ),
+        // Tags come from the token only.
+        (
+            &bound,
+            "gw-7",
+            json!({"tags": ["prod"]}),
+            StatusCode::FORBIDDEN,
+            "come from its enrolment token",
+        ),
+        (
+            &pattern,
+            "edge-1-a",
+            json!({}),
+            StatusCode::FORBIDDEN,
+            "does not match the enrolment token's pattern",
+        ),
+        (
+            &pattern,
+            "edge-01-a",
+            json!({"product": "other"}),
+            StatusCode::FORBIDDEN,
+            "enrols product acme-gateway",
+        ),
+        (
+            &pattern,
+            "edge-01-a",
+            json!({"group": "prod"}),
+            StatusCode::FORBIDDEN,
+            "enrols into group edge",
+        ),
+    ] {
+        let (got, body) = enroll(&h, token, id, extra.clone()).await;
+        assert_eq!(got, status, "{id} {extra}: {body}");
+        assert!(message(&body).contains(says), "{id} {extra}: {body}");
+    }
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, before);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) FROM enroll_tokens"
+        )
+        .await,
+        used_before
+    );
+    // What the token allows goes through, with the token's group and tags.
+    assert_eq!(
+        enroll(&h, &bound, "gw-7", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        enroll(&h, &pattern, "edge-01-a", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    let devices = h.get("/api/v1/devices").await.json();
+    let gw7 = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "gw-7")
+        .unwrap();
+    assert_eq!(
+        (gw7["group"].as_str(), &gw7["tags"]),
+        (Some("prod"), &json!(["canary"]))
+    );
+    // gw-9, whose id the bound token could not take, enrols with its own.
+    let (own, _) = token(&h, json!({"group": "prod", "device_ids": ["gw-9"]})).await;
+    assert_eq!(
+        enroll(&h, &own, "gw-9", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    // A token's bindings are checked when it is made.
+    let admin = h.admin.clone();
+    for bad in [
+        json!({"group": "lab", "uses": 0}),
+        json!({"group": "lab", "uses": 2_000_000}),
+        json!({"group": "lab", "device_ids": ["../x"]}),
+        json!({"group": "lab", "device_id_pattern": "gw/*"}),
+        json!({"group": "lab", "product": "a b"}),
+    ] {
+        let r = h
+            .json(
+                Method::POST,
+                "/api/v1/enroll-tokens",
+                Some(&admin),
+                bad.clone(),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.json());
+    }
+}
+
+async fn a_revoked_token_enrols_no_more(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let (t, id) = token(&h, json!({"group": "lab", "uses": 10})).await;
+    assert_eq!(
+        enroll(&h, &t, "gw-1", json!({})).await.0,
+        StatusCode::CREATED
+    );
+    let path = format!("/api/v1/enroll-tokens/{id}");
+    let r = h.call(Method::DELETE, &path, None, &[], vec![]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let admin = h.admin.clone();
+    let r = h
+        .call(Method::DELETE, &path, Some(&admin), &[], vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    assert!(r.json()["revoked_at"].as_str().is_some());
+    assert_eq!(r.json()["used"], 1);
+    let (status, body) = enroll(&h, &t, "gw-2", json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(message(&body).contains("was revoked"), "{body}");
+    assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 1);
+    // Revoking again changes nothing; an unknown token is 404.
+    let again = h
+        .call(Method::DELETE, &path, Some(&admin), &[], vec![])
+        .await;
+    assert_eq!(again.json()["revoked_at"], r.json()["revoked_at"]);
+    let none = h
+        .call(
+            Method::DELETE,
+            "/api/v1/enroll-tokens/t-nope",
+            Some(&admin),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM audit WHERE action = 'enroll-token.revoke'"
+        )
+        .await,
+        1
+    );
+}
+
+#[test]
+fn enrolment_attempts_are_rate_limited_per_address() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        let mut config = h.server.config.clone();
+        config.enroll_per_minute = 5;
+        let (server, _) = abide_server::Server::start(config).await.unwrap();
+        let h = Harness { server, ..h };
+        let (good, _) = token(&h, json!({"group": "lab"})).await;
+        for i in 0..5 {
+            let (status, _) = enroll(&h, "abide-enroll-guess", &format!("gw-{i}"), json!({})).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED);
+        }
+        // The sixth attempt is refused before anything is looked at, even with a good token.
+        let (status, body) = enroll(&h, &good, "gw-9", json!({})).await;
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert!(
+            message(&body).contains("(at most 5 a minute); retry in 12 s"),
+            "{body}"
+        );
+        assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 0);
+        assert_eq!(
+            count(
+                &h,
+                "SELECT CAST(COALESCE(SUM(used), 0) AS BIGINT) FROM enroll_tokens"
+            )
+            .await,
+            0
+        );
+    });
+}
+
+/// A server on a real socket with `body_timeout`.
+async fn listening(
+    h: &Harness,
+    body_timeout: Duration,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let mut config = h.server.config.clone();
+    config.body_timeout = body_timeout;
+    let (server, _) = abide_server::Server::start(config).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (addr, tokio::spawn(abide_server::serve(server, listener)))
+}
+
+/// Sends `head` (and nothing more) and reads what comes back within `wait`: the answer, and
+/// whether the server closed the connection.
+async fn half_request(addr: std::net::SocketAddr, head: &str, wait: Duration) -> (String, bool) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+        }
+    }
+}
+
+#[test]
+fn credentials_are_checked_before_a_body_is_read() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        let (addr, serving) = listening(&h, Duration::from_secs(60)).await;
+        // Each announces a 10 MB body and sends none: the answer comes at once, not after the
+        // body (which would take the 60 s body timeout).
+        for (path, auth) in [
+            ("/api/v1/rollouts", ""),
+            (
+                "/api/v1/releases",
+                "authorization: Bearer not-the-admin\r\n",
+            ),
+            ("/api/v1/enroll-tokens", ""),
+            (
+                "/api/v1/device/report",
+                "authorization: Bearer gw-1:nope\r\n",
+            ),
+            ("/api/v1/device/checkin", ""),
+            ("/api/v1/trust", ""),
+        ] {
+            let started = Instant::now();
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\n{auth}content-type: application/json\r\ncontent-length: 10000000\r\n\r\n"
+            );
+            let (answer, closed) = half_request(addr, &head, Duration::from_secs(5)).await;
+            assert!(answer.starts_with("HTTP/1.1 401"), "{path}: {answer}");
+            assert!(
+                closed,
+                "{path}: the connection is closed, the body never read"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "{path}: {:?}",
+                started.elapsed()
+            );
+        }
+        serving.abort();
+    });
+}
+
+#[test]
+fn a_body_that_does_not_arrive_in_time_is_cut_off_and_changes_nothing() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        let (addr, serving) = listening(&h, Duration::from_secs(1)).await;
+        let admin = h.admin.clone();
+        // A JSON body of which 10 of 100 bytes arrive.
+        let head = format!(
+            "POST /api/v1/rollouts HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"release\""
+        );
+        let started = Instant::now();
+        let (answer, closed) = half_request(addr, &head, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(closed);
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+        // An upload that stops sending: cut off after a second without data, no release and
+        // no partial file left.
+        let head = format!(
+            "POST /api/v1/releases HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {admin}\r\ncontent-length: 1000000\r\n\r\nABIDE"
+        );
+        let (answer, closed) = half_request(addr, &head, Duration::from_secs(5)).await;
+        assert!(
+            closed,
+            "the stalled upload's connection is closed: {answer}"
+        );
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer}"
+        );
+        assert_eq!(count(&h, "SELECT COUNT(*) FROM releases").await, 0);
+        assert_eq!(count(&h, "SELECT COUNT(*) FROM rollouts").await, 0);
+        let tmp: Vec<_> = std::fs::read_dir(h.dir.path().join("tmp"))
+            .unwrap()
+            .collect();
+        assert!(tmp.is_empty(), "{tmp:?}");
+        serving.abort();
+    });
+}
+
+#[test]
+fn a_bucket_allows_its_burst_then_its_rate() {
+    let b = abide_server::limit::Buckets::new(6);
+    let (ip, t0) = (
+        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        Instant::now(),
+    );
+    for _ in 0..6 {
+        assert_eq!(b.take(ip, t0), Ok(()));
+    }
+    assert_eq!(b.take(ip, t0), Err(10), "one more every 10 s");
+    let other = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+    assert_eq!(
+        b.take(other, t0),
+        Ok(()),
+        "another address has its own bucket"
+    );
+    assert_eq!(b.take(ip, t0 + Duration::from_secs(10)), Ok(()));
+    assert!(b.take(ip, t0 + Duration::from_secs(10)).is_err());
+}
+
+#[test]
+fn connections_are_counted_until_dropped() {
+    let c = abide_server::limit::Connections::default();
+    let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    let a = c.hold(ip, 2).unwrap();
+    let _b = c.hold(ip, 2).unwrap();
+    assert!(c.hold(ip, 2).is_none());
+    drop(a);
+    assert!(c.hold(ip, 2).is_some());
+}

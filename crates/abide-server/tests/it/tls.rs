@@ -245,3 +245,65 @@ fn devices_with_certificates_over_https() {
         }
     });
 }
+
+#[test]
+fn a_tls_handshake_that_does_not_finish_in_time_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    crate::run(async {
+        let fleet = ca("fleet device CA");
+        let pki = write_pki(&fleet);
+        let mut h = Harness::new(Backend::Sqlite).await;
+        let tls = TlsConfig {
+            cert: pki.dir.path().join("server.pem"),
+            key: pki.dir.path().join("server.key"),
+            device_ca: None,
+            require_device_cert: false,
+        };
+        let mut inner = h.server.config.clone();
+        inner.tls = Some(tls.clone());
+        inner.header_timeout = std::time::Duration::from_secs(1);
+        h.server = abide_server::Server::start(inner).await.unwrap().0;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve_tls(
+            h.server.clone(),
+            listener,
+            server_config(&tls).unwrap(),
+        ));
+        // One client says nothing, one sends the first bytes of a ClientHello and stalls.
+        let silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut partial = tokio::net::TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        for mut s in [silent, partial] {
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the server closes the connection")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "closed without an answer");
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= std::time::Duration::from_millis(800)
+                && took < std::time::Duration::from_secs(4),
+            "{took:?}"
+        );
+        // A real client still gets through.
+        let (status, _) = request(
+            addr.port(),
+            &pki.ca,
+            None,
+            "GET",
+            "/api/v1/health",
+            None,
+            "",
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200);
+    });
+}

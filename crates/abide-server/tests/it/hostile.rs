@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::{Backend, Harness, on_both};
 
 on_both!(
+    every_route_answers_each_kind_of_credential_as_it_should_and_refusals_change_nothing,
     an_enrolment_token_enrols_as_many_devices_as_it_may_and_no_more,
     an_enrolment_token_binds_device_ids_product_and_tags,
     a_revoked_token_enrols_no_more,
@@ -468,4 +469,303 @@ fn connections_are_counted_until_dropped() {
     assert!(c.hold(ip, 2).is_none());
     drop(a);
     assert!(c.hold(ip, 2).is_some());
+}
+
+/// Who asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Who {
+    Nobody,
+    Garbage,
+    Device,
+    Admin,
+    Metrics,
+}
+
+/// A route: method, path, body, who may call it, and what they get.
+type Route = (Method, String, Vec<u8>, &'static [Who], StatusCode);
+
+/// Row counts of every table (what a refusal must leave alone).
+async fn rows(h: &Harness) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::new();
+    for table in [
+        "settings",
+        "releases",
+        "enroll_tokens",
+        "devices",
+        "reports",
+        "audit",
+        "device_tags",
+        "rollouts",
+        "rollout_devices",
+        "quarantine",
+        "groups",
+        "leases",
+        "trust_roots",
+    ] {
+        out.push((
+            table,
+            count(h, &format!("SELECT COUNT(*) FROM {table}")).await,
+        ));
+    }
+    out
+}
+
+async fn every_route_answers_each_kind_of_credential_as_it_should_and_refusals_change_nothing(
+    backend: Backend,
+) {
+    let h = Harness::new(backend).await;
+    let admin = h.admin.clone();
+    let device = h.enroll("gw-1", "lab").await;
+    let metrics = std::fs::read_to_string(h.server.config.data.join("metrics.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let bundle = abide_testkit::Fixture::default().build(&[&abide_testkit::key(0)]);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/releases",
+            Some(&admin),
+            &[],
+            bundle.clone(),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    let release = r.json()["id"].as_str().unwrap().to_owned();
+    let credential = |who: Who| match who {
+        Who::Nobody => None,
+        Who::Garbage => Some("abide-nonsense".to_owned()),
+        Who::Device => Some(device.clone()),
+        Who::Admin => Some(admin.clone()),
+        Who::Metrics => Some(metrics.clone()),
+    };
+    use Who::*;
+    let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
+                         "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+    let rollout = json!({"release": release, "stages": "100", "group": "lab"});
+    // (method, path, body, who may, what the one who may gets)
+    let routes: Vec<Route> = vec![
+        (
+            Method::GET,
+            "/api/v1/health".into(),
+            vec![],
+            &[Nobody, Garbage, Device, Admin, Metrics],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/server-key".into(),
+            vec![],
+            &[Nobody, Garbage, Device, Admin, Metrics],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/metrics".into(),
+            vec![],
+            &[Admin, Metrics],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/releases".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/releases".into(),
+            bundle.clone(),
+            &[Admin],
+            StatusCode::CONFLICT,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/releases/{release}"),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/releases/{release}/bundle"),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/enroll-tokens".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/enroll-tokens".into(),
+            json!({"group": "lab"}).to_string().into_bytes(),
+            &[Admin],
+            StatusCode::CREATED,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/enroll-tokens/t-none".into(),
+            vec![],
+            &[Admin],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/api/v1/devices".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/rollouts".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/rollouts".into(),
+            rollout.to_string().into_bytes(),
+            &[Admin],
+            StatusCode::CREATED,
+        ),
+        (
+            Method::GET,
+            "/api/v1/rollouts/ro-none".into(),
+            vec![],
+            &[Admin],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::POST,
+            "/api/v1/rollouts/ro-none/pause".into(),
+            vec![],
+            &[Admin],
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            "/api/v1/groups/lab".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::PUT,
+            "/api/v1/groups/lab".into(),
+            json!({"max_unavailable": 2}).to_string().into_bytes(),
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/trust".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/trust".into(),
+            b"{}".to_vec(),
+            &[Admin],
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            Method::GET,
+            "/api/v1/audit".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::GET,
+            "/api/v1/audit/verify".into(),
+            vec![],
+            &[Admin],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/device/checkin".into(),
+            checkin.to_string().into_bytes(),
+            &[Device],
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            "/api/v1/device/report".into(),
+            b"{}".to_vec(),
+            &[Device],
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            Method::POST,
+            "/api/v1/device/lease".into(),
+            b"{}".to_vec(),
+            &[Device],
+            StatusCode::OK,
+        ),
+        (
+            Method::DELETE,
+            "/api/v1/device/lease".into(),
+            vec![],
+            &[Device],
+            StatusCode::OK,
+        ),
+    ];
+    let mut checked = 0;
+    for (method, path, body, allowed, answer) in &routes {
+        for who in [Nobody, Garbage, Device, Admin, Metrics] {
+            let before = rows(&h).await;
+            let r = h
+                .call(
+                    method.clone(),
+                    path,
+                    credential(who).as_deref(),
+                    &[("content-type", "application/json")],
+                    body.clone(),
+                )
+                .await;
+            if allowed.contains(&who) {
+                if who == Admin || allowed.len() == 1 {
+                    assert_eq!(
+                        r.status,
+                        *answer,
+                        "{method} {path} as {who:?}: {}",
+                        String::from_utf8_lossy(&r.body)
+                    );
+                } else {
+                    assert_eq!(r.status, StatusCode::OK, "{method} {path} as {who:?}");
+                }
+            } else {
+                // A device asking for a bundle it was not given is known but refused.
+                let expected = if who == Device && path.ends_with("/bundle") {
+                    StatusCode::FORBIDDEN
+                } else {
+                    StatusCode::UNAUTHORIZED
+                };
+                assert_eq!(
+                    r.status,
+                    expected,
+                    "{method} {path} as {who:?}: {}",
+                    String::from_utf8_lossy(&r.body)
+                );
+                assert_eq!(
+                    rows(&h).await,
+                    before,
+                    "{method} {path} as {who:?} changed nothing"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, routes.len() * 5);
 }

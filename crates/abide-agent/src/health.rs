@@ -11,6 +11,9 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::config::{Check, CheckKind, Config};
 
+/// How much of a failing command check's standard error is kept for its reason.
+const STDERR_KEPT: usize = 4096;
+
 /// Time as the gate sees it: real on a device, simulated in tests.
 pub trait Clock {
     /// Now.
@@ -142,21 +145,25 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
                 .stderr(Stdio::piped())
                 .spawn()
                 .map_err(|e| format!("cannot run sh: {e}"))?;
-            let start = std::time::Instant::now();
-            loop {
-                match child.try_wait() {
-                    Ok(Some(status)) if status.success() => return Ok(()),
-                    Ok(Some(status)) => {
-                        let mut err = String::new();
-                        if let Some(mut e) = child.stderr.take() {
-                            let _ = e.read_to_string(&mut err);
-                        }
-                        let err: String = err.trim().chars().take(200).collect();
-                        return Err(format!(
-                            "{status}{}{err}",
-                            if err.is_empty() { "" } else { ": " }
-                        ));
+            // Read stderr while the check runs, keeping only its end: a check that writes
+            // more than a pipe holds must not block on a full pipe and time out.
+            let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+            let reader = child.stderr.take().map(|mut stderr| {
+                let tail = tail.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                        let mut t = tail.lock().expect("not poisoned");
+                        t.extend_from_slice(&buf[..n]);
+                        let excess = t.len().saturating_sub(STDERR_KEPT);
+                        t.drain(..excess);
                     }
+                })
+            });
+            let start = std::time::Instant::now();
+            let status = loop {
+                match child.try_wait() {
+                    Ok(Some(status)) => break status,
                     Ok(None) if start.elapsed() >= timeout => {
                         let _ = child.kill();
                         let _ = child.wait();
@@ -165,7 +172,28 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
                     Ok(None) => std::thread::sleep(Duration::from_millis(10)),
                     Err(e) => return Err(e.to_string()),
                 }
+            };
+            if status.success() {
+                return Ok(());
             }
+            // The output ends when the check's last process closes it; one it left running
+            // in the background is not waited for long.
+            if let Some(reader) = reader {
+                let waited = std::time::Instant::now();
+                while !reader.is_finished() && waited.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let err = String::from_utf8_lossy(&tail.lock().expect("not poisoned")).into_owned();
+            let err = err.trim();
+            let err: String = err
+                .chars()
+                .skip(err.chars().count().saturating_sub(200))
+                .collect();
+            Err(format!(
+                "{status}{}{err}",
+                if err.is_empty() { "" } else { ": " }
+            ))
         }
         CheckKind::File(path) => {
             if path.exists() {

@@ -147,3 +147,32 @@ fn tcp_process_and_file_checks() {
     assert_eq!(got, [true, false, true, false, true, false]);
     drop(listener);
 }
+
+/// A check that writes far more than a pipe holds to standard error: it is not blocked (and
+/// killed at its timeout), it passes or fails by its exit status, and a failure's reason is the
+/// end of what it wrote.
+#[test]
+fn a_check_that_writes_10_mib_to_stderr_is_judged_by_its_exit_status() {
+    let c = config(
+        "[[health.check]]\nname = \"chatty\"\nkind = \"command\"\n\
+         command = 'head -c 10485760 /dev/zero | tr \"\\\\0\" x >&2; exit 0'\ntimeout = \"20s\"\n\
+         [[health.check]]\nname = \"chatty-fails\"\nkind = \"command\"\n\
+         command = 'head -c 10485760 /dev/zero | tr \"\\\\0\" y >&2; echo the end >&2; exit 4'\ntimeout = \"20s\"\n",
+    );
+    let started = std::time::Instant::now();
+    let got = outcomes(&c, None);
+    assert_eq!(got[0].1, CheckOutcome::Pass, "{got:?}");
+    match &got[1].1 {
+        CheckOutcome::Fail(why) => {
+            assert!(why.starts_with("exit status: 4: "), "{why}");
+            assert!(why.ends_with("yyyythe end"), "{why}");
+            assert!(why.len() < 300, "bounded: {} bytes", why.len());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -71,8 +71,9 @@ pub enum Error {
         /// The ids of the keys that did sign.
         keys: Vec<KeyId>,
     },
-    /// A signature by a trusted key does not verify.
-    #[error("bad signature: the signature by trusted key {key} does not verify")]
+    /// A signature does not verify: by a trusted key, or by any key in a bundle a trusted key
+    /// signed.
+    #[error("bad signature: the signature by key {key} does not verify")]
     BadSignature {
         /// The key whose signature failed.
         key: KeyId,

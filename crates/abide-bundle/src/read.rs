@@ -251,9 +251,11 @@ impl<R: Read> VerifiedBundle<R> {
     }
 }
 
-/// Counts the distinct trusted keys with a valid signature over `manifest` and checks the
-/// threshold; the error says whether nothing, only untrusted keys, a bad signature, or too few
-/// keys signed.
+/// Checks every signature and counts the distinct trusted keys among them against the
+/// threshold. Every signature must verify under the key it carries, trusted or not: a bundle
+/// carrying one that does not is refused even when enough others do, so no byte of the
+/// signature block can change unnoticed. The error says whether nothing, a bad signature, only
+/// untrusted keys, or too few keys signed.
 pub fn check_signatures(
     manifest: &[u8],
     signatures: &[SignatureEntry],
@@ -263,31 +265,37 @@ pub fn check_signatures(
         return Err(Error::Unsigned);
     }
     let mut valid = BTreeSet::new();
-    let mut bad = None;
-    let mut any_trusted = false;
+    let mut bad_untrusted = None;
     for entry in signatures {
-        let Some(key) = entry.key().filter(|k| trust.contains(k)) else {
-            continue;
-        };
-        any_trusted = true;
-        if key.verify(MANIFEST_DOMAIN, manifest, &entry.signature) {
-            valid.insert(key.id());
-        } else {
-            bad.get_or_insert(key.id());
+        let key = entry.key();
+        let verifies = key
+            .as_ref()
+            .is_some_and(|k| k.verify(MANIFEST_DOMAIN, manifest, &entry.signature));
+        match key.filter(|k| trust.contains(k)) {
+            Some(key) if verifies => {
+                valid.insert(key.id());
+            }
+            Some(key) => return Err(Error::BadSignature { key: key.id() }),
+            None if verifies => {}
+            None => {
+                bad_untrusted.get_or_insert(KeyId::of_bytes(&entry.public));
+            }
         }
+    }
+    // A changed key is untrusted before its signature is bad; once a trusted key signed, any
+    // signature that does not verify refuses the bundle.
+    if let (Some(key), false) = (bad_untrusted, valid.is_empty()) {
+        return Err(Error::BadSignature { key });
     }
     if valid.len() >= trust.threshold() {
         return Ok(valid.into_iter().collect());
     }
-    if !any_trusted {
+    if valid.is_empty() {
         let keys = signatures
             .iter()
             .map(|e| KeyId::of_bytes(&e.public))
             .collect();
         return Err(Error::UntrustedKey { keys });
-    }
-    if let Some(key) = bad {
-        return Err(Error::BadSignature { key });
     }
     Err(Error::SignatureThreshold {
         valid: valid.len(),

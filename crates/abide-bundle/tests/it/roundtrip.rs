@@ -289,3 +289,38 @@ fn reusing_local_chunks_gives_the_same_content_and_stops_cleanly_on_a_bad_chunk(
         .unwrap_err();
     assert_eq!(err.code(), "chunk-digest");
 }
+
+/// Under a 2-of-3 root a bundle signed by all three keys carries one signature more than it
+/// needs; a change to any byte of any of the three entries (the key or the signature) is
+/// still refused, and so is a fourth signature by an untrusted key that does not verify.
+#[test]
+fn every_byte_of_every_signature_counts_even_past_the_threshold() {
+    let bytes = Fixture::default().build(&[&key(0), &key(1), &key(2)]);
+    let root = trust(&[0, 1, 2], 2);
+    verify(&bytes, &root).unwrap();
+    let m = u32::from_le_bytes(bytes[12..16].try_into().unwrap()) as usize;
+    assert_eq!(u32::from_le_bytes(bytes[16..20].try_into().unwrap()), 3);
+    let block = HEADER_LEN + m..HEADER_LEN + m + 3 * 96;
+    let mut codes = std::collections::BTreeMap::new();
+    for at in block.clone() {
+        let mut changed = bytes.clone();
+        changed[at] ^= 0x01;
+        let err = verify(&changed, &root).expect_err(&format!("byte {at} of the signatures"));
+        *codes.entry(err.code()).or_insert(0) += 1;
+    }
+    // A changed signature is bad; a changed key is no longer trusted, and its signature no
+    // longer verifies under it.
+    assert_eq!(codes.values().sum::<usize>(), 288, "{codes:?}");
+    assert_eq!(
+        codes.keys().copied().collect::<Vec<_>>(),
+        ["bad-signature"],
+        "{codes:?}"
+    );
+    // An extra signature by an untrusted key: fine when it verifies, refused when it does not.
+    let mut four = Vec::new();
+    add_signature(&mut bytes.as_slice(), &key(9), &mut four, Limits::default()).unwrap();
+    verify(&four, &root).unwrap();
+    let last = HEADER_LEN + m + 3 * 96 + 40;
+    four[last] ^= 0x80;
+    assert_eq!(verify(&four, &root).unwrap_err().code(), "bad-signature");
+}

@@ -81,6 +81,7 @@ struct RawSlot {
     path: PathBuf,
     kind: Option<String>,
     link: Option<PathBuf>,
+    capacity: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -163,6 +164,9 @@ pub struct Slot {
     pub kind: SlotKind,
     /// For a directory slot: the symlink that points at the booted group's directory.
     pub link: Option<PathBuf>,
+    /// For a directory slot: the most bytes of files an archive may unpack into it (no limit
+    /// but the file system's when `None`).
+    pub capacity: Option<u64>,
 }
 
 /// A slot group.
@@ -401,11 +405,26 @@ impl Config {
                         ));
                     }
                 };
+                let capacity = match (&s.capacity, kind) {
+                    (None, _) => None,
+                    (Some(text), SlotKind::Dir) => Some(parse_size(text).map_err(|e| {
+                        err(path, &format!("key `group[{i}].slot[{j}].capacity`: {e}"))
+                    })?),
+                    (Some(_), _) => {
+                        return Err(err(
+                            path,
+                            &format!(
+                                "key `group[{i}].slot[{j}].capacity`: only a directory slot has one (an image or block slot holds what its size holds)"
+                            ),
+                        ));
+                    }
+                };
                 slots.push(Slot {
                     class: s.class.clone(),
                     path: resolve(&s.path),
                     kind,
                     link: s.link.as_deref().map(resolve),
+                    capacity,
                 });
             }
             groups.push(SlotGroup { name, slots });

@@ -51,6 +51,14 @@ pub enum AgentError {
         /// Its state.
         state: &'static str,
     },
+    /// An archive for a directory slot holds an entry it may not unpack.
+    #[error("bad archive for slot {}: {what}", slot.display())]
+    BadArchive {
+        /// The directory slot.
+        slot: PathBuf,
+        /// The entry and what is wrong with it.
+        what: String,
+    },
     /// The target group has no slot for a component.
     #[error("group {group} has no slot of class {class} for component {component}")]
     NoSlot {
@@ -140,6 +148,7 @@ impl AgentError {
             AgentError::WrongProduct { .. } => "wrong-product",
             AgentError::Busy { .. } => "busy",
             AgentError::NoSlot { .. } => "no-slot",
+            AgentError::BadArchive { .. } => "bad-archive",
             AgentError::TooSmall { .. } => "slot-too-small",
             AgentError::NoSpace { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",

@@ -159,7 +159,7 @@ pub fn stage(
                 .and_then(|s| SlotChunks::open(&state_dir, &tx.good, class, &s.path));
             let table = bundle.read_chunk_table()?;
             let mut writer = SlotWriter::open(slot)?;
-            let r = bundle.read_chunks_reusing(
+            let read = bundle.read_chunks_reusing(
                 &table,
                 &|entry, buf| local.as_ref().is_some_and(|l| l.read_into(entry, buf)),
                 &mut |data| {
@@ -167,7 +167,15 @@ pub fn stage(
                     progress(done, total);
                     writer.write(data)
                 },
-            )?;
+            );
+            let r = match read {
+                Ok(r) => r,
+                // A writer that stopped (a refused archive entry, a full disk) says why.
+                Err(e) => {
+                    writer.finish()?;
+                    return Err(e.into());
+                }
+            };
             writer.finish()?;
             if slot.kind != crate::config::SlotKind::Dir {
                 crate::index::write(&state_dir, &target, class, &table)?;

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use abide_boot::persist::IoError;
 
 use crate::config::Slot;
-use crate::error::Result;
+use crate::error::{AgentError, Result};
 
 /// Bytes handed to the writing thread at a time.
 const BLOCK: usize = 4 << 20;
@@ -42,7 +42,7 @@ pub struct SlotWriter {
     path: PathBuf,
     block: Vec<u8>,
     tx: Option<SyncSender<Vec<u8>>>,
-    thread: Option<JoinHandle<Result<u64, IoError>>>,
+    thread: Option<JoinHandle<Result<u64>>>,
     written: u64,
 }
 
@@ -51,10 +51,11 @@ impl SlotWriter {
     pub fn open(slot: &Slot) -> Result<SlotWriter> {
         let (tx, rx) = sync_channel(QUEUE);
         let path = slot.path.clone();
+        let capacity = slot.capacity.unwrap_or(u64::MAX);
         let thread = if slot.kind == crate::config::SlotKind::Dir {
             std::thread::Builder::new()
                 .name("abide-slot-unpacker".into())
-                .spawn(move || unpack_blocks(rx, &path))
+                .spawn(move || unpack_blocks(rx, &path, capacity))
         } else {
             let file = OpenOptions::new()
                 .write(true)
@@ -62,7 +63,7 @@ impl SlotWriter {
                 .map_err(io("opening slot for writing", &slot.path))?;
             std::thread::Builder::new()
                 .name("abide-slot-writer".into())
-                .spawn(move || write_blocks(file, rx, &path))
+                .spawn(move || write_blocks(file, rx, &path).map_err(Into::into))
         }
         .map_err(io("starting the writer for", &slot.path))?;
         Ok(SlotWriter {
@@ -155,10 +156,11 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Io
     }
 }
 
-/// Unpacks a tar archive arriving in blocks into the directory `dir`, which is emptied first;
-/// entries that would land outside it are refused by the unpacker. The file system is synced
-/// at the end.
-fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path) -> Result<u64, IoError> {
+/// Unpacks a tar archive arriving in blocks into the directory `dir`, which is emptied first.
+/// Every entry is checked before it is unpacked, and one that is not allowed refuses the whole
+/// archive ([`check_entry`]); the files' sizes together must stay within `capacity`. The file
+/// system is synced at the end.
+fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64> {
     std::fs::create_dir_all(dir).map_err(io("creating slot", dir))?;
     for entry in std::fs::read_dir(dir).map_err(io("reading slot", dir))? {
         let path = entry.map_err(io("reading slot", dir))?.path();
@@ -175,11 +177,40 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path) -> Result<u64, IoError> {
         at: 0,
         total: 0,
     };
+    let bad = |what: String| AgentError::BadArchive {
+        slot: dir.to_owned(),
+        what,
+    };
     let mut archive = tar::Archive::new(&mut reader);
     archive.set_overwrite(true);
-    archive
-        .unpack(dir)
-        .map_err(io("unpacking into slot", dir))?;
+    let mut unpacked = 0u64;
+    for entry in archive
+        .entries()
+        .map_err(io("reading the archive for", dir))?
+    {
+        let mut entry = entry.map_err(io("reading the archive for", dir))?;
+        let name = entry
+            .path()
+            .map_err(io("reading the archive for", dir))?
+            .into_owned();
+        check_entry(&name, &entry).map_err(|why| bad(format!("{}: {why}", name.display())))?;
+        unpacked = unpacked.saturating_add(entry.header().size().unwrap_or(u64::MAX));
+        if unpacked > capacity {
+            return Err(bad(format!(
+                "{}: the files reach {unpacked} bytes, more than the slot's capacity of {capacity}",
+                name.display()
+            )));
+        }
+        if !entry
+            .unpack_in(dir)
+            .map_err(io("unpacking into slot", dir))?
+        {
+            return Err(bad(format!(
+                "{}: would land outside the slot",
+                name.display()
+            )));
+        }
+    }
     // The end-of-archive padding: read what is left so the sender never waits.
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading the archive for", dir))?;
     abide_boot::crash::point("slot:before-fsync", "");
@@ -191,6 +222,61 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path) -> Result<u64, IoError> {
     })?;
     abide_boot::crash::point("slot:after-fsync", "");
     Ok(reader.total)
+}
+
+/// Whether an archive entry may be unpacked into a slot: a relative path without `..`; a
+/// regular file, a directory, or a link whose target stays inside the slot; no device nodes,
+/// FIFOs or other special files.
+fn check_entry<R: std::io::Read>(name: &Path, entry: &tar::Entry<'_, R>) -> Result<(), String> {
+    use std::path::Component;
+    let inside = |p: &Path| {
+        p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    };
+    if name.as_os_str().is_empty() || !inside(name) {
+        return Err("an absolute path or one with `..` leaves the slot".into());
+    }
+    let kind = entry.header().entry_type();
+    match kind {
+        tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory => Ok(()),
+        tar::EntryType::Symlink | tar::EntryType::Link => {
+            let target = entry
+                .link_name()
+                .ok()
+                .flatten()
+                .ok_or_else(|| "a link without a target".to_owned())?;
+            // A symbolic link resolves from its own directory, a hard link from the slot.
+            let base = if kind == tar::EntryType::Symlink {
+                name.parent().unwrap_or(Path::new(""))
+            } else {
+                Path::new("")
+            };
+            let mut depth = base
+                .components()
+                .filter(|c| matches!(c, Component::Normal(_)))
+                .count();
+            for c in target.components() {
+                match c {
+                    Component::Normal(_) => depth += 1,
+                    Component::CurDir => {}
+                    Component::ParentDir if depth > 0 => depth -= 1,
+                    _ => {
+                        return Err(format!("a link to {} leaves the slot", target.display()));
+                    }
+                }
+            }
+            Ok(())
+        }
+        other => Err(format!(
+            "a {} may not be unpacked into a slot",
+            match other {
+                tar::EntryType::Char => "character device",
+                tar::EntryType::Block => "block device",
+                tar::EntryType::Fifo => "FIFO",
+                _ => "special entry",
+            }
+        )),
+    }
 }
 
 /// Blocks from the verifier, read as one stream.

@@ -555,8 +555,25 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
          \x20   with tarfile.open(f'app-{v}.tar', 'w') as t:\n\
          \x20       for name, data in [('bin/app', f'app {v}'.encode()), ('etc/app.conf', b'port=8080')]:\n\
          \x20           i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n\
-         with tarfile.open('evil.tar', 'w') as t:\n\
-         \x20   i = tarfile.TarInfo('../../escaped'); i.size = 4; t.addfile(i, io.BytesIO(b'evil'))\n",
+         def evil(name, make):\n\
+         \x20   with tarfile.open(name, 'w') as t:\n\
+         \x20       good = tarfile.TarInfo('bin/app'); good.size = 2; t.addfile(good, io.BytesIO(b'ok'))\n\
+         \x20       i = make(); t.addfile(i, io.BytesIO(b'evil') if i.isreg() else None)\n\
+         def reg(n):\n\
+         \x20   i = tarfile.TarInfo(n); i.size = 4; return i\n\
+         def link(n, target, kind):\n\
+         \x20   i = tarfile.TarInfo(n); i.type = kind; i.linkname = target; return i\n\
+         def special(n, kind):\n\
+         \x20   i = tarfile.TarInfo(n); i.type = kind; i.devmajor = 1; i.devminor = 3; return i\n\
+         evil('dotdot.tar', lambda: reg('../../escaped'))\n\
+         evil('absolute.tar', lambda: reg('/tmp/abide-escaped'))\n\
+         evil('symlink.tar', lambda: link('etc/out', '../../../escaped', tarfile.SYMTYPE))\n\
+         evil('abs-symlink.tar', lambda: link('etc/passwd', '/etc/passwd', tarfile.SYMTYPE))\n\
+         evil('hardlink.tar', lambda: link('etc/hard', '../escaped', tarfile.LNKTYPE))\n\
+         evil('chardev.tar', lambda: special('dev/null', tarfile.CHRTYPE))\n\
+         evil('fifo.tar', lambda: special('run/fifo', tarfile.FIFOTYPE))\n\
+         with tarfile.open('big.tar', 'w') as t:\n\
+         \x20   i = tarfile.TarInfo('data/big'); i.size = 5000; t.addfile(i, io.BytesIO(bytes(5000)))\n",
     );
     for v in ["2.0.0", "3.0.0"] {
         ok(
@@ -596,18 +613,95 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
         std::fs::read_to_string(link.join("bin/app")).unwrap(),
         "app 2.0.0"
     );
-    // An archive entry that would land outside its slot never does.
+    // An archive with an entry that is not allowed refuses the whole component: exit 1,
+    // `bad-archive`, nothing activated, the running group's link and files untouched.
+    let status = || json(&sim.dir, "status --config dev/system.toml", 0);
+    for (n, (archive, says)) in [
+        ("dotdot", "leaves the slot"),
+        ("absolute", "leaves the slot"),
+        ("symlink", "a link to ../../../escaped leaves the slot"),
+        ("abs-symlink", "a link to /etc/passwd leaves the slot"),
+        ("hardlink", "a link to ../escaped leaves the slot"),
+        ("chardev", "a character device may not be unpacked"),
+        ("fifo", "a FIFO may not be unpacked"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let version = format!("4.{n}.0");
+        ok(
+            &sim.dir,
+            &format!(
+                "bundle create --product gw --version {version} --compatible gw-1 --component rootfs=img \
+                 --component app={archive}.tar --sign a.key --out {version}.abide"
+            ),
+        );
+        let before = status();
+        let v = json(
+            &sim.dir,
+            &format!("install {version}.abide --config dev/system.toml"),
+            1,
+        );
+        assert_eq!(v["error"]["code"], "bad-archive", "{archive}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{archive}: {message}");
+        let after = status();
+        assert_eq!(
+            (
+                field(&after, "booted"),
+                field(&after, "good"),
+                field(&after, "version")
+            ),
+            (
+                field(&before, "booted"),
+                field(&before, "good"),
+                field(&before, "version")
+            ),
+            "{archive}"
+        );
+        assert_eq!(
+            field(&after, "state"),
+            "failed",
+            "{archive}: nothing activated"
+        );
+        assert_eq!(std::fs::read_link(&link).unwrap(), sim.path("dev/apps/B"));
+        assert_eq!(
+            std::fs::read_to_string(link.join("bin/app")).unwrap(),
+            "app 2.0.0"
+        );
+        assert!(
+            !sim.path("escaped").exists()
+                && !sim.path("dev/escaped").exists()
+                && !sim.path("dev/apps/escaped").exists()
+                && !std::path::Path::new("/tmp/abide-escaped").exists(),
+            "{archive}"
+        );
+    }
+    // A directory slot's capacity from config is checked while unpacking.
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap();
+    std::fs::write(
+        sim.path("dev/system.toml"),
+        config.replace(
+            "link = \"current-app\"\n",
+            "link = \"current-app\"\ncapacity = \"4K\"\n",
+        ),
+    )
+    .unwrap();
     ok(
         &sim.dir,
-        "bundle create --product gw --version 4.0.0 --compatible gw-1 --component rootfs=img \
-         --component app=evil.tar --sign a.key --out 4.0.0.abide",
+        "bundle create --product gw --version 5.0.0 --compatible gw-1 --component rootfs=img \
+         --component app=big.tar --sign a.key --out 5.0.0.abide",
     );
-    let _ = crate::abide(&sim.dir, "install 4.0.0.abide --config dev/system.toml");
+    let v = json(&sim.dir, "install 5.0.0.abide --config dev/system.toml", 1);
+    assert_eq!(v["error"]["code"], "bad-archive", "{v}");
     assert!(
-        !sim.path("escaped").exists()
-            && !sim.path("dev/escaped").exists()
-            && !sim.path("dev/apps/escaped").exists()
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("more than the slot's capacity of 4096"),
+        "{v}"
     );
+    assert_eq!(std::fs::read_link(&link).unwrap(), sim.path("dev/apps/B"));
 }
 
 #[test]

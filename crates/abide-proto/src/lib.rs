@@ -639,6 +639,18 @@ pub struct Device {
     /// How far its download is, while it downloads.
     #[serde(default)]
     pub progress: Option<Progress>,
+    /// When its credential was revoked, if it was.
+    #[serde(default)]
+    pub revoked_at: Option<String>,
+}
+
+/// A device whose credential was revoked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceRevoked {
+    /// The device.
+    pub id: String,
+    /// When.
+    pub revoked_at: String,
 }
 
 /// One record of the audit trail.

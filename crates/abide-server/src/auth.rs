@@ -107,7 +107,9 @@ pub async fn device(
         .filter(|(id, _)| valid_device_id(id))
         .ok_or_else(|| ApiError::unauthorized("not a device credential"))?;
     let presented = crate::sha256_hex(secret.as_bytes());
-    // A device's credential and group never change once enrolled, so they are kept once read.
+    // A device's credential and group never change once enrolled, so they are kept once read;
+    // a revocation empties the cache (at once in this process, within seconds in the others:
+    // `watch_revocations_forever`).
     let cached = server
         .credentials
         .read()
@@ -117,14 +119,21 @@ pub async fn device(
     let (hash, _group) = match cached {
         Some(known) => known,
         None => {
-            let row: Option<(String, String)> =
-                sqlx::query_as("SELECT credential_hash, grp FROM devices WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(&server.db.read)
-                    .await?;
-            let Some(known) = row else {
+            let row: Option<(String, String, Option<i64>)> = sqlx::query_as(
+                "SELECT credential_hash, grp, revoked_at FROM devices WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&server.db.read)
+            .await?;
+            let Some((hash, group, revoked)) = row else {
                 return Err(ApiError::unauthorized("unknown device credential"));
             };
+            if revoked.is_some() {
+                return Err(ApiError::unauthorized(
+                    "the device's credential was revoked",
+                ));
+            }
+            let known = (hash, group);
             let mut cache = server.credentials.write().expect("not poisoned");
             if cache.len() < 1_000_000 {
                 cache.insert(id.to_owned(), known.clone());
@@ -137,5 +146,32 @@ pub async fn device(
         Ok(id.to_owned())
     } else {
         Err(ApiError::unauthorized("unknown device credential"))
+    }
+}
+
+/// Empties the credential cache whenever the number of revoked devices changes, checked every
+/// `every`: another server process's revocation takes effect here within that time.
+pub async fn watch_revocations_forever(server: Server, every: std::time::Duration) {
+    let mut seen: Option<i64> = None;
+    loop {
+        let revoked: Result<i64, sqlx::Error> =
+            sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE revoked_at IS NOT NULL")
+                .fetch_one(&server.db.read)
+                .await;
+        match revoked {
+            Ok(n) if seen != Some(n) => {
+                // The first reading clears too: entries cached before it may predate a
+                // revocation it counts.
+                server.credentials.write().expect("not poisoned").clear();
+                seen = Some(n);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                // Unknown: forget every cached credential rather than trust a stale one.
+                tracing::warn!(error = %e, "reading revocations");
+                server.credentials.write().expect("not poisoned").clear();
+            }
+        }
+        tokio::time::sleep(every).await;
     }
 }

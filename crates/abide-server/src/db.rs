@@ -195,6 +195,13 @@ ALTER TABLE enroll_tokens ADD COLUMN product TEXT;
 ALTER TABLE enroll_tokens ADD COLUMN revoked_at BIGINT;
 "#,
     ),
+    (
+        5,
+        // A device's credential can be revoked.
+        r#"
+ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

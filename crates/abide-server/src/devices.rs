@@ -816,6 +816,7 @@ type DeviceRow = (
     Option<String>,
     Option<i64>,
     Option<String>,
+    Option<i64>,
 );
 
 /// `GET /api/v1/devices?group=G&state=S` (admin).
@@ -827,7 +828,7 @@ pub async fn list(
     crate::auth::admin(&server, &headers)?;
     flush_last_seen(&server).await?;
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress FROM devices \
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at FROM devices \
          WHERE ($1 = '' OR grp = $1) AND ($2 = '' OR state = $2) ORDER BY id",
     )
     .bind(filter.group.unwrap_or_default())
@@ -841,8 +842,20 @@ pub async fn list(
         )
     };
     let mut devices = Vec::with_capacity(rows.len());
-    for (id, group, tags, product, version, state, reason, booted, health, last_seen, progress) in
-        rows
+    for (
+        id,
+        group,
+        tags,
+        product,
+        version,
+        state,
+        reason,
+        booted,
+        health,
+        last_seen,
+        progress,
+        revoked_at,
+    ) in rows
     {
         let tags = serde_json::from_str(&tags).map_err(|e| corrupt(&id, "tags", e))?;
         let progress = progress
@@ -861,7 +874,58 @@ pub async fn list(
             health,
             last_seen: last_seen.map(rfc3339),
             progress,
+            revoked_at: revoked_at.map(rfc3339),
         });
     }
     Ok(Json(devices))
+}
+
+/// `POST /api/v1/devices/{id}/revoke` (admin): the device's credential stops working (in
+/// every server process within seconds), its reboot lease is given back; its record stays, and
+/// its id cannot be enrolled again.
+pub async fn revoke(
+    State(server): State<Server>,
+    headers: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> ApiResult<Json<abide_proto::DeviceRevoked>> {
+    crate::auth::admin(&server, &headers)?;
+    let mut tx = server.db.pool.begin().await?;
+    let changed =
+        sqlx::query("UPDATE devices SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
+            .bind(now_ms())
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+    let row: Option<(Option<i64>,)> =
+        sqlx::query_as("SELECT revoked_at FROM devices WHERE id = $1")
+            .bind(&id)
+            .fetch_optional(&mut *tx)
+            .await?;
+    let Some((Some(revoked_at),)) = row else {
+        return Err(ApiError::not_found(format!("no device {id}")));
+    };
+    if changed.rows_affected() > 0 {
+        sqlx::query("DELETE FROM leases WHERE device_id = $1")
+            .bind(&id)
+            .execute(&mut *tx)
+            .await?;
+        crate::audit::append(
+            &server,
+            &mut tx,
+            "admin",
+            "device.revoke",
+            serde_json::json!({"device": id}),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    server
+        .credentials
+        .write()
+        .expect("not poisoned")
+        .remove(&id);
+    Ok(Json(abide_proto::DeviceRevoked {
+        id,
+        revoked_at: rfc3339(revoked_at),
+    }))
 }

@@ -406,6 +406,7 @@ pub fn app(server: Server) -> Router {
             post(devices::report).layer(json_limit),
         )
         .route("/api/v1/devices", get(devices::list))
+        .route("/api/v1/devices/{id}/revoke", post(devices::revoke))
         .route(
             "/api/v1/rollouts",
             post(rollouts::create).layer(json_limit).get(rollouts::list),
@@ -501,4 +502,8 @@ pub fn spawn_background(server: &Server) {
     tokio::spawn(async move { devices::flush_last_seen_forever(flusher).await });
     let decider = server.clone();
     tokio::spawn(async move { rollouts::tick_forever(decider).await });
+    let watcher = server.clone();
+    tokio::spawn(async move {
+        auth::watch_revocations_forever(watcher, std::time::Duration::from_secs(2)).await
+    });
 }

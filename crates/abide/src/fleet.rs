@@ -34,6 +34,9 @@ enum FleetCommand {
     /// Enrolment tokens.
     #[command(subcommand, name = "enroll-token")]
     EnrollToken(TokenCommand),
+    /// One device.
+    #[command(subcommand)]
+    Device(DeviceCommand),
     /// Enrolled devices.
     Devices {
         /// Only this group.
@@ -144,6 +147,15 @@ enum TokenCommand {
     /// Revoke an enrolment token: it enrols no more devices.
     Revoke {
         /// The token's id (t-…).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Revoke a device's credential: every server process refuses it within seconds.
+    Revoke {
+        /// The device id.
         id: String,
     },
 }
@@ -490,6 +502,17 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 )
                 .await?;
             out.print(&serde_json::to_value(&r)?, || r.token.clone());
+        }
+        FleetCommand::Device(DeviceCommand::Revoke { id }) => {
+            let r: abide_proto::DeviceRevoked = admin
+                .post(
+                    &format!("/api/v1/devices/{id}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            out.print(&serde_json::to_value(&r)?, || {
+                format!("revoked {} at {}", r.id, r.revoked_at)
+            });
         }
         FleetCommand::EnrollToken(TokenCommand::List) => {
             let r: Vec<abide_proto::EnrollTokenView> = admin.get("/api/v1/enroll-tokens").await?;

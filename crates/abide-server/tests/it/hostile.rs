@@ -14,6 +14,7 @@ on_both!(
     an_enrolment_token_enrols_as_many_devices_as_it_may_and_no_more,
     an_enrolment_token_binds_device_ids_product_and_tags,
     a_revoked_token_enrols_no_more,
+    a_revoked_device_is_refused_everywhere_and_its_id_stays_taken,
 );
 
 async fn token(h: &Harness, body: serde_json::Value) -> (String, String) {
@@ -768,4 +769,191 @@ async fn every_route_answers_each_kind_of_credential_as_it_should_and_refusals_c
         }
     }
     assert_eq!(checked, routes.len() * 5);
+}
+
+async fn a_revoked_device_is_refused_everywhere_and_its_id_stays_taken(backend: Backend) {
+    let h = Harness::new(backend).await;
+    let admin = h.admin.clone();
+    let device = h.enroll("gw-1", "lab").await;
+    let other = h.enroll("gw-2", "lab").await;
+    let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
+                         "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+    let c = h
+        .json(
+            Method::POST,
+            "/api/v1/device/checkin",
+            Some(&device),
+            checkin.clone(),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::OK);
+    let lease = h
+        .json(
+            Method::POST,
+            "/api/v1/device/lease",
+            Some(&device),
+            json!({}),
+        )
+        .await;
+    assert_eq!(lease.status, StatusCode::OK, "{}", lease.json());
+    // Only the admin revokes.
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/devices/gw-1/revoke",
+            Some(&other),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/devices/gw-1/revoke",
+            Some(&admin),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    let revoked_at = r.json()["revoked_at"].as_str().unwrap().to_owned();
+    assert_eq!(
+        count(&h, "SELECT COUNT(*) FROM leases").await,
+        0,
+        "its lease is given back"
+    );
+    // Every device route refuses its credential now (it was in the cache).
+    for (method, path, body) in [
+        (Method::POST, "/api/v1/device/checkin", checkin.clone()),
+        (Method::POST, "/api/v1/device/report", json!({})),
+        (Method::POST, "/api/v1/device/lease", json!({})),
+    ] {
+        let r = h.json(method, path, Some(&device), body).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path}");
+        assert!(
+            message(&r.json()).contains("revoked"),
+            "{path}: {}",
+            r.json()
+        );
+    }
+    // The other device is not affected.
+    let c = h
+        .json(
+            Method::POST,
+            "/api/v1/device/checkin",
+            Some(&other),
+            checkin.clone(),
+        )
+        .await;
+    assert_eq!(c.status, StatusCode::OK);
+    // The record stays, marked; the id cannot be enrolled again.
+    let list = h.get("/api/v1/devices").await.json();
+    let gw1 = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "gw-1")
+        .unwrap();
+    assert_eq!(gw1["revoked_at"], revoked_at.as_str());
+    let (t, _) = token(&h, json!({"group": "lab"})).await;
+    assert_eq!(
+        enroll(&h, &t, "gw-1", json!({})).await.0,
+        StatusCode::CONFLICT
+    );
+    // Revoking again changes nothing; an unknown device is 404.
+    let again = h
+        .call(
+            Method::POST,
+            "/api/v1/devices/gw-1/revoke",
+            Some(&admin),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(again.json()["revoked_at"], revoked_at.as_str());
+    let none = h
+        .call(
+            Method::POST,
+            "/api/v1/devices/gw-9/revoke",
+            Some(&admin),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(none.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        count(
+            &h,
+            "SELECT COUNT(*) FROM audit WHERE action = 'device.revoke'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Two server processes on one PostgreSQL: a device revoked through one is refused by the
+/// other, which had its credential cached, within seconds.
+#[test]
+fn a_revocation_reaches_the_other_server_process_within_seconds() {
+    crate::run(async {
+        let h = Harness::new(Backend::Postgres).await;
+        let (second, _) = abide_server::Server::start(h.server.config.clone())
+            .await
+            .unwrap();
+        abide_server::spawn_background(&second);
+        let h2 = Harness {
+            server: second,
+            dir: tempfile::tempdir().unwrap(),
+            admin: h.admin.clone(),
+            pg: None,
+        };
+        let device = h.enroll("gw-1", "lab").await;
+        let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
+                             "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+        let c = h2
+            .json(
+                Method::POST,
+                "/api/v1/device/checkin",
+                Some(&device),
+                checkin.clone(),
+            )
+            .await;
+        assert_eq!(
+            c.status,
+            StatusCode::OK,
+            "the second process caches the credential"
+        );
+        let admin = h.admin.clone();
+        let r = h
+            .call(
+                Method::POST,
+                "/api/v1/devices/gw-1/revoke",
+                Some(&admin),
+                &[],
+                vec![],
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK);
+        let revoked = Instant::now();
+        loop {
+            let c = h2
+                .json(
+                    Method::POST,
+                    "/api/v1/device/checkin",
+                    Some(&device),
+                    checkin.clone(),
+                )
+                .await;
+            if c.status == StatusCode::UNAUTHORIZED {
+                break;
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(5),
+                "still accepted after 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(h2);
+    });
 }

@@ -183,4 +183,50 @@ fn enrolment_tokens_are_made_listed_and_revoked_from_the_command_line() {
     let list = fleet(&["enroll-token", "list"]);
     assert!(list[0]["revoked_at"].as_str().is_some());
     assert!(list[1]["revoked_at"].is_null());
+    // A device enrolled with the bound token, then revoked from the command line.
+    let body = serde_json::json!({"token": bound["token"], "device_id": "gw-1",
+                                  "product": "acme-gateway", "compatible": ["acme-gw"]})
+    .to_string();
+    let port = server
+        .url
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST /api/v1/device/enroll HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    let revoked = fleet(&["device", "revoke", "gw-1"]);
+    assert_eq!(revoked["id"], "gw-1");
+    let devices = fleet(&["devices"]);
+    assert_eq!(devices[0]["revoked_at"], revoked["revoked_at"]);
+    let missing = crate::json_args(
+        &dir,
+        &[
+            "fleet",
+            "--server",
+            &server.url,
+            "--token-file",
+            admin.to_str().unwrap(),
+            "device",
+            "revoke",
+            "gw-9",
+        ],
+        3,
+    );
+    assert!(
+        missing["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("no device gw-9"),
+        "{missing}"
+    );
 }

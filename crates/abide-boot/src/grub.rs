@@ -50,12 +50,79 @@ impl GrubBootloader {
     }
 
     fn read_env(&self) -> Result<GrubEnv, BootError> {
-        let bytes = read_bounded(&self.path, 64 << 10)?;
-        GrubEnv::parse(&bytes).map_err(|source| BootError::Grub {
-            path: self.path.clone(),
-            source,
-        })
+        read_env(&self.path)
     }
+
+    /// The block that names the known-good group for when grubenv cannot be read:
+    /// `abide-good.env` beside it (the script loads it from `${prefix}`).
+    pub fn fallback_path(&self) -> PathBuf {
+        self.path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("abide-good.env")
+    }
+
+    /// The state the fallback block describes: its group known-good and booted (GRUB boots
+    /// it when grubenv is lost), the other not bootable, no trial.
+    fn fallback_state(&self) -> Result<BootState, BootError> {
+        let env = read_env(&self.fallback_path())?;
+        let mut state = env_to_state(&self.fallback_path(), &self.groups, |n| env.get(n))?;
+        state.trial = None;
+        state.booted = state.good().cloned();
+        Ok(state)
+    }
+
+    /// Rewrites the fallback block if it does not name `state`'s known-good group yet.
+    fn store_fallback(&self, state: &BootState) -> Result<(), BootError> {
+        let Some(good) = state.good() else {
+            return Ok(());
+        };
+        let path = self.fallback_path();
+        let mut wanted = BootState::new(&self.groups);
+        wanted.order = std::iter::once(good.clone())
+            .chain(self.groups.iter().filter(|g| *g != good).cloned())
+            .collect();
+        for g in &self.groups {
+            wanted.bootable.insert(g.clone(), g == good);
+        }
+        let (mut env, exists) = match read_env(&path) {
+            Ok(env) => (env, true),
+            Err(BootError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
+                (GrubEnv::default(), false)
+            }
+            // A damaged fallback is rewritten whole (in place, its size kept).
+            Err(BootError::Grub { .. }) => (GrubEnv::default(), true),
+            Err(e) => return Err(e),
+        };
+        let current = env_to_state(&path, &self.groups, |n| env.get(n)).ok();
+        if exists && current.as_ref().and_then(BootState::good) == Some(good) {
+            return Ok(());
+        }
+        state_to_env(&self.groups, &wanted, |name, value| {
+            env.set(name, value).map_err(|source| BootError::Grub {
+                path: path.clone(),
+                source,
+            })
+        })?;
+        let block = env.to_block().map_err(|source| BootError::Grub {
+            path: path.clone(),
+            source,
+        })?;
+        if exists {
+            overwrite_in_place(&path, &block)?;
+        } else {
+            write_new(&path, &block, 0o644)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_env(path: &Path) -> Result<GrubEnv, BootError> {
+    let bytes = read_bounded(path, 64 << 10)?;
+    GrubEnv::parse(&bytes).map_err(|source| BootError::Grub {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Bootloader for GrubBootloader {
@@ -63,8 +130,16 @@ impl Bootloader for GrubBootloader {
         "grub"
     }
 
+    /// The state in grubenv; when grubenv cannot be read (missing or damaged), what GRUB then
+    /// boots: the known-good group of the fallback block.
     fn load(&self) -> Result<BootState, BootError> {
-        self.state_of(&self.read_env()?)
+        match self.read_env() {
+            Ok(env) => self.state_of(&env),
+            Err(lost @ (BootError::Grub { .. } | BootError::Io(_))) => {
+                self.fallback_state().map_err(|_| lost)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Rewrites the block in place (same inode, same size, fsynced), as GRUB's own tools do:
@@ -72,12 +147,17 @@ impl Bootloader for GrubBootloader {
     /// renamed into place could stay invisible to it after a power cut. A missing block is
     /// created (as `grub-editenv create` would) with the default size.
     fn store(&self, state: &BootState) -> Result<(), BootError> {
-        // Other variables in the block (GRUB's own, like saved_entry) are kept.
+        // The fallback first: before a store can start writing the group it names (the
+        // install's first store marks its target unbootable), it names the new known-good one.
+        self.store_fallback(state)?;
+        // Other variables in the block (GRUB's own, like saved_entry) are kept; a damaged
+        // block is rewritten whole, in place.
         let (mut env, exists) = match self.read_env() {
             Ok(env) => (env, true),
             Err(BootError::Io(e)) if e.source.kind() == std::io::ErrorKind::NotFound => {
                 (GrubEnv::default(), false)
             }
+            Err(BootError::Grub { .. }) => (GrubEnv::default(), true),
             Err(e) => return Err(e),
         };
         self.fill(&mut env, state)?;

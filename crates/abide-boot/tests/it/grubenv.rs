@@ -88,3 +88,54 @@ fn what_grub_could_not_read_back_is_refused_and_changes_nothing() {
         Err(GrubEnvError::Line { line: 2 })
     );
 }
+
+/// The grub backend keeps `abide-good.env` naming the known-good group; with grubenv damaged
+/// or missing it reads what GRUB then boots (that group, no trial), and its next store
+/// rewrites a damaged grubenv in place.
+#[test]
+fn a_lost_grubenv_is_read_as_the_fallback_block_says_and_rewritten_in_place() {
+    use abide_boot::{BootState, Bootloader, GrubBootloader};
+    use abide_core::{Action, Group};
+    use std::os::unix::fs::MetadataExt;
+    let g = |n: &str| Group::new(n).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("grubenv");
+    let grub = GrubBootloader::new(&path);
+    // B committed: known-good B, A a fallback, then A on trial.
+    let mut state = BootState::new(&[g("B"), g("A")]);
+    state.booted = Some(g("B"));
+    grub.store(&state).unwrap();
+    let fallback = GrubEnv::parse(&std::fs::read(grub.fallback_path()).unwrap()).unwrap();
+    assert_eq!(
+        (
+            fallback.get("ABIDE_ORDER"),
+            fallback.get("ABIDE_B_OK"),
+            fallback.get("ABIDE_A_OK")
+        ),
+        (Some("B A"), Some("1"), Some("0"))
+    );
+    state
+        .apply(&Action::TryNext {
+            group: g("A"),
+            tries: 1,
+        })
+        .unwrap();
+    grub.store(&state).unwrap();
+    let inode = std::fs::metadata(&path).unwrap().ino();
+    // Damaged: GRUB boots B from the fallback, and so the backend reads.
+    std::fs::write(&path, vec![b'x'; 1024]).unwrap();
+    let lost = grub.load().unwrap();
+    assert_eq!(lost.good(), Some(&g("B")));
+    assert_eq!(
+        (lost.trial.clone(), lost.booted.clone()),
+        (None, Some(g("B")))
+    );
+    assert_eq!(lost.bootable.get(&g("A")), Some(&false));
+    // The next store rewrites it whole, in the same inode.
+    grub.store(&lost).unwrap();
+    assert_eq!(std::fs::metadata(&path).unwrap().ino(), inode);
+    assert_eq!(grub.load().unwrap(), lost);
+    // Missing: the same.
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(grub.load().unwrap().good(), Some(&g("B")));
+}

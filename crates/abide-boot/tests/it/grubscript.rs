@@ -13,8 +13,15 @@ enum Stmt {
     LoadEnv(Vec<String>),
     SaveEnv(Vec<String>),
     Set(String, String),
-    If(Vec<(Vec<String>, Vec<Stmt>)>, Vec<Stmt>),
+    If(Vec<(Cond, Vec<Stmt>)>, Vec<Stmt>),
     For(String, String, Vec<Stmt>),
+}
+
+/// What an `if` tests: `[ … ]`, or whether a command succeeded.
+#[derive(Debug)]
+enum Cond {
+    Test(Vec<String>),
+    Command(Box<Stmt>),
 }
 
 /// Parses the line-oriented subset of GRUB script the file uses.
@@ -67,12 +74,21 @@ fn parse(
     out
 }
 
-/// The words between `[` and `]` of an `if`/`elif` line.
-fn cond(words: &[String]) -> Vec<String> {
-    let open = words.iter().position(|w| w == "[").expect("[");
-    let close = words.iter().position(|w| w == "];").expect("];");
+/// The condition of an `if`/`elif` line: the words between `[` and `]`, or a command.
+fn cond(words: &[String]) -> Cond {
     assert_eq!(words.last().map(String::as_str), Some("then"));
-    words[open + 1..close].to_vec()
+    if let Some(open) = words.iter().position(|w| w == "[") {
+        let close = words.iter().position(|w| w == "];").expect("];");
+        return Cond::Test(words[open + 1..close].to_vec());
+    }
+    let mut command: Vec<String> = words[1..words.len() - 1].to_vec();
+    let last = command.last_mut().expect("a command");
+    *last = last.trim_end_matches(';').to_owned();
+    match command[0].as_str() {
+        "load_env" => Cond::Command(Box::new(Stmt::LoadEnv(command[1..].to_vec()))),
+        "save_env" => Cond::Command(Box::new(Stmt::SaveEnv(command[1..].to_vec()))),
+        other => panic!("the interpreter does not know the command {other:?} in a condition"),
+    }
 }
 
 /// Splits a line into words, keeping quoted strings (with their quotes) whole.
@@ -102,7 +118,12 @@ fn split(line: &str) -> Vec<String> {
 
 struct Machine<'a> {
     vars: HashMap<String, String>,
-    env: &'a mut GrubEnv,
+    /// grubenv; `None` when GRUB cannot read it.
+    env: Option<&'a mut GrubEnv>,
+    /// `${prefix}/abide-good.env`, if readable.
+    fallback: Option<GrubEnv>,
+    /// Whether `save_env` fails (a grubenv GRUB cannot write).
+    save_fails: bool,
 }
 
 impl Machine<'_> {
@@ -130,30 +151,71 @@ impl Machine<'_> {
         })
     }
 
+    /// Runs one command; whether it succeeded.
+    fn command(&mut self, stmt: &Stmt) -> bool {
+        match stmt {
+            Stmt::LoadEnv(args) => {
+                let (source, names) = match args.first().map(String::as_str) {
+                    Some("-f") => {
+                        assert_eq!(args[1], "${prefix}/abide-good.env");
+                        (self.fallback.as_ref(), &args[2..])
+                    }
+                    _ => (self.env.as_deref(), &args[..]),
+                };
+                let Some(source) = source else {
+                    return false;
+                };
+                let loaded: Vec<(String, String)> = names
+                    .iter()
+                    .filter_map(|n| source.get(n).map(|v| (n.clone(), v.to_owned())))
+                    .collect();
+                self.vars.extend(loaded);
+                true
+            }
+            Stmt::SaveEnv(names) => {
+                if self.save_fails {
+                    return false;
+                }
+                let Some(env) = self.env.as_deref_mut() else {
+                    return false;
+                };
+                for n in names {
+                    let v = self.vars.get(n).cloned().unwrap_or_default();
+                    env.set(n, &v).unwrap();
+                }
+                true
+            }
+            other => panic!("not a command: {other:?}"),
+        }
+    }
+
     fn run(&mut self, program: &[Stmt]) {
         for stmt in program {
             match stmt {
-                Stmt::LoadEnv(names) => {
-                    for n in names {
-                        if let Some(v) = self.env.get(n) {
-                            self.vars.insert(n.clone(), v.to_owned());
-                        }
-                    }
-                }
-                Stmt::SaveEnv(names) => {
-                    for n in names {
-                        let v = self.vars.get(n).cloned().unwrap_or_default();
-                        self.env.set(n, &v).unwrap();
-                    }
+                Stmt::LoadEnv(_) | Stmt::SaveEnv(_) => {
+                    self.command(stmt);
                 }
                 Stmt::Set(name, value) => {
                     let v = self.expand(value);
                     self.vars.insert(name.clone(), v);
                 }
-                Stmt::If(arms, otherwise) => match arms.iter().find(|(c, _)| self.test(c)) {
-                    Some((_, body)) => self.run(body),
-                    None => self.run(otherwise),
-                },
+                Stmt::If(arms, otherwise) => {
+                    let mut taken = None;
+                    for (i, (c, _)) in arms.iter().enumerate() {
+                        let holds = match c {
+                            Cond::Test(words) => self.test(words),
+                            Cond::Command(cmd) => self.command(cmd),
+                        };
+                        if holds {
+                            taken = Some(i);
+                            break;
+                        }
+                    }
+                    match taken {
+                        Some(i) => self.run(&arms[i].1),
+                        None => self.run(otherwise),
+                    }
+                }
                 Stmt::For(var, list, body) => {
                     for item in self.expand(list).split_whitespace() {
                         self.vars.insert(var.clone(), item.to_owned());
@@ -189,7 +251,9 @@ fn the_grub_script_chooses_exactly_as_the_sim_firmware() {
         grub.fill(&mut env, &state).unwrap();
         let mut machine = Machine {
             vars: HashMap::new(),
-            env: &mut env,
+            env: Some(&mut env),
+            fallback: None,
+            save_fails: false,
         };
         machine.run(&program);
         let chosen = machine.vars.get("abide_group").cloned().unwrap_or_default();
@@ -220,4 +284,76 @@ fn the_grub_script_chooses_exactly_as_the_sim_firmware() {
         checked, 32,
         "every boot state the engine can make was checked"
     );
+}
+
+/// The fallback block the backend writes for `state`.
+fn fallback_for(state: &abide_boot::BootState) -> GrubEnv {
+    use abide_boot::Bootloader;
+    let dir = tempfile::tempdir().unwrap();
+    let grub = GrubBootloader::new(&dir.path().join("grubenv"));
+    grub.store(state).unwrap();
+    GrubEnv::parse(&std::fs::read(grub.fallback_path()).unwrap()).unwrap()
+}
+
+/// grubenv unreadable (missing or damaged): no trial, and the known-good group of the state
+/// the backend last stored, from `abide-good.env` — not a fixed `abide-A`. Both unreadable:
+/// `abide-A`.
+#[test]
+fn a_lost_grubenv_boots_the_known_good_group_from_the_fallback_block() {
+    let program = program();
+    let mut checked = 0;
+    for state in crate::engine_states() {
+        let Some(good) = state.good().cloned() else {
+            continue;
+        };
+        let mut machine = Machine {
+            vars: HashMap::new(),
+            env: None,
+            fallback: Some(fallback_for(&state)),
+            save_fails: false,
+        };
+        machine.run(&program);
+        assert_eq!(
+            machine.vars.get("abide_group").map(String::as_str),
+            Some(good.as_str()),
+            "{state:?}"
+        );
+        assert_eq!(machine.vars["default"], format!("abide-{good}"));
+        checked += 1;
+    }
+    assert!(checked >= 24, "{checked}");
+    let mut nothing = Machine {
+        vars: HashMap::new(),
+        env: None,
+        fallback: None,
+        save_fails: false,
+    };
+    nothing.run(&program);
+    assert_eq!(nothing.vars["default"], "abide-A");
+}
+
+/// A grubenv GRUB cannot write: a trial whose countdown could not be saved is not booted
+/// (it would boot forever); the known-good group is, and the block is unchanged.
+#[test]
+fn a_trial_whose_countdown_cannot_be_saved_is_not_booted() {
+    let program = program();
+    let grub = GrubBootloader::new(std::path::Path::new("grubenv"));
+    let mut trials = 0;
+    for state in crate::engine_states() {
+        let mut env = GrubEnv::default();
+        grub.fill(&mut env, &state).unwrap();
+        let before = env.clone();
+        let mut machine = Machine {
+            vars: HashMap::new(),
+            env: Some(&mut env),
+            fallback: None,
+            save_fails: true,
+        };
+        machine.run(&program);
+        let chosen = machine.vars.get("abide_group").cloned().unwrap_or_default();
+        assert_eq!(chosen, state.good().map_or("", Group::as_str), "{state:?}");
+        assert_eq!(env, before, "nothing written");
+        trials += usize::from(state.trial.is_some());
+    }
+    assert!(trials > 0);
 }

@@ -1,5 +1,5 @@
 # U-Boot boot script for an Abide A/B device (compile with `mkimage -A arm64 -T script -C none
-# -d boot.cmd boot.scr`). The environment must hold abide_select from
+# -d boot.cmd boot.scr`). The environment must hold abide_select and abide_save from
 # crates/abide-boot/uboot/abide.env (import it once, or put it in the default environment) and
 # the variables `abide device init` writes (ABIDE_ORDER, ABIDE_A_OK, ABIDE_B_OK, ABIDE_A_TRY,
 # ABIDE_B_TRY, ABIDE_BOOTED). Redundant environment copies (CONFIG_SYS_REDUNDAND_ENVIRONMENT)

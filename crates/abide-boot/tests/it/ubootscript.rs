@@ -92,7 +92,10 @@ fn parse(
 
 struct Shell {
     env: HashMap<String, String>,
-    saved: bool,
+    /// What `run abide_save` stored last (the variables of the script), if it succeeded.
+    saved: Option<HashMap<String, String>>,
+    /// Whether saving fails (an environment U-Boot cannot write).
+    save_fails: bool,
 }
 
 impl Shell {
@@ -110,7 +113,19 @@ impl Shell {
         s
     }
 
-    fn test(&self, cond: &str) -> bool {
+    /// `run abide_save`: the default `saveenv` of the script.
+    fn save(&mut self) -> bool {
+        if self.save_fails {
+            return false;
+        }
+        self.saved = Some(self.env.clone());
+        true
+    }
+
+    fn test(&mut self, cond: &str) -> bool {
+        if cond.trim() == "run abide_save" {
+            return self.save();
+        }
         cond.split("&&").all(|t| {
             let words: Vec<&str> = t.split_whitespace().collect();
             assert_eq!(words[0], "test", "{t}");
@@ -139,20 +154,24 @@ impl Shell {
                             .join(" ");
                         self.env.insert(words[1].clone(), v);
                     }
-                    "setexpr" => {
-                        // U-Boot's setexpr reads and prints hexadecimal.
-                        assert_eq!(words[3], "-");
-                        let a = u64::from_str_radix(&self.expand(&words[2]), 16).unwrap();
-                        let b = u64::from_str_radix(&self.expand(&words[4]), 16).unwrap();
-                        self.env.insert(words[1].clone(), format!("{:x}", a - b));
+                    "run" if words[1..] == ["abide_save"] => {
+                        self.save();
                     }
-                    "saveenv" => self.saved = true,
                     other => panic!("the interpreter does not know {other}"),
                 },
-                Stmt::If(arms, otherwise) => match arms.iter().find(|(c, _)| self.test(c)) {
-                    Some((_, body)) => self.run(body),
-                    None => self.run(otherwise),
-                },
+                Stmt::If(arms, otherwise) => {
+                    let mut taken = None;
+                    for (i, (c, _)) in arms.iter().enumerate() {
+                        if self.test(c) {
+                            taken = Some(i);
+                            break;
+                        }
+                    }
+                    match taken {
+                        Some(i) => self.run(&arms[i].1),
+                        None => self.run(otherwise),
+                    }
+                }
                 Stmt::For(var, list, body) => {
                     for item in self
                         .expand(list)
@@ -184,9 +203,17 @@ fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
             Ok(())
         })
         .unwrap();
-        let mut shell = Shell { env, saved: false };
+        let mut shell = Shell {
+            env,
+            saved: None,
+            save_fails: false,
+        };
         shell.run(&program);
-        assert!(shell.saved, "the script saves the environment");
+        assert_eq!(
+            shell.saved.as_ref(),
+            Some(&shell.env),
+            "the script saves the environment last"
+        );
         let mut reference = state.clone();
         let want = reference.firmware_select();
         let chosen = shell.env.get("abide_group").cloned().unwrap_or_default();
@@ -202,4 +229,40 @@ fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
         checked += 1;
     }
     assert_eq!(checked, 32);
+}
+
+/// An environment U-Boot cannot write: a trial whose countdown could not be saved is not
+/// booted (it would boot forever); the known-good group is.
+#[test]
+fn a_trial_whose_countdown_cannot_be_saved_is_not_booted() {
+    let mut it = tokens().into_iter().peekable();
+    let program = parse(&mut it, &[]);
+    let groups = [Group::new("A").unwrap(), Group::new("B").unwrap()];
+    let mut trials = 0;
+    for state in crate::engine_states() {
+        let mut env = HashMap::new();
+        abide_boot::grub::state_to_env(&groups, &state, |n, v| {
+            env.insert(n.to_owned(), v.to_owned());
+            Ok(())
+        })
+        .unwrap();
+        let mut shell = Shell {
+            env,
+            saved: None,
+            save_fails: true,
+        };
+        shell.run(&program);
+        assert_eq!(shell.saved, None);
+        assert_eq!(
+            shell
+                .env
+                .get("abide_group")
+                .map(String::as_str)
+                .unwrap_or(""),
+            state.good().map_or("", Group::as_str),
+            "{state:?}"
+        );
+        trials += usize::from(state.trial.is_some());
+    }
+    assert!(trials > 0);
 }

@@ -6,20 +6,17 @@ use clap::Args;
 use serde_json::json;
 
 use crate::Output;
-use crate::device::ConfigArg;
 
 #[derive(Args)]
 pub struct AgentArgs {
     /// Stop when there is nothing to do, instead of polling on (for scripts and tests).
     #[arg(long)]
     once: bool,
-    #[command(flatten)]
-    config: ConfigArg,
 }
 
-pub fn run(args: AgentArgs, out: Output) -> Result<()> {
+pub fn run(args: AgentArgs, config: &std::path::Path, out: Output) -> Result<()> {
     crate::init_logging();
-    let mut agent = Agent::new(&args.config.config)?;
+    let mut agent = Agent::new(config)?;
     let exit = agent.run(&Options { once: args.once })?;
     let what = match exit {
         Exit::Reboot => "reboot",

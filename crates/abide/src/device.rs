@@ -19,11 +19,17 @@ use serde_json::{Value, json};
 
 use crate::Output;
 
-/// Where the device's configuration is.
+/// Where the device's configuration is: `--config F` anywhere on the command line (`abide
+/// --config F status` or `abide status --config F`), else `ABIDE_CONFIG`, else the default.
 #[derive(Args, Clone)]
 pub struct ConfigArg {
-    /// The device configuration.
-    #[arg(long, global = true, default_value = abide_agent::config::DEFAULT_PATH)]
+    /// The device configuration (device commands).
+    #[arg(
+        long,
+        global = true,
+        env = "ABIDE_CONFIG",
+        default_value = abide_agent::config::DEFAULT_PATH
+    )]
     pub config: PathBuf,
 }
 
@@ -51,19 +57,16 @@ pub enum DeviceCommand {
         /// Replace an existing state file (its record of updates and quarantine is lost).
         #[arg(long)]
         force: bool,
-        #[command(flatten)]
-        config: ConfigArg,
     },
 }
 
 /// `abide device …`.
-pub fn run_device(command: DeviceCommand, out: Output) -> Result<()> {
+pub fn run_device(command: DeviceCommand, config: &Path, out: Output) -> Result<()> {
     match command {
         DeviceCommand::Init {
             version,
             group,
             force,
-            config,
         } => {
             let version: semver::Version = version
                 .parse()
@@ -73,7 +76,7 @@ pub fn run_device(command: DeviceCommand, out: Output) -> Result<()> {
                 .map(abide_core::Group::new)
                 .transpose()
                 .context("--group")?;
-            let config = Config::load(&config.config)?;
+            let config = Config::load(config)?;
             let done = abide_agent::init::init(
                 config,
                 &abide_agent::init::InitOptions {

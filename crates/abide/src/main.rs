@@ -26,6 +26,8 @@ struct Cli {
     /// Print machine-readable JSON on standard output (errors too).
     #[arg(long, global = true)]
     json: bool,
+    #[command(flatten)]
+    config: device::ConfigArg,
     #[command(subcommand)]
     command: Command,
 }
@@ -60,48 +62,27 @@ enum Command {
         /// Install even a quarantined or older version (never below the security counter).
         #[arg(long)]
         force: bool,
-        #[command(flatten)]
-        config: device::ConfigArg,
     },
     /// The boot-time step: advance the transaction after a boot and run the health gate.
-    Boot {
-        #[command(flatten)]
-        config: device::ConfigArg,
-    },
+    Boot,
     /// The device's groups, version and transaction.
-    Status {
-        #[command(flatten)]
-        config: device::ConfigArg,
-    },
+    Status,
     /// Run the health checks once and show the results.
-    Health {
-        #[command(flatten)]
-        config: device::ConfigArg,
-    },
+    Health,
     /// Commit the trial by hand.
-    MarkGood {
-        #[command(flatten)]
-        config: device::ConfigArg,
-    },
+    MarkGood,
     /// Declare the trial bad: roll back to the known-good group.
-    MarkBad {
-        #[command(flatten)]
-        config: device::ConfigArg,
-    },
+    MarkBad,
     /// Roll an activated or trial transaction back to the known-good group.
     Rollback {
         /// Why (recorded in the audit log).
         #[arg(long, default_value = "operator request")]
         reason: String,
-        #[command(flatten)]
-        config: device::ConfigArg,
     },
     /// The audit log.
     Log {
         #[command(subcommand)]
         command: Option<device::LogCommand>,
-        #[command(flatten)]
-        config: device::ConfigArg,
     },
     /// Simulated devices.
     #[command(subcommand)]
@@ -142,6 +123,7 @@ impl Output {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let out = Output { json: cli.json };
+    let config = cli.config.config.as_path();
     let result = match cli.command {
         Command::Key(c) => key::run(c, out),
         Command::Trust(c) => trust::run(c, out),
@@ -150,22 +132,17 @@ fn main() -> ExitCode {
             bundle,
             no_reboot,
             force,
-            config,
-        } => device::run_install(&config.config, &bundle, no_reboot, force, out),
-        Command::Boot { config } => device::run_boot(&config.config, out).map(|_| ()),
-        Command::Status { config } => device::run_status(&config.config, out),
-        Command::Health { config } => device::run_health(&config.config, out),
-        Command::MarkGood { config } => device::run_decide(&config.config, true, "", out),
-        Command::MarkBad { config } => {
-            device::run_decide(&config.config, false, "marked bad by an operator", out)
-        }
-        Command::Rollback { reason, config } => {
-            device::run_decide(&config.config, false, &reason, out)
-        }
-        Command::Log { command, config } => device::run_log(&config.config, command.is_some(), out),
+        } => device::run_install(config, &bundle, no_reboot, force, out),
+        Command::Boot => device::run_boot(config, out).map(|_| ()),
+        Command::Status => device::run_status(config, out),
+        Command::Health => device::run_health(config, out),
+        Command::MarkGood => device::run_decide(config, true, "", out),
+        Command::MarkBad => device::run_decide(config, false, "marked bad by an operator", out),
+        Command::Rollback { reason } => device::run_decide(config, false, &reason, out),
+        Command::Log { command } => device::run_log(config, command.is_some(), out),
         Command::Sim(c) => sim::run(c, out),
-        Command::Device(c) => device::run_device(c, out),
-        Command::Agent(a) => agent::run(a, out),
+        Command::Device(c) => device::run_device(c, config, out),
+        Command::Agent(a) => agent::run(a, config, out),
         #[cfg(feature = "server")]
         Command::Server(a) => server::run(a, out),
         Command::Fleet(a) => fleet::run(a, out),

@@ -1006,3 +1006,36 @@ fn the_shipped_device_files_are_what_they_say() {
     assert!(boot_cmd.lines().any(|l| l.trim() == "run abide_select"));
     assert!(boot_cmd.contains("abide.group=${abide_group}"));
 }
+
+#[test]
+fn the_config_is_found_before_or_after_the_command_and_from_abide_config() {
+    let sim = Sim::new(None);
+    let after = json(&sim.dir, "status --config dev/system.toml", 0);
+    let before = json(&sim.dir, "--config dev/system.toml status", 0);
+    assert_eq!(before, after);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["status", "--json"])
+        .env("ABIDE_CONFIG", "dev/system.toml")
+        .current_dir(&sim.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let from_env: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(from_env, after);
+    // The flag wins over the variable.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["--config", "dev/system.toml", "status", "--json"])
+        .env("ABIDE_CONFIG", "nowhere.toml")
+        .current_dir(&sim.dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -294,6 +294,10 @@ pub struct RolloutStatus {
     pub staged: u64,
     /// Staged or already running the release, percent of the devices taking part.
     pub staged_share: f64,
+    /// Of the staged devices, those whose group's maintenance window is closed now (they
+    /// activate when it opens; windows kept on the device alone show as staged).
+    #[serde(default)]
+    pub waiting_for_window: u64,
 }
 
 /// One stage of a rollout.

@@ -443,6 +443,18 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
             .filter(|(_, s, _, _)| want.contains(&s.as_str()))
             .count() as u64
     };
+    // Staged devices whose group's maintenance window is closed now wait for it.
+    let mut waiting_for_window = 0;
+    let now = jiff::Timestamp::now();
+    for (_, state, device, _) in &rows {
+        if state == "staged"
+            && crate::groups::window_of_device(server, device)
+                .await?
+                .is_some_and(|w| !crate::groups::window_open(&w, now))
+        {
+            waiting_for_window += 1;
+        }
+    }
     let devices = rows.len() as u64;
     let taking_part = devices - count(&["skipped"]);
     let staged_share = if taking_part == 0 {
@@ -473,6 +485,7 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
             .map(|bp| format!("{}%", f64::from(bp) / 100.0)),
         staged: count(&["staged"]),
         staged_share,
+        waiting_for_window,
     })
 }
 
@@ -567,6 +580,8 @@ pub struct Decided {
 /// unresponsive, then the stage waits, advances, completes, or pauses. Each rollout is decided
 /// in its own transaction holding its row lock.
 pub async fn tick(server: &Server, now: i64) -> ApiResult<Vec<Decided>> {
+    // Last contacts first: whether a device is unresponsive depends on them.
+    crate::devices::flush_last_seen(server).await?;
     let ids: Vec<(String,)> = sqlx::query_as(
         "SELECT id FROM rollouts WHERE status IN ('waiting', 'prestaging', 'running') ORDER BY created_at",
     )
@@ -643,9 +658,12 @@ async fn decide_one(
     let limit = now - r.unresponsive_ms;
     let terminal = sql_list(TERMINAL);
     // A device assigned before its stage began (it prestaged) counts from the stage's start.
+    // Unresponsive is counted from a device's last contact: one that keeps checking in (while
+    // it waits for its maintenance window, say) is not failed.
     sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE rollout_devices SET state = 'unresponsive', reason = 'no result in time', updated_at = $3 \
-         WHERE rollout_id = $1 AND place <= $2 AND state NOT IN ({terminal}) AND state <> 'pending' AND assigned_at < $4 AND $5 < $4"
+         WHERE rollout_id = $1 AND place <= $2 AND state NOT IN ({terminal}) AND state <> 'pending' AND assigned_at < $4 AND $5 < $4 \
+         AND device_id IN (SELECT id FROM devices WHERE last_seen IS NULL OR last_seen < $4)"
     )))
     .bind(&r.id)
     .bind(cutoff)
@@ -657,11 +675,13 @@ async fn decide_one(
     if r.stage_started_at < limit {
         sqlx::query(
             "UPDATE rollout_devices SET state = 'unresponsive', reason = 'did not check in', updated_at = $3 \
-             WHERE rollout_id = $1 AND place <= $2 AND state = 'pending'",
+             WHERE rollout_id = $1 AND place <= $2 AND state = 'pending' \
+             AND device_id IN (SELECT id FROM devices WHERE last_seen IS NULL OR last_seen < $4)",
         )
         .bind(&r.id)
         .bind(cutoff)
         .bind(now)
+        .bind(limit)
         .execute(&mut **tx)
         .await?;
     }

@@ -16,6 +16,7 @@ on_both!(
     failures_over_the_threshold_pause_and_quarantine_holds,
     abort_and_fleet_wide_rollback,
     unresponsive_devices_count_as_failed,
+    a_device_that_keeps_checking_in_while_its_window_is_closed_is_not_unresponsive,
     a_rollout_that_targets_no_device_waits,
     operator_actions_and_their_refusals,
     leases_keep_max_unavailable_and_quorum,
@@ -737,4 +738,61 @@ async fn a_corrupt_stored_rollout_is_an_error_not_a_completed_rollout(backend: B
         .await
         .unwrap();
     assert_eq!(status, "running", "a corrupt rollout is not decided");
+}
+
+/// Unresponsive counts from a device's last contact: a staged device that keeps checking in
+/// while its group's window is closed is shown as waiting for the window, not failed; a silent
+/// one is unresponsive.
+async fn a_device_that_keeps_checking_in_while_its_window_is_closed_is_not_unresponsive(
+    backend: Backend,
+) {
+    let h = Harness::new(backend).await;
+    // A window that is closed now: it opens two hours from now, for an hour.
+    let hour = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .hour();
+    let window = json!({"days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"],
+                        "start": format!("{:02}:00", (hour + 2) % 24),
+                        "end": format!("{:02}:00", (hour + 3) % 24), "zone": "UTC"});
+    let admin = h.admin.clone();
+    let r = h
+        .json(
+            Method::PUT,
+            "/api/v1/groups/lab",
+            Some(&admin),
+            json!({"window": window}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    let rel = release(&h, "1.4.0", 5).await;
+    let devices = fleet(&h, 2, "lab").await;
+    let ro = create(
+        &h,
+        json!({"release": rel, "stages": "100", "failure_threshold": "60%", "unresponsive_after": "2s"}),
+    )
+    .await;
+    let id = ro["id"].as_str().unwrap().to_owned();
+    let (waiting, silent) = (&devices[0].1, &devices[1].1);
+    let a = checkin(&h, waiting, "1.3.0").await;
+    report(&h, waiting, 1, "downloading", &a, None).await;
+    report(&h, waiting, 2, "staged", &a, None).await;
+    let b = checkin(&h, silent, "1.3.0").await;
+    report(&h, silent, 1, "downloading", &b, None).await;
+    // Past the 2 s, the waiting device has kept checking in; the silent one has not.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(3500);
+    while std::time::Instant::now() < until {
+        checkin(&h, waiting, "1.3.0").await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    tick(&h.server, now_ms()).await.unwrap();
+    let s = status(&h, &id).await;
+    assert_eq!(s["failed"], 1, "{s}");
+    assert_eq!(s["failing"][0]["device"], devices[1].0.as_str(), "{s}");
+    assert_eq!(s["failing"][0]["reason"], "no result in time");
+    assert_eq!(
+        (&s["staged"], &s["waiting_for_window"]),
+        (&json!(1), &json!(1)),
+        "{s}"
+    );
+    assert_eq!(s["status"], "running", "{s}");
 }

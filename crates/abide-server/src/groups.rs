@@ -282,12 +282,18 @@ pub async fn acquire(
             .bind(&group)
             .fetch_one(&mut *tx)
             .await?;
+        // Healthy as last heard, and heard recently: a device silent for longer than
+        // `health_fresh` may be down, and does not count towards the quorum.
+        let fresh_since =
+            now - i64::try_from(server.config.health_fresh.as_millis()).unwrap_or(i64::MAX);
         let (healthy_free,): (i64,) = sqlx::query_as(
             "SELECT COUNT(*) FROM devices d WHERE d.grp = $1 AND d.health = 'healthy' AND d.id <> $2 \
+             AND d.last_seen >= $3 AND d.revoked_at IS NULL \
              AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.device_id = d.id)",
         )
         .bind(&group)
         .bind(&device)
+        .bind(fresh_since)
         .fetch_one(&mut *tx)
         .await?;
         let window: Option<Window> = maintenance.and_then(|w| serde_json::from_str(&w).ok());
@@ -309,7 +315,8 @@ pub async fn acquire(
                 "{leased} of group {group}'s devices already hold a lease (max_unavailable {m})"
             )),
             (_, Some(q)) if healthy_free < q => Some(format!(
-                "only {healthy_free} other healthy devices of group {group} would stay up (quorum {q})"
+                "only {healthy_free} other devices of group {group} heard from as healthy in the last {} s would stay up (quorum {q})",
+                server.config.health_fresh.as_secs()
             )),
             _ => None,
         };

@@ -60,6 +60,8 @@ pub struct Config {
     pub max_connections_per_address: usize,
     /// How long a client may take to send the body of a request (uploads: to send more of it).
     pub body_timeout: std::time::Duration,
+    /// How recent a device's last healthy check-in must be to count towards a group's quorum.
+    pub health_fresh: std::time::Duration,
 }
 
 impl Config {
@@ -78,6 +80,7 @@ impl Config {
             enroll_per_minute: 30,
             max_connections_per_address: 64,
             body_timeout: std::time::Duration::from_secs(30),
+            health_fresh: std::time::Duration::from_secs(15 * 60),
         }
     }
 }

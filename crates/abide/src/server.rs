@@ -52,6 +52,10 @@ pub struct ServerArgs {
     /// How long a client may take to send a request's body (uploads: to send more of it).
     #[arg(long, default_value = "30s")]
     body_timeout: String,
+    /// A device counts towards its group's quorum only if it checked in as healthy within
+    /// this time (as 15m).
+    #[arg(long, default_value = "15m")]
+    health_fresh: String,
 }
 
 /// Runs the server until it is stopped.
@@ -86,6 +90,13 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
         };
         config.header_timeout = seconds("--header-timeout", &args.header_timeout)?;
         config.body_timeout = seconds("--body-timeout", &args.body_timeout)?;
+        config.health_fresh = abide_core::rollout::parse_duration(&args.health_fresh)
+            .ok()
+            .filter(|s| (1..=7 * 86_400).contains(s))
+            .map(std::time::Duration::from_secs)
+            .with_context(|| {
+                format!("--health-fresh {:?}: expected 1s to 7d", args.health_fresh)
+            })?;
         config.tls = match (args.tls_cert, args.tls_key) {
             (Some(cert), Some(key)) => Some(abide_server::tls::TlsConfig {
                 cert,

@@ -17,6 +17,7 @@ on_both!(
     abort_and_fleet_wide_rollback,
     unresponsive_devices_count_as_failed,
     a_device_that_keeps_checking_in_while_its_window_is_closed_is_not_unresponsive,
+    the_quorum_counts_only_devices_heard_from_recently,
     a_rollout_that_targets_no_device_waits,
     operator_actions_and_their_refusals,
     leases_keep_max_unavailable_and_quorum,
@@ -795,4 +796,70 @@ async fn a_device_that_keeps_checking_in_while_its_window_is_closed_is_not_unres
         "{s}"
     );
     assert_eq!(s["status"], "running", "{s}");
+}
+
+/// A lease keeps a quorum of devices that are healthy as last heard and were heard from
+/// within `health_fresh`: a device gone silent does not count.
+async fn the_quorum_counts_only_devices_heard_from_recently(backend: Backend) {
+    let mut h = Harness::new(backend).await;
+    let mut config = h.server.config.clone();
+    config.health_fresh = std::time::Duration::from_secs(1);
+    h.server = abide_server::Server::start(config).await.unwrap().0;
+    let devices = fleet(&h, 3, "lab").await;
+    let admin = h.admin.clone();
+    let r = h
+        .json(
+            Method::PUT,
+            "/api/v1/groups/lab",
+            Some(&admin),
+            json!({"quorum": 2}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    for (_, cred) in &devices {
+        checkin(&h, cred, "1.3.0").await;
+    }
+    let lease = |cred: String| {
+        let h = &h;
+        async move {
+            h.json(Method::POST, "/api/v1/device/lease", Some(&cred), json!({}))
+                .await
+        }
+    };
+    let give_back = |cred: String| {
+        let h = &h;
+        async move {
+            h.call(
+                Method::DELETE,
+                "/api/v1/device/lease",
+                Some(&cred),
+                &[],
+                vec![],
+            )
+            .await
+        }
+    };
+    let (a, b, c) = (&devices[0].1, &devices[1].1, &devices[2].1);
+    assert_eq!(lease(a.clone()).await.status, StatusCode::OK);
+    give_back(a.clone()).await;
+    // C goes silent; B keeps checking in.
+    let until = std::time::Instant::now() + std::time::Duration::from_millis(1600);
+    while std::time::Instant::now() < until {
+        checkin(&h, b, "1.3.0").await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    checkin(&h, b, "1.3.0").await;
+    let refused = lease(a.clone()).await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.json());
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("only 1 other devices of group lab heard from as healthy in the last 1 s"),
+        "{}",
+        refused.json()
+    );
+    // C is back: the quorum holds again.
+    checkin(&h, c, "1.3.0").await;
+    assert_eq!(lease(a.clone()).await.status, StatusCode::OK);
 }

@@ -39,10 +39,10 @@ pub fn admin(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
     }
 }
 
-/// Checks the token for `/metrics`: the metrics token, or the admin token (also as the web
-/// page's sign-in cookie, so its link works).
-pub fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
-    if crate::web::signed_in(server, headers) {
+/// Checks the token for `/metrics`: the metrics token, the admin token, or the web page's
+/// sign-in (so its link works).
+pub async fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
+    if crate::web::signed_in(server, headers).await? {
         return Ok(());
     }
     let token = bearer(headers)?;

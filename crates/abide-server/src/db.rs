@@ -202,6 +202,17 @@ ALTER TABLE enroll_tokens ADD COLUMN revoked_at BIGINT;
 ALTER TABLE devices ADD COLUMN revoked_at BIGINT;
 "#,
     ),
+    (
+        6,
+        // Web page sign-ins: a random session id in the cookie, its SHA-256 here.
+        r#"
+CREATE TABLE web_sessions (
+    id_hash TEXT PRIMARY KEY,
+    created_at BIGINT NOT NULL,
+    expires_at BIGINT NOT NULL
+);
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

@@ -62,6 +62,8 @@ pub struct Config {
     pub body_timeout: std::time::Duration,
     /// How recent a device's last healthy check-in must be to count towards a group's quorum.
     pub health_fresh: std::time::Duration,
+    /// How long a web page sign-in lasts.
+    pub session_ttl: std::time::Duration,
 }
 
 impl Config {
@@ -81,6 +83,7 @@ impl Config {
             max_connections_per_address: 64,
             body_timeout: std::time::Duration::from_secs(30),
             health_fresh: std::time::Duration::from_secs(15 * 60),
+            session_ttl: std::time::Duration::from_secs(12 * 3600),
         }
     }
 }

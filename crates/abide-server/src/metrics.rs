@@ -169,7 +169,7 @@ pub async fn metrics(
     State(server): State<Server>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
-    crate::auth::metrics(&server, &headers)?;
+    crate::auth::metrics(&server, &headers).await?;
     let text = render(&server).await?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

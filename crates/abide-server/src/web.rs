@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::Server;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 const COOKIE: &str = "abide_admin";
 
@@ -45,11 +45,28 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// Whether the request carries the signed-in admin's cookie.
-pub fn signed_in(server: &Server, headers: &HeaderMap) -> bool {
-    cookie_token(headers).is_some_and(|t| {
-        crate::auth::same_digest(&crate::sha256_hex(t.as_bytes()), &server.admin_hash)
-    })
+/// Whether the request carries the cookie of a session that is signed in and not expired.
+/// The cookie holds a random session id (never the admin token); the database keeps its
+/// SHA-256 and expiry.
+pub async fn signed_in(server: &Server, headers: &HeaderMap) -> ApiResult<bool> {
+    let Some(id) = cookie_token(headers).filter(|t| t.len() == 64) else {
+        return Ok(false);
+    };
+    let row: Option<(i64,)> =
+        sqlx::query_as("SELECT expires_at FROM web_sessions WHERE id_hash = $1")
+            .bind(crate::sha256_hex(id.as_bytes()))
+            .fetch_optional(&server.db.read)
+            .await?;
+    Ok(row.is_some_and(|(expires_at,)| expires_at > crate::clock::now_ms()))
+}
+
+/// The cookie's attributes: `Secure` when the server speaks HTTPS.
+fn cookie_attributes(server: &Server) -> &'static str {
+    if server.config.tls.is_some() {
+        "HttpOnly; SameSite=Strict; Path=/; Secure"
+    } else {
+        "HttpOnly; SameSite=Strict; Path=/"
+    }
 }
 
 fn page(title: &str, body: &str) -> String {
@@ -116,7 +133,7 @@ fn form_value(body: &[u8], key: &str) -> Option<String> {
 
 /// `GET /`: the page, or the sign-in form.
 pub async fn index(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Response> {
-    if !signed_in(&server, &headers) {
+    if !signed_in(&server, &headers).await? {
         return Ok(Html(login(
             "Enter the admin token (the server wrote it to DATA/admin.token).",
         ))
@@ -277,20 +294,52 @@ pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
         )
             .into_response();
     }
+    let id = crate::random_hex(32);
+    let now = crate::clock::now_ms();
+    let ttl = i64::try_from(server.config.session_ttl.as_millis()).unwrap_or(i64::MAX);
+    let stored = async {
+        sqlx::query("DELETE FROM web_sessions WHERE expires_at <= $1")
+            .bind(now)
+            .execute(&server.db.pool)
+            .await?;
+        sqlx::query(
+            "INSERT INTO web_sessions (id_hash, created_at, expires_at) VALUES ($1, $2, $3)",
+        )
+        .bind(crate::sha256_hex(id.as_bytes()))
+        .bind(now)
+        .bind(now.saturating_add(ttl))
+        .execute(&server.db.pool)
+        .await
+    };
+    if let Err(e) = stored.await {
+        return ApiError::from(e).into_response();
+    }
     redirect(
         "/",
         Some(format!(
-            "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+            "{COOKIE}={id}; {}; Max-Age={}",
+            cookie_attributes(&server),
+            server.config.session_ttl.as_secs()
         )),
     )
 }
 
-/// `POST /ui/logout`.
-pub async fn sign_out() -> Response {
+/// `POST /ui/logout`: the session ends (its cookie no longer signs anyone in).
+pub async fn sign_out(State(server): State<Server>, headers: HeaderMap) -> Response {
+    if let Some(id) = cookie_token(&headers) {
+        let ended = sqlx::query("DELETE FROM web_sessions WHERE id_hash = $1")
+            .bind(crate::sha256_hex(id.as_bytes()))
+            .execute(&server.db.pool)
+            .await;
+        if let Err(e) = ended {
+            return ApiError::from(e).into_response();
+        }
+    }
     redirect(
         "/",
         Some(format!(
-            "{COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+            "{COOKIE}=; {}; Max-Age=0",
+            cookie_attributes(&server)
         )),
     )
 }
@@ -301,8 +350,12 @@ pub async fn control(
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    if !signed_in(&server, &headers) {
-        return (StatusCode::UNAUTHORIZED, Html(login("Sign in first."))).into_response();
+    match signed_in(&server, &headers).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return (StatusCode::UNAUTHORIZED, Html(login("Sign in first."))).into_response();
+        }
+        Err(e) => return e.into_response(),
     }
     match crate::rollouts::apply_action(&server, &id, &action).await {
         Ok(_) => redirect(

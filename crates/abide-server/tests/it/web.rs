@@ -187,6 +187,82 @@ async fn the_page_and_its_controls(backend: Backend) {
             .unwrap()
             .contains("Max-Age=0")
     );
+    // The cookie held a session id, not the admin token, and signing out ended the session:
+    // the same cookie, kept by someone, signs nobody in.
+    assert!(!cookie.contains(&h.admin), "{cookie}");
+    let page = h
+        .call(Method::GET, "/", None, &[("cookie", &cookie)], vec![])
+        .await;
+    assert!(
+        String::from_utf8(page.body)
+            .unwrap()
+            .contains("name=\"token\"")
+    );
+    let path = format!("/ui/rollouts/{id}/resume");
+    let r = h
+        .call(Method::POST, &path, None, &[("cookie", &cookie)], vec![])
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        h.get(&format!("/api/v1/rollouts/{id}")).await.json()["status"],
+        "paused"
+    );
+    let metrics = h
+        .call(
+            Method::GET,
+            "/metrics",
+            None,
+            &[("cookie", &cookie)],
+            vec![],
+        )
+        .await;
+    assert_eq!(metrics.status, StatusCode::UNAUTHORIZED);
+}
+
+/// A sign-in lasts `session_ttl`; over HTTPS its cookie is `Secure`.
+#[test]
+fn a_web_session_expires_and_is_secure_over_https() {
+    crate::run(async {
+        let mut h = Harness::new(Backend::Sqlite).await;
+        let mut config = h.server.config.clone();
+        config.session_ttl = std::time::Duration::from_secs(1);
+        config.tls = Some(abide_server::tls::TlsConfig {
+            cert: "unused.pem".into(),
+            key: "unused.key".into(),
+            device_ca: None,
+            require_device_cert: false,
+        });
+        h.server = abide_server::Server::start(config).await.unwrap().0;
+        let login = h
+            .call(
+                Method::POST,
+                "/ui/login",
+                None,
+                &[("content-type", "application/x-www-form-urlencoded")],
+                format!("token={}", h.admin).into_bytes(),
+            )
+            .await;
+        let set = login.headers["set-cookie"].to_str().unwrap().to_owned();
+        assert!(
+            set.contains("; Secure") && set.contains("Max-Age=1"),
+            "{set}"
+        );
+        let cookie = cookie_of(&login);
+        let signed_in = |cookie: String| {
+            let h = &h;
+            async move {
+                let page = h
+                    .call(Method::GET, "/", None, &[("cookie", &cookie)], vec![])
+                    .await;
+                !String::from_utf8(page.body)
+                    .unwrap()
+                    .contains("name=\"token\"")
+            }
+        };
+        assert!(signed_in(cookie.clone()).await);
+        tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+        assert!(!signed_in(cookie).await, "expired");
+    });
 }
 
 async fn metrics_in_the_prometheus_format(backend: Backend) {

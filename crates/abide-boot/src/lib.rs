@@ -1,22 +1,21 @@
 //! Abide's bootloader side: the state bootloaders keep (in their own on-disk formats), the
-//! backends that tell each bootloader which slot group to try and read back what it booted,
-//! and durable file persistence.
+//! backends that tell each bootloader which slot group to try and read back what it booted
+//! (durable files come from `abide-fs`, re-exported as `persist` and `crash`).
 //!
 //! A backend loads a [`BootState`], the engine's actions edit it in memory
 //! ([`BootState::apply`]), and the backend stores it in one atomic step.
 
 pub mod backend;
-pub mod crash;
 pub mod gpt;
 pub mod grub;
 pub mod grubenv;
-pub mod persist;
 pub mod sim;
 pub mod state;
 pub mod systemd_boot;
 pub mod uboot;
 pub mod ubootenv;
 
+pub use abide_fs::{crash, persist};
 pub use backend::{BootError, Bootloader};
 pub use gpt::GptBootloader;
 pub use grub::GrubBootloader;

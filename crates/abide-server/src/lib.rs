@@ -26,8 +26,8 @@ pub mod web;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use abide_boot::persist::write_new;
 use abide_bundle::{ExpirationEnforcement, Limits, PublicKey, SecretKey, TrustRoot};
+use abide_fs::persist::write_new;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -96,7 +96,7 @@ pub enum StartError {
     Db(#[from] db::DbError),
     /// A file in the data directory.
     #[error(transparent)]
-    Io(#[from] abide_boot::persist::IoError),
+    Io(#[from] abide_fs::persist::IoError),
     /// The trust root or the signing key.
     #[error("{0}")]
     Setup(String),
@@ -156,7 +156,7 @@ impl Server {
         let mut notes = StartNotes::default();
         let data = &config.data;
         for dir in [data.clone(), data.join("releases"), data.join("tmp")] {
-            std::fs::create_dir_all(&dir).map_err(|source| abide_boot::persist::IoError {
+            std::fs::create_dir_all(&dir).map_err(|source| abide_fs::persist::IoError {
                 op: "creating",
                 path: dir.clone(),
                 source,
@@ -333,7 +333,7 @@ async fn signing_key(
 /// `upload-*` files): all of them with SQLite, whose one server process owns the directory;
 /// with PostgreSQL, where several processes may share it, those untouched for an hour.
 fn clean_uploads(tmp: &Path, dialect: db::Dialect) -> Result<(), StartError> {
-    let entries = std::fs::read_dir(tmp).map_err(|source| abide_boot::persist::IoError {
+    let entries = std::fs::read_dir(tmp).map_err(|source| abide_fs::persist::IoError {
         op: "listing",
         path: tmp.to_owned(),
         source,
@@ -352,7 +352,7 @@ fn clean_uploads(tmp: &Path, dialect: db::Dialect) -> Result<(), StartError> {
                 .is_some_and(|age| age > std::time::Duration::from_secs(3600));
         if stale {
             let path = entry.path();
-            std::fs::remove_file(&path).map_err(|source| abide_boot::persist::IoError {
+            std::fs::remove_file(&path).map_err(|source| abide_fs::persist::IoError {
                 op: "removing a partial upload",
                 path,
                 source,

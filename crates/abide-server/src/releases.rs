@@ -184,7 +184,7 @@ pub async fn upload(
         .await
         .map_err(|e| ApiError::internal("storing the bundle", e))?;
     guard.0 = None;
-    abide_boot::persist::sync_dir(&server.config.data.join("releases"))
+    abide_fs::persist::sync_dir(&server.config.data.join("releases"))
         .map_err(|e| ApiError::internal("storing the bundle", e))?;
     let compatible: Vec<String> = manifest
         .compatible

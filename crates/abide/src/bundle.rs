@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::Output;
 use crate::key::load_secret;
 use crate::trust::load_trust;
-use abide_boot::persist::AtomicFile;
+use abide_fs::persist::AtomicFile;
 
 #[derive(Subcommand)]
 pub enum BundleCommand {

@@ -8,7 +8,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::Output;
-use abide_boot::persist::{read_bounded, write_new};
+use abide_fs::persist::{read_bounded, write_new};
 
 #[derive(Subcommand)]
 pub enum KeyCommand {

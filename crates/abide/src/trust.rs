@@ -10,7 +10,7 @@ use serde_json::json;
 
 use crate::Output;
 use crate::key::{load_public, load_secret};
-use abide_boot::persist::{read_bounded, write_atomic};
+use abide_fs::persist::{read_bounded, write_atomic};
 
 #[derive(Subcommand)]
 pub enum TrustCommand {

@@ -42,8 +42,9 @@ fn sender(method: &Method, path: &str) -> Sender {
     }
 }
 
-/// Largest body buffered here; the routes' own limits are smaller (uploads stream).
-const MAX_BUFFERED: usize = 1 << 20;
+/// Largest body buffered here, the JSON routes' own limit (uploads stream): an
+/// unauthenticated client cannot make the server hold more.
+const MAX_BUFFERED: usize = 64 << 10;
 
 /// The middleware; see the module documentation.
 pub async fn guard(State(server): State<Server>, request: Request, next: Next) -> Response {

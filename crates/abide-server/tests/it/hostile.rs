@@ -957,3 +957,19 @@ fn a_revocation_reaches_the_other_server_process_within_seconds() {
         drop(h2);
     });
 }
+
+/// A body larger than any JSON route takes is refused before any handler sees it, also on the
+/// routes anyone may call.
+#[test]
+fn an_oversized_body_is_refused_before_any_handler() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        for path in ["/api/v1/device/enroll", "/ui/login"] {
+            let r = h
+                .call(Method::POST, path, None, &[], vec![b'x'; 100 << 10])
+                .await;
+            assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+        }
+        assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 0);
+    });
+}

@@ -484,6 +484,26 @@ struct Seen {
 #[derive(Debug, Default)]
 pub struct LastSeen(Mutex<HashMap<String, Seen>>);
 
+impl LastSeen {
+    /// The check-ins not yet written, for reads that show them without writing them.
+    fn snapshot(&self) -> HashMap<String, Seen> {
+        self.0.lock().expect("not poisoned").clone()
+    }
+}
+
+/// The health of `devices` (id, health as written), with this process's check-ins not yet
+/// written laid over them: what a read shows without writing anything.
+pub fn health_now(server: &Server, devices: Vec<(String, Option<String>)>) -> Vec<Option<String>> {
+    let pending = server.last_seen.snapshot();
+    devices
+        .into_iter()
+        .map(|(id, health)| match pending.get(&id) {
+            Some(seen) => seen.health.map(|h| h.as_str().to_owned()),
+            None => health,
+        })
+        .collect()
+}
+
 /// Writes the pending check-ins in one transaction.
 pub async fn flush_last_seen(server: &Server) -> ApiResult<usize> {
     let pending: Vec<(String, Seen)> = {
@@ -817,6 +837,7 @@ type DeviceRow = (
     Option<i64>,
     Option<String>,
     Option<i64>,
+    i64,
 );
 
 /// `GET /api/v1/devices?group=G&state=S` (admin).
@@ -826,14 +847,15 @@ pub async fn list(
     Query(filter): Query<Filter>,
 ) -> ApiResult<Json<Vec<abide_proto::Device>>> {
     crate::auth::admin(&server, &headers)?;
-    flush_last_seen(&server).await?;
+    // A read writes nothing: check-ins not yet written are laid over the rows, on the read
+    // connections.
+    let pending = server.last_seen.snapshot();
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at FROM devices \
-         WHERE ($1 = '' OR grp = $1) AND ($2 = '' OR state = $2) ORDER BY id",
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at, last_seq FROM devices \
+         WHERE ($1 = '' OR grp = $1) ORDER BY id",
     )
     .bind(filter.group.unwrap_or_default())
-    .bind(filter.state.unwrap_or_default())
-    .fetch_all(&server.db.pool)
+    .fetch_all(&server.db.read)
     .await?;
     let corrupt = |id: &str, column: &str, e: serde_json::Error| {
         ApiError::internal(
@@ -855,13 +877,30 @@ pub async fn list(
         last_seen,
         progress,
         revoked_at,
+        last_seq,
     ) in rows
     {
         let tags = serde_json::from_str(&tags).map_err(|e| corrupt(&id, "tags", e))?;
-        let progress = progress
+        let mut progress = progress
             .map(|p| serde_json::from_str(&p))
             .transpose()
             .map_err(|e| corrupt(&id, "progress", e))?;
+        let (mut version, mut state, mut booted, mut health, mut last_seen) =
+            (version, state, booted, health, last_seen);
+        if let Some(seen) = pending.get(&id) {
+            // As `flush_last_seen` will write it.
+            last_seen = Some(seen.at);
+            version = Some(seen.version.clone());
+            booted.clone_from(&seen.booted);
+            health = seen.health.map(|h| h.as_str().to_owned());
+            progress.clone_from(&seen.progress);
+            if last_seq == 0 {
+                state = seen.state.as_str().to_owned();
+            }
+        }
+        if filter.state.as_deref().is_some_and(|s| s != state) {
+            continue;
+        }
         devices.push(abide_proto::Device {
             id,
             group,

@@ -124,17 +124,18 @@ pub async fn show(
     Path(name): Path<String>,
 ) -> ApiResult<Json<GroupView>> {
     crate::auth::admin(&server, &headers)?;
-    crate::devices::flush_last_seen(&server).await?;
+    // A read writes nothing: check-ins not yet written are laid over the rows.
     let settings = load(&server, &name).await?;
-    let (members,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM devices WHERE grp = $1")
-        .bind(&name)
-        .fetch_one(&server.db.pool)
-        .await?;
-    let (healthy,): (i64,) =
-        sqlx::query_as("SELECT COUNT(*) FROM devices WHERE grp = $1 AND health = 'healthy'")
+    let devices: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT id, health FROM devices WHERE grp = $1")
             .bind(&name)
-            .fetch_one(&server.db.pool)
+            .fetch_all(&server.db.read)
             .await?;
+    let members = devices.len() as i64;
+    let healthy = crate::devices::health_now(&server, devices)
+        .iter()
+        .filter(|h| h.as_deref() == Some("healthy"))
+        .count() as i64;
     let leases: Vec<(String, i64)> = sqlx::query_as(
         "SELECT device_id, expires_at FROM leases WHERE grp = $1 AND expires_at > $2 ORDER BY device_id",
     )

@@ -973,3 +973,52 @@ fn an_oversized_body_is_refused_before_any_handler() {
         assert_eq!(count(&h, "SELECT COUNT(*) FROM devices").await, 0);
     });
 }
+
+/// Reads never write: the device list, a group's view and `/metrics` show check-ins not yet
+/// written without writing them (the writer is left to the coalescing flusher).
+#[test]
+fn reads_show_pending_check_ins_without_writing_them() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        let device = h.enroll("gw-1", "lab").await;
+        let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.3.0",
+                             "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+        let c = h
+            .json(
+                Method::POST,
+                "/api/v1/device/checkin",
+                Some(&device),
+                checkin,
+            )
+            .await;
+        assert_eq!(c.status, StatusCode::OK);
+        let written = || async {
+            count(
+                &h,
+                "SELECT COUNT(*) FROM devices WHERE id = 'gw-1' AND version = '1.3.0'",
+            )
+            .await
+        };
+        assert_eq!(written().await, 0, "not written yet");
+        let list = h.get("/api/v1/devices").await.json();
+        assert_eq!(
+            (list[0]["version"].as_str(), list[0]["health"].as_str()),
+            (Some("1.3.0"), Some("healthy"))
+        );
+        assert!(list[0]["last_seen"].as_str().is_some());
+        let idle = h.get("/api/v1/devices?state=idle").await.json();
+        assert_eq!(idle.as_array().unwrap().len(), 1);
+        let group = h.get("/api/v1/groups/lab").await.json();
+        assert_eq!(
+            (&group["members"], &group["healthy"]),
+            (&json!(1), &json!(1))
+        );
+        let metrics = h.get("/metrics").await;
+        assert_eq!(metrics.status, StatusCode::OK);
+        assert_eq!(written().await, 0, "the reads wrote nothing");
+        abide_server::devices::flush_last_seen(&h.server)
+            .await
+            .unwrap();
+        assert_eq!(written().await, 1);
+    });
+}

@@ -453,6 +453,23 @@ pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io
     spawn_background(&server);
     let router = app(server.clone());
     loop {
+        let (tcp, remote, held) = accept(&server, &listener).await;
+        let (router, timeout) = (router.clone(), server.config.header_timeout);
+        tokio::spawn(async move {
+            serve_connection(tcp, router, timeout, remote).await;
+            drop(held);
+        });
+    }
+}
+
+/// The next connection whose address may hold one more (others are dropped as they are
+/// accepted), counted until the returned [`limit::Held`] is dropped. A failed accept (out of
+/// file descriptors, say) is waited out, not fatal.
+pub(crate) async fn accept(
+    server: &Server,
+    listener: &tokio::net::TcpListener,
+) -> (tokio::net::TcpStream, std::net::SocketAddr, limit::Held) {
+    loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
@@ -461,17 +478,12 @@ pub async fn serve(server: Server, listener: tokio::net::TcpListener) -> std::io
                 continue;
             }
         };
-        let Some(held) = server
+        if let Some(held) = server
             .connections
             .hold(remote.ip(), server.config.max_connections_per_address)
-        else {
-            continue; // dropped: this address holds as many connections as it may
-        };
-        let (router, timeout) = (router.clone(), server.config.header_timeout);
-        tokio::spawn(async move {
-            serve_connection(tcp, router, timeout, remote).await;
-            drop(held);
-        });
+        {
+            return (tcp, remote, held);
+        }
     }
 }
 

@@ -101,20 +101,7 @@ pub async fn serve_tls(
     crate::spawn_background(&server);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting a connection");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let Some(held) = server
-            .connections
-            .hold(remote.ip(), server.config.max_connections_per_address)
-        else {
-            continue;
-        };
+        let (tcp, remote, held) = crate::accept(&server, &listener).await;
         let (acceptor, server) = (acceptor.clone(), server.clone());
         tokio::spawn(async move {
             let _held = held;

@@ -53,6 +53,21 @@ async fn count(h: &Harness, sql: &str) -> i64 {
         .unwrap()
 }
 
+/// A device's check-in: healthy, running `version` in group A.
+fn checkin_body(version: &str) -> serde_json::Value {
+    json!({"nonce": "00112233445566778899aabbccddeeff", "version": version,
+           "booted": "A", "good": "A", "state": "idle", "health": "healthy"})
+}
+
+/// How many audit records have `action`.
+async fn audited(h: &Harness, action: &str) -> i64 {
+    count(
+        h,
+        &format!("SELECT COUNT(*) FROM audit WHERE action = '{action}'"),
+    )
+    .await
+}
+
 fn message(v: &serde_json::Value) -> String {
     v["error"]["message"]
         .as_str()
@@ -118,14 +133,7 @@ async fn an_enrolment_token_enrols_as_many_devices_as_it_may_and_no_more(backend
         .collect();
     assert_eq!(used, vec![(once_id, 1, 1), (five_id, 5, 5)]);
     // Refusals with a known token are in the audit trail.
-    assert_eq!(
-        count(
-            &h,
-            "SELECT COUNT(*) FROM audit WHERE action = 'device.enroll-refused'"
-        )
-        .await,
-        8
-    );
+    assert_eq!(audited(&h, "device.enroll-refused").await, 8);
 }
 
 async fn an_enrolment_token_binds_device_ids_product_and_tags(backend: Backend) {
@@ -281,14 +289,7 @@ async fn a_revoked_token_enrols_no_more(backend: Backend) {
         )
         .await;
     assert_eq!(none.status, StatusCode::NOT_FOUND);
-    assert_eq!(
-        count(
-            &h,
-            "SELECT COUNT(*) FROM audit WHERE action = 'enroll-token.revoke'"
-        )
-        .await,
-        1
-    );
+    assert_eq!(audited(&h, "enroll-token.revoke").await, 1);
 }
 
 #[test]
@@ -541,8 +542,7 @@ async fn every_route_answers_each_kind_of_credential_as_it_should_and_refusals_c
         Who::Metrics => Some(metrics.clone()),
     };
     use Who::*;
-    let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
-                         "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+    let checkin = checkin_body("1.0.0");
     let rollout = json!({"release": release, "stages": "100", "group": "lab"});
     // (method, path, body, who may, what the one who may gets)
     let routes: Vec<Route> = vec![
@@ -776,8 +776,7 @@ async fn a_revoked_device_is_refused_everywhere_and_its_id_stays_taken(backend: 
     let admin = h.admin.clone();
     let device = h.enroll("gw-1", "lab").await;
     let other = h.enroll("gw-2", "lab").await;
-    let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
-                         "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+    let checkin = checkin_body("1.0.0");
     let c = h
         .json(
             Method::POST,
@@ -882,14 +881,27 @@ async fn a_revoked_device_is_refused_everywhere_and_its_id_stays_taken(backend: 
         )
         .await;
     assert_eq!(none.status, StatusCode::NOT_FOUND);
-    assert_eq!(
-        count(
-            &h,
-            "SELECT COUNT(*) FROM audit WHERE action = 'device.revoke'"
+    // A revoked device does not count towards its group's quorum (it checked in healthy
+    // before it was revoked).
+    let r = h
+        .json(
+            Method::PUT,
+            "/api/v1/groups/lab",
+            Some(&admin),
+            json!({"quorum": 1}),
         )
-        .await,
-        1
-    );
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let refused = h
+        .json(
+            Method::POST,
+            "/api/v1/device/lease",
+            Some(&other),
+            json!({}),
+        )
+        .await;
+    assert_eq!(refused.status, StatusCode::CONFLICT, "{}", refused.json());
+    assert_eq!(audited(&h, "device.revoke").await, 1);
 }
 
 /// Two server processes on one PostgreSQL: a device revoked through one is refused by the
@@ -909,8 +921,7 @@ fn a_revocation_reaches_the_other_server_process_within_seconds() {
             pg: None,
         };
         let device = h.enroll("gw-1", "lab").await;
-        let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.0.0",
-                             "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+        let checkin = checkin_body("1.0.0");
         let c = h2
             .json(
                 Method::POST,
@@ -981,8 +992,7 @@ fn reads_show_pending_check_ins_without_writing_them() {
     crate::run(async {
         let h = Harness::new(Backend::Sqlite).await;
         let device = h.enroll("gw-1", "lab").await;
-        let checkin = json!({"nonce": "00112233445566778899aabbccddeeff", "version": "1.3.0",
-                             "booted": "A", "good": "A", "state": "idle", "health": "healthy"});
+        let checkin = checkin_body("1.3.0");
         let c = h
             .json(
                 Method::POST,

@@ -188,6 +188,24 @@ impl Shell {
     }
 }
 
+/// The shell after `abide_select` ran on the variables the backend writes for `state`.
+fn booted(program: &[Stmt], state: &abide_boot::BootState, save_fails: bool) -> Shell {
+    let groups = [Group::new("A").unwrap(), Group::new("B").unwrap()];
+    let mut env = HashMap::new();
+    abide_boot::grub::state_to_env(&groups, state, |n, v| {
+        env.insert(n.to_owned(), v.to_owned());
+        Ok(())
+    })
+    .unwrap();
+    let mut shell = Shell {
+        env,
+        saved: None,
+        save_fails,
+    };
+    shell.run(program);
+    shell
+}
+
 #[test]
 fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
     let mut it = tokens().into_iter().peekable();
@@ -197,18 +215,7 @@ fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
     let path = std::path::Path::new("env");
     let mut checked = 0;
     for state in crate::engine_states() {
-        let mut env = HashMap::new();
-        abide_boot::grub::state_to_env(&groups, &state, |n, v| {
-            env.insert(n.to_owned(), v.to_owned());
-            Ok(())
-        })
-        .unwrap();
-        let mut shell = Shell {
-            env,
-            saved: None,
-            save_fails: false,
-        };
-        shell.run(&program);
+        let shell = booted(&program, &state, false);
         assert_eq!(
             shell.saved.as_ref(),
             Some(&shell.env),
@@ -237,21 +244,9 @@ fn the_uboot_script_chooses_exactly_as_the_sim_firmware() {
 fn a_trial_whose_countdown_cannot_be_saved_is_not_booted() {
     let mut it = tokens().into_iter().peekable();
     let program = parse(&mut it, &[]);
-    let groups = [Group::new("A").unwrap(), Group::new("B").unwrap()];
     let mut trials = 0;
     for state in crate::engine_states() {
-        let mut env = HashMap::new();
-        abide_boot::grub::state_to_env(&groups, &state, |n, v| {
-            env.insert(n.to_owned(), v.to_owned());
-            Ok(())
-        })
-        .unwrap();
-        let mut shell = Shell {
-            env,
-            saved: None,
-            save_fails: true,
-        };
-        shell.run(&program);
+        let shell = booted(&program, &state, true);
         assert_eq!(shell.saved, None);
         assert_eq!(
             shell

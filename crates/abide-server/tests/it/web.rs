@@ -74,6 +74,18 @@ async fn running_rollout(h: &Harness, reason: &str) -> String {
     id
 }
 
+/// The web page's sign-in with the admin token.
+async fn sign_in(h: &Harness) -> crate::Answer {
+    h.call(
+        Method::POST,
+        "/ui/login",
+        None,
+        &[("content-type", "application/x-www-form-urlencoded")],
+        format!("token={}", h.admin).into_bytes(),
+    )
+    .await
+}
+
 fn cookie_of(a: &crate::Answer) -> String {
     a.headers["set-cookie"]
         .to_str()
@@ -104,15 +116,7 @@ async fn the_page_and_its_controls(backend: Backend) {
         )
         .await;
     assert_eq!(wrong.status, StatusCode::UNAUTHORIZED);
-    let login = h
-        .call(
-            Method::POST,
-            "/ui/login",
-            None,
-            &[("content-type", "application/x-www-form-urlencoded")],
-            format!("token={}", h.admin).into_bytes(),
-        )
-        .await;
+    let login = sign_in(&h).await;
     assert_eq!(login.status, StatusCode::SEE_OTHER);
     let set = login.headers["set-cookie"].to_str().unwrap().to_owned();
     assert!(
@@ -233,15 +237,7 @@ fn a_web_session_expires_and_is_secure_over_https() {
             require_device_cert: false,
         });
         h.server = abide_server::Server::start(config).await.unwrap().0;
-        let login = h
-            .call(
-                Method::POST,
-                "/ui/login",
-                None,
-                &[("content-type", "application/x-www-form-urlencoded")],
-                format!("token={}", h.admin).into_bytes(),
-            )
-            .await;
+        let login = sign_in(&h).await;
         let set = login.headers["set-cookie"].to_str().unwrap().to_owned();
         assert!(
             set.contains("; Secure") && set.contains("Max-Age=1"),

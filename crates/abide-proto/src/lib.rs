@@ -435,6 +435,85 @@ pub struct EnrollToken {
     pub view: EnrollTokenView,
 }
 
+/// What an admin token may do. Each role may do everything the ones before it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads: releases, devices, rollouts, groups, tokens, trust, audit, metrics.
+    Viewer,
+    /// A viewer who also starts, pauses, resumes, advances, aborts and rolls back rollouts and
+    /// revokes devices.
+    Operator,
+    /// An operator who also uploads releases, makes and revokes enrolment tokens, sets groups,
+    /// publishes trust roots and makes and revokes admin tokens.
+    Admin,
+}
+
+impl Role {
+    /// Every role, least first.
+    pub const ALL: [Role; 3] = [Role::Viewer, Role::Operator, Role::Admin];
+
+    /// Its name: `viewer`, `operator` or `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("{s:?} is not a role (viewer, operator or admin)"))
+    }
+}
+
+/// A request for an admin token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTokenRequest {
+    /// Who or what holds it (1 to 64 of `A-Z a-z 0-9 . _ -`); shown in the audit trail.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+}
+
+/// An admin token as the server keeps it (never with its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminTokenView {
+    /// Its id.
+    pub id: String,
+    /// Its holder's name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// When it was made.
+    pub created_at: String,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<String>,
+}
+
+/// An admin token, as created (the secret `token` is shown only here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminToken {
+    /// The secret: `Authorization: Bearer TOKEN`.
+    pub token: String,
+    /// The token's settings.
+    #[serde(flatten)]
+    pub view: AdminTokenView,
+}
+
 /// A device's enrolment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,7 +8,6 @@
 
 use axum::Json;
 use axum::extract::{Query, State};
-use axum::http::HeaderMap;
 use serde::Deserialize;
 use sqlx::{Any, Transaction};
 
@@ -71,10 +70,9 @@ type Row = (i64, i64, String, String, String, String, String);
 /// `GET /api/v1/audit`: records in order.
 pub async fn list(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
     Query(page): Query<Page>,
 ) -> ApiResult<Json<Vec<abide_proto::AuditRecord>>> {
-    crate::auth::admin(&server, &headers)?;
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT seq, at, actor, action, details, prev, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
     )
@@ -165,8 +163,7 @@ pub async fn check(server: &Server) -> Result<abide_proto::AuditVerify, sqlx::Er
 /// `GET /api/v1/audit/verify`.
 pub async fn verify(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
 ) -> ApiResult<Json<abide_proto::AuditVerify>> {
-    crate::auth::admin(&server, &headers)?;
     Ok(Json(check(&server).await?))
 }

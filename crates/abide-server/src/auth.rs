@@ -1,8 +1,12 @@
-//! Who is asking: the admin (a bearer token whose SHA-256 the database holds) or an enrolled
-//! device (a bearer credential `DEVICE_ID:SECRET`, whose secret's SHA-256 is stored with the
-//! device). Missing or unknown credentials get 401; nothing else is looked at before that.
+//! Who is asking: an admin token (a bearer token whose SHA-256 the database holds, with a
+//! [`Role`]: viewer, operator or admin) or an enrolled device (a bearer credential
+//! `DEVICE_ID:SECRET`, whose secret's SHA-256 is stored with the device). Missing or unknown
+//! credentials get 401, a role too small for the route 403; handlers take [`Viewer`],
+//! [`Operator`], [`Admin`] or [`Device`] as an argument, so none runs before its check.
 
 use axum::http::HeaderMap;
+
+use abide_proto::Role;
 
 use crate::Server;
 use crate::error::{ApiError, ApiResult};
@@ -29,29 +33,139 @@ pub fn same_digest(a: &str, b: &str) -> bool {
             == 0
 }
 
-/// Checks the admin token.
-pub fn admin(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
+/// Who is asking with an admin token, and what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// What the token may do.
+    pub role: Role,
+    /// How the audit trail names them: `admin` (the first start's `admin.token`) or
+    /// `token:ID` (a token made with `abide fleet admin-token create`).
+    pub actor: String,
+}
+
+/// Reads an admin token's role: the first start's `admin.token` is `admin`; others are looked
+/// up (by SHA-256) in `admin_tokens` on every request, so a revocation counts at once in every
+/// server process.
+pub async fn caller(server: &Server, headers: &HeaderMap) -> ApiResult<Caller> {
     let token = bearer(headers)?;
-    if same_digest(&crate::sha256_hex(token.as_bytes()), &server.admin_hash) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("not the admin token"))
+    let hash = crate::sha256_hex(token.as_bytes());
+    if same_digest(&hash, &server.admin_hash) {
+        return Ok(Caller {
+            role: Role::Admin,
+            actor: "admin".into(),
+        });
+    }
+    let row: Option<(String, String, Option<i64>)> =
+        sqlx::query_as("SELECT id, role, revoked_at FROM admin_tokens WHERE token_hash = $1")
+            .bind(&hash)
+            .fetch_optional(&server.db.read)
+            .await?;
+    match row {
+        None => Err(ApiError::unauthorized("not an admin token")),
+        Some((id, _, Some(_))) => Err(ApiError::unauthorized(format!(
+            "admin token {id} was revoked"
+        ))),
+        Some((id, role, None)) => Ok(Caller {
+            role: role.parse().map_err(|e: String| {
+                ApiError::from(sqlx::Error::Decode(
+                    format!("admin_tokens {id}: column role: {e}").into(),
+                ))
+            })?,
+            actor: format!("token:{id}"),
+        }),
     }
 }
 
-/// Checks the token for `/metrics`: the metrics token, the admin token, or the web page's
-/// sign-in (so its link works).
+/// Checks that the request carries an admin token whose role is at least `need`: 401 without
+/// one, 403 when its role is less.
+pub async fn require(server: &Server, headers: &HeaderMap, need: Role) -> ApiResult<Caller> {
+    let caller = caller(server, headers).await?;
+    if caller.role < need {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "role",
+            format!(
+                "this token's role is {}; this needs {need} or more",
+                caller.role
+            ),
+        ));
+    }
+    Ok(caller)
+}
+
+macro_rules! role_extractor {
+    ($name:ident, $role:expr, $doc:literal) => {
+        #[doc = $doc]
+        #[derive(Debug, Clone)]
+        pub struct $name(pub Caller);
+
+        impl axum::extract::FromRequestParts<Server> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut axum::http::request::Parts,
+                server: &Server,
+            ) -> Result<Self, ApiError> {
+                require(server, &parts.headers, $role).await.map($name)
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = Caller;
+            fn deref(&self) -> &Caller {
+                &self.0
+            }
+        }
+    };
+}
+
+role_extractor!(
+    Viewer,
+    Role::Viewer,
+    "A handler argument: the request carries an admin token of any role."
+);
+role_extractor!(
+    Operator,
+    Role::Operator,
+    "A handler argument: the request carries an admin token whose role is operator or admin."
+);
+role_extractor!(
+    Admin,
+    Role::Admin,
+    "A handler argument: the request carries an admin token whose role is admin."
+);
+
+/// A handler argument: an enrolled device's id, from its credential and the connection's
+/// client certificate (see [`device`]).
+#[derive(Debug, Clone)]
+pub struct Device(pub String);
+
+impl axum::extract::FromRequestParts<Server> for Device {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        server: &Server,
+    ) -> Result<Self, ApiError> {
+        let peer = parts.extensions.get::<crate::tls::PeerIdentity>();
+        device(server, &parts.headers, peer).await.map(Device)
+    }
+}
+
+/// Checks the token for `/metrics`: the metrics token, an admin token of any role, or the web
+/// page's sign-in (so its link works).
 pub async fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
-    if crate::web::signed_in(server, headers).await? {
+    if crate::web::session(server, headers).await?.is_some() {
         return Ok(());
     }
     let token = bearer(headers)?;
-    let hash = crate::sha256_hex(token.as_bytes());
-    if same_digest(&hash, &server.metrics_hash) || same_digest(&hash, &server.admin_hash) {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized("not the metrics token"))
+    if same_digest(&crate::sha256_hex(token.as_bytes()), &server.metrics_hash) {
+        return Ok(());
     }
+    caller(server, headers)
+        .await
+        .map(|_| ())
+        .map_err(|_| ApiError::unauthorized("not the metrics token or an admin token"))
 }
 
 /// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.

@@ -213,6 +213,23 @@ CREATE TABLE web_sessions (
 );
 "#,
     ),
+    (
+        7,
+        // Admin tokens with a role, besides the first start's `admin.token` (role admin); a
+        // web session keeps the role of the token it signed in with.
+        r#"
+CREATE TABLE admin_tokens (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_at BIGINT NOT NULL,
+    revoked_at BIGINT
+);
+ALTER TABLE web_sessions ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
+ALTER TABLE web_sessions ADD COLUMN token_id TEXT;
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

@@ -85,10 +85,9 @@ pub fn id_matches(pattern: &str, id: &str) -> bool {
 /// `POST /api/v1/enroll-tokens` (admin): a token devices enrol with into a group.
 pub async fn create_token(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Admin,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<EnrollToken>)> {
-    crate::auth::admin(&server, &headers)?;
     let req: EnrollTokenRequest = parse_json(&body)?;
     check_group(&req.group)?;
     check_tags(&req.tags)?;
@@ -164,7 +163,7 @@ pub async fn create_token(
     crate::audit::append(
         &server,
         &mut tx,
-        "admin",
+        &caller.actor,
         "enroll-token.create",
         serde_json::to_value(&view).expect("serializes"),
     )
@@ -213,12 +212,11 @@ fn token_view(row: TokenRow) -> Result<EnrollTokenView, sqlx::Error> {
     })
 }
 
-/// `GET /api/v1/enroll-tokens` (admin): every token, without its secret.
+/// `GET /api/v1/enroll-tokens` (viewer): every token, without its secret.
 pub async fn list_tokens(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
 ) -> ApiResult<Json<Vec<EnrollTokenView>>> {
-    crate::auth::admin(&server, &headers)?;
     let rows: Vec<TokenRow> = sqlx::query_as(concat!(
         "SELECT ",
         token_columns!(),
@@ -235,10 +233,9 @@ pub async fn list_tokens(
 /// enrolled stay).
 pub async fn revoke_token(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Admin,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult<Json<EnrollTokenView>> {
-    crate::auth::admin(&server, &headers)?;
     let mut tx = server.db.pool.begin().await?;
     let now = now_ms();
     let changed = sqlx::query(
@@ -263,7 +260,7 @@ pub async fn revoke_token(
         crate::audit::append(
             &server,
             &mut tx,
-            "admin",
+            &caller.actor,
             "enroll-token.revoke",
             serde_json::json!({"token_id": id}),
         )
@@ -840,13 +837,12 @@ type DeviceRow = (
     i64,
 );
 
-/// `GET /api/v1/devices?group=G&state=S` (admin).
+/// `GET /api/v1/devices?group=G&state=S` (viewer).
 pub async fn list(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
     Query(filter): Query<Filter>,
 ) -> ApiResult<Json<Vec<abide_proto::Device>>> {
-    crate::auth::admin(&server, &headers)?;
     // A read writes nothing: check-ins not yet written are laid over the rows, on the read
     // connections.
     let pending = server.last_seen.snapshot();
@@ -919,15 +915,14 @@ pub async fn list(
     Ok(Json(devices))
 }
 
-/// `POST /api/v1/devices/{id}/revoke` (admin): the device's credential stops working (in
+/// `POST /api/v1/devices/{id}/revoke` (operator): the device's credential stops working (in
 /// every server process within seconds), its reboot lease is given back; its record stays, and
 /// its id cannot be enrolled again.
 pub async fn revoke(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Operator,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult<Json<abide_proto::DeviceRevoked>> {
-    crate::auth::admin(&server, &headers)?;
     let mut tx = server.db.pool.begin().await?;
     let changed =
         sqlx::query("UPDATE devices SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
@@ -951,7 +946,7 @@ pub async fn revoke(
         crate::audit::append(
             &server,
             &mut tx,
-            "admin",
+            &caller.actor,
             "device.revoke",
             serde_json::json!({"device": id}),
         )

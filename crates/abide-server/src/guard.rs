@@ -51,7 +51,9 @@ pub async fn guard(State(server): State<Server>, request: Request, next: Next) -
     let (parts, body) = request.into_parts();
     let checked = match sender(&parts.method, parts.uri.path()) {
         Sender::Anyone => Ok(()),
-        Sender::Admin => crate::auth::admin(&server, &parts.headers),
+        Sender::Admin => crate::auth::caller(&server, &parts.headers)
+            .await
+            .map(|_| ()),
         Sender::Device => {
             let peer = parts.extensions.get::<crate::tls::PeerIdentity>();
             crate::auth::device(&server, &parts.headers, peer)

@@ -7,6 +7,7 @@
 //! [`serve`] binds to a socket. Everything that matters lives in the database, so several
 //! processes can serve one PostgreSQL database.
 
+pub mod admins;
 pub mod audit;
 pub mod auth;
 pub mod clock;
@@ -398,6 +399,14 @@ pub fn app(server: Server) -> Router {
         .route(
             "/api/v1/enroll-tokens/{id}",
             axum::routing::delete(devices::revoke_token),
+        )
+        .route(
+            "/api/v1/admin-tokens",
+            post(admins::create).layer(json_limit).get(admins::list),
+        )
+        .route(
+            "/api/v1/admin-tokens/{id}",
+            axum::routing::delete(admins::revoke),
         )
         .route(
             "/api/v1/device/enroll",

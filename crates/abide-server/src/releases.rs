@@ -87,10 +87,9 @@ impl Drop for TempFile {
 /// 422 with the verification's code and leaves nothing behind.
 pub async fn upload(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Admin,
     body: Body,
 ) -> ApiResult<(StatusCode, Json<abide_proto::Release>)> {
-    crate::auth::admin(&server, &headers)?;
     let tmp_dir = server.config.data.join("tmp");
     let tmp_path = tmp_dir.join(format!("upload-{}", crate::random_hex(12)));
     let mut guard = TempFile(Some(tmp_path.clone()));
@@ -223,7 +222,7 @@ pub async fn upload(
     crate::audit::append(
         &server,
         &mut tx,
-        "admin",
+        &caller.actor,
         "release.upload",
         serde_json::json!({"release": id, "product": row.2, "version": row.3, "sha256": sha256, "size": size}),
     )
@@ -235,9 +234,8 @@ pub async fn upload(
 /// `GET /api/v1/releases`.
 pub async fn list(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
 ) -> ApiResult<Json<Vec<abide_proto::Release>>> {
-    crate::auth::admin(&server, &headers)?;
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM releases ORDER BY created_at, id"
     )))
@@ -251,10 +249,9 @@ pub async fn list(
 /// `GET /api/v1/releases/{id}`.
 pub async fn show(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<abide_proto::Release>> {
-    crate::auth::admin(&server, &headers)?;
     find(&server, &id)
         .await?
         .map(Json)
@@ -300,7 +297,7 @@ pub async fn download(
     peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    let device = if crate::auth::admin(&server, &headers).is_err() {
+    let device = if crate::auth::caller(&server, &headers).await.is_err() {
         Some(crate::auth::device(&server, &headers, peer.as_deref()).await?)
     } else {
         None

@@ -18,7 +18,7 @@ use abide_proto::{
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use sqlx::{Any, Transaction};
 
 use crate::Server;
@@ -265,13 +265,12 @@ pub async fn enrol_device(
     Ok(())
 }
 
-/// `POST /api/v1/rollouts` (admin).
+/// `POST /api/v1/rollouts` (operator).
 pub async fn create(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Operator,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<RolloutStatus>)> {
-    crate::auth::admin(&server, &headers)?;
     let req: abide_proto::RolloutRequest = parse_json(&body)?;
     let stages =
         rollout::parse_stages(&req.stages).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -364,7 +363,7 @@ pub async fn create(
     crate::audit::append(
         &server,
         &mut tx,
-        "admin",
+        &caller.actor,
         "rollout.create",
         serde_json::json!({"rollout": r.id, "release": r.release_id, "stages": r.stages,
             "failure_threshold_bp": r.threshold_bp, "group": r.group, "tag": r.tag, "devices": found.len(),
@@ -489,22 +488,20 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
     })
 }
 
-/// `GET /api/v1/rollouts/{id}` (admin).
+/// `GET /api/v1/rollouts/{id}` (viewer).
 pub async fn show(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
     Path(id): Path<String>,
 ) -> ApiResult<Json<RolloutStatus>> {
-    crate::auth::admin(&server, &headers)?;
     Ok(Json(status_of(&server, &id).await?))
 }
 
-/// `GET /api/v1/rollouts` (admin): every rollout's status, newest first.
+/// `GET /api/v1/rollouts` (viewer): every rollout's status, newest first.
 pub async fn list(
     State(server): State<Server>,
-    headers: HeaderMap,
+    _caller: crate::auth::Viewer,
 ) -> ApiResult<Json<Vec<RolloutStatus>>> {
-    crate::auth::admin(&server, &headers)?;
     let ids: Vec<(String,)> =
         sqlx::query_as("SELECT id FROM rollouts ORDER BY created_at DESC, id")
             .fetch_all(&server.db.pool)
@@ -771,20 +768,24 @@ async fn staged_share(
     .await
 }
 
-/// `POST /api/v1/rollouts/{id}/{action}` (admin): `pause`, `resume`, `advance`, `abort`,
+/// `POST /api/v1/rollouts/{id}/{action}` (operator): `pause`, `resume`, `advance`, `abort`,
 /// `rollback`. A transition the rollout's status does not allow is a 409.
 pub async fn act(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Operator,
     Path((id, action)): Path<(String, String)>,
 ) -> ApiResult<Json<RolloutStatus>> {
-    crate::auth::admin(&server, &headers)?;
-    Ok(Json(apply_action(&server, &id, &action).await?))
+    Ok(Json(apply_action(&server, &caller, &id, &action).await?))
 }
 
-/// Carries out an operator's action on a rollout (already authenticated) and returns its new
-/// status.
-pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<RolloutStatus> {
+/// Carries out an operator's action on a rollout (`caller` already checked) and returns its
+/// new status.
+pub async fn apply_action(
+    server: &Server,
+    caller: &crate::auth::Caller,
+    id: &str,
+    action: &str,
+) -> ApiResult<RolloutStatus> {
     let server = server.clone();
     let (id, action) = (id.to_owned(), action.to_owned());
     let now = now_ms();
@@ -873,7 +874,7 @@ pub async fn apply_action(server: &Server, id: &str, action: &str) -> ApiResult<
     crate::audit::append(
         &server,
         &mut tx,
-        "admin",
+        &caller.actor,
         &format!("rollout.{action}"),
         details,
     )

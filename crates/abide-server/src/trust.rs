@@ -9,7 +9,7 @@ use abide_proto::TrustView;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 
 use crate::Server;
 use crate::clock::now_ms;
@@ -51,10 +51,9 @@ pub async fn after(server: &Server, version: u64) -> ApiResult<Vec<String>> {
 /// `POST /api/v1/trust` (admin): the body is the next trust root.
 pub async fn publish(
     State(server): State<Server>,
-    headers: HeaderMap,
+    caller: crate::auth::Admin,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<TrustView>)> {
-    crate::auth::admin(&server, &headers)?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiError::bad_request("the trust root is not UTF-8 text"))?;
     let refused = |e: abide_bundle::Error| {
@@ -95,7 +94,7 @@ pub async fn publish(
     crate::audit::append(
         &server,
         &mut tx,
-        "admin",
+        &caller.actor,
         "trust.publish",
         serde_json::json!({"version": next.version(), "threshold": next.threshold(), "keys": keys}),
     )
@@ -104,9 +103,11 @@ pub async fn publish(
     Ok((StatusCode::CREATED, Json(view(&next))))
 }
 
-/// `GET /api/v1/trust` (admin): the current trust root's version, threshold and keys.
-pub async fn show(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Json<TrustView>> {
-    crate::auth::admin(&server, &headers)?;
+/// `GET /api/v1/trust` (viewer): the current trust root's version, threshold and keys.
+pub async fn show(
+    State(server): State<Server>,
+    _caller: crate::auth::Viewer,
+) -> ApiResult<Json<TrustView>> {
     Ok(Json(view(&current(&server).await?)))
 }
 

@@ -1,7 +1,8 @@
 //! The web page at `/`: releases, rollouts with their stage progress and device states, the
 //! failing devices with their reasons, and the pause/resume/advance/abort/rollback controls.
-//! Server-rendered HTML with plain forms and no JavaScript. The admin token is entered once
-//! and kept in an HttpOnly, SameSite=Strict cookie (so another site cannot post the forms);
+//! Server-rendered HTML with plain forms and no JavaScript. An admin token is entered once;
+//! the session it opens keeps its role (the controls need operator or more) and is named by a
+//! random id in an HttpOnly, SameSite=Strict cookie (so another site cannot post the forms);
 //! every value shown is HTML-escaped.
 
 use std::fmt::Write as _;
@@ -12,6 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 
 use crate::Server;
+use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 
 const COOKIE: &str = "abide_admin";
@@ -45,19 +47,31 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         })
 }
 
-/// Whether the request carries the cookie of a session that is signed in and not expired.
-/// The cookie holds a random session id (never the admin token); the database keeps its
-/// SHA-256 and expiry.
-pub async fn signed_in(server: &Server, headers: &HeaderMap) -> ApiResult<bool> {
+/// Who is signed in by the session whose cookie the request carries, if it is signed in and
+/// not expired. The cookie holds a random session id (never a token); the database keeps its
+/// SHA-256, expiry, and the role and id of the token it signed in with.
+pub async fn session(server: &Server, headers: &HeaderMap) -> ApiResult<Option<Caller>> {
     let Some(id) = cookie_token(headers).filter(|t| t.len() == 64) else {
-        return Ok(false);
+        return Ok(None);
     };
-    let row: Option<(i64,)> =
-        sqlx::query_as("SELECT expires_at FROM web_sessions WHERE id_hash = $1")
+    let row: Option<(i64, String, Option<String>)> =
+        sqlx::query_as("SELECT expires_at, role, token_id FROM web_sessions WHERE id_hash = $1")
             .bind(crate::sha256_hex(id.as_bytes()))
             .fetch_optional(&server.db.read)
             .await?;
-    Ok(row.is_some_and(|(expires_at,)| expires_at > crate::clock::now_ms()))
+    match row {
+        Some((expires_at, role, token_id)) if expires_at > crate::clock::now_ms() => {
+            Ok(Some(Caller {
+                role: role.parse().map_err(|e: String| {
+                    ApiError::from(sqlx::Error::Decode(
+                        format!("web_sessions: column role: {e}").into(),
+                    ))
+                })?,
+                actor: token_id.map_or_else(|| "admin".to_owned(), |t| format!("token:{t}")),
+            }))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The cookie's attributes: `Secure` when the server speaks HTTPS.
@@ -133,9 +147,9 @@ fn form_value(body: &[u8], key: &str) -> Option<String> {
 
 /// `GET /`: the page, or the sign-in form.
 pub async fn index(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Response> {
-    if !signed_in(&server, &headers).await? {
+    if session(&server, &headers).await?.is_none() {
         return Ok(Html(login(
-            "Enter the admin token (the server wrote it to DATA/admin.token).",
+            "Enter an admin token (the server wrote the first to DATA/admin.token).",
         ))
         .into_response());
     }
@@ -284,16 +298,26 @@ fn redirect(to: &str, cookie: Option<String>) -> Response {
 pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
     let token = form_value(&body, "token").unwrap_or_default();
     let token = token.trim();
-    let valid = !token.is_empty()
-        && token.bytes().all(|b| b.is_ascii_graphic())
-        && crate::auth::same_digest(&crate::sha256_hex(token.as_bytes()), &server.admin_hash);
-    if !valid {
+    let caller = if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
+        let mut headers = HeaderMap::new();
+        match HeaderValue::from_str(&format!("Bearer {token}")) {
+            Ok(v) => {
+                headers.insert(header::AUTHORIZATION, v);
+                crate::auth::caller(&server, &headers).await.ok()
+            }
+            Err(_) => None,
+        }
+    } else {
+        None
+    };
+    let Some(caller) = caller else {
         return (
             StatusCode::UNAUTHORIZED,
-            Html(login("That is not the admin token.")),
+            Html(login("That is not an admin token.")),
         )
             .into_response();
-    }
+    };
+    let token_id = caller.actor.strip_prefix("token:").map(str::to_owned);
     let id = crate::random_hex(32);
     let now = crate::clock::now_ms();
     let ttl = i64::try_from(server.config.session_ttl.as_millis()).unwrap_or(i64::MAX);
@@ -303,11 +327,13 @@ pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
             .execute(&server.db.pool)
             .await?;
         sqlx::query(
-            "INSERT INTO web_sessions (id_hash, created_at, expires_at) VALUES ($1, $2, $3)",
+            "INSERT INTO web_sessions (id_hash, created_at, expires_at, role, token_id) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(crate::sha256_hex(id.as_bytes()))
         .bind(now)
         .bind(now.saturating_add(ttl))
+        .bind(caller.role.as_str())
+        .bind(token_id)
         .execute(&server.db.pool)
         .await
     };
@@ -350,14 +376,26 @@ pub async fn control(
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
-    match signed_in(&server, &headers).await {
-        Ok(true) => {}
-        Ok(false) => {
+    let caller = match session(&server, &headers).await {
+        Ok(Some(caller)) if caller.role >= abide_proto::Role::Operator => caller,
+        Ok(Some(Caller { role, .. })) => {
+            return (
+                StatusCode::FORBIDDEN,
+                Html(page(
+                    "Abide fleet",
+                    &format!(
+                        "<h1>Abide fleet</h1><p class=\"reason\">This sign-in's role is {role}; the controls need operator or more.</p><p><a href=\"/\">Back</a></p>"
+                    ),
+                )),
+            )
+                .into_response();
+        }
+        Ok(None) => {
             return (StatusCode::UNAUTHORIZED, Html(login("Sign in first."))).into_response();
         }
         Err(e) => return e.into_response(),
-    }
-    match crate::rollouts::apply_action(&server, &id, &action).await {
+    };
+    match crate::rollouts::apply_action(&server, &caller, &id, &action).await {
         Ok(_) => redirect(
             &format!(
                 "/#{}",

@@ -34,6 +34,10 @@ enum FleetCommand {
     /// Enrolment tokens.
     #[command(subcommand, name = "enroll-token")]
     EnrollToken(TokenCommand),
+    /// Admin tokens with a role: viewer (reads), operator (rollouts, devices), admin
+    /// (everything: releases, tokens, groups, trust, roles).
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(AdminTokenCommand),
     /// One device.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -147,6 +151,27 @@ enum TokenCommand {
     /// Revoke an enrolment token: it enrols no more devices.
     Revoke {
         /// The token's id (t-…).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminTokenCommand {
+    /// Create an admin token (its secret is printed once).
+    Create {
+        /// Who or what holds it; the audit trail names its actions `token:ID`.
+        #[arg(long)]
+        name: String,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: abide_proto::Role,
+    },
+    /// List the admin tokens made here (without their secrets).
+    List,
+    /// Revoke an admin token: every server process refuses it from the next request, and its
+    /// web sessions end.
+    Revoke {
+        /// The token's id (at-…).
         id: String,
     },
 }
@@ -512,6 +537,30 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 .await?;
             out.print(&serde_json::to_value(&r)?, || {
                 format!("revoked {} at {}", r.id, r.revoked_at)
+            });
+        }
+        FleetCommand::AdminToken(AdminTokenCommand::Create { name, role }) => {
+            let r: abide_proto::AdminToken = admin
+                .post(
+                    "/api/v1/admin-tokens",
+                    &abide_proto::AdminTokenRequest { name, role },
+                )
+                .await?;
+            out.print(&serde_json::to_value(&r)?, || r.token.clone());
+        }
+        FleetCommand::AdminToken(AdminTokenCommand::List) => {
+            let r: Vec<abide_proto::AdminTokenView> = admin.get("/api/v1/admin-tokens").await?;
+            print_table(
+                &out,
+                &serde_json::to_value(&r)?,
+                &["id", "name", "role", "created_at", "revoked_at"],
+            );
+        }
+        FleetCommand::AdminToken(AdminTokenCommand::Revoke { id }) => {
+            let r: abide_proto::AdminTokenView =
+                admin.delete(&format!("/api/v1/admin-tokens/{id}")).await?;
+            out.print(&serde_json::to_value(&r)?, || {
+                format!("revoked {} ({}, {})", r.id, r.name, r.role)
             });
         }
         FleetCommand::EnrollToken(TokenCommand::List) => {

@@ -3,6 +3,7 @@
 
 mod api;
 mod hostile;
+mod roles;
 mod rollouts;
 mod tls;
 mod web;

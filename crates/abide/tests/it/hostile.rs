@@ -230,3 +230,83 @@ fn enrolment_tokens_are_made_listed_and_revoked_from_the_command_line() {
         "{missing}"
     );
 }
+
+#[test]
+fn admin_tokens_with_roles_are_made_used_and_revoked_from_the_command_line() {
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let server = crate::fleet::start_server(&data, free_port(), None);
+    let admin = data.join("admin.token");
+    let fleet = |args: &[&str]| crate::fleet::fleet(&dir, &server.url, &admin, args);
+    let made = fleet(&[
+        "admin-token",
+        "create",
+        "--name",
+        "dashboard",
+        "--role",
+        "viewer",
+    ]);
+    assert!(made["token"].as_str().unwrap().starts_with("abide-viewer-"));
+    assert_eq!(
+        (&made["name"], &made["role"]),
+        (&"dashboard".into(), &"viewer".into())
+    );
+    let id = made["id"].as_str().unwrap().to_owned();
+    let viewer = dir.join("viewer.token");
+    std::fs::write(&viewer, made["token"].as_str().unwrap()).unwrap();
+    // The viewer reads, and is refused a change with the role it lacks.
+    let as_viewer = |args: &[&str], code: i32| {
+        let mut all = vec![
+            "fleet",
+            "--server",
+            &server.url,
+            "--token-file",
+            viewer.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        crate::json_args(&dir, &all, code)
+    };
+    assert_eq!(as_viewer(&["devices"], 0), serde_json::json!([]));
+    let refused = as_viewer(&["enroll-token", "create", "--group", "lab"], 3);
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("role is viewer"),
+        "{refused}"
+    );
+    assert_eq!(fleet(&["enroll-token", "list"]), serde_json::json!([]));
+    // A bad role is refused before anything is sent.
+    let bad = crate::abide_args(
+        &dir,
+        &[
+            "fleet",
+            "--server",
+            &server.url,
+            "--token-file",
+            admin.to_str().unwrap(),
+            "admin-token",
+            "create",
+            "--name",
+            "x",
+            "--role",
+            "root",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("\"root\" is not a role"), "{stderr}");
+    let list = fleet(&["admin-token", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(list[0].get("token").is_none());
+    let revoked = fleet(&["admin-token", "revoke", &id]);
+    assert!(revoked["revoked_at"].as_str().is_some());
+    let refused = as_viewer(&["devices"], 3);
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{refused}"
+    );
+}

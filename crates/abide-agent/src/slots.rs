@@ -138,12 +138,12 @@ fn write_blocks(mut file: File, rx: Receiver<Vec<u8>>, path: &Path) -> Result<u6
         file.write_all(&block).map_err(io("writing slot", path))?;
         written += block.len() as u64;
         if written - flushed >= FLUSH_EVERY {
-            file.sync_data().map_err(io("flushing slot", path))?;
+            abide_boot::persist::fdatasync(&file, path)?;
             flushed = written;
         }
     }
     abide_boot::crash::point("slot:before-fsync", "");
-    file.sync_all().map_err(io("fsync of slot", path))?;
+    abide_boot::persist::fsync(&file, path)?;
     abide_boot::crash::point("slot:after-fsync", "");
     Ok(written)
 }
@@ -214,12 +214,7 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
     // The end-of-archive padding: read what is left so the sender never waits.
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading the archive for", dir))?;
     abide_boot::crash::point("slot:before-fsync", "");
-    let handle = File::open(dir).map_err(io("opening slot", dir))?;
-    rustix::fs::syncfs(&handle).map_err(|e| IoError {
-        op: "syncing the file system of slot",
-        path: dir.to_owned(),
-        source: e.into(),
-    })?;
+    abide_boot::persist::syncfs(dir)?;
     abide_boot::crash::point("slot:after-fsync", "");
     Ok(reader.total)
 }

@@ -209,7 +209,7 @@ impl GptTable {
             disk.write_all_at(&self.entries, entries_lba * SECTOR)
                 .map_err(io)?;
             disk.write_all_at(header, header_lba * SECTOR).map_err(io)?;
-            disk.sync_all().map_err(io)?;
+            crate::persist::fsync(disk, path)?;
             crate::crash::point("gpt:copy-written", &path.to_string_lossy());
         }
         Ok(())

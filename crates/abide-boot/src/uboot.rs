@@ -105,7 +105,7 @@ impl Bootloader for UbootBootloader {
             .map_err(|e| io("opening", e))?;
         crate::crash::point("uboot:before-write", &target.to_string_lossy());
         file.write_all(&bytes).map_err(|e| io("writing", e))?;
-        file.sync_all().map_err(|e| io("fsync of", e))?;
+        crate::persist::fsync(&file, target)?;
         crate::crash::point("uboot:after-fsync", &target.to_string_lossy());
         Ok(())
     }

@@ -4,3 +4,4 @@
 
 pub mod crash;
 pub mod persist;
+pub mod powerloss;

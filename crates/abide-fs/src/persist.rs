@@ -85,7 +85,7 @@ impl AtomicFile {
     /// fsyncs the file, renames it over the target and fsyncs the directory.
     pub fn commit(mut self) -> Result<(), IoError> {
         let file = self.file.take().expect("present until commit");
-        file.sync_all().map_err(io_err("fsync of", &self.temp))?;
+        fsync(&file, &self.temp)?;
         drop(file);
         crate::crash::point("persist:before-rename", &self.target.to_string_lossy());
         fs::rename(&self.temp, &self.target)
@@ -97,7 +97,7 @@ impl AtomicFile {
     /// fsyncs the file and links it at the target only if nothing is there yet.
     pub fn commit_new(mut self) -> Result<(), IoError> {
         let file = self.file.take().expect("present until commit");
-        file.sync_all().map_err(io_err("fsync of", &self.temp))?;
+        fsync(&file, &self.temp)?;
         drop(file);
         // A hard link fails if the target appeared meanwhile, where a rename would replace it.
         let linked =
@@ -156,7 +156,7 @@ pub fn overwrite_in_place(target: &Path, bytes: &[u8]) -> Result<(), IoError> {
     crate::crash::point("persist:before-overwrite", &target.to_string_lossy());
     file.write_all_at(bytes, 0)
         .map_err(io_err("writing in place", target))?;
-    file.sync_all().map_err(io_err("fsync of", target))?;
+    fsync(&file, target)?;
     crate::crash::point("persist:after-overwrite", &target.to_string_lossy());
     Ok(())
 }
@@ -177,18 +177,78 @@ pub fn write_new(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> 
     file.commit_new()
 }
 
-/// fsyncs a file: its data and its metadata (on FAT, its directory entry).
-pub fn sync_file(path: &Path) -> Result<(), IoError> {
-    File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err("fsync", path))
+/// fsyncs the open `file` (at `path`): its data and metadata are durable when this returns.
+/// Every sync of Abide goes through here or the functions below, so the crash tests'
+/// power-loss model ([`crate::powerloss`]) sees each, named by the line that asked for it.
+#[track_caller]
+pub fn fsync(file: &File, path: &Path) -> Result<(), IoError> {
+    let sync = crate::powerloss::begin(std::panic::Location::caller());
+    if sync.as_ref().is_some_and(|s| s.skip) {
+        return Ok(());
+    }
+    file.sync_all().map_err(io_err("fsync of", path))?;
+    if let Some(s) = sync {
+        crate::powerloss::file_synced(&s, file, path);
+    }
+    Ok(())
 }
 
-/// fsyncs a directory, so that a rename in it is durable.
+/// fdatasyncs the open `file` (at `path`): its data (and its size) are durable when this
+/// returns.
+#[track_caller]
+pub fn fdatasync(file: &File, path: &Path) -> Result<(), IoError> {
+    let sync = crate::powerloss::begin(std::panic::Location::caller());
+    if sync.as_ref().is_some_and(|s| s.skip) {
+        return Ok(());
+    }
+    file.sync_data().map_err(io_err("fdatasync of", path))?;
+    if let Some(s) = sync {
+        crate::powerloss::file_synced(&s, file, path);
+    }
+    Ok(())
+}
+
+/// fsyncs a file by path: its data and its metadata (on FAT, its directory entry).
+#[track_caller]
+pub fn sync_file(path: &Path) -> Result<(), IoError> {
+    let file = File::open(path).map_err(io_err("opening for fsync", path))?;
+    fsync(&file, path)
+}
+
+/// fsyncs a directory, so that a rename, create or unlink in it is durable.
+#[track_caller]
 pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
+    let sync = crate::powerloss::begin(std::panic::Location::caller());
+    if sync.as_ref().is_some_and(|s| s.skip) {
+        return Ok(());
+    }
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync of directory", dir))
+        .map_err(io_err("fsync of directory", dir))?;
+    if let Some(s) = sync {
+        crate::powerloss::dir_synced(&s, dir);
+    }
+    Ok(())
+}
+
+/// Syncs the whole file system `dir` is on (syncfs): every file and directory under `dir` is
+/// durable when this returns.
+#[track_caller]
+pub fn syncfs(dir: &Path) -> Result<(), IoError> {
+    let sync = crate::powerloss::begin(std::panic::Location::caller());
+    if sync.as_ref().is_some_and(|s| s.skip) {
+        return Ok(());
+    }
+    let handle = File::open(dir).map_err(io_err("opening", dir))?;
+    rustix::fs::syncfs(&handle).map_err(|e| IoError {
+        op: "syncing the file system of",
+        path: dir.to_owned(),
+        source: e.into(),
+    })?;
+    if let Some(s) = sync {
+        crate::powerloss::tree_synced(&s, dir);
+    }
+    Ok(())
 }
 
 /// Reads a whole file, refusing one larger than `max` bytes.

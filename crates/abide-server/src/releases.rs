@@ -125,10 +125,15 @@ pub async fn upload(
             "the request body is empty: send the bundle file",
         ));
     }
-    file.sync_all()
+    file.flush()
         .await
+        .map_err(|e| ApiError::internal("writing the upload", e))?;
+    let file = file.into_std().await;
+    let synced = tmp_path.clone();
+    tokio::task::spawn_blocking(move || abide_fs::persist::fsync(&file, &synced))
+        .await
+        .map_err(|e| ApiError::internal("syncing the upload", e))?
         .map_err(|e| ApiError::internal("syncing the upload", e))?;
-    drop(file);
     let sha256 = abide_bundle::digest::encode_hex(&hasher.finalize());
     let verify_path = tmp_path.clone();
     let trust = crate::trust::current(&server).await?;

@@ -179,9 +179,10 @@ fn init(
     fs::create_dir_all(dir.join("slots"))?;
     fs::create_dir_all(dir.join("state"))?;
     for g in ["A", "B"] {
-        let f = fs::File::create(dir.join(format!("slots/rootfs.{g}.img")))?;
+        let path = dir.join(format!("slots/rootfs.{g}.img"));
+        let f = fs::File::create(&path)?;
         f.set_len(size)?;
-        f.sync_all()?;
+        abide_fs::persist::fsync(&f, &path)?;
     }
     write_atomic(&dir.join("trust.json"), &trust_bytes, 0o644)?;
     if let Some(t) = &token {

@@ -60,3 +60,26 @@ fn the_crate_graph_is_as_architecture_draws_it() {
         "the agent never depends on the server"
     );
 }
+
+/// Every sync of a file, directory or file system goes through `abide_fs::persist`, so that the
+/// crash tests' power-loss model (`abide_fs::powerloss`) sees every one: a sync made elsewhere
+/// would be invisible to it, and the model would call durable what is not.
+#[test]
+fn every_sync_goes_through_abide_fs() {
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut checked = 0;
+    for krate in std::fs::read_dir(&crates).unwrap() {
+        let krate = krate.unwrap();
+        let name = krate.file_name().to_string_lossy().into_owned();
+        if name == "abide-fs" || name == "abide-testkit" {
+            continue;
+        }
+        let src = krate.path().join("src");
+        if !src.is_dir() {
+            continue;
+        }
+        check_sources(&src, &[".sync_all()", ".sync_data()", "fs::syncfs("]);
+        checked += 1;
+    }
+    assert!(checked >= 8, "{checked} crates checked");
+}

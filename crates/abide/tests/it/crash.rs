@@ -1,15 +1,22 @@
 //! The crash matrix (I6, I7): the install and the boot step are cut short at every crash
-//! point (a process abort, as a power loss), then the simulated device is powered on and
-//! must converge — booting a good group, the transaction committed, rolled back, or failed
-//! before activation with the old group untouched — with its state file and audit log
-//! intact, and the same bundle installable again. Then the same with `kill -9` at random
-//! moments (200 runs with ABIDE_SLOW_TESTS=1, 20 otherwise).
+//! point, then the simulated device is powered on and must converge — booting a good group,
+//! the transaction committed with the new group whole, rolled back, or failed before
+//! activation with the old group untouched — with its state file and audit log intact, and
+//! the same bundle installable again.
+//!
+//! Each cut is checked twice: as the process abort leaves the files (the page cache kept, as
+//! after a crash of the process), and as a power cut leaves the disk — only what was synced
+//! (`abide_fs::powerloss`: files as of their last fsync, directories as of their last
+//! directory fsync). Then the proof that the second model has teeth: each sync of the install
+//! and of the boot is left out in turn, and some cut must then break an invariant. Last,
+//! `kill -9` at random moments (200 runs with ABIDE_SLOW_TESTS=1, 20 otherwise).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use abide_bundle::Digest;
+use abide_fs::powerloss::{self, Snapshot};
 use serde_json::Value;
 
 use crate::device::{Sim, field};
@@ -61,13 +68,27 @@ fn slot_a(dir: &Path) -> Digest {
     Digest::of(&std::fs::read(dir.join("dev/slots/rootfs.A.img")).unwrap())
 }
 
+/// What a converged device must hold: group A as it was, and group B's image when it runs B.
+#[derive(Clone, Copy)]
+struct Expect {
+    slot_a: Digest,
+    /// The new image's length and digest (the slot is larger; the rest is not the image's).
+    image_b: (usize, Digest),
+}
+
+fn slot_b_image(dir: &Path, len: usize) -> Digest {
+    let bytes = std::fs::read(dir.join("dev/slots/rootfs.B.img")).unwrap();
+    Digest::of(&bytes[..len.min(bytes.len())])
+}
+
 /// Powers the crashed device on and checks I1–I8; returns the final state.
 fn recover_and_check(
     dir: &Path,
-    slot_a_before: Digest,
+    expect: Expect,
     counter_before: u64,
     force_reinstall: bool,
 ) -> String {
+    let slot_a_before = expect.slot_a;
     let v = json(dir, "sim reboot dev", 0);
     let cycles = v["cycles"].as_array().unwrap().len();
     assert!(
@@ -92,6 +113,11 @@ fn recover_and_check(
         "committed" => {
             assert_eq!((booted, field(s, "version")), ("B", "2.0.0"));
             assert_eq!(s["security_version"], 2, "the counter rose at commit");
+            assert_eq!(
+                slot_b_image(dir, expect.image_b.0),
+                expect.image_b.1,
+                "the committed group holds the new image whole"
+            );
         }
         "idle" | "failed" | "rolled_back" => {
             assert_eq!((booted, field(s, "version")), ("A", "1.0.0"), "{s}");
@@ -128,34 +154,75 @@ fn recover_and_check(
     state
 }
 
-fn setup() -> (Sim, PathBuf) {
+fn setup() -> (Sim, PathBuf, Expect) {
     let sim = Sim::new(Some("true"));
     sim.bundle("2.0.0", 2, 21);
     let template = sim.path("template");
     copy_dir(&sim.path("dev"), &template.join("dev"));
     std::fs::copy(sim.path("2.0.0.abide"), template.join("2.0.0.abide")).unwrap();
-    (sim, template)
+    let image = std::fs::read(sim.path("img-2.0.0")).unwrap();
+    let expect = Expect {
+        slot_a: slot_a(&template),
+        image_b: (image.len(), Digest::of(&image)),
+    };
+    (sim, template, expect)
 }
 
+/// A copy of the template whose syncs are recorded from here on.
+struct Case {
+    dir: PathBuf,
+    log: PathBuf,
+    before: Snapshot,
+}
+
+impl Case {
+    fn new(template: &Path, dir: &Path) -> Case {
+        copy_dir(template, dir);
+        let log = dir.with_extension("powerloss");
+        std::fs::create_dir_all(&log).unwrap();
+        Case {
+            before: Snapshot::take(dir, template).unwrap(),
+            dir: dir.to_owned(),
+            log,
+        }
+    }
+
+    /// Runs abide in the case with its syncs recorded, cut at crash point `crash_at` (if any)
+    /// and leaving out the syncs of the site `skip` (if any); returns whether it exited
+    /// normally.
+    fn run(&self, args: &[&str], crash_at: Option<usize>, skip: Option<&str>) -> bool {
+        let mut env = vec![("ABIDE_POWERLOSS_LOG", self.log.display().to_string())];
+        if let Some(k) = crash_at {
+            env.push(("ABIDE_CRASH_AT", k.to_string()));
+        }
+        if let Some(site) = skip {
+            env.push(("ABIDE_POWERLOSS_SKIP", site.to_owned()));
+        }
+        run(&self.dir, args, &env)
+    }
+
+    /// The disk as a power cut now would leave it: only what was synced.
+    fn power_cut(&self) -> PathBuf {
+        let out = self.dir.with_extension("cut");
+        powerloss::materialize(&self.before, &self.log, &out).unwrap();
+        out
+    }
+}
+
+const INSTALL: [&str; 4] = ["install", "2.0.0.abide", "--config", "dev/system.toml"];
+const BOOT: [&str; 3] = ["sim", "reboot", "dev"];
+
 #[test]
-fn a_crash_at_every_point_of_an_install_or_a_boot_converges() {
-    let (sim, template) = setup();
+fn a_crash_or_a_power_cut_at_every_point_of_an_install_or_a_boot_converges() {
+    let (sim, template, expect) = setup();
     let cases = sim.path("cases");
-    let before = slot_a(&template);
 
     // The durable steps of an install, and of the power-on that follows it.
-    let install_points = trace(
-        &copy_to(&template, &cases.join("trace-install")),
-        &["install", "2.0.0.abide", "--config", "dev/system.toml"],
-    );
+    let install_points = trace(&copy_to(&template, &cases.join("trace-install")), &INSTALL);
     let installed = cases.join("trace-boot");
     copy_to(&template, &installed);
-    assert!(run(
-        &installed,
-        &["install", "2.0.0.abide", "--config", "dev/system.toml"],
-        &[]
-    ));
-    let boot_points = trace(&installed, &["sim", "reboot", "dev"]);
+    assert!(run(&installed, &INSTALL, &[]));
+    let boot_points = trace(&installed, &BOOT);
     assert!(
         install_points.len() >= 20 && boot_points.len() >= 10,
         "{install_points:?} {boot_points:?}"
@@ -163,43 +230,150 @@ fn a_crash_at_every_point_of_an_install_or_a_boot_converges() {
 
     let mut outcomes = std::collections::BTreeMap::new();
     for (k, point) in install_points.iter().enumerate() {
-        let dir = copy_to(&template, &cases.join(format!("install-{k}")));
-        let finished = run(
-            &dir,
-            &["install", "2.0.0.abide", "--config", "dev/system.toml"],
-            &[("ABIDE_CRASH_AT", k.to_string())],
-        );
+        let case = Case::new(&template, &cases.join(format!("install-{k}")));
+        let finished = case.run(&INSTALL, Some(k), None);
         assert!(!finished, "crash point {k} ({point}) was not reached");
-        let state = recover_and_check(&dir, before, 0, false);
-        assert_ne!(
-            state, "rolled_back",
-            "a crash during the install is not a failed trial ({point})"
-        );
-        *outcomes.entry(format!("install → {state}")).or_insert(0) += 1;
+        for (model, dir) in [("crash", case.dir.clone()), ("power cut", case.power_cut())] {
+            let state = recover_and_check(&dir, expect, 0, false);
+            assert_ne!(
+                state, "rolled_back",
+                "a {model} during the install is not a failed trial ({point})"
+            );
+            *outcomes
+                .entry(format!("install, {model} → {state}"))
+                .or_insert(0) += 1;
+        }
     }
     for (k, point) in boot_points.iter().enumerate() {
-        let dir = copy_to(&template, &cases.join(format!("boot-{k}")));
-        assert!(run(
-            &dir,
-            &["install", "2.0.0.abide", "--config", "dev/system.toml"],
-            &[]
-        ));
-        let finished = run(
-            &dir,
-            &["sim", "reboot", "dev"],
-            &[("ABIDE_CRASH_AT", k.to_string())],
-        );
+        let case = Case::new(&template, &cases.join(format!("boot-{k}")));
+        assert!(case.run(&INSTALL, None, None));
+        let finished = case.run(&BOOT, Some(k), None);
         assert!(
             !finished,
             "crash point {k} ({point}) of the boot was not reached"
         );
-        let state = recover_and_check(&dir, before, 0, true);
-        *outcomes.entry(format!("boot → {state}")).or_insert(0) += 1;
+        for (model, dir) in [("crash", case.dir.clone()), ("power cut", case.power_cut())] {
+            let state = recover_and_check(&dir, expect, 0, true);
+            *outcomes
+                .entry(format!("boot, {model} → {state}"))
+                .or_insert(0) += 1;
+        }
     }
+    // A power cut right after a finished install, and after a finished boot: what they
+    // finished is kept, and the update commits.
+    let case = Case::new(&template, &cases.join("finished-install"));
+    assert!(case.run(&INSTALL, None, None));
+    assert_eq!(recover_and_check(&case.power_cut(), expect, 0, false), "committed");
+    let case = Case::new(&template, &cases.join("finished-boot"));
+    assert!(case.run(&INSTALL, None, None));
+    assert!(case.run(&BOOT, None, None));
+    assert_eq!(recover_and_check(&case.power_cut(), expect, 0, false), "committed");
     eprintln!(
         "crash matrix: {} install points and {} boot points, outcomes {outcomes:?}",
         install_points.len(),
         boot_points.len()
+    );
+}
+
+/// Runs `check` and returns its panic message, if it panicked.
+fn violation(check: impl FnOnce() + std::panic::UnwindSafe) -> Option<String> {
+    std::panic::catch_unwind(check).err().map(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+            .unwrap_or_default()
+    })
+}
+
+/// Whether leaving out the syncs of `site` in `args` (run after `setup_args`, if given) lets
+/// some power cut break an invariant: a cut right after the run, which must keep what the run
+/// finished (the device then commits), or a cut at any of its crash points, after which the
+/// device must converge as always.
+fn a_cut_catches_it(
+    template: &Path,
+    dir: &Path,
+    expect: Expect,
+    setup_args: Option<&[&str]>,
+    args: &[&str],
+    points: usize,
+    site: &str,
+) -> Option<String> {
+    // After the run first, then from the last crash point back: a missing sync usually shows
+    // where everything that should be durable is relied on.
+    let cuts = std::iter::once(None).chain((0..points).rev().map(Some));
+    for (i, crash_at) in cuts.enumerate() {
+        let case = Case::new(template, &dir.join(i.to_string()));
+        if let Some(setup) = setup_args {
+            assert!(case.run(setup, None, None));
+        }
+        let finished = case.run(args, crash_at, Some(site));
+        let cut = case.power_cut();
+        let force = setup_args.is_some();
+        let broken = violation(move || {
+            let state = recover_and_check(&cut, expect, 0, force);
+            if finished {
+                assert_eq!(state, "committed", "the finished run was kept");
+            }
+        });
+        if let Some(why) = broken {
+            return Some(format!("cut at {crash_at:?}: {why}"));
+        }
+    }
+    None
+}
+
+#[test]
+fn deleting_any_one_sync_of_the_install_or_the_boot_breaks_an_invariant_after_a_power_cut() {
+    let (sim, template, expect) = setup();
+    let work = sim.path("mutations");
+    // The sync sites and crash points of a whole install, and of the boot after it.
+    let booted = Case::new(&template, &work.join("booted"));
+    assert!(booted.run(&INSTALL, None, None));
+    let install_syncs = powerloss::syncs(&booted.log).unwrap();
+    assert!(booted.run(&BOOT, None, None));
+    let boot_syncs = powerloss::syncs(&booted.log).unwrap()[install_syncs.len()..].to_vec();
+    let installed = copy_to(&template, &work.join("trace-install"));
+    let install_points = trace(&installed, &INSTALL).len();
+    let boot_points = trace(&installed, &BOOT).len();
+    let sites = |syncs: &[powerloss::Sync]| {
+        let mut sites: Vec<String> = syncs.iter().map(|s| s.site.clone()).collect();
+        sites.sort();
+        sites.dedup();
+        sites
+    };
+    let (install_sites, boot_sites) = (sites(&install_syncs), sites(&boot_syncs));
+    assert!(
+        install_sites.len() >= 4 && boot_sites.len() >= 3,
+        "{install_sites:?} {boot_sites:?}"
+    );
+
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let (mut caught, mut unnoticed) = (Vec::new(), Vec::new());
+    let runs = install_sites
+        .iter()
+        .map(|s| ("install", s, None, &INSTALL[..], install_points))
+        .chain(
+            boot_sites
+                .iter()
+                .map(|s| ("boot", s, Some(&INSTALL[..]), &BOOT[..], boot_points)),
+        );
+    for (i, (what, site, setup_args, args, points)) in runs.enumerate() {
+        let dir = work.join(format!("site-{i}"));
+        match a_cut_catches_it(&template, &dir, expect, setup_args, args, points, site) {
+            Some(why) => caught.push(format!("{what}, without {site}: {why}")),
+            None => unnoticed.push(format!("{what}: {site}")),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    std::panic::set_hook(hook);
+    eprintln!("each deleted sync and the power cut that caught it:");
+    for c in &caught {
+        eprintln!("  {}", c.lines().next().unwrap_or(""));
+    }
+    assert!(
+        unnoticed.is_empty(),
+        "syncs whose deletion no power cut notices: {unnoticed:#?}"
     );
 }
 
@@ -215,8 +389,7 @@ fn kill_9_at_random_moments_converges() {
     } else {
         20
     };
-    let (sim, template) = setup();
-    let before = slot_a(&template);
+    let (sim, template, expect) = setup();
     // How long an install takes here, to spread the kills over it.
     let timing = copy_to(&template, &sim.path("timing"));
     let start = Instant::now();
@@ -240,7 +413,7 @@ fn kill_9_at_random_moments_converges() {
         std::thread::sleep(Duration::from_micros(rng.next_u64() % (span + span / 4)));
         let _ = child.kill();
         let status = child.wait().unwrap();
-        let state = recover_and_check(&dir, before, 0, false);
+        let state = recover_and_check(&dir, expect, 0, false);
         let killed = if status.code().is_some() {
             "finished"
         } else {

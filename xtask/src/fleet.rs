@@ -361,5 +361,6 @@ fn idle_inventory() -> abide_proto::CheckinRequest {
         health: Some(abide_proto::Health::Healthy),
         trust_version: None,
         progress: None,
+        audit_head: None,
     }
 }

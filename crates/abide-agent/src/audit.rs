@@ -4,16 +4,25 @@
 //! A record is `{"seq":N,"time":…,"event":…,"details":{…},"prev":H(N-1),"hash":H(N)}` where
 //! `H(N)` is the SHA-256 of the canonical JSON of the record without `hash`, and `H(0)` is 64
 //! zeros. A separate head file (`NAME.head`, replaced atomically after every append) holds the
-//! last sequence number and hash, so that cutting records off the end is detected too.
+//! last sequence number and hash, signed with the device key (`device.key` beside the log,
+//! made at the first open, mode 0600; its public half in `device.pub`), so that cutting records
+//! off the end is detected too, and a rewrite of every record and the head needs the key.
 //! [`AuditLog::verify`] finds any edit, deletion, reordering or truncation; a last record torn
 //! by a crash mid-append is reported and cut away on [`AuditLog::open`], keeping every record
 //! before it.
+//!
+//! Against someone who holds the device key (root on the device) the anchor is off the
+//! device: the agent reports the signed head with every check-in, the server keeps the latest
+//! and refuses one that goes back or changes a record it saw, and [`AuditLog::verify_against`]
+//! checks the log against such a checkpoint.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{IoError, read_bounded, write_atomic};
+use abide_boot::persist::{IoError, read_bounded, write_atomic, write_new};
+use abide_bundle::{PublicKey, SecretKey};
+use abide_proto::AuditHead;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -59,6 +68,83 @@ pub struct Record {
 struct Head {
     seq: u64,
     hash: String,
+    /// Ed25519 by the device key over `AuditHead::message` (hex); absent only in heads written
+    /// before devices had keys (signed at the next open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    signature: Option<String>,
+}
+
+impl Head {
+    fn signed(seq: u64, hash: String, key: &SecretKey) -> Head {
+        let signature = key.sign(AuditHead::DEVICE_DOMAIN, &AuditHead::message(seq, &hash));
+        Head {
+            seq,
+            hash,
+            signature: Some(abide_bundle::digest::encode_hex(&signature)),
+        }
+    }
+
+    fn signature_is_valid(&self, key: &PublicKey) -> bool {
+        self.signature
+            .as_deref()
+            .and_then(abide_bundle::digest::decode_hex)
+            .and_then(|b| <[u8; 64]>::try_from(b).ok())
+            .is_some_and(|sig| {
+                key.verify(
+                    AuditHead::DEVICE_DOMAIN,
+                    &AuditHead::message(self.seq, &self.hash),
+                    &sig,
+                )
+            })
+    }
+}
+
+/// The device key beside the log at `path`: read, or made (`device.key`, mode 0600, and
+/// `device.pub`) if there is none.
+fn device_key(path: &Path) -> Result<SecretKey, AuditError> {
+    let dir = parent(path);
+    let (secret, public) = (dir.join("device.key"), dir.join("device.pub"));
+    let key = match read_bounded(&secret, 4096) {
+        Ok(bytes) => SecretKey::from_file_text(&String::from_utf8_lossy(&bytes)).map_err(|e| {
+            AuditError::Broken {
+                path: path.to_owned(),
+                what: format!("{}: {e}", secret.display()),
+            }
+        })?,
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
+            let mut seed = [0u8; 32];
+            getrandom::fill(&mut seed).expect("the system's random source works");
+            let key = SecretKey::from_seed(seed);
+            write_new(&secret, key.to_file_text().as_bytes(), 0o600)?;
+            key
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let text = key.public().to_file_text();
+    if read_bounded(&public, 4096).ok().as_deref() != Some(text.as_bytes()) {
+        write_atomic(&public, text.as_bytes(), 0o644)?;
+    }
+    Ok(key)
+}
+
+/// The device's public key, from `device.pub` beside the log at `path`.
+fn device_public(path: &Path) -> Result<PublicKey, AuditError> {
+    let file = parent(path).join("device.pub");
+    let bytes = read_bounded(&file, 4096).map_err(|e| AuditError::Broken {
+        path: path.to_owned(),
+        what: format!("the device's public key, which signs the head, is not readable: {e}"),
+    })?;
+    PublicKey::from_file_text(&String::from_utf8_lossy(&bytes)).map_err(|e| AuditError::Broken {
+        path: path.to_owned(),
+        what: format!("{}: {e}", file.display()),
+    })
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// What opening the log found and did.
@@ -75,6 +161,7 @@ pub struct OpenReport {
 pub struct AuditLog {
     path: PathBuf,
     head: Head,
+    key: SecretKey,
 }
 
 impl AuditLog {
@@ -112,17 +199,26 @@ impl AuditLog {
             bytes.truncate(complete);
         }
         let records = check(path, &bytes)?;
-        let head = records.last().map_or(
-            Head {
-                seq: 0,
-                hash: GENESIS.to_owned(),
-            },
-            |r| Head {
-                seq: r.seq,
-                hash: r.hash.clone(),
-            },
+        let key = device_key(path)?;
+        let head = records.last().map_or_else(
+            || Head::signed(0, GENESIS.to_owned(), &key),
+            |r| Head::signed(r.seq, r.hash.clone(), &key),
         );
-        check_head(path, &records)?;
+        let signed = check_head(path, &records, Some(&key.public()))?;
+        let on_disk: Option<Head> = read_bounded(&head_path(path), 4096)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let lags = !records.is_empty()
+            && on_disk.is_none_or(|h| (h.seq, &h.hash) != (head.seq, &head.hash));
+        if signed == Signed::No || lags {
+            // A head from before the device had a key, or one a cut left a record behind: the
+            // chain verified; sign the last record now.
+            write_atomic(
+                &head_path(path),
+                &serde_json::to_vec(&head).expect("serializes"),
+                0o644,
+            )?;
+        }
         // A log created here is not made durable by a directory sync of its own: an empty log
         // lost to a power cut is no loss, and the first append's head, renamed into this same
         // directory and synced there, makes the log's name durable with its first record. (The
@@ -131,6 +227,7 @@ impl AuditLog {
             AuditLog {
                 path: path.to_owned(),
                 head,
+                key,
             },
             OpenReport {
                 records: records.len() as u64,
@@ -171,10 +268,7 @@ impl AuditLog {
         file.write_all(&line).map_err(|e| io("appending to", e))?;
         abide_boot::persist::fsync(&file, &self.path)?;
         abide_boot::crash::point("audit:after-fsync", "");
-        let head = Head {
-            seq: record.seq,
-            hash: record.hash.clone(),
-        };
+        let head = Head::signed(record.seq, record.hash.clone(), &self.key);
         write_atomic(
             &head_path(&self.path),
             &serde_json::to_vec(&head).expect("serializes"),
@@ -204,8 +298,103 @@ impl AuditLog {
             });
         }
         let records = check(path, &bytes)?;
-        check_head(path, &records)?;
+        let key = if records.is_empty() {
+            None
+        } else {
+            Some(device_public(path)?)
+        };
+        if check_head(path, &records, key.as_ref())? == Signed::No {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: "its head is not signed (a head from before devices had keys is signed \
+                       when the log is next opened for writing)"
+                    .into(),
+            });
+        }
         Ok(records)
+    }
+
+    /// Verifies the log at `path` as [`AuditLog::verify`] does, and that it still holds the
+    /// checkpoint `head` (a signed head kept elsewhere, such as the one the fleet server
+    /// accepted last): record `head.seq` with `head.hash`, under the same device key. A log
+    /// rewritten by someone holding the device key verifies on its own but not against a
+    /// checkpoint taken before.
+    pub fn verify_against(path: &Path, head: &AuditHead) -> Result<Vec<Record>, AuditError> {
+        let broken = |what: String| AuditError::Broken {
+            path: path.to_owned(),
+            what,
+        };
+        let records = Self::verify(path)?;
+        let key = PublicKey::from_hex(&head.key)
+            .map_err(|e| broken(format!("the checkpoint's key: {e}")))?;
+        let checkpoint = Head {
+            seq: head.seq,
+            hash: head.hash.clone(),
+            signature: Some(head.signature.clone()),
+        };
+        if !checkpoint.signature_is_valid(&key) {
+            return Err(broken(
+                "the checkpoint's signature does not verify under its key".into(),
+            ));
+        }
+        if head.seq > 0 && device_public(path)? != key {
+            return Err(broken(
+                "the log's device key is not the one that signed the checkpoint (the key was replaced)".into(),
+            ));
+        }
+        let held = head
+            .seq
+            .checked_sub(1)
+            .map(|i| records.get(i as usize).map(|r| r.hash.as_str()));
+        match held {
+            None if head.hash == GENESIS => Ok(records),
+            Some(Some(hash)) if hash == head.hash => Ok(records),
+            Some(None) => Err(broken(format!(
+                "the checkpoint names record {}, the log has {} (records were cut off)",
+                head.seq,
+                records.len()
+            ))),
+            _ => Err(broken(format!(
+                "record {} is not the one the checkpoint names (the log was rewritten)",
+                head.seq
+            ))),
+        }
+    }
+
+    /// The signed head of the log at `path`, read without opening the log for writing; the
+    /// log is verified first.
+    pub fn head(path: &Path) -> Result<AuditHead, AuditError> {
+        let records = Self::verify(path)?;
+        let key = device_public(path)?;
+        let head: Head = match read_bounded(&head_path(path), 4096) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuditError::Broken {
+                path: path.to_owned(),
+                what: format!("its head file is not readable: {e}"),
+            })?,
+            Err(e) => return Err(e.into()),
+        };
+        if head.seq != records.len() as u64 {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: "its head lags its last record (a cut during an append); the next open signs a new one".into(),
+            });
+        }
+        Ok(AuditHead {
+            seq: head.seq,
+            hash: head.hash,
+            key: key.to_hex(),
+            signature: head.signature.unwrap_or_default(),
+        })
+    }
+
+    /// The signed head, as the agent reports it.
+    pub fn signed_head(&self) -> AuditHead {
+        AuditHead {
+            seq: self.head.seq,
+            hash: self.head.hash.clone(),
+            key: self.key.public().to_hex(),
+            signature: self.head.signature.clone().unwrap_or_default(),
+        }
     }
 
     /// The number of records.
@@ -268,9 +457,21 @@ fn check(path: &Path, bytes: &[u8]) -> Result<Vec<Record>, AuditError> {
     Ok(records)
 }
 
+/// Whether a head carried a signature (checked when a key is given).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signed {
+    Yes,
+    No,
+}
+
 /// The head file may lag the log by one record (a crash between the append and the head
-/// update) but never lead it, and must name a record that is there.
-fn check_head(path: &Path, records: &[Record]) -> Result<(), AuditError> {
+/// update) but never lead it, and must name a record that is there. With `key`, a signature
+/// the head carries must verify under it; whether it carried one is returned.
+fn check_head(
+    path: &Path,
+    records: &[Record],
+    key: Option<&PublicKey>,
+) -> Result<Signed, AuditError> {
     let head_file = head_path(path);
     let head: Head = match read_bounded(&head_file, 4096) {
         Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuditError::Broken {
@@ -278,7 +479,7 @@ fn check_head(path: &Path, records: &[Record]) -> Result<(), AuditError> {
             what: format!("its head file is not readable: {e}"),
         })?,
         Err(e) if e.source.kind() == std::io::ErrorKind::NotFound && records.len() <= 1 => {
-            return Ok(());
+            return Ok(Signed::Yes);
         }
         Err(e) => return Err(e.into()),
     };
@@ -298,7 +499,16 @@ fn check_head(path: &Path, records: &[Record]) -> Result<(), AuditError> {
             ),
         });
     }
-    Ok(())
+    match (key, &head.signature) {
+        (_, None) => Ok(Signed::No),
+        (Some(key), Some(_)) if !head.signature_is_valid(key) => Err(AuditError::Broken {
+            path: path.to_owned(),
+            what:
+                "its head's signature does not verify under the device key (the head was rewritten)"
+                    .into(),
+        }),
+        _ => Ok(Signed::Yes),
+    }
 }
 
 fn head_path(path: &Path) -> PathBuf {

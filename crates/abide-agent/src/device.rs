@@ -64,6 +64,11 @@ impl Device {
         })
     }
 
+    /// The audit log's signed head (None when opened read-only).
+    pub fn audit_head(&self) -> Option<abide_proto::AuditHead> {
+        self.audit.as_ref().map(AuditLog::signed_head)
+    }
+
     /// The bootloader backend.
     pub fn bootloader(&self) -> &dyn Bootloader {
         self.bootloader.as_ref()

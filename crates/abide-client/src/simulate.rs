@@ -211,6 +211,7 @@ impl Sim {
                     health: Some(abide_proto::Health::Healthy),
                     trust_version: None,
                     progress: None,
+                    audit_head: None,
                 },
                 jiff::Timestamp::now(),
             )

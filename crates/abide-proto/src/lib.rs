@@ -514,6 +514,36 @@ pub struct AdminToken {
     pub view: AdminTokenView,
 }
 
+/// The head of an audit log, signed: the last record's sequence number and hash. A device
+/// signs its own with its device key (reported with every check-in); the server signs its
+/// trail's with its assignment-signing key. Kept elsewhere, it is a checkpoint: a log that no
+/// longer holds record `seq` with hash `hash` was rewritten or cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditHead {
+    /// The last record's sequence number (0: no records).
+    pub seq: u64,
+    /// Its hash (hex).
+    pub hash: String,
+    /// The public key that signed (hex).
+    pub key: String,
+    /// Ed25519 over [`AuditHead::message`] under the domain [`AuditHead::DEVICE_DOMAIN`] or
+    /// [`AuditHead::SERVER_DOMAIN`] (hex).
+    pub signature: String,
+}
+
+impl AuditHead {
+    /// The signature domain of a device's audit head.
+    pub const DEVICE_DOMAIN: &'static [u8] = b"abide-device-audit-head-v1";
+    /// The signature domain of the server's audit head.
+    pub const SERVER_DOMAIN: &'static [u8] = b"abide-server-audit-head-v1";
+
+    /// What is signed: `SEQ "\n" HASH`.
+    pub fn message(seq: u64, hash: &str) -> Vec<u8> {
+        format!("{seq}\n{hash}").into_bytes()
+    }
+}
+
 /// A device's enrolment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -573,6 +603,10 @@ pub struct CheckinRequest {
     /// Download progress of the release it is staging, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
+    /// Its audit log's signed head; the server keeps the latest and refuses one that goes back,
+    /// changes a record it already saw, or is signed by another key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audit_head: Option<AuditHead>,
 }
 
 /// How far a download is.
@@ -725,6 +759,10 @@ pub struct Device {
     /// When its credential was revoked, if it was.
     #[serde(default)]
     pub revoked_at: Option<String>,
+    /// The latest signed head of its audit log the server accepted: a checkpoint for
+    /// `abide log verify --against`.
+    #[serde(default)]
+    pub audit_head: Option<AuditHead>,
 }
 
 /// A device whose credential was revoked.
@@ -758,7 +796,8 @@ pub struct AuditRecord {
 /// The result of checking the audit chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditVerify {
-    /// Whether every record links to the one before and hashes right.
+    /// Whether every record links to the one before and hashes right, the head names the last
+    /// record and carries a valid signature, and (when given) the checkpoint is in the chain.
     pub ok: bool,
     /// How many records were checked.
     pub records: u64,

@@ -230,6 +230,15 @@ ALTER TABLE web_sessions ADD COLUMN role TEXT NOT NULL DEFAULT 'admin';
 ALTER TABLE web_sessions ADD COLUMN token_id TEXT;
 "#,
     ),
+    (
+        8,
+        // Signed audit heads: the server's own (signed with its key on every append) and the
+        // latest each device reported (JSON of abide_proto::AuditHead).
+        r#"
+ALTER TABLE audit_head ADD COLUMN signature TEXT;
+ALTER TABLE devices ADD COLUMN audit_head TEXT;
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

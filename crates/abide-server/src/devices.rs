@@ -594,6 +594,10 @@ pub async fn checkin(
     let id = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: CheckinRequest = parse_json(&body)?;
     check_inventory(&req)?;
+    if let Some(head) = &req.audit_head {
+        crate::audit::check_device_head(head)?;
+        crate::audit::keep_device_head(&server, &id, head).await?;
+    }
     let now = now_ms();
     server.last_seen.0.lock().expect("not poisoned").insert(
         id.clone(),
@@ -821,21 +825,45 @@ pub struct Filter {
     pub state: Option<String>,
 }
 
-type DeviceRow = (
-    String,
-    String,
-    String,
-    String,
-    Option<String>,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    i64,
-);
+/// A row of `devices` as the list reads it.
+struct DeviceRow {
+    id: String,
+    group: String,
+    tags: String,
+    product: String,
+    version: Option<String>,
+    state: String,
+    reason: Option<String>,
+    booted: Option<String>,
+    health: Option<String>,
+    last_seen: Option<i64>,
+    progress: Option<String>,
+    revoked_at: Option<i64>,
+    last_seq: i64,
+    audit_head: Option<String>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for DeviceRow {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(DeviceRow {
+            id: row.try_get("id")?,
+            group: row.try_get("grp")?,
+            tags: row.try_get("tags")?,
+            product: row.try_get("product")?,
+            version: row.try_get("version")?,
+            state: row.try_get("state")?,
+            reason: row.try_get("reason")?,
+            booted: row.try_get("booted")?,
+            health: row.try_get("health")?,
+            last_seen: row.try_get("last_seen")?,
+            progress: row.try_get("progress")?,
+            revoked_at: row.try_get("revoked_at")?,
+            last_seq: row.try_get("last_seq")?,
+            audit_head: row.try_get("audit_head")?,
+        })
+    }
+}
 
 /// `GET /api/v1/devices?group=G&state=S` (viewer).
 pub async fn list(
@@ -847,69 +875,52 @@ pub async fn list(
     // connections.
     let pending = server.last_seen.snapshot();
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at, last_seq FROM devices \
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at, last_seq, audit_head FROM devices \
          WHERE ($1 = '' OR grp = $1) ORDER BY id",
     )
     .bind(filter.group.unwrap_or_default())
     .fetch_all(&server.db.read)
     .await?;
-    let corrupt = |id: &str, column: &str, e: serde_json::Error| {
-        ApiError::internal(
-            "reading the devices",
-            format!("device {id}: column {column} does not decode: {e}"),
-        )
-    };
     let mut devices = Vec::with_capacity(rows.len());
-    for (
-        id,
-        group,
-        tags,
-        product,
-        version,
-        state,
-        reason,
-        booted,
-        health,
-        last_seen,
-        progress,
-        revoked_at,
-        last_seq,
-    ) in rows
-    {
-        let tags = serde_json::from_str(&tags).map_err(|e| corrupt(&id, "tags", e))?;
-        let mut progress = progress
-            .map(|p| serde_json::from_str(&p))
-            .transpose()
-            .map_err(|e| corrupt(&id, "progress", e))?;
-        let (mut version, mut state, mut booted, mut health, mut last_seen) =
-            (version, state, booted, health, last_seen);
-        if let Some(seen) = pending.get(&id) {
+    for mut row in rows {
+        let name = format!("devices {}", row.id);
+        let tags = crate::db::json_column(&name, "tags", &row.tags)?;
+        let mut progress = row
+            .progress
+            .map(|p| crate::db::json_column(&name, "progress", &p))
+            .transpose()?;
+        let audit_head = row
+            .audit_head
+            .map(|h| crate::db::json_column(&name, "audit_head", &h))
+            .transpose()?;
+        if let Some(seen) = pending.get(&row.id) {
             // As `flush_last_seen` will write it.
-            last_seen = Some(seen.at);
-            version = Some(seen.version.clone());
-            booted.clone_from(&seen.booted);
-            health = seen.health.map(|h| h.as_str().to_owned());
+            row.last_seen = Some(seen.at);
+            row.version = Some(seen.version.clone());
+            row.booted.clone_from(&seen.booted);
+            row.health = seen.health.map(|h| h.as_str().to_owned());
             progress.clone_from(&seen.progress);
-            if last_seq == 0 {
-                state = seen.state.as_str().to_owned();
+            if row.last_seq == 0 {
+                row.state = seen.state.as_str().to_owned();
             }
         }
-        if filter.state.as_deref().is_some_and(|s| s != state) {
+        if filter.state.as_deref().is_some_and(|s| s != row.state) {
             continue;
         }
         devices.push(abide_proto::Device {
-            id,
-            group,
+            id: row.id,
+            group: row.group,
             tags,
-            product,
-            version,
-            state,
-            reason,
-            booted,
-            health,
-            last_seen: last_seen.map(rfc3339),
+            product: row.product,
+            version: row.version,
+            state: row.state,
+            reason: row.reason,
+            booted: row.booted,
+            health: row.health,
+            last_seen: row.last_seen.map(rfc3339),
             progress,
-            revoked_at: revoked_at.map(rfc3339),
+            revoked_at: row.revoked_at.map(rfc3339),
+            audit_head,
         });
     }
     Ok(Json(devices))

@@ -134,6 +134,9 @@ pub struct Inner {
     /// The groups' maintenance windows as last read, and when (they change rarely; a check-in
     /// reads them from here, at most two seconds old).
     pub windows: std::sync::RwLock<(i64, std::collections::HashMap<String, abide_proto::Window>)>,
+    /// The audit head each device last reported, as kept or refused (a check-in whose head is
+    /// unchanged touches no row).
+    pub audit_heads: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,
 }
 
 impl std::ops::Deref for Server {
@@ -200,7 +203,14 @@ impl Server {
             enrolments: limit::Buckets::new(enroll_per_minute),
             connections: Default::default(),
             windows: std::sync::RwLock::new((i64::MIN, Default::default())),
+            audit_heads: Default::default(),
         }));
+        audit::sign_unsigned_head(&server)
+            .await
+            .map_err(|source| db::DbError::Sql {
+                what: "signing the audit trail's head".into(),
+                source,
+            })?;
         Ok((server, notes))
     }
 }
@@ -446,6 +456,7 @@ pub fn app(server: Server) -> Router {
         )
         .route("/api/v1/audit", get(audit::list))
         .route("/api/v1/audit/verify", get(audit::verify))
+        .route("/api/v1/audit/head", get(audit::show_head))
         .fallback(|| async { error::ApiError::not_found("no such endpoint") })
         .layer(axum::middleware::from_fn_with_state(
             server.clone(),

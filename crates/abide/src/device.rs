@@ -36,8 +36,18 @@ pub struct ConfigArg {
 /// The `abide log` subcommands.
 #[derive(Subcommand)]
 pub enum LogCommand {
-    /// Check the hash chain: any edit, deletion, reordering or truncation is found.
-    Verify,
+    /// Check the hash chain and the head's signature by the device key: any edit, deletion,
+    /// reordering or truncation is found.
+    Verify {
+        /// Also check that the log still holds this checkpoint: a signed head kept elsewhere
+        /// (JSON, as `abide log head --json` prints it or the fleet server shows it in
+        /// `abide fleet devices --json` under `audit_head`). Finds a rewrite by someone who
+        /// holds the device key.
+        #[arg(long, value_name = "FILE")]
+        against: Option<std::path::PathBuf>,
+    },
+    /// Print the log's signed head (a checkpoint to keep elsewhere).
+    Head,
 }
 
 /// The `abide device` subcommands.
@@ -303,17 +313,47 @@ pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Resul
     Ok(())
 }
 
-/// `abide log` and `abide log verify`.
-pub fn run_log(config: &Path, verify: bool, out: Output) -> Result<()> {
+/// `abide log`, `abide log verify [--against FILE]` and `abide log head`.
+pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Result<()> {
     let config = Config::load(config)?;
     let path = config.state_dir.join("audit.log");
-    let records = AuditLog::verify(&path)?;
-    if verify {
-        out.print(&json!({"ok": true, "records": records.len()}), || {
-            format!("ok: {} records, hash chain intact", records.len())
-        });
-        return Ok(());
+    match command {
+        Some(LogCommand::Verify { against }) => {
+            let records = match against {
+                Some(file) => {
+                    let bytes = abide_fs::persist::read_bounded(&file, 64 << 10)?;
+                    let head: abide_proto::AuditHead = serde_json::from_slice(&bytes)
+                        .with_context(|| {
+                            format!(
+                                "{}: not an audit head (seq, hash, key, signature)",
+                                file.display()
+                            )
+                        })?;
+                    AuditLog::verify_against(&path, &head)?
+                }
+                None => AuditLog::verify(&path)?,
+            };
+            out.print(&json!({"ok": true, "records": records.len()}), || {
+                format!(
+                    "ok: {} records, hash chain and signed head intact",
+                    records.len()
+                )
+            });
+            return Ok(());
+        }
+        Some(LogCommand::Head) => {
+            let head = AuditLog::head(&path)?;
+            out.print(&serde_json::to_value(&head)?, || {
+                format!(
+                    "record {} {} (device key {})",
+                    head.seq, head.hash, head.key
+                )
+            });
+            return Ok(());
+        }
+        None => {}
     }
+    let records = AuditLog::verify(&path)?;
     out.print(&serde_json::to_value(&records).expect("serializes"), || {
         records
             .iter()

@@ -62,9 +62,17 @@ enum FleetCommand {
     Trust(TrustCommand),
     /// The audit trail.
     Audit {
-        /// Check the hash chain instead of listing it.
+        /// Check the hash chain and the head's signature by the server instead of listing it.
         #[arg(long)]
         verify: bool,
+        /// With --verify: also check that the trail still holds this checkpoint (a head saved
+        /// from `abide fleet audit --head --json`): finds a rewrite by someone who holds the
+        /// server's key.
+        #[arg(long, value_name = "FILE", requires = "verify")]
+        against: Option<PathBuf>,
+        /// Print the trail's head, signed by the server (a checkpoint to keep elsewhere).
+        #[arg(long, conflicts_with = "verify")]
+        head: bool,
     },
     /// A load generator: many simulated devices in one process whose outcomes are synthetic.
     ///
@@ -674,8 +682,42 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let r = serde_json::to_value(&r)?;
             out.print(&r, || serde_json::to_string_pretty(&r).unwrap_or_default());
         }
-        FleetCommand::Audit { verify: true } => {
-            let r: abide_proto::AuditVerify = admin.get("/api/v1/audit/verify").await?;
+        FleetCommand::Audit { head: true, .. } => {
+            let r: abide_proto::AuditHead = admin.get("/api/v1/audit/head").await?;
+            out.print(&serde_json::to_value(&r)?, || {
+                format!("record {} {} (server key {})", r.seq, r.hash, r.key)
+            });
+        }
+        FleetCommand::Audit {
+            verify: true,
+            against,
+            ..
+        } => {
+            let path = match against {
+                Some(file) => {
+                    let bytes = abide_fs::persist::read_bounded(&file, 64 << 10)?;
+                    let head: abide_proto::AuditHead = serde_json::from_slice(&bytes)
+                        .with_context(|| {
+                            format!(
+                                "{}: not an audit head (seq, hash, key, signature)",
+                                file.display()
+                            )
+                        })?;
+                    let key: serde_json::Value = admin.get("/api/v1/server-key").await?;
+                    let key = key["key"].as_str().unwrap_or_default().to_owned();
+                    if key != head.key {
+                        bail!(
+                            "{}: the checkpoint was signed by key {}, not this server's {}",
+                            file.display(),
+                            head.key,
+                            key
+                        );
+                    }
+                    format!("/api/v1/audit/verify?seq={}&hash={}", head.seq, head.hash)
+                }
+                None => "/api/v1/audit/verify".to_owned(),
+            };
+            let r: abide_proto::AuditVerify = admin.get(&path).await?;
             out.print(&serde_json::to_value(&r)?, || {
                 if r.ok {
                     format!("ok: {} audit records, the hash chain is intact", r.records)
@@ -691,7 +733,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 bail!("the audit trail does not verify");
             }
         }
-        FleetCommand::Audit { verify: false } => {
+        FleetCommand::Audit { verify: false, .. } => {
             let mut all = Vec::new();
             let mut after = 0u64;
             loop {

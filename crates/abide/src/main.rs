@@ -139,7 +139,7 @@ fn main() -> ExitCode {
         Command::MarkGood => device::run_decide(config, true, "", out),
         Command::MarkBad => device::run_decide(config, false, "marked bad by an operator", out),
         Command::Rollback { reason } => device::run_decide(config, false, &reason, out),
-        Command::Log { command } => device::run_log(config, command.is_some(), out),
+        Command::Log { command } => device::run_log(config, command, out),
         Command::Sim(c) => sim::run(c, out),
         Command::Device(c) => device::run_device(c, config, out),
         Command::Agent(a) => agent::run(a, config, out),

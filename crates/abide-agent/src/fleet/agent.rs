@@ -559,6 +559,7 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
         health: Some(health),
         trust_version: Some(crate::trust::version(&device.config)?),
         progress: None,
+        audit_head: device.audit_head(),
     })
 }
 

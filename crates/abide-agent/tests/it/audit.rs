@@ -170,3 +170,144 @@ fn no_log_is_an_empty_log_but_a_deleted_log_is_found() {
     let err = AuditLog::verify(&path).unwrap_err().to_string();
     assert!(err.contains("record 3 was written"), "{err}");
 }
+
+/// Rewrites every record from the second on after changing its details, so the chain links
+/// again; returns the new last record.
+fn rewrite_all(path: &Path) -> Record {
+    let mut prev = None::<String>;
+    let mut out = Vec::new();
+    for (i, line) in lines(path).iter().enumerate() {
+        let mut r: Record = serde_json::from_str(line).unwrap();
+        if let Some(p) = &prev {
+            r.prev = p.clone();
+        }
+        if i == 1 {
+            r.details.insert("step".into(), json!(99));
+        }
+        r.hash = hash_of(&r);
+        prev = Some(r.hash.clone());
+        out.push(r);
+    }
+    set_lines(
+        path,
+        &out.iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect::<Vec<_>>(),
+    );
+    out.pop().unwrap()
+}
+
+fn head_file(path: &Path) -> std::path::PathBuf {
+    path.with_file_name("audit.log.head")
+}
+
+#[test]
+fn a_rewrite_of_every_record_and_the_head_is_found_without_the_device_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 4);
+    let signed = AuditLog::verify(&path).unwrap();
+    assert_eq!(signed.len(), 4);
+    assert!(
+        std::fs::metadata(dir.path().join("device.key"))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .unwrap()
+            == 0o600
+    );
+    let old_head: Value =
+        serde_json::from_slice(&std::fs::read(head_file(&path)).unwrap()).unwrap();
+    let last = rewrite_all(&path);
+    // The head rewritten to name the new last record, keeping the old signature, or none.
+    let mut forged = old_head.clone();
+    forged["hash"] = json!(last.hash);
+    std::fs::write(head_file(&path), forged.to_string()).unwrap();
+    assert!(
+        broken(&path).contains("signature does not verify under the device key"),
+        "{}",
+        broken(&path)
+    );
+    forged.as_object_mut().unwrap().remove("signature");
+    std::fs::write(head_file(&path), forged.to_string()).unwrap();
+    assert!(broken(&path).contains("not signed"), "{}", broken(&path));
+}
+
+#[test]
+fn a_rewrite_with_the_device_key_verifies_alone_but_not_against_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 3);
+    let checkpoint = AuditLog::open(&path).unwrap().0.signed_head();
+    assert_eq!(checkpoint.seq, 3);
+    AuditLog::verify_against(&path, &checkpoint).unwrap();
+    write_log(&path, 2);
+    assert_eq!(
+        AuditLog::verify_against(&path, &checkpoint).unwrap().len(),
+        5,
+        "a log that grew still holds the checkpoint"
+    );
+    // Someone with the key rewrites the log and signs a new head: it verifies on its own.
+    rewrite_all(&path);
+    std::fs::remove_file(head_file(&path)).unwrap();
+    std::fs::write(&path, {
+        let mut l = lines(&path);
+        l.truncate(1);
+        l.iter().map(|l| format!("{l}\n")).collect::<String>()
+    })
+    .unwrap();
+    write_log(&path, 4);
+    AuditLog::verify(&path).unwrap();
+    let err = AuditLog::verify_against(&path, &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("record 3 is not the one the checkpoint names"),
+        "{err}"
+    );
+    // Cut below the checkpoint (by someone with the key: one record kept, one appended).
+    let mut l = lines(&path);
+    l.truncate(1);
+    set_lines(&path, &l);
+    std::fs::remove_file(head_file(&path)).unwrap();
+    write_log(&path, 1);
+    let err = AuditLog::verify_against(&path, &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the log has 2 (records were cut off)"),
+        "{err}"
+    );
+    // A new key (the device's replaced, the log made again from nothing).
+    for f in ["device.key", "device.pub", "audit.log", "audit.log.head"] {
+        std::fs::remove_file(dir.path().join(f)).unwrap();
+    }
+    write_log(&path, 3);
+    let err = AuditLog::verify_against(&path, &checkpoint)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("key was replaced"), "{err}");
+    // A checkpoint whose signature was changed is no checkpoint.
+    let mut bad = checkpoint.clone();
+    bad.hash = "1".repeat(64);
+    let err = AuditLog::verify_against(&path, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("checkpoint's signature"), "{err}");
+}
+
+#[test]
+fn a_head_from_before_devices_had_keys_is_signed_when_the_log_is_next_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    write_log(&path, 2);
+    let mut head: Value =
+        serde_json::from_slice(&std::fs::read(head_file(&path)).unwrap()).unwrap();
+    head.as_object_mut().unwrap().remove("signature");
+    std::fs::write(head_file(&path), head.to_string()).unwrap();
+    for f in ["device.key", "device.pub"] {
+        std::fs::remove_file(dir.path().join(f)).unwrap();
+    }
+    assert!(broken(&path).contains("not readable"), "{}", broken(&path));
+    let (log, _) = AuditLog::open(&path).unwrap();
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 2);
+    assert_eq!(AuditLog::head(&path).unwrap(), log.signed_head());
+}

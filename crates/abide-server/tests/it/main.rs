@@ -2,6 +2,7 @@
 //! PostgreSQL started for the test. Each scenario runs on both.
 
 mod api;
+mod audit;
 mod hostile;
 mod roles;
 mod rollouts;

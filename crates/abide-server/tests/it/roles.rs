@@ -416,6 +416,13 @@ async fn every_route_answers_every_role_and_credential_with_the_exact_status_and
             StatusCode::OK,
         ),
         (
+            Method::GET,
+            "/api/v1/audit/head".into(),
+            vec![],
+            viewer_role,
+            StatusCode::OK,
+        ),
+        (
             Method::POST,
             "/api/v1/device/enroll".into(),
             body(json!({})),

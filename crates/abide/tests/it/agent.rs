@@ -363,6 +363,35 @@ fn rollout_and_failing_release(db: Option<&str>) {
     for d in &devices[..3] {
         assert_eq!(status(&dir, d)["version"], "2.0.0");
     }
+    // Each device's log holds the signed head the server kept from its check-ins (a
+    // checkpoint), and the server's trail holds its own signed head.
+    let listed = f.cmd(&["devices"]);
+    for d in &devices {
+        let id = d.file_name().unwrap().to_str().unwrap();
+        let head = &server_device(&listed, id)["audit_head"];
+        assert!(head["seq"].as_u64().unwrap() >= 3, "{head}");
+        let file = dir.join(format!("{id}.head.json"));
+        std::fs::write(&file, head.to_string()).unwrap();
+        let config = d.join("system.toml");
+        let v = json_args(
+            &dir,
+            &[
+                "log",
+                "verify",
+                "--against",
+                file.to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            0,
+        );
+        assert_eq!(v["ok"], true, "{v}");
+    }
+    let head = f.cmd(&["audit", "--head"]);
+    let file = dir.join("server.head.json");
+    std::fs::write(&file, head.to_string()).unwrap();
+    let v = f.cmd(&["audit", "--verify", "--against", file.to_str().unwrap()]);
+    assert_eq!(v["ok"], true, "{v}");
 }
 
 /// The UTC time of day `m` minutes from now, as HH:MM.

@@ -263,11 +263,17 @@ fn a_crash_or_a_power_cut_at_every_point_of_an_install_or_a_boot_converges() {
     // finished is kept, and the update commits.
     let case = Case::new(&template, &cases.join("finished-install"));
     assert!(case.run(&INSTALL, None, None));
-    assert_eq!(recover_and_check(&case.power_cut(), expect, 0, false), "committed");
+    assert_eq!(
+        recover_and_check(&case.power_cut(), expect, 0, false),
+        "committed"
+    );
     let case = Case::new(&template, &cases.join("finished-boot"));
     assert!(case.run(&INSTALL, None, None));
     assert!(case.run(&BOOT, None, None));
-    assert_eq!(recover_and_check(&case.power_cut(), expect, 0, false), "committed");
+    assert_eq!(
+        recover_and_check(&case.power_cut(), expect, 0, false),
+        "committed"
+    );
     eprintln!(
         "crash matrix: {} install points and {} boot points, outcomes {outcomes:?}",
         install_points.len(),
@@ -362,9 +368,29 @@ fn deleting_any_one_sync_of_the_install_or_the_boot_breaks_an_invariant_after_a_
         let dir = work.join(format!("site-{i}"));
         match a_cut_catches_it(&template, &dir, expect, setup_args, args, points, site) {
             Some(why) => caught.push(format!("{what}, without {site}: {why}")),
-            None => unnoticed.push(format!("{what}: {site}")),
+            None => unnoticed.push(site.clone()),
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+    // A sync the install makes that a later sync of the same directory covers there (the
+    // directory sync of a file created only if absent, as the device key is) must still be
+    // noticed where nothing follows it: `abide key generate`, whose keys must survive.
+    let keygen = ["key", "generate", "--out", "fresh"];
+    let made = Case::new(&template, &work.join("keygen"));
+    assert!(made.run(&keygen, None, None));
+    for site in sites(&powerloss::syncs(&made.log).unwrap()) {
+        let case = Case::new(&template, &work.join(format!("keygen-{}", caught.len())));
+        assert!(case.run(&keygen, None, Some(&site)));
+        let cut = case.power_cut();
+        let kept = |name: &str, tag: &str| {
+            std::fs::read_to_string(cut.join(name)).is_ok_and(|t| t.starts_with(tag))
+        };
+        if !(kept("fresh.key", "abide-secret-key") && kept("fresh.pub", "abide-public-key")) {
+            caught.push(format!(
+                "key generate, without {site}: cut at None: the new key did not survive"
+            ));
+            unnoticed.retain(|u| *u != site);
+        }
     }
     std::panic::set_hook(hook);
     eprintln!("each deleted sync and the power cut that caught it:");

@@ -151,6 +151,33 @@ fn a_good_update_goes_through_a_trial_and_commits() {
         json(&sim.dir, "log verify --config dev/system.toml", 0)["records"],
         5
     );
+    // The signed head is a checkpoint the log is verified against; a changed one is refused.
+    let head = json(&sim.dir, "log head --config dev/system.toml", 0);
+    assert_eq!(head["seq"], 5);
+    std::fs::write(sim.path("head.json"), head.to_string()).unwrap();
+    assert_eq!(
+        json(
+            &sim.dir,
+            "log verify --against head.json --config dev/system.toml",
+            0
+        )["ok"],
+        true
+    );
+    let mut changed = head.clone();
+    changed["hash"] = serde_json::json!("0".repeat(64));
+    std::fs::write(sim.path("head.json"), changed.to_string()).unwrap();
+    let refused = json(
+        &sim.dir,
+        "log verify --against head.json --config dev/system.toml",
+        3,
+    );
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("checkpoint's signature"),
+        "{refused}"
+    );
 }
 
 #[test]

@@ -24,6 +24,8 @@ struct Opts {
     seconds: f64,
     rollout: usize,
     clients: usize,
+    /// `checkins`, `rollout`, or both when empty.
+    only: String,
 }
 
 fn parse(args: &[String]) -> Result<Opts> {
@@ -32,6 +34,7 @@ fn parse(args: &[String]) -> Result<Opts> {
         seconds: 10.0,
         rollout: 100_000,
         clients: 64,
+        only: String::new(),
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -41,8 +44,9 @@ fn parse(args: &[String]) -> Result<Opts> {
             "--seconds" => o.seconds = v.parse()?,
             "--rollout" => o.rollout = v.parse()?,
             "--clients" => o.clients = v.parse()?,
+            "--only" if matches!(v.as_str(), "checkins" | "rollout") => o.only = v.clone(),
             _ => bail!(
-                "usage: xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N]"
+                "usage: xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]"
             ),
         }
     }
@@ -316,6 +320,54 @@ async fn rollout(o: &Opts, db: &str) -> Result<()> {
         ));
     }
     let status = abide_server::rollouts::status_of(&server, &id).await?;
+    // `/metrics` over the whole fleet: each device reported staged, rebooting and committed
+    // (with durations), in bulk as above; then scrapes through the router, timed.
+    let mut tx = server.db.pool.begin().await?;
+    for chunk in (0..o.rollout).collect::<Vec<_>>().chunks(300) {
+        let mut sql = String::from(
+            "INSERT INTO reports (device_id, seq, status, release_id, rollout_id, millis, at) VALUES ",
+        );
+        let values: Vec<String> = chunk
+            .iter()
+            .flat_map(|i| {
+                let (rel, id) = (&rel, &id);
+                ["staged", "rebooting", "committed"]
+                    .iter()
+                    .enumerate()
+                    .map(move |(k, s)| {
+                        format!(
+                            "('r-{i}', {}, '{s}', '{rel}', '{id}', {}, 0)",
+                            k + 1,
+                            (i * 37 + k * 1000) % 600_000
+                        )
+                    })
+            })
+            .collect();
+        sql.push_str(&values.join(", "));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    let mut scrapes = Vec::new();
+    let mut size = 0;
+    for _ in 0..11 {
+        let t = Instant::now();
+        let resp = call("GET", "/metrics", Vec::new()).await?;
+        anyhow::ensure!(resp.status().is_success(), "/metrics: {}", resp.status());
+        size = axum::body::to_bytes(resp.into_body(), 16 << 20)
+            .await?
+            .len();
+        scrapes.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    scrapes.sort_by(f64::total_cmp);
+    println!(
+        "{db:<10} /metrics over {} devices and {} reports: median {:.1} ms, max {:.1} ms ({size} bytes)",
+        o.rollout,
+        3 * o.rollout,
+        scrapes[scrapes.len() / 2],
+        scrapes[scrapes.len() - 1]
+    );
     println!(
         "{db:<10} {} devices (written in {insert_secs:.1} s), rollout created in {create_secs:.2} s; decisions: {}; final status {} with {} committed; peak RSS {:.1} MiB",
         o.rollout,
@@ -335,16 +387,20 @@ pub fn bench(args: &[String]) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        println!(
-            "check-ins: {} devices, {} clients, {} s per endpoint; the server is target/release/abide on this machine's 2 cores, shared with the clients",
-            o.devices, o.clients, o.seconds
-        );
-        for db in ["sqlite", "postgres"] {
-            checkins(&o, db).await?;
+        if o.only != "rollout" {
+            println!(
+                "check-ins: {} devices, {} clients, {} s per endpoint; the server is target/release/abide on this machine's 2 cores, shared with the clients",
+                o.devices, o.clients, o.seconds
+            );
+            for db in ["sqlite", "postgres"] {
+                checkins(&o, db).await?;
+            }
         }
-        println!("rollout: {} devices through stages 1%, 10%, 50%, 100%", o.rollout);
-        for db in ["sqlite", "postgres"] {
-            rollout(&o, db).await?;
+        if o.only != "checkins" {
+            println!("rollout: {} devices through stages 1%, 10%, 50%, 100%", o.rollout);
+            for db in ["sqlite", "postgres"] {
+                rollout(&o, db).await?;
+            }
         }
         Ok(())
     })

@@ -5,8 +5,10 @@
 //! `H(N)` is the SHA-256 of the canonical JSON of the record without `hash`, and `H(0)` is 64
 //! zeros. A separate head file (`NAME.head`, replaced atomically after every append) holds the
 //! last sequence number and hash, signed with the device key (`device.key` beside the log,
-//! made at the first open, mode 0600; its public half in `device.pub`), so that cutting records
-//! off the end is detected too, and a rewrite of every record and the head needs the key.
+//! made at the first open once the kernel's random source is ready, mode 0600; its public half
+//! in `device.pub`), so that cutting records off the end is detected too, and a rewrite of
+//! every record and the head needs the key. Making the key never waits for entropy (the boot
+//! step runs early): until it exists, heads are unsigned, and the log says so.
 //! [`AuditLog::verify`] finds any edit, deletion, reordering or truncation; a last record torn
 //! by a crash mid-append is reported and cut away on [`AuditLog::open`], keeping every record
 //! before it.
@@ -75,12 +77,17 @@ struct Head {
 }
 
 impl Head {
-    fn signed(seq: u64, hash: String, key: &SecretKey) -> Head {
-        let signature = key.sign(AuditHead::DEVICE_DOMAIN, &AuditHead::message(seq, &hash));
+    /// A head, signed if there is a key.
+    fn signed(seq: u64, hash: String, key: Option<&SecretKey>) -> Head {
+        let signature = key.map(|k| {
+            abide_bundle::digest::encode_hex(
+                &k.sign(AuditHead::DEVICE_DOMAIN, &AuditHead::message(seq, &hash)),
+            )
+        });
         Head {
             seq,
             hash,
-            signature: Some(abide_bundle::digest::encode_hex(&signature)),
+            signature,
         }
     }
 
@@ -100,10 +107,13 @@ impl Head {
 }
 
 /// The device key beside the log at `path`: read, or made (`device.key`, mode 0600, and
-/// `device.pub`) if there is none.
-fn device_key(path: &Path) -> Result<SecretKey, AuditError> {
+/// `device.pub`) if there is none — unless the kernel's random source is not ready yet (early
+/// in a first boot without a hardware random source), when there is no key for now.
+/// Also says whether it was made just now.
+fn device_key(path: &Path) -> Result<(Option<SecretKey>, bool), AuditError> {
     let dir = parent(path);
     let (secret, public) = (dir.join("device.key"), dir.join("device.pub"));
+    let mut made = false;
     let key = match read_bounded(&secret, 4096) {
         Ok(bytes) => SecretKey::from_file_text(&String::from_utf8_lossy(&bytes)).map_err(|e| {
             AuditError::Broken {
@@ -113,9 +123,21 @@ fn device_key(path: &Path) -> Result<SecretKey, AuditError> {
         })?,
         Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
             let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).expect("the system's random source works");
+            match rustix::rand::getrandom(&mut seed, rustix::rand::GetRandomFlags::NONBLOCK) {
+                Ok(32) => {}
+                Ok(_) | Err(rustix::io::Errno::AGAIN) => return Ok((None, false)),
+                Err(e) => {
+                    return Err(IoError {
+                        op: "drawing a device key for",
+                        path: secret,
+                        source: e.into(),
+                    }
+                    .into());
+                }
+            }
             let key = SecretKey::from_seed(seed);
             write_new(&secret, key.to_file_text().as_bytes(), 0o600)?;
+            made = true;
             key
         }
         Err(e) => return Err(e.into()),
@@ -124,7 +146,16 @@ fn device_key(path: &Path) -> Result<SecretKey, AuditError> {
     if read_bounded(&public, 4096).ok().as_deref() != Some(text.as_bytes()) {
         write_atomic(&public, text.as_bytes(), 0o644)?;
     }
-    Ok(key)
+    Ok((Some(key), made))
+}
+
+/// The device's public key, from `device.pub` beside the log at `path`; None if the device
+/// has none yet.
+fn device_public_if_any(path: &Path) -> Result<Option<PublicKey>, AuditError> {
+    match read_bounded(&parent(path).join("device.pub"), 4096) {
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        _ => device_public(path).map(Some),
+    }
 }
 
 /// The device's public key, from `device.pub` beside the log at `path`.
@@ -161,7 +192,8 @@ pub struct OpenReport {
 pub struct AuditLog {
     path: PathBuf,
     head: Head,
-    key: SecretKey,
+    /// None until the kernel's random source was ready for a new key.
+    key: Option<SecretKey>,
 }
 
 impl AuditLog {
@@ -199,20 +231,38 @@ impl AuditLog {
             bytes.truncate(complete);
         }
         let records = check(path, &bytes)?;
-        let key = device_key(path)?;
+        let (key, made) = device_key(path)?;
         let head = records.last().map_or_else(
-            || Head::signed(0, GENESIS.to_owned(), &key),
-            |r| Head::signed(r.seq, r.hash.clone(), &key),
+            || Head::signed(0, GENESIS.to_owned(), key.as_ref()),
+            |r| Head::signed(r.seq, r.hash.clone(), key.as_ref()),
         );
-        let signed = check_head(path, &records, Some(&key.public()))?;
+        let public = key.as_ref().map(SecretKey::public);
+        let signed = check_head(path, &records, public.as_ref())?;
         let on_disk: Option<Head> = read_bounded(&head_path(path), 4096)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let lags = !records.is_empty()
             && on_disk.is_none_or(|h| (h.seq, &h.hash) != (head.seq, &head.hash));
-        if signed == Signed::No || lags {
-            // A head from before the device had a key, or one a cut left a record behind: the
-            // chain verified; sign the last record now.
+        // An unsigned head written before the key was made (a cut between making the key and
+        // signing the head leaves one) is signed now; one written after is a rewrite.
+        let older_than_key = || {
+            let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            matches!(
+                (modified(&head_path(path)), modified(&parent(path).join("device.key"))),
+                (Some(h), Some(k)) if h <= k
+            )
+        };
+        let legacy = signed == Signed::No && key.is_some() && (made || older_than_key());
+        if signed == Signed::No && key.is_some() && !legacy && head_exists(path) {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: "its head is not signed while the device has a key (the head was rewritten)"
+                    .into(),
+            });
+        }
+        if legacy || lags {
+            // A head from before the device had a key (made just now), or one a cut left a
+            // record behind: the chain verified; sign the last record now.
             write_atomic(
                 &head_path(path),
                 &serde_json::to_vec(&head).expect("serializes"),
@@ -268,7 +318,7 @@ impl AuditLog {
         file.write_all(&line).map_err(|e| io("appending to", e))?;
         abide_boot::persist::fsync(&file, &self.path)?;
         abide_boot::crash::point("audit:after-fsync", "");
-        let head = Head::signed(record.seq, record.hash.clone(), &self.key);
+        let head = Head::signed(record.seq, record.hash.clone(), self.key.as_ref());
         write_atomic(
             &head_path(&self.path),
             &serde_json::to_vec(&head).expect("serializes"),
@@ -301,17 +351,29 @@ impl AuditLog {
         let key = if records.is_empty() {
             None
         } else {
-            Some(device_public(path)?)
+            device_public_if_any(path)?
         };
-        if check_head(path, &records, key.as_ref())? == Signed::No {
+        let signed = check_head(path, &records, key.as_ref())?;
+        if key.is_some() && signed == Signed::No {
             return Err(AuditError::Broken {
                 path: path.to_owned(),
-                what: "its head is not signed (a head from before devices had keys is signed \
-                       when the log is next opened for writing)"
+                what: "its head is not signed while the device has a key (the head was rewritten)"
                     .into(),
             });
         }
+        if key.is_none() && signed == Signed::Yes && head_exists(path) {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: "its head is signed but the device's public key (device.pub) is gone".into(),
+            });
+        }
         Ok(records)
+    }
+
+    /// Whether the log at `path` is anchored by a device key (`device.pub` exists); until the
+    /// first open with the kernel's random source ready, it is not.
+    pub fn is_signed(path: &Path) -> Result<bool, AuditError> {
+        Ok(device_public_if_any(path)?.is_some())
     }
 
     /// Verifies the log at `path` as [`AuditLog::verify`] does, and that it still holds the
@@ -387,14 +449,15 @@ impl AuditLog {
         })
     }
 
-    /// The signed head, as the agent reports it.
-    pub fn signed_head(&self) -> AuditHead {
-        AuditHead {
+    /// The signed head, as the agent reports it; None while the device has no key.
+    pub fn signed_head(&self) -> Option<AuditHead> {
+        let key = self.key.as_ref()?;
+        Some(AuditHead {
             seq: self.head.seq,
             hash: self.head.hash.clone(),
-            key: self.key.public().to_hex(),
-            signature: self.head.signature.clone().unwrap_or_default(),
-        }
+            key: key.public().to_hex(),
+            signature: self.head.signature.clone()?,
+        })
     }
 
     /// The number of records.
@@ -509,6 +572,10 @@ fn check_head(
         }),
         _ => Ok(Signed::Yes),
     }
+}
+
+fn head_exists(path: &Path) -> bool {
+    head_path(path).exists()
 }
 
 fn head_path(path: &Path) -> PathBuf {

@@ -451,11 +451,10 @@ impl Config {
          -> Result<SignedDuration> {
             match value {
                 None => Ok(default),
-                Some(text) => text
-                    .parse::<SignedDuration>()
+                Some(text) => abide_core::duration::parse(text)
                     .ok()
-                    .filter(|d| !d.is_negative())
-                    .ok_or_else(|| err(path, &format!("key `{key}`: expected a duration like \"30s\" or \"5m\", found {text:?}"))),
+                    .and_then(|d| SignedDuration::try_from(d).ok())
+                    .ok_or_else(|| err(path, &format!("key `{key}`: expected a duration like \"30s\", \"1h30m\" or seconds (\"90\"), found {text:?}"))),
             }
         };
         let defaults = HealthPolicy::default();

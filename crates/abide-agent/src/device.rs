@@ -66,7 +66,7 @@ impl Device {
 
     /// The audit log's signed head (None when opened read-only).
     pub fn audit_head(&self) -> Option<abide_proto::AuditHead> {
-        self.audit.as_ref().map(AuditLog::signed_head)
+        self.audit.as_ref().and_then(AuditLog::signed_head)
     }
 
     /// The bootloader backend.

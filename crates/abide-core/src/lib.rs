@@ -5,9 +5,11 @@
 //! order). The agent performs the actions and makes them durable; tests drive this crate with
 //! tables of inputs and expected outputs.
 
+pub mod duration;
 mod error;
 pub mod fleet;
 pub mod health;
+pub mod lease;
 pub mod quarantine;
 pub mod rollout;
 pub mod transaction;

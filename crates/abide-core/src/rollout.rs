@@ -30,31 +30,21 @@ pub enum RolloutError {
         /// What is wrong.
         what: String,
     },
-    /// A duration that does not parse.
-    #[error("duration {0:?}: expected a whole number and a unit, as 0s, 90s, 30m, 24h or 7d")]
+    /// A duration that does not parse, or is longer than 366 days.
+    #[error("duration {0:?}: expected whole seconds up to 366 days, as 90, 90s, 1h30m, 24h or 7d")]
     Duration(String),
     /// A percentage that does not parse.
     #[error("percentage {0:?}: expected 0 to 100, as 10% or 2.5%")]
     Percent(String),
 }
 
-/// Parses `30s`, `30m`, `24h`, `7d` into seconds.
+/// Parses a duration of whole seconds up to 366 days (`90`, `90s`, `1h30m`, `24h`, `7d`; see
+/// [`crate::duration`]) into seconds.
 pub fn parse_duration(text: &str) -> Result<u64, RolloutError> {
-    let bad = || RolloutError::Duration(text.to_owned());
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (n, unit) = t.split_at(split);
-    let n: u64 = n.parse().map_err(|_| bad())?;
-    let scale = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(scale)
+    crate::duration::parse_secs(text)
+        .ok()
         .filter(|s| *s <= 366 * 86_400)
-        .ok_or_else(bad)
+        .ok_or_else(|| RolloutError::Duration(text.to_owned()))
 }
 
 /// Parses `5:24h,25:24h,100`: each stage `PERCENT:SOAK`, the last may omit its soak (0);

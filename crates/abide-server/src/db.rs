@@ -8,8 +8,11 @@
 //! journaling and `synchronous = FULL`, so a committed write survives a power loss.
 //! PostgreSQL gets a pool; decisions that must happen once take row locks.
 //!
-//! The schema is created and upgraded at start by the migrations below, each applied once in
-//! its own transaction and recorded in `schema_migrations`.
+//! The schema is created and upgraded at start by the migrations below, run by sqlx's migrator
+//! (each once, in its own transaction, recorded with its checksum in `_sqlx_migrations`; on
+//! PostgreSQL under an advisory lock, so several starting processes migrate once). A database
+//! made before the migrator recorded its versions in `schema_migrations`; those are recorded
+//! as applied once, and that table is dropped.
 
 use std::path::Path;
 use std::time::Duration;
@@ -39,8 +42,9 @@ pub struct Db {
     pub dialect: Dialect,
 }
 
-/// The schema, in order. Never edit an applied migration; add a new one.
-const MIGRATIONS: &[(i64, &str)] = &[
+/// The schema, in order: (version, SQL). Never edit an applied migration (the migrator refuses
+/// a checksum that changed); add a new one.
+pub const MIGRATIONS: &[(i64, &str)] = &[
     (
         1,
         r#"
@@ -342,40 +346,63 @@ impl Db {
     }
 
     async fn migrate(&self) -> Result<(), sqlx::Error> {
-        // A repeated version would be skipped as already applied.
-        if MIGRATIONS.windows(2).any(|w| w[0].0 >= w[1].0) {
-            return Err(sqlx::Error::Protocol(
-                "the migration versions must rise one by one".into(),
-            ));
-        }
-        let mut tx = self.pool.begin().await?;
-        if self.dialect == Dialect::Postgres {
-            // One migrating process at a time.
-            tx.execute("SELECT pg_advisory_xact_lock(7296417)").await?;
-        }
-        tx.execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
-        )
-        .await?;
-        for (version, script) in MIGRATIONS {
-            let done: Option<(i64,)> =
-                sqlx::query_as("SELECT version FROM schema_migrations WHERE version = $1")
-                    .bind(version)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if done.is_some() {
-                continue;
+        use sqlx::SqlSafeStr as _;
+        use sqlx::migrate::{Migrate as _, Migration, MigrationType, Migrator};
+        let migrations: Vec<Migration> = MIGRATIONS
+            .iter()
+            .map(|(version, script)| {
+                Migration::new(
+                    *version,
+                    format!("abide schema {version}").into(),
+                    MigrationType::Simple,
+                    sqlx::AssertSqlSafe(*script).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let migrator = Migrator::with_migrations(migrations.clone());
+        let table = "_sqlx_migrations";
+        let mut conn = self.pool.acquire().await?;
+        conn.lock().await?;
+        let bridged = async {
+            let old: i64 = sqlx::query_scalar(match self.dialect {
+                Dialect::Sqlite => {
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+                }
+                Dialect::Postgres => {
+                    "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'schema_migrations'"
+                }
+            })
+            .fetch_one(&mut *conn)
+            .await?;
+            if old == 0 {
+                return Ok::<(), sqlx::Error>(());
             }
-            for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-                tx.execute(statement).await?;
-            }
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
-                .bind(version)
-                .bind(crate::clock::now_ms())
-                .execute(&mut *tx)
+            conn.ensure_migrations_table(table).await?;
+            let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+                .fetch_all(&mut *conn)
                 .await?;
+            let applied: Vec<i64> = conn
+                .list_applied_migrations(table)
+                .await?
+                .into_iter()
+                .map(|m| m.version)
+                .collect();
+            for m in migrations
+                .iter()
+                .filter(|m| recorded.contains(&m.version) && !applied.contains(&m.version))
+            {
+                conn.skip(table, m).await?;
+            }
+            conn.execute("DROP TABLE schema_migrations").await?;
+            Ok(())
         }
-        tx.commit().await
+        .await;
+        conn.unlock().await?;
+        bridged?;
+        drop(conn);
+        migrator.run(&self.pool).await?;
+        Ok(())
     }
 
     /// ` FOR UPDATE` on PostgreSQL (a row lock for the rest of the transaction); nothing on

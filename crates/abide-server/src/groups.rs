@@ -14,6 +14,8 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use serde::Deserialize;
 
+use abide_core::lease::{LeaseAsk, LeaseDecision, LeaseRefusal, WindowNow};
+
 use crate::Server;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
@@ -33,6 +35,25 @@ pub fn check_window(w: &Window) -> ApiResult<()> {
 
 /// Whether the window is open at `now`, in the window's own time zone (so daylight saving time
 /// moves it with the local clock).
+/// The group window `w` and `now` (Unix milliseconds) in its zone, for
+/// [`abide_core::lease::decide`]; a window that no longer parses (its zone gone from the
+/// system's time zone database) is an error, not an open or a closed window.
+fn window_now(w: &Window, now: i64) -> ApiResult<WindowNow> {
+    let window = abide_core::window::Window::parse(&w.days, &w.start, &w.end)
+        .map_err(|e| ApiError::internal("reading the group window", e))?;
+    let tz = jiff::tz::TimeZone::get(&w.zone)
+        .map_err(|e| ApiError::internal("reading the group window's zone", e))?;
+    let local = jiff::Timestamp::from_millisecond(now)
+        .map_err(|e| ApiError::internal("reading the clock", e))?
+        .to_zoned(tz);
+    Ok(WindowNow {
+        window,
+        weekday: local.weekday().to_monday_zero_offset() as u8,
+        minute: local.hour() as u16 * 60 + local.minute() as u16,
+    })
+}
+
+/// Whether the window `w` is open at `now`.
 pub fn window_open(w: &Window, now: jiff::Timestamp) -> bool {
     let (Ok(window), Ok(tz)) = (
         abide_core::window::Window::parse(&w.days, &w.start, &w.end),
@@ -295,13 +316,21 @@ pub async fn acquire(
         .bind(fresh_since)
         .fetch_one(&mut *tx)
         .await?;
-        let window: Option<Window> = maintenance.and_then(|w| serde_json::from_str(&w).ok());
-        let refused = match (max_unavailable, quorum) {
-            _ if window
-                .as_ref()
-                .is_some_and(|w| !window_open(w, jiff::Timestamp::now())) =>
-            {
-                let w = window.as_ref().expect("checked");
+        let window: Option<Window> = maintenance
+            .map(|w| crate::db::json_column(&format!("groups {group}"), "maintenance", &w))
+            .transpose()?;
+        let ask = LeaseAsk {
+            held: false,
+            window: window.as_ref().map(|w| window_now(w, now)).transpose()?,
+            leased: leased.max(0) as u64,
+            max_unavailable: max_unavailable.map(|m| m.max(0) as u64),
+            healthy_others: healthy_free.max(0) as u64,
+            quorum: quorum.map(|q| q.max(0) as u64),
+        };
+        let refused = match abide_core::lease::decide(&ask) {
+            LeaseDecision::Grant | LeaseDecision::Renew => None,
+            LeaseDecision::Refuse(LeaseRefusal::WindowClosed) => {
+                let w = window.as_ref().expect("a closed window exists");
                 Some(format!(
                     "group {group}'s maintenance window ({} {}-{} {}) is closed",
                     w.days.join(","),
@@ -310,14 +339,13 @@ pub async fn acquire(
                     w.zone
                 ))
             }
-            (Some(m), _) if leased >= m => Some(format!(
-                "{leased} of group {group}'s devices already hold a lease (max_unavailable {m})"
+            LeaseDecision::Refuse(LeaseRefusal::Unavailable { leased, max }) => Some(format!(
+                "{leased} of group {group}'s devices already hold a lease (max_unavailable {max})"
             )),
-            (_, Some(q)) if healthy_free < q => Some(format!(
-                "only {healthy_free} other devices of group {group} heard from as healthy in the last {} s would stay up (quorum {q})",
+            LeaseDecision::Refuse(LeaseRefusal::Quorum { healthy, quorum }) => Some(format!(
+                "only {healthy} other devices of group {group} heard from as healthy in the last {} s would stay up (quorum {quorum})",
                 server.config.health_fresh.as_secs()
             )),
-            _ => None,
         };
         if let Some(why) = refused {
             tx.rollback().await?;

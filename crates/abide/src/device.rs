@@ -333,12 +333,20 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
                 }
                 None => AuditLog::verify(&path)?,
             };
-            out.print(&json!({"ok": true, "records": records.len()}), || {
-                format!(
-                    "ok: {} records, hash chain and signed head intact",
-                    records.len()
-                )
-            });
+            let signed = AuditLog::is_signed(&path)?;
+            out.print(
+                &json!({"ok": true, "records": records.len(), "signed": signed}),
+                || {
+                    if signed {
+                        format!("ok: {} records, hash chain and signed head intact", records.len())
+                    } else {
+                        format!(
+                            "ok: {} records, hash chain intact; the head is not signed yet (the device key is made once the kernel's random source is ready)",
+                            records.len()
+                        )
+                    }
+                },
+            );
             return Ok(());
         }
         Some(LogCommand::Head) => {

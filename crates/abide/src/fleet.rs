@@ -1,7 +1,6 @@
 //! `abide fleet`: the fleet server's admin commands and the fleet simulator.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
@@ -99,9 +98,9 @@ enum FleetCommand {
         /// Probability that an update rolls back, as 0.1 or 10%.
         #[arg(long, default_value = "0")]
         fail_rate: String,
-        /// Seconds between a device's check-ins (0: as fast as answered).
-        #[arg(long, default_value_t = 5.0)]
-        poll: f64,
+        /// Time between a device's check-ins (5, 5s, 500ms; 0: as fast as answered).
+        #[arg(long, default_value = "5s")]
+        poll: String,
         /// How long to run (30s, 10m, …).
         #[arg(long, default_value = "60s")]
         duration: String,
@@ -411,10 +410,11 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     )
                 })?
         };
-        if !(poll.is_finite() && poll >= 0.0) {
-            bail!("--poll {poll}: expected 0 or more seconds");
-        }
-        let duration = Duration::from_secs(abide_core::rollout::parse_duration(&duration)?);
+        let poll = abide_core::duration::parse(&poll)
+            .with_context(|| format!("--poll {poll:?}"))?
+            .as_secs_f64();
+        let duration = abide_core::duration::parse(&duration)
+            .with_context(|| format!("--duration {duration:?}"))?;
         let summary = abide_client::simulate::run(abide_client::simulate::Options {
             server: args.server,
             enroll_token,

@@ -236,7 +236,7 @@ fn a_rewrite_with_the_device_key_verifies_alone_but_not_against_a_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("audit.log");
     write_log(&path, 3);
-    let checkpoint = AuditLog::open(&path).unwrap().0.signed_head();
+    let checkpoint = AuditLog::open(&path).unwrap().0.signed_head().unwrap();
     assert_eq!(checkpoint.seq, 3);
     AuditLog::verify_against(&path, &checkpoint).unwrap();
     write_log(&path, 2);
@@ -306,8 +306,46 @@ fn a_head_from_before_devices_had_keys_is_signed_when_the_log_is_next_opened() {
     for f in ["device.key", "device.pub"] {
         std::fs::remove_file(dir.path().join(f)).unwrap();
     }
-    assert!(broken(&path).contains("not readable"), "{}", broken(&path));
-    let (log, _) = AuditLog::open(&path).unwrap();
+    // Unsigned and without a key: verifies, and says it is not anchored.
     assert_eq!(AuditLog::verify(&path).unwrap().len(), 2);
-    assert_eq!(AuditLog::head(&path).unwrap(), log.signed_head());
+    assert!(!AuditLog::is_signed(&path).unwrap());
+    let (log, _) = AuditLog::open(&path).unwrap();
+    assert!(AuditLog::is_signed(&path).unwrap());
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 2);
+    assert_eq!(Some(AuditLog::head(&path).unwrap()), log.signed_head());
+    // Once there is a key, an unsigned head is a rewritten one; a signed head without the
+    // public key is a removed key.
+    let _ = std::fs::read(head_file(&path)).unwrap();
+    std::fs::write(head_file(&path), head.to_string()).unwrap();
+    assert!(
+        broken(&path).contains("not signed while the device has a key"),
+        "{}",
+        broken(&path)
+    );
+    let err = AuditLog::open(&path).unwrap_err().to_string();
+    assert!(
+        err.contains("not signed while the device has a key"),
+        "{err}"
+    );
+    // Unless it is older than the key: a cut between making the key and signing the head.
+    let key_made = std::fs::metadata(dir.path().join("device.key"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(head_file(&path))
+        .unwrap()
+        .set_modified(key_made - std::time::Duration::from_secs(10))
+        .unwrap();
+    AuditLog::open(&path).unwrap();
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 2);
+    let signed_head = std::fs::read(head_file(&path)).unwrap();
+    std::fs::write(head_file(&path), signed_head).unwrap();
+    std::fs::remove_file(dir.path().join("device.pub")).unwrap();
+    assert!(
+        broken(&path).contains("device.pub) is gone"),
+        "{}",
+        broken(&path)
+    );
 }

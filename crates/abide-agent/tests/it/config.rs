@@ -68,6 +68,11 @@ fn a_full_configuration_validates() {
         c.reboot.as_deref(),
         Some(&["systemctl".to_owned(), "reboot".to_owned()][..])
     );
+    // Durations as the command line takes them: units, compound, or bare seconds.
+    for (text, secs) in [("\"3m\"", 180), ("\"1m30s\"", 90), ("\"90\"", 90)] {
+        let c = parse(&GOOD.replace("deadline = \"3m\"", &format!("deadline = {text}"))).unwrap();
+        assert_eq!(c.health.deadline.as_secs(), secs, "{text}");
+    }
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The core's decisions as tables: (state, input, now) → (state, actions).
 
+mod duration;
 mod fleet;
 mod health;
+mod lease;
 mod quarantine;
 mod rollout;
 mod tidy;

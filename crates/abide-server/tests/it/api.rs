@@ -8,6 +8,7 @@ use serde_json::json;
 use crate::{Backend, Harness, on_both};
 
 on_both!(
+    a_database_from_before_the_migrator_is_upgraded_in_place,
     first_start_writes_the_admin_token_and_the_signing_key,
     releases_are_verified_stored_and_served_with_ranges,
     enrolment_and_signed_check_ins,
@@ -997,4 +998,90 @@ async fn idle_and_slow_clients_are_cut_off_and_health_answers_meanwhile(backend:
         assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "{text}");
     }
     serving.abort();
+}
+
+/// A database made before sqlx's migrator: the versions it applied recorded in
+/// `schema_migrations`, statements run one by one.
+async fn old_database(url: &str, upto: i64) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(url).await.unwrap();
+    sqlx::query(
+        "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    for (version, script) in abide_server::db::MIGRATIONS
+        .iter()
+        .filter(|(v, _)| *v <= upto)
+    {
+        for statement in script.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, 0)")
+            .bind(version)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("INSERT INTO groups (name, max_unavailable) VALUES ('kept', 3)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}
+
+async fn a_database_from_before_the_migrator_is_upgraded_in_place(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::trust_file(dir.path());
+    let pg = matches!(backend, Backend::Postgres).then(abide_testkit::pg::Postgres::start);
+    let url = pg.as_ref().map_or_else(
+        || {
+            format!(
+                "sqlite://{}?mode=rwc",
+                dir.path().join("abide.db").display()
+            )
+        },
+        abide_testkit::pg::Postgres::url,
+    );
+    old_database(&url, 7).await;
+    for start in 0..2 {
+        let mut config = abide_server::Config::new(dir.path());
+        config.db = pg.as_ref().map(abide_testkit::pg::Postgres::url);
+        let (server, _) = abide_server::Server::start(config).await.unwrap();
+        let versions: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations ORDER BY version")
+                .fetch_all(&server.db.pool)
+                .await
+                .unwrap();
+        let all: Vec<i64> = abide_server::db::MIGRATIONS
+            .iter()
+            .map(|(v, _)| *v)
+            .collect();
+        assert_eq!(versions, all, "start {start}");
+        let kept: i64 =
+            sqlx::query_scalar("SELECT max_unavailable FROM groups WHERE name = 'kept'")
+                .fetch_one(&server.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(kept, 3, "the data stays");
+        // The migration after the old ones ran: the audit head has its signature column.
+        let signed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM audit_head WHERE signature IS NOT NULL")
+                .fetch_one(&server.db.pool)
+                .await
+                .unwrap();
+        assert_eq!(signed, 1);
+        assert!(
+            sqlx::query("SELECT 1 FROM schema_migrations")
+                .fetch_optional(&server.db.pool)
+                .await
+                .is_err(),
+            "the old table is gone"
+        );
+        server.db.pool.close().await;
+    }
 }

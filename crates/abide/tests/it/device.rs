@@ -151,6 +151,10 @@ fn a_good_update_goes_through_a_trial_and_commits() {
         json(&sim.dir, "log verify --config dev/system.toml", 0)["records"],
         5
     );
+    assert_eq!(
+        json(&sim.dir, "log verify --config dev/system.toml", 0)["signed"],
+        true
+    );
     // The signed head is a checkpoint the log is verified against; a changed one is refused.
     let head = json(&sim.dir, "log head --config dev/system.toml", 0);
     assert_eq!(head["seq"], 5);

@@ -496,15 +496,16 @@ fn two_server_processes_on_one_postgres_decide_once_and_keep_the_lease_limits() 
     );
     let t = enroll["token"].as_str().unwrap().to_owned();
     let (l1, l2) = (dir.join("l1.json"), dir.join("l2.json"));
+    // Durations as units or bare seconds, the same as everywhere.
     let common = [
         "--devices",
         "20",
         "--version",
         "1.0.0",
         "--poll",
-        "0.2",
+        "200ms",
         "--duration",
-        "90s",
+        "90",
         "--until-version",
         "2.0.0",
     ];

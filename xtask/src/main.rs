@@ -6,6 +6,7 @@
 
 mod agent;
 mod fleet;
+mod fleet_http;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,9 +21,10 @@ fn main() -> Result<()> {
         Some("bench-bundle") => bench_bundle(&args[1..]),
         Some("bench-install") => bench_install(&args[1..]),
         Some("bench-fleet") => fleet::bench(&args[1..]),
+        Some("bench-fleet-http") => fleet_http::bench(&args[1..]),
         Some("bench-agent") => agent::bench(&args[1..]),
         _ => bail!(
-            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]"
+            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]"
         ),
     }
 }

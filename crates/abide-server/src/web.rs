@@ -3,36 +3,19 @@
 //! Server-rendered HTML with plain forms and no JavaScript. An admin token is entered once;
 //! the session it opens keeps its role (the controls need operator or more) and is named by a
 //! random id in an HttpOnly, SameSite=Strict cookie (so another site cannot post the forms);
-//! every value shown is HTML-escaped.
-
-use std::fmt::Write as _;
+//! the page is written with maud, which escapes every value it writes.
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 
 use crate::Server;
 use crate::auth::Caller;
 use crate::error::{ApiError, ApiResult};
 
 const COOKIE: &str = "abide_admin";
-
-/// Escapes text for HTML.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers
@@ -83,41 +66,60 @@ fn cookie_attributes(server: &Server) -> &'static str {
     }
 }
 
-fn page(title: &str, body: &str) -> String {
-    format!(
-        r#"<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }}
-h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; margin-top: 2em; }}
-table {{ border-collapse: collapse; width: 100%; }} td, th {{ text-align: left; padding: .25em .6em; border-bottom: 1px solid #ddd; }}
-.status {{ font-weight: bold; padding: .1em .5em; border-radius: .3em; background: #eee; }}
-.running {{ background: #d7ecff; }} .paused {{ background: #ffe9b3; }} .completed {{ background: #d5f5d5; }}
-.aborted, .rolled_back {{ background: #f6d0d0; }}
-.bar {{ display: flex; height: 1em; width: 20em; background: #eee; border-radius: .2em; overflow: hidden; }}
-.ok {{ background: #3a3; }} .bad {{ background: #c33; }} .busy {{ background: #e9a21c; }}
-.rollout {{ border: 1px solid #ccc; border-radius: .4em; padding: .6em 1em; margin: 1em 0; }}
-form.inline {{ display: inline; }} button {{ margin-right: .3em; }}
-.reason {{ color: #833; }}
-</style></head><body>
-{body}
-</body></html>"#
-    )
+const STYLE: &str = r#"
+body { font: 15px/1.4 system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 2em; }
+table { border-collapse: collapse; width: 100%; } td, th { text-align: left; padding: .25em .6em; border-bottom: 1px solid #ddd; }
+.status { font-weight: bold; padding: .1em .5em; border-radius: .3em; background: #eee; }
+.running { background: #d7ecff; } .paused { background: #ffe9b3; } .completed { background: #d5f5d5; }
+.aborted, .rolled_back { background: #f6d0d0; }
+.bar { display: flex; height: 1em; width: 20em; background: #eee; border-radius: .2em; overflow: hidden; }
+.ok { background: #3a3; } .bad { background: #c33; } .busy { background: #e9a21c; }
+.rollout { border: 1px solid #ccc; border-radius: .4em; padding: .6em 1em; margin: 1em 0; }
+form.inline { display: inline; } button { margin-right: .3em; }
+.reason { color: #833; }
+"#;
+
+/// A whole page around `body`; every value maud writes is escaped.
+fn page(title: &str, body: Markup) -> String {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                title { (title) }
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                style { (PreEscaped(STYLE)) }
+            }
+            body { (body) }
+        }
+    }
+    .into_string()
 }
 
 fn login(message: &str) -> String {
     page(
         "Abide fleet: sign in",
-        &format!(
-            r#"<h1>Abide fleet</h1>
-<p>{}</p>
-<form method="post" action="/ui/login">
-<label>Admin token <input type="password" name="token" size="60" autofocus></label>
-<button type="submit">Sign in</button>
-</form>"#,
-            escape(message)
-        ),
+        html! {
+            h1 { "Abide fleet" }
+            p { (message) }
+            form method="post" action="/ui/login" {
+                label { "Admin token " input type="password" name="token" size="60" autofocus; }
+                button type="submit" { "Sign in" }
+            }
+        },
+    )
+}
+
+/// A page that says what went wrong, with a way back.
+fn problem(message: &str) -> String {
+    page(
+        "Abide fleet",
+        html! {
+            h1 { "Abide fleet" }
+            p.reason { (message) }
+            p { a href="/" { "Back" } }
+        },
     )
 }
 
@@ -147,139 +149,128 @@ fn form_value(body: &[u8], key: &str) -> Option<String> {
 
 /// `GET /`: the page, or the sign-in form.
 pub async fn index(State(server): State<Server>, headers: HeaderMap) -> ApiResult<Response> {
-    if session(&server, &headers).await?.is_none() {
+    let Some(caller) = session(&server, &headers).await? else {
         return Ok(Html(login(
             "Enter an admin token (the server wrote the first to DATA/admin.token).",
         ))
         .into_response());
-    }
-    Ok(Html(render(&server).await?).into_response())
+    };
+    Ok(Html(render(&server, &caller).await?).into_response())
 }
 
-async fn render(server: &Server) -> ApiResult<String> {
-    let mut body = String::from("<h1>Abide fleet</h1>\n");
-    let states = crate::devices::count_by_state(server).await?;
+/// The page for a signed-in `caller`: the controls only for operators and admins.
+async fn render(server: &Server, caller: &Caller) -> ApiResult<String> {
+    let states = crate::devices::count_by_state_read(server).await?;
     let total: i64 = states.iter().map(|(_, n)| n).sum();
-    let _ = write!(body, "<p>{total} devices");
-    for (s, n) in &states {
-        let _ = write!(body, " · {} {}", n, escape(s));
-    }
-    body.push_str(" · <a href=\"/metrics\">metrics</a></p>\n");
-
-    body.push_str("<h2>Rollouts</h2>\n");
     let ids: Vec<(String,)> =
         sqlx::query_as("SELECT id FROM rollouts ORDER BY created_at DESC, id LIMIT 20")
-            .fetch_all(&server.db.pool)
+            .fetch_all(&server.db.read)
             .await?;
-    if ids.is_empty() {
-        body.push_str("<p>No rollouts yet.</p>\n");
-    }
-    let mut failing = Vec::new();
+    let mut rollouts = Vec::with_capacity(ids.len());
     for (id,) in &ids {
-        let s = crate::rollouts::status_of(server, id).await?;
-        let status = s.status.as_str();
-        let _ = write!(
-            body,
-            "<div class=\"rollout\" id=\"{id}\"><p><b>{id}</b> of release {rel} <span class=\"status {status}\">{status}</span>{reason}</p>\n<p>{devices} devices: {committed} committed, {failed} failed, {busy} in progress, {pending} pending{prestage}</p>\n<table><tr><th>stage</th><th>share</th><th>soak</th><th>devices</th><th>progress</th><th>states</th></tr>\n",
-            id = escape(id),
-            rel = escape(&s.release),
-            reason = s
-                .reason
-                .as_deref()
-                .map(|r| format!(" <span class=\"reason\">{}</span>", escape(r)))
-                .unwrap_or_default(),
-            devices = s.devices,
-            committed = s.committed,
-            failed = s.failed,
-            busy = s.in_progress,
-            pending = s.pending,
-            prestage = s
-                .prestage
-                .as_deref()
-                .map(|p| format!(
-                    "; {}% staged (activation waits for {})",
-                    s.staged_share,
-                    escape(p)
-                ))
-                .unwrap_or_default(),
-        );
-        for st in &s.stages {
-            let n = st.devices.max(1) as f64;
-            let ok = st.committed as f64;
-            let bad = st.failed as f64;
-            let pending = st.states.get("pending").copied().unwrap_or(0) as f64;
-            let busy = (n - ok - bad - pending).max(0.0);
-            let states: Vec<String> = st
-                .states
-                .iter()
-                .map(|(k, v)| format!("{} {}", v, escape(k)))
-                .collect();
-            let _ = writeln!(
-                body,
-                "<tr><td>{}{}</td><td>{}%</td><td>{}s</td><td>{}</td><td><div class=\"bar\"><div class=\"ok\" style=\"width:{:.1}%\"></div><div class=\"bad\" style=\"width:{:.1}%\"></div><div class=\"busy\" style=\"width:{:.1}%\"></div></div></td><td>{}</td></tr>",
-                st.index,
-                if st.current { " (current)" } else { "" },
-                st.percent,
-                st.soak_seconds,
-                st.devices,
-                100.0 * ok / n,
-                100.0 * bad / n,
-                100.0 * busy / n,
-                states.join(", ")
-            );
-        }
-        body.push_str("</table>\n<p>");
-        for a in s.status.actions() {
-            let _ = write!(
-                body,
-                "<form class=\"inline\" method=\"post\" action=\"/ui/rollouts/{}/{a}\"><button type=\"submit\" name=\"action\" value=\"{a}\">{a}</button></form>",
-                escape(id)
-            );
-        }
-        body.push_str("</p></div>\n");
-        for f in s.failing {
-            failing.push((id.clone(), f));
-        }
+        rollouts.push(crate::rollouts::status_of(server, id).await?);
     }
-
-    body.push_str("<h2>Failing devices</h2>\n");
-    if failing.is_empty() {
-        body.push_str("<p>None.</p>\n");
-    } else {
-        body.push_str(
-            "<table><tr><th>device</th><th>rollout</th><th>state</th><th>reason</th></tr>\n",
-        );
-        for (rollout, f) in failing.iter().take(200) {
-            let _ = writeln!(
-                body,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"reason\">{}</td></tr>",
-                escape(&f.device),
-                escape(rollout),
-                escape(&f.state),
-                escape(f.reason.as_deref().unwrap_or(""))
-            );
-        }
-        body.push_str("</table>\n");
-    }
-
-    body.push_str("<h2>Releases</h2>\n<table><tr><th>id</th><th>product</th><th>version</th><th>security version</th><th>size</th><th>uploaded</th></tr>\n");
+    let failing: Vec<(&str, &abide_proto::FailingDevice)> = rollouts
+        .iter()
+        .flat_map(|s| s.failing.iter().map(move |f| (s.id.as_str(), f)))
+        .take(200)
+        .collect();
     let releases: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
         "SELECT id, product, version, security_version, size, created_at FROM releases ORDER BY created_at DESC, id LIMIT 50",
     )
-    .fetch_all(&server.db.pool)
+    .fetch_all(&server.db.read)
     .await?;
-    for (id, product, version, security, size, at) in releases {
-        let _ = writeln!(
-            body,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{security}</td><td>{size}</td><td>{}</td></tr>",
-            escape(&id),
-            escape(&product),
-            escape(&version),
-            crate::clock::rfc3339(at)
-        );
-    }
-    body.push_str("</table>\n<form method=\"post\" action=\"/ui/logout\"><p><button type=\"submit\">Sign out</button></p></form>\n");
-    Ok(page("Abide fleet", &body))
+    let controls = caller.role >= abide_proto::Role::Operator;
+    let body = html! {
+        h1 { "Abide fleet" }
+        p {
+            (total) " devices"
+            @for (state, n) in &states { " · " (n) " " (state) }
+            " · " a href="/metrics" { "metrics" }
+            " · signed in as " (caller.role)
+        }
+        h2 { "Rollouts" }
+        @if rollouts.is_empty() { p { "No rollouts yet." } }
+        @for s in &rollouts {
+            div.rollout id=(s.id) {
+                p {
+                    b { (s.id) } " of release " (s.release) " "
+                    span class={ "status " (s.status.as_str()) } { (s.status.as_str()) }
+                    @if let Some(r) = &s.reason { " " span.reason { (r) } }
+                }
+                p {
+                    (s.devices) " devices: " (s.committed) " committed, " (s.failed) " failed, "
+                    (s.in_progress) " in progress, " (s.pending) " pending"
+                    @if let Some(p) = &s.prestage {
+                        "; " (s.staged_share) "% staged (activation waits for " (p) ")"
+                    }
+                }
+                table {
+                    tr { th { "stage" } th { "share" } th { "soak" } th { "devices" } th { "progress" } th { "states" } }
+                    @for st in &s.stages {
+                        @let n = st.devices.max(1) as f64;
+                        @let (ok, bad) = (st.committed as f64, st.failed as f64);
+                        @let pending = st.states.get("pending").copied().unwrap_or(0) as f64;
+                        @let busy = (n - ok - bad - pending).max(0.0);
+                        tr {
+                            td { (st.index) @if st.current { " (current)" } }
+                            td { (st.percent) "%" }
+                            td { (st.soak_seconds) "s" }
+                            td { (st.devices) }
+                            td {
+                                div.bar {
+                                    div.ok style=(format!("width:{:.1}%", 100.0 * ok / n)) {}
+                                    div.bad style=(format!("width:{:.1}%", 100.0 * bad / n)) {}
+                                    div.busy style=(format!("width:{:.1}%", 100.0 * busy / n)) {}
+                                }
+                            }
+                            td {
+                                @for (i, (k, v)) in st.states.iter().enumerate() {
+                                    @if i > 0 { ", " }
+                                    (v) " " (k)
+                                }
+                            }
+                        }
+                    }
+                }
+                @if controls {
+                    p {
+                        @for a in s.status.actions() {
+                            form.inline method="post" action=(format!("/ui/rollouts/{}/{a}", s.id)) {
+                                button type="submit" name="action" value=(a) { (a) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "Failing devices" }
+        @if failing.is_empty() {
+            p { "None." }
+        } @else {
+            table {
+                tr { th { "device" } th { "rollout" } th { "state" } th { "reason" } }
+                @for (rollout, f) in &failing {
+                    tr {
+                        td { (f.device) } td { (rollout) } td { (f.state) }
+                        td.reason { (f.reason.as_deref().unwrap_or("")) }
+                    }
+                }
+            }
+        }
+        h2 { "Releases" }
+        table {
+            tr { th { "id" } th { "product" } th { "version" } th { "security version" } th { "size" } th { "uploaded" } }
+            @for (id, product, version, security, size, at) in &releases {
+                tr {
+                    td { (id) } td { (product) } td { (version) } td { (security) } td { (size) }
+                    td { (crate::clock::rfc3339(*at)) }
+                }
+            }
+        }
+        form method="post" action="/ui/logout" { p { button type="submit" { "Sign out" } } }
+    };
+    Ok(page("Abide fleet", body))
 }
 
 fn redirect(to: &str, cookie: Option<String>) -> Response {
@@ -381,12 +372,9 @@ pub async fn control(
         Ok(Some(Caller { role, .. })) => {
             return (
                 StatusCode::FORBIDDEN,
-                Html(page(
-                    "Abide fleet",
-                    &format!(
-                        "<h1>Abide fleet</h1><p class=\"reason\">This sign-in's role is {role}; the controls need operator or more.</p><p><a href=\"/\">Back</a></p>"
-                    ),
-                )),
+                Html(problem(&format!(
+                    "This sign-in's role is {role}; the controls need operator or more."
+                ))),
             )
                 .into_response();
         }
@@ -403,16 +391,6 @@ pub async fn control(
             ),
             None,
         ),
-        Err(e) => (
-            e.status,
-            Html(page(
-                "Abide fleet",
-                &format!(
-                    "<h1>Abide fleet</h1><p class=\"reason\">{}</p><p><a href=\"/\">Back</a></p>",
-                    escape(&e.message)
-                ),
-            )),
-        )
-            .into_response(),
+        Err(e) => (e.status, Html(problem(&e.message))).into_response(),
     }
 }

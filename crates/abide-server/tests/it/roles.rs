@@ -691,7 +691,12 @@ async fn a_viewer_session_on_the_web_page_sees_but_cannot_press_the_controls(bac
         .call(Method::GET, "/", None, &[("cookie", &cookie)], vec![])
         .await;
     assert_eq!(page.status, StatusCode::OK);
-    assert!(String::from_utf8_lossy(&page.body).contains(&rollout));
+    let text = String::from_utf8_lossy(&page.body).into_owned();
+    assert!(text.contains(&rollout));
+    assert!(
+        !text.contains(&format!("/ui/rollouts/{rollout}/pause")),
+        "a viewer is shown no controls"
+    );
     let press = h
         .call(
             Method::POST,
@@ -709,6 +714,10 @@ async fn a_viewer_session_on_the_web_page_sees_but_cannot_press_the_controls(bac
     );
     // An operator's session may; and its sessions end when its token is revoked.
     let cookie = sign_in(&h, &operator).await;
+    let page = h
+        .call(Method::GET, "/", None, &[("cookie", &cookie)], vec![])
+        .await;
+    assert!(String::from_utf8_lossy(&page.body).contains(&format!("/ui/rollouts/{rollout}/pause")));
     let press = h
         .call(
             Method::POST,

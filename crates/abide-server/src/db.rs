@@ -243,6 +243,15 @@ ALTER TABLE audit_head ADD COLUMN signature TEXT;
 ALTER TABLE devices ADD COLUMN audit_head TEXT;
 "#,
     ),
+    (
+        9,
+        // /metrics' aggregates read these indexes instead of the tables.
+        r#"
+CREATE INDEX devices_state ON devices (state);
+CREATE INDEX reports_status_millis ON reports (status, millis);
+CREATE INDEX rollout_devices_state ON rollout_devices (rollout_id, state);
+"#,
+    ),
 ];
 
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an

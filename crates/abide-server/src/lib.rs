@@ -65,6 +65,9 @@ pub struct Config {
     pub health_fresh: std::time::Duration,
     /// How long a web page sign-in lasts.
     pub session_ttl: std::time::Duration,
+    /// How often `/metrics` re-reads its aggregates while it is scraped (zero: at every
+    /// scrape).
+    pub metrics_refresh: std::time::Duration,
 }
 
 impl Config {
@@ -85,6 +88,7 @@ impl Config {
             body_timeout: std::time::Duration::from_secs(30),
             health_fresh: std::time::Duration::from_secs(15 * 60),
             session_ttl: std::time::Duration::from_secs(12 * 3600),
+            metrics_refresh: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct Inner {
     pub last_seen: devices::LastSeen,
     /// This process's counters.
     pub counters: metrics::Counters,
+    /// `/metrics`' aggregates as last read.
+    pub metrics: metrics::Snapshot,
     /// Device credential hashes and groups already read (they never change), by device id.
     pub credentials: std::sync::RwLock<std::collections::HashMap<String, (String, String)>>,
     /// Enrolment attempts by client address (a token bucket each).
@@ -199,6 +205,7 @@ impl Server {
             metrics_hash,
             last_seen: devices::LastSeen::default(),
             counters: metrics::Counters::default(),
+            metrics: metrics::Snapshot::default(),
             credentials: Default::default(),
             enrolments: limit::Buckets::new(enroll_per_minute),
             connections: Default::default(),

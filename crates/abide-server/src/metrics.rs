@@ -2,6 +2,12 @@
 //! the database, so any server process of a fleet answers for the whole fleet; the check-in
 //! counter is this process's own (Prometheus sums it over the processes).
 //!
+//! A scrape does not scan the fleet: the database's aggregates (which read every device and
+//! report) are rendered at the first scrape, then refreshed in the background every
+//! `metrics_refresh` (10 s) for as long as scrapes keep coming (five minutes after the last,
+//! the refreshing stops); a scrape serves the latest rendering, and
+//! `abide_metrics_age_seconds` says how old it is.
+//!
 //! Names: `abide_devices` (by state), `abide_checkins_total`, `abide_reports_total` (by
 //! status), `abide_rollbacks_total`, `abide_rollout_devices` (by rollout and state),
 //! `abide_rollout_success_ratio` (by rollout), and the histograms `abide_download_seconds`,
@@ -10,6 +16,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::header;
@@ -24,6 +31,23 @@ pub struct Counters {
     /// Check-ins answered.
     pub checkins: AtomicU64,
 }
+
+/// The aggregates as last rendered, shared by scrapes.
+#[derive(Debug, Default)]
+pub struct Snapshot(std::sync::Mutex<SnapshotState>);
+
+#[derive(Debug, Default)]
+struct SnapshotState {
+    /// When the aggregates were read, and their text.
+    text: Option<(Instant, String)>,
+    /// The last scrape.
+    last_scrape: Option<Instant>,
+    /// Whether the background refresh runs.
+    refreshing: bool,
+}
+
+/// How long after the last scrape the background refresh goes on.
+const KEEP: Duration = Duration::from_secs(300);
 
 const BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
@@ -71,7 +95,8 @@ async fn histogram(
     Ok(())
 }
 
-/// Renders the metrics.
+/// Renders the metrics read from the database (every device and report: see the module
+/// documentation for how often).
 pub async fn render(server: &Server) -> ApiResult<String> {
     let mut out = String::new();
     let states = crate::devices::count_by_state_read(server).await?;
@@ -79,11 +104,6 @@ pub async fn render(server: &Server) -> ApiResult<String> {
     for (state, n) in &states {
         let _ = writeln!(out, "abide_devices{{state=\"{}\"}} {n}", label(state));
     }
-    let _ = writeln!(
-        out,
-        "# HELP abide_checkins_total Check-ins this server process answered.\n# TYPE abide_checkins_total counter\nabide_checkins_total {}",
-        server.counters.checkins.load(Ordering::Relaxed)
-    );
     let reports: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM reports GROUP BY status ORDER BY status")
             .fetch_all(&server.db.read)
@@ -163,13 +183,77 @@ pub async fn render(server: &Server) -> ApiResult<String> {
     Ok(out)
 }
 
-/// `GET /metrics`, for the metrics token (`DATA/metrics.token`, or the admin token). Its
+/// The aggregates for a scrape at `now`: the latest rendering while scrapes keep the
+/// background refresh going, else rendered now. Returns the text and when it was read.
+async fn aggregates(server: &Server, now: Instant) -> ApiResult<(Instant, String)> {
+    let refresh = server.config.metrics_refresh;
+    let kept = {
+        let mut s = server.metrics.0.lock().expect("not poisoned");
+        s.last_scrape = Some(now);
+        s.text
+            .clone()
+            .filter(|(at, _)| !refresh.is_zero() && now.duration_since(*at) < KEEP)
+    };
+    let got = match kept {
+        Some(kept) => kept,
+        None => {
+            let text = render(server).await?;
+            let at = Instant::now();
+            server.metrics.0.lock().expect("not poisoned").text = Some((at, text.clone()));
+            (at, text)
+        }
+    };
+    if !refresh.is_zero() {
+        let start = {
+            let mut s = server.metrics.0.lock().expect("not poisoned");
+            !std::mem::replace(&mut s.refreshing, true)
+        };
+        if start {
+            tokio::spawn(refresh_while_scraped(server.clone(), refresh));
+        }
+    }
+    Ok(got)
+}
+
+/// Renders the aggregates every `every` until no scrape came for [`KEEP`].
+async fn refresh_while_scraped(server: Server, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let idle = {
+            let s = server.metrics.0.lock().expect("not poisoned");
+            s.last_scrape.is_none_or(|t| t.elapsed() > KEEP)
+        };
+        if idle {
+            server.metrics.0.lock().expect("not poisoned").refreshing = false;
+            return;
+        }
+        match render(&server).await {
+            Ok(text) => {
+                server.metrics.0.lock().expect("not poisoned").text = Some((Instant::now(), text));
+            }
+            Err(e) => tracing::warn!(error = %e.message, "refreshing /metrics"),
+        }
+    }
+}
+
+/// `GET /metrics`, for the metrics token (`DATA/metrics.token`, or an admin token). Its
 /// queries run on the read connections, beside the writer, not on it.
 pub async fn metrics(
     State(server): State<Server>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     crate::auth::metrics(&server, &headers).await?;
-    let text = render(&server).await?;
+    let now = Instant::now();
+    let (at, mut text) = aggregates(&server, now).await?;
+    let _ = writeln!(
+        text,
+        "# HELP abide_checkins_total Check-ins this server process answered.\n# TYPE abide_checkins_total counter\nabide_checkins_total {}",
+        server.counters.checkins.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        text,
+        "# HELP abide_metrics_age_seconds How long ago the values read from the database were read.\n# TYPE abide_metrics_age_seconds gauge\nabide_metrics_age_seconds {:.3}",
+        now.saturating_duration_since(at).as_secs_f64()
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

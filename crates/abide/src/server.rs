@@ -56,6 +56,10 @@ pub struct ServerArgs {
     /// this time (as 15m).
     #[arg(long, default_value = "15m")]
     health_fresh: String,
+    /// How often /metrics re-reads the fleet's aggregates while it is scraped (0: at every
+    /// scrape); a scrape serves the latest reading.
+    #[arg(long, default_value = "10s")]
+    metrics_refresh: String,
 }
 
 /// Runs the server until it is stopped.
@@ -90,6 +94,15 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
         };
         config.header_timeout = seconds("--header-timeout", &args.header_timeout)?;
         config.body_timeout = seconds("--body-timeout", &args.body_timeout)?;
+        config.metrics_refresh = abide_core::duration::parse(&args.metrics_refresh)
+            .ok()
+            .filter(|d| *d <= std::time::Duration::from_secs(3600))
+            .with_context(|| {
+                format!(
+                    "--metrics-refresh {:?}: expected 0 to 1h",
+                    args.metrics_refresh
+                )
+            })?;
         config.health_fresh = abide_core::rollout::parse_duration(&args.health_fresh)
             .ok()
             .filter(|s| (1..=7 * 86_400).contains(s))

@@ -63,6 +63,11 @@ pub(crate) fn trust_file(dir: &std::path::Path) {
 
 impl Harness {
     pub(crate) async fn new(backend: Backend) -> Harness {
+        Harness::with(backend, |_| {}).await
+    }
+
+    /// A harness whose configuration `edit` changes before the server starts.
+    pub(crate) async fn with(backend: Backend, edit: impl FnOnce(&mut Config)) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         trust_file(dir.path());
         let pg = matches!(backend, Backend::Postgres).then(Postgres::start);
@@ -70,6 +75,7 @@ impl Harness {
         config.db = pg.as_ref().map(Postgres::url);
         // Requests made in-process all come from one address; the rate limit has its own test.
         config.enroll_per_minute = 100_000;
+        edit(&mut config);
         let (server, _) = Server::start(config).await.unwrap();
         let admin = std::fs::read_to_string(dir.path().join("admin.token"))
             .unwrap()

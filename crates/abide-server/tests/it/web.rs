@@ -14,7 +14,11 @@ use serde_json::{Value, json};
 
 use crate::{Backend, Harness, on_both};
 
-on_both!(the_page_and_its_controls, metrics_in_the_prometheus_format);
+on_both!(
+    the_page_and_its_controls,
+    metrics_in_the_prometheus_format,
+    a_scrape_serves_the_latest_aggregates_which_refresh_in_the_background,
+);
 
 /// A release, a device, and a running rollout of it; returns the rollout id.
 async fn running_rollout(h: &Harness, reason: &str) -> String {
@@ -580,4 +584,42 @@ fn the_page_in_headless_chromium_pauses_a_rollout_on_click() {
     assert_eq!(status["status"], "paused");
     let _ = chromium.kill();
     let _ = chromium.wait();
+}
+
+async fn a_scrape_serves_the_latest_aggregates_which_refresh_in_the_background(backend: Backend) {
+    let h = Harness::with(backend, |c| {
+        c.metrics_refresh = std::time::Duration::from_millis(300);
+    })
+    .await;
+    let admin = h.admin.clone();
+    let scrape = || async {
+        String::from_utf8(
+            h.call(Method::GET, "/metrics", Some(&admin), &[], vec![])
+                .await
+                .body,
+        )
+        .unwrap()
+    };
+    h.enroll("gw-1", "lab").await;
+    assert!(scrape().await.contains("abide_devices{state=\"idle\"} 1"));
+    // A second device: the next scrape is served from the rendering before it.
+    h.enroll("gw-2", "lab").await;
+    let cached = scrape().await;
+    assert!(
+        cached.contains("abide_devices{state=\"idle\"} 1"),
+        "{cached}"
+    );
+    assert!(cached.contains("abide_metrics_age_seconds "), "{cached}");
+    // The background refresh brings it in.
+    let start = std::time::Instant::now();
+    loop {
+        if scrape().await.contains("abide_devices{state=\"idle\"} 2") {
+            break;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "refreshed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

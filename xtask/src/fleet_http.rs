@@ -144,6 +144,7 @@ async fn run(o: Opts) -> Result<()> {
             },
         )
         .await?;
+    sqlx::any::install_default_drivers();
     let db = sqlx::AnyPool::connect(&url).await?;
     let half = o.devices / 2;
     let sim = |server: &str, devices: usize, prefix: &str| abide_client::simulate::Options {

@@ -139,6 +139,9 @@ struct Sim {
     assigned: Option<(String, String)>,
     /// The last (transaction, status) reported.
     reported: Option<(String, &'static str)>,
+    /// A report not yet acknowledged: sent again, with its sequence number, before anything
+    /// else happens on the device.
+    pending: Option<ReportRequest>,
     seq: u64,
     rng: Rng,
 }
@@ -146,7 +149,9 @@ struct Sim {
 impl Sim {
     async fn send(&mut self, tally: &Tally, r: ReportRequest) -> Result<(), ClientError> {
         // A report the server did not acknowledge is sent again with the same sequence
-        // number (the server records it once), so none is lost when the server restarts.
+        // number (the server records it once), so none is lost when the server restarts or
+        // is too busy: a few quick retries, then it stays pending for the next poll.
+        self.pending = Some(r.clone());
         let mut attempt = 0;
         let recorded = loop {
             match self.device.report(&r).await {
@@ -158,6 +163,7 @@ impl Sim {
                 Err(e) => return Err(e),
             }
         };
+        self.pending = None;
         tally.reports.fetch_add(1, Ordering::Relaxed);
         tally.ledger.lock().await.push(Entry {
             device: self.device.id.clone(),
@@ -199,6 +205,17 @@ impl Sim {
     /// One poll: check in, then carry out what `abide_core::fleet::decide` says, step by
     /// step, until it says to wait. The outcome of a trial is drawn at random (`fail_rate`).
     async fn step(&mut self, tally: &Tally, fail_rate: f64) -> Result<(), ClientError> {
+        if let Some(r) = self.pending.clone() {
+            self.send(tally, r).await?;
+        }
+        // A trial cut short by an error (a report that did not get through) goes on where
+        // it stopped, as a real device's boot step would.
+        if matches!(
+            self.tx.as_ref().map(|t| &t.state),
+            Some(TxState::Activated { .. } | TxState::Trial { .. })
+        ) {
+            self.run_trial(tally, fail_rate, Instant::now()).await?;
+        }
         let a = self
             .device
             .checkin(
@@ -288,23 +305,7 @@ impl Sim {
                     let tx = self.tx.as_mut().expect("staged");
                     tx.activate(now, policy).map_err(engine)?;
                     self.report(tally, Some(0.0)).await?;
-                    // The simulated reboot: the target boots and the gate decides.
-                    let tx = self.tx.as_mut().expect("activated");
-                    let booted = BootReport {
-                        booted: tx.target.clone(),
-                        target_bootable: true,
-                    };
-                    tx.booted(now, &booted, policy).map_err(engine)?;
-                    self.report(tally, None).await?;
-                    let verdict = if self.rng.next() < fail_rate {
-                        Verdict::RollBack(RollbackReason::HealthCheck {
-                            check: "simulated".into(),
-                            detail: "synthetic failure drawn by the simulator".into(),
-                        })
-                    } else {
-                        Verdict::Commit
-                    };
-                    self.finish_trial(tally, verdict, started).await?;
+                    self.run_trial(tally, fail_rate, started).await?;
                 }
                 Step::RollBack => {
                     let tx = self.tx.as_mut().expect("on trial");
@@ -320,6 +321,37 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The simulated reboot of an activated transaction and its trial: the target boots, the
+    /// gate decides by a random draw. Goes on from where an earlier attempt stopped.
+    async fn run_trial(
+        &mut self,
+        tally: &Tally,
+        fail_rate: f64,
+        started: Instant,
+    ) -> Result<(), ClientError> {
+        let engine = |e: abide_core::Error| ClientError::BadAssignment(e.to_string());
+        let now = jiff::Timestamp::now();
+        let policy = BootPolicy::default();
+        let tx = self.tx.as_mut().expect("activated or on trial");
+        if matches!(tx.state, TxState::Activated { .. }) {
+            let booted = BootReport {
+                booted: tx.target.clone(),
+                target_bootable: true,
+            };
+            tx.booted(now, &booted, policy).map_err(engine)?;
+            self.report(tally, None).await?;
+        }
+        let verdict = if self.rng.next() < fail_rate {
+            Verdict::RollBack(RollbackReason::HealthCheck {
+                check: "simulated".into(),
+                detail: "synthetic failure drawn by the simulator".into(),
+            })
+        } else {
+            Verdict::Commit
+        };
+        self.finish_trial(tally, verdict, started).await
     }
 
     async fn finish_trial(
@@ -418,6 +450,7 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
                 lease: false,
                 assigned: None,
                 reported: None,
+                pending: None,
                 seq: 0,
                 rng: Rng(u64::from_le_bytes(seed)),
             });

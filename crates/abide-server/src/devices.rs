@@ -19,7 +19,7 @@ use abide_proto::{
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde::Deserialize;
 
 use crate::Server;
@@ -587,11 +587,9 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
 /// assignment, signed, bound to its id and nonce, valid for a few minutes.
 pub async fn checkin(
     State(server): State<Server>,
-    headers: HeaderMap,
-    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
+    crate::auth::Device(id): crate::auth::Device,
     body: Bytes,
 ) -> ApiResult<Json<SignedAssignment>> {
-    let id = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: CheckinRequest = parse_json(&body)?;
     check_inventory(&req)?;
     if let Some(head) = &req.audit_head {
@@ -650,11 +648,9 @@ pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
 /// `POST /api/v1/device/report`.
 pub async fn report(
     State(server): State<Server>,
-    headers: HeaderMap,
-    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
+    crate::auth::Device(id): crate::auth::Device,
     body: Bytes,
 ) -> ApiResult<Json<ReportResponse>> {
-    let id = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: ReportRequest = parse_json(&body)?;
     if req.seq == 0 || req.seq > i64::MAX as u64 {
         return Err(ApiError::bad_request("seq: expected 1 or more"));

@@ -11,7 +11,7 @@ use abide_proto::{GroupSettings, GroupView, LeaseGrant, LeaseReleased, LeaseView
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use serde::Deserialize;
 
 use abide_core::lease::{LeaseAsk, LeaseDecision, LeaseRefusal, WindowNow};
@@ -232,11 +232,9 @@ pub struct LeaseRequest {
 /// `POST /api/v1/device/lease` (device): a reboot lease, or 409 `lease-refused` with the reason.
 pub async fn acquire(
     State(server): State<Server>,
-    headers: HeaderMap,
-    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
+    crate::auth::Device(device): crate::auth::Device,
     body: Bytes,
 ) -> ApiResult<Json<LeaseGrant>> {
-    let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let req: LeaseRequest = if body.is_empty() {
         LeaseRequest::default()
     } else {
@@ -390,10 +388,8 @@ pub async fn acquire(
 /// `DELETE /api/v1/device/lease` (device): gives the lease back (after commit or rollback).
 pub async fn release(
     State(server): State<Server>,
-    headers: HeaderMap,
-    peer: Option<axum::Extension<crate::tls::PeerIdentity>>,
+    crate::auth::Device(device): crate::auth::Device,
 ) -> ApiResult<Json<LeaseReleased>> {
-    let device = crate::auth::device(&server, &headers, peer.as_deref()).await?;
     let mut tx = server.db.pool.begin().await?;
     let gone = sqlx::query("DELETE FROM leases WHERE device_id = $1")
         .bind(&device)

@@ -326,101 +326,9 @@ async fn metrics_in_the_prometheus_format(backend: Backend) {
     }
 }
 
-/// A minimal WebSocket client (RFC 6455): enough for the DevTools protocol.
-struct Ws(TcpStream);
-
-fn base64(bytes: &[u8]) -> String {
-    const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-impl Ws {
-    fn connect(url: &str) -> Ws {
-        let rest = url.strip_prefix("ws://").unwrap();
-        let (host, path) = rest.split_once('/').unwrap();
-        let mut s = TcpStream::connect(host).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        write!(
-            s,
-            "GET /{path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            base64(b"abide-test-nonce")
-        )
-        .unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).unwrap();
-            head.push(b[0]);
-        }
-        assert!(
-            head.starts_with(b"HTTP/1.1 101"),
-            "{}",
-            String::from_utf8_lossy(&head)
-        );
-        Ws(s)
-    }
-
-    fn send(&mut self, text: &str) {
-        let p = text.as_bytes();
-        let mut f = vec![0x81u8];
-        match p.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        let mask = [7u8, 13, 42, 99];
-        f.extend_from_slice(&mask);
-        f.extend(p.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.0.write_all(&f).unwrap();
-    }
-
-    fn recv(&mut self) -> String {
-        let mut message = Vec::new();
-        loop {
-            let mut h = [0u8; 2];
-            self.0.read_exact(&mut h).unwrap();
-            let mut len = u64::from(h[1] & 0x7f);
-            if len == 126 {
-                let mut e = [0u8; 2];
-                self.0.read_exact(&mut e).unwrap();
-                len = u64::from(u16::from_be_bytes(e));
-            } else if len == 127 {
-                let mut e = [0u8; 8];
-                self.0.read_exact(&mut e).unwrap();
-                len = u64::from_be_bytes(e);
-            }
-            let mut p = vec![0u8; len as usize];
-            self.0.read_exact(&mut p).unwrap();
-            message.extend_from_slice(&p);
-            if h[0] & 0x80 != 0 {
-                return String::from_utf8(message).unwrap();
-            }
-        }
-    }
-}
-
-/// A DevTools session on one page.
+/// A DevTools session on one page, over tungstenite's WebSocket client.
 struct Page {
-    ws: Ws,
+    ws: tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>,
     next: u64,
 }
 
@@ -429,9 +337,15 @@ impl Page {
         self.next += 1;
         let id = self.next;
         self.ws
-            .send(&json!({"id": id, "method": method, "params": params}).to_string());
+            .send(tungstenite::Message::text(
+                json!({"id": id, "method": method, "params": params}).to_string(),
+            ))
+            .unwrap();
         loop {
-            let m: Value = serde_json::from_str(&self.ws.recv()).unwrap();
+            let tungstenite::Message::Text(text) = self.ws.read().unwrap() else {
+                continue;
+            };
+            let m: Value = serde_json::from_str(text.as_str()).unwrap();
             if m["id"] == id {
                 assert!(m.get("error").is_none(), "{method}: {m}");
                 return m["result"].clone();
@@ -558,7 +472,9 @@ fn the_page_in_headless_chromium_pauses_a_rollout_on_click() {
     let answer = format!("\r\n\r\n{}", String::from_utf8(body).unwrap());
     let target: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let mut page = Page {
-        ws: Ws::connect(target["webSocketDebuggerUrl"].as_str().unwrap()),
+        ws: tungstenite::connect(target["webSocketDebuggerUrl"].as_str().unwrap())
+            .expect("the DevTools WebSocket opens")
+            .0,
         next: 0,
     };
     page.call("Page.enable", json!({}));

@@ -276,8 +276,18 @@ impl Sim {
                     .map_err(engine)?;
                     self.tx = Some(tx);
                     self.report(tally, None).await?;
-                    // The download is simulated: one range request proves it is served.
-                    self.device.fetch(&r.url, 0, r.size.min(64)).await?;
+                    // The download is simulated: one range request proves it is served. Like the
+                    // agent's download, it is retried with back-off before the step gives up
+                    // (a transaction left downloading is abandoned at the next step).
+                    let mut attempt = 0u32;
+                    while let Err(e) = self.device.fetch(&r.url, 0, r.size.min(64)).await {
+                        attempt += 1;
+                        if attempt >= 20 {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(20))))
+                            .await;
+                    }
                     let tx = self.tx.as_mut().expect("begun");
                     tx.staged(now).map_err(engine)?;
                     self.report(tally, Some(started.elapsed().as_secs_f64()))

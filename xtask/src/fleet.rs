@@ -53,7 +53,7 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(o)
 }
 
-fn peak_rss_kib(pid: &str) -> u64 {
+pub(crate) fn peak_rss_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -64,7 +64,8 @@ fn peak_rss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-struct ServerProcess(Child);
+/// An `abide server` process, killed when dropped.
+pub(crate) struct ServerProcess(pub(crate) Child);
 
 impl Drop for ServerProcess {
     fn drop(&mut self) {
@@ -73,7 +74,51 @@ impl Drop for ServerProcess {
     }
 }
 
-fn trust(dir: &Path) -> Result<()> {
+/// Starts `abide` (the release binary) as a server on `data` (and database `db`) on a free
+/// loopback port, with limits for a load generator whose devices all come from one address;
+/// returns it and its URL once it answers.
+pub(crate) async fn start_server(
+    abide: &Path,
+    data: &Path,
+    db: Option<&str>,
+    http: &reqwest::Client,
+) -> Result<(ServerProcess, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cmd = Command::new(abide);
+    cmd.args(["server", "--data"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--enroll-rate",
+            "10000000",
+            "--max-connections-per-address",
+            "100000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(db) = db {
+        cmd.args(["--db", db]);
+    }
+    let server = ServerProcess(cmd.spawn()?);
+    let base = format!("http://127.0.0.1:{port}");
+    let start = Instant::now();
+    while http
+        .get(format!("{base}/api/v1/health"))
+        .send()
+        .await
+        .is_err()
+    {
+        if start.elapsed() > Duration::from_secs(60) {
+            bail!("the server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok((server, base))
+}
+
+pub(crate) fn trust(dir: &Path) -> Result<()> {
     std::fs::write(
         dir.join("trust.json"),
         abide_testkit::trust(&[0], 1).to_file_bytes()?,
@@ -121,44 +166,18 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
     trust(dir.path())?;
     let pg = (db == "postgres").then(abide_testkit::pg::Postgres::start);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cmd = Command::new(&abide);
-    cmd.args(["server", "--data"])
-        .arg(dir.path())
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        // Every simulated device comes from this one address.
-        .args([
-            "--enroll-rate",
-            "1000000",
-            "--max-connections-per-address",
-            "100000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    if let Some(pg) = &pg {
-        cmd.args(["--db", &pg.url()]);
-    }
-    let server = ServerProcess(cmd.spawn()?);
-    let pid = server.0.id().to_string();
-    let base = format!("http://127.0.0.1:{port}");
     abide_client::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(256)
         .build()?;
-    let start = Instant::now();
-    while http
-        .get(format!("{base}/api/v1/health"))
-        .send()
-        .await
-        .is_err()
-    {
-        if start.elapsed() > Duration::from_secs(30) {
-            bail!("the server did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (server, base) = start_server(
+        &abide,
+        dir.path(),
+        pg.as_ref().map(abide_testkit::pg::Postgres::url).as_deref(),
+        &http,
+    )
+    .await?;
+    let pid = server.0.id().to_string();
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
     let admin = abide_client::Admin::new(&base, &token);
     let t: abide_proto::EnrollToken = admin

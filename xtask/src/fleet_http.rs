@@ -13,11 +13,11 @@
 //! each server's peak RSS, and the database's size.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
+
+use crate::fleet::{ServerProcess, peak_rss_kib, start_server};
 
 struct Opts {
     devices: usize,
@@ -47,82 +47,18 @@ fn parse(args: &[String]) -> Result<Opts> {
     Ok(o)
 }
 
-struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start(abide: &Path, data: &Path, db: &str) -> Result<(ServerProcess, String)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let child = Command::new(abide)
-        .args(["server", "--data"])
-        .arg(data)
-        .args(["--db", db, "--listen", &format!("127.0.0.1:{port}")])
-        // Every simulated device comes from this one address.
-        .args([
-            "--enroll-rate",
-            "10000000",
-            "--max-connections-per-address",
-            "100000",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    Ok((ServerProcess(child), format!("http://127.0.0.1:{port}")))
-}
-
-async fn healthy(http: &reqwest::Client, base: &str) -> Result<()> {
-    let start = Instant::now();
-    while http
-        .get(format!("{base}/api/v1/health"))
-        .send()
-        .await
-        .is_err()
-    {
-        ensure!(
-            start.elapsed() < Duration::from_secs(60),
-            "{base} did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
-}
-
 async fn run(o: Opts) -> Result<()> {
     let abide = std::fs::canonicalize("target/release/abide")
         .context("build the release binary first: cargo build --release -p abide")?;
     let dir = tempfile::tempdir()?;
-    std::fs::write(
-        dir.path().join("trust.json"),
-        abide_testkit::trust(&[0], 1).to_file_bytes()?,
-    )?;
+    crate::fleet::trust(dir.path())?;
     let pg = abide_testkit::pg::Postgres::start();
     let url = pg.url();
     abide_client::tls::install_crypto_provider();
     let http = reqwest::Client::new();
     // The first process writes the admin token and the signing key; the second shares them.
-    let (s1, url1) = start(&abide, dir.path(), &url)?;
-    healthy(&http, &url1).await?;
-    let (s2, url2) = start(&abide, dir.path(), &url)?;
-    healthy(&http, &url2).await?;
+    let (s1, url1) = start_server(&abide, dir.path(), Some(&url), &http).await?;
+    let (s2, url2) = start_server(&abide, dir.path(), Some(&url), &http).await?;
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
     let admin = abide_client::Admin::new(&url1, token.trim());
     let bundle = abide_testkit::Fixture::default().build(&[&abide_testkit::key(0)]);
@@ -197,7 +133,8 @@ async fn run(o: Opts) -> Result<()> {
     let rollout = ro["id"].as_str().context("rollout id")?.to_owned();
     let (a, b) = (one.await??, two.await??);
     let wall = rollout_started.elapsed().as_secs_f64();
-    let rss = (peak_rss_mib(s1.0.id()), peak_rss_mib(s2.0.id()));
+    let mib = |s: &ServerProcess| peak_rss_kib(&s.0.id().to_string()) as f64 / 1024.0;
+    let rss = (mib(&s1), mib(&s2));
 
     // The ledger against the server's records.
     let ledger: Vec<_> = a.ledger.iter().chain(&b.ledger).collect();

@@ -177,35 +177,45 @@ pub fn write_new(target: &Path, bytes: &[u8], mode: u32) -> Result<(), IoError> 
     file.commit_new()
 }
 
+/// Runs the sync `sync` asked for at `site`, then has the power-loss model record what it
+/// made durable (`record`); a sync a test deleted (`ABIDE_POWERLOSS_SKIP`) does neither.
+fn synced(
+    site: &std::panic::Location<'_>,
+    sync: impl FnOnce() -> Result<(), IoError>,
+    record: impl FnOnce(&crate::powerloss::Begun),
+) -> Result<(), IoError> {
+    let begun = crate::powerloss::begin(site);
+    if begun.as_ref().is_some_and(|b| b.skip) {
+        return Ok(());
+    }
+    sync()?;
+    if let Some(b) = begun {
+        record(&b);
+    }
+    Ok(())
+}
+
 /// fsyncs the open `file` (at `path`): its data and metadata are durable when this returns.
 /// Every sync of Abide goes through here or the functions below, so the crash tests'
 /// power-loss model ([`crate::powerloss`]) sees each, named by the line that asked for it.
 #[track_caller]
 pub fn fsync(file: &File, path: &Path) -> Result<(), IoError> {
-    let sync = crate::powerloss::begin(std::panic::Location::caller());
-    if sync.as_ref().is_some_and(|s| s.skip) {
-        return Ok(());
-    }
-    file.sync_all().map_err(io_err("fsync of", path))?;
-    if let Some(s) = sync {
-        crate::powerloss::file_synced(&s, file, path);
-    }
-    Ok(())
+    synced(
+        std::panic::Location::caller(),
+        || file.sync_all().map_err(io_err("fsync of", path)),
+        |b| crate::powerloss::file_synced(b, file, path),
+    )
 }
 
 /// fdatasyncs the open `file` (at `path`): its data (and its size) are durable when this
 /// returns.
 #[track_caller]
 pub fn fdatasync(file: &File, path: &Path) -> Result<(), IoError> {
-    let sync = crate::powerloss::begin(std::panic::Location::caller());
-    if sync.as_ref().is_some_and(|s| s.skip) {
-        return Ok(());
-    }
-    file.sync_data().map_err(io_err("fdatasync of", path))?;
-    if let Some(s) = sync {
-        crate::powerloss::file_synced(&s, file, path);
-    }
-    Ok(())
+    synced(
+        std::panic::Location::caller(),
+        || file.sync_data().map_err(io_err("fdatasync of", path)),
+        |b| crate::powerloss::file_synced(b, file, path),
+    )
 }
 
 /// fsyncs a file by path: its data and its metadata (on FAT, its directory entry).
@@ -218,37 +228,33 @@ pub fn sync_file(path: &Path) -> Result<(), IoError> {
 /// fsyncs a directory, so that a rename, create or unlink in it is durable.
 #[track_caller]
 pub fn sync_dir(dir: &Path) -> Result<(), IoError> {
-    let sync = crate::powerloss::begin(std::panic::Location::caller());
-    if sync.as_ref().is_some_and(|s| s.skip) {
-        return Ok(());
-    }
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync of directory", dir))?;
-    if let Some(s) = sync {
-        crate::powerloss::dir_synced(&s, dir);
-    }
-    Ok(())
+    synced(
+        std::panic::Location::caller(),
+        || {
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync of directory", dir))
+        },
+        |b| crate::powerloss::dir_synced(b, dir),
+    )
 }
 
 /// Syncs the whole file system `dir` is on (syncfs): every file and directory under `dir` is
 /// durable when this returns.
 #[track_caller]
 pub fn syncfs(dir: &Path) -> Result<(), IoError> {
-    let sync = crate::powerloss::begin(std::panic::Location::caller());
-    if sync.as_ref().is_some_and(|s| s.skip) {
-        return Ok(());
-    }
-    let handle = File::open(dir).map_err(io_err("opening", dir))?;
-    rustix::fs::syncfs(&handle).map_err(|e| IoError {
-        op: "syncing the file system of",
-        path: dir.to_owned(),
-        source: e.into(),
-    })?;
-    if let Some(s) = sync {
-        crate::powerloss::tree_synced(&s, dir);
-    }
-    Ok(())
+    synced(
+        std::panic::Location::caller(),
+        || {
+            let handle = File::open(dir).map_err(io_err("opening", dir))?;
+            rustix::fs::syncfs(&handle).map_err(|e| IoError {
+                op: "syncing the file system of",
+                path: dir.to_owned(),
+                source: e.into(),
+            })
+        },
+        |b| crate::powerloss::tree_synced(b, dir),
+    )
 }
 
 /// Reads a whole file, refusing one larger than `max` bytes.

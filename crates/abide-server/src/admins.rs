@@ -140,12 +140,7 @@ pub async fn revoke(
     Path(id): Path<String>,
 ) -> ApiResult<Json<AdminTokenView>> {
     let mut tx = server.db.pool.begin().await?;
-    let changed =
-        sqlx::query("UPDATE admin_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now_ms())
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
+    let changed = crate::db::revoke(&mut tx, crate::db::Revocable::AdminToken, &id).await?;
     let row: Option<TokenRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM admin_tokens WHERE id = $1"
     )))
@@ -155,7 +150,7 @@ pub async fn revoke(
     let Some(row) = row else {
         return Err(ApiError::not_found(format!("no admin token {id}")));
     };
-    if changed.rows_affected() > 0 {
+    if changed {
         sqlx::query("DELETE FROM web_sessions WHERE token_id = $1")
             .bind(&id)
             .execute(&mut *tx)

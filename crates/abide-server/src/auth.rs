@@ -47,7 +47,11 @@ pub struct Caller {
 /// up (by SHA-256) in `admin_tokens` on every request, so a revocation counts at once in every
 /// server process.
 pub async fn caller(server: &Server, headers: &HeaderMap) -> ApiResult<Caller> {
-    let token = bearer(headers)?;
+    caller_of(server, bearer(headers)?).await
+}
+
+/// [`caller`] for a token already taken from its request (the web page's sign-in form).
+pub async fn caller_of(server: &Server, token: &str) -> ApiResult<Caller> {
     let hash = crate::sha256_hex(token.as_bytes());
     if same_digest(&hash, &server.admin_hash) {
         return Ok(Caller {

@@ -254,6 +254,39 @@ CREATE INDEX rollout_devices_state ON rollout_devices (rollout_id, state);
     ),
 ];
 
+/// What can be revoked: the tables with a `revoked_at` column.
+#[derive(Debug, Clone, Copy)]
+pub enum Revocable {
+    /// `devices`.
+    Device,
+    /// `enroll_tokens`.
+    EnrollToken,
+    /// `admin_tokens`.
+    AdminToken,
+}
+
+/// Marks row `id` of `what` revoked now, inside `tx`; whether this revoked it (false if it
+/// was revoked already or is not there).
+pub async fn revoke(
+    tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+    what: Revocable,
+    id: &str,
+) -> Result<bool, sqlx::Error> {
+    let table = match what {
+        Revocable::Device => "devices",
+        Revocable::EnrollToken => "enroll_tokens",
+        Revocable::AdminToken => "admin_tokens",
+    };
+    let changed = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE {table} SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL"
+    )))
+    .bind(crate::clock::now_ms())
+    .bind(id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(changed.rows_affected() > 0)
+}
+
 /// Decodes a JSON column of `row` (as `releases r-1`): a value that does not decode is an
 /// error naming the row and the column, never a silent default.
 pub fn json_column<T: serde::de::DeserializeOwned>(

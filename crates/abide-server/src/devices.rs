@@ -237,14 +237,7 @@ pub async fn revoke_token(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult<Json<EnrollTokenView>> {
     let mut tx = server.db.pool.begin().await?;
-    let now = now_ms();
-    let changed = sqlx::query(
-        "UPDATE enroll_tokens SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
-    )
-    .bind(now)
-    .bind(&id)
-    .execute(&mut *tx)
-    .await?;
+    let changed = crate::db::revoke(&mut tx, crate::db::Revocable::EnrollToken, &id).await?;
     let row: Option<TokenRow> = sqlx::query_as(concat!(
         "SELECT ",
         token_columns!(),
@@ -256,7 +249,7 @@ pub async fn revoke_token(
     let Some(row) = row else {
         return Err(ApiError::not_found(format!("no enrolment token {id}")));
     };
-    if changed.rows_affected() > 0 {
+    if changed {
         crate::audit::append(
             &server,
             &mut tx,
@@ -791,22 +784,12 @@ pub async fn report(
     }))
 }
 
-/// Enrolled devices by state (pending check-ins written first), in state order.
-pub async fn count_by_state(server: &Server) -> ApiResult<Vec<(String, i64)>> {
-    flush_last_seen(server).await?;
-    count_states(&server.db.pool).await
-}
-
 /// Enrolled devices by state as last written (at most half a second old), on the read
-/// connections: what `/metrics` shows, without touching the writer.
+/// connections: what `/metrics` and the web page show, without touching the writer.
 pub async fn count_by_state_read(server: &Server) -> ApiResult<Vec<(String, i64)>> {
-    count_states(&server.db.read).await
-}
-
-async fn count_states(pool: &sqlx::AnyPool) -> ApiResult<Vec<(String, i64)>> {
     Ok(
         sqlx::query_as("SELECT state, COUNT(*) FROM devices GROUP BY state ORDER BY state")
-            .fetch_all(pool)
+            .fetch_all(&server.db.read)
             .await?,
     )
 }
@@ -931,12 +914,7 @@ pub async fn revoke(
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> ApiResult<Json<abide_proto::DeviceRevoked>> {
     let mut tx = server.db.pool.begin().await?;
-    let changed =
-        sqlx::query("UPDATE devices SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-            .bind(now_ms())
-            .bind(&id)
-            .execute(&mut *tx)
-            .await?;
+    let changed = crate::db::revoke(&mut tx, crate::db::Revocable::Device, &id).await?;
     let row: Option<(Option<i64>,)> =
         sqlx::query_as("SELECT revoked_at FROM devices WHERE id = $1")
             .bind(&id)
@@ -945,7 +923,7 @@ pub async fn revoke(
     let Some((Some(revoked_at),)) = row else {
         return Err(ApiError::not_found(format!("no device {id}")));
     };
-    if changed.rows_affected() > 0 {
+    if changed {
         sqlx::query("DELETE FROM leases WHERE device_id = $1")
             .bind(&id)
             .execute(&mut *tx)

@@ -290,14 +290,7 @@ pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
     let token = form_value(&body, "token").unwrap_or_default();
     let token = token.trim();
     let caller = if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
-        let mut headers = HeaderMap::new();
-        match HeaderValue::from_str(&format!("Bearer {token}")) {
-            Ok(v) => {
-                headers.insert(header::AUTHORIZATION, v);
-                crate::auth::caller(&server, &headers).await.ok()
-            }
-            Err(_) => None,
-        }
+        crate::auth::caller_of(&server, token).await.ok()
     } else {
         None
     };

@@ -313,6 +313,18 @@ pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Resul
     Ok(())
 }
 
+/// A saved audit head (JSON, as `abide log head --json` and `abide fleet audit --head --json`
+/// print it): a checkpoint to verify a log against.
+pub fn read_audit_head(file: &Path) -> Result<abide_proto::AuditHead> {
+    let bytes = abide_fs::persist::read_bounded(file, 64 << 10)?;
+    serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: not an audit head (seq, hash, key, signature)",
+            file.display()
+        )
+    })
+}
+
 /// `abide log`, `abide log verify [--against FILE]` and `abide log head`.
 pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Result<()> {
     let config = Config::load(config)?;
@@ -320,17 +332,7 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
     match command {
         Some(LogCommand::Verify { against }) => {
             let records = match against {
-                Some(file) => {
-                    let bytes = abide_fs::persist::read_bounded(&file, 64 << 10)?;
-                    let head: abide_proto::AuditHead = serde_json::from_slice(&bytes)
-                        .with_context(|| {
-                            format!(
-                                "{}: not an audit head (seq, hash, key, signature)",
-                                file.display()
-                            )
-                        })?;
-                    AuditLog::verify_against(&path, &head)?
-                }
+                Some(file) => AuditLog::verify_against(&path, &read_audit_head(&file)?)?,
                 None => AuditLog::verify(&path)?,
             };
             let signed = AuditLog::is_signed(&path)?;

@@ -695,14 +695,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
         } => {
             let path = match against {
                 Some(file) => {
-                    let bytes = abide_fs::persist::read_bounded(&file, 64 << 10)?;
-                    let head: abide_proto::AuditHead = serde_json::from_slice(&bytes)
-                        .with_context(|| {
-                            format!(
-                                "{}: not an audit head (seq, hash, key, signature)",
-                                file.display()
-                            )
-                        })?;
+                    let head = crate::device::read_audit_head(&file)?;
                     let key: serde_json::Value = admin.get("/api/v1/server-key").await?;
                     let key = key["key"].as_str().unwrap_or_default().to_owned();
                     if key != head.key {

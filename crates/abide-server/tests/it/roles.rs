@@ -143,6 +143,21 @@ async fn admin_token(h: &Harness, name: &str, role: &str) -> (String, String) {
     )
 }
 
+/// Revokes admin token `id` with the first admin's token `first`; the answer must be 200.
+async fn revoke_admin_token(h: &Harness, first: &str, id: &str) -> crate::Answer {
+    let r = h
+        .call(
+            Method::DELETE,
+            &format!("/api/v1/admin-tokens/{id}"),
+            Some(first),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    r
+}
+
 /// Whether the route template `template` (`/api/v1/rollouts/{id}`) matches `path`.
 fn matches(template: &str, path: &str) -> bool {
     let (t, p): (Vec<_>, Vec<_>) = (template.split('/').collect(), path.split('/').collect());
@@ -181,16 +196,7 @@ async fn every_route_answers_every_role_and_credential_with_the_exact_status_and
     let (operator, _) = admin_token(&h, "on-call", "operator").await;
     let (admin, _) = admin_token(&h, "release-manager", "admin").await;
     let (revoked, revoked_id) = admin_token(&h, "former", "admin").await;
-    let r = h
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/admin-tokens/{revoked_id}"),
-            Some(&first),
-            &[],
-            vec![],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    revoke_admin_token(&h, &first, &revoked_id).await;
     let enrolment = h
         .json(
             Method::POST,
@@ -593,16 +599,7 @@ async fn an_admin_token_acts_under_its_own_name_and_stops_working_when_revoked(b
     assert_eq!(list.json()[0]["role"], "operator");
     assert!(list.json()[0]["revoked_at"].is_null());
     // Revoked: refused from the next request on.
-    let r = h
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/admin-tokens/{id}"),
-            Some(&first),
-            &[],
-            vec![],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    let r = revoke_admin_token(&h, &first, &id).await;
     assert!(r.json()["revoked_at"].is_string());
     let r = h
         .call(Method::GET, "/api/v1/devices", Some(&operator), &[], vec![])
@@ -610,16 +607,7 @@ async fn an_admin_token_acts_under_its_own_name_and_stops_working_when_revoked(b
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // A second revocation changes nothing and is not audited twice.
     let audits = rows(&h).await;
-    let r = h
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/admin-tokens/{id}"),
-            Some(&first),
-            &[],
-            vec![],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    revoke_admin_token(&h, &first, &id).await;
     assert_eq!(rows(&h).await, audits);
 }
 
@@ -734,16 +722,7 @@ async fn a_viewer_session_on_the_web_page_sees_but_cannot_press_the_controls(bac
         String::from_utf8_lossy(&press.body)
     );
     assert_eq!(rollout_status(&h, &first, &rollout).await, "paused");
-    let r = h
-        .call(
-            Method::DELETE,
-            &format!("/api/v1/admin-tokens/{operator_id}"),
-            Some(&first),
-            &[],
-            vec![],
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK);
+    revoke_admin_token(&h, &first, &operator_id).await;
     let press = h
         .call(
             Method::POST,

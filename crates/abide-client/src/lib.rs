@@ -5,6 +5,7 @@
 //! A device checks every check-in answer before acting on it: the server's signature (with the
 //! key pinned at enrolment), its own id, the nonce it just sent, and the expiry.
 
+#[cfg(feature = "simulate")]
 pub mod simulate;
 pub mod tls;
 

@@ -119,7 +119,49 @@ pub struct Page {
     pub limit: Option<i64>,
 }
 
-type Row = (i64, i64, String, String, String, String, String);
+/// A row of `audit`.
+struct Row {
+    seq: i64,
+    at: i64,
+    actor: String,
+    action: String,
+    details: String,
+    prev: String,
+    hash: String,
+}
+
+/// The columns of a [`Row`].
+const COLUMNS: &str = "seq, at, actor, action, details, prev, hash";
+
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(Row {
+            seq: row.try_get("seq")?,
+            at: row.try_get("at")?,
+            actor: row.try_get("actor")?,
+            action: row.try_get("action")?,
+            details: row.try_get("details")?,
+            prev: row.try_get("prev")?,
+            hash: row.try_get("hash")?,
+        })
+    }
+}
+
+impl From<Row> for abide_proto::AuditRecord {
+    /// Details that are not JSON (only a tampered row) read as `null`; `verify` names the row.
+    fn from(r: Row) -> Self {
+        abide_proto::AuditRecord {
+            seq: r.seq as u64,
+            at: rfc3339(r.at),
+            actor: r.actor,
+            action: r.action,
+            details: serde_json::from_str(&r.details).unwrap_or(serde_json::Value::Null),
+            prev: r.prev,
+            hash: r.hash,
+        }
+    }
+}
 
 /// `GET /api/v1/audit`: records in order.
 pub async fn list(
@@ -127,28 +169,14 @@ pub async fn list(
     _caller: crate::auth::Viewer,
     Query(page): Query<Page>,
 ) -> ApiResult<Json<Vec<abide_proto::AuditRecord>>> {
-    let rows: Vec<Row> = sqlx::query_as(
-        "SELECT seq, at, actor, action, details, prev, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
-    )
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
+    )))
     .bind(page.after.unwrap_or(0))
     .bind(page.limit.unwrap_or(1000).clamp(1, 1000))
     .fetch_all(&server.db.pool)
     .await?;
-    Ok(Json(
-        rows.into_iter()
-            .map(
-                |(seq, at, actor, action, details, prev, hash)| abide_proto::AuditRecord {
-                    seq: seq as u64,
-                    at: rfc3339(at),
-                    actor,
-                    action,
-                    details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-                    prev,
-                    hash,
-                },
-            )
-            .collect(),
-    ))
+    Ok(Json(rows.into_iter().map(Into::into).collect()))
 }
 
 /// A checkpoint to check the trail against: a head kept from before.
@@ -190,16 +218,25 @@ pub async fn check(
         ok_before_signature: false,
     };
     loop {
-        let rows: Vec<Row> = sqlx::query_as(
-            "SELECT seq, at, actor, action, details, prev, hash FROM audit WHERE seq > $1 ORDER BY seq LIMIT 5000",
-        )
+        let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT 5000"
+        )))
         .bind(after)
         .fetch_all(&server.db.pool)
         .await?;
         if rows.is_empty() {
             break;
         }
-        for (seq, at, actor, action, details, p, hash) in rows {
+        for Row {
+            seq,
+            at,
+            actor,
+            action,
+            details,
+            prev: p,
+            hash,
+        } in rows
+        {
             if seq != expected {
                 return Ok(bad(
                     expected,

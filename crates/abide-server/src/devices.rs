@@ -172,44 +172,67 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(EnrollToken { token, view })))
 }
 
-type TokenRow = (
-    String,
-    String,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    String,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-);
+/// A row of `enroll_tokens`, without the token's hash.
+struct TokenRow {
+    id: String,
+    group: String,
+    /// A JSON array of strings.
+    tags: String,
+    created_at: i64,
+    expires_at: i64,
+    max_uses: i64,
+    used: i64,
+    /// A JSON array of strings.
+    device_ids: String,
+    device_id_pattern: Option<String>,
+    product: Option<String>,
+    revoked_at: Option<i64>,
+}
 
-/// The columns of a [`TokenRow`], in its order.
+/// The columns of a [`TokenRow`].
 macro_rules! token_columns {
     () => {
         "id, grp, tags, created_at, expires_at, max_uses, used, device_ids, device_id_pattern, product, revoked_at"
     };
 }
 
-fn token_view(row: TokenRow) -> Result<EnrollTokenView, sqlx::Error> {
-    let (id, group, tags, created_at, expires_at, uses, used, ids, pattern, product, revoked_at) =
-        row;
-    let name = format!("enroll_tokens {id}");
-    Ok(EnrollTokenView {
-        tags: crate::db::json_column(&name, "tags", &tags)?,
-        device_ids: crate::db::json_column(&name, "device_ids", &ids)?,
-        id,
-        group,
-        uses: uses.max(0) as u64,
-        used: used.max(0) as u64,
-        device_id_pattern: pattern,
-        product,
-        created_at: rfc3339(created_at),
-        expires_at: rfc3339(expires_at),
-        revoked_at: revoked_at.map(rfc3339),
-    })
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for TokenRow {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(TokenRow {
+            id: row.try_get("id")?,
+            group: row.try_get("grp")?,
+            tags: row.try_get("tags")?,
+            created_at: row.try_get("created_at")?,
+            expires_at: row.try_get("expires_at")?,
+            max_uses: row.try_get("max_uses")?,
+            used: row.try_get("used")?,
+            device_ids: row.try_get("device_ids")?,
+            device_id_pattern: row.try_get("device_id_pattern")?,
+            product: row.try_get("product")?,
+            revoked_at: row.try_get("revoked_at")?,
+        })
+    }
+}
+
+impl TryFrom<TokenRow> for EnrollTokenView {
+    type Error = sqlx::Error;
+    fn try_from(row: TokenRow) -> Result<Self, sqlx::Error> {
+        let name = format!("enroll_tokens {}", row.id);
+        Ok(EnrollTokenView {
+            tags: crate::db::json_column(&name, "tags", &row.tags)?,
+            device_ids: crate::db::json_column(&name, "device_ids", &row.device_ids)?,
+            id: row.id,
+            group: row.group,
+            uses: row.max_uses.max(0) as u64,
+            used: row.used.max(0) as u64,
+            device_id_pattern: row.device_id_pattern,
+            product: row.product,
+            created_at: rfc3339(row.created_at),
+            expires_at: rfc3339(row.expires_at),
+            revoked_at: row.revoked_at.map(rfc3339),
+        })
+    }
 }
 
 /// `GET /api/v1/enroll-tokens` (viewer): every token, without its secret.
@@ -225,7 +248,9 @@ pub async fn list_tokens(
     .fetch_all(&server.db.read)
     .await?;
     Ok(Json(
-        rows.into_iter().map(token_view).collect::<Result<_, _>>()?,
+        rows.into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?,
     ))
 }
 
@@ -260,7 +285,7 @@ pub async fn revoke_token(
         .await?;
     }
     tx.commit().await?;
-    Ok(Json(token_view(row)?))
+    Ok(Json(row.try_into()?))
 }
 
 /// Records a refused enrolment with a known token, then returns the refusal.
@@ -318,8 +343,8 @@ pub async fn enroll(
     let Some(row) = row else {
         return Err(ApiError::unauthorized("unknown enrolment token"));
     };
-    let expires_at = row.4;
-    let token = token_view(row)?;
+    let expires_at = row.expires_at;
+    let token: EnrollTokenView = row.try_into()?;
     if let Err(e) = check_enrolment(&token, expires_at, &req) {
         return Err(refused(&server, &token.id, &req.device_id, e).await);
     }

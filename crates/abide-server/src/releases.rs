@@ -18,24 +18,78 @@ use crate::Server;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult};
 
-type Row = (String, String, String, String, i64, String, i64, i64);
+/// A row of `releases`.
+struct Row {
+    id: String,
+    sha256: String,
+    product: String,
+    version: String,
+    security_version: i64,
+    /// A JSON array of strings.
+    compatible: String,
+    size: i64,
+    created_at: i64,
+}
 
+/// The columns of a [`Row`], in the order [`Row::insert`] binds them.
 const COLUMNS: &str =
     "id, sha256, product, version, security_version, compatible, size, created_at";
 
-fn release(row: Row) -> Result<abide_proto::Release, sqlx::Error> {
-    let (id, sha256, product, version, security_version, compatible, size, created_at) = row;
-    let compatible = crate::db::json_column(&format!("release {id}"), "compatible", &compatible)?;
-    Ok(abide_proto::Release {
-        id,
-        product,
-        version,
-        security_version: security_version as u64,
-        compatible,
-        size: size as u64,
-        sha256,
-        created_at: rfc3339(created_at),
-    })
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(Row {
+            id: row.try_get("id")?,
+            sha256: row.try_get("sha256")?,
+            product: row.try_get("product")?,
+            version: row.try_get("version")?,
+            security_version: row.try_get("security_version")?,
+            compatible: row.try_get("compatible")?,
+            size: row.try_get("size")?,
+            created_at: row.try_get("created_at")?,
+        })
+    }
+}
+
+impl Row {
+    /// Inserts the row unless its id is taken; whether it was inserted.
+    async fn insert(&self, tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> sqlx::Result<bool> {
+        let done = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO releases ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+        )))
+        .bind(&self.id)
+        .bind(&self.sha256)
+        .bind(&self.product)
+        .bind(&self.version)
+        .bind(self.security_version)
+        .bind(&self.compatible)
+        .bind(self.size)
+        .bind(self.created_at)
+        .execute(&mut **tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+impl TryFrom<Row> for abide_proto::Release {
+    type Error = sqlx::Error;
+    fn try_from(row: Row) -> Result<Self, sqlx::Error> {
+        let compatible = crate::db::json_column(
+            &format!("release {}", row.id),
+            "compatible",
+            &row.compatible,
+        )?;
+        Ok(abide_proto::Release {
+            id: row.id,
+            product: row.product,
+            version: row.version,
+            security_version: row.security_version as u64,
+            compatible,
+            size: row.size as u64,
+            sha256: row.sha256,
+            created_at: rfc3339(row.created_at),
+        })
+    }
 }
 
 /// The release `id`, if there is one.
@@ -61,7 +115,21 @@ async fn find_with<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     .bind(id)
     .fetch_optional(e)
     .await?;
-    row.map(release).transpose()
+    row.map(TryInto::try_into).transpose()
+}
+
+/// The `limit` newest releases, newest first.
+pub async fn newest(
+    pool: &sqlx::AnyPool,
+    limit: i64,
+) -> Result<Vec<abide_proto::Release>, sqlx::Error> {
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM releases ORDER BY created_at DESC, id LIMIT $1"
+    )))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter().map(TryInto::try_into).collect()
 }
 
 /// `GET /api/v1/server-key`: the assignment-signing public key (devices pin it).
@@ -195,31 +263,18 @@ pub async fn upload(
         .iter()
         .map(ToString::to_string)
         .collect();
-    let row: Row = (
-        id.clone(),
-        sha256.clone(),
-        manifest.product.to_string(),
-        manifest.version.to_string(),
-        manifest.security_version as i64,
-        serde_json::to_string(&compatible).expect("strings serialize"),
-        size as i64,
-        now_ms(),
-    );
+    let row = Row {
+        id: id.clone(),
+        sha256: sha256.clone(),
+        product: manifest.product.to_string(),
+        version: manifest.version.to_string(),
+        security_version: manifest.security_version as i64,
+        compatible: serde_json::to_string(&compatible).expect("strings serialize"),
+        size: size as i64,
+        created_at: now_ms(),
+    };
     let mut tx = server.db.pool.begin().await?;
-    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO releases ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
-    )))
-    .bind(&row.0)
-    .bind(&row.1)
-    .bind(&row.2)
-    .bind(&row.3)
-    .bind(row.4)
-    .bind(&row.5)
-    .bind(row.6)
-    .bind(row.7)
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
+    if !row.insert(&mut tx).await? {
         return Err(ApiError::conflict(format!(
             "this bundle is already release {id}"
         )));
@@ -229,11 +284,11 @@ pub async fn upload(
         &mut tx,
         &caller.actor,
         "release.upload",
-        serde_json::json!({"release": id, "product": row.2, "version": row.3, "sha256": sha256, "size": size}),
+        serde_json::json!({"release": id, "product": row.product, "version": row.version, "sha256": sha256, "size": size}),
     )
     .await?;
     tx.commit().await?;
-    Ok((StatusCode::CREATED, Json(release(row)?)))
+    Ok((StatusCode::CREATED, Json(row.try_into()?)))
 }
 
 /// `GET /api/v1/releases`.
@@ -247,7 +302,9 @@ pub async fn list(
     .fetch_all(&server.db.pool)
     .await?;
     Ok(Json(
-        rows.into_iter().map(release).collect::<Result<_, _>>()?,
+        rows.into_iter()
+            .map(TryInto::try_into)
+            .collect::<Result<_, _>>()?,
     ))
 }
 

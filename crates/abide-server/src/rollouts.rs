@@ -78,51 +78,41 @@ pub struct Rollout {
     pub prestage_bp: Option<u32>,
 }
 
-type RolloutRow = (
-    String,
-    String,
-    Option<String>,
-    Option<String>,
-    String,
-    i64,
-    i64,
-    i64,
-    i64,
-    String,
-    Option<String>,
-    i64,
-    i64,
-    Option<i64>,
-);
-
+/// The columns of a [`Rollout`].
 const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at, prestage_bp";
 
 /// A stored rollout; a column that does not decode is an error (never "no stages").
-fn from_row(r: RolloutRow) -> Result<Rollout, sqlx::Error> {
-    let stages: Vec<Stage> = serde_json::from_str(&r.4).map_err(|e| {
-        sqlx::Error::Decode(format!("rollout {}: column stages does not decode: {e}", r.0).into())
-    })?;
-    if stages.is_empty() {
-        return Err(sqlx::Error::Decode(
-            format!("rollout {}: column stages is empty", r.0).into(),
-        ));
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Rollout {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        let id: String = row.try_get("id")?;
+        let stages: String = row.try_get("stages")?;
+        let stages: Vec<Stage> =
+            crate::db::json_column(&format!("rollout {id}"), "stages", &stages)?;
+        if stages.is_empty() {
+            return Err(sqlx::Error::Decode(
+                format!("rollout {id}: column stages is empty").into(),
+            ));
+        }
+        Ok(Rollout {
+            id,
+            release_id: row.try_get("release_id")?,
+            group: row.try_get("grp")?,
+            tag: row.try_get("tag")?,
+            stages,
+            threshold_bp: row.try_get::<i64, _>("threshold_bp")? as u32,
+            failure_baseline: row.try_get("failure_baseline")?,
+            unresponsive_ms: row.try_get("unresponsive_ms")?,
+            stage: row.try_get::<i64, _>("stage")? as usize,
+            status: row.try_get("status")?,
+            reason: row.try_get("reason")?,
+            stage_started_at: row.try_get("stage_started_at")?,
+            created_at: row.try_get("created_at")?,
+            prestage_bp: row
+                .try_get::<Option<i64>, _>("prestage_bp")?
+                .map(|b| b as u32),
+        })
     }
-    Ok(Rollout {
-        prestage_bp: r.13.map(|b| b as u32),
-        id: r.0,
-        release_id: r.1,
-        group: r.2,
-        tag: r.3,
-        stages,
-        threshold_bp: r.5 as u32,
-        failure_baseline: r.6,
-        unresponsive_ms: r.7,
-        stage: r.8 as usize,
-        status: r.9,
-        reason: r.10,
-        stage_started_at: r.11,
-        created_at: r.12,
-    })
 }
 
 /// Loads a rollout inside `tx`, locking its row on PostgreSQL.
@@ -131,14 +121,14 @@ pub async fn load_locked(
     tx: &mut Transaction<'static, Any>,
     id: &str,
 ) -> Result<Option<Rollout>, sqlx::Error> {
-    let row: Option<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row: Option<Rollout> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM rollouts WHERE id = $1{}",
         server.db.for_update()
     )))
     .bind(id)
     .fetch_optional(&mut **tx)
     .await?;
-    row.map(from_row).transpose()
+    Ok(row)
 }
 
 /// A device the rollout may target.
@@ -242,13 +232,12 @@ pub async fn enrol_device(
     tx: &mut Transaction<'static, Any>,
     device: &str,
 ) -> Result<(), sqlx::Error> {
-    let rows: Vec<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let rows: Vec<Rollout> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM rollouts WHERE status IN ('waiting', 'prestaging', 'running', 'paused')"
     )))
     .fetch_all(&mut **tx)
     .await?;
     for r in rows {
-        let r = from_row(r)?;
         let Some(release) = crate::releases::find_in(tx, &r.release_id).await? else {
             continue;
         };
@@ -377,13 +366,13 @@ pub async fn create(
 
 /// A rollout's status with per-stage counts and its failing devices.
 pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
-    let row: Option<RolloutRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+    let row: Option<Rollout> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM rollouts WHERE id = $1"
     )))
     .bind(id)
     .fetch_optional(&server.db.pool)
     .await?;
-    let r = from_row(row.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?)?;
+    let r = row.ok_or_else(|| ApiError::not_found(format!("no rollout {id}")))?;
     let status = RolloutState::parse(&r.status).ok_or_else(|| {
         ApiError::internal(
             "reading the rollout",
@@ -883,21 +872,44 @@ pub async fn apply_action(
     status_of(&server, &id).await
 }
 
-type AssignRow = (
-    String,
-    i64,
-    String,
-    String,
-    String,
-    i64,
-    String,
-    String,
-    i64,
-    String,
-    i64,
-    Option<String>,
-    Option<i64>,
-);
+/// A device's row in a rollout, with the rollout and its release.
+struct AssignRow {
+    rollout_id: String,
+    stage: i64,
+    /// The rollout's stages, JSON.
+    stages: String,
+    status: String,
+    release_id: String,
+    security_version: i64,
+    version: String,
+    sha256: String,
+    size: i64,
+    state: String,
+    place: i64,
+    from_version: Option<String>,
+    prestage_bp: Option<i64>,
+}
+
+impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for AssignRow {
+    fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
+        use sqlx::Row as _;
+        Ok(AssignRow {
+            rollout_id: row.try_get("rollout_id")?,
+            stage: row.try_get("stage")?,
+            stages: row.try_get("stages")?,
+            status: row.try_get("status")?,
+            release_id: row.try_get("release_id")?,
+            security_version: row.try_get("security_version")?,
+            version: row.try_get("version")?,
+            sha256: row.try_get("sha256")?,
+            size: row.try_get("size")?,
+            state: row.try_get("state")?,
+            place: row.try_get("place")?,
+            from_version: row.try_get("from_version")?,
+            prestage_bp: row.try_get("prestage_bp")?,
+        })
+    }
+}
 
 /// The release a device should act on now, if any (newest rollout first). The first time a
 /// device of the current stage is given a release its row becomes `assigned`.
@@ -908,29 +920,29 @@ pub async fn assignment(
     now: i64,
 ) -> ApiResult<Option<AssignedRelease>> {
     let rows: Vec<AssignRow> = sqlx::query_as(
-        "SELECT r.id, r.stage, r.stages, r.status, rel.id, rel.security_version, rel.version, rel.sha256, rel.size, \
-                rd.state, rd.place, rd.from_version, r.prestage_bp \
+        "SELECT r.id AS rollout_id, r.stage, r.stages, r.status, rel.id AS release_id, rel.security_version, rel.version, \
+                rel.sha256, rel.size, rd.state, rd.place, rd.from_version, r.prestage_bp \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id JOIN releases rel ON rel.id = r.release_id \
          WHERE rd.device_id = $1 AND r.status IN ('prestaging', 'running', 'rolled_back') ORDER BY r.created_at DESC",
     )
     .bind(device)
     .fetch_all(&server.db.read)
     .await?;
-    for (
+    for AssignRow {
         rollout_id,
         stage,
         stages,
         status,
         release_id,
-        security,
-        rel_version,
+        security_version: security,
+        version: rel_version,
         sha256,
         size,
         state,
         place,
-        from,
-        prestage,
-    ) in rows
+        from_version: from,
+        prestage_bp: prestage,
+    } in rows
     {
         let stages: Vec<Stage> =
             crate::db::json_column(&format!("rollout {rollout_id}"), "stages", &stages)?;

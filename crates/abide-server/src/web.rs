@@ -175,11 +175,7 @@ async fn render(server: &Server, caller: &Caller) -> ApiResult<String> {
         .flat_map(|s| s.failing.iter().map(move |f| (s.id.as_str(), f)))
         .take(200)
         .collect();
-    let releases: Vec<(String, String, String, i64, i64, i64)> = sqlx::query_as(
-        "SELECT id, product, version, security_version, size, created_at FROM releases ORDER BY created_at DESC, id LIMIT 50",
-    )
-    .fetch_all(&server.db.read)
-    .await?;
+    let releases = crate::releases::newest(&server.db.read, 50).await?;
     let controls = caller.role >= abide_proto::Role::Operator;
     let body = html! {
         h1 { "Abide fleet" }
@@ -261,10 +257,10 @@ async fn render(server: &Server, caller: &Caller) -> ApiResult<String> {
         h2 { "Releases" }
         table {
             tr { th { "id" } th { "product" } th { "version" } th { "security version" } th { "size" } th { "uploaded" } }
-            @for (id, product, version, security, size, at) in &releases {
+            @for r in &releases {
                 tr {
-                    td { (id) } td { (product) } td { (version) } td { (security) } td { (size) }
-                    td { (crate::clock::rfc3339(*at)) }
+                    td { (r.id) } td { (r.product) } td { (r.version) } td { (r.security_version) }
+                    td { (r.size) } td { (r.created_at) }
                 }
             }
         }

@@ -145,16 +145,22 @@ pub fn run_install(
         ))
     };
     let force = if force { Force::Yes } else { Force::No };
-    let mut bar = Progress::new(!out.is_json() && io::stderr().is_terminal());
+    let bar = progress(!out.is_json() && io::stderr().is_terminal());
     let done = install(
         &mut device,
         &mut src,
         force,
         &Timestamp::now,
-        &mut |d, t| bar.show(d, t),
+        &mut |d, t| {
+            bar.set_length(t);
+            bar.set_position(d);
+        },
     )
     .with_context(|| format!("installing {}", bundle.display()));
-    bar.finish();
+    bar.abandon();
+    if !bar.is_hidden() {
+        eprintln!();
+    }
     let done = done?;
     let tx = &done.transaction;
     let reboot = done.reboot && !no_reboot && device.config.reboot.is_some();
@@ -402,64 +408,22 @@ impl Source for SeekableFile {
     }
 }
 
-/// A progress bar on standard error for terminals: bytes, rate and time left, redrawn at most
-/// ten times a second.
-struct Progress {
-    on: bool,
-    start: std::time::Instant,
-    last: Option<std::time::Instant>,
-    drawn: bool,
-}
-
-impl Progress {
-    fn new(on: bool) -> Progress {
-        Progress {
-            on,
-            start: std::time::Instant::now(),
-            last: None,
-            drawn: false,
-        }
+/// The install's progress bar on standard error, for terminals only (not with `--json`, not
+/// when standard error is a file or a pipe): bytes, rate and time left.
+fn progress(on: bool) -> indicatif::ProgressBar {
+    if !on {
+        return indicatif::ProgressBar::hidden();
     }
-
-    fn show(&mut self, done: u64, total: u64) {
-        let now = std::time::Instant::now();
-        if !self.on
-            || self
-                .last
-                .is_some_and(|l| now - l < std::time::Duration::from_millis(100))
-                && done < total
-        {
-            return;
-        }
-        self.last = Some(now);
-        let secs = (now - self.start).as_secs_f64().max(1e-3);
-        let rate = done as f64 / secs;
-        let left = if rate > 0.0 {
-            (total.saturating_sub(done)) as f64 / rate
-        } else {
-            0.0
-        };
-        let width = 30;
-        let filled = if total == 0 {
-            width
-        } else {
-            (done as u128 * width as u128 / total as u128) as usize
-        };
-        eprint!(
-            "\r[{}{}] {:>7.1}/{:.1} MiB {:>6.1} MB/s ETA {:>4.0}s",
-            "=".repeat(filled),
-            " ".repeat(width - filled),
-            done as f64 / 1048576.0,
-            total as f64 / 1048576.0,
-            rate / 1e6,
-            left
-        );
-        self.drawn = true;
-    }
-
-    fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
-        }
-    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        None,
+        indicatif::ProgressDrawTarget::stderr_with_hz(10),
+    );
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar
 }

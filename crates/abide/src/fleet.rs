@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Output;
 
@@ -78,7 +78,9 @@ enum FleetCommand {
     /// They enrol, check in, verify assignments, take leases and report through the same
     /// decisions and transaction engine as real devices, but install nothing: a trial commits
     /// or rolls back by a random draw (--fail-rate). For devices that really install, boot and
-    /// run their health gate, use `abide sim init --server` and `abide sim run`.
+    /// run their health gate, use `abide sim init --server` and `abide sim run`. Not in the
+    /// device build.
+    #[cfg(feature = "simulate")]
     Simulate {
         /// The enrolment token they use.
         #[arg(long)]
@@ -382,41 +384,9 @@ pub fn run(args: FleetArgs, out: Output) -> Result<()> {
 }
 
 async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
-    if let FleetCommand::Simulate {
-        enroll_token,
-        devices,
-        product,
-        compatible,
-        version,
-        fail_rate,
-        poll,
-        duration,
-        prefix,
-        until_version,
-        ledger,
-    } = args.command
+    #[cfg(feature = "simulate")]
     {
-        let fail_rate = if fail_rate.trim().ends_with('%') {
-            f64::from(abide_core::rollout::parse_percent(&fail_rate)?) / 10_000.0
-        } else {
-            fail_rate
-                .trim()
-                .parse::<f64>()
-                .ok()
-                .filter(|f| (0.0..=1.0).contains(f))
-                .ok_or_else(|| {
-                    anyhow::anyhow!(
-                        "--fail-rate {fail_rate:?}: expected 0 to 1, or a percentage as 10%"
-                    )
-                })?
-        };
-        let poll = abide_core::duration::parse(&poll)
-            .with_context(|| format!("--poll {poll:?}"))?
-            .as_secs_f64();
-        let duration = abide_core::duration::parse(&duration)
-            .with_context(|| format!("--duration {duration:?}"))?;
-        let summary = abide_client::simulate::run(abide_client::simulate::Options {
-            server: args.server,
+        if let FleetCommand::Simulate {
             enroll_token,
             devices,
             product,
@@ -426,34 +396,69 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             poll,
             duration,
             prefix,
-            stop_at_version: until_version,
-        })
-        .await?;
-        if let Some(path) = ledger {
-            std::fs::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)
-                .with_context(|| format!("writing {}", path.display()))?;
+            until_version,
+            ledger,
+        } = args.command
+        {
+            let fail_rate = if fail_rate.trim().ends_with('%') {
+                f64::from(abide_core::rollout::parse_percent(&fail_rate)?) / 10_000.0
+            } else {
+                fail_rate
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|f| (0.0..=1.0).contains(f))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--fail-rate {fail_rate:?}: expected 0 to 1, or a percentage as 10%"
+                        )
+                    })?
+            };
+            let poll = abide_core::duration::parse(&poll)
+                .with_context(|| format!("--poll {poll:?}"))?
+                .as_secs_f64();
+            let duration = abide_core::duration::parse(&duration)
+                .with_context(|| format!("--duration {duration:?}"))?;
+            let summary = abide_client::simulate::run(abide_client::simulate::Options {
+                server: args.server,
+                enroll_token,
+                devices,
+                product,
+                compatible,
+                version,
+                fail_rate,
+                poll,
+                duration,
+                prefix,
+                stop_at_version: until_version,
+            })
+            .await?;
+            if let Some(path) = ledger {
+                std::fs::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            let mut value = serde_json::to_value(&summary)?;
+            if let Some(m) = value.as_object_mut() {
+                m.remove("ledger");
+                m.insert("synthetic".into(), serde_json::json!(true));
+            }
+            out.print(&value, || {
+                format!(
+                    "synthetic outcomes (nothing installed): {} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
+                    summary.enrolled,
+                    summary.seconds,
+                    summary.checkins,
+                    summary.checkins_per_second,
+                    summary.reports,
+                    summary.committed,
+                    summary.rolled_back,
+                    summary.lease_refusals,
+                    summary.errors,
+                    summary.error_samples.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
+                )
+            });
+            return Ok(());
         }
-        let mut value = serde_json::to_value(&summary)?;
-        if let Some(m) = value.as_object_mut() {
-            m.remove("ledger");
-            m.insert("synthetic".into(), json!(true));
-        }
-        out.print(&value, || {
-            format!(
-                "synthetic outcomes (nothing installed): {} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
-                summary.enrolled,
-                summary.seconds,
-                summary.checkins,
-                summary.checkins_per_second,
-                summary.reports,
-                summary.committed,
-                summary.rolled_back,
-                summary.lease_refusals,
-                summary.errors,
-                summary.error_samples.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
-            )
-        });
-        return Ok(());
     }
     let token_file = args
         .token_file
@@ -463,6 +468,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
     let http = abide_client::tls::http_client(&args.server, args.ca_file.as_deref(), None)?;
     let admin = abide_client::Admin::with_client(http, &args.server, &token);
     match args.command {
+        #[cfg(feature = "simulate")]
         FleetCommand::Simulate { .. } => unreachable!("handled above"),
         FleetCommand::Release(ReleaseCommand::Upload { file }) => {
             let bytes =

@@ -1070,3 +1070,37 @@ fn the_config_is_found_before_or_after_the_command_and_from_abide_config() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn install_draws_a_progress_bar_on_a_terminal_and_nothing_in_a_pipe() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 4);
+    // On a terminal (`script` gives the command one): the bar, full at the end.
+    let cmd = format!(
+        "{} install {b} --config dev/system.toml --no-reboot",
+        env!("CARGO_BIN_EXE_abide")
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .current_dir(&sim.dir)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script runs");
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{tty}");
+    assert!(
+        tty.contains(&format!("[{}]", "=".repeat(30))) && tty.contains("ETA"),
+        "no full progress bar on the terminal: {tty:?}"
+    );
+    assert!(tty.contains("installed into group B"), "{tty:?}");
+    // In a pipe (and with --json): no bar, nothing but the answer.
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 4);
+    let out = crate::abide(
+        &sim.dir,
+        &format!("install {b} --config dev/system.toml --no-reboot"),
+    );
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("ETA") && !err.contains("[="), "{err:?}");
+}

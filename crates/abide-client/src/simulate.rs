@@ -137,6 +137,8 @@ struct Sim {
     lease: bool,
     /// The release and rollout the transaction is for.
     assigned: Option<(String, String)>,
+    /// Where the transaction's bundle is served and its size.
+    download: Option<(String, u64)>,
     /// The last (transaction, status) reported.
     reported: Option<(String, &'static str)>,
     /// A report not yet acknowledged: sent again, with its sequence number, before anything
@@ -216,6 +218,14 @@ impl Sim {
         ) {
             self.run_trial(tally, fail_rate, Instant::now()).await?;
         }
+        // So does a download an error cut short: the device did not restart, so it goes on
+        // rather than abandoning the transaction.
+        if matches!(
+            self.tx.as_ref().map(|t| &t.state),
+            Some(TxState::Downloading)
+        ) {
+            self.download(tally, Instant::now()).await?;
+        }
         let a = self
             .device
             .checkin(
@@ -275,23 +285,9 @@ impl Sim {
                     )
                     .map_err(engine)?;
                     self.tx = Some(tx);
+                    self.download = Some((r.url.clone(), r.size));
                     self.report(tally, None).await?;
-                    // The download is simulated: one range request proves it is served. Like the
-                    // agent's download, it is retried with back-off before the step gives up
-                    // (a transaction left downloading is abandoned at the next step).
-                    let mut attempt = 0u32;
-                    while let Err(e) = self.device.fetch(&r.url, 0, r.size.min(64)).await {
-                        attempt += 1;
-                        if attempt >= 20 {
-                            return Err(e);
-                        }
-                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(20))))
-                            .await;
-                    }
-                    let tx = self.tx.as_mut().expect("begun");
-                    tx.staged(now).map_err(engine)?;
-                    self.report(tally, Some(started.elapsed().as_secs_f64()))
-                        .await?;
+                    self.download(tally, started).await?;
                 }
                 Step::Abandon | Step::Cancel => {
                     let tx = self.tx.as_mut().expect("a transaction");
@@ -331,6 +327,26 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// The simulated download of the transaction's bundle: one range request proves it is
+    /// served. Like the agent's download, it is retried with back-off before the step gives up
+    /// (and the next step goes on with it).
+    async fn download(&mut self, tally: &Tally, started: Instant) -> Result<(), ClientError> {
+        let (url, size) = self.download.clone().expect("a download");
+        let mut attempt = 0u32;
+        while let Err(e) = self.device.fetch(&url, 0, size.min(64)).await {
+            attempt += 1;
+            if attempt >= 20 {
+                return Err(e);
+            }
+            tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
+        }
+        let tx = self.tx.as_mut().expect("begun");
+        tx.staged(jiff::Timestamp::now())
+            .map_err(|e| ClientError::BadAssignment(e.to_string()))?;
+        self.report(tally, Some(started.elapsed().as_secs_f64()))
+            .await
     }
 
     /// The simulated reboot of an activated transaction and its trial: the target boots, the
@@ -459,6 +475,7 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
                 good: Group::new("A").expect("valid"),
                 lease: false,
                 assigned: None,
+                download: None,
                 reported: None,
                 pending: None,
                 seq: 0,

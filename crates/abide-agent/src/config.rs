@@ -21,6 +21,8 @@ struct RawConfig {
     compatible: String,
     state_dir: Option<PathBuf>,
     state_reserve: Option<String>,
+    #[serde(default)]
+    paranoid: bool,
     trust: PathBuf,
     reboot: Option<Vec<String>>,
     bootloader: RawBootloader,
@@ -295,6 +297,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Space that must stay free in the state directory's file system after an install.
     pub state_reserve: u64,
+    /// How much an install hashes: the signed stored bytes (default), or with `paranoid =
+    /// true` every chunk's content and every component digest as well.
+    pub bundle_checks: abide_bundle::chunks::Checks,
     /// The trust root file.
     pub trust: PathBuf,
     /// The reboot command; none on a simulated device.
@@ -627,6 +632,11 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/abide")),
             ),
             state_reserve,
+            bundle_checks: if raw.paranoid {
+                abide_bundle::chunks::Checks::Every
+            } else {
+                abide_bundle::chunks::Checks::Stored
+            },
             trust: resolve(&raw.trust),
             reboot: raw.reboot,
             backend,

@@ -130,6 +130,7 @@ pub fn stage(
     let good_group = device.config.group(&tx.good).expect("configured").clone();
     let state_dir = device.config.state_dir.clone();
     let mut reused = Reuse::default();
+    bundle.set_checks(device.config.bundle_checks);
     let total: u64 = bundle.manifest().components.iter().map(|c| c.size).sum();
     let mut done = 0u64;
     let written = (|| -> Result<()> {

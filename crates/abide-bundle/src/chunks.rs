@@ -1,6 +1,12 @@
 //! Checking and decoding a component's chunks: stored bytes against their digest, then
-//! decompression bounded by the declared length, then the content against the chunk's name;
-//! the whole-component digest over everything, in order.
+//! decompression bounded by the declared length; with [`Checks::Every`] also the content
+//! against the chunk's name and the whole-component digest over everything, in order.
+//!
+//! One hash pass is enough for safety: once a chunk's stored bytes match the signed chunk
+//! table, what they decompress to is fixed (zstd decoding is deterministic, and its length is
+//! checked), so hashing the content again can only catch a bug in the writer that made the
+//! bundle or in the decompressor. [`Checks::Every`] is for that: the fleet server checks every
+//! upload with it, so a bundle a fleet serves has passed every hash once.
 //!
 //! A raw chunk (stored digest equal to its name) is its own content: one hash checks it and
 //! nothing is decompressed. Chunks whose table entries repeat (the zero-filled free space of a file system image, say)
@@ -21,6 +27,18 @@ use crate::pipeline::{BufferPool, ordered_map};
 use crate::read::Counted;
 use crate::source::Source;
 
+/// How much a reader hashes beyond the signed stored bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Checks {
+    /// Each chunk's stored bytes against the signed chunk table, before the decompressor sees
+    /// them (one SHA-256 pass; the content follows from them).
+    #[default]
+    Stored,
+    /// Also each decompressed chunk against its name and the component against its digest
+    /// (three passes): catches a writer's or a decompressor's bug.
+    Every,
+}
+
 /// Most distinct repeated chunks kept decoded at once (each at most the chunk size limit).
 const REPEAT_CACHE: usize = 16;
 
@@ -29,6 +47,7 @@ pub(crate) fn read_chunks<R: Read>(
     src: &mut Counted<R>,
     component: &Component,
     table: &[ChunkEntry],
+    checks: Checks,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<()> {
     let pool = BufferPool::default();
@@ -41,7 +60,7 @@ pub(crate) fn read_chunks<R: Read>(
         src.read_exact_as(&mut stored, "chunk data")?;
         Ok(Some(Item::Stored(stored)))
     };
-    decode_all(component, table, &pool, &mut produce, sink)
+    decode_all(component, table, checks, &pool, &mut produce, sink)
 }
 
 /// How many local chunk results the reader may hold ahead of the chunk it hands on.
@@ -64,6 +83,7 @@ pub(crate) fn read_chunks_reusing<R: Source>(
     src: &mut Counted<R>,
     component: &Component,
     table: &[ChunkEntry],
+    checks: Checks,
     local: &(dyn Fn(&ChunkEntry, &mut Vec<u8>) -> bool + Sync),
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<Reuse> {
@@ -135,7 +155,7 @@ pub(crate) fn read_chunks_reusing<R: Source>(
             src.read_exact_as(&mut stored, "chunk data")?;
             Ok(Some(Item::Stored(stored)))
         };
-        let decoded = decode_all(component, table, pool, &mut produce, sink);
+        let decoded = decode_all(component, table, checks, pool, &mut produce, sink);
         // Dropping the receiver stops the fetcher if decoding ended early.
         drop(local_rx);
         decoded
@@ -154,24 +174,29 @@ enum Item {
 fn decode_all(
     component: &Component,
     table: &[ChunkEntry],
+    checks: Checks,
     pool: &BufferPool,
     produce: &mut dyn FnMut(usize) -> Result<Option<Item>>,
     sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
 ) -> Result<()> {
     let repeats = Repeats::new(table);
+    let every = checks == Checks::Every;
     // The whole-component digest is sequential work: a thread of its own does it while this
-    // thread reads and hands on, and the workers check and decode.
+    // thread reads and hands on, and the workers check and decode. Without it the content
+    // goes straight back to the pool.
     let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(16);
     let (actual, decoded) = std::thread::scope(|scope| {
         let hasher = scope.spawn(move || {
-            let mut whole = Sha256::new();
+            let mut whole = every.then(Sha256::new);
             for content in hash_rx {
-                whole.update(content.as_slice());
+                if let Some(whole) = &mut whole {
+                    whole.update(content.as_slice());
+                }
                 if let Ok(buf) = Arc::try_unwrap(content) {
                     pool.give(buf);
                 }
             }
-            Digest(whole.finalize().into())
+            whole.map(|w| Digest(w.finalize().into()))
         });
         let decoded = ordered_map(
             || {
@@ -197,6 +222,9 @@ fn decode_all(
                     }
                     let mut content = pool.take(entry.length as usize);
                     decode_into(decompressor, component, index, entry, &stored, &mut content)?;
+                    if every {
+                        check_name(component, index, entry, &content)?;
+                    }
                     Ok(Arc::new(content))
                 });
                 pool.give(stored);
@@ -223,7 +251,9 @@ fn decode_all(
         )
     });
     decoded?;
-    if actual != component.digest {
+    if let Some(actual) = actual
+        && actual != component.digest
+    {
         return Err(Error::ComponentDigest {
             component: component.name.to_string(),
             expected: component.digest,
@@ -248,6 +278,7 @@ pub fn open_chunk(
     }
     let mut content = Vec::new();
     decode_into(decompressor, component, index, entry, stored, &mut content)?;
+    check_name(component, index, entry, &content)?;
     Ok(content)
 }
 
@@ -270,7 +301,7 @@ fn check_stored(
 }
 
 /// Decompresses checked stored bytes into `content` (its old bytes are dropped) and checks the
-/// length and the chunk's name.
+/// length.
 fn decode_into(
     decompressor: &mut zstd::bulk::Decompressor<'_>,
     component: &Component,
@@ -316,6 +347,16 @@ fn decode_into(
             });
         }
     }
+    Ok(())
+}
+
+/// Checks decompressed content against the chunk's name.
+fn check_name(
+    component: &Component,
+    index: usize,
+    entry: &ChunkEntry,
+    content: &[u8],
+) -> Result<()> {
     if Digest::of(content) != entry.digest {
         return Err(Error::ChunkDigest {
             component: component.name.to_string(),

@@ -48,6 +48,7 @@ pub struct VerifiedBundle<R> {
     manifest: Manifest,
     signers: Vec<KeyId>,
     next: usize,
+    checks: crate::chunks::Checks,
 }
 
 impl<R: Read> BundleReader<R> {
@@ -105,6 +106,7 @@ impl<R: Read> BundleReader<R> {
             manifest,
             signers,
             next: 0,
+            checks: crate::chunks::Checks::default(),
         })
     }
 
@@ -125,6 +127,14 @@ impl<R: Read> VerifiedBundle<R> {
         &self.signers
     }
 
+    /// How much the chunks read from now on are hashed (default [`Checks::Stored`]: the signed
+    /// stored bytes only).
+    ///
+    /// [`Checks::Stored`]: crate::chunks::Checks::Stored
+    pub fn set_checks(&mut self, checks: crate::chunks::Checks) {
+        self.checks = checks;
+    }
+
     /// The index of the component the stream is at (components are read in order).
     pub fn next_index(&self) -> usize {
         self.next
@@ -137,8 +147,10 @@ impl<R: Read> VerifiedBundle<R> {
     }
 
     /// Reads the chunks of the next component after [`VerifiedBundle::read_chunk_table`] gave
-    /// `table`: each chunk is decompressed (never past its declared length) and checked against
-    /// its digest before `sink` sees it, and the whole-component digest is checked at the end.
+    /// `table`: each chunk's stored bytes are checked against the table before they are
+    /// decompressed (never past the declared length) and `sink` sees the content; with
+    /// [`Checks::Every`](crate::chunks::Checks::Every) each chunk's content is checked against
+    /// its name too, and the whole-component digest at the end.
     /// `sink` receives the content in order; if this returns an error, what `sink` received
     /// must be discarded.
     pub fn read_chunks(
@@ -147,7 +159,7 @@ impl<R: Read> VerifiedBundle<R> {
         sink: &mut dyn FnMut(&[u8]) -> io::Result<()>,
     ) -> Result<()> {
         let component = self.current()?.clone();
-        crate::chunks::read_chunks(&mut self.reader.src, &component, table, sink)?;
+        crate::chunks::read_chunks(&mut self.reader.src, &component, table, self.checks, sink)?;
         self.next += 1;
         Ok(())
     }
@@ -171,6 +183,7 @@ impl<R: Read> VerifiedBundle<R> {
             &mut self.reader.src,
             &component,
             table,
+            self.checks,
             local,
             sink,
         )?;

@@ -226,6 +226,10 @@ pub async fn upload(
                     Limits::default(),
                 )?
                 .verify(&policy)?;
+                // Every hash, once, here: devices check only the signed stored bytes, so a
+                // writer's bug (content that does not match its chunk's name or its component's
+                // digest) is caught before a fleet installs it.
+                bundle.set_checks(abide_bundle::chunks::Checks::Every);
                 bundle.verify_rest()?;
                 Ok(bundle.manifest().clone())
             },

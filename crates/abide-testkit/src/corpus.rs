@@ -20,7 +20,19 @@ pub struct Attack {
     pub code: &'static str,
     /// The trust threshold to verify with (keys 0 and 1 are trusted).
     pub threshold: usize,
+    /// Signed by a trusted key with every stored byte as the chunk table names it, and wrong
+    /// only in what the content hashes to: a bug of the writer that made it. Refused with
+    /// every hash checked (`Checks::Every`, `--paranoid`, the fleet server's upload); the
+    /// default single pass over the stored bytes installs what the signers signed.
+    pub writer_bug: bool,
 }
+
+/// The attacks that are writer bugs (see [`Attack::writer_bug`]).
+pub const WRITER_BUGS: [&str; 3] = [
+    "chunk-named-wrongly",
+    "chunks-swapped",
+    "wrong-component-digest",
+];
 
 /// The hardware id the corpus verifies for.
 pub const COMPATIBLE: &str = "acme-gw";
@@ -52,12 +64,14 @@ pub fn attacks() -> Vec<Attack> {
             bytes: parts.assemble_raw(&manifest, &[dup.clone(), dup]),
             code: "signature-threshold",
             threshold: 2,
+            writer_bug: false,
         },
         Attack {
             name: "threshold-not-met".into(),
             bytes: parts.assemble(&[&key(0), &key(7)]),
             code: "signature-threshold",
             threshold: 2,
+            writer_bug: false,
         },
     ];
     let mut out = Vec::new();
@@ -67,6 +81,7 @@ pub fn attacks() -> Vec<Attack> {
             bytes,
             code,
             threshold: 1,
+            writer_bug: WRITER_BUGS.contains(&name),
         })
     };
 

@@ -131,9 +131,13 @@ pub fn run_install(
     bundle: &Path,
     no_reboot: bool,
     force: bool,
+    paranoid: bool,
     out: Output,
 ) -> Result<()> {
     let mut device = open(config)?;
+    if paranoid {
+        device.config.bundle_checks = abide_bundle::chunks::Checks::Every;
+    }
     let mut src: Box<dyn Source> = if bundle.as_os_str() == "-" {
         Box::new(Stream(BufReader::with_capacity(
             1 << 20,

@@ -62,6 +62,10 @@ enum Command {
         /// Install even a quarantined or older version (never below the security counter).
         #[arg(long)]
         force: bool,
+        /// Hash every chunk's content and every component too, not only the signed stored
+        /// bytes (as `paranoid = true` in system.toml).
+        #[arg(long)]
+        paranoid: bool,
     },
     /// The boot-time step: advance the transaction after a boot and run the health gate.
     Boot,
@@ -132,7 +136,8 @@ fn main() -> ExitCode {
             bundle,
             no_reboot,
             force,
-        } => device::run_install(config, &bundle, no_reboot, force, out),
+            paranoid,
+        } => device::run_install(config, &bundle, no_reboot, force, paranoid, out),
         Command::Boot => device::run_boot(config, out).map(|_| ()),
         Command::Status => device::run_status(config, out),
         Command::Health => device::run_health(config, out),

@@ -12,6 +12,15 @@ use abide_bundle::{BundleReader, ExpirationEnforcement, HardwareId, Limits, Poli
 /// Verifies `bytes` completely (every component and the end of the stream) with the corpus
 /// policy and returns the manifest or the error.
 pub fn verify(bytes: &[u8], trust: &TrustRoot) -> abide_bundle::Result<abide_bundle::Manifest> {
+    verify_with(bytes, trust, abide_bundle::chunks::Checks::default())
+}
+
+/// [`verify`], hashing as `checks` says.
+pub fn verify_with(
+    bytes: &[u8],
+    trust: &TrustRoot,
+    checks: abide_bundle::chunks::Checks,
+) -> abide_bundle::Result<abide_bundle::Manifest> {
     let hw = HardwareId::parse("hw", abide_testkit::corpus::COMPATIBLE, 64).unwrap();
     let policy = Policy {
         trust,
@@ -21,6 +30,7 @@ pub fn verify(bytes: &[u8], trust: &TrustRoot) -> abide_bundle::Result<abide_bun
         min_security_version: abide_testkit::corpus::MIN_SECURITY_VERSION,
     };
     let mut bundle = BundleReader::open(bytes, Limits::default())?.verify(&policy)?;
+    bundle.set_checks(checks);
     bundle.verify_rest()?;
     Ok(bundle.manifest().clone())
 }

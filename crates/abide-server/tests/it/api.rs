@@ -173,7 +173,16 @@ async fn releases_are_verified_stored_and_served_with_ranges(backend: Backend) {
     let mut flipped = bundle.clone();
     let at = flipped.len() - 100;
     flipped[at] ^= 1;
-    for (bytes, code) in [(unsigned_by_fleet, "untrusted-key"), (flipped, "")] {
+    // A writer's bug (signed, every stored byte as the table says, the content not what its
+    // names and digests say) is caught here, where every hash is checked once for the fleet.
+    let writer_bugs = abide_testkit::corpus::attacks()
+        .into_iter()
+        .filter(|a| a.writer_bug)
+        .map(|a| (a.bytes, a.code));
+    for (bytes, code) in [(unsigned_by_fleet, "untrusted-key"), (flipped, "")]
+        .into_iter()
+        .chain(writer_bugs)
+    {
         let r = h
             .call(Method::POST, "/api/v1/releases", Some(&admin), &[], bytes)
             .await;

@@ -1104,3 +1104,70 @@ fn install_draws_a_progress_bar_on_a_terminal_and_nothing_in_a_pipe() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("ETA") && !err.contains("[="), "{err:?}");
 }
+
+#[test]
+fn a_writers_bug_is_installed_as_signed_by_one_pass_and_refused_by_paranoid() {
+    // A bundle signed by a trusted key whose chunks, in the signed table's order, are not
+    // the content its component digest names (two chunks swapped, table and data alike).
+    let sim = Sim::new(None);
+    std::fs::write(
+        sim.path("dev/trust.json"),
+        abide_testkit::trust(&[0], 1).to_file_bytes().unwrap(),
+    )
+    .unwrap();
+    let fixture = abide_testkit::Fixture {
+        product: "gw",
+        version: "2.0.0",
+        compatible: vec!["gw-1"],
+        components: vec![(
+            "rootfs",
+            "rootfs",
+            "rootfs",
+            abide_testkit::image(1_500_000, 9),
+        )],
+        ..Default::default()
+    };
+    let mut parts = abide_testkit::parts::Parts::split(&fixture.build(&[&abide_testkit::key(0)]));
+    let c = &mut parts.components[0];
+    c.table.swap(0, 1);
+    c.chunks.swap(0, 1);
+    parts.fix_layout();
+    std::fs::write(
+        sim.path("bug.abide"),
+        parts.assemble(&[&abide_testkit::key(0)]),
+    )
+    .unwrap();
+    // --paranoid hashes the content: the transaction fails before activation, the old group
+    // runs on.
+    let v = json(
+        &sim.dir,
+        "install bug.abide --config dev/system.toml --no-reboot --paranoid",
+        1,
+    );
+    assert_eq!(v["error"]["code"], "component-digest", "{v}");
+    let s = sim.status();
+    assert_eq!(
+        (field(&s, "state"), field(&s, "good"), field(&s, "version")),
+        ("failed", "A", "1.0.0")
+    );
+    // So does `paranoid = true` in system.toml.
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap();
+    std::fs::write(
+        sim.path("dev/paranoid.toml"),
+        format!("paranoid = true\n{config}"),
+    )
+    .unwrap();
+    let v = json(
+        &sim.dir,
+        "install bug.abide --config dev/paranoid.toml --no-reboot",
+        1,
+    );
+    assert_eq!(v["error"]["code"], "component-digest", "{v}");
+    // One pass checks only the signed stored bytes: it installs what the signers signed.
+    let v = json(
+        &sim.dir,
+        "install bug.abide --config dev/system.toml --no-reboot",
+        0,
+    );
+    assert_eq!(field(&v, "state"), "activated");
+}

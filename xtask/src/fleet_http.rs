@@ -198,6 +198,15 @@ async fn run(o: Opts) -> Result<()> {
         size as f64 / (1 << 20) as f64
     );
     println!("decisions: {per_stage:?}");
+    let samples: Vec<&String> = a
+        .error_samples
+        .iter()
+        .chain(&b.error_samples)
+        .take(6)
+        .collect();
+    if !samples.is_empty() {
+        println!("first errors (each retried): {samples:?}");
+    }
     println!(
         "ledger vs server: {} reports sent, {} recorded; lost {lost}, doubled {doubled}, recorded but not acknowledged {unsent}; device states differing {}",
         sent.len(),

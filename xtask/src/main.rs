@@ -5,6 +5,7 @@
 //! device agent (see agent.rs).
 
 mod agent;
+mod delta;
 mod fleet;
 mod fleet_http;
 
@@ -23,8 +24,9 @@ fn main() -> Result<()> {
         Some("bench-fleet") => fleet::bench(&args[1..]),
         Some("bench-fleet-http") => fleet_http::bench(&args[1..]),
         Some("bench-agent") => agent::bench(&args[1..]),
+        Some("bench-delta") => delta::bench(&args[1..]),
         _ => bail!(
-            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]"
+            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]\n       xtask bench-delta [--dir DIR]"
         ),
     }
 }

@@ -632,11 +632,7 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("/var/lib/abide")),
             ),
             state_reserve,
-            bundle_checks: if raw.paranoid {
-                abide_bundle::chunks::Checks::Every
-            } else {
-                abide_bundle::chunks::Checks::Stored
-            },
+            bundle_checks: abide_bundle::chunks::Checks::paranoid(raw.paranoid),
             trust: resolve(&raw.trust),
             reboot: raw.reboot,
             backend,

@@ -39,6 +39,18 @@ pub enum Checks {
     Every,
 }
 
+impl Checks {
+    /// [`Checks::Every`] when `paranoid` (the `--paranoid` flag, `paranoid = true`), else
+    /// [`Checks::Stored`].
+    pub fn paranoid(paranoid: bool) -> Checks {
+        if paranoid {
+            Checks::Every
+        } else {
+            Checks::Stored
+        }
+    }
+}
+
 /// Most distinct repeated chunks kept decoded at once (each at most the chunk size limit).
 const REPEAT_CACHE: usize = 16;
 
@@ -182,21 +194,21 @@ fn decode_all(
     let repeats = Repeats::new(table);
     let every = checks == Checks::Every;
     // The whole-component digest is sequential work: a thread of its own does it while this
-    // thread reads and hands on, and the workers check and decode. Without it the content
-    // goes straight back to the pool.
+    // thread reads and hands on, and the workers check and decode. Without it (one pass)
+    // there is no such thread: the content goes straight back to the pool.
     let (hash_tx, hash_rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(16);
     let (actual, decoded) = std::thread::scope(|scope| {
-        let hasher = scope.spawn(move || {
-            let mut whole = every.then(Sha256::new);
-            for content in hash_rx {
-                if let Some(whole) = &mut whole {
+        let hasher = every.then(|| {
+            scope.spawn(move || {
+                let mut whole = Sha256::new();
+                for content in hash_rx {
                     whole.update(content.as_slice());
+                    if let Ok(buf) = Arc::try_unwrap(content) {
+                        pool.give(buf);
+                    }
                 }
-                if let Ok(buf) = Arc::try_unwrap(content) {
-                    pool.give(buf);
-                }
-            }
-            whole.map(|w| Digest(w.finalize().into()))
+                Digest(whole.finalize().into())
+            })
         });
         let decoded = ordered_map(
             || {
@@ -237,16 +249,20 @@ fn decode_all(
                     source,
                 });
                 repeats.offer(&table[index], &content);
-                hash_tx.send(content).map_err(|_| Error::Io {
-                    what: "hashing the component",
-                    source: io::Error::other("the hashing thread stopped"),
-                })?;
+                if every {
+                    hash_tx.send(content).map_err(|_| Error::Io {
+                        what: "hashing the component",
+                        source: io::Error::other("the hashing thread stopped"),
+                    })?;
+                } else if let Ok(buf) = Arc::try_unwrap(content) {
+                    pool.give(buf);
+                }
                 written
             },
         );
         drop(hash_tx);
         (
-            hasher.join().expect("the hashing thread does not panic"),
+            hasher.map(|h| h.join().expect("the hashing thread does not panic")),
             decoded,
         )
     });

@@ -189,7 +189,7 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
             let compatible = parse_compatible(compatible)?;
             let policy = policy(&trust, compatible.as_ref(), min_security_version);
-            let checks = checks(paranoid);
+            let checks = abide_bundle::chunks::Checks::paranoid(paranoid);
             let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
                 .and_then(|r| r.verify(&policy))
                 .and_then(|mut b| {
@@ -237,7 +237,7 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
                 .and_then(|r| r.verify(&policy))
                 .with_context(|| format!("verifying {}", file.display()))?;
-            bundle.set_checks(checks(paranoid));
+            bundle.set_checks(abide_bundle::chunks::Checks::paranoid(paranoid));
             let index = bundle
                 .manifest()
                 .components
@@ -273,15 +273,6 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-/// What `--paranoid` asks the reader to hash.
-pub fn checks(paranoid: bool) -> abide_bundle::chunks::Checks {
-    if paranoid {
-        abide_bundle::chunks::Checks::Every
-    } else {
-        abide_bundle::chunks::Checks::Stored
     }
 }
 

@@ -3,7 +3,8 @@
 //! `scripts/real-images` builds (point update, kernel bump).
 //!
 //! Per pair: bytes downloaded, apply time and peak memory of Abide's full bundle and of its
-//! chunk reuse (an install onto a device whose running group holds the old image), next to
+//! chunk reuse (an install onto a device whose running group holds the old image) and of its
+//! delta (`abide delta create`, installed onto that device), next to
 //! `zstd -3` of the new image, casync (the new chunk store's chunks the old store lacks, plus
 //! the index), `xdelta3 -9 -B <size>` and `zstd -19 --long=31 --patch-from`. Every apply is
 //! checked: its output is the new image byte for byte.
@@ -127,6 +128,39 @@ pub fn bench(args: &[String]) -> Result<()> {
             ),
             1,
         )?;
+        // The delta from the old bundle to the new, applied on the device running the old.
+        let dmake = run(
+            "abide delta create",
+            &sh(
+                "{a} delta create --from {w}/old.abide --to {w}/new.abide --out {w}/d.abide >/dev/null",
+            ),
+            1,
+        )?;
+        let delta_bytes = len("{w}/d.abide")?;
+        let delta = run_after(
+            "abide delta",
+            &format!(
+                "{device} && cat {} > /dev/null",
+                w.join("d.abide").display()
+            ),
+            &sh(
+                "{a} install {w}/d.abide --no-reboot --config {w}/dev/system.toml --json > {w}/delta.json",
+            ),
+            1,
+        )?;
+        let applied: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(w.join("delta.json"))?)?;
+        let target = applied["target"].as_str().context("target")?.to_owned();
+        let slot = w.join(format!("dev/slots/rootfs.{target}.img"));
+        run(
+            "check the slot after the delta",
+            &format!(
+                "head -c {size} {} | cmp -s - {}",
+                slot.display(),
+                new.display()
+            ),
+            1,
+        )?;
         // zstd -3 of the image: the plain compressed download.
         run("zstd -3", &sh("zstd -3 -T0 -q -f {n} -o {w}/new.zst"), 1)?;
         let zst = len("{w}/new.zst")?;
@@ -197,6 +231,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         for (what, bytes, apply, create) in [
             ("abide full bundle", full_bytes, Some(&full), None),
             ("abide chunk reuse", reuse_bytes, Some(&reuse), None),
+            ("abide delta", delta_bytes, Some(&delta), Some(&dmake)),
             ("zstd -3 of the image", zst, None, None),
             (
                 "casync (missing chunks + index)",
@@ -221,13 +256,20 @@ pub fn bench(args: &[String]) -> Result<()> {
             );
         }
         println!(
+            "delta: {:.2}x min(xdelta3, zstd --patch-from), {:.2}x casync, {:.3}x the full bundle; create {:.1} s",
+            delta_bytes as f64 / x.min(z) as f64,
+            delta_bytes as f64 / casync_bytes as f64,
+            delta_bytes as f64 / full_bytes as f64,
+            dmake.seconds
+        );
+        println!(
             "chunk reuse: {:.2}x casync, {:.2}x xdelta3, {:.2}x zstd --patch-from; full bundle {:.3}x zstd -3",
             reuse_bytes as f64 / casync_bytes as f64,
             reuse_bytes as f64 / x as f64,
             reuse_bytes as f64 / z as f64,
             full_bytes as f64 / zst as f64
         );
-        for f in ["ca.out", "x.out", "z.out", "x.vcdiff", "z.patch"] {
+        for f in ["ca.out", "x.out", "z.out", "x.vcdiff", "z.patch", "d.abide"] {
             let _ = std::fs::remove_file(w.join(f));
         }
     }

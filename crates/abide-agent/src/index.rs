@@ -72,6 +72,7 @@ pub fn write(state_dir: &Path, group: &Group, class: &str, table: &[ChunkEntry])
 pub struct SlotChunks {
     file: File,
     at: HashMap<Digest, (u64, u32)>,
+    digest: Digest,
 }
 
 impl SlotChunks {
@@ -92,7 +93,16 @@ impl SlotChunks {
             offset += u64::from(length);
         }
         let file = File::open(slot).ok()?;
-        Some(SlotChunks { file, at })
+        Some(SlotChunks {
+            file,
+            at,
+            digest: Digest::of(body),
+        })
+    }
+
+    /// The SHA-256 of the chunk list (what a delta names as the content it was made against).
+    pub fn digest(&self) -> Digest {
+        self.digest
     }
 
     /// Puts the content the slot holds for `entry` into `buf` and says whether it did: only
@@ -107,5 +117,17 @@ impl SlotChunks {
         }
         buf.resize(length as usize, 0);
         self.file.read_exact_at(buf, offset).is_ok()
+    }
+}
+
+impl abide_bundle::delta::ReadAt for SlotChunks {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+}
+
+impl abide_bundle::delta::Base for SlotChunks {
+    fn chunk(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool {
+        self.read_into(entry, buf)
     }
 }

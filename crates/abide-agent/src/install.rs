@@ -4,6 +4,8 @@
 //! trial.
 
 use abide_bundle::chunks::Reuse;
+use abide_bundle::delta::{DeltaReader, Kind, VerifiedDelta};
+use abide_bundle::source::Peeked;
 use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source, TrustRoot};
 use abide_core::{FailReason, Force, Installed, Transaction, admit};
 use jiff::Timestamp;
@@ -158,18 +160,36 @@ pub fn stage(
                 .find(|s| &s.class == class)
                 .filter(|s| s.kind != crate::config::SlotKind::Dir)
                 .and_then(|s| SlotChunks::open(&state_dir, &tx.good, class, &s.path));
-            let table = bundle.read_chunk_table()?;
             let mut writer = SlotWriter::open(slot)?;
-            let read = bundle.read_chunks_reusing(
-                &table,
-                &|entry, buf| local.as_ref().is_some_and(|l| l.read_into(entry, buf)),
-                &mut |data| {
-                    done += data.len() as u64;
-                    progress(done, total);
-                    writer.write(data)
-                },
-            );
-            let r = match read {
+            let mut sink = |data: &[u8]| {
+                done += data.len() as u64;
+                progress(done, total);
+                writer.write(data)
+            };
+            let read = match &mut bundle {
+                Opened::Bundle(b) => b.read_chunk_table().and_then(|table| {
+                    let r = b.read_chunks_reusing(
+                        &table,
+                        &|entry, buf| local.as_ref().is_some_and(|l| l.read_into(entry, buf)),
+                        &mut sink,
+                    )?;
+                    Ok((table, r))
+                }),
+                Opened::Delta(d) => d.read_tables().and_then(|(table, _)| {
+                    let a = d.apply(
+                        &table,
+                        local.as_ref().map(|l| l as &dyn abide_bundle::delta::Base),
+                        &mut sink,
+                    )?;
+                    let r = Reuse {
+                        chunks: a.copied_chunks,
+                        bytes: a.copied_bytes,
+                        skipped: 0,
+                    };
+                    Ok((table, r))
+                }),
+            };
+            let (table, r) = match read {
                 Ok(r) => r,
                 // A writer that stopped (a refused archive entry, a full disk) says why.
                 Err(e) => {
@@ -221,8 +241,44 @@ pub fn stage(
     })
 }
 
+/// What an install reads: a bundle, or a delta against the running group.
+enum Opened<S> {
+    Bundle(Box<abide_bundle::VerifiedBundle<S>>),
+    Delta(Box<VerifiedDelta<S>>),
+}
+
+impl<S: Source> Opened<S> {
+    fn manifest(&self) -> &abide_bundle::Manifest {
+        match self {
+            Opened::Bundle(b) => b.manifest(),
+            Opened::Delta(d) => d.manifest(),
+        }
+    }
+
+    fn set_checks(&mut self, checks: abide_bundle::chunks::Checks) {
+        match self {
+            Opened::Bundle(b) => b.set_checks(checks),
+            Opened::Delta(d) => d.set_checks(checks),
+        }
+    }
+
+    fn position(&self) -> u64 {
+        match self {
+            Opened::Bundle(b) => b.position(),
+            Opened::Delta(d) => d.position(),
+        }
+    }
+
+    fn finish(&mut self) -> abide_bundle::Result<()> {
+        match self {
+            Opened::Bundle(b) => b.finish(),
+            Opened::Delta(d) => d.finish(),
+        }
+    }
+}
+
 type Plan<'a> = (
-    abide_bundle::VerifiedBundle<&'a mut dyn Source>,
+    Opened<Peeked<&'a mut dyn Source>>,
     semver::Version,
     u64,
     Vec<String>,
@@ -248,7 +304,16 @@ fn plan<'a>(
         compatible: Some(&config.compatible),
         min_security_version: state.security_version,
     };
-    let bundle = BundleReader::open(src, limits)?.verify(&policy)?;
+    let (kind, src) = Peeked::new(src).map_err(|source| abide_bundle::Error::Io {
+        what: "reading the bundle",
+        source,
+    })?;
+    let bundle = match kind {
+        Some(Kind::Delta) => {
+            Opened::Delta(Box::new(DeltaReader::open(src, limits)?.verify(&policy)?))
+        }
+        _ => Opened::Bundle(Box::new(BundleReader::open(src, limits)?.verify(&policy)?)),
+    };
     let manifest = bundle.manifest().clone();
     if manifest.product.as_str() != config.product {
         return Err(AgentError::WrongProduct {
@@ -303,6 +368,9 @@ fn plan<'a>(
                 capacity: cap,
             });
         }
+        if let Opened::Delta(d) = &bundle {
+            check_base(device, d, c, slot, good.as_ref())?;
+        }
         classes.push(slot.class.clone());
     }
     // The state directory takes a chunk index per slot, the state file and the audit records.
@@ -327,4 +395,49 @@ fn plan<'a>(
         });
     }
     Ok((bundle, manifest.version, manifest.security_version, classes))
+}
+
+/// A delta applies only where the running group's slot of the component's class holds
+/// exactly the content the delta was made against (by its chunk list), and only to a slot
+/// whose content is one file or device: checked before anything changes.
+fn check_base<S: Source>(
+    device: &Device,
+    delta: &VerifiedDelta<S>,
+    component: &abide_bundle::Component,
+    target: &Slot,
+    good: Option<&abide_core::Group>,
+) -> Result<()> {
+    let refuse = |what: String| {
+        Err(AgentError::Bundle(abide_bundle::Error::DeltaBase {
+            component: component.name.to_string(),
+            what,
+        }))
+    };
+    let class = component.slot_class.as_str();
+    if target.kind == crate::config::SlotKind::Dir {
+        return refuse(format!(
+            "slot class {class} is a directory slot, which a delta cannot be applied to; install the full bundle"
+        ));
+    }
+    let Some(base) = delta.head().base(class) else {
+        return Ok(());
+    };
+    let config = &device.config;
+    let held = good
+        .and_then(|g| config.group(g).map(|grp| (g, grp)))
+        .and_then(|(g, grp)| {
+            let slot = grp.slots.iter().find(|s| s.class == class)?;
+            SlotChunks::open(&config.state_dir, g, class, &slot.path)
+        });
+    match held {
+        Some(h) if h.digest() == base.index => Ok(()),
+        Some(_) => refuse(format!(
+            "the delta was made against version {} and the running slot of class {class} holds other content; install the full bundle",
+            delta.head().from.version
+        )),
+        None => refuse(format!(
+            "the delta was made against version {} and the running group has no chunk index for slot class {class}; install the full bundle",
+            delta.head().from.version
+        )),
+    }
 }

@@ -222,6 +222,15 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// A delta is made against content this device does not hold (another release, or a
+    /// slot whose chunks differ), or cannot be applied to the slot it is for.
+    #[error("delta base mismatch in {component}: {what}")]
+    DeltaBase {
+        /// The component (or slot class) concerned.
+        component: String,
+        /// What does not match.
+        what: String,
+    },
 }
 
 impl Error {
@@ -254,6 +263,7 @@ impl Error {
             Error::UnknownComponent { .. } => "unknown-component",
             Error::DuplicateSignature { .. } => "duplicate-signature",
             Error::InvalidArgument { .. } => "invalid-argument",
+            Error::DeltaBase { .. } => "delta-base",
         }
     }
 

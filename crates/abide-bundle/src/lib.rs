@@ -7,6 +7,8 @@
 
 pub mod canonical;
 pub mod chunks;
+pub mod delta;
+pub mod delta_write;
 pub mod digest;
 mod error;
 pub mod format;

@@ -29,6 +29,12 @@ pub struct Limits {
     pub max_trust_bytes: usize,
     /// Most keys in a trust root. Default 64.
     pub max_trust_keys: usize,
+    /// Largest delta head, in bytes. Default 1 MiB.
+    pub max_delta_head_bytes: u32,
+    /// Most content one delta patch produces, in bytes. Default 16 MiB.
+    pub max_patch_content: u32,
+    /// Longest reference a delta patch reads from the running slot, in bytes. Default 16 MiB.
+    pub max_patch_prefix: u32,
 }
 
 impl Limits {
@@ -53,6 +59,9 @@ impl Default for Limits {
             max_chunk_size: 1 << 20,
             max_trust_bytes: 1 << 20,
             max_trust_keys: 64,
+            max_delta_head_bytes: 1 << 20,
+            max_patch_content: 16 << 20,
+            max_patch_prefix: 16 << 20,
         }
     }
 }

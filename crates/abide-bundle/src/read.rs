@@ -110,6 +110,30 @@ impl<R: Read> BundleReader<R> {
         })
     }
 
+    /// Parses the manifest and gives its components to read *without checking any
+    /// signature*: for tools that derive a file which whoever uses it verifies again (a delta
+    /// carries this bundle's signatures to the device). Every other check still applies.
+    pub fn without_signatures(self) -> Result<VerifiedBundle<R>> {
+        let manifest = Manifest::parse(&self.manifest_bytes, &self.limits)?;
+        Ok(VerifiedBundle {
+            reader: self,
+            manifest,
+            signers: Vec::new(),
+            next: 0,
+            checks: crate::chunks::Checks::default(),
+        })
+    }
+
+    /// The head exactly as read: header, manifest and signature entries.
+    pub fn head_bytes(&self) -> Vec<u8> {
+        let mut head = self.header.encode().to_vec();
+        head.extend_from_slice(&self.manifest_bytes);
+        for s in &self.signatures {
+            head.extend_from_slice(&s.encode());
+        }
+        head
+    }
+
     /// Gives back the source, positioned at the start of the data section.
     pub fn into_source(self) -> R {
         self.src.inner
@@ -254,7 +278,27 @@ impl<R: Read> VerifiedBundle<R> {
         Ok(())
     }
 
-    fn current(&self) -> Result<&Component> {
+    /// The source, positioned where the next component's data starts (for the delta reader).
+    pub(crate) fn src(&mut self) -> &mut Counted<R> {
+        &mut self.reader.src
+    }
+
+    /// Moves on to the next component (for the delta reader, which reads its own layout).
+    pub(crate) fn advance(&mut self) {
+        self.next += 1;
+    }
+
+    /// The limits the bundle is read with.
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.reader.limits
+    }
+
+    /// The checks in force.
+    pub(crate) fn checks(&self) -> crate::chunks::Checks {
+        self.checks
+    }
+
+    pub(crate) fn current(&self) -> Result<&Component> {
         self.manifest
             .components
             .get(self.next)

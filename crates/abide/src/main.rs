@@ -5,6 +5,7 @@
 
 mod agent;
 mod bundle;
+mod delta;
 mod device;
 mod fleet;
 mod key;
@@ -43,6 +44,9 @@ enum Command {
     /// Bundles: create, sign, inspect, verify, extract.
     #[command(subcommand)]
     Bundle(bundle::BundleCommand),
+    /// Deltas: a bundle expressed against the release the devices run, byte by byte.
+    #[command(subcommand)]
+    Delta(delta::DeltaCommand),
     /// The fleet server: releases, devices, rollouts, audit trail.
     #[cfg(feature = "server")]
     Server(server::ServerArgs),
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
         Command::Key(c) => key::run(c, out),
         Command::Trust(c) => trust::run(c, out),
         Command::Bundle(c) => bundle::run(c, out),
+        Command::Delta(c) => delta::run(c, out),
         Command::Install {
             bundle,
             no_reboot,

@@ -2,6 +2,7 @@
 //! properties over random input.
 
 mod corpus;
+mod delta;
 mod props;
 mod roundtrip;
 mod tidy;

@@ -4,6 +4,7 @@
 mod agent;
 mod bundle;
 mod crash;
+mod delta;
 mod device;
 mod fleet;
 mod hostile;

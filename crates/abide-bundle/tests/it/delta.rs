@@ -1,0 +1,392 @@
+//! Deltas: made from two bundles, applied against the old content they name, the new content
+//! comes out byte for byte; anything else is refused with the check that failed.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+
+use abide_bundle::delta::{Base, DeltaReader, PATCH_ENTRY_LEN, Patch, ReadAt, index_digest};
+use abide_bundle::delta_write::{DeltaOptions, Release, create, plan};
+use abide_bundle::format::ChunkEntry;
+use abide_bundle::{BundleReader, Digest, Limits, Manifest};
+use abide_testkit::{Fixture, image, key, trust};
+
+/// A bundle read out: head, manifest, tables and content.
+struct Read {
+    head: Vec<u8>,
+    manifest: Manifest,
+    tables: Vec<Vec<ChunkEntry>>,
+    content: Vec<Vec<u8>>,
+}
+
+fn read(bytes: &[u8]) -> Read {
+    let reader = BundleReader::open(bytes, Limits::default()).unwrap();
+    let head = reader.head_bytes();
+    let mut bundle = reader.without_signatures().unwrap();
+    let manifest = bundle.manifest().clone();
+    let (mut tables, mut content) = (Vec::new(), Vec::new());
+    for _ in &manifest.components {
+        let table = bundle.read_chunk_table().unwrap();
+        let mut data = Vec::new();
+        bundle
+            .read_chunks(&table, &mut |d| {
+                data.extend_from_slice(d);
+                Ok(())
+            })
+            .unwrap();
+        tables.push(table);
+        content.push(data);
+    }
+    Read {
+        head,
+        manifest,
+        tables,
+        content,
+    }
+}
+
+fn make(old: &Read, new: &Read, options: &DeltaOptions) -> Vec<u8> {
+    fn content(r: &Read) -> Vec<&(dyn ReadAt + Sync)> {
+        r.content
+            .iter()
+            .map(|c| c as &(dyn ReadAt + Sync))
+            .collect()
+    }
+    let (oc, nc) = (content(old), content(new));
+    let mut out = Cursor::new(Vec::new());
+    let stats = create(
+        &Release {
+            head: &old.head,
+            manifest: &old.manifest,
+            tables: &old.tables,
+            content: &oc,
+        },
+        &Release {
+            head: &new.head,
+            manifest: &new.manifest,
+            tables: &new.tables,
+            content: &nc,
+        },
+        options,
+        &mut out,
+    )
+    .unwrap();
+    let bytes = out.into_inner();
+    assert_eq!(stats.size, bytes.len() as u64);
+    bytes
+}
+
+/// A running slot holding `content`, cut as `table` says.
+struct Slot {
+    content: Vec<u8>,
+    at: HashMap<Digest, (u64, u32)>,
+}
+
+impl Slot {
+    fn new(content: &[u8], table: &[ChunkEntry]) -> Slot {
+        let mut at = HashMap::new();
+        let mut offset = 0u64;
+        for e in table {
+            at.entry(e.digest).or_insert((offset, e.length));
+            offset += u64::from(e.length);
+        }
+        Slot {
+            content: content.to_vec(),
+            at,
+        }
+    }
+}
+
+impl ReadAt for Slot {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.content.read_at(offset, buf)
+    }
+}
+
+impl Base for Slot {
+    fn chunk(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool {
+        let Some(&(offset, len)) = self.at.get(&entry.digest) else {
+            return false;
+        };
+        buf.resize(len as usize, 0);
+        self.content.read_at(offset, buf).is_ok()
+    }
+}
+
+/// Applies `delta` against `slots` (one per component, by position), verified with key 0.
+fn apply(delta: &[u8], slots: &[Option<Slot>]) -> abide_bundle::Result<Vec<Vec<u8>>> {
+    let trust = trust(&[0], 1);
+    let mut d = DeltaReader::open(delta, Limits::default())?.verify(&crate::any_device(&trust))?;
+    let mut out = Vec::new();
+    for slot in slots {
+        let (table, _) = d.read_tables()?;
+        let mut content = Vec::new();
+        d.apply(&table, slot.as_ref().map(|s| s as &dyn Base), &mut |b| {
+            content.extend_from_slice(b);
+            Ok(())
+        })?;
+        out.push(content);
+    }
+    d.finish()?;
+    Ok(out)
+}
+
+/// Two releases of a two-component system: the new root file system has a stretch rewritten
+/// a little (a rebuilt library), a few bytes inserted and a block changed; the app is new.
+fn releases() -> (Fixture, Fixture) {
+    let old_root = image(1_200_000, 7);
+    let mut new_root = old_root.clone();
+    for b in new_root[300_000..420_000].iter_mut().step_by(97) {
+        *b = b.wrapping_add(1);
+    }
+    new_root.splice(800_000..800_000, b"inserted by the update".iter().copied());
+    new_root[1_000_000..1_004_096].fill(0x42);
+    let old = Fixture {
+        version: "1.4.0",
+        components: vec![
+            ("rootfs", "rootfs", "rootfs", old_root),
+            ("app", "app", "appfs", image(90_000, 2)),
+        ],
+        ..Fixture::default()
+    };
+    let new = Fixture {
+        version: "1.5.0",
+        components: vec![
+            ("rootfs", "rootfs", "rootfs", new_root),
+            ("app", "app", "appfs", image(90_000, 3)),
+        ],
+        ..Fixture::default()
+    };
+    (old, new)
+}
+
+fn slots(old: &Read) -> Vec<Option<Slot>> {
+    old.content
+        .iter()
+        .zip(&old.tables)
+        .map(|(c, t)| Some(Slot::new(c, t)))
+        .collect()
+}
+
+#[test]
+fn a_delta_turns_the_old_release_into_the_new_byte_for_byte_in_a_fraction_of_the_bundle() {
+    let (old, new) = releases();
+    let (old_bytes, new_bytes) = (old.build(&[&key(0)]), new.build(&[&key(0)]));
+    let (o, n) = (read(&old_bytes), read(&new_bytes));
+    let delta = make(&o, &n, &DeltaOptions::default());
+    let out = apply(&delta, &slots(&o)).unwrap();
+    assert_eq!(out[0], new.components[0].3);
+    assert_eq!(out[1], new.components[1].3);
+    // The changed root file system costs a small part of its chunks; the new app (nothing in
+    // common with the old) costs about what it costs in the bundle.
+    let missing: u64 = n.tables[0]
+        .iter()
+        .filter(|e| !o.tables[0].iter().any(|x| x.digest == e.digest))
+        .map(|e| u64::from(e.stored_length))
+        .sum();
+    let app: u64 = n.tables[1].iter().map(|e| u64::from(e.stored_length)).sum();
+    let table_bytes = (n.tables[0].len() + n.tables[1].len()) as u64 * 72;
+    let patches = delta.len() as u64 - n.head.len() as u64 - table_bytes;
+    assert!(
+        patches < app + missing / 4,
+        "patches {patches} bytes, the app's chunks {app}, the root's missing chunks {missing}"
+    );
+    assert!(
+        delta.len() < new_bytes.len() / 3,
+        "{} of {}",
+        delta.len(),
+        new_bytes.len()
+    );
+    // Made again, it is the same file.
+    assert_eq!(make(&o, &n, &DeltaOptions::default()), delta);
+}
+
+#[test]
+fn the_plan_patches_exactly_the_chunks_the_old_release_lacks_against_old_bytes_in_range() {
+    let (old, new) = releases();
+    let (o, n) = (read(&old.build(&[&key(0)])), read(&new.build(&[&key(0)])));
+    let options = DeltaOptions {
+        max_patch_content: 64 << 10,
+        margin: 4 << 10,
+        ..DeltaOptions::default()
+    };
+    let old_size: u64 = o.tables[0].iter().map(|e| u64::from(e.length)).sum();
+    let planned = plan(Some(&o.tables[0]), &n.tables[0], &options);
+    let mut covered = vec![false; n.tables[0].len()];
+    let mut last_end = 0;
+    for p in &planned {
+        assert!(
+            p.first >= last_end,
+            "in order, without overlap: {planned:?}"
+        );
+        last_end = p.first + p.count;
+        let content: u64 = n.tables[0][p.first as usize..last_end as usize]
+            .iter()
+            .map(|e| u64::from(e.length))
+            .sum();
+        assert!(p.count == 1 || content <= 64 << 10, "{p:?} makes {content}");
+        assert!(
+            p.prefix_offset + u64::from(p.prefix_len) <= old_size,
+            "{p:?}"
+        );
+        assert!(
+            p.prefix_len > 0 && p.prefix_len <= options.max_prefix,
+            "{p:?}"
+        );
+        for c in &mut covered[p.first as usize..last_end as usize] {
+            *c = true;
+        }
+    }
+    for (e, covered) in n.tables[0].iter().zip(covered) {
+        let held = o.tables[0].iter().any(|x| x.digest == e.digest);
+        assert_eq!(covered, !held, "chunk {} held {held}", e.digest);
+    }
+    // Without old content there are no references.
+    assert!(
+        plan(None, &n.tables[1], &options)
+            .iter()
+            .all(|p| p.prefix_len == 0 && p.prefix_offset == 0)
+    );
+}
+
+/// Where component 0's patch table and first frame start in `delta`.
+fn layout(delta: &[u8], n: &Read, patches: usize) -> (usize, usize) {
+    let head_len = u32::from_le_bytes(delta[12..16].try_into().unwrap()) as usize;
+    let table = 16 + head_len + n.head.len() + n.tables[0].len() * 72;
+    (table, table + patches * PATCH_ENTRY_LEN)
+}
+
+#[test]
+fn a_delta_for_other_content_or_changed_in_any_part_is_refused_with_the_check_that_failed() {
+    let (old, new) = releases();
+    let (o, n) = (read(&old.build(&[&key(0)])), read(&new.build(&[&key(0)])));
+    let delta = make(&o, &n, &DeltaOptions::default());
+    let trust1 = trust(&[0], 1);
+    let d = DeltaReader::open(delta.as_slice(), Limits::default())
+        .unwrap()
+        .verify(&crate::any_device(&trust1))
+        .unwrap();
+    let patches = d.head().components[0].1 as usize;
+    assert_eq!(d.head().from.version.to_string(), "1.4.0");
+    assert_eq!(
+        d.head().base("rootfs").unwrap().index,
+        index_digest(&o.tables[0])
+    );
+    assert!(patches > 0);
+    let (table_at, frames_at) = layout(&delta, &n, patches);
+    let first = Patch::decode(&delta[table_at..table_at + PATCH_ENTRY_LEN]);
+    let code = |bytes: &[u8], slots: &[Option<Slot>]| match apply(bytes, slots) {
+        Ok(_) => "accepted".to_owned(),
+        Err(e) => e.code().to_owned(),
+    };
+    let changed = |at: usize, f: &dyn Fn(&mut u8)| {
+        let mut d = delta.clone();
+        f(&mut d[at]);
+        d
+    };
+    // A device whose running slot holds other content: the chunks the delta copies are not
+    // there.
+    let other = Fixture {
+        components: vec![
+            ("rootfs", "rootfs", "rootfs", image(1_200_000, 99)),
+            ("app", "app", "appfs", image(90_000, 2)),
+        ],
+        ..Fixture::default()
+    };
+    let other = read(&other.build(&[&key(0)]));
+    type Case = (&'static str, Vec<u8>, Vec<Option<Slot>>, &'static str);
+    let cases: Vec<Case> = vec![
+        ("the right base", delta.clone(), slots(&o), "accepted"),
+        (
+            "another release's slot",
+            delta.clone(),
+            slots(&other),
+            "delta-base",
+        ),
+        (
+            "no running slot",
+            delta.clone(),
+            vec![None, None],
+            "delta-base",
+        ),
+        (
+            "a frame byte changed",
+            changed(frames_at + first.frame_len as usize / 2, &|b| *b ^= 0x10),
+            slots(&o),
+            "chunk-corrupt|chunk-digest",
+        ),
+        (
+            "a reference moved",
+            changed(table_at + 8, &|b| *b = b.wrapping_add(1)),
+            slots(&o),
+            "chunk-corrupt|chunk-digest",
+        ),
+        (
+            "a reference past the old content",
+            changed(table_at + 15, &|b| *b = 0x40),
+            slots(&o),
+            "bad-format",
+        ),
+        (
+            "a frame longer than any honest one",
+            changed(table_at + 23, &|b| *b = 0x7f),
+            slots(&o),
+            "limit-exceeded",
+        ),
+        (
+            "a patch of no chunks",
+            {
+                let mut d = delta.clone();
+                d[table_at + 4..table_at + 8].fill(0);
+                d
+            },
+            slots(&o),
+            "bad-format",
+        ),
+        (
+            "a signature byte changed",
+            // The last signature entry ends where the bundle head does.
+            changed(
+                layout(&delta, &n, 0).0 - n.tables[0].len() * 72 - 10,
+                &|b| *b ^= 1,
+            ),
+            slots(&o),
+            "bad-signature",
+        ),
+        (
+            "the head naming another manifest",
+            {
+                let head_len = u32::from_le_bytes(delta[12..16].try_into().unwrap()) as usize;
+                let head = std::str::from_utf8(&delta[16..16 + head_len]).unwrap();
+                let at = head.find("\"to\":{\"manifest\":\"").unwrap() + 18;
+                changed(16 + at, &|b| *b = if *b == b'0' { b'1' } else { b'0' })
+            },
+            slots(&o),
+            "bad-format",
+        ),
+        (
+            "cut short",
+            delta[..delta.len() - 1].to_vec(),
+            slots(&o),
+            "truncated",
+        ),
+        (
+            "a byte appended",
+            [delta.as_slice(), b"x"].concat(),
+            slots(&o),
+            "bad-format",
+        ),
+        (
+            "a bundle, not a delta",
+            n.head.clone(),
+            slots(&o),
+            "bad-format",
+        ),
+    ];
+    for (what, bytes, slots, want) in cases {
+        let got = code(&bytes, &slots);
+        assert!(
+            want.split('|').any(|w| w == got),
+            "{what}: {got}, expected {want}"
+        );
+    }
+}

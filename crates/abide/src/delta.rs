@@ -1,0 +1,216 @@
+//! `abide delta`: make a delta between two bundles, and describe one.
+
+use std::io::BufReader;
+use std::path::PathBuf;
+
+use abide_bundle::Limits;
+use abide_bundle::delta::DeltaReader;
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use serde_json::json;
+
+use crate::Output;
+#[cfg(feature = "delta-create")]
+use {
+    abide_bundle::delta_write::{DeltaOptions, Loaded, Release, create},
+    abide_bundle::{BundleReader, ExpirationEnforcement, TrustRoot},
+    abide_fs::persist::AtomicFile,
+    std::path::Path,
+};
+
+#[derive(Subcommand)]
+pub enum DeltaCommand {
+    #[cfg(feature = "delta-create")]
+    /// Make a delta that turns a device running OLD into one running NEW: NEW's signed head
+    /// and chunk tables, and each chunk OLD lacks as a patch against OLD's bytes.
+    Create {
+        /// The bundle the devices run.
+        #[arg(long)]
+        from: PathBuf,
+        /// The bundle to update them to.
+        #[arg(long)]
+        to: PathBuf,
+        /// The delta file to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Check both bundles' signatures against this trust root first (devices check NEW's
+        /// in any case).
+        #[arg(long)]
+        trust: Option<PathBuf>,
+        /// zstd level of the patches (1 to 19).
+        #[arg(long, default_value_t = 19)]
+        level: i32,
+    },
+    /// Describe a delta: what it was made from and for, and its patches.
+    Info {
+        /// The delta file.
+        file: PathBuf,
+    },
+}
+
+pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
+    match command {
+        #[cfg(feature = "delta-create")]
+        DeltaCommand::Create {
+            from,
+            to,
+            out: path,
+            trust,
+            level,
+        } => {
+            let trust = trust
+                .map(|t| crate::trust::load_trust(&t, ExpirationEnforcement::Safe))
+                .transpose()?;
+            let options = DeltaOptions {
+                level,
+                ..DeltaOptions::default()
+            };
+            let stats = make(&from, &to, &path, trust.as_ref(), &options)?;
+            let full = std::fs::metadata(&to)
+                .with_context(|| format!("reading {}", to.display()))?
+                .len();
+            out.print(
+                &json!({
+                    "ok": true,
+                    "file": path,
+                    "size": stats.size,
+                    "full_size": full,
+                    "patches": stats.patches,
+                    "patched_bytes": stats.patched_bytes,
+                    "frame_bytes": stats.frame_bytes,
+                    "prefix_bytes": stats.prefix_bytes,
+                    "copied_bytes": stats.copied_bytes,
+                }),
+                || {
+                    format!(
+                        "{}: {} bytes ({:.1} % of the {} byte bundle): {} patches make {} bytes from {} bytes of frames against {} old bytes; {} bytes are copied from the running slot",
+                        path.display(),
+                        stats.size,
+                        100.0 * stats.size as f64 / full.max(1) as f64,
+                        full,
+                        stats.patches,
+                        stats.patched_bytes,
+                        stats.frame_bytes,
+                        stats.prefix_bytes,
+                        stats.copied_bytes
+                    )
+                },
+            );
+            Ok(())
+        }
+        DeltaCommand::Info { file } => {
+            let f = std::fs::File::open(&file)
+                .with_context(|| format!("opening {}", file.display()))?;
+            let reader = DeltaReader::open(BufReader::new(f), Limits::default())
+                .with_context(|| format!("reading {}", file.display()))?;
+            let head = reader.head();
+            let manifest = reader.bundle().manifest_unverified()?;
+            let value = json!({
+                "file": file,
+                "from": {
+                    "version": head.from.version.to_string(),
+                    "manifest": head.from.manifest.to_hex(),
+                    "components": head.from.components.iter().map(|b| json!({
+                        "slot_class": b.slot_class.as_str(), "size": b.size, "index": b.index.to_hex(),
+                    })).collect::<Vec<_>>(),
+                },
+                "to": {
+                    "version": head.to_version.to_string(),
+                    "manifest": head.to_manifest.to_hex(),
+                    "product": manifest.product.as_str(),
+                },
+                "components": head.components.iter().map(|(name, patches)| json!({
+                    "name": name.as_str(), "patches": patches,
+                })).collect::<Vec<_>>(),
+            });
+            out.print(&value, || {
+                format!(
+                    "delta from {} {} to {} {} ({} components, {} patches)",
+                    manifest.product,
+                    head.from.version,
+                    manifest.product,
+                    head.to_version,
+                    head.components.len(),
+                    head.components.iter().map(|(_, p)| p).sum::<u64>()
+                )
+            });
+            Ok(())
+        }
+    }
+}
+
+#[cfg(feature = "delta-create")]
+/// Makes the delta from the bundle at `from` to the one at `to` into `path` (atomically);
+/// each bundle's content is spooled beside `path` while it is made.
+pub fn make(
+    from: &Path,
+    to: &Path,
+    path: &Path,
+    trust: Option<&TrustRoot>,
+    options: &DeltaOptions,
+) -> Result<abide_bundle::delta_write::DeltaStats> {
+    let mut spools = Vec::new();
+    let mut load = |bundle: &Path, tag: &str| -> Result<Loaded<std::fs::File>> {
+        let f =
+            std::fs::File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?;
+        let reader = BundleReader::open(BufReader::with_capacity(1 << 20, f), Limits::default())
+            .with_context(|| format!("reading {}", bundle.display()))?;
+        let head = reader.head_bytes();
+        let verified = match trust {
+            Some(trust) => reader.verify(&abide_bundle::Policy {
+                trust,
+                now: jiff::Timestamp::now(),
+                expiration: ExpirationEnforcement::Unsafe,
+                compatible: None,
+                min_security_version: 0,
+            }),
+            None => reader.without_signatures(),
+        }
+        .with_context(|| format!("verifying {}", bundle.display()))?;
+        Loaded::read(verified, head, &mut |c| {
+            let mut spool = AtomicFile::create(
+                &path.with_extension(format!("{tag}-{}.spool", c.name)),
+                0o600,
+            )
+            .map_err(std::io::Error::other)?;
+            let handle = spool.file().try_clone()?;
+            // The guard removes the spool file when the delta is done (or fails).
+            spools.push(spool);
+            Ok(handle)
+        })
+        .with_context(|| format!("reading {}", bundle.display()))
+    };
+    let old = load(from, "old")?;
+    let new = load(to, "new")?;
+    let old_content: Vec<&(dyn abide_bundle::delta::ReadAt + Sync)> = old
+        .content
+        .iter()
+        .map(|f| f as &(dyn abide_bundle::delta::ReadAt + Sync))
+        .collect();
+    let new_content: Vec<&(dyn abide_bundle::delta::ReadAt + Sync)> = new
+        .content
+        .iter()
+        .map(|f| f as &(dyn abide_bundle::delta::ReadAt + Sync))
+        .collect();
+    fn release<'a>(
+        l: &'a Loaded<std::fs::File>,
+        content: &'a [&'a (dyn abide_bundle::delta::ReadAt + Sync)],
+    ) -> Release<'a> {
+        Release {
+            head: &l.head,
+            manifest: &l.manifest,
+            tables: &l.tables,
+            content,
+        }
+    }
+    let mut target = AtomicFile::create(path, 0o644)?;
+    let stats = create(
+        &release(&old, &old_content),
+        &release(&new, &new_content),
+        options,
+        &mut std::io::BufWriter::with_capacity(1 << 20, target.file()),
+    )
+    .with_context(|| format!("making the delta {}", path.display()))?;
+    target.commit()?;
+    Ok(stats)
+}

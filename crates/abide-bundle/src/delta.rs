@@ -328,6 +328,42 @@ pub trait Base: ReadAt {
     fn chunk(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool;
 }
 
+/// Old content with its chunk table, as a [`Base`]: what a server or a tool applies a delta
+/// against to check it.
+pub struct TableBase<C> {
+    content: C,
+    at: std::collections::HashMap<Digest, (u64, u32)>,
+}
+
+impl<C: ReadAt> TableBase<C> {
+    /// `content`, cut as `table` says.
+    pub fn new(content: C, table: &[ChunkEntry]) -> TableBase<C> {
+        let mut at = std::collections::HashMap::with_capacity(table.len());
+        let mut offset = 0u64;
+        for e in table {
+            at.entry(e.digest).or_insert((offset, e.length));
+            offset += u64::from(e.length);
+        }
+        TableBase { content, at }
+    }
+}
+
+impl<C: ReadAt> ReadAt for TableBase<C> {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.content.read_at(offset, buf)
+    }
+}
+
+impl<C: ReadAt> Base for TableBase<C> {
+    fn chunk(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool {
+        let Some(&(offset, len)) = self.at.get(&entry.digest) else {
+            return false;
+        };
+        buf.resize(len as usize, 0);
+        self.content.read_at(offset, buf).is_ok()
+    }
+}
+
 /// What applying one component of a delta did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Applied {

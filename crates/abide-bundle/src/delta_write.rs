@@ -293,6 +293,53 @@ pub struct DeltaStats {
     pub copied_bytes: u64,
     /// The delta's length.
     pub size: u64,
+    /// What a device running the old release reads of the new bundle by chunk reuse instead:
+    /// its head, its chunk tables and the stored bytes of the chunks the old release lacks.
+    pub chunks_size: u64,
+}
+
+/// Reads both bundles out (every hash checked) into spools `spool` opens, one per component,
+/// and writes the delta from `old` to `new` to `out`: the whole of making a delta from two
+/// bundle files. The bundles are already verified, or opened without signatures by a caller
+/// whose output is verified again (devices verify the signatures a delta carries).
+pub fn make<R1, R2, F, W>(
+    old: (crate::read::VerifiedBundle<R1>, Vec<u8>),
+    new: (crate::read::VerifiedBundle<R2>, Vec<u8>),
+    spool: &mut dyn FnMut(&crate::manifest::Component) -> std::io::Result<F>,
+    options: &DeltaOptions,
+    out: &mut W,
+) -> Result<DeltaStats>
+where
+    R1: std::io::Read,
+    R2: std::io::Read,
+    F: Write + std::os::unix::fs::FileExt + Sync,
+    W: Write + Seek,
+{
+    let old = Loaded::read(old.0, old.1, spool)?;
+    let new = Loaded::read(new.0, new.1, spool)?;
+    fn content<F: std::os::unix::fs::FileExt + Sync>(l: &Loaded<F>) -> Vec<&(dyn ReadAt + Sync)> {
+        l.content
+            .iter()
+            .map(|c| c as &(dyn ReadAt + Sync))
+            .collect()
+    }
+    let (oc, nc) = (content(&old), content(&new));
+    create(
+        &Release {
+            head: &old.head,
+            manifest: &old.manifest,
+            tables: &old.tables,
+            content: &oc,
+        },
+        &Release {
+            head: &new.head,
+            manifest: &new.manifest,
+            tables: &new.tables,
+            content: &nc,
+        },
+        options,
+        out,
+    )
 }
 
 /// Writes the delta that turns `old` into `new` to `out` (which must be empty).
@@ -452,7 +499,17 @@ pub fn create<W: Write + Seek>(
         out.seek(SeekFrom::Start(end))
             .map_err(io("writing the delta"))?;
         stats.copied_bytes += component.size - planned_content(table, planned);
+        let held: std::collections::HashSet<Digest> = base
+            .map(|b| old.tables[b].iter().map(|e| e.digest).collect())
+            .unwrap_or_default();
+        stats.chunks_size += (table.len() * crate::format::CHUNK_ENTRY_LEN) as u64
+            + table
+                .iter()
+                .filter(|e| !held.contains(&e.digest))
+                .map(|e| u64::from(e.stored_length))
+                .sum::<u64>();
     }
+    stats.chunks_size += new.head.len() as u64;
     out.flush().map_err(io("writing the delta"))?;
     stats.size = out.stream_position().map_err(io("writing the delta"))?;
     Ok(stats)

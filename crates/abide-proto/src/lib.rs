@@ -370,6 +370,42 @@ pub struct Release {
     pub created_at: String,
 }
 
+/// A delta between two releases of one product, held by the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    /// The release devices run.
+    pub from_release: String,
+    /// Its version.
+    pub from_version: String,
+    /// The release the delta makes.
+    pub to_release: String,
+    /// Its version.
+    pub to_version: String,
+    /// SHA-256 of the delta file, hex.
+    pub sha256: String,
+    /// The delta's size in bytes.
+    pub size: u64,
+    /// The new release's bundle size.
+    pub full_size: u64,
+    /// What a device running `from_release` reads of the bundle by chunk reuse instead (the
+    /// head, the chunk tables and the chunks the old release lacks, from the signed sizes).
+    pub chunks_size: u64,
+    /// Whether devices running `from_release` are given the delta: only when it is smaller
+    /// than both other ways.
+    pub offered: bool,
+    /// When it was made or uploaded.
+    pub created_at: String,
+}
+
+/// An admin's request for the server to make a delta to a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaRequest {
+    /// The release the delta starts from (a release id).
+    pub from: String,
+}
+
 /// An admin's request for an enrolment token. A token gives its group and its tags to the
 /// devices that enrol with it (a device cannot add its own), and can be bound to the device ids
 /// it may enrol.
@@ -682,6 +718,24 @@ pub struct AssignedRelease {
     pub size: u64,
     /// What to do with it.
     pub action: AssignedAction,
+    /// A delta from the release the device runs, when it is the smallest download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delta: Option<AssignedDelta>,
+}
+
+/// A delta an assignment offers: the device uses it if it runs `from_version` and falls back
+/// to the bundle if its running slots turn out to hold other content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AssignedDelta {
+    /// The version it was made from.
+    pub from_version: String,
+    /// Where to download it (a path on the server).
+    pub url: String,
+    /// SHA-256 of the delta file, hex.
+    pub sha256: String,
+    /// Its size.
+    pub size: u64,
 }
 
 /// A maintenance window: activation and reboot only on these days between these times.

@@ -252,6 +252,23 @@ CREATE INDEX reports_status_millis ON reports (status, millis);
 CREATE INDEX rollout_devices_state ON rollout_devices (rollout_id, state);
 "#,
     ),
+    (
+        10,
+        // Deltas between releases (files in DATA/deltas, named by their SHA-256); chunks_size
+        // is what a device running from_release reads of to_release's bundle by chunk reuse.
+        r#"
+CREATE TABLE deltas (
+    from_release TEXT NOT NULL REFERENCES releases (id),
+    to_release TEXT NOT NULL REFERENCES releases (id),
+    sha256 TEXT NOT NULL,
+    size BIGINT NOT NULL,
+    chunks_size BIGINT NOT NULL,
+    created_at BIGINT NOT NULL,
+    PRIMARY KEY (from_release, to_release)
+);
+CREATE INDEX deltas_to ON deltas (to_release);
+"#,
+    ),
 ];
 
 /// What can be revoked: the tables with a `revoked_at` column.

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod auth;
 pub mod clock;
 pub mod db;
+pub mod deltas;
 pub mod devices;
 pub mod error;
 pub mod groups;
@@ -68,6 +69,8 @@ pub struct Config {
     /// How often `/metrics` re-reads its aggregates while it is scraped (zero: at every
     /// scrape).
     pub metrics_refresh: std::time::Duration,
+    /// Whether an upload is followed by deltas to it from the releases devices run.
+    pub deltas_on_upload: bool,
 }
 
 impl Config {
@@ -89,6 +92,7 @@ impl Config {
             health_fresh: std::time::Duration::from_secs(15 * 60),
             session_ttl: std::time::Duration::from_secs(12 * 3600),
             metrics_refresh: std::time::Duration::from_secs(10),
+            deltas_on_upload: true,
         }
     }
 }
@@ -407,6 +411,11 @@ pub fn app(server: Server) -> Router {
         )
         .route("/api/v1/releases/{id}", get(releases::show))
         .route("/api/v1/releases/{id}/bundle", get(releases::download))
+        .route(
+            "/api/v1/releases/{id}/deltas",
+            post(deltas::create).layer(json_limit).get(deltas::list),
+        )
+        .route("/api/v1/releases/{id}/deltas/{from}", get(deltas::download))
         .route(
             "/api/v1/enroll-tokens",
             post(devices::create_token)

@@ -139,7 +139,7 @@ pub async fn server_key(State(server): State<Server>) -> Json<serde_json::Value>
 }
 
 /// Removes a temporary file when dropped, unless it was kept.
-struct TempFile(Option<std::path::PathBuf>);
+pub(crate) struct TempFile(pub(crate) Option<std::path::PathBuf>);
 
 impl Drop for TempFile {
     fn drop(&mut self) {
@@ -292,6 +292,13 @@ pub async fn upload(
     )
     .await?;
     tx.commit().await?;
+    if server.config.deltas_on_upload {
+        tokio::spawn(crate::deltas::for_running(
+            server.clone(),
+            id,
+            row.product.clone(),
+        ));
+    }
     Ok((StatusCode::CREATED, Json(row.try_into()?)))
 }
 
@@ -387,19 +394,30 @@ pub async fn download(
         .data
         .join("releases")
         .join(format!("{}.abide", rel.sha256));
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+    serve(&path, rel.size, &rel.sha256, &headers, "bundle").await
+}
+
+/// Answers a download of the `size`-byte file at `path` (a bundle or a delta, `what`), whole
+/// or one `Range`, with its SHA-256 as the ETag.
+pub async fn serve(
+    path: &std::path::Path,
+    size: u64,
+    sha256: &str,
+    headers: &HeaderMap,
+    what: &str,
+) -> ApiResult<Response> {
+    let mut file = tokio::fs::File::open(path).await.map_err(|e| {
         ApiError::internal(
-            "opening the bundle (server processes that share a database must share the data directory)",
+            "opening a stored file (server processes that share a database must share the data directory)",
             format!("{}: {e}", path.display()),
         )
     })?;
-    let size = rel.size;
     let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok());
     let range = parse_range(range, size).map_err(|BadRange| {
         ApiError::new(
             StatusCode::RANGE_NOT_SATISFIABLE,
             "range",
-            format!("expected one range inside the {size}-byte bundle, as bytes=START-END"),
+            format!("expected one range inside the {size}-byte {what}, as bytes=START-END"),
         )
     });
     let range = match range {
@@ -419,7 +437,7 @@ pub async fn download(
     };
     file.seek(SeekFrom::Start(start))
         .await
-        .map_err(|e| ApiError::internal("reading the bundle", e))?;
+        .map_err(|e| ApiError::internal("reading a stored file", e))?;
     let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
     let mut resp = Response::new(Body::from_stream(stream));
     *resp.status_mut() = status;
@@ -432,7 +450,7 @@ pub async fn download(
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(
         header::ETAG,
-        HeaderValue::from_str(&format!("\"{}\"", rel.sha256)).expect("hex"),
+        HeaderValue::from_str(&format!("\"{sha256}\"")).expect("hex"),
     );
     if status == StatusCode::PARTIAL_CONTENT {
         h.insert(

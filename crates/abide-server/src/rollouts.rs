@@ -960,6 +960,7 @@ pub async fn assignment(
             sha256,
             size: size as u64,
             action,
+            delta: None,
         };
         if status == "rolled_back" {
             let Some(prev) = from.as_deref() else {
@@ -1043,14 +1044,9 @@ pub async fn assignment(
             .execute(&server.db.pool)
             .await?;
         }
-        return Ok(Some(assigned(
-            release_id,
-            rel_version,
-            security,
-            sha256,
-            size,
-            action,
-        )));
+        let mut given = assigned(release_id, rel_version, security, sha256, size, action);
+        given.delta = crate::deltas::offer(server, &given.release_id, version).await?;
+        return Ok(Some(given));
     }
     Ok(None)
 }

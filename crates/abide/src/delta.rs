@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::Output;
 #[cfg(feature = "delta-create")]
 use {
-    abide_bundle::delta_write::{DeltaOptions, Loaded, Release, create},
+    abide_bundle::delta_write::{DeltaOptions, make as make_delta},
     abide_bundle::{BundleReader, ExpirationEnforcement, TrustRoot},
     abide_fs::persist::AtomicFile,
     std::path::Path,
@@ -149,8 +149,11 @@ pub fn make(
     trust: Option<&TrustRoot>,
     options: &DeltaOptions,
 ) -> Result<abide_bundle::delta_write::DeltaStats> {
-    let mut spools = Vec::new();
-    let mut load = |bundle: &Path, tag: &str| -> Result<Loaded<std::fs::File>> {
+    type Opened = (
+        abide_bundle::VerifiedBundle<BufReader<std::fs::File>>,
+        Vec<u8>,
+    );
+    let open = |bundle: &Path| -> Result<Opened> {
         let f =
             std::fs::File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?;
         let reader = BundleReader::open(BufReader::with_capacity(1 << 20, f), Limits::default())
@@ -167,9 +170,17 @@ pub fn make(
             None => reader.without_signatures(),
         }
         .with_context(|| format!("verifying {}", bundle.display()))?;
-        Loaded::read(verified, head, &mut |c| {
+        Ok((verified, head))
+    };
+    let (old, new) = (open(from)?, open(to)?);
+    let mut spools = Vec::new();
+    let mut target = AtomicFile::create(path, 0o644)?;
+    let stats = make_delta(
+        old,
+        new,
+        &mut |c| {
             let mut spool = AtomicFile::create(
-                &path.with_extension(format!("{tag}-{}.spool", c.name)),
+                &path.with_extension(format!("{}-{}.spool", spools.len(), c.name)),
                 0o600,
             )
             .map_err(std::io::Error::other)?;
@@ -177,36 +188,7 @@ pub fn make(
             // The guard removes the spool file when the delta is done (or fails).
             spools.push(spool);
             Ok(handle)
-        })
-        .with_context(|| format!("reading {}", bundle.display()))
-    };
-    let old = load(from, "old")?;
-    let new = load(to, "new")?;
-    let old_content: Vec<&(dyn abide_bundle::delta::ReadAt + Sync)> = old
-        .content
-        .iter()
-        .map(|f| f as &(dyn abide_bundle::delta::ReadAt + Sync))
-        .collect();
-    let new_content: Vec<&(dyn abide_bundle::delta::ReadAt + Sync)> = new
-        .content
-        .iter()
-        .map(|f| f as &(dyn abide_bundle::delta::ReadAt + Sync))
-        .collect();
-    fn release<'a>(
-        l: &'a Loaded<std::fs::File>,
-        content: &'a [&'a (dyn abide_bundle::delta::ReadAt + Sync)],
-    ) -> Release<'a> {
-        Release {
-            head: &l.head,
-            manifest: &l.manifest,
-            tables: &l.tables,
-            content,
-        }
-    }
-    let mut target = AtomicFile::create(path, 0o644)?;
-    let stats = create(
-        &release(&old, &old_content),
-        &release(&new, &new_content),
+        },
         options,
         &mut std::io::BufWriter::with_capacity(1 << 20, target.file()),
     )

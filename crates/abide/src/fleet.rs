@@ -127,6 +127,21 @@ enum ReleaseCommand {
     },
     /// List releases.
     List,
+    /// Have the server make the delta from one release to another (it makes them by itself
+    /// after each upload from the releases its devices run).
+    Delta {
+        /// The release devices run (id).
+        #[arg(long)]
+        from: String,
+        /// The release to update them to (id).
+        #[arg(long)]
+        to: String,
+    },
+    /// The deltas to a release, and which of them devices are given.
+    Deltas {
+        /// The release (id).
+        release: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -498,6 +513,49 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     r.keys.join(", ")
                 )
             });
+        }
+        FleetCommand::Release(ReleaseCommand::Delta { from, to }) => {
+            let d: abide_proto::Delta = admin
+                .post(
+                    &format!("/api/v1/releases/{to}/deltas"),
+                    &abide_proto::DeltaRequest { from },
+                )
+                .await?;
+            out.print(&serde_json::to_value(&d)?, || {
+                format!(
+                    "delta {} {} -> {} {}: {} bytes (the bundle {}, its missing chunks {}){}",
+                    d.from_release,
+                    d.from_version,
+                    d.to_release,
+                    d.to_version,
+                    d.size,
+                    d.full_size,
+                    d.chunks_size,
+                    if d.offered {
+                        ", given to devices"
+                    } else {
+                        ", not the smallest: not given"
+                    }
+                )
+            });
+        }
+        FleetCommand::Release(ReleaseCommand::Deltas { release }) => {
+            let r: Vec<abide_proto::Delta> = admin
+                .get(&format!("/api/v1/releases/{release}/deltas"))
+                .await?;
+            print_table(
+                &out,
+                &serde_json::to_value(&r)?,
+                &[
+                    "from_release",
+                    "from_version",
+                    "to_version",
+                    "size",
+                    "chunks_size",
+                    "full_size",
+                    "offered",
+                ],
+            );
         }
         FleetCommand::Release(ReleaseCommand::List) => {
             let r: Vec<abide_proto::Release> = admin.get("/api/v1/releases").await?;

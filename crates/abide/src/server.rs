@@ -60,6 +60,10 @@ pub struct ServerArgs {
     /// scrape); a scrape serves the latest reading.
     #[arg(long, default_value = "10s")]
     metrics_refresh: String,
+    /// Do not make deltas after an upload (from the releases devices run to the new one);
+    /// `abide fleet delta create` still makes them on request.
+    #[arg(long)]
+    no_deltas_on_upload: bool,
 }
 
 /// Runs the server until it is stopped.
@@ -83,6 +87,7 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             })
             .transpose()?;
         config.trust = args.trust;
+        config.deltas_on_upload = !args.no_deltas_on_upload;
         config.enroll_per_minute = args.enroll_rate;
         config.max_connections_per_address = args.max_connections_per_address as usize;
         let seconds = |flag: &str, t: &str| {

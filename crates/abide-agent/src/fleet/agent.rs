@@ -311,26 +311,51 @@ impl Agent {
         Ok(Some(Exit::Reboot))
     }
 
-    /// Downloads the release straight into the target group and stages it.
+    /// Downloads the release straight into the target group and stages it: from the delta the
+    /// assignment offers when the device runs the version it was made from (the server offers
+    /// one only when it is the smallest download), else from the bundle, reading only the
+    /// chunks the running group lacks. A delta the running slots do not match is refused before
+    /// anything changes, and the bundle is used instead.
     fn stage(
         &mut self,
         device: &mut Device,
         client: &Client,
         release: &abide_proto::AssignedRelease,
     ) -> Result<()> {
+        let running = device.state()?.version.to_string();
+        if let Some(delta) = release.delta.as_ref().filter(|d| d.from_version == running) {
+            match self.fetch(device, client, release, &delta.url, delta.size) {
+                Err(AgentError::Bundle(e)) if e.code() == "delta-base" => {
+                    tracing::warn!(error = %e, "the delta does not fit the running slots; downloading the bundle");
+                }
+                done => return done,
+            }
+        }
+        self.fetch(device, client, release, &release.url, release.size)
+    }
+
+    /// [`Agent::stage`] from the file at `url` (a bundle or a delta) of `size` bytes.
+    fn fetch(
+        &mut self,
+        device: &mut Device,
+        client: &Client,
+        release: &abide_proto::AssignedRelease,
+        url: &str,
+        size: u64,
+    ) -> Result<()> {
         let meter = Arc::new(Meter::default());
         let mut src = HttpSource::new(
             self.rt.handle().clone(),
             client.clone(),
-            &release.url,
-            release.size,
+            url,
+            size,
             meter.clone(),
         );
         // While the download runs, keep checking in with its progress: a withdrawn assignment
         // stops it.
         let watcher = {
             let (client, meter) = (client.clone(), meter.clone());
-            let (release_id, total) = (release.release_id.clone(), release.size);
+            let (release_id, total) = (release.release_id.clone(), size);
             let every = self.server.poll_interval;
             let mut inventory = inventory(device, &device.state()?)?;
             inventory.state = abide_proto::DeviceState::Downloading;
@@ -360,7 +385,7 @@ impl Agent {
         };
         let started = Instant::now();
         let mut last = Instant::now();
-        tracing::info!(version = %release.version, bytes = release.size, "downloading into the target group");
+        tracing::info!(version = %release.version, url, bytes = size, "downloading into the target group");
         let result = crate::install::stage(
             device,
             &mut src,
@@ -399,9 +424,9 @@ impl Agent {
                 device.record(
                     Timestamp::now(),
                     "download",
-                    json!({"release": release.release_id, "fetched": fetched, "resumed": resumed,
-                           "reused_bytes": out.reused.bytes, "bundle_bytes": release.size,
-                           "needed": release.size.saturating_sub(out.reused.skipped)}),
+                    json!({"release": release.release_id, "url": url, "fetched": fetched, "resumed": resumed,
+                           "reused_bytes": out.reused.bytes, "bundle_bytes": size,
+                           "needed": size.saturating_sub(out.reused.skipped)}),
                 )?;
                 Ok(())
             }

@@ -1,13 +1,14 @@
 //! Deltas: made from two bundles, applied against the old content they name, the new content
 //! comes out byte for byte; anything else is refused with the check that failed.
 
-use std::collections::HashMap;
 use std::io::Cursor;
 
-use abide_bundle::delta::{Base, DeltaReader, PATCH_ENTRY_LEN, Patch, ReadAt, index_digest};
+use abide_bundle::delta::{
+    Base, DeltaReader, PATCH_ENTRY_LEN, Patch, ReadAt, TableBase, index_digest,
+};
 use abide_bundle::delta_write::{DeltaOptions, Release, create, plan};
 use abide_bundle::format::ChunkEntry;
-use abide_bundle::{BundleReader, Digest, Limits, Manifest};
+use abide_bundle::{BundleReader, Limits, Manifest};
 use abide_testkit::{Fixture, image, key, trust};
 
 /// A bundle read out: head, manifest, tables and content.
@@ -76,41 +77,7 @@ fn make(old: &Read, new: &Read, options: &DeltaOptions) -> Vec<u8> {
 }
 
 /// A running slot holding `content`, cut as `table` says.
-struct Slot {
-    content: Vec<u8>,
-    at: HashMap<Digest, (u64, u32)>,
-}
-
-impl Slot {
-    fn new(content: &[u8], table: &[ChunkEntry]) -> Slot {
-        let mut at = HashMap::new();
-        let mut offset = 0u64;
-        for e in table {
-            at.entry(e.digest).or_insert((offset, e.length));
-            offset += u64::from(e.length);
-        }
-        Slot {
-            content: content.to_vec(),
-            at,
-        }
-    }
-}
-
-impl ReadAt for Slot {
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.content.read_at(offset, buf)
-    }
-}
-
-impl Base for Slot {
-    fn chunk(&self, entry: &ChunkEntry, buf: &mut Vec<u8>) -> bool {
-        let Some(&(offset, len)) = self.at.get(&entry.digest) else {
-            return false;
-        };
-        buf.resize(len as usize, 0);
-        self.content.read_at(offset, buf).is_ok()
-    }
-}
+type Slot = TableBase<Vec<u8>>;
 
 /// Applies `delta` against `slots` (one per component, by position), verified with key 0.
 fn apply(delta: &[u8], slots: &[Option<Slot>]) -> abide_bundle::Result<Vec<Vec<u8>>> {
@@ -163,7 +130,7 @@ fn slots(old: &Read) -> Vec<Option<Slot>> {
     old.content
         .iter()
         .zip(&old.tables)
-        .map(|(c, t)| Some(Slot::new(c, t)))
+        .map(|(c, t)| Some(Slot::new(c.clone(), t)))
         .collect()
 }
 

@@ -3,6 +3,7 @@
 
 mod api;
 mod audit;
+mod deltas;
 mod hostile;
 mod roles;
 mod rollouts;

@@ -297,6 +297,27 @@ async fn every_route_answers_every_role_and_credential_with_the_exact_status_and
         ),
         (
             Method::GET,
+            format!("/api/v1/releases/{release}/deltas"),
+            vec![],
+            viewer_role,
+            StatusCode::OK,
+        ),
+        (
+            Method::POST,
+            format!("/api/v1/releases/{release}/deltas"),
+            body(json!({"from": "r-none"})),
+            admin_role,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
+            format!("/api/v1/releases/{release}/deltas/r-none"),
+            vec![],
+            Need::DeviceOrViewer,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            Method::GET,
             "/api/v1/enroll-tokens".into(),
             vec![],
             viewer_role,

@@ -1382,3 +1382,104 @@ fn a_paused_rollout_stops_a_running_download_cleanly_and_a_resumed_one_completes
     ok(&dir, &format!("sim reboot {}", dev.display()));
     assert_eq!(status(&dir, &dev)["state"], "committed");
 }
+
+#[test]
+fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_new_image() {
+    use std::sync::atomic::Ordering;
+    let (_tmp, dir) = workspace();
+    let f = Fleet::start(&dir, None, &[]);
+    let old = f.upload(&release_bundle(&dir, "2.0.0", 7));
+    // 2.1.0: the same image with two stretches rebuilt and a few bytes inserted.
+    let mut image = abide_testkit::image(IMAGE_LEN, 7);
+    for b in image[200_000..320_000].iter_mut().step_by(53) {
+        *b = b.wrapping_add(1);
+    }
+    image.splice(900_000..900_000, b"2.1.0 adds this".iter().copied());
+    for b in image[1_100_000..1_150_000].iter_mut().step_by(41) {
+        *b ^= 0x20;
+    }
+    image.truncate(IMAGE_LEN);
+    std::fs::write(dir.join("image-21.img"), &image).unwrap();
+    ok(
+        &dir,
+        "bundle create --product gw --version 2.1.0 --security-version 1 --compatible gw-board \
+         --component rootfs=image-21.img --sign a.key --out v2.1.0.abide",
+    );
+    let new = f.upload(&dir.join("v2.1.0.abide"));
+    let token = f.token("lab");
+    let proxy = CuttingProxy::start(&f.url, Vec::new(), None);
+    let dev = device(&dir, "gw-delta", &proxy.url, &token);
+    // A second device whose running slot gets damaged outside Abide after it commits 2.0.0.
+    let proxy2 = CuttingProxy::start(&f.url, Vec::new(), None);
+    let damaged = device(&dir, "gw-damaged", &proxy2.url, &token);
+    agent_once(&dir, &dev, 0);
+    agent_once(&dir, &damaged, 0);
+    f.rollout(&old, "100", "lab", &[]);
+    for d in [&dev, &damaged] {
+        assert_eq!(agent_once(&dir, d, 0)["exit"], "reboot");
+        ok(&dir, &format!("sim reboot {}", d.display()));
+        assert_eq!(status(&dir, d)["version"], "2.0.0");
+    }
+    let running = damaged.join(format!(
+        "slots/rootfs.{}.img",
+        status(&dir, &damaged)["booted"].as_str().unwrap()
+    ));
+    let mut bytes = std::fs::read(&running).unwrap();
+    for b in &mut bytes[1_300_000..1_400_000] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&running, &bytes).unwrap();
+
+    // The operator has the server make the delta (it also makes them after uploads).
+    let (old_id, new_id) = (old["id"].as_str().unwrap(), new["id"].as_str().unwrap());
+    let delta = f.cmd(&["release", "delta", "--from", old_id, "--to", new_id]);
+    assert_eq!(delta["offered"], true, "{delta}");
+    let listed = f.cmd(&["release", "deltas", new_id]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["sha256"] == delta["sha256"]),
+        "{listed}"
+    );
+    let size = delta["size"].as_u64().unwrap();
+    f.rollout(&new, "100", "lab", &[]);
+    let before = proxy.forwarded.load(Ordering::Relaxed);
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    let fetched = proxy.forwarded.load(Ordering::Relaxed) - before;
+    assert_eq!(
+        fetched, size,
+        "fetched {fetched} bytes; the delta is {size}"
+    );
+    assert!(size < delta["chunks_size"].as_u64().unwrap(), "{delta}");
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["state"].as_str(), s["version"].as_str()),
+        (Some("committed"), Some("2.1.0")),
+        "{s}"
+    );
+    let booted = s["booted"].as_str().unwrap();
+    let slot = dev.join(format!("slots/rootfs.{booted}.img"));
+    assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
+    let log = json_args(
+        &dir,
+        &["log", "--config", dev.join("system.toml").to_str().unwrap()],
+        0,
+    );
+    let download = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "download")
+        .expect("a download record");
+    assert!(
+        download["details"]["url"]
+            .as_str()
+            .unwrap()
+            .contains("/deltas/"),
+        "{download}"
+    );
+}

@@ -1,0 +1,203 @@
+//! Deltas on the server: made after an upload from the release devices run (and on request),
+//! offered in the assignment of a device that runs that release only when smaller than both the
+//! bundle and its missing chunks, and served to the devices the release is assigned to.
+
+use abide_testkit::{Fixture, image, key};
+use axum::http::{Method, StatusCode};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use crate::{Backend, Harness, on_both};
+
+on_both!(deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_devices);
+
+/// A release of `version` whose root file system is the base image with `edits` rewritten
+/// stretches; returns its id.
+async fn release(h: &Harness, version: &'static str, edits: usize) -> String {
+    let mut root = image(700_000, 1);
+    for k in 0..edits {
+        for b in root[100_000 + k * 200_000..160_000 + k * 200_000]
+            .iter_mut()
+            .step_by(89)
+        {
+            *b = b.wrapping_add(1);
+        }
+    }
+    let bundle = Fixture {
+        version,
+        components: vec![
+            ("rootfs", "rootfs", "rootfs", root),
+            ("app", "app", "appfs", image(90_000, 2)),
+        ],
+        ..Fixture::default()
+    }
+    .build(&[&key(0)]);
+    let r = h
+        .call(
+            Method::POST,
+            "/api/v1/releases",
+            Some(&h.admin.clone()),
+            &[],
+            bundle,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    r.json()["id"].as_str().unwrap().to_owned()
+}
+
+async fn checkin(h: &Harness, cred: &str, version: &str) -> Value {
+    let r = h
+        .json(
+            Method::POST,
+            "/api/v1/device/checkin",
+            Some(cred),
+            json!({"nonce": "0123456789abcdef0123", "version": version, "state": "idle", "health": "healthy"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+    let a: Value = serde_json::from_str(r.json()["payload"].as_str().unwrap()).unwrap();
+    a["release"].clone()
+}
+
+async fn deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_devices(
+    backend: Backend,
+) {
+    let h = Harness::new(backend).await;
+    let gw = h.enroll("gw-0", "lab").await;
+    let other = h.enroll("gw-1", "elsewhere").await;
+    checkin(&h, &gw, "1.3.0").await;
+    // Check-ins reach the devices table in batches; this one now.
+    abide_server::devices::flush_last_seen(&h.server)
+        .await
+        .unwrap();
+    let old = release(&h, "1.3.0", 0).await;
+    let new = release(&h, "1.4.0", 2).await;
+    // The upload of 1.4.0 makes the delta from 1.3.0, which gw-0 runs, in the background.
+    let path = format!("/api/v1/releases/{new}/deltas");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let listed = loop {
+        let l = h.get(&path).await;
+        assert_eq!(l.status, StatusCode::OK, "{}", l.json());
+        if l.json().as_array().is_some_and(|a| !a.is_empty()) {
+            break l.json();
+        }
+        assert!(std::time::Instant::now() < deadline, "no delta was made");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let d = &listed[0];
+    assert_eq!(
+        (d["from_release"].as_str(), d["to_release"].as_str()),
+        (Some(old.as_str()), Some(new.as_str()))
+    );
+    assert_eq!(
+        (d["from_version"].as_str(), d["to_version"].as_str()),
+        (Some("1.3.0"), Some("1.4.0"))
+    );
+    let (size, chunks, full) = (
+        d["size"].as_u64().unwrap(),
+        d["chunks_size"].as_u64().unwrap(),
+        d["full_size"].as_u64().unwrap(),
+    );
+    assert!(size < chunks && chunks < full, "{d}");
+    assert_eq!(d["offered"], true, "{d}");
+    let audit = h.get("/api/v1/audit").await.json().to_string();
+    assert!(audit.contains("delta.create"), "{audit}");
+
+    // Assigned 1.4.0, a device running 1.3.0 is offered the delta; one running anything else
+    // is not.
+    let r = h
+        .json(
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&h.admin.clone()),
+            json!({"release": new, "stages": "100", "group": "lab"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+    let a = checkin(&h, &gw, "1.3.0").await;
+    let offered = &a["delta"];
+    assert_eq!(offered["from_version"], "1.3.0", "{a}");
+    assert_eq!(offered["size"], size, "{a}");
+    assert_eq!(offered["sha256"], d["sha256"], "{a}");
+    assert!(checkin(&h, &gw, "1.2.0").await["delta"].is_null());
+
+    // The device gets the delta, whole or by range; a device it is not assigned to does not.
+    let url = offered["url"].as_str().unwrap();
+    let whole = h.call(Method::GET, url, Some(&gw), &[], vec![]).await;
+    assert_eq!(whole.status, StatusCode::OK);
+    assert_eq!(whole.body.len() as u64, size);
+    let digest = abide_bundle::digest::encode_hex(&Sha256::digest(&whole.body));
+    assert_eq!(Some(digest.as_str()), d["sha256"].as_str());
+    assert_eq!(&whole.body[..8], b"\x89ABDLT\r\n");
+    let part = h
+        .call(
+            Method::GET,
+            url,
+            Some(&gw),
+            &[("range", "bytes=8-15")],
+            vec![],
+        )
+        .await;
+    assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(part.body, whole.body[8..16]);
+    let refused = h.call(Method::GET, url, Some(&other), &[], vec![]).await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.code(), "not-assigned");
+
+    // Made on request: the same pair gives the same delta; a release with the same content
+    // (only the version differs) gets a delta larger than its missing chunks, not offered.
+    let same = release(&h, "1.4.1", 0).await;
+    let again = h
+        .json(
+            Method::POST,
+            &path,
+            Some(&h.admin.clone()),
+            json!({"from": old}),
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CREATED, "{}", again.json());
+    assert_eq!(again.json()["sha256"], d["sha256"]);
+    let useless = h
+        .json(
+            Method::POST,
+            &format!("/api/v1/releases/{same}/deltas"),
+            Some(&h.admin.clone()),
+            json!({"from": old}),
+        )
+        .await;
+    assert_eq!(useless.status, StatusCode::CREATED, "{}", useless.json());
+    let u = useless.json();
+    assert_eq!(u["offered"], false, "{u}");
+    assert!(u["size"].as_u64() > u["chunks_size"].as_u64(), "{u}");
+    // Bad requests change nothing.
+    for (body, to, status, code) in [
+        (
+            json!({"from": new}),
+            new.as_str(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "delta-releases",
+        ),
+        (
+            json!({"from": "r-nothing"}),
+            new.as_str(),
+            StatusCode::NOT_FOUND,
+            "not-found",
+        ),
+    ] {
+        let r = h
+            .json(
+                Method::POST,
+                &format!("/api/v1/releases/{to}/deltas"),
+                Some(&h.admin.clone()),
+                body,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code().as_str()),
+            (status, code),
+            "{}",
+            r.json()
+        );
+    }
+    assert_eq!(h.get(&path).await.json().as_array().unwrap().len(), 1);
+}

@@ -49,6 +49,11 @@ pub enum BundleCommand {
         /// zstd level for chunks.
         #[arg(long, default_value_t = 3)]
         level: i32,
+        /// The average chunk size (a power of two from 256 B, as 64K or 256K); chunks are cut
+        /// between a quarter and four times it, at most 1 MiB. Larger chunks compress better;
+        /// smaller ones let chunk reuse find more of a release in the running one.
+        #[arg(long, default_value = "64K")]
+        chunk_size: String,
         /// The bundle file to write.
         #[arg(long)]
         out: PathBuf,
@@ -124,6 +129,7 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             expires,
             hooks,
             level,
+            chunk_size,
             out: path,
         } => create(
             CreateArgs {
@@ -136,6 +142,7 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
                 expires,
                 hooks,
                 level,
+                chunk_size,
                 path,
             },
             out,
@@ -276,6 +283,22 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
     }
 }
 
+/// `--chunk-size AVG`: cut between AVG/4 and 4×AVG (at most 1 MiB).
+fn chunking(text: &str) -> Result<Chunking> {
+    let avg = abide_agent::config::parse_size(text)
+        .ok()
+        .and_then(|s| u32::try_from(s).ok())
+        .filter(|s| s.is_power_of_two() && (256..=256 << 10).contains(s))
+        .with_context(|| {
+            format!("--chunk-size {text:?}: expected a power of two from 256 to 256K, as 64K")
+        })?;
+    Ok(Chunking {
+        min_size: avg / 4,
+        avg_size: avg,
+        max_size: (avg * 4).min(1 << 20),
+    })
+}
+
 fn parse_compatible(compatible: Option<String>) -> Result<Option<HardwareId>> {
     let max = Limits::default().max_name_len;
     Ok(compatible
@@ -308,6 +331,7 @@ struct CreateArgs {
     expires: Option<Timestamp>,
     hooks: Vec<String>,
     level: i32,
+    chunk_size: String,
     path: PathBuf,
 }
 
@@ -369,7 +393,7 @@ fn create(args: CreateArgs, out: Output) -> Result<()> {
             .iter()
             .map(|h| Name::parse("--hook", h, max))
             .collect::<Result<_, _>>()?,
-        chunking: Chunking::default(),
+        chunking: chunking(&args.chunk_size)?,
         level: args.level,
     };
     let components = args

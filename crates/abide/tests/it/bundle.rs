@@ -166,6 +166,60 @@ fn bad_arguments_are_refused_before_anything_is_written() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("SemVer"));
     assert!(!dir.join("x.abide").exists());
+    for size in ["100K", "512K", "128", "lots"] {
+        let out = abide(
+            &dir,
+            &format!(
+                "bundle create --product p --version 1.0.0 --component rootfs=img --sign a.key --chunk-size {size} --out x.abide"
+            ),
+        );
+        assert_eq!(out.status.code(), Some(3), "--chunk-size {size}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--chunk-size"),
+            "--chunk-size {size}"
+        );
+        assert!(!dir.join("x.abide").exists());
+    }
+}
+
+#[test]
+fn the_chunk_size_is_chosen_at_create_and_recorded_in_the_manifest() {
+    let (_tmp, dir) = workspace();
+    std::fs::write(dir.join("img"), abide_testkit::image(4 << 20, 5)).unwrap();
+    let mut counts = Vec::new();
+    for (size, avg) in [("64K", 65536), ("256K", 262144)] {
+        let v = json(
+            &dir,
+            &format!(
+                "bundle create --product p --version 1.0.0 --component rootfs=img --sign a.key --chunk-size {size} --out {size}.abide"
+            ),
+            0,
+        );
+        let c = &v["manifest"]["components"][0];
+        assert_eq!(
+            (
+                &c["chunking"]["min_size"],
+                &c["chunking"]["avg_size"],
+                &c["chunking"]["max_size"]
+            ),
+            (
+                &serde_json::json!(avg / 4),
+                &serde_json::json!(avg),
+                &serde_json::json!(avg * 4)
+            ),
+            "{c}"
+        );
+        counts.push(c["chunk_table"]["count"].as_u64().unwrap());
+        json(
+            &dir,
+            &format!("bundle verify {size}.abide --trust trust.json"),
+            0,
+        );
+    }
+    assert!(
+        counts[1] * 2 < counts[0],
+        "chunks at 64K and 256K: {counts:?}"
+    );
 }
 
 #[test]

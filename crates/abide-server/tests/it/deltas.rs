@@ -4,9 +4,10 @@
 
 use abide_testkit::{Fixture, image, key};
 use axum::http::{Method, StatusCode};
-use serde_json::{Value, json};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
+use crate::rollouts::checkin;
 use crate::{Backend, Harness, on_both};
 
 on_both!(deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_devices);
@@ -43,20 +44,6 @@ async fn release(h: &Harness, version: &'static str, edits: usize) -> String {
         .await;
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
     r.json()["id"].as_str().unwrap().to_owned()
-}
-
-async fn checkin(h: &Harness, cred: &str, version: &str) -> Value {
-    let r = h
-        .json(
-            Method::POST,
-            "/api/v1/device/checkin",
-            Some(cred),
-            json!({"nonce": "0123456789abcdef0123", "version": version, "state": "idle", "health": "healthy"}),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.json());
-    let a: Value = serde_json::from_str(r.json()["payload"].as_str().unwrap()).unwrap();
-    a["release"].clone()
 }
 
 async fn deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_devices(

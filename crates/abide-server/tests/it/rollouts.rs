@@ -48,7 +48,7 @@ async fn release(h: &Harness, version: &'static str, security: u64) -> String {
 }
 
 /// A device's check-in; returns the assignment's release part.
-async fn checkin(h: &Harness, cred: &str, version: &str) -> Value {
+pub(crate) async fn checkin(h: &Harness, cred: &str, version: &str) -> Value {
     let r = h
         .json(
             Method::POST,

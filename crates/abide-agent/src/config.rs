@@ -33,6 +33,8 @@ struct RawConfig {
     server: Option<RawServer>,
     #[serde(default, rename = "window")]
     windows: Vec<RawWindow>,
+    #[serde(default)]
+    hooks: crate::hooks::RawHooks,
 }
 
 #[derive(Deserialize)]
@@ -324,6 +326,8 @@ pub struct Config {
     pub server: Option<ServerSettings>,
     /// The device's own maintenance windows (none: any time the group's window allows).
     pub windows: Vec<DeviceWindow>,
+    /// The hooks run at the steps of a transaction (`[hooks]`).
+    pub hooks: crate::hooks::Hooks,
 }
 
 impl Config {
@@ -620,10 +624,12 @@ impl Config {
             (Backend::Sim, None) => None,
             (_, None) => Some(PathBuf::from("/proc/cmdline")),
         };
+        let hooks = crate::hooks::Hooks::from_raw(raw.hooks).map_err(|e| err(path, &e))?;
         Ok(Config {
             cmdline,
             server,
             windows,
+            hooks,
             path: path.to_owned(),
             product: raw.product,
             compatible,

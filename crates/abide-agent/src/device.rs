@@ -148,6 +148,32 @@ impl Device {
             self.bootloader.store(&s)?;
         }
         state.store(&self.config.state_dir)?;
+        // Once a commit or a rollback is durable: its hook (a failure is recorded, and
+        // changes nothing; after a crash right here it may run again on the next step).
+        let hook = match &tx.state {
+            TxState::Committed { .. } => Some((crate::hooks::Hook::PostCommit, None)),
+            TxState::RolledBack { reason } => {
+                Some((crate::hooks::Hook::OnRollback, Some(reason.to_string())))
+            }
+            _ => None,
+        };
+        if let Some((hook, reason)) = hook {
+            let context = crate::hooks::Context {
+                transaction: tx.id.clone(),
+                version: tx.version.to_string(),
+                from_version: state
+                    .groups
+                    .get(&tx.good)
+                    .cloned()
+                    .flatten()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default(),
+                target: tx.target.to_string(),
+                good: tx.good.to_string(),
+                reason,
+            };
+            crate::hooks::run(self, hook, &context, now)?;
+        }
         Ok(reboot)
     }
 

@@ -125,6 +125,16 @@ pub enum AgentError {
     /// No transaction to act on.
     #[error("there is no transaction to {0}")]
     NoTransaction(&'static str),
+    /// A pre-hook failed, which stops the step it comes before.
+    #[error("the {hook} hook failed ({ended}){}{output}", if output.is_empty() { "" } else { ": " })]
+    HookFailed {
+        /// The hook.
+        hook: &'static str,
+        /// How it ended.
+        ended: String,
+        /// The end of what it printed.
+        output: String,
+    },
     /// The device state file is damaged.
     #[error("{}: {what}", path.display())]
     State {
@@ -152,6 +162,7 @@ impl AgentError {
             AgentError::TooSmall { .. } => "slot-too-small",
             AgentError::NoSpace { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",
+            AgentError::HookFailed { .. } => "hook-failed",
             AgentError::State { .. } => "state",
             AgentError::Server(_) => "server",
             AgentError::Locked { .. } => "busy",

@@ -11,9 +11,6 @@ use jiff::{SignedDuration, Timestamp};
 
 use crate::config::{Check, CheckKind, Config};
 
-/// How much of a failing command check's standard error is kept for its reason.
-const STDERR_KEPT: usize = 4096;
-
 /// Time as the gate sees it: real on a device, simulated in tests.
 pub trait Clock {
     /// Now.
@@ -134,66 +131,30 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
     let timeout = Duration::try_from(check.timeout).unwrap_or(Duration::from_secs(30));
     match &check.kind {
         CheckKind::Command(cmd) => {
-            let mut child = Command::new("sh")
-                .arg("-c")
-                .arg(cmd)
-                .env("ABIDE_VERSION", running.version)
-                .env("ABIDE_GROUP", group)
-                .env("ABIDE_TRANSACTION", running.transaction.unwrap_or_default())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| format!("cannot run sh: {e}"))?;
-            // Read stderr while the check runs, keeping only its end: a check that writes
-            // more than a pipe holds must not block on a full pipe and time out.
-            let tail = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-            let reader = child.stderr.take().map(|mut stderr| {
-                let tail = tail.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 8192];
-                    while let Ok(n @ 1..) = stderr.read(&mut buf) {
-                        let mut t = tail.lock().expect("not poisoned");
-                        t.extend_from_slice(&buf[..n]);
-                        let excess = t.len().saturating_sub(STDERR_KEPT);
-                        t.drain(..excess);
-                    }
-                })
-            });
-            let start = std::time::Instant::now();
-            let status = loop {
-                match child.try_wait() {
-                    Ok(Some(status)) => break status,
-                    Ok(None) if start.elapsed() >= timeout => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(format!("timed out after {}s", timeout.as_secs()));
-                    }
-                    Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-                    Err(e) => return Err(e.to_string()),
+            let env = [
+                ("ABIDE_VERSION", running.version.to_string()),
+                ("ABIDE_GROUP", group.to_owned()),
+                (
+                    "ABIDE_TRANSACTION",
+                    running.transaction.unwrap_or_default().to_owned(),
+                ),
+            ];
+            match crate::command::run(cmd, &env, timeout)? {
+                (crate::command::Ended::Exited(status), _) if status.success() => Ok(()),
+                (crate::command::Ended::TimedOut(t), _) => {
+                    Err(format!("timed out after {}s", t.as_secs()))
                 }
-            };
-            if status.success() {
-                return Ok(());
-            }
-            // The output ends when the check's last process closes it; one it left running
-            // in the background is not waited for long.
-            if let Some(reader) = reader {
-                let waited = std::time::Instant::now();
-                while !reader.is_finished() && waited.elapsed() < Duration::from_secs(1) {
-                    std::thread::sleep(Duration::from_millis(5));
+                (crate::command::Ended::Exited(status), out) => {
+                    let out: String = out
+                        .chars()
+                        .skip(out.chars().count().saturating_sub(200))
+                        .collect();
+                    Err(format!(
+                        "{status}{}{out}",
+                        if out.is_empty() { "" } else { ": " }
+                    ))
                 }
             }
-            let err = String::from_utf8_lossy(&tail.lock().expect("not poisoned")).into_owned();
-            let err = err.trim();
-            let err: String = err
-                .chars()
-                .skip(err.chars().count().saturating_sub(200))
-                .collect();
-            Err(format!(
-                "{status}{}{err}",
-                if err.is_empty() { "" } else { ": " }
-            ))
         }
         CheckKind::File(path) => {
             if path.exists() {

@@ -7,7 +7,9 @@ use abide_bundle::chunks::Reuse;
 use abide_bundle::delta::{DeltaReader, Kind, VerifiedDelta};
 use abide_bundle::source::Peeked;
 use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source, TrustRoot};
-use abide_core::{FailReason, Force, Installed, Transaction, admit};
+use abide_core::{FailReason, Force, Installed, Transaction, TxState, admit};
+
+use crate::hooks::Hook;
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -31,6 +33,8 @@ pub struct InstallOutcome {
     pub reused: Reuse,
     /// Bundle bytes consumed, read or passed over.
     pub bundle_bytes: u64,
+    /// The post-install hook's run, if one is configured.
+    pub hooks: Vec<crate::hooks::HookRun>,
 }
 
 /// Installs the bundle read from `src` into the group that is not the known-good one and
@@ -49,6 +53,7 @@ pub fn install(
         reboot,
         reused: staged.reused,
         bundle_bytes: staged.bundle_bytes,
+        hooks: staged.hooks,
     })
 }
 
@@ -61,11 +66,44 @@ pub struct StageOutcome {
     pub reused: Reuse,
     /// Bundle bytes consumed, read or passed over.
     pub bundle_bytes: u64,
+    /// The post-install hook's run, if one is configured.
+    pub hooks: Vec<crate::hooks::HookRun>,
 }
 
 /// Hands the staged transaction's target to the bootloader for a trial; returns it and
 /// whether the engine asked for a reboot.
+/// The pre-reboot hook runs first: if it fails, the target is abandoned, still unbootable,
+/// and the error carries the hook's output.
 pub fn activate(device: &mut Device, now: Timestamp) -> Result<(Transaction, bool)> {
+    let state = device.state()?;
+    if let Some(tx) = state
+        .transaction
+        .as_ref()
+        .filter(|tx| tx.state == TxState::Staged)
+    {
+        let context = crate::hooks::Context {
+            transaction: tx.id.clone(),
+            version: tx.version.to_string(),
+            from_version: state.version.to_string(),
+            target: tx.target.to_string(),
+            good: tx.good.to_string(),
+            reason: None,
+        };
+        if let Some(run) = crate::hooks::run(device, Hook::PreReboot, &context, now)?
+            && !run.ok
+        {
+            let e = run.error();
+            abandon(
+                device,
+                now,
+                FailReason::Refused {
+                    code: e.code().to_owned(),
+                    detail: e.to_string(),
+                },
+            )?;
+            return Err(e);
+        }
+    }
     let policy = device.config.boot_policy;
     device.advance(now, "activate", |tx| tx.activate(now, policy))
 }
@@ -123,6 +161,27 @@ pub fn stage(
         .find(|g| *g != good)
         .expect("two groups");
     let id = format!("tx-{}-{version}", now().as_second());
+    let context = crate::hooks::Context {
+        transaction: id.clone(),
+        version: version.to_string(),
+        from_version: state.version.to_string(),
+        target: target.to_string(),
+        good: good.to_string(),
+        reason: None,
+    };
+    // The pre-install hook: after every check, before anything changes; its failure is a
+    // refusal like any other.
+    if let Some(run) = crate::hooks::run(device, Hook::PreInstall, &context, now())?
+        && !run.ok
+    {
+        let e = run.error();
+        device.record(
+            now(),
+            "refuse",
+            json!({"code": e.code(), "detail": e.to_string()}),
+        )?;
+        return Err(e);
+    }
 
     // From here on, every step is recorded and durable before the next (I5).
     let (mut tx, actions) =
@@ -234,10 +293,15 @@ pub fn stage(
     }
     let actions = tx.staged(now())?;
     device.commit_step(now(), &mut state, &tx, &actions)?;
+    // The post-install hook: its failure is recorded and reported, and changes nothing.
+    let hooks = crate::hooks::run(device, Hook::PostInstall, &context, now())?
+        .into_iter()
+        .collect();
     Ok(StageOutcome {
         transaction: tx,
         reused,
         bundle_bytes,
+        hooks,
     })
 }
 

@@ -4,11 +4,13 @@
 
 pub mod audit;
 pub mod boot;
+pub mod command;
 pub mod config;
 pub mod device;
 mod error;
 pub mod fleet;
 pub mod health;
+pub mod hooks;
 pub mod index;
 pub mod init;
 pub mod install;

@@ -172,12 +172,20 @@ pub fn run_install(
     out.print(
         &json!({"transaction": tx.id, "version": tx.version.to_string(), "target": tx.target.as_str(),
                 "state": tx.state.name(), "reboot": reboot, "bundle_bytes_read": read,
-                "reused_chunks": done.reused.chunks, "reused_bytes": done.reused.bytes}),
+                "reused_chunks": done.reused.chunks, "reused_bytes": done.reused.bytes,
+                "hooks": done.hooks}),
         || {
-            format!(
+            let mut text = format!(
                 "{} installed into group {} and activated for a trial ({}); {read} bundle bytes read, {} bytes reused from group {}",
                 tx.version, tx.target, tx.id, done.reused.bytes, tx.good
-            )
+            );
+            for h in done.hooks.iter().filter(|h| !h.ok) {
+                text.push_str(&format!(
+                    "\nwarning: the {} hook failed ({}): {}",
+                    h.hook, h.ended, h.output
+                ));
+            }
+            text
         },
     );
     if reboot {

@@ -7,6 +7,7 @@ mod agent;
 mod bundle;
 mod delta;
 mod device;
+#[cfg(feature = "admin")]
 mod fleet;
 mod key;
 #[cfg(feature = "server")]
@@ -51,6 +52,7 @@ enum Command {
     #[cfg(feature = "server")]
     Server(server::ServerArgs),
     /// The fleet server's admin commands, and the fleet simulator.
+    #[cfg(feature = "admin")]
     Fleet(fleet::FleetArgs),
     /// The device agent: enrols with the fleet server of `[server]` in system.toml, checks in,
     /// downloads assigned releases straight into the target group, activates them in the
@@ -155,6 +157,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => agent::run(a, config, out),
         #[cfg(feature = "server")]
         Command::Server(a) => server::run(a, out),
+        #[cfg(feature = "admin")]
         Command::Fleet(a) => fleet::run(a, out),
     };
     match result {

@@ -7,6 +7,7 @@ mod crash;
 mod delta;
 mod device;
 mod fleet;
+mod hooks;
 mod hostile;
 mod keys;
 

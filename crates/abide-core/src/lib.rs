@@ -12,6 +12,7 @@ pub mod health;
 pub mod lease;
 pub mod quarantine;
 pub mod rollout;
+pub mod schedule;
 pub mod transaction;
 pub mod window;
 

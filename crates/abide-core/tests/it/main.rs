@@ -6,6 +6,7 @@ mod health;
 mod lease;
 mod quarantine;
 mod rollout;
+mod schedule;
 mod tidy;
 mod transaction;
 mod window;

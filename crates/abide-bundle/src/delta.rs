@@ -503,6 +503,11 @@ impl<R: Read> VerifiedDelta<R> {
         &self.head
     }
 
+    /// The distinct trusted keys whose signatures (the new release's) verified.
+    pub fn signers(&self) -> &[crate::KeyId] {
+        self.bundle.signers()
+    }
+
     /// How much the content is hashed: chunks are always checked against their names; with
     /// [`Checks::Every`] the whole component against its digest too.
     pub fn set_checks(&mut self, checks: Checks) {
@@ -562,6 +567,22 @@ impl<R: Read> VerifiedDelta<R> {
             apply_component(&component, table, &patches, base, src, &limits, every, sink)?;
         self.bundle.advance();
         Ok(applied)
+    }
+
+    /// Passes over the next component's patch frames after [`VerifiedDelta::read_tables`]
+    /// (checking only that they are all there): for checking a delta without the content it
+    /// was made against.
+    pub fn skip_component(&mut self) -> Result<()>
+    where
+        R: Source,
+    {
+        let patches = self.pending.take().ok_or_else(|| Error::InvalidArgument {
+            what: "read_tables comes before skip_component".into(),
+        })?;
+        let frames: u64 = patches.iter().map(|p| u64::from(p.frame_len)).sum();
+        self.bundle.src().skip_as(frames, "patch frame")?;
+        self.bundle.advance();
+        Ok(())
     }
 
     /// Checks that the delta ends right after the last component.

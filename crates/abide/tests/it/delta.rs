@@ -117,6 +117,40 @@ fn a_delta_passes_the_paranoid_checks_and_a_damaged_one_fails_the_transaction_wi
     let at = damaged.len() - 20;
     damaged[at] ^= 0x01;
     std::fs::write(sim.path("bad.abide"), &damaged).unwrap();
+    // `abide delta verify` checks the layout alone, or with --from every chunk it makes.
+    let ok_layout = json(&sim.dir, "delta verify d.abide --trust trust.json", 0);
+    assert_eq!(
+        (
+            ok_layout["checked"].as_str(),
+            ok_layout["to_version"].as_str()
+        ),
+        (Some("layout"), Some("3.0.0"))
+    );
+    let applied = json(
+        &sim.dir,
+        "delta verify d.abide --trust trust.json --from 2.0.0.abide",
+        0,
+    );
+    assert_eq!(applied["checked"], "applied", "{applied}");
+    let other = json(
+        &sim.dir,
+        "delta verify d.abide --trust trust.json --from 1.5.0.abide",
+        1,
+    );
+    assert_eq!(other["error"]["code"], "delta-base", "{other}");
+    json(&sim.dir, "delta verify bad.abide --trust trust.json", 0);
+    let bad = json(
+        &sim.dir,
+        "delta verify bad.abide --trust trust.json --from 2.0.0.abide",
+        1,
+    );
+    let code = bad["error"]["code"].as_str().unwrap();
+    assert!(code == "chunk-digest" || code == "chunk-corrupt", "{bad}");
+    assert!(
+        crate::leftovers(&sim.dir, "")
+            .iter()
+            .all(|f| !f.contains("spool"))
+    );
     let failed = json(&sim.dir, "install bad.abide --config dev/system.toml", 1);
     let code = failed["error"]["code"].as_str().unwrap();
     assert!(

@@ -357,3 +357,92 @@ fn a_delta_for_other_content_or_changed_in_any_part_is_refused_with_the_check_th
         );
     }
 }
+
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A small pair and its delta, made once.
+    fn small() -> &'static (Vec<u8>, Read, Vec<Vec<u8>>) {
+        static SMALL: std::sync::OnceLock<(Vec<u8>, Read, Vec<Vec<u8>>)> =
+            std::sync::OnceLock::new();
+        SMALL.get_or_init(|| {
+            let mut root = image(60_000, 5);
+            let old = Fixture {
+                version: "1.0.0",
+                components: vec![("rootfs", "rootfs", "rootfs", root.clone())],
+                ..Fixture::default()
+            };
+            for b in root[20_000..30_000].iter_mut().step_by(7) {
+                *b ^= 0x11;
+            }
+            let new = Fixture {
+                version: "1.1.0",
+                components: vec![("rootfs", "rootfs", "rootfs", root.clone())],
+                ..Fixture::default()
+            };
+            let o = read(&old.build(&[&key(0)]));
+            let n = read(&new.build(&[&key(0)]));
+            let delta = make(&o, &n, &DeltaOptions::default());
+            let content = o.content.clone();
+            (delta, o, vec![content[0].clone(), root])
+        })
+    }
+
+    /// What a device would write: each chunk as the sink receives it, until an error.
+    fn written(delta: &[u8], old: &Read) -> (Vec<u8>, bool) {
+        let trust = trust(&[0], 1);
+        let mut out = Vec::new();
+        let ok = (|| -> abide_bundle::Result<()> {
+            let mut d =
+                DeltaReader::open(delta, Limits::default())?.verify(&crate::any_device(&trust))?;
+            let slot = Slot::new(old.content[0].clone(), &old.tables[0]);
+            let (table, _) = d.read_tables()?;
+            d.apply(&table, Some(&slot as &dyn Base), &mut |b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })?;
+            d.finish()
+        })()
+        .is_ok();
+        (out, ok)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+
+        /// Whatever byte of a delta changes, a device writes the new release or a part of it
+        /// that it then discards: never anything else.
+        #[test]
+        fn any_single_byte_change_writes_the_new_release_or_nothing_else(
+            at in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+        ) {
+            let (delta, old, contents) = small();
+            let new = &contents[1];
+            let mut bad = delta.clone();
+            let i = at.index(bad.len());
+            bad[i] ^= flip;
+            let (out, ok) = written(&bad, old);
+            prop_assert!(new.starts_with(&out), "changing byte {} wrote other content", i);
+            prop_assert!(!ok || out == *new, "changing byte {} was accepted short", i);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_delta_reader(data in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let (_, old, _) = small();
+            let _ = written(&data, old);
+            let mut forged = b"\x89ABDLT\r\n\x01\x00\x00\x00".to_vec();
+            forged.extend_from_slice(&(data.len() as u32).to_le_bytes());
+            forged.extend_from_slice(&data);
+            let _ = written(&forged, old);
+        }
+    }
+
+    #[test]
+    fn the_small_delta_is_sound() {
+        let (delta, old, contents) = small();
+        assert_eq!(written(delta, old), (contents[1].clone(), true));
+    }
+}

@@ -38,6 +38,11 @@ pub struct Header {
 impl Header {
     /// Decodes and bounds-checks a header.
     pub fn decode(bytes: &[u8; HEADER_LEN], limits: &Limits) -> Result<Header> {
+        if bytes[..8] == crate::delta::DELTA_MAGIC {
+            return Err(Error::bad_format(
+                "an Abide delta, not a bundle (abide delta verify checks deltas)",
+            ));
+        }
         if bytes[..8] != MAGIC {
             return Err(Error::bad_format("not an Abide bundle (wrong magic)"));
         }

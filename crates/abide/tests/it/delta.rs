@@ -51,6 +51,14 @@ fn a_delta_installs_the_new_release_byte_for_byte_and_a_device_running_another_r
         size * 8 < full,
         "the delta is {size} bytes, the bundle {full}"
     );
+    let not_a_bundle = json(&sim.dir, "bundle verify d.abide --trust trust.json", 1);
+    assert!(
+        not_a_bundle["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("an Abide delta, not a bundle"),
+        "{not_a_bundle}"
+    );
     let info = json(&sim.dir, "delta info d.abide", 0);
     assert_eq!(info["from"]["version"], "2.0.0", "{info}");
     assert_eq!(info["to"]["version"], "3.0.0", "{info}");

@@ -138,16 +138,8 @@ pub fn stage(
     let planned = plan(device, &state, src, force, now());
     let (mut bundle, version, security_version, slots) = match planned {
         Ok(p) => p,
-        Err(e) => {
-            if e.is_refusal() {
-                device.record(
-                    now(),
-                    "refuse",
-                    json!({"code": e.code(), "detail": e.to_string()}),
-                )?;
-            }
-            return Err(e);
-        }
+        Err(e) if e.is_refusal() => return Err(refused(device, now(), e)?),
+        Err(e) => return Err(e),
     };
     let boot = device.bootloader().load()?;
     let good = boot.good().cloned().ok_or_else(|| AgentError::State {
@@ -174,13 +166,7 @@ pub fn stage(
     if let Some(run) = crate::hooks::run(device, Hook::PreInstall, &context, now())?
         && !run.ok
     {
-        let e = run.error();
-        device.record(
-            now(),
-            "refuse",
-            json!({"code": e.code(), "detail": e.to_string()}),
-        )?;
-        return Err(e);
+        return Err(refused(device, now(), run.error())?);
     }
 
     // From here on, every step is recorded and durable before the next (I5).
@@ -303,6 +289,17 @@ pub fn stage(
         bundle_bytes,
         hooks,
     })
+}
+
+/// Records a refusal (a check failed before anything changed) in the audit log and gives the
+/// error back.
+fn refused(device: &mut Device, now: Timestamp, e: AgentError) -> Result<AgentError> {
+    device.record(
+        now,
+        "refuse",
+        json!({"code": e.code(), "detail": e.to_string()}),
+    )?;
+    Ok(e)
 }
 
 /// What an install reads: a bundle, or a delta against the running group.

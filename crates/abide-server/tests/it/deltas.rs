@@ -33,17 +33,7 @@ async fn release(h: &Harness, version: &'static str, edits: usize) -> String {
         ..Fixture::default()
     }
     .build(&[&key(0)]);
-    let r = h
-        .call(
-            Method::POST,
-            "/api/v1/releases",
-            Some(&h.admin.clone()),
-            &[],
-            bundle,
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
-    r.json()["id"].as_str().unwrap().to_owned()
+    h.upload(bundle).await
 }
 
 async fn deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_devices(

@@ -156,6 +156,16 @@ impl Harness {
         .await
     }
 
+    /// Uploads `bundle` as the admin; returns the release id.
+    pub(crate) async fn upload(&self, bundle: Vec<u8>) -> String {
+        let admin = self.admin.clone();
+        let r = self
+            .call(Method::POST, "/api/v1/releases", Some(&admin), &[], bundle)
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
+        r.json()["id"].as_str().unwrap().to_owned()
+    }
+
     /// Creates an enrolment token for `group` and enrols `id` with it; returns the credential.
     pub(crate) async fn enroll(&self, id: &str, group: &str) -> String {
         let admin = self.admin.clone();

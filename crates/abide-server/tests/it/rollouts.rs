@@ -34,17 +34,7 @@ async fn release(h: &Harness, version: &'static str, security: u64) -> String {
         ..Fixture::default()
     }
     .build(&[&key(0)]);
-    let r = h
-        .call(
-            Method::POST,
-            "/api/v1/releases",
-            Some(&h.admin.clone()),
-            &[],
-            bundle,
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json());
-    r.json()["id"].as_str().unwrap().to_owned()
+    h.upload(bundle).await
 }
 
 /// A device's check-in; returns the assignment's release part.

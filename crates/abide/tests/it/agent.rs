@@ -529,6 +529,26 @@ fn slow_download(dir: &Path, f: &Fleet, release: &Value, name: &str) -> (PathBuf
     (dev, agent, ro)
 }
 
+/// The device's last `download` audit record (`abide log --json`).
+fn last_download(dir: &Path, device: &Path) -> Value {
+    let log = json_args(
+        dir,
+        &[
+            "log",
+            "--config",
+            device.join("system.toml").to_str().unwrap(),
+        ],
+        0,
+    );
+    log.as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|r| r["event"] == "download")
+        .expect("a download record")
+        .clone()
+}
+
 /// Waits for a background agent and insists it succeeded.
 fn succeeded(agent: Child) {
     let out = agent.wait_with_output().unwrap();
@@ -809,17 +829,7 @@ fn a_download_cut_at_many_offsets_resumes_and_fetches_each_byte_about_once() {
     ok(&dir, &format!("sim reboot {}", dev.display()));
     assert_eq!(status(&dir, &dev)["state"], "committed");
     // The device's audit log has the download with its resumptions.
-    let log = json_args(
-        &dir,
-        &["log", "--config", dev.join("system.toml").to_str().unwrap()],
-        0,
-    );
-    let download = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["event"] == "download")
-        .expect("a download record");
+    let download = last_download(&dir, &dev);
     assert!(
         download["details"]["resumed"].as_u64().unwrap() >= n_cuts,
         "{download}"
@@ -1463,18 +1473,7 @@ fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_ne
     let booted = s["booted"].as_str().unwrap();
     let slot = dev.join(format!("slots/rootfs.{booted}.img"));
     assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
-    let log = json_args(
-        &dir,
-        &["log", "--config", dev.join("system.toml").to_str().unwrap()],
-        0,
-    );
-    let download = log
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|r| r["event"] == "download")
-        .expect("a download record");
+    let download = last_download(&dir, &dev);
     assert!(
         download["details"]["url"]
             .as_str()

@@ -351,3 +351,229 @@ pub async fn download(
         .join(format!("{}.abide", row.sha256));
     crate::releases::serve(&path, row.size as u64, &row.sha256, &headers, "delta").await
 }
+
+/// The release of `product` and `version` whose manifest has the SHA-256 `manifest`: its id
+/// and the SHA-256 of its bundle.
+async fn release_by_manifest(
+    server: &Server,
+    product: &str,
+    version: &str,
+    manifest: abide_bundle::Digest,
+) -> ApiResult<Option<(String, String)>> {
+    let candidates: Vec<(String, String)> =
+        sqlx::query_as("SELECT id, sha256 FROM releases WHERE product = $1 AND version = $2")
+            .bind(product)
+            .bind(version)
+            .fetch_all(&server.db.pool)
+            .await?;
+    for (id, sha) in candidates {
+        let path = server
+            .config
+            .data
+            .join("releases")
+            .join(format!("{sha}.abide"));
+        let digest = tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).ok()?;
+            let reader = BundleReader::open(Stream(file), Limits::default()).ok()?;
+            Some(abide_bundle::Digest::of(reader.manifest_bytes()))
+        })
+        .await
+        .map_err(|e| ApiError::internal("reading a stored bundle", e))?;
+        if digest == Some(manifest) {
+            return Ok(Some((id, sha)));
+        }
+    }
+    Ok(None)
+}
+
+/// Applies the delta at `delta` to the stored bundle `old` (by SHA-256), every chunk checked
+/// against the new release's signed names; returns what chunk reuse would read instead (the
+/// delta's `chunks_size`).
+fn check_upload(
+    data: &std::path::Path,
+    old: &str,
+    delta: &std::path::Path,
+    trust: &abide_bundle::TrustRoot,
+) -> Result<u64, abide_bundle::Error> {
+    use abide_bundle::delta::{Base, DeltaReader, TableBase};
+    let io = |what: &'static str| move |source| abide_bundle::Error::Io { what, source };
+    let file = std::fs::File::open(data.join("releases").join(format!("{old}.abide")))
+        .map_err(io("opening a stored bundle"))?;
+    let reader = BundleReader::open(
+        Stream(std::io::BufReader::with_capacity(1 << 20, file)),
+        Limits::default(),
+    )?;
+    let head = reader.head_bytes();
+    let mut spools = Vec::new();
+    let tmp = data.join("tmp");
+    let loaded =
+        abide_bundle::delta_write::Loaded::read(reader.without_signatures()?, head, &mut |_| {
+            let path = tmp.join(format!("upload-spool-{}", crate::random_hex(12)));
+            spools.push(crate::releases::TempFile(Some(path.clone())));
+            std::fs::File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+        })?;
+    let mut bases = Vec::new();
+    for ((c, table), content) in loaded
+        .manifest
+        .components
+        .iter()
+        .zip(&loaded.tables)
+        .zip(loaded.content)
+    {
+        let held: std::collections::HashSet<_> = table.iter().map(|e| e.digest).collect();
+        bases.push((c.slot_class.clone(), TableBase::new(content, table), held));
+    }
+    let file = std::fs::File::open(delta).map_err(io("opening the upload"))?;
+    let reader = DeltaReader::open(
+        Stream(std::io::BufReader::with_capacity(1 << 20, file)),
+        Limits::default(),
+    )?;
+    let mut chunks_size = reader.bundle().head_bytes().len() as u64;
+    let mut d = reader.verify(&abide_bundle::Policy {
+        trust,
+        now: jiff::Timestamp::now(),
+        expiration: abide_bundle::ExpirationEnforcement::Safe,
+        compatible: None,
+        min_security_version: 0,
+    })?;
+    for c in d.manifest().components.clone() {
+        let (table, _) = d.read_tables()?;
+        let base = bases.iter().find(|(class, ..)| *class == c.slot_class);
+        chunks_size += (table.len() * abide_bundle::format::CHUNK_ENTRY_LEN) as u64
+            + table
+                .iter()
+                .filter(|e| base.is_none_or(|(_, _, held)| !held.contains(&e.digest)))
+                .map(|e| u64::from(e.stored_length))
+                .sum::<u64>();
+        d.apply(
+            &table,
+            base.map(|(_, b, _)| b as &dyn Base),
+            &mut |_| Ok(()),
+        )?;
+    }
+    d.finish()?;
+    Ok(chunks_size)
+}
+
+/// `POST /api/v1/deltas`: the body is a delta made elsewhere (`abide delta create`). It is
+/// verified against the fleet trust root (the new release's signatures), matched to the two
+/// releases it names by their manifests, and applied to the old release's content with every
+/// chunk checked, before it is stored and offered like one the server made. A refused delta
+/// gets 422 with the check's code and leaves nothing behind.
+pub async fn upload(
+    State(server): State<Server>,
+    caller: crate::auth::Admin,
+    body: axum::body::Body,
+) -> ApiResult<(StatusCode, Json<abide_proto::Delta>)> {
+    let (mut guard, tmp, sha256, size) = crate::releases::receive(&server, body, "delta").await?;
+    let trust = crate::trust::current(&server).await?;
+    let refused = |e: abide_bundle::Error| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            e.code(),
+            format!("the delta was refused: {e}"),
+        )
+    };
+    let (path, t) = (tmp.clone(), trust.clone());
+    let (head, product) = tokio::task::spawn_blocking(move || {
+        let file = std::fs::File::open(&path).map_err(|source| abide_bundle::Error::Io {
+            what: "reading the upload",
+            source,
+        })?;
+        let d = abide_bundle::delta::DeltaReader::open(
+            Stream(std::io::BufReader::new(file)),
+            Limits::default(),
+        )?
+        .verify(&abide_bundle::Policy {
+            trust: &t,
+            now: jiff::Timestamp::now(),
+            expiration: abide_bundle::ExpirationEnforcement::Safe,
+            compatible: None,
+            min_security_version: 0,
+        })?;
+        Ok::<_, abide_bundle::Error>((d.head().clone(), d.manifest().product.to_string()))
+    })
+    .await
+    .map_err(|e| ApiError::internal("verifying the upload", e))?
+    .map_err(refused)?;
+    let to = release_by_manifest(
+        &server,
+        &product,
+        &head.to_version.to_string(),
+        head.to_manifest,
+    )
+    .await?;
+    let from = release_by_manifest(
+        &server,
+        &product,
+        &head.from.version.to_string(),
+        head.from.manifest,
+    )
+    .await?;
+    let (Some((to, _)), Some((from, from_sha))) = (to, from) else {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "delta-releases",
+            format!(
+                "the delta goes from {product} {} to {}: upload both releases first",
+                head.from.version, head.to_version
+            ),
+        ));
+    };
+    if find(&server, &from, &to).await?.is_some() {
+        return Err(ApiError::conflict(format!(
+            "there is a delta from {from} to {to} already"
+        )));
+    }
+    let (data, path) = (server.config.data.clone(), tmp.clone());
+    let chunks_size =
+        tokio::task::spawn_blocking(move || check_upload(&data, &from_sha, &path, &trust))
+            .await
+            .map_err(|e| ApiError::internal("checking the upload", e))?
+            .map_err(refused)?;
+    let dir = server.config.data.join("deltas");
+    tokio::fs::create_dir_all(&dir)
+        .await
+        .map_err(|e| ApiError::internal("storing the delta", e))?;
+    tokio::fs::rename(&tmp, dir.join(format!("{sha256}.abide")))
+        .await
+        .map_err(|e| ApiError::internal("storing the delta", e))?;
+    guard.0 = None;
+    abide_fs::persist::sync_dir(&dir).map_err(|e| ApiError::internal("storing the delta", e))?;
+    let mut tx = server.db.pool.begin().await?;
+    let inserted = sqlx::query(
+        "INSERT INTO deltas (from_release, to_release, sha256, size, chunks_size, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (from_release, to_release) DO NOTHING",
+    )
+    .bind(&from)
+    .bind(&to)
+    .bind(&sha256)
+    .bind(size as i64)
+    .bind(chunks_size as i64)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict(format!(
+            "there is a delta from {from} to {to} already"
+        )));
+    }
+    crate::audit::append(
+        &server,
+        &mut tx,
+        &caller.actor,
+        "delta.upload",
+        serde_json::json!({"from": from, "to": to, "sha256": sha256, "size": size,
+                           "chunks_size": chunks_size}),
+    )
+    .await?;
+    tx.commit().await?;
+    let row = find(&server, &from, &to)
+        .await?
+        .ok_or_else(|| ApiError::internal("storing the delta", "the row is not there"))?;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}

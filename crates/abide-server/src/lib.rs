@@ -417,6 +417,10 @@ pub fn app(server: Server) -> Router {
         )
         .route("/api/v1/releases/{id}/deltas/{from}", get(deltas::download))
         .route(
+            "/api/v1/deltas",
+            post(deltas::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
             "/api/v1/enroll-tokens",
             post(devices::create_token)
                 .layer(json_limit)

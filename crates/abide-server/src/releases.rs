@@ -149,24 +149,25 @@ impl Drop for TempFile {
     }
 }
 
-/// `POST /api/v1/releases`: the body is a bundle. It is written to a temporary file while its
-/// SHA-256 is computed, fsynced, verified completely (signatures against the trust root, every
-/// chunk and digest), then renamed to its content address and recorded. A refused bundle gets
-/// 422 with the verification's code and leaves nothing behind.
-pub async fn upload(
-    State(server): State<Server>,
-    caller: crate::auth::Admin,
-    body: Body,
-) -> ApiResult<(StatusCode, Json<abide_proto::Release>)> {
-    let tmp_dir = server.config.data.join("tmp");
-    let tmp_path = tmp_dir.join(format!("upload-{}", crate::random_hex(12)));
-    let mut guard = TempFile(Some(tmp_path.clone()));
+/// Writes an upload's body (a `what`: bundle or delta) to a temporary file in `DATA/tmp`,
+/// bounded by the largest bundle the server accepts, and fsyncs it; returns the file's guard
+/// (it is removed unless kept), its path, its SHA-256 and its size.
+pub(crate) async fn receive(
+    server: &Server,
+    mut body: Body,
+    what: &str,
+) -> ApiResult<(TempFile, std::path::PathBuf, String, u64)> {
+    let tmp_path = server
+        .config
+        .data
+        .join("tmp")
+        .join(format!("upload-{}", crate::random_hex(12)));
+    let guard = TempFile(Some(tmp_path.clone()));
     let mut file = tokio::fs::File::create(&tmp_path)
         .await
         .map_err(|e| ApiError::internal("creating the upload file", e))?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut body = body;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the upload: {e}")))?;
         let Ok(data) = frame.into_data() else {
@@ -178,7 +179,7 @@ pub async fn upload(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",
                 format!(
-                    "the bundle is larger than this server accepts ({} bytes)",
+                    "the {what} is larger than this server accepts ({} bytes)",
                     server.config.max_bundle
                 ),
             ));
@@ -189,9 +190,9 @@ pub async fn upload(
             .map_err(|e| ApiError::internal("writing the upload", e))?;
     }
     if size == 0 {
-        return Err(ApiError::bad_request(
-            "the request body is empty: send the bundle file",
-        ));
+        return Err(ApiError::bad_request(format!(
+            "the request body is empty: send the {what} file"
+        )));
     }
     file.flush()
         .await
@@ -203,6 +204,19 @@ pub async fn upload(
         .map_err(|e| ApiError::internal("syncing the upload", e))?
         .map_err(|e| ApiError::internal("syncing the upload", e))?;
     let sha256 = abide_bundle::digest::encode_hex(&hasher.finalize());
+    Ok((guard, tmp_path, sha256, size))
+}
+
+/// `POST /api/v1/releases`: the body is a bundle. It is written to a temporary file while its
+/// SHA-256 is computed, fsynced, verified completely (signatures against the trust root, every
+/// chunk and digest), then renamed to its content address and recorded. A refused bundle gets
+/// 422 with the verification's code and leaves nothing behind.
+pub async fn upload(
+    State(server): State<Server>,
+    caller: crate::auth::Admin,
+    body: Body,
+) -> ApiResult<(StatusCode, Json<abide_proto::Release>)> {
+    let (mut guard, tmp_path, sha256, size) = receive(&server, body, "bundle").await?;
     let verify_path = tmp_path.clone();
     let trust = crate::trust::current(&server).await?;
     let checked = {

@@ -137,6 +137,13 @@ enum ReleaseCommand {
         #[arg(long)]
         to: String,
     },
+    /// Upload a delta made elsewhere (`abide delta create`): the server checks it against
+    /// the two releases it names, then offers it like one it made.
+    #[command(name = "delta-upload")]
+    DeltaUpload {
+        /// The delta file.
+        file: PathBuf,
+    },
     /// The deltas to a release, and which of them devices are given.
     Deltas {
         /// The release (id).
@@ -531,6 +538,26 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     d.size,
                     d.full_size,
                     d.chunks_size,
+                    if d.offered {
+                        ", given to devices"
+                    } else {
+                        ", not the smallest: not given"
+                    }
+                )
+            });
+        }
+        FleetCommand::Release(ReleaseCommand::DeltaUpload { file }) => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let d: abide_proto::Delta = admin.post_raw("/api/v1/deltas", bytes).await?;
+            out.print(&serde_json::to_value(&d)?, || {
+                format!(
+                    "delta {} {} -> {} {}: {} bytes{}",
+                    d.from_release,
+                    d.from_version,
+                    d.to_release,
+                    d.to_version,
+                    d.size,
                     if d.offered {
                         ", given to devices"
                     } else {

@@ -177,4 +177,61 @@ async fn deltas_are_made_on_upload_offered_when_smallest_and_served_to_assigned_
         );
     }
     assert_eq!(h.get(&path).await.json().as_array().unwrap().len(), 1);
+
+    // A delta made elsewhere is uploaded to a server that holds both releases: checked by
+    // applying it to the old release, then stored and offered the same way.
+    let h2 = Harness::with(backend, |c| c.deltas_on_upload = false).await;
+    let upload = |bytes: Vec<u8>| {
+        let h2 = &h2;
+        async move {
+            h2.call(
+                Method::POST,
+                "/api/v1/deltas",
+                Some(&h2.admin.clone()),
+                &[],
+                bytes,
+            )
+            .await
+        }
+    };
+    let early = upload(whole.body.clone()).await;
+    assert_eq!(
+        (early.status, early.code().as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, "delta-releases"),
+        "{}",
+        early.json()
+    );
+    assert_eq!(release(&h2, "1.3.0", 0).await, old);
+    assert_eq!(release(&h2, "1.4.0", 2).await, new);
+    let mut damaged = whole.body.clone();
+    let at = damaged.len() - 10;
+    damaged[at] ^= 0x40;
+    let bad = upload(damaged).await;
+    assert_eq!(
+        bad.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        bad.json()
+    );
+    assert!(
+        ["chunk-digest", "chunk-corrupt", "chunk-table-digest"].contains(&bad.code().as_str()),
+        "{}",
+        bad.json()
+    );
+    assert_eq!(h2.get(&path).await.json(), json!([]));
+    let up = upload(whole.body.clone()).await;
+    assert_eq!(up.status, StatusCode::CREATED, "{}", up.json());
+    let u = up.json();
+    for key in ["sha256", "size", "chunks_size", "full_size", "offered"] {
+        assert_eq!(u[key], d[key], "{key}: {u} against {d}");
+    }
+    let again = upload(whole.body.clone()).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.json());
+    let audit = h2.get("/api/v1/audit").await.json().to_string();
+    assert!(audit.contains("delta.upload"), "{audit}");
+    let leftover: Vec<_> = std::fs::read_dir(h2.dir.path().join("tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
 }

@@ -310,6 +310,13 @@ async fn every_route_answers_every_role_and_credential_with_the_exact_status_and
             StatusCode::NOT_FOUND,
         ),
         (
+            Method::POST,
+            "/api/v1/deltas".into(),
+            b"not a delta".to_vec(),
+            admin_role,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
             Method::GET,
             format!("/api/v1/releases/{release}/deltas/r-none"),
             vec![],

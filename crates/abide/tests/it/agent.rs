@@ -1440,10 +1440,25 @@ fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_ne
     }
     std::fs::write(&running, &bytes).unwrap();
 
-    // The operator has the server make the delta (it also makes them after uploads).
+    // The operator makes the delta offline and uploads it; asked to make it, the server finds
+    // that one (it would have made the same file: deltas are made deterministically).
     let (old_id, new_id) = (old["id"].as_str().unwrap(), new["id"].as_str().unwrap());
+    ok(
+        &dir,
+        "delta create --from v2.0.0.abide --to v2.1.0.abide --out offline.abide",
+    );
+    let uploaded = f.cmd(&[
+        "release",
+        "delta-upload",
+        dir.join("offline.abide").to_str().unwrap(),
+    ]);
+    assert_eq!(uploaded["offered"], true, "{uploaded}");
     let delta = f.cmd(&["release", "delta", "--from", old_id, "--to", new_id]);
-    assert_eq!(delta["offered"], true, "{delta}");
+    assert_eq!(delta["sha256"], uploaded["sha256"], "{delta}");
+    assert_eq!(
+        std::fs::metadata(dir.join("offline.abide")).unwrap().len(),
+        delta["size"].as_u64().unwrap()
+    );
     let listed = f.cmd(&["release", "deltas", new_id]);
     assert!(
         listed

@@ -400,9 +400,10 @@ pub struct VerifiedDelta<R> {
 
 impl<R: Read> DeltaReader<R> {
     /// Reads the delta header and head, then the bundle head, bounded by `limits`.
-    pub fn open(mut src: R, limits: Limits) -> Result<DeltaReader<R>> {
+    pub fn open(src: R, limits: Limits) -> Result<DeltaReader<R>> {
+        let mut src = Counted { inner: src, pos: 0 };
         let mut fixed = [0u8; DELTA_HEADER_LEN];
-        read_exact(&mut src, &mut fixed, "delta header", 0)?;
+        src.read_exact_as(&mut fixed, "delta header")?;
         if fixed[..8] != DELTA_MAGIC {
             return Err(Error::bad_format("not an Abide delta (wrong magic)"));
         }
@@ -427,10 +428,10 @@ impl<R: Read> DeltaReader<R> {
             ));
         }
         let mut head = vec![0u8; head_len as usize];
-        read_exact(&mut src, &mut head, "delta head", DELTA_HEADER_LEN as u64)?;
+        src.read_exact_as(&mut head, "delta head")?;
         let lead = DELTA_HEADER_LEN as u64 + head.len() as u64;
         let head = DeltaHead::parse(&head, &limits)?;
-        let bundle = BundleReader::open(src, limits)?;
+        let bundle = BundleReader::open(src.inner, limits)?;
         Ok(DeltaReader { head, lead, bundle })
     }
 
@@ -512,6 +513,11 @@ impl<R: Read> VerifiedDelta<R> {
     /// [`Checks::Every`] the whole component against its digest too.
     pub fn set_checks(&mut self, checks: Checks) {
         self.bundle.set_checks(checks);
+    }
+
+    /// The length of the new bundle's head inside the delta (header, manifest, signatures).
+    pub fn bundle_head_len(&self) -> u64 {
+        self.bundle.head_len()
     }
 
     /// Delta bytes consumed so far.
@@ -819,29 +825,6 @@ fn decode_patch(
             get_error_name(c)
         )),
     }
-}
-
-fn read_exact(src: &mut impl Read, buf: &mut [u8], what: &'static str, at: u64) -> Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match src.read(&mut buf[filled..]) {
-            Ok(0) => {
-                return Err(Error::Truncated {
-                    what,
-                    offset: at + filled as u64,
-                });
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "reading the delta",
-                    source,
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// SHA-256 of a chunk list as the device's chunk index records it: per chunk its name and

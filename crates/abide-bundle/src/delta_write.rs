@@ -240,6 +240,54 @@ impl<F: Write> Loaded<F> {
     }
 }
 
+/// Applies `delta` to the content of `old`, the bundle it was made from (read out into the
+/// spools `spool` opens, every hash checked), with every chunk checked against the new
+/// release's signed names, to its end; returns what a device running `old` would read of
+/// the new bundle by chunk reuse instead (head, chunk tables, the chunks `old` lacks). How a
+/// tool or a server checks a delta before handing it to devices.
+pub fn check<R1, R2, F>(
+    old: (crate::read::VerifiedBundle<R1>, Vec<u8>),
+    mut delta: crate::delta::VerifiedDelta<R2>,
+    spool: &mut dyn FnMut(&crate::manifest::Component) -> std::io::Result<F>,
+) -> Result<u64>
+where
+    R1: std::io::Read,
+    R2: std::io::Read,
+    F: Write + std::os::unix::fs::FileExt,
+{
+    use crate::delta::{Base, TableBase};
+    let old = Loaded::read(old.0, old.1, spool)?;
+    let mut bases = Vec::new();
+    for ((c, table), content) in old
+        .manifest
+        .components
+        .iter()
+        .zip(&old.tables)
+        .zip(old.content)
+    {
+        let held: std::collections::HashSet<Digest> = table.iter().map(|e| e.digest).collect();
+        bases.push((c.slot_class.clone(), TableBase::new(content, table), held));
+    }
+    let mut chunks_size = delta.bundle_head_len();
+    for c in delta.manifest().components.clone() {
+        let (table, _) = delta.read_tables()?;
+        let base = bases.iter().find(|(class, ..)| *class == c.slot_class);
+        chunks_size += (table.len() * crate::format::CHUNK_ENTRY_LEN) as u64
+            + table
+                .iter()
+                .filter(|e| base.is_none_or(|(_, _, held)| !held.contains(&e.digest)))
+                .map(|e| u64::from(e.stored_length))
+                .sum::<u64>();
+        delta.apply(
+            &table,
+            base.map(|(_, b, _)| b as &dyn Base),
+            &mut |_| Ok(()),
+        )?;
+    }
+    delta.finish()?;
+    Ok(chunks_size)
+}
+
 /// Content read by position from anything that can (a file the caller opened).
 pub struct Positional<F>(pub F);
 

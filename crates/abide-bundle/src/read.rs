@@ -288,6 +288,11 @@ impl<R: Read> VerifiedBundle<R> {
         self.next += 1;
     }
 
+    /// The length of the head: header, manifest and signatures.
+    pub(crate) fn head_len(&self) -> u64 {
+        self.reader.header.data_start()
+    }
+
     /// The limits the bundle is read with.
     pub(crate) fn limits(&self) -> &Limits {
         &self.reader.limits

@@ -148,35 +148,64 @@ pub async fn make(
     let (sha256, stats) = tokio::task::spawn_blocking(move || build(&data, &old_sha, &new_sha))
         .await
         .map_err(|e| ApiError::internal("making a delta", e))??;
+    record(
+        server,
+        Stored {
+            from: &old.id,
+            to: &new.id,
+            sha256: &sha256,
+            size: stats.size,
+            chunks_size: stats.chunks_size,
+        },
+        actor,
+        "delta.create",
+    )
+    .await?;
+    find(server, &old.id, &new.id)
+        .await?
+        .map(Into::into)
+        .ok_or_else(|| ApiError::internal("making a delta", "the row is not there"))
+}
+
+/// A delta file stored in `DATA/deltas`, to be recorded.
+struct Stored<'a> {
+    from: &'a str,
+    to: &'a str,
+    sha256: &'a str,
+    size: u64,
+    chunks_size: u64,
+}
+
+/// Records a stored delta and its audit entry (`action`, by `actor`) in one transaction;
+/// whether it was new (a delta for the pair already there is left as it is).
+async fn record(server: &Server, d: Stored<'_>, actor: &str, action: &str) -> ApiResult<bool> {
     let mut tx = server.db.pool.begin().await?;
     let inserted = sqlx::query(
         "INSERT INTO deltas (from_release, to_release, sha256, size, chunks_size, created_at) \
          VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (from_release, to_release) DO NOTHING",
     )
-    .bind(&old.id)
-    .bind(&new.id)
-    .bind(&sha256)
-    .bind(stats.size as i64)
-    .bind(stats.chunks_size as i64)
+    .bind(d.from)
+    .bind(d.to)
+    .bind(d.sha256)
+    .bind(d.size as i64)
+    .bind(d.chunks_size as i64)
     .bind(now_ms())
     .execute(&mut *tx)
     .await?;
-    if inserted.rows_affected() == 1 {
+    let new = inserted.rows_affected() == 1;
+    if new {
         crate::audit::append(
             server,
             &mut tx,
             actor,
-            "delta.create",
-            serde_json::json!({"from": old.id, "to": new.id, "sha256": sha256, "size": stats.size,
-                               "chunks_size": stats.chunks_size, "full_size": new.size}),
+            action,
+            serde_json::json!({"from": d.from, "to": d.to, "sha256": d.sha256, "size": d.size,
+                               "chunks_size": d.chunks_size}),
         )
         .await?;
     }
     tx.commit().await?;
-    find(server, &old.id, &new.id)
-        .await?
-        .map(Into::into)
-        .ok_or_else(|| ApiError::internal("making a delta", "the row is not there"))
+    Ok(new)
 }
 
 /// Makes the delta between the stored bundles `old` and `new` (by SHA-256) into
@@ -395,7 +424,7 @@ fn check_upload(
     delta: &std::path::Path,
     trust: &abide_bundle::TrustRoot,
 ) -> Result<u64, abide_bundle::Error> {
-    use abide_bundle::delta::{Base, DeltaReader, TableBase};
+    use abide_bundle::delta::DeltaReader;
     let io = |what: &'static str| move |source| abide_bundle::Error::Io { what, source };
     let file = std::fs::File::open(data.join("releases").join(format!("{old}.abide")))
         .map_err(io("opening a stored bundle"))?;
@@ -404,59 +433,29 @@ fn check_upload(
         Limits::default(),
     )?;
     let head = reader.head_bytes();
-    let mut spools = Vec::new();
-    let tmp = data.join("tmp");
-    let loaded =
-        abide_bundle::delta_write::Loaded::read(reader.without_signatures()?, head, &mut |_| {
-            let path = tmp.join(format!("upload-spool-{}", crate::random_hex(12)));
-            spools.push(crate::releases::TempFile(Some(path.clone())));
-            std::fs::File::options()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(path)
-        })?;
-    let mut bases = Vec::new();
-    for ((c, table), content) in loaded
-        .manifest
-        .components
-        .iter()
-        .zip(&loaded.tables)
-        .zip(loaded.content)
-    {
-        let held: std::collections::HashSet<_> = table.iter().map(|e| e.digest).collect();
-        bases.push((c.slot_class.clone(), TableBase::new(content, table), held));
-    }
     let file = std::fs::File::open(delta).map_err(io("opening the upload"))?;
-    let reader = DeltaReader::open(
+    let delta = DeltaReader::open(
         Stream(std::io::BufReader::with_capacity(1 << 20, file)),
         Limits::default(),
-    )?;
-    let mut chunks_size = reader.bundle().head_bytes().len() as u64;
-    let mut d = reader.verify(&abide_bundle::Policy {
+    )?
+    .verify(&abide_bundle::Policy {
         trust,
         now: jiff::Timestamp::now(),
         expiration: abide_bundle::ExpirationEnforcement::Safe,
         compatible: None,
         min_security_version: 0,
     })?;
-    for c in d.manifest().components.clone() {
-        let (table, _) = d.read_tables()?;
-        let base = bases.iter().find(|(class, ..)| *class == c.slot_class);
-        chunks_size += (table.len() * abide_bundle::format::CHUNK_ENTRY_LEN) as u64
-            + table
-                .iter()
-                .filter(|e| base.is_none_or(|(_, _, held)| !held.contains(&e.digest)))
-                .map(|e| u64::from(e.stored_length))
-                .sum::<u64>();
-        d.apply(
-            &table,
-            base.map(|(_, b, _)| b as &dyn Base),
-            &mut |_| Ok(()),
-        )?;
-    }
-    d.finish()?;
-    Ok(chunks_size)
+    let mut spools = Vec::new();
+    let tmp = data.join("tmp");
+    abide_bundle::delta_write::check((reader.without_signatures()?, head), delta, &mut |_| {
+        let path = tmp.join(format!("upload-spool-{}", crate::random_hex(12)));
+        spools.push(crate::releases::TempFile(Some(path.clone())));
+        std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+    })
 }
 
 /// `POST /api/v1/deltas`: the body is a delta made elsewhere (`abide delta create`). It is
@@ -544,34 +543,18 @@ pub async fn upload(
         .map_err(|e| ApiError::internal("storing the delta", e))?;
     guard.0 = None;
     abide_fs::persist::sync_dir(&dir).map_err(|e| ApiError::internal("storing the delta", e))?;
-    let mut tx = server.db.pool.begin().await?;
-    let inserted = sqlx::query(
-        "INSERT INTO deltas (from_release, to_release, sha256, size, chunks_size, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (from_release, to_release) DO NOTHING",
-    )
-    .bind(&from)
-    .bind(&to)
-    .bind(&sha256)
-    .bind(size as i64)
-    .bind(chunks_size as i64)
-    .bind(now_ms())
-    .execute(&mut *tx)
-    .await?;
-    if inserted.rows_affected() == 0 {
+    let stored = Stored {
+        from: &from,
+        to: &to,
+        sha256: &sha256,
+        size,
+        chunks_size,
+    };
+    if !record(&server, stored, &caller.actor, "delta.upload").await? {
         return Err(ApiError::conflict(format!(
             "there is a delta from {from} to {to} already"
         )));
     }
-    crate::audit::append(
-        &server,
-        &mut tx,
-        &caller.actor,
-        "delta.upload",
-        serde_json::json!({"from": from, "to": to, "sha256": sha256, "size": size,
-                           "chunks_size": chunks_size}),
-    )
-    .await?;
-    tx.commit().await?;
     let row = find(&server, &from, &to)
         .await?
         .ok_or_else(|| ApiError::internal("storing the delta", "the row is not there"))?;

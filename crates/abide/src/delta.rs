@@ -218,8 +218,6 @@ fn verify(
     from: Option<&std::path::Path>,
     out: Output,
 ) -> Result<()> {
-    use abide_bundle::delta::{Base, TableBase};
-    use abide_bundle::delta_write::Positional;
     let trust = crate::trust::load_trust(trust, abide_bundle::ExpirationEnforcement::Safe)?;
     let policy = abide_bundle::Policy {
         trust: &trust,
@@ -228,23 +226,30 @@ fn verify(
         compatible: None,
         min_security_version: 0,
     };
-    // The old content, spooled to anonymous temporary files, with its chunk tables.
-    let mut bases: Vec<(String, TableBase<Positional<std::fs::File>>)> = Vec::new();
-    let mut spools = Vec::new();
-    if let Some(from) = from {
-        let f = std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
-        let reader = abide_bundle::BundleReader::open(
-            abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
-            Limits::default(),
-        )
-        .with_context(|| format!("reading {}", from.display()))?;
-        let head = reader.head_bytes();
-        let old = abide_bundle::delta_write::Loaded::read(
-            reader
+    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let mut delta = DeltaReader::open(
+        abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
+        Limits::default(),
+    )
+    .and_then(|d| d.verify(&policy))
+    .with_context(|| format!("verifying {}", file.display()))?;
+    let (head, signers) = (delta.head().clone(), delta.signers().to_vec());
+    match from {
+        // Applied to the old bundle's content, spooled beside the delta.
+        Some(from) => {
+            let f =
+                std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+            let reader = abide_bundle::BundleReader::open(
+                abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
+                Limits::default(),
+            )
+            .with_context(|| format!("reading {}", from.display()))?;
+            let old_head = reader.head_bytes();
+            let old = reader
                 .verify(&policy)
-                .with_context(|| format!("verifying {}", from.display()))?,
-            head,
-            &mut |c| {
+                .with_context(|| format!("verifying {}", from.display()))?;
+            let mut spools = Vec::new();
+            abide_bundle::delta_write::check((old, old_head), delta, &mut |c| {
                 let mut spool = abide_fs::persist::AtomicFile::create(
                     &file.with_extension(format!("{}-{}.spool", spools.len(), c.name)),
                     0o600,
@@ -254,54 +259,27 @@ fn verify(
                 // The guard removes the spool file when the check is done (or fails).
                 spools.push(spool);
                 Ok(handle)
-            },
-        )
-        .with_context(|| format!("reading {}", from.display()))?;
-        for ((c, table), content) in old
-            .manifest
-            .components
-            .iter()
-            .zip(&old.tables)
-            .zip(old.content)
-        {
-            bases.push((c.slot_class.to_string(), TableBase::new(content, table)));
+            })
+            .with_context(|| format!("applying {} to {}", file.display(), from.display()))?;
         }
-    }
-    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let mut delta = DeltaReader::open(
-        abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
-        Limits::default(),
-    )
-    .and_then(|d| d.verify(&policy))
-    .with_context(|| format!("verifying {}", file.display()))?;
-    let components = delta.manifest().components.clone();
-    for c in &components {
-        let (table, _) = delta
-            .read_tables()
-            .with_context(|| format!("verifying {}", file.display()))?;
-        if from.is_some() {
-            let base = bases
-                .iter()
-                .find(|(class, _)| class == c.slot_class.as_str())
-                .map(|(_, b)| b as &dyn Base);
+        // The layout only: every table, every frame there, nothing after the last.
+        None => {
+            for _ in 0..delta.manifest().components.len() {
+                delta
+                    .read_tables()
+                    .and_then(|_| delta.skip_component())
+                    .with_context(|| format!("verifying {}", file.display()))?;
+            }
             delta
-                .apply(&table, base, &mut |_| Ok(()))
-                .with_context(|| format!("applying {} to {}", file.display(), c.name))?;
-        } else {
-            delta
-                .skip_component()
+                .finish()
                 .with_context(|| format!("verifying {}", file.display()))?;
         }
     }
-    delta
-        .finish()
-        .with_context(|| format!("verifying {}", file.display()))?;
-    let head = delta.head();
     let checked = if from.is_some() { "applied" } else { "layout" };
     out.print(
         &json!({"ok": true, "file": file, "from_version": head.from.version.to_string(),
                 "to_version": head.to_version.to_string(), "checked": checked,
-                "signers": delta.signers().iter().map(ToString::to_string).collect::<Vec<_>>()}),
+                "signers": signers.iter().map(ToString::to_string).collect::<Vec<_>>()}),
         || {
             format!(
                 "{}: a delta from {} to {}, signed as the release; {}",

@@ -178,4 +178,8 @@ fn post_hooks_see_the_transaction_and_their_failures_are_reported_without_changi
         audit.contains("\"hook-failed\"") && audit.contains("post-install broke"),
         "{audit}"
     );
+    // Every run is in the audit log, the ones that passed too: six passed, post-install
+    // failed twice.
+    let events = |e: &str| audit.matches(&format!("\"event\":\"{e}\"")).count();
+    assert_eq!((events("hook"), events("hook-failed")), (6, 2), "{audit}");
 }

@@ -446,3 +446,33 @@ mod props {
         assert_eq!(written(delta, old), (contents[1].clone(), true));
     }
 }
+
+#[test]
+fn a_patch_past_the_content_or_reference_limit_is_refused_before_it_is_read() {
+    let (old, new) = releases();
+    let (o, n) = (read(&old.build(&[&key(0)])), read(&new.build(&[&key(0)])));
+    let delta = make(&o, &n, &DeltaOptions::default());
+    let trust1 = trust(&[0], 1);
+    let code = |limits: Limits| {
+        let mut d = DeltaReader::open(delta.as_slice(), limits)
+            .unwrap()
+            .verify(&crate::any_device(&trust1))
+            .unwrap();
+        d.read_tables().map(|_| ()).unwrap_err().code().to_owned()
+    };
+    // The same delta read with limits below what its patches need.
+    assert_eq!(
+        code(Limits {
+            max_patch_content: 1,
+            ..Limits::default()
+        }),
+        "limit-exceeded"
+    );
+    assert_eq!(
+        code(Limits {
+            max_patch_prefix: 1,
+            ..Limits::default()
+        }),
+        "limit-exceeded"
+    );
+}

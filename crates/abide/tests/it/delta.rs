@@ -180,3 +180,52 @@ fn a_delta_passes_the_paranoid_checks_and_a_damaged_one_fails_the_transaction_wi
     let slot = std::fs::read(sim.path(&format!("dev/slots/rootfs.{target}.img"))).unwrap();
     assert_eq!(&slot[..v3.len()], &v3[..]);
 }
+
+#[test]
+fn a_delta_for_a_directory_slot_is_refused_before_anything_changes() {
+    let sim = Sim::new(None);
+    let config = std::fs::read_to_string(sim.path("dev/system.toml")).unwrap();
+    let with_app = ["A", "B"].iter().fold(config.clone(), |c, g| {
+        c.replace(
+            &format!("path = \"slots/rootfs.{g}.img\"\n"),
+            &format!(
+                "path = \"slots/rootfs.{g}.img\"\n[[group.slot]]\nclass = \"app\"\nkind = \"dir\"\npath = \"apps/{g}\"\n"
+            ),
+        )
+    });
+    assert_ne!(with_app, config);
+    std::fs::write(sim.path("dev/system.toml"), with_app).unwrap();
+    std::fs::write(sim.path("root.img"), abide_testkit::image(500_000, 8)).unwrap();
+    for v in ["2.0.0", "3.0.0"] {
+        let made = std::process::Command::new("python3")
+            .arg("-c")
+            .arg(format!(
+                "import tarfile, io\nwith tarfile.open('app-{v}.tar', 'w') as t:\n    i = tarfile.TarInfo('bin/app'); d = b'app {v}' * 1000; i.size = len(d); t.addfile(i, io.BytesIO(d))\n"
+            ))
+            .current_dir(&sim.dir)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        ok(
+            &sim.dir,
+            &format!(
+                "bundle create --product gw --version {v} --compatible gw-1 --component rootfs=root.img \
+                 --component app=app-{v}.tar,kind=app,slot=app --sign a.key --out {v}.abide"
+            ),
+        );
+    }
+    json(&sim.dir, "install 2.0.0.abide --config dev/system.toml", 0);
+    json(&sim.dir, "sim reboot dev", 0);
+    ok(
+        &sim.dir,
+        "delta create --from 2.0.0.abide --to 3.0.0.abide --out d.abide",
+    );
+    let before = sim.fingerprint();
+    let refused = json(&sim.dir, "install d.abide --config dev/system.toml", 1);
+    assert_eq!(refused["error"]["code"], "delta-base", "{refused}");
+    assert!(
+        field(&refused["error"], "message").contains("directory slot"),
+        "{refused}"
+    );
+    assert_eq!(sim.fingerprint(), before);
+}

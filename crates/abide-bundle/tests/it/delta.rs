@@ -476,3 +476,34 @@ fn a_patch_past_the_content_or_reference_limit_is_refused_before_it_is_read() {
         "limit-exceeded"
     );
 }
+
+#[test]
+fn patches_out_of_order_or_overlapping_are_refused() {
+    let (old, new) = releases();
+    let (o, n) = (read(&old.build(&[&key(0)])), read(&new.build(&[&key(0)])));
+    let delta = make(&o, &n, &DeltaOptions::default());
+    let patches = {
+        let trust1 = trust(&[0], 1);
+        let d = DeltaReader::open(delta.as_slice(), Limits::default())
+            .unwrap()
+            .verify(&crate::any_device(&trust1))
+            .unwrap();
+        d.head().components[0].1 as usize
+    };
+    assert!(
+        patches >= 2,
+        "the fixture needs two patches, it has {patches}"
+    );
+    let (table_at, _) = layout(&delta, &n, patches);
+    // The second patch starts where the first does (overlap), or before it (out of order).
+    for second_first in [
+        0u32,
+        u32::from_le_bytes(delta[table_at..table_at + 4].try_into().unwrap()),
+    ] {
+        let mut bad = delta.clone();
+        let at = table_at + PATCH_ENTRY_LEN;
+        bad[at..at + 4].copy_from_slice(&second_first.to_le_bytes());
+        let err = apply(&bad, &slots(&o)).unwrap_err();
+        assert_eq!(err.code(), "bad-format", "{err}");
+    }
+}

@@ -35,6 +35,50 @@ struct RawConfig {
     windows: Vec<RawWindow>,
     #[serde(default)]
     hooks: crate::hooks::RawHooks,
+    #[serde(default)]
+    api: RawApi,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    socket: Option<PathBuf>,
+    group: Option<String>,
+    tcp: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    metrics_file: Option<PathBuf>,
+}
+
+/// The default path of the agent's API socket.
+pub const DEFAULT_SOCKET: &str = "/run/abide/agent.sock";
+
+/// The agent's local API (`[api]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// The Unix socket (mode 0660).
+    pub socket: PathBuf,
+    /// The socket's group, if set (a name or a number).
+    pub group: Option<String>,
+    /// The TCP listener with mutual TLS, if set.
+    pub tcp: Option<TcpApi>,
+    /// A file the agent keeps its metrics in for node-exporter's textfile collector.
+    pub metrics_file: Option<PathBuf>,
+}
+
+/// The API on TCP: where, the agent's certificate and key, and the CA client certificates
+/// must come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpApi {
+    /// The address to listen on (`host:port`).
+    pub listen: std::net::SocketAddr,
+    /// The agent's certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
+    /// The CA whose certificates clients must present (PEM).
+    pub client_ca: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -328,6 +372,8 @@ pub struct Config {
     pub windows: Vec<DeviceWindow>,
     /// The hooks run at the steps of a transaction (`[hooks]`).
     pub hooks: crate::hooks::Hooks,
+    /// The agent's local API (`[api]`).
+    pub api: ApiSettings,
 }
 
 impl Config {
@@ -625,7 +671,53 @@ impl Config {
             (_, None) => Some(PathBuf::from("/proc/cmdline")),
         };
         let hooks = crate::hooks::Hooks::from_raw(raw.hooks).map_err(|e| err(path, &e))?;
+        let api = {
+            let a = &raw.api;
+            let tcp = match (&a.tcp, &a.cert, &a.key, &a.client_ca) {
+                (None, None, None, None) => None,
+                (Some(listen), Some(cert), Some(key), Some(ca)) => Some(TcpApi {
+                    listen: listen.parse().map_err(|_| {
+                        err(
+                            path,
+                            &format!("key `api.tcp`: expected an address and port such as 0.0.0.0:7443, found {listen:?}"),
+                        )
+                    })?,
+                    cert: resolve(cert),
+                    key: resolve(key),
+                    client_ca: resolve(ca),
+                }),
+                _ => {
+                    return Err(err(
+                        path,
+                        "keys `api.tcp`, `api.cert`, `api.key`, `api.client_ca`: give all four (the TCP API always uses mutual TLS) or none",
+                    ));
+                }
+            };
+            if let Some(g) = &a.group
+                && (g.is_empty() || g.len() > 64 || g.contains([':', '\n', '\0']))
+            {
+                return Err(err(
+                    path,
+                    &format!("key `api.group`: not a group name or number: {g:?}"),
+                ));
+            }
+            let socket = resolve(a.socket.as_deref().unwrap_or(Path::new(DEFAULT_SOCKET)));
+            // sun_path holds 108 bytes with its terminating NUL.
+            if socket.as_os_str().len() > 107 {
+                return Err(err(
+                    path,
+                    "key `api.socket`: a socket path is at most 107 bytes",
+                ));
+            }
+            ApiSettings {
+                socket,
+                group: a.group.clone(),
+                tcp,
+                metrics_file: a.metrics_file.as_deref().map(resolve),
+            }
+        };
         Ok(Config {
+            api,
             cmdline,
             server,
             windows,

@@ -106,10 +106,14 @@ impl Device {
                                  "target": tx.target.as_str()});
         match &tx.state {
             abide_core::TxState::RolledBack { reason } => {
-                details["reason"] = json!(reason.to_string())
+                details["reason"] = json!(reason.to_string());
+                details["reason_kind"] = json!(reason.kind());
             }
             abide_core::TxState::Failed { reason } => details["reason"] = json!(reason.to_string()),
             _ => {}
+        }
+        if tx.gate == abide_core::Gate::Manual {
+            details["gate"] = json!("manual");
         }
         self.record(now, event(&tx.state), details)?;
         state.transaction = Some(tx.clone());

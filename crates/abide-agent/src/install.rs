@@ -7,7 +7,7 @@ use abide_bundle::chunks::Reuse;
 use abide_bundle::delta::{DeltaReader, Kind, VerifiedDelta};
 use abide_bundle::source::Peeked;
 use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source, TrustRoot};
-use abide_core::{FailReason, Force, Installed, Transaction, TxState, admit};
+use abide_core::{FailReason, Force, Gate, Installed, Transaction, TxState, admit};
 
 use crate::hooks::Hook;
 use jiff::Timestamp;
@@ -43,10 +43,11 @@ pub fn install(
     device: &mut Device,
     src: &mut dyn Source,
     force: Force,
+    gate: Gate,
     now: &dyn Fn() -> Timestamp,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<InstallOutcome> {
-    let staged = stage(device, src, force, now, progress)?;
+    let staged = stage(device, src, force, gate, now, progress)?;
     let (transaction, reboot) = activate(device, now())?;
     Ok(InstallOutcome {
         transaction,
@@ -117,12 +118,13 @@ pub fn abandon(device: &mut Device, now: Timestamp, reason: FailReason) -> Resul
 
 /// Verifies the bundle read from `src`, writes it into the group that is not the known-good
 /// one, and stages it (every digest verified, the target still unbootable); `progress` hears
-/// (bytes written, bytes in all) as it goes. A refusal before the first change is recorded in
+/// (bytes written, bytes in all) as it goes; `gate` says what will end its trial. A refusal before the first change is recorded in
 /// the audit log and changes no slot, no bootloader variable and no counter (I9).
 pub fn stage(
     device: &mut Device,
     src: &mut dyn Source,
     force: Force,
+    gate: Gate,
     now: &dyn Fn() -> Timestamp,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<StageOutcome> {
@@ -172,6 +174,7 @@ pub fn stage(
     // From here on, every step is recorded and durable before the next (I5).
     let (mut tx, actions) =
         Transaction::begin(&id, version, security_version, good, target.clone(), now())?;
+    tx.gate = gate;
     device.commit_step(now(), &mut state, &tx, &actions)?;
     let group = device.config.group(&target).expect("configured").clone();
     let good_group = device.config.group(&tx.good).expect("configured").clone();

@@ -2,6 +2,7 @@
 //! `abide-core` — configuration, the state file, the audit log, slots, the install pipeline,
 //! the boot step and the health gate.
 
+pub mod api;
 pub mod audit;
 pub mod boot;
 pub mod command;
@@ -14,8 +15,11 @@ pub mod hooks;
 pub mod index;
 pub mod init;
 pub mod install;
+pub mod local;
 pub mod lock;
+pub mod metrics;
 pub mod running;
+pub mod schedules;
 pub mod slots;
 pub mod state;
 pub mod trust;

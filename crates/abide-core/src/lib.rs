@@ -20,5 +20,5 @@ pub use error::{Error, Result};
 pub use health::{CheckOutcome, CheckResult, Criticality, HealthPolicy, Verdict, verdict};
 pub use quarantine::{Force, Installed, Quarantine, QuarantineEntry, admit};
 pub use transaction::{
-    Action, BootPolicy, BootReport, FailReason, Group, RollbackReason, Transaction, TxState,
+    Action, BootPolicy, BootReport, FailReason, Gate, Group, RollbackReason, Transaction, TxState,
 };

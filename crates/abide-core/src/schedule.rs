@@ -104,7 +104,12 @@ pub enum ScheduleState {
         reason: String,
     },
     /// An operator cancelled it before anything was activated.
-    Cancelled,
+    Cancelled {
+        /// The transaction that had begun, if one had: the agent abandons it (its target
+        /// stays unbootable).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        transaction: Option<String>,
+    },
 }
 
 impl ScheduleState {
@@ -116,7 +121,7 @@ impl ScheduleState {
             ScheduleState::Completed => "completed",
             ScheduleState::Failed { .. } => "failed",
             ScheduleState::RolledBack { .. } => "rolled_back",
-            ScheduleState::Cancelled => "cancelled",
+            ScheduleState::Cancelled { .. } => "cancelled",
         }
     }
 
@@ -168,6 +173,16 @@ pub struct Schedule {
     pub created: Timestamp,
     /// When it last changed.
     pub updated: Timestamp,
+    /// The transaction that carried it out, once one began (kept after it ends).
+    #[serde(
+        default,
+        rename = "carried_out_by",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub transaction: Option<String>,
+    /// The version it installs, once the bundle's manifest was read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Where it is.
     #[serde(flatten)]
     pub state: ScheduleState,
@@ -202,6 +217,8 @@ impl Schedule {
             origin,
             created: now,
             updated: now,
+            transaction: None,
+            version: None,
             state: ScheduleState::Pending,
         })
     }
@@ -230,11 +247,14 @@ impl Schedule {
         if !matches!(self.state, ScheduleState::InProgress { .. }) {
             return;
         }
+        self.transaction = Some(transaction.to_owned());
         let next = match state {
             TxState::Committed { .. } => ScheduleState::Completed,
             TxState::Failed {
                 reason: FailReason::Cancelled,
-            } => ScheduleState::Cancelled,
+            } => ScheduleState::Cancelled {
+                transaction: Some(transaction.to_owned()),
+            },
             TxState::Failed { reason } => ScheduleState::Failed {
                 reason: reason.to_string(),
             },
@@ -289,7 +309,11 @@ impl Schedule {
                 });
             }
         };
-        self.set(ScheduleState::Cancelled, now);
+        let transaction = match &self.state {
+            ScheduleState::InProgress { transaction } => transaction.clone(),
+            _ => None,
+        };
+        self.set(ScheduleState::Cancelled { transaction }, now);
         Ok(stop)
     }
 

@@ -120,6 +120,39 @@ pub enum RollbackReason {
     },
 }
 
+impl RollbackReason {
+    /// Its kind as a word (`health-check`, `degraded`, `deadline`, `boot-failed`,
+    /// `boot-loop`, `operator`): the metrics label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RollbackReason::HealthCheck { .. } => "health-check",
+            RollbackReason::Degraded { .. } => "degraded",
+            RollbackReason::Deadline => "deadline",
+            RollbackReason::BootFailed => "boot-failed",
+            RollbackReason::BootLoop { .. } => "boot-loop",
+            RollbackReason::Operator { .. } => "operator",
+        }
+    }
+}
+
+/// What ends a trial.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Gate {
+    /// The health gate commits or rolls back (the default).
+    #[default]
+    Automatic,
+    /// An operator does (`mark-good`, `mark-bad`, `rollback`); the bootloader's boot counter
+    /// still ends a trial that does not boot or keeps rebooting.
+    Manual,
+}
+
+impl Gate {
+    fn is_automatic(&self) -> bool {
+        *self == Gate::Automatic
+    }
+}
+
 impl fmt::Display for RollbackReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -301,6 +334,9 @@ pub struct Transaction {
     pub started: Timestamp,
     /// When it last changed.
     pub updated: Timestamp,
+    /// What ends its trial.
+    #[serde(default, skip_serializing_if = "Gate::is_automatic")]
+    pub gate: Gate,
     /// Where it is.
     #[serde(flatten)]
     pub state: TxState,
@@ -331,6 +367,7 @@ impl Transaction {
             target: target.clone(),
             started: now,
             updated: now,
+            gate: Gate::Automatic,
             state: TxState::Downloading,
         };
         Ok((tx, vec![Action::MarkUnbootable { group: target }]))
@@ -384,7 +421,7 @@ impl Transaction {
         match self.state.clone() {
             TxState::Staged | TxState::Activated { .. } if on_target => {
                 self.set_trial(now, now, 1, None);
-                Ok(vec![Action::RunHealthGate])
+                Ok(self.gate_actions())
             }
             TxState::Staged if report.target_bootable => {
                 Ok(self.roll_back(now, RollbackReason::BootFailed, false))
@@ -408,7 +445,7 @@ impl Transaction {
                     return Ok(self.roll_back(now, RollbackReason::BootLoop { boots }, true));
                 }
                 self.set_trial(now, since, boots, degraded_since);
-                Ok(vec![Action::RunHealthGate])
+                Ok(self.gate_actions())
             }
             TxState::Activated { .. } | TxState::Trial { .. } => {
                 // The bootloader already runs the known-good group: no reboot needed.
@@ -469,6 +506,14 @@ impl Transaction {
                 to: self.security_version,
             },
         ]
+    }
+
+    /// A trial's boot runs the health gate, unless an operator decides.
+    fn gate_actions(&self) -> Vec<Action> {
+        match self.gate {
+            Gate::Automatic => vec![Action::RunHealthGate],
+            Gate::Manual => Vec::new(),
+        }
     }
 
     fn roll_back(&mut self, now: Timestamp, reason: RollbackReason, reboot: bool) -> Vec<Action> {

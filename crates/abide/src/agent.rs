@@ -17,6 +17,7 @@ pub struct AgentArgs {
 pub fn run(args: AgentArgs, config: &std::path::Path, out: Output) -> Result<()> {
     crate::init_logging();
     let mut agent = Agent::new(config)?;
+    agent.serve()?;
     let exit = agent.run(&Options { once: args.once })?;
     let what = match exit {
         Exit::Reboot => "reboot",

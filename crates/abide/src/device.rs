@@ -8,16 +8,17 @@ use abide_agent::audit::AuditLog;
 use abide_agent::boot::boot;
 use abide_agent::config::Config;
 use abide_agent::device::Device;
-use abide_agent::health::{Running, SystemClock, run_checks};
+use abide_agent::health::SystemClock;
 use abide_agent::install::install;
 use abide_bundle::{Source, Stream};
-use abide_core::{CheckOutcome, Force};
+use abide_core::Force;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
 use serde_json::{Value, json};
 
 use crate::Output;
+use crate::schedule::Api;
 
 /// Where the device's configuration is: `--config F` anywhere on the command line (`abide
 /// --config F status` or `abide status --config F`), else `ABIDE_CONFIG`, else the default.
@@ -132,6 +133,7 @@ pub fn run_install(
     no_reboot: bool,
     force: bool,
     paranoid: bool,
+    gate: abide_core::Gate,
     out: Output,
 ) -> Result<()> {
     let mut device = open(config)?;
@@ -154,6 +156,7 @@ pub fn run_install(
         &mut device,
         &mut src,
         force,
+        gate,
         &Timestamp::now,
         &mut |d, t| {
             bar.set_length(t);
@@ -212,36 +215,22 @@ pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
     Ok(outcome.reboot)
 }
 
-/// The status JSON of a device.
+/// The status JSON of a device, read from its files.
 pub fn status_json(device: &Device) -> Result<Value> {
-    let state = device.state()?;
-    let (booted, good) = device.groups()?;
-    let tx = state.transaction.as_ref();
-    let mut v = json!({
-        "booted": booted.map(|g| g.to_string()),
-        "good": good.map(|g| g.to_string()),
-        "state": tx.map_or("idle", |t| t.state.name()),
-        "version": state.version.to_string(),
-        "security_version": state.security_version,
-        "transaction": tx.map(|t| t.id.clone()),
-        "quarantine": state.quarantine.versions().collect::<Vec<_>>(),
-    });
-    if let Some(t) = tx {
-        v["target"] = json!(t.target.as_str());
-        v["target_version"] = json!(t.version.to_string());
-        match &t.state {
-            abide_core::TxState::RolledBack { reason } => v["reason"] = json!(reason.to_string()),
-            abide_core::TxState::Failed { reason } => v["reason"] = json!(reason.to_string()),
-            _ => {}
-        }
-    }
-    Ok(v)
+    Ok(crate::schedule::status_json(&abide_agent::api::status(
+        device,
+    )?))
 }
 
-/// `abide status`.
+/// `abide status`: from the agent when it runs, else from the device's files.
 pub fn run_status(config: &Path, out: Output) -> Result<()> {
-    let device = open_read_only(config)?;
-    let v = status_json(&device)?;
+    let status = match Api::connect(config)? {
+        Some(mut api) => {
+            api.call(|mut c| async move { c.status(abide_api::StatusRequest {}).await })?
+        }
+        None => abide_agent::api::status(&open_read_only(config)?)?,
+    };
+    let v = crate::schedule::status_json(&status);
     out.print(&v, || {
         let mut text = format!(
             "running {} on group {} (known-good {}); transaction: {}",
@@ -253,62 +242,80 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
         if let Some(r) = v["reason"].as_str() {
             text.push_str(&format!(" ({r})"));
         }
+        if let Some(s) = v["schedule"].as_str() {
+            text.push_str(&format!("; schedule {s} in progress"));
+        }
         text
     });
     Ok(())
 }
 
-/// `abide health`.
+/// `abide health`: the checks run now, by the agent when it runs, else here.
 pub fn run_health(config: &Path, out: Output) -> Result<()> {
-    let device = open_read_only(config)?;
-    let state = device.state()?;
-    let (booted, _) = device.groups()?;
-    let group = booted.map(|g| g.to_string()).unwrap_or_default();
-    // During a trial the checks run on the version being tried; otherwise on the committed one.
-    let trial = state
-        .transaction
-        .as_ref()
-        .filter(|t| matches!(t.state, abide_core::TxState::Trial { .. }));
-    let version = trial.map_or(&state.version, |t| &t.version).to_string();
-    let running = Running {
-        version: &version,
-        transaction: trial.map(|t| t.id.as_str()),
+    let health = match Api::connect(config)? {
+        Some(mut api) => {
+            api.call(|mut c| async move { c.get_health(abide_api::GetHealthRequest {}).await })?
+        }
+        None => abide_agent::api::health(&open_read_only(config)?, &SystemClock)?,
     };
-    let results = run_checks(&device.config, running, &group, &SystemClock);
-    let rows: Vec<Value> = results
-        .iter()
-        .map(|r| {
-            let (outcome, detail) = match &r.outcome {
-                CheckOutcome::Pass => ("pass", String::new()),
-                CheckOutcome::Fail(d) => ("fail", d.clone()),
-                CheckOutcome::Pending => ("pending", String::new()),
-            };
-            json!({"name": r.name, "critical": r.criticality == abide_core::Criticality::Critical,
-                   "outcome": outcome, "detail": detail})
-        })
-        .collect();
-    let healthy = results.iter().all(|r| r.outcome == CheckOutcome::Pass);
-    out.print(&json!({"healthy": healthy, "checks": rows}), || {
-        rows.iter()
+    out.print(&serde_json::to_value(&health)?, || {
+        health
+            .checks
+            .iter()
             .map(|r| {
                 format!(
                     "{} {}: {} {}",
-                    if r["critical"] == true {
-                        "critical"
-                    } else {
-                        "optional"
-                    },
-                    r["name"],
-                    r["outcome"],
-                    r["detail"]
+                    if r.critical { "critical" } else { "optional" },
+                    r.name,
+                    r.outcome,
+                    r.detail
                 )
             })
             .collect::<Vec<_>>()
             .join("\n")
     });
-    if !healthy {
+    if !health.healthy {
         bail!("health checks failed");
     }
+    Ok(())
+}
+
+/// `abide rollback`: through the agent when it runs, else here.
+pub fn run_rollback(config: &Path, reason: &str, out: Output) -> Result<()> {
+    let Some(mut api) = Api::connect(config)? else {
+        return run_decide(config, false, reason, out);
+    };
+    let reason = reason.to_owned();
+    let done = api.call(|mut c| async move {
+        c.trigger_rollback(abide_api::TriggerRollbackRequest { reason })
+            .await
+    })?;
+    out.print(&serde_json::to_value(&done)?, || {
+        format!("transaction {} is {}", done.transaction, done.state)
+    });
+    Ok(())
+}
+
+/// `abide history`: every rollback the audit log records, newest first.
+pub fn run_history(config: &Path, out: Output) -> Result<()> {
+    let history = match Api::connect(config)? {
+        Some(mut api) => api.call(|mut c| async move {
+            c.get_rollback_history(abide_api::GetRollbackHistoryRequest {})
+                .await
+        })?,
+        None => abide_agent::api::rollback_history(&Config::load(config)?)?,
+    };
+    out.print(&serde_json::to_value(&history.rollbacks)?, || {
+        if history.rollbacks.is_empty() {
+            return "no rollbacks".to_owned();
+        }
+        history
+            .rollbacks
+            .iter()
+            .map(|r| format!("{} {} {} {}", r.time, r.version, r.transaction, r.reason))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     Ok(())
 }
 

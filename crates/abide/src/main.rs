@@ -10,6 +10,7 @@ mod device;
 #[cfg(feature = "admin")]
 mod fleet;
 mod key;
+mod schedule;
 #[cfg(feature = "server")]
 mod server;
 mod sim;
@@ -72,6 +73,10 @@ enum Command {
         /// bytes (as `paranoid = true` in system.toml).
         #[arg(long)]
         paranoid: bool,
+        /// The trial waits for `abide mark-good` or `abide mark-bad` instead of the health
+        /// gate (the bootloader's boot counter still ends a trial that does not come up).
+        #[arg(long)]
+        no_auto_rollback: bool,
     },
     /// The boot-time step: advance the transaction after a boot and run the health gate.
     Boot,
@@ -89,6 +94,12 @@ enum Command {
         #[arg(long, default_value = "operator request")]
         reason: String,
     },
+    /// Every rollback on this device, with its reason, newest first.
+    History,
+    /// Updates scheduled on the device through the agent: from a URL or a file, now, at a
+    /// time or in the next maintenance window.
+    #[command(subcommand)]
+    Schedule(schedule::ScheduleCommand),
     /// The audit log.
     Log {
         #[command(subcommand)]
@@ -144,13 +155,23 @@ fn main() -> ExitCode {
             no_reboot,
             force,
             paranoid,
-        } => device::run_install(config, &bundle, no_reboot, force, paranoid, out),
+            no_auto_rollback,
+        } => {
+            let gate = if no_auto_rollback {
+                abide_core::Gate::Manual
+            } else {
+                abide_core::Gate::Automatic
+            };
+            device::run_install(config, &bundle, no_reboot, force, paranoid, gate, out)
+        }
         Command::Boot => device::run_boot(config, out).map(|_| ()),
         Command::Status => device::run_status(config, out),
         Command::Health => device::run_health(config, out),
         Command::MarkGood => device::run_decide(config, true, "", out),
         Command::MarkBad => device::run_decide(config, false, "marked bad by an operator", out),
-        Command::Rollback { reason } => device::run_decide(config, false, &reason, out),
+        Command::Rollback { reason } => device::run_rollback(config, &reason, out),
+        Command::History => device::run_history(config, out),
+        Command::Schedule(c) => schedule::run(c, config, out),
         Command::Log { command } => device::run_log(config, command, out),
         Command::Sim(c) => sim::run(c, out),
         Command::Device(c) => device::run_device(c, config, out),

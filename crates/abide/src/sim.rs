@@ -149,7 +149,8 @@ fn init(
          product = {product:?}\ncompatible = {compatible:?}\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\n\
          [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\n\
          [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/rootfs.A.img\"\n\n\
-         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/rootfs.B.img\"\n"
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"slots/rootfs.B.img\"\n\n\
+         [api]\nsocket = \"agent.sock\"\n"
     );
     if let Some(cmd) = health_command {
         config.push_str(&format!(

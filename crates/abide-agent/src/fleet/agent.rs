@@ -15,12 +15,18 @@ use abide_proto::{Assignment, CheckinRequest, Health, ReportRequest};
 use jiff::Timestamp;
 use serde_json::json;
 
+use crate::api::service::Shared;
 use crate::config::{Config, DeviceWindow, ServerSettings};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::{HttpSource, Meter};
 use crate::fleet::store::{Assigned, Enrolment, FleetState};
-use crate::health::{Running, SystemClock, run_checks};
+use crate::health::{Clock, Running, SystemClock, run_checks};
+use crate::local::Next;
+
+/// How often an agent without a fleet server looks at its schedules (an API call wakes it at
+/// once).
+const LOCAL_INTERVAL: Duration = Duration::from_secs(5);
 
 /// How the agent runs.
 #[derive(Debug, Clone, Default)]
@@ -42,23 +48,32 @@ pub enum Exit {
 /// The agent of the device configured at `config_path`.
 pub struct Agent {
     config_path: std::path::PathBuf,
-    server: ServerSettings,
     rt: tokio::runtime::Runtime,
+    shared: Arc<Shared>,
+    /// The fleet link, when system.toml has a `[server]`.
+    fleet: Option<Link>,
+    failures: u32,
+}
+
+/// The agent's link to its fleet server.
+struct Link {
+    server: ServerSettings,
     http: reqwest::Client,
     client: Option<Client>,
-    failures: u32,
     /// The interval the server asked for at the last check-in.
     suggested: Option<Duration>,
 }
 
 impl Agent {
-    /// Reads the configuration (which must have a `[server]` section).
+    /// Reads the configuration; the agent checks in with a fleet server when it has a
+    /// `[server]` section, and carries out the device's own schedules in any case.
     pub fn new(config_path: &Path) -> Result<Agent> {
+        Agent::with_clock(config_path, Arc::new(SystemClock))
+    }
+
+    /// [`Agent::new`] with the clock schedules and windows are read against (tests move it).
+    pub fn with_clock(config_path: &Path, clock: Arc<dyn Clock + Send + Sync>) -> Result<Agent> {
         let config = Config::load(config_path)?;
-        let server = config.server.clone().ok_or_else(|| AgentError::Config {
-            path: config_path.to_owned(),
-            what: "the agent needs a [server] section with its url".into(),
-        })?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -68,30 +83,93 @@ impl Agent {
                 path: config_path.to_owned(),
                 source,
             })?;
-        let http = abide_client::tls::http_client(
-            &server.url,
-            server.ca_file.as_deref(),
-            server
-                .client_identity
-                .as_ref()
-                .map(|(c, k)| (c.as_path(), k.as_path())),
-        )?;
+        let fleet = match config.server.clone() {
+            Some(server) => {
+                let http = abide_client::tls::http_client(
+                    &server.url,
+                    server.ca_file.as_deref(),
+                    server
+                        .client_identity
+                        .as_ref()
+                        .map(|(c, k)| (c.as_path(), k.as_path())),
+                )?;
+                Some(Link {
+                    server,
+                    http,
+                    client: None,
+                    suggested: None,
+                })
+            }
+            None => None,
+        };
+        abide_client::tls::install_crypto_provider();
         Ok(Agent {
             config_path: config_path.to_owned(),
-            server,
             rt,
-            http,
-            client: None,
+            shared: Shared::new(config, clock)?,
+            fleet,
             failures: 0,
-            suggested: None,
         })
+    }
+
+    /// What the agent shares with its API (tests drive schedules through it).
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Starts the local API: the Unix socket, and TCP with mutual TLS if configured. Call
+    /// once, before [`Agent::run`].
+    pub fn serve(&self) -> Result<()> {
+        let api = &self.shared.config.api;
+        let service = Arc::new(crate::api::service::Service::new(self.shared.clone()));
+        let metrics: abide_api::transport::MetricsText = {
+            let shared = self.shared.clone();
+            Arc::new(move || crate::metrics::render(&shared))
+        };
+        let _guard = self.rt.enter();
+        let setting = |e: abide_api::ApiError| AgentError::Config {
+            path: self.config_path.clone(),
+            what: format!("[api]: {e}"),
+        };
+        let unix =
+            abide_api::transport::bind_unix(&api.socket, api.group.as_deref()).map_err(setting)?;
+        self.rt.spawn(abide_api::transport::serve_unix(
+            unix,
+            service.clone(),
+            metrics.clone(),
+        ));
+        tracing::info!(socket = %api.socket.display(), "serving the local API");
+        if let Some(tcp) = &api.tcp {
+            let tls = abide_api::transport::server_tls(&tcp.cert, &tcp.key, &tcp.client_ca)
+                .map_err(setting)?;
+            let listener = std::net::TcpListener::bind(tcp.listen)
+                .and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    tokio::net::TcpListener::from_std(l)
+                })
+                .map_err(|source| abide_boot::persist::IoError {
+                    op: "listening for the API on",
+                    path: tcp.listen.to_string().into(),
+                    source,
+                })?;
+            tracing::info!(addr = %tcp.listen, "serving the local API with mutual TLS");
+            self.rt.spawn(abide_api::transport::serve_tls(
+                listener, tls, service, metrics,
+            ));
+        }
+        Ok(())
     }
 
     /// Runs until the device must reboot, or (with `once`) until there is nothing to do.
     pub fn run(&mut self, options: &Options) -> Result<Exit> {
         loop {
-            match self.round() {
-                Ok(Some(exit)) => return Ok(exit),
+            let round = self.round();
+            self.write_metrics();
+            match round {
+                Ok(Some(exit)) => {
+                    self.shared.drain();
+                    return Ok(exit);
+                }
                 Ok(None) => {
                     self.failures = 0;
                     continue;
@@ -110,14 +188,26 @@ impl Agent {
                     }
                 }
             }
-            std::thread::sleep(self.pause());
+            self.shared.wait(self.pause());
+        }
+    }
+
+    /// Keeps the metrics file for node-exporter's textfile collector, if one is configured
+    /// (replaced atomically; a failure is logged, never fatal).
+    fn write_metrics(&self) {
+        let Some(path) = &self.shared.config.api.metrics_file else {
+            return;
+        };
+        let text = crate::metrics::render(&self.shared);
+        if let Err(e) = abide_boot::persist::write_atomic(path, text.as_bytes(), 0o644) {
+            tracing::warn!(error = %e, "writing the metrics file");
         }
     }
 
     fn pause(&self) -> Duration {
-        let interval = self
-            .suggested
-            .unwrap_or(self.server.poll_interval.unsigned_abs());
+        let interval = self.fleet.as_ref().map_or(LOCAL_INTERVAL, |l| {
+            l.suggested.unwrap_or(l.server.poll_interval.unsigned_abs())
+        });
         let mut r = [0u8; 2];
         getrandom::fill(&mut r).expect("the system's random source works");
         pause(interval, self.failures, u16::from_le_bytes(r))
@@ -131,21 +221,25 @@ impl Agent {
 
     /// Enrols once (the enrolment is kept in the state directory), then reuses it.
     fn client(&mut self, device: &Device, fleet: &mut FleetState) -> Result<Client> {
-        if let Some(c) = &self.client {
+        let link = self
+            .fleet
+            .as_mut()
+            .expect("only a fleet round needs a client");
+        if let Some(c) = &link.client {
             return Ok(c.clone());
         }
         let client =
             match &fleet.enrolment {
                 Some(e) => Client::restore(
-                    &self.http,
-                    &self.server.url,
+                    &link.http,
+                    &link.server.url,
                     &e.device_id,
                     &e.credential,
                     &e.server_key,
                     &e.group,
                 )?,
                 None => {
-                    let file = self.server.enroll_token_file.as_ref().ok_or_else(|| {
+                    let file = link.server.enroll_token_file.as_ref().ok_or_else(|| {
                         AgentError::Config {
                             path: self.config_path.clone(),
                             what: "key `server.enroll_token_file`: needed to enrol this device"
@@ -155,15 +249,15 @@ impl Agent {
                     let token = abide_boot::persist::read_bounded(file, 4096)?;
                     let token = String::from_utf8_lossy(&token).trim().to_owned();
                     let c = self.rt.block_on(Client::enroll(
-                        &self.http,
-                        &self.server.url,
+                        &link.http,
+                        &link.server.url,
                         &token,
-                        &self.server.device_id,
+                        &link.server.device_id,
                         &device.config.product,
                         &[device.config.compatible.to_string()],
                     ))?;
                     fleet.enrolment = Some(Enrolment {
-                        server: self.server.url.clone(),
+                        server: link.server.url.clone(),
                         device_id: c.id.clone(),
                         credential: c.credential().to_owned(),
                         server_key: c.server_key_hex(),
@@ -174,13 +268,22 @@ impl Agent {
                     c
                 }
             };
-        self.client = Some(client.clone());
+        link.client = Some(client.clone());
         Ok(client)
     }
 
-    /// One round; `Ok(None)` when another round should follow at once.
+    /// One round: the device's own schedules, then the fleet; `Ok(None)` when another round
+    /// should follow at once.
     fn round(&mut self) -> std::result::Result<Option<Exit>, Wait> {
         let (mut device, mut fleet) = self.open()?;
+        match crate::local::round(&self.shared, self.rt.handle(), &mut device)? {
+            Next::Again => return Ok(None),
+            Next::Reboot => return Ok(Some(Exit::Reboot)),
+            Next::Idle => {}
+        }
+        if self.fleet.is_none() {
+            return Err(Wait::Idle);
+        }
         let client = self.client(&device, &mut fleet)?;
         let state = device.state()?;
         queue_report(&mut fleet, state.transaction.as_ref(), &device)?;
@@ -205,9 +308,20 @@ impl Agent {
             }
             Err(e) => return Err(Wait::Failed(e.into())),
         };
-        self.suggested = assignment.poll_seconds.map(Duration::from_secs);
+        *self.shared.last_checkin.lock().expect("not poisoned") = Some(Timestamp::now());
+        if let Some(link) = self.fleet.as_mut() {
+            link.suggested = assignment.poll_seconds.map(Duration::from_secs);
+        }
         if !assignment.trust.is_empty() {
             self.rotate_trust(&mut device, &assignment.trust)?;
+        }
+        // An update an operator scheduled on the device is carried out first; the fleet's
+        // assignment waits for it to end.
+        if let Some(s) = self.shared.book().in_progress()
+            && s.origin == abide_core::schedule::Origin::Operator
+        {
+            tracing::debug!(schedule = %s.id, "a scheduled update is in progress; the assignment waits");
+            return Err(Wait::Idle);
         }
         let offer = offer_of(&assignment);
         let window = window_state(&device.config.windows, &assignment, Timestamp::now());
@@ -248,7 +362,22 @@ impl Agent {
                 });
                 fleet.store(&device.config.state_dir)?;
                 let _ = self.flush(&client, &mut fleet, &mut device);
-                self.stage(&mut device, &client, &release)?;
+                let url = format!(
+                    "{}{}",
+                    self.fleet.as_ref().expect("a fleet round").server.url,
+                    release.url
+                );
+                let id = crate::local::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
+                let before = device.state()?.transaction.map(|t| t.id);
+                let staged = self.stage(&mut device, &client, &release, &id);
+                crate::local::fleet_staged(
+                    &self.shared,
+                    &device,
+                    &id,
+                    before.as_deref(),
+                    staged.as_ref().err(),
+                )?;
+                staged?;
                 Ok(None)
             }
             Step::Abandon => {
@@ -321,17 +450,25 @@ impl Agent {
         device: &mut Device,
         client: &Client,
         release: &abide_proto::AssignedRelease,
+        schedule: &str,
     ) -> Result<()> {
         let running = device.state()?.version.to_string();
         if let Some(delta) = release.delta.as_ref().filter(|d| d.from_version == running) {
-            match self.fetch(device, client, release, &delta.url, delta.size) {
+            match self.fetch(device, client, release, &delta.url, delta.size, schedule) {
                 Err(AgentError::Bundle(e)) if e.code() == "delta-base" => {
                     tracing::warn!(error = %e, "the delta does not fit the running slots; downloading the bundle");
                 }
                 done => return done,
             }
         }
-        self.fetch(device, client, release, &release.url, release.size)
+        self.fetch(
+            device,
+            client,
+            release,
+            &release.url,
+            release.size,
+            schedule,
+        )
     }
 
     /// [`Agent::stage`] from the file at `url` (a bundle or a delta) of `size` bytes.
@@ -342,8 +479,10 @@ impl Agent {
         release: &abide_proto::AssignedRelease,
         url: &str,
         size: u64,
+        schedule: &str,
     ) -> Result<()> {
         let meter = Arc::new(Meter::default());
+        let watched = self.shared.book().get(schedule).cloned();
         let mut src = HttpSource::new(
             self.rt.handle().clone(),
             client.clone(),
@@ -356,7 +495,12 @@ impl Agent {
         let watcher = {
             let (client, meter) = (client.clone(), meter.clone());
             let (release_id, total) = (release.release_id.clone(), size);
-            let every = self.server.poll_interval;
+            let every = self
+                .fleet
+                .as_ref()
+                .expect("fleet downloads have a link")
+                .server
+                .poll_interval;
             let mut inventory = inventory(device, &device.state()?)?;
             inventory.state = abide_proto::DeviceState::Downloading;
             let started = Instant::now();
@@ -385,13 +529,22 @@ impl Agent {
         };
         let started = Instant::now();
         let mut last = Instant::now();
+        let mut last_event = Instant::now();
+        let shared = self.shared.clone();
         tracing::info!(version = %release.version, url, bytes = size, "downloading into the target group");
         let result = crate::install::stage(
             device,
             &mut src,
             Force::No,
+            abide_core::Gate::Automatic,
             &Timestamp::now,
             &mut |done, total| {
+                if let Some(s) = &watched
+                    && (last_event.elapsed() >= Duration::from_millis(250) || done == total)
+                {
+                    last_event = Instant::now();
+                    shared.progress(s, done, total);
+                }
                 if last.elapsed() >= Duration::from_secs(2) {
                     last = Instant::now();
                     let secs = started.elapsed().as_secs_f64().max(1e-3);

@@ -25,7 +25,7 @@ pub const MAX_FAILURES: u32 = 8;
 /// The error a download stopped on purpose ends with ([`Meter::cancel`]); not `Interrupted`,
 /// which readers retry.
 #[derive(Debug, thiserror::Error)]
-#[error("the download was stopped: the fleet no longer assigns this release")]
+#[error("the download was stopped (the fleet withdrew the release, or an operator cancelled it)")]
 pub struct Stopped;
 
 /// Counters a download shares with whoever watches it.

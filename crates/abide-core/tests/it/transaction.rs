@@ -16,6 +16,8 @@ enum Step {
     Rollback,
     Fail,
     Cancel,
+    /// The operator decides the trial (`--no-auto-rollback`).
+    Manual,
 }
 
 fn check(steps: &[Step], expect: Expect) {
@@ -62,6 +64,10 @@ fn check(steps: &[Step], expect: Expect) {
                 ),
             ),
             Step::Cancel => ("cancel".to_owned(), tx.cancel(now)),
+            Step::Manual => {
+                tx.gate = abide_core::Gate::Manual;
+                ("manual gate".to_owned(), Ok(Vec::new()))
+            }
         };
         match result {
             Ok(actions) => out.push_str(&format!("{label} => {} {actions:?}\n", tx.state.name())),
@@ -157,6 +163,60 @@ fn a_trial_that_keeps_rebooting_is_a_boot_loop() {
             boot B => trial [RunHealthGate]
             boot B => rolled_back [MarkUnbootable { group: Group("B") }, Quarantine { version: Version { major: 2, minor: 0, patch: 0 }, reason: "boot loop: the new system booted 4 times without a verdict" }, Reboot]
             reason: boot loop: the new system booted 4 times without a verdict
+        "#]],
+    );
+}
+
+#[test]
+fn a_manual_trial_waits_for_the_operator_and_the_boot_counter_still_ends_a_loop() {
+    check(
+        &[
+            Step::Manual,
+            Step::Staged,
+            Step::Activate,
+            Step::Boot("B"),
+            Step::MarkGood,
+        ],
+        expect![[r#"
+            begin => downloading [MarkUnbootable { group: Group("B") }]
+            manual gate => downloading []
+            staged => staged []
+            activate => activated [TryNext { group: Group("B"), tries: 1 }, Reboot]
+            boot B => trial []
+            mark-good => committed [MarkGood { group: Group("B") }, RaiseSecurityVersion { to: 7 }]
+        "#]],
+    );
+    check(
+        &[
+            Step::Manual,
+            Step::Staged,
+            Step::Activate,
+            Step::Boot("B"),
+            Step::Boot("B"),
+            Step::Boot("B"),
+            Step::Boot("B"),
+        ],
+        expect![[r#"
+            begin => downloading [MarkUnbootable { group: Group("B") }]
+            manual gate => downloading []
+            staged => staged []
+            activate => activated [TryNext { group: Group("B"), tries: 1 }, Reboot]
+            boot B => trial []
+            boot B => trial []
+            boot B => trial []
+            boot B => rolled_back [MarkUnbootable { group: Group("B") }, Quarantine { version: Version { major: 2, minor: 0, patch: 0 }, reason: "boot loop: the new system booted 4 times without a verdict" }, Reboot]
+            reason: boot loop: the new system booted 4 times without a verdict
+        "#]],
+    );
+    check(
+        &[Step::Manual, Step::Staged, Step::Activate, Step::Boot("A")],
+        expect![[r#"
+            begin => downloading [MarkUnbootable { group: Group("B") }]
+            manual gate => downloading []
+            staged => staged []
+            activate => activated [TryNext { group: Group("B"), tries: 1 }, Reboot]
+            boot A => rolled_back [MarkUnbootable { group: Group("B") }, Quarantine { version: Version { major: 2, minor: 0, patch: 0 }, reason: "the new system did not boot; the bootloader fell back" }]
+            reason: the new system did not boot; the bootloader fell back
         "#]],
     );
 }

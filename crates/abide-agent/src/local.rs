@@ -1,0 +1,429 @@
+//! Schedules carried out on the device: each round of `abide agent` follows the transaction
+//! of the schedule in progress, abandons the staged target of a cancelled one, activates a
+//! staged one when its time or window allows, and starts the oldest pending schedule that is
+//! due. A schedule reads its bundle from a file (its SHA-256, if pinned, checked before
+//! anything changes) or streams it from a URL (the SHA-256 checked over every byte before
+//! activation; a mismatch abandons the target, which was never bootable).
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use abide_bundle::Source as BundleSource;
+use abide_core::schedule::{Rollback, Schedule, ScheduleState, Source, When};
+use abide_core::{FailReason, Force, Gate, TxState};
+use sha2::{Digest, Sha256};
+
+use crate::api::service::Shared;
+use crate::config::DeviceWindow;
+use crate::device::Device;
+use crate::error::{AgentError, Result};
+use crate::fleet::source::Stopped;
+
+/// What a round asks of the agent's loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing to do on the device's own account.
+    Idle,
+    /// Something changed: run another round at once.
+    Again,
+    /// The device must restart (a schedule was activated).
+    Reboot,
+}
+
+/// One round over the device's schedules.
+pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) -> Result<Next> {
+    let now = shared.clock.now();
+    let state = device.state()?;
+    // Rounds run one after another in one process that holds the device's lock: a download
+    // found running was cut short by a restart.
+    if let Some(tx) = &state.transaction
+        && tx.state == TxState::Downloading
+    {
+        crate::install::abandon(device, now, FailReason::Interrupted)?;
+        return Ok(Next::Again);
+    }
+    let tx = state.transaction.clone();
+    shared.with_book(|b| {
+        if let Some(s) = b.in_progress_mut() {
+            match &tx {
+                Some(t) if s.transaction.as_deref() == Some(t.id.as_str()) => {
+                    s.follow(now, &t.id, &t.state)
+                }
+                // Started, but no transaction began before the agent stopped.
+                _ if s.transaction.is_none() => {
+                    let _ = s.fail(now, "interrupted by a restart before the install began");
+                }
+                _ => {}
+            }
+        }
+    })?;
+    let book = shared.book();
+
+    // A cancelled schedule's transaction that has not been activated is abandoned.
+    if let Some(t) = &tx
+        && matches!(t.state, TxState::Staged)
+        && book.schedules.iter().any(|s| {
+            matches!(&s.state, ScheduleState::Cancelled { transaction: Some(id) } if *id == t.id)
+        })
+    {
+        crate::install::abandon(device, now, FailReason::Cancelled)?;
+        tracing::info!(transaction = %t.id, "cancelled before activation; the target stays unbootable");
+        return Ok(Next::Again);
+    }
+
+    if let Some(s) = book.in_progress() {
+        let staged = tx
+            .as_ref()
+            .is_some_and(|t| t.state == TxState::Staged && s.transaction.as_ref() == Some(&t.id));
+        if !staged || !matches!(s.origin, abide_core::schedule::Origin::Operator) {
+            return Ok(Next::Idle);
+        }
+        if s.when == When::InWindow && !window_open(&shared.config.windows, now) {
+            tracing::debug!(schedule = %s.id, "staged; waiting for the maintenance window");
+            return Ok(Next::Idle);
+        }
+        return activate(shared, device, &s.id);
+    }
+
+    if tx.as_ref().is_some_and(|t| !t.state.is_terminal()) {
+        return Ok(Next::Idle);
+    }
+    let open = window_open(&shared.config.windows, now);
+    let Some(due) = book.due(now, open).cloned() else {
+        return Ok(Next::Idle);
+    };
+    run(shared, rt, device, &due.id)?;
+    Ok(Next::Again)
+}
+
+/// Whether one of the device's windows is open (a device without windows has none open).
+fn window_open(windows: &[DeviceWindow], now: jiff::Timestamp) -> bool {
+    windows.iter().any(|w| w.is_open(now))
+}
+
+/// Activates the staged transaction of schedule `id`, under the schedules' lock so that a
+/// cancel either comes first (and the target is abandoned) or finds it activated (and is
+/// refused).
+fn activate(shared: &Shared, device: &mut Device, id: &str) -> Result<Next> {
+    let now = shared.clock.now();
+    let reboot = shared.with_book(|b| -> Result<Option<bool>> {
+        let Some(s) = b
+            .get_mut(id)
+            .filter(|s| matches!(s.state, ScheduleState::InProgress { .. }))
+        else {
+            return Ok(None);
+        };
+        let done = crate::install::activate(device, now);
+        let tx = device.state()?.transaction;
+        if let Some(t) = &tx {
+            s.follow(now, &t.id, &t.state);
+        }
+        let (tx, reboot) = done?;
+        tracing::info!(schedule = %id, version = %tx.version, target = %tx.target, "activated");
+        // The schedule stays in progress; watchers hear that its transaction moved on.
+        shared.progress(s, 0, 0);
+        Ok(Some(reboot))
+    })??;
+    match reboot {
+        Some(true) => {
+            device.reboot()?;
+            Ok(Next::Reboot)
+        }
+        _ => Ok(Next::Again),
+    }
+}
+
+/// Starts schedule `id` and stages its bundle; the schedule follows the transaction, or fails
+/// with the reason if none began.
+fn run(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device, id: &str) -> Result<()> {
+    let now = shared.clock.now();
+    let Some(s) = shared.with_book(|b| {
+        let s = b.get_mut(id)?;
+        s.start(now).ok()?;
+        Some(s.clone())
+    })?
+    else {
+        return Ok(());
+    };
+    shared.stop.store(false, Ordering::SeqCst);
+    tracing::info!(schedule = %s.id, source = ?s.source, "starting a scheduled update");
+    let before = device.state()?.transaction.map(|t| t.id);
+    let gate = match s.rollback {
+        Rollback::Automatic => Gate::Automatic,
+        Rollback::Manual => Gate::Manual,
+    };
+    let result = stage(shared, rt, device, &s, gate);
+    let tx = device
+        .state()?
+        .transaction
+        .filter(|t| Some(&t.id) != before.as_ref());
+    let now = shared.clock.now();
+    shared.with_book(|b| {
+        let Some(s) = b.get_mut(id) else { return };
+        if let Some(t) = &tx {
+            s.transaction = Some(t.id.clone());
+            s.version = Some(t.version.to_string());
+            s.follow(now, &t.id, &t.state);
+            if let ScheduleState::Cancelled { transaction } = &mut s.state {
+                *transaction = Some(t.id.clone());
+            }
+        } else if let Err(e) = &result {
+            let _ = s.fail(now, &e.to_string());
+        }
+    })?;
+    if let Err(e) = result {
+        tracing::warn!(schedule = %id, error = %e, "the scheduled update failed");
+    }
+    Ok(())
+}
+
+/// Opens the schedule's source and stages what it reads.
+fn stage(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    device: &mut Device,
+    s: &Schedule,
+    gate: Gate,
+) -> Result<()> {
+    let mut src = Reader::open(shared, rt, s)?;
+    let mut last = Instant::now();
+    let clock = shared.clock.clone();
+    let staged = crate::install::stage(
+        device,
+        &mut src,
+        Force::No,
+        gate,
+        &|| clock.now(),
+        &mut |done, total| {
+            if last.elapsed() >= Duration::from_millis(250) || done == total {
+                last = Instant::now();
+                shared.progress(s, done, total);
+            }
+        },
+    )?;
+    if let Err(detail) = src.finish() {
+        let now = shared.clock.now();
+        crate::install::abandon(
+            device,
+            now,
+            FailReason::Refused {
+                code: "sha256-mismatch".into(),
+                detail: detail.clone(),
+            },
+        )?;
+        return Err(AgentError::State {
+            path: device.config.state_dir.clone(),
+            what: detail,
+        });
+    }
+    tracing::info!(schedule = %s.id, version = %staged.transaction.version, "staged");
+    Ok(())
+}
+
+/// A schedule's bundle as the install pipeline reads it.
+struct Reader<'a> {
+    shared: &'a Shared,
+    body: Body<'a>,
+    /// The pinned SHA-256 and the hash of what was read so far (URLs only: a file is checked
+    /// whole before the install starts).
+    check: Option<(String, Sha256)>,
+}
+
+enum Body<'a> {
+    File(File),
+    Url {
+        rt: &'a tokio::runtime::Handle,
+        response: reqwest::Response,
+        buf: bytes::Bytes,
+    },
+}
+
+impl<'a> Reader<'a> {
+    fn open(
+        shared: &'a Shared,
+        rt: &'a tokio::runtime::Handle,
+        s: &Schedule,
+    ) -> Result<Reader<'a>> {
+        match &s.source {
+            Source::File(path) => {
+                let io = |op: &'static str| {
+                    move |source| abide_boot::persist::IoError {
+                        op,
+                        path: path.into(),
+                        source,
+                    }
+                };
+                let mut file = File::open(path).map_err(io("opening"))?;
+                if let Some(want) = &s.sha256 {
+                    let mut hasher = Sha256::new();
+                    let mut buf = vec![0; 1 << 20];
+                    loop {
+                        if shared.stop.load(Ordering::SeqCst) {
+                            return Err(io("reading")(io::Error::other(Stopped)).into());
+                        }
+                        let n = file.read(&mut buf).map_err(io("reading"))?;
+                        if n == 0 {
+                            break;
+                        }
+                        hasher.update(&buf[..n]);
+                    }
+                    let got = hex(&hasher.finalize());
+                    if &got != want {
+                        return Err(AgentError::State {
+                            path: path.into(),
+                            what: format!(
+                                "sha256 mismatch: the schedule expects {want}, the file has {got}; nothing was changed"
+                            ),
+                        });
+                    }
+                    file.seek(SeekFrom::Start(0)).map_err(io("reading"))?;
+                }
+                Ok(Reader {
+                    shared,
+                    body: Body::File(file),
+                    check: None,
+                })
+            }
+            Source::Url(url) => {
+                let http = abide_client::tls::http_client(url, None, None)?;
+                let response = rt
+                    .block_on(http.get(url).send())
+                    .and_then(reqwest::Response::error_for_status)
+                    .map_err(|e| AgentError::State {
+                        path: url.into(),
+                        what: format!("fetching the bundle: {e}"),
+                    })?;
+                Ok(Reader {
+                    shared,
+                    body: Body::Url {
+                        rt,
+                        response,
+                        buf: bytes::Bytes::new(),
+                    },
+                    check: s.sha256.clone().map(|h| (h, Sha256::new())),
+                })
+            }
+        }
+    }
+
+    /// Reads what is left and checks the pinned SHA-256 of a URL's bundle.
+    fn finish(&mut self) -> std::result::Result<(), String> {
+        if self.check.is_none() {
+            return Ok(());
+        }
+        io::copy(self, &mut io::sink())
+            .map_err(|e| format!("reading the rest of the bundle: {e}"))?;
+        let (want, hasher) = self.check.take().expect("checked above");
+        let got = hex(&hasher.finalize());
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!(
+                "sha256 mismatch: the schedule expects {want}, the bundle downloaded has {got}; the target was abandoned, never bootable"
+            ))
+        }
+    }
+}
+
+impl Read for Reader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.shared.stop.load(Ordering::SeqCst) {
+            return Err(io::Error::other(Stopped));
+        }
+        let n = match &mut self.body {
+            Body::File(f) => f.read(out)?,
+            Body::Url { rt, response, buf } => {
+                if buf.is_empty() {
+                    match rt.block_on(response.chunk()).map_err(io::Error::other)? {
+                        Some(chunk) => *buf = chunk,
+                        None => return Ok(0),
+                    }
+                }
+                let n = out.len().min(buf.len());
+                out[..n].copy_from_slice(&buf[..n]);
+                *buf = buf.slice(n..);
+                n
+            }
+        };
+        if let Some((_, h)) = &mut self.check {
+            h.update(&out[..n]);
+        }
+        Ok(n)
+    }
+}
+
+impl BundleSource for Reader<'_> {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        match &mut self.body {
+            Body::File(f) => {
+                let here = f.stream_position()?;
+                let end = f.seek(SeekFrom::End(0))?;
+                let to = here.saturating_add(n).min(end);
+                f.seek(SeekFrom::Start(to))?;
+                Ok(to - here)
+            }
+            // Every byte of a URL's bundle goes through the hash.
+            Body::Url { .. } => io::copy(&mut self.take(n), &mut io::sink()),
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Records a fleet assignment being carried out as a schedule (origin fleet, in progress):
+/// returns its id.
+pub fn fleet_schedule(shared: &Shared, url: &str, rollout: &str) -> Result<String> {
+    let now = shared.clock.now();
+    shared.with_book(|b| {
+        let mut s = Schedule::new(
+            &b.next_id(),
+            Source::Url(url.to_owned()),
+            None,
+            When::Now,
+            Rollback::Automatic,
+            abide_core::schedule::Origin::Fleet {
+                rollout: rollout.to_owned(),
+            },
+            now,
+        )
+        .expect("no SHA-256 to refuse");
+        s.start(now).expect("a new schedule is pending");
+        let id = s.id.clone();
+        b.add(s);
+        id
+    })
+}
+
+/// After a fleet download: the fleet schedule `id` follows the transaction that began, or
+/// fails with `error` if none did.
+pub fn fleet_staged(
+    shared: &Shared,
+    device: &Device,
+    id: &str,
+    before: Option<&str>,
+    error: Option<&AgentError>,
+) -> Result<()> {
+    let tx = device
+        .state()?
+        .transaction
+        .filter(|t| Some(t.id.as_str()) != before);
+    let now = shared.clock.now();
+    shared.with_book(|b| {
+        let Some(s) = b.get_mut(id) else { return };
+        match (&tx, error) {
+            (Some(t), _) => {
+                s.transaction = Some(t.id.clone());
+                s.version = Some(t.version.to_string());
+                s.follow(now, &t.id, &t.state);
+            }
+            (None, Some(e)) => {
+                let _ = s.fail(now, &e.to_string());
+            }
+            (None, None) => {}
+        }
+    })
+}

@@ -1,0 +1,339 @@
+//! The agent's local API from the command line: `abide schedule …`, and `abide status`,
+//! `abide health`, `abide rollback`, `abide history` through the agent's socket when it runs
+//! (read from the device's files directly when it does not; scheduling needs the agent).
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use abide_agent::config::Config;
+use abide_api as pb;
+use anyhow::{Context, Result, bail};
+use clap::Subcommand;
+use serde_json::{Value, json};
+
+use crate::Output;
+
+/// `abide schedule …`.
+#[derive(Subcommand)]
+pub enum ScheduleCommand {
+    /// Schedule an update from a URL or a file on the device.
+    Update {
+        /// An http:// or https:// URL, or a path to a bundle on the device.
+        #[arg(long)]
+        source: String,
+        /// The SHA-256 the bundle file must have (64 hex digits).
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Start at this time (RFC 3339, such as 2026-12-24T02:00:00Z) instead of now.
+        #[arg(long, conflicts_with = "in_window")]
+        at: Option<String>,
+        /// Start in the device's next maintenance window (`[[window]]` in system.toml).
+        #[arg(long)]
+        in_window: bool,
+        /// The trial waits for `abide mark-good` or `abide mark-bad` instead of the health
+        /// gate.
+        #[arg(long)]
+        no_auto_rollback: bool,
+    },
+    /// One schedule: ID, or else the one in progress (or the newest).
+    Status {
+        /// The schedule's id (`s1`, …).
+        id: Option<String>,
+    },
+    /// Every schedule the device keeps, newest first.
+    List,
+    /// Cancel a pending schedule, or one in progress before activation (its download stops;
+    /// the target stays unbootable).
+    Cancel {
+        /// The schedule's id.
+        id: String,
+    },
+    /// Follow a schedule's download, install and state changes until it ends.
+    Watch {
+        /// The schedule's id.
+        id: String,
+    },
+}
+
+/// The agent's API over its socket.
+pub struct Api {
+    rt: tokio::runtime::Runtime,
+    client: pb::Client,
+}
+
+impl Api {
+    /// Connects to the agent of the device `config` describes; `None` when no agent runs
+    /// (no socket, or nobody listening on it).
+    pub fn connect(config: &Path) -> Result<Option<Api>> {
+        let socket = socket(config)?;
+        if !socket.exists() {
+            return Ok(None);
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime")?;
+        let client = rt.block_on(async {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                pb::transport::connect_unix(&socket),
+            )
+            .await
+        });
+        match client {
+            Ok(Ok(client)) => Ok(Some(Api { rt, client })),
+            Ok(Err(pb::ApiError::Io { source, .. }))
+                if matches!(
+                    source.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => bail!("the agent at {} does not answer", socket.display()),
+        }
+    }
+
+    /// Connects, or says clearly that the agent is not running.
+    pub fn require(config: &Path) -> Result<Api> {
+        match Api::connect(config)? {
+            Some(api) => Ok(api),
+            None => bail!(
+                "the agent is not running (no one answers on {}): start it (`systemctl start abide-agent`, or `abide agent`)",
+                socket(config)?.display()
+            ),
+        }
+    }
+
+    /// Runs one call.
+    pub fn call<T, F>(&mut self, f: impl FnOnce(pb::Client) -> F) -> Result<T>
+    where
+        F: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let client = self.client.clone();
+        match self.rt.block_on(f(client)) {
+            Ok(r) => Ok(r.into_inner()),
+            Err(s) => bail!("{} ({:?})", s.message(), s.code()),
+        }
+    }
+}
+
+/// The API socket the configuration names.
+fn socket(config: &Path) -> Result<PathBuf> {
+    Ok(Config::load(config)?.api.socket)
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("plain data")
+}
+
+fn schedule_line(s: &pb::Schedule) -> String {
+    let mut line = format!("{} {} {} {}", s.id, s.state, s.source_kind, s.source);
+    if !s.version.is_empty() {
+        line.push_str(&format!(" version {}", s.version));
+    }
+    match s.when.as_str() {
+        "at" => line.push_str(&format!(" at {}", s.at)),
+        "in-window" => line.push_str(" in the next window"),
+        _ => {}
+    }
+    if s.origin == "fleet" {
+        line.push_str(&format!(" (rollout {})", s.rollout));
+    }
+    if !s.reason.is_empty() {
+        line.push_str(&format!(": {}", s.reason));
+    }
+    line
+}
+
+/// `abide schedule …`.
+pub fn run(command: ScheduleCommand, config: &Path, out: Output) -> Result<()> {
+    let mut api = Api::require(config)?;
+    match command {
+        ScheduleCommand::Update {
+            source,
+            sha256,
+            at,
+            in_window,
+            no_auto_rollback,
+        } => {
+            // A relative path means the caller's directory; the agent needs it whole.
+            let source = if source.contains("://") || source.starts_with('/') {
+                source
+            } else {
+                std::path::absolute(&source)
+                    .with_context(|| format!("--source {source:?}"))?
+                    .to_string_lossy()
+                    .into_owned()
+            };
+            let request = pb::ScheduleUpdateRequest {
+                source,
+                sha256: sha256.unwrap_or_default(),
+                at: at.unwrap_or_default(),
+                in_window,
+                no_auto_rollback,
+            };
+            let s = api.call(|mut c| async move { c.schedule_update(request).await })?;
+            out.print(&to_json(&s), || format!("scheduled {}", schedule_line(&s)));
+        }
+        ScheduleCommand::Status { id } => {
+            let s =
+                match id {
+                    Some(id) => api.call(|mut c| async move {
+                        c.get_schedule(pb::GetScheduleRequest { id }).await
+                    })?,
+                    None => {
+                        let all = api.call(|mut c| async move {
+                            c.list_schedules(pb::ListSchedulesRequest {}).await
+                        })?;
+                        all.schedules
+                            .iter()
+                            .find(|s| s.state == "in_progress")
+                            .or(all.schedules.first())
+                            .cloned()
+                            .context("the device has no schedules")?
+                    }
+                };
+            out.print(&to_json(&s), || schedule_line(&s));
+        }
+        ScheduleCommand::List => {
+            let all = api
+                .call(|mut c| async move { c.list_schedules(pb::ListSchedulesRequest {}).await })?;
+            out.print(&to_json(&all.schedules), || {
+                all.schedules
+                    .iter()
+                    .map(schedule_line)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        ScheduleCommand::Cancel { id } => {
+            let s = api.call(|mut c| async move {
+                c.cancel_schedule(pb::CancelScheduleRequest { id }).await
+            })?;
+            out.print(&to_json(&s), || format!("cancelled {}", schedule_line(&s)));
+        }
+        ScheduleCommand::Watch { id } => watch(&mut api, id, out)?,
+    }
+    Ok(())
+}
+
+/// `abide schedule watch ID`: a progress bar on a terminal, a line per change otherwise, a
+/// JSON line per event with `--json`. Exits 0 when the schedule completes (or its target was
+/// activated and the device restarts into it), 1 when it fails, rolls back or is cancelled.
+fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
+    let bar_on = !out.is_json() && std::io::stderr().is_terminal();
+    let bar = if bar_on {
+        let bar = indicatif::ProgressBar::with_draw_target(
+            None,
+            indicatif::ProgressDrawTarget::stderr_with_hz(10),
+        );
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    let mut last: Option<pb::ProgressEvent> = None;
+    let rt = &api.rt;
+    let mut client = api.client.clone();
+    let result: Result<()> = rt.block_on(async {
+        let mut stream = client
+            .watch_progress(pb::WatchProgressRequest {
+                schedule: id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+            .into_inner();
+        let mut said = String::new();
+        loop {
+            match stream.message().await {
+                Ok(Some(e)) => {
+                    let phase = if e.transaction_state.is_empty() {
+                        e.state.clone()
+                    } else {
+                        format!("{} ({})", e.state, e.transaction_state)
+                    };
+                    if out.is_json() {
+                        println!("{}", serde_json::to_string(&e).expect("plain data"));
+                    } else if bar_on {
+                        bar.set_message(phase.clone());
+                        if e.total > 0 {
+                            bar.set_length(e.total);
+                            bar.set_position(e.bytes);
+                        }
+                    } else if phase != said {
+                        println!("{} {phase}", e.schedule);
+                        said = phase;
+                    }
+                    last = Some(e);
+                }
+                Ok(None) => return Ok(()),
+                // The agent went away: the device restarts after an activation.
+                Err(s)
+                    if s.code() == tonic::Code::Unknown || s.code() == tonic::Code::Unavailable =>
+                {
+                    return Ok(());
+                }
+                Err(s) => bail!("{} ({:?})", s.message(), s.code()),
+            }
+        }
+    });
+    bar.finish_and_clear();
+    result?;
+    let Some(e) = last else {
+        bail!("no progress from the agent");
+    };
+    if !out.is_json() {
+        let mut text = format!("{} {}", e.schedule, e.state);
+        if e.transaction_state == "activated" {
+            text.push_str(": activated; the device restarts into the new version for its trial");
+        }
+        if !e.reason.is_empty() {
+            text.push_str(&format!(": {}", e.reason));
+        }
+        println!("{text}");
+    }
+    match (e.state.as_str(), e.transaction_state.as_str()) {
+        ("completed", _) | ("in_progress", "activated" | "trial") => Ok(()),
+        (state, _) if abide_agent::api::service::is_terminal(state) => {
+            bail!("schedule {} ended {state}", e.schedule)
+        }
+        _ => bail!(
+            "the agent stopped answering while schedule {} was {}",
+            e.schedule,
+            e.state
+        ),
+    }
+}
+
+/// `abide status` as JSON: the keys it always had (null where there is nothing), plus the
+/// schedule in progress and the agent's version.
+pub fn status_json(s: &pb::Status) -> Value {
+    let opt = |v: &str| (!v.is_empty()).then(|| v.to_owned());
+    let mut v = json!({
+        "booted": opt(&s.booted),
+        "good": opt(&s.good),
+        "state": s.state,
+        "version": s.version,
+        "security_version": s.security_version,
+        "transaction": opt(&s.transaction),
+        "quarantine": s.quarantine,
+        "schedule": opt(&s.schedule),
+        "fleet": s.fleet,
+    });
+    if !s.transaction.is_empty() {
+        v["target"] = json!(s.target);
+        v["target_version"] = json!(s.target_version);
+    }
+    if !s.reason.is_empty() {
+        v["reason"] = json!(s.reason);
+    }
+    v
+}

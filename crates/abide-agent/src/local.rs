@@ -288,8 +288,9 @@ impl<'a> Reader<'a> {
             }
             Source::Url(url) => {
                 let http = abide_client::tls::http_client(url, None, None)?;
+                // Futures with timeouts are made inside the runtime.
                 let response = rt
-                    .block_on(http.get(url).send())
+                    .block_on(async { http.get(url).send().await })
                     .and_then(reqwest::Response::error_for_status)
                     .map_err(|e| AgentError::State {
                         path: url.into(),
@@ -336,7 +337,10 @@ impl Read for Reader<'_> {
             Body::File(f) => f.read(out)?,
             Body::Url { rt, response, buf } => {
                 if buf.is_empty() {
-                    match rt.block_on(response.chunk()).map_err(io::Error::other)? {
+                    match rt
+                        .block_on(async { response.chunk().await })
+                        .map_err(io::Error::other)?
+                    {
                         Some(chunk) => *buf = chunk,
                         None => return Ok(0),
                     }

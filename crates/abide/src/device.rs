@@ -12,7 +12,7 @@ use abide_agent::health::SystemClock;
 use abide_agent::install::install;
 use abide_bundle::{Source, Stream};
 use abide_core::Force;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
 use serde_json::{Value, json};
@@ -275,7 +275,7 @@ pub fn run_health(config: &Path, out: Output) -> Result<()> {
             .join("\n")
     });
     if !health.healthy {
-        bail!("health checks failed");
+        return Err(crate::Reported("health checks failed").into());
     }
     Ok(())
 }

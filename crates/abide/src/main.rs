@@ -202,6 +202,12 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// An error whose result was already printed as the command's JSON (`abide health` with a
+/// failing check): only the line on standard error and the exit code follow.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Reported(pub &'static str);
+
 /// Prints the error as one line on standard error (and as JSON with `--json`) and picks the
 /// exit code: 1 when a check refused the input, 3 otherwise.
 fn report(err: &anyhow::Error, out: Output) -> ExitCode {
@@ -213,11 +219,17 @@ fn report(err: &anyhow::Error, out: Output) -> ExitCode {
         .chain()
         .find_map(|e| e.downcast_ref::<abide_agent::AgentError>())
         .map(|e| (e.code(), e.is_refusal()));
+    let api = err
+        .chain()
+        .find_map(|e| e.downcast_ref::<schedule::ApiRefusal>())
+        .map(|e| (e.code, e.is_refusal()));
+    let agent = api.or(agent);
     let check = agent.or(bundle).filter(|(_, refusal)| *refusal);
     let code = agent.or(bundle).map_or("error", |(code, _)| code);
     let message = format!("{err:#}").replace('\n', " ");
     eprintln!("abide: error [{code}]: {message}");
-    if out.json {
+    let reported = err.chain().any(|e| e.is::<Reported>());
+    if out.json && !reported {
         let value = serde_json::json!({"ok": false, "error": {"code": code, "message": message}});
         println!(
             "{}",

@@ -55,6 +55,42 @@ pub enum ScheduleCommand {
     },
 }
 
+/// An error the agent answered with: `code` names the gRPC status (`invalid-argument`,
+/// `not-found`, `failed-precondition`: the request was refused and nothing changed; `busy`:
+/// the device is busy, try again), or `agent-not-running`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiRefusal {
+    /// The code `abide` prints.
+    pub code: &'static str,
+    /// What the agent said.
+    pub message: String,
+}
+
+impl ApiRefusal {
+    fn of(status: &tonic::Status) -> ApiRefusal {
+        let code = match status.code() {
+            tonic::Code::InvalidArgument => "invalid-argument",
+            tonic::Code::NotFound => "not-found",
+            tonic::Code::FailedPrecondition => "failed-precondition",
+            tonic::Code::Unavailable => "busy",
+            _ => "agent",
+        };
+        ApiRefusal {
+            code,
+            message: status.message().to_owned(),
+        }
+    }
+
+    /// Whether the request was refused (exit code 1) rather than failed (3).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self.code,
+            "invalid-argument" | "not-found" | "failed-precondition"
+        )
+    }
+}
+
 /// The agent's API over its socket.
 pub struct Api {
     rt: tokio::runtime::Runtime,
@@ -99,10 +135,14 @@ impl Api {
     pub fn require(config: &Path) -> Result<Api> {
         match Api::connect(config)? {
             Some(api) => Ok(api),
-            None => bail!(
-                "the agent is not running (no one answers on {}): start it (`systemctl start abide-agent`, or `abide agent`)",
-                socket(config)?.display()
-            ),
+            None => Err(ApiRefusal {
+                code: "agent-not-running",
+                message: format!(
+                    "the agent is not running (no one answers on {}): start it (`systemctl start abide-agent`, or `abide agent`)",
+                    socket(config)?.display()
+                ),
+            }
+            .into()),
         }
     }
 
@@ -114,7 +154,7 @@ impl Api {
         let client = self.client.clone();
         match self.rt.block_on(f(client)) {
             Ok(r) => Ok(r.into_inner()),
-            Err(s) => bail!("{} ({:?})", s.message(), s.code()),
+            Err(s) => Err(ApiRefusal::of(&s).into()),
         }
     }
 }
@@ -249,7 +289,7 @@ fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
                 schedule: id.clone(),
             })
             .await
-            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?
+            .map_err(|s| ApiRefusal::of(&s))?
             .into_inner();
         let mut said = String::new();
         loop {
@@ -281,7 +321,7 @@ fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
                 {
                     return Ok(());
                 }
-                Err(s) => bail!("{} ({:?})", s.message(), s.code()),
+                Err(s) => return Err(ApiRefusal::of(&s).into()),
             }
         }
     });

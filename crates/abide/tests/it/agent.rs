@@ -1094,12 +1094,12 @@ fn a_trust_root_rotated_on_the_server_reaches_the_device_which_then_trusts_only_
 }
 
 /// A CA and certificates it signs, written as PEM files into `dir`: `NAME.pem`, `NAME.key`.
-struct TestCa {
+pub struct TestCa {
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl TestCa {
-    fn new(dir: &Path, name: &str) -> TestCa {
+    pub fn new(dir: &Path, name: &str) -> TestCa {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -1112,7 +1112,7 @@ impl TestCa {
         }
     }
 
-    fn issue(&self, dir: &Path, name: &str, cn: &str, san: &[&str]) {
+    pub fn issue(&self, dir: &Path, name: &str, cn: &str, san: &[&str]) {
         use rcgen::{CertificateParams, DnType, KeyPair};
         let key = KeyPair::generate().unwrap();
         let mut params =

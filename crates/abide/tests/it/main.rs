@@ -10,6 +10,7 @@ mod fleet;
 mod hooks;
 mod hostile;
 mod keys;
+mod schedule;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

@@ -1,0 +1,527 @@
+//! The agent's local API end to end: a real `abide agent` serving its socket (and TCP with
+//! mutual TLS), the `abide` command as its client, schedules carried out on simulated devices
+//! and surviving agent restarts, and a window that opens in the test's future (clock
+//! injected into an agent run in-process).
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use abide_agent::fleet::agent::{Agent, Exit, Options};
+use abide_agent::health::Clock;
+use abide_core::schedule::{Origin, Rollback, Schedule, Source, When};
+use jiff::{SignedDuration, Timestamp};
+use serde_json::Value;
+
+use crate::device::Sim;
+use crate::{abide_args, json_args};
+
+/// `abide agent` on the simulated device, serving its socket; killed when dropped.
+struct Running {
+    child: Option<Child>,
+}
+
+impl Running {
+    fn start(sim: &Sim) -> Running {
+        let child = Command::new(env!("CARGO_BIN_EXE_abide"))
+            .args(["agent", "--json", "--config", "dev/system.toml"])
+            .current_dir(&sim.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("abide agent starts");
+        let socket = sim.path("dev/agent.sock");
+        wait("the agent's socket", || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        Running { child: Some(child) }
+    }
+
+    /// Waits for the agent to stop by itself (after an activation) and returns its JSON.
+    fn exits(mut self) -> Value {
+        let out = self.child.take().unwrap().wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `abide ARGS --config dev/system.toml --json` on the device, expecting exit code `exit`.
+fn dev(sim: &Sim, args: &[&str], exit: i32) -> Value {
+    let mut all = args.to_vec();
+    all.extend(["--config", "dev/system.toml"]);
+    json_args(&sim.dir, &all, exit)
+}
+
+fn schedule(sim: &Sim, id: &str) -> Value {
+    dev(sim, &["schedule", "status", id], 0)
+}
+
+fn error_of(v: &Value) -> String {
+    format!(
+        "{}: {}",
+        v["error"]["code"].as_str().unwrap_or_default(),
+        v["error"]["message"].as_str().unwrap_or_default()
+    )
+}
+
+/// `GET /metrics` over the agent's socket, as HTTP/1.1.
+fn metrics(sim: &Sim) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(sim.path("dev/agent.sock")).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+fn sha256_of(path: &Path) -> String {
+    abide_bundle::Digest::of(&std::fs::read(path).unwrap()).to_string()
+}
+
+#[test]
+fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 7);
+    let untouched = sim.fingerprint();
+
+    // Without the agent, scheduling says so; what works offline still does.
+    let v = dev(&sim, &["schedule", "list"], 3);
+    assert!(
+        error_of(&v).starts_with("agent-not-running: the agent is not running"),
+        "{v}"
+    );
+    assert_eq!(dev(&sim, &["status"], 0)["state"], "idle");
+
+    let agent = Running::start(&sim);
+    let mode = std::fs::metadata(sim.path("dev/agent.sock"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o660, "the socket is owner and group only");
+
+    // Bad requests are refused with what was wrong, and make no schedule.
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", "missing.abide"],
+        1,
+    );
+    assert!(
+        error_of(&v).starts_with("invalid-argument: ") && error_of(&v).contains("no such file"),
+        "{v}"
+    );
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--at", "next tuesday"],
+        1,
+    );
+    assert!(error_of(&v).contains("RFC 3339"), "{v}");
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--in-window"],
+        1,
+    );
+    assert!(
+        error_of(&v).starts_with("failed-precondition: ")
+            && error_of(&v).contains("no maintenance window"),
+        "{v}"
+    );
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--sha256", "abc"],
+        1,
+    );
+    assert!(error_of(&v).contains("64 hex digits"), "{v}");
+    assert_eq!(dev(&sim, &["schedule", "list"], 0), serde_json::json!([]));
+
+    // A schedule for later survives the agent's restart, and is cancelled before it starts.
+    let s1 = dev(
+        &sim,
+        &[
+            "schedule",
+            "update",
+            "--source",
+            &b,
+            "--at",
+            "2099-01-01T00:00:00Z",
+        ],
+        0,
+    );
+    assert_eq!(
+        (s1["id"].as_str(), s1["state"].as_str(), s1["when"].as_str()),
+        (Some("s1"), Some("pending"), Some("at"))
+    );
+    drop(agent);
+    let agent = Running::start(&sim);
+    let listed = dev(&sim, &["schedule", "list"], 0);
+    assert_eq!(listed[0]["id"], "s1");
+    assert_eq!(listed[0]["state"], "pending");
+    assert_eq!(listed[0]["at"], "2099-01-01T00:00:00Z");
+    let v = dev(&sim, &["schedule", "cancel", "s1"], 0);
+    assert_eq!(v["state"], "cancelled");
+    let v = dev(&sim, &["schedule", "cancel", "s1"], 1);
+    assert!(
+        error_of(&v).contains("cannot cancel a schedule that is cancelled"),
+        "{v}"
+    );
+    let v = dev(&sim, &["schedule", "cancel", "s9"], 1);
+    assert!(error_of(&v).starts_with("not-found: "), "{v}");
+    assert_eq!(sim.fingerprint(), untouched);
+
+    // A bundle that is not the one pinned fails the schedule before anything changes.
+    let v = dev(
+        &sim,
+        &[
+            "schedule",
+            "update",
+            "--source",
+            &b,
+            "--sha256",
+            &"0".repeat(64),
+        ],
+        0,
+    );
+    assert_eq!(v["id"], "s2");
+    wait("s2 to fail", || schedule(&sim, "s2")["state"] == "failed");
+    let s2 = schedule(&sim, "s2");
+    assert!(
+        s2["reason"].as_str().unwrap().contains("sha256 mismatch"),
+        "{s2}"
+    );
+    assert_eq!(sim.fingerprint(), untouched);
+
+    // The right one goes through: watched until the device restarts into it.
+    let sha = sha256_of(&sim.path(&b));
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--sha256", &sha],
+        0,
+    );
+    assert_eq!(v["id"], "s3");
+    let out = abide_args(
+        &sim.dir,
+        &[
+            "schedule",
+            "watch",
+            "s3",
+            "--json",
+            "--config",
+            "dev/system.toml",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let states: Vec<&str> = events
+        .iter()
+        .map(|e| e["transaction_state"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"downloading"), "{events:?}");
+    assert_eq!(states.last(), Some(&"activated"), "{events:?}");
+    let last_progress = events.iter().rfind(|e| e["total"] != 0).unwrap();
+    assert_eq!(last_progress["bytes"], last_progress["total"]);
+    assert_eq!(agent.exits()["exit"], "reboot");
+
+    let v = json_args(&sim.dir, &["sim", "reboot", "dev"], 0);
+    assert_eq!(v["status"]["state"], "committed");
+    let _agent = Running::start(&sim);
+    let s3 = schedule(&sim, "s3");
+    assert_eq!(
+        (
+            s3["state"].as_str(),
+            s3["version"].as_str(),
+            s3["sha256"].as_str()
+        ),
+        (Some("completed"), Some("2.0.0"), Some(sha.as_str()))
+    );
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(
+        (status["version"].as_str(), status["state"].as_str()),
+        (Some("2.0.0"), Some("committed"))
+    );
+    let text = metrics(&sim);
+    for line in [
+        "abide_agent_schedules{state=\"completed\"} 1",
+        "abide_agent_schedules{state=\"failed\"} 1",
+        "abide_agent_schedules{state=\"cancelled\"} 1",
+        "abide_agent_transaction_state{state=\"committed\"} 1",
+        "abide_agent_reboot_to_healthy_seconds ",
+        "abide_agent_download_seconds ",
+        "abide_agent_audit_log_ok 1",
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
+}
+
+#[test]
+fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the_agent() {
+    // The health check fails: an automatic gate would roll back at once.
+    let sim = Sim::new(Some("test \"$ABIDE_VERSION\" = 1.0.0"));
+    let b = sim.bundle("2.0.0", 1, 8);
+    let agent = Running::start(&sim);
+    let v = dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--no-auto-rollback"],
+        0,
+    );
+    assert_eq!(v["rollback"], "manual");
+    assert_eq!(agent.exits()["exit"], "reboot");
+    let v = json_args(&sim.dir, &["sim", "reboot", "dev"], 0);
+    assert_eq!(v["status"]["state"], "trial", "{v}");
+
+    let _agent = Running::start(&sim);
+    let h = dev(&sim, &["health"], 3);
+    assert_eq!(h["healthy"], false);
+    assert_eq!(h["checks"][0]["outcome"], "fail");
+    assert_eq!(schedule(&sim, "s1")["state"], "in_progress");
+    let v = dev(&sim, &["rollback", "--reason", "the screen stays dark"], 0);
+    assert_eq!(
+        (v["state"].as_str(), v["reboot"].as_bool()),
+        (Some("rolled_back"), Some(true))
+    );
+    wait("s1 to follow the rollback", || {
+        schedule(&sim, "s1")["state"] == "rolled_back"
+    });
+    assert!(
+        schedule(&sim, "s1")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the screen stays dark")
+    );
+    let history = dev(&sim, &["history"], 0);
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+    assert_eq!(history[0]["version"], "2.0.0");
+    assert_eq!(history[0]["reason"], "operator: the screen stays dark");
+    assert!(metrics(&sim).contains("abide_agent_rollbacks_total{reason=\"operator\"} 1"));
+    drop(_agent);
+    // Offline, the history reads the same from the audit log.
+    assert_eq!(dev(&sim, &["history"], 0), history);
+    let v = json_args(&sim.dir, &["sim", "reboot", "dev"], 0);
+    assert_eq!(v["status"]["booted"], "A");
+}
+
+/// Serves `body` over HTTP, `pace` bytes every 20 ms.
+fn slow_server(body: Vec<u8>, pace: usize) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/bundle.abide", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let mut req = [0u8; 4096];
+                let _ = conn.read(&mut req);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                for piece in body.chunks(pace) {
+                    if conn.write_all(piece).is_err() {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_schedule_cancelled_mid_download_stops_and_activates_nothing() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 9);
+    let url = slow_server(std::fs::read(sim.path(&b)).unwrap(), 8 << 10);
+    let a_before = sha256_of(&sim.path("dev/slots/rootfs.A.img"));
+    let _agent = Running::start(&sim);
+    let v = dev(&sim, &["schedule", "update", "--source", &url], 0);
+    assert_eq!(v["source_kind"], "url");
+    wait("the download to start", || {
+        dev(&sim, &["status"], 0)["state"] == "downloading"
+    });
+    let v = dev(&sim, &["schedule", "cancel", "s1"], 0);
+    assert_eq!(v["state"], "cancelled");
+    wait("the download to stop", || {
+        dev(&sim, &["status"], 0)["state"] == "failed"
+    });
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(status["reason"], "cancelled", "{status}");
+    assert_eq!(status["version"], "1.0.0");
+    // The bootloader boots A, the target B is not bootable (it never was made so during
+    // the download), and the running slot is untouched.
+    let boot: Value =
+        serde_json::from_slice(&std::fs::read(sim.path("dev/boot.json")).unwrap()).unwrap();
+    assert_eq!(
+        (
+            boot["bootable"]["A"].as_bool(),
+            boot["bootable"]["B"].as_bool(),
+            boot["booted"].as_str()
+        ),
+        (Some(true), Some(false), Some("A")),
+        "{boot}"
+    );
+    assert_eq!(sha256_of(&sim.path("dev/slots/rootfs.A.img")), a_before);
+    let s1 = schedule(&sim, "s1");
+    assert_eq!(s1["state"], "cancelled");
+    assert_eq!(s1["transaction"], status["transaction"]);
+}
+
+/// A clock the test moves.
+struct TestClock(Mutex<Timestamp>);
+
+impl Clock for TestClock {
+    fn now(&self) -> Timestamp {
+        *self.0.lock().unwrap()
+    }
+    fn sleep(&self, d: SignedDuration) {
+        let mut t = self.0.lock().unwrap();
+        *t = t.checked_add(d).unwrap();
+    }
+}
+
+#[test]
+fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 10);
+    let config = sim.path("dev/system.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        "\n[[window]]\ndays = [\"sat\"]\nstart = \"02:00\"\nend = \"04:00\"\nzone = \"UTC\"\n",
+    );
+    std::fs::write(&config, text).unwrap();
+    // Friday 2026-12-04 23:00 UTC: the window opens three hours later.
+    let clock = Arc::new(TestClock(Mutex::new(
+        "2026-12-04T23:00:00Z".parse().unwrap(),
+    )));
+    let mut agent = Agent::with_clock(&config, clock.clone()).unwrap();
+    let shared = agent.shared();
+    let now = clock.now();
+    shared
+        .with_book(|book| {
+            let s = Schedule::new(
+                &book.next_id(),
+                Source::File(sim.path(&b).to_string_lossy().into_owned()),
+                None,
+                When::InWindow,
+                Rollback::Automatic,
+                Origin::Operator,
+                now,
+            )
+            .unwrap();
+            book.add(s);
+        })
+        .unwrap();
+    let once = Options { once: true };
+    assert_eq!(agent.run(&once).unwrap(), Exit::Idle);
+    assert_eq!(shared.book().get("s1").unwrap().state.name(), "pending");
+    assert_eq!(dev(&sim, &["status"], 0)["state"], "idle");
+
+    *clock.0.lock().unwrap() = "2026-12-05T02:30:00Z".parse().unwrap();
+    assert_eq!(agent.run(&once).unwrap(), Exit::Reboot);
+    let s = shared.book().get("s1").unwrap().clone();
+    assert_eq!(s.state.name(), "in_progress");
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(
+        (status["state"].as_str(), status["target_version"].as_str()),
+        (Some("activated"), Some("2.0.0"))
+    );
+    assert_eq!(s.transaction.as_deref(), status["transaction"].as_str());
+    // The schedules file holds it: a restarted agent sees the same.
+    let again = Agent::with_clock(&config, clock).unwrap();
+    assert_eq!(again.shared().book().get("s1"), Some(&s));
+}
+
+#[test]
+fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
+    let sim = Sim::new(None);
+    let dir = sim.path("dev");
+    let ca = crate::agent::TestCa::new(&dir, "api-ca");
+    ca.issue(&dir, "agent", "agent", &["localhost"]);
+    ca.issue(&dir, "operator", "operator", &[]);
+    let other = crate::agent::TestCa::new(&dir, "other-ca");
+    other.issue(&dir, "stranger", "stranger", &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = sim.path("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[api]\nsocket = \"agent.sock\"\n",
+        &format!(
+            "[api]\nsocket = \"agent.sock\"\ntcp = \"127.0.0.1:{port}\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\nclient_ca = \"api-ca.pem\"\n"
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    let _agent = Running::start(&sim);
+    let addr = format!("127.0.0.1:{port}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let status = |identity: Option<(&str, &str)>| {
+        let identity = identity.map(|(c, k)| (dir.join(c), dir.join(k)));
+        let tls = abide_client::tls::client_config(
+            Some(&dir.join("api-ca.pem")),
+            identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+        )
+        .unwrap();
+        rt.block_on(async {
+            let mut client = abide_api::transport::connect_tls(&addr, "localhost", tls)
+                .await
+                .map_err(|e| e.to_string())?;
+            client
+                .status(abide_api::StatusRequest {})
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.to_string())
+        })
+    };
+    let ok = status(Some(("operator.pem", "operator.key"))).unwrap();
+    assert_eq!((ok.version.as_str(), ok.state.as_str()), ("1.0.0", "idle"));
+    assert!(status(None).is_err(), "no client certificate");
+    assert!(
+        status(Some(("stranger.pem", "stranger.key"))).is_err(),
+        "a certificate from another CA"
+    );
+    // The socket serves the same at the same time.
+    assert_eq!(dev(&sim, &["status"], 0)["version"], "1.0.0");
+}

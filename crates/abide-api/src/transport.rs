@@ -1,5 +1,6 @@
-//! How the API is reached: HTTP/2 (gRPC) and HTTP/1.1 (`GET /metrics`) on one Unix socket,
-//! and gRPC on TCP with mutual TLS. Served with hyper's connection builders and dialled with
+//! How the API is reached: gRPC and `GET /metrics` over HTTP/2 on one Unix socket, and gRPC
+//! on TCP with mutual TLS. HTTP/2 only (with prior knowledge on the socket: `curl
+//! --http2-prior-knowledge`): an HTTP/1.1 server would cost the device build 150 KB. Served with hyper's connection builders and dialled with
 //! hyper's HTTP/2 client, so tonic contributes only its generated code and codec.
 
 use std::convert::Infallible;
@@ -152,8 +153,8 @@ pub fn server_tls(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `agent` on the Unix socket until the task is dropped: gRPC over HTTP/2, and
-/// `GET /metrics` (Prometheus text) over HTTP/1.1 or HTTP/2.
+/// Serves `agent` on the Unix socket until the task is dropped: gRPC, and `GET /metrics`
+/// (Prometheus text), over HTTP/2.
 pub async fn serve_unix<T: Agent>(listener: UnixListener, agent: Arc<T>, metrics: MetricsText) {
     loop {
         match listener.accept().await {
@@ -220,7 +221,7 @@ where
             grpc.call(req).await
         }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
         tracing::debug!(error = %e, "API connection ended");
     }

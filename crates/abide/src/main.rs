@@ -57,7 +57,8 @@ enum Command {
     Fleet(fleet::FleetArgs),
     /// The device agent: enrols with the fleet server of `[server]` in system.toml, checks in,
     /// downloads assigned releases straight into the target group, activates them in the
-    /// maintenance window under a reboot lease, and reports every step.
+    /// maintenance window under a reboot lease, and reports every step; carries out the
+    /// updates scheduled on the device; serves the local API (`[api]`).
     Agent(agent::AgentArgs),
     /// Install a bundle into the group that is not the known-good one and activate it.
     Install {
@@ -96,6 +97,8 @@ enum Command {
     },
     /// Every rollback on this device, with its reason, newest first.
     History,
+    /// The agent's metrics (Prometheus text; with --json, {"text": ...}).
+    Metrics,
     /// Updates scheduled on the device through the agent: from a URL or a file, now, at a
     /// time or in the next maintenance window.
     #[command(subcommand)]
@@ -171,6 +174,7 @@ fn main() -> ExitCode {
         Command::MarkBad => device::run_decide(config, false, "marked bad by an operator", out),
         Command::Rollback { reason } => device::run_rollback(config, &reason, out),
         Command::History => device::run_history(config, out),
+        Command::Metrics => schedule::run_metrics(config, out),
         Command::Schedule(c) => schedule::run(c, config, out),
         Command::Log { command } => device::run_log(config, command, out),
         Command::Sim(c) => sim::run(c, out),

@@ -353,6 +353,14 @@ fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
     }
 }
 
+/// `abide metrics`: the agent's metrics.
+pub fn run_metrics(config: &Path, out: Output) -> Result<()> {
+    let mut api = Api::require(config)?;
+    let m = api.call(|mut c| async move { c.get_metrics(pb::GetMetricsRequest {}).await })?;
+    out.print(&to_json(&m), || m.text.trim_end().to_owned());
+    Ok(())
+}
+
 /// `abide status` as JSON: the keys it always had (null where there is nothing), plus the
 /// schedule in progress and the agent's version.
 pub fn status_json(s: &pb::Status) -> Value {

@@ -293,6 +293,7 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
             continue;
         }
         let mut agent = abide_agent::fleet::agent::Agent::new(&config)?;
+        agent.serve()?;
         agent.run(&abide_agent::fleet::agent::Options { once: false })?;
     }
 }

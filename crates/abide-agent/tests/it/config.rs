@@ -53,6 +53,8 @@ fn parse(text: &str) -> Result<Config, String> {
 fn a_full_configuration_validates() {
     let c = parse(GOOD).unwrap();
     assert_eq!(c.state_dir, Path::new("/etc/abide/state"));
+    assert_eq!(c.api.socket, Path::new("/run/abide/agent.sock"));
+    assert_eq!(c.api.tcp, None);
     assert_eq!(
         c.backend,
         Backend::Uboot {
@@ -147,6 +149,23 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         (
             GOOD.replace("product = \"gw\"", "product = \"gw\"\ncolour = \"blue\""),
             "unknown field `colour`",
+        ),
+        (
+            format!("{GOOD}\n[api]\ntcp = \"0.0.0.0:7443\"\ncert = \"api.pem\"\n"),
+            "keys `api.tcp`, `api.cert`, `api.key`, `api.client_ca`: give all four",
+        ),
+        (
+            format!(
+                "{GOOD}\n[api]\ntcp = \"port 7443\"\ncert = \"a\"\nkey = \"k\"\nclient_ca = \"c\"\n"
+            ),
+            "key `api.tcp`: expected an address and port",
+        ),
+        (
+            format!(
+                "{GOOD}\n[api]\nsocket = \"/run/{}/agent.sock\"\n",
+                "x".repeat(120)
+            ),
+            "key `api.socket`: a socket path is at most 107 bytes",
         ),
     ] {
         let err = parse(&edit).unwrap_err();

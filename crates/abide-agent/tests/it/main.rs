@@ -3,3 +3,4 @@
 mod audit;
 mod config;
 mod health;
+mod schedules;

@@ -183,6 +183,25 @@ fn status(dir: &Path, device: &Path) -> Value {
     json_args(dir, &["status", "--config", config.to_str().unwrap()], 0)
 }
 
+/// `abide schedule list --json` on the device, or None while its agent is not running (between
+/// its restarts).
+fn schedules(dir: &Path, device: &Path) -> Option<Value> {
+    let config = device.join("system.toml");
+    let out = crate::abide_args(
+        dir,
+        &[
+            "schedule",
+            "list",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
 /// Waits until `done` holds, or fails with `what` and the device logs.
 fn wait(what: &str, seconds: u64, devices: &[PathBuf], mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
@@ -456,6 +475,32 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
     let boot: Value =
         serde_json::from_slice(&std::fs::read(dev.join("boot.json")).unwrap()).unwrap();
     assert_eq!(boot["bootable"]["B"], false, "{boot}");
+    // Through the agent's API the assignment is a schedule of the fleet's, in progress, which
+    // only the fleet can cancel.
+    let listed = schedules(&dir, &dev).expect("the agent answers");
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(
+        (
+            listed[0]["origin"].as_str(),
+            listed[0]["rollout"].as_str(),
+            listed[0]["state"].as_str(),
+            listed[0]["version"].as_str()
+        ),
+        (
+            Some("fleet"),
+            ro["id"].as_str(),
+            Some("in_progress"),
+            Some("2.0.0")
+        ),
+        "{listed}"
+    );
+    let config_arg = config.to_str().unwrap();
+    let refused = json_args(
+        &dir,
+        &["schedule", "cancel", "s1", "--config", config_arg],
+        1,
+    );
+    assert_eq!(refused["error"]["code"], "failed-precondition", "{refused}");
     // The device's window opens, but its group's (from the assignment) is closed: it waits.
     f.cmd(&[
         "group",
@@ -480,6 +525,9 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
     ]);
     wait("the device to commit", 60, &devices, || {
         status(&dir, &dev)["state"] == "committed"
+    });
+    wait("the fleet's schedule to complete", 30, &devices, || {
+        schedules(&dir, &dev).is_some_and(|l| l[0]["state"] == "completed")
     });
     // Its report follows.
     let ro_id = ro["id"].as_str().unwrap().to_owned();

@@ -37,6 +37,24 @@ struct RawConfig {
     hooks: crate::hooks::RawHooks,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    self_update: RawSelfUpdate,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawSelfUpdate {
+    binary: Option<PathBuf>,
+    deadline: Option<String>,
+}
+
+/// How the agent updates itself (`[self_update]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfUpdateSettings {
+    /// The agent's binary (default: the running executable).
+    pub binary: PathBuf,
+    /// How long a new agent has to answer on its API socket (default 60 s).
+    pub deadline: SignedDuration,
 }
 
 #[derive(Deserialize, Default)]
@@ -374,6 +392,8 @@ pub struct Config {
     pub hooks: crate::hooks::Hooks,
     /// The agent's local API (`[api]`).
     pub api: ApiSettings,
+    /// How the agent updates itself (`[self_update]`).
+    pub self_update: SelfUpdateSettings,
 }
 
 impl Config {
@@ -716,7 +736,22 @@ impl Config {
                 metrics_file: a.metrics_file.as_deref().map(resolve),
             }
         };
+        let self_update = SelfUpdateSettings {
+            binary: match &raw.self_update.binary {
+                Some(b) => resolve(b),
+                None => std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/usr/bin/abide")),
+            },
+            deadline: duration(
+                "self_update.deadline",
+                &raw.self_update.deadline,
+                SignedDuration::from_secs(60),
+            )?,
+        };
+        if self_update.deadline < SignedDuration::from_secs(1) {
+            return Err(err(path, "key `self_update.deadline`: at least 1s"));
+        }
         Ok(Config {
+            self_update,
             api,
             cmdline,
             server,

@@ -125,6 +125,12 @@ pub enum AgentError {
     /// No transaction to act on.
     #[error("there is no transaction to {0}")]
     NoTransaction(&'static str),
+    /// A bundle carrying the agent was refused.
+    #[error("self-update refused: {what}")]
+    SelfUpdate {
+        /// Why.
+        what: String,
+    },
     /// A pre-hook failed, which stops the step it comes before.
     #[error("the {hook} hook failed ({ended}){}{output}", if output.is_empty() { "" } else { ": " })]
     HookFailed {
@@ -163,6 +169,7 @@ impl AgentError {
             AgentError::NoSpace { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",
             AgentError::HookFailed { .. } => "hook-failed",
+            AgentError::SelfUpdate { .. } => "self-update",
             AgentError::State { .. } => "state",
             AgentError::Server(_) => "server",
             AgentError::Locked { .. } => "busy",

@@ -379,6 +379,11 @@ fn plan<'a>(
         _ => Opened::Bundle(Box::new(BundleReader::open(src, limits)?.verify(&policy)?)),
     };
     let manifest = bundle.manifest().clone();
+    if crate::selfupdate::is_agent_bundle(&manifest) {
+        return Err(AgentError::SelfUpdate {
+            what: "a bundle that carries the agent is installed by the running agent: `abide schedule update --source FILE`".into(),
+        });
+    }
     if manifest.product.as_str() != config.product {
         return Err(AgentError::WrongProduct {
             bundle: manifest.product.to_string(),

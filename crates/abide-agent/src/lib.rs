@@ -20,6 +20,7 @@ pub mod lock;
 pub mod metrics;
 pub mod running;
 pub mod schedules;
+pub mod selfupdate;
 pub mod slots;
 pub mod state;
 pub mod trust;

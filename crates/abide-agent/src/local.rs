@@ -34,6 +34,10 @@ pub enum Next {
 
 /// One round over the device's schedules.
 pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) -> Result<Next> {
+    if crate::selfupdate::settle(device, shared)? {
+        // A new agent is on trial: its watchdog decides before anything else starts.
+        return Ok(Next::Idle);
+    }
     let now = shared.clock.now();
     let state = device.state()?;
     // Rounds run one after another in one process that holds the device's lock: a download
@@ -188,11 +192,48 @@ fn stage(
     gate: Gate,
 ) -> Result<()> {
     let mut src = Reader::open(shared, rt, s)?;
+    // The head says whether the bundle carries the agent itself.
+    let head = match abide_bundle::BundleReader::open(&mut src, abide_bundle::Limits::default()) {
+        Ok(reader) => {
+            if reader
+                .manifest_unverified()
+                .is_ok_and(|m| crate::selfupdate::is_agent_bundle(&m))
+            {
+                let now = shared.clock.now();
+                return match crate::selfupdate::apply(device, reader, Some(&s.id), now) {
+                    Ok(never) => match never {},
+                    Err(e) if e.is_refusal() => {
+                        device.record(
+                            now,
+                            "refuse",
+                            serde_json::json!({"code": e.code(), "detail": e.to_string()}),
+                        )?;
+                        Err(e)
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            reader.head_bytes()
+        }
+        Err(e) => {
+            let e = AgentError::from(e);
+            device.record(
+                shared.clock.now(),
+                "refuse",
+                serde_json::json!({"code": e.code(), "detail": e.to_string()}),
+            )?;
+            return Err(e);
+        }
+    };
+    let mut replay = Replay {
+        head: io::Cursor::new(head),
+        rest: &mut src,
+    };
     let mut last = Instant::now();
     let clock = shared.clock.clone();
     let staged = crate::install::stage(
         device,
-        &mut src,
+        &mut replay,
         Force::No,
         gate,
         &|| clock.now(),
@@ -371,6 +412,36 @@ impl BundleSource for Reader<'_> {
             // Every byte of a URL's bundle goes through the hash.
             Body::Url { .. } => io::copy(&mut self.take(n), &mut io::sink()),
         }
+    }
+}
+
+/// A source whose first bytes were read already (the bundle's head): they are read again,
+/// then the rest.
+struct Replay<'a, S> {
+    head: io::Cursor<Vec<u8>>,
+    rest: &'a mut S,
+}
+
+impl<S: Read> Read for Replay<'_, S> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if (self.head.position() as usize) < self.head.get_ref().len() {
+            return self.head.read(out);
+        }
+        self.rest.read(out)
+    }
+}
+
+impl<S: BundleSource> BundleSource for Replay<'_, S> {
+    fn skip(&mut self, n: u64) -> io::Result<u64> {
+        let left = self.head.get_ref().len() as u64 - self.head.position();
+        let from_head = n.min(left);
+        self.head.set_position(self.head.position() + from_head);
+        Ok(from_head + self.rest.skip(n - from_head)?)
+    }
+
+    fn will_read(&mut self, n: u64) {
+        let left = self.head.get_ref().len() as u64 - self.head.position();
+        self.rest.will_read(n.saturating_sub(left));
     }
 }
 

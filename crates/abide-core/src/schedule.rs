@@ -270,6 +270,13 @@ impl Schedule {
         }
     }
 
+    /// It ended well without a transaction of the device's (the agent updated itself).
+    pub fn complete(&mut self, now: Timestamp) {
+        if matches!(self.state, ScheduleState::InProgress { .. }) {
+            self.set(ScheduleState::Completed, now);
+        }
+    }
+
     /// The install failed before a transaction began (the source could not be read, the
     /// bundle was refused, its SHA-256 differs).
     pub fn fail(&mut self, now: Timestamp, reason: &str) -> Result<(), ScheduleError> {

@@ -99,6 +99,15 @@ enum Command {
     History,
     /// The agent's metrics (Prometheus text; with --json, {"text": ...}).
     Metrics,
+    /// The watchdog of a self-update: started by the agent from its previous binary, it keeps
+    /// the new agent if it answers on its API socket in time, else puts the previous one back
+    /// and runs it.
+    #[command(hide = true)]
+    SelfUpdateWatch,
+    /// Before the agent starts (the systemd unit's ExecStartPre): a self-update whose new
+    /// agent is gone without a verdict is failed and the previous binary put back.
+    #[command(hide = true)]
+    SelfUpdateRecover,
     /// Updates scheduled on the device through the agent: from a URL or a file, now, at a
     /// time or in the next maintenance window.
     #[command(subcommand)]
@@ -175,6 +184,16 @@ fn main() -> ExitCode {
         Command::Rollback { reason } => device::run_rollback(config, &reason, out),
         Command::History => device::run_history(config, out),
         Command::Metrics => schedule::run_metrics(config, out),
+        Command::SelfUpdateRecover => abide_agent::config::Config::load(config)
+            .and_then(|c| abide_agent::selfupdate::recover(&c))
+            .map(|done| out.print(&serde_json::json!({"recovered": done}), String::new))
+            .map_err(Into::into),
+        Command::SelfUpdateWatch => {
+            init_logging();
+            abide_agent::config::Config::load(config)
+                .and_then(|c| abide_agent::selfupdate::watch(&c))
+                .map_err(Into::into)
+        }
         Command::Schedule(c) => schedule::run(c, config, out),
         Command::Log { command } => device::run_log(config, command, out),
         Command::Sim(c) => sim::run(c, out),

@@ -376,6 +376,12 @@ pub fn status_json(s: &pb::Status) -> Value {
         "schedule": opt(&s.schedule),
         "fleet": s.fleet,
     });
+    // Through a running agent: which one answered.
+    v["agent"] = if s.pid == 0 {
+        Value::Null
+    } else {
+        json!({"version": s.agent_version, "pid": s.pid, "started": s.started})
+    };
     if !s.transaction.is_empty() {
         v["target"] = json!(s.target);
         v["target_version"] = json!(s.target_version);

@@ -38,8 +38,10 @@ pub fn status(device: &Device) -> Result<pb::Status> {
         reason,
         quarantine: state.quarantine.versions().map(str::to_owned).collect(),
         schedule: String::new(),
-        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        agent_version: crate::selfupdate::agent_version(&device.config.state_dir),
         fleet: device.config.server.is_some(),
+        pid: 0,
+        started: String::new(),
     })
 }
 

@@ -41,6 +41,8 @@ pub struct Shared {
     progress: broadcast::Sender<pb::ProgressEvent>,
     /// The last successful check-in with the fleet server.
     pub last_checkin: Mutex<Option<Timestamp>>,
+    /// When this agent process started.
+    pub started: Timestamp,
 }
 
 impl Shared {
@@ -55,6 +57,7 @@ impl Shared {
             wake: (Mutex::new(false), Condvar::new()),
             progress: broadcast::channel(256).0,
             last_checkin: Mutex::new(None),
+            started: Timestamp::now(),
         }))
     }
 
@@ -191,6 +194,8 @@ impl Agent for Service {
         blocking(move || {
             let device = Device::open_read_only(shared.config.clone()).map_err(status_of)?;
             let mut status = super::status(&device).map_err(status_of)?;
+            status.started = shared.started.to_string();
+            status.pid = std::process::id();
             status.schedule = shared
                 .book()
                 .in_progress()

@@ -233,7 +233,9 @@ fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart()
         0,
     );
     assert_eq!(v["id"], "s2");
-    wait("s2 to fail", || schedule(&sim, "s2")["state"] == "failed");
+    wait("s2 to fail", || {
+        schedule_if_up(&sim, "s2").is_some_and(|v| v["state"] == "failed")
+    });
     let s2 = schedule(&sim, "s2");
     assert!(
         s2["reason"].as_str().unwrap().contains("sha256 mismatch"),
@@ -547,4 +549,237 @@ fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
     );
     // The socket serves the same at the same time.
     assert_eq!(dev(&sim, &["status"], 0)["version"], "1.0.0");
+}
+
+/// The agent's process on the device, as it answers `abide status`.
+fn agent_of(sim: &Sim) -> Option<(u32, String)> {
+    let out = abide_args(
+        &sim.dir,
+        &["status", "--json", "--config", "dev/system.toml"],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    let a = &v["agent"];
+    Some((a["pid"].as_u64()? as u32, a["version"].as_str()?.to_owned()))
+}
+
+/// The schedule `id`, or None while no agent answers (it is being replaced).
+fn schedule_if_up(sim: &Sim, id: &str) -> Option<Value> {
+    let out = abide_args(
+        &sim.dir,
+        &[
+            "schedule",
+            "status",
+            id,
+            "--json",
+            "--config",
+            "dev/system.toml",
+        ],
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// An agent bundle (one component of kind `agent`) with `file` as the new binary.
+fn agent_bundle(sim: &Sim, file: &str, version: &str) -> String {
+    let out = format!("agent-{file}-{version}.abide");
+    crate::ok(
+        &sim.dir,
+        &format!(
+            "bundle create --product gw --version {version} --compatible gw-1 \
+             --component agent={file},kind=agent --sign a.key --out {out}"
+        ),
+    );
+    out
+}
+
+#[test]
+fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_the_old() {
+    use std::os::unix::fs::MetadataExt;
+    let sim = Sim::new(None);
+    // The agent runs from its own copy, which it may replace.
+    std::fs::create_dir(sim.path("dev/bin")).unwrap();
+    let bin = sim.path("dev/bin/abide");
+    if std::fs::hard_link(env!("CARGO_BIN_EXE_abide"), &bin).is_err() {
+        std::fs::copy(env!("CARGO_BIN_EXE_abide"), &bin).unwrap();
+    }
+    let original = std::fs::metadata(&bin).unwrap().ino();
+    let config = sim.path("dev/system.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[self_update]\nbinary = \"bin/abide\"\ndeadline = \"3s\"\n");
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(sim.path("exits"), "#!/bin/sh\nexit 3\n").unwrap();
+    std::fs::write(sim.path("hangs"), "#!/bin/sh\nexec sleep 600\n").unwrap();
+    let mut good = std::fs::read(env!("CARGO_BIN_EXE_abide")).unwrap();
+    good.extend_from_slice(b"\n# abide agent 0.2.0\n");
+    std::fs::write(sim.path("good"), &good).unwrap();
+    drop(good);
+
+    let mut first = Command::new(&bin)
+        .args(["agent", "--json", "--config", "dev/system.toml"])
+        .current_dir(&sim.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait("the agent", || agent_of(&sim).is_some());
+    let (pid, version) = agent_of(&sim).unwrap();
+    assert_eq!((pid, version.as_str()), (first.id(), "0.1.0"));
+
+    // `abide install` leaves an agent bundle to the agent.
+    let direct = agent_bundle(&sim, "exits", "0.2.0");
+    let v = dev(&sim, &["install", &direct], 1);
+    assert_eq!(v["error"]["code"], "self-update", "{v}");
+    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+    // An older or equal agent is refused, and nothing changes.
+    let same = agent_bundle(&sim, "exits", "0.1.0");
+    let v = dev(&sim, &["schedule", "update", "--source", &same], 0);
+    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
+    assert!(
+        schedule(&sim, "s1")["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not newer than the running agent 0.1.0"),
+        "{v}"
+    );
+    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+
+    // A new agent that exits at once: the old one comes back, in a new process, and says why.
+    let exits = direct;
+    dev(&sim, &["schedule", "update", "--source", &exits], 0);
+    let status = first.wait().unwrap();
+    assert_eq!(status.code(), Some(3), "the process ran the new binary");
+    wait("s2 to fail", || {
+        schedule_if_up(&sim, "s2").is_some_and(|v| v["state"] == "failed")
+    });
+    let s2 = schedule(&sim, "s2");
+    assert!(
+        s2["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited before it answered"),
+        "{s2}"
+    );
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().ino(),
+        original,
+        "the old binary is back"
+    );
+    let (restored, version) = agent_of(&sim).unwrap();
+    assert_ne!(restored, pid);
+    assert_eq!(version, "0.1.0");
+
+    // One that hangs: killed at the deadline, the old one back.
+    let hangs = agent_bundle(&sim, "hangs", "0.2.0");
+    dev(&sim, &["schedule", "update", "--source", &hangs], 0);
+    wait("s3 to fail", || {
+        schedule_if_up(&sim, "s3").is_some_and(|v| v["state"] == "failed")
+    });
+    let s3 = schedule(&sim, "s3");
+    assert!(
+        s3["reason"]
+            .as_str()
+            .unwrap()
+            .contains("did not answer on its API socket within 3s"),
+        "{s3}"
+    );
+    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+    let (restored, version) = agent_of(&sim).unwrap();
+    assert_eq!(version, "0.1.0");
+
+    // A good one answers in time and stays; the previous binary is kept beside it.
+    let good = agent_bundle(&sim, "good", "0.2.0");
+    dev(&sim, &["schedule", "update", "--source", &good], 0);
+    wait("s4 to complete", || {
+        schedule_if_up(&sim, "s4").is_some_and(|v| v["state"] == "completed")
+    });
+    let (now, version) = agent_of(&sim).unwrap();
+    assert_eq!(
+        (now, version.as_str()),
+        (restored, "0.2.0"),
+        "the same process, re-executed"
+    );
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(sim.path("good")).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(sim.path("dev/bin/abide.prev"))
+            .unwrap()
+            .ino(),
+        original
+    );
+    let log = dev(&sim, &["log"], 0);
+    let events: Vec<&str> = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["event"].as_str().unwrap())
+        .filter(|e| e.starts_with("self-update"))
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "self-update",
+            "self-update-failed",
+            "self-update",
+            "self-update-failed",
+            "self-update",
+            "self-update-commit"
+        ]
+    );
+    let _ = Command::new("kill").arg(now.to_string()).status();
+}
+
+#[test]
+fn a_trial_whose_new_agent_is_gone_without_a_verdict_is_failed_and_the_old_binary_put_back() {
+    use std::os::unix::fs::MetadataExt;
+    // As the systemd unit's ExecStartPre finds it after the new agent died and took its
+    // watchdog with it: the trial still `trying`, its process gone, the new binary in place.
+    let sim = Sim::new(None);
+    std::fs::create_dir(sim.path("dev/bin")).unwrap();
+    let bin = sim.path("dev/bin/abide");
+    std::fs::write(sim.path("dev/bin/abide.prev"), "#!/bin/sh\necho old\n").unwrap();
+    std::fs::write(&bin, "#!/bin/sh\nexit 3\n").unwrap();
+    let old = std::fs::metadata(sim.path("dev/bin/abide.prev"))
+        .unwrap()
+        .ino();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let pid = gone.id();
+    gone.wait().unwrap();
+    let trial = serde_json::json!({
+        "state": "trying", "from": "0.1.0", "to": "0.2.0", "binary": bin, "pid": pid,
+        "since": "2026-12-01T00:00:00Z", "deadline": 3, "args": ["agent"],
+        "reason": "the new agent did not answer on its API socket within 3s; it was killed"
+    });
+    std::fs::write(sim.path("dev/state/self-update.json"), trial.to_string()).unwrap();
+    let v = dev(&sim, &["self-update-recover"], 0);
+    assert_eq!(v["recovered"], true);
+    assert_eq!(
+        std::fs::metadata(&bin).unwrap().ino(),
+        old,
+        "the previous binary is back"
+    );
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(sim.path("dev/state/self-update.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["state"], "failed");
+    assert_eq!(dev(&sim, &["self-update-recover"], 0)["recovered"], false);
+    // The agent that starts next records the failure with its reason and clears the record.
+    let _agent = Running::start(&sim);
+    wait("the failure to be recorded", || {
+        !sim.path("dev/state/self-update.json").exists()
+    });
+    let log = dev(&sim, &["log"], 0);
+    let failed = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["event"] == "self-update-failed")
+        .expect("a self-update-failed record");
+    assert_eq!(
+        failed["details"]["reason"],
+        "the new agent did not answer on its API socket within 3s; it was killed"
+    );
 }

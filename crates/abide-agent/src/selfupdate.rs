@@ -1,0 +1,426 @@
+//! The agent updates itself. A bundle whose one component is of kind `agent` carries a new
+//! `abide` binary. It is verified like any bundle (signatures, trust root, hardware, expiry,
+//! the device's product) and must be newer than the agent that runs (`STATE_DIR/agent.json`,
+//! else the running binary's own version). Then:
+//!
+//! 1. the new binary is written beside the configured one (`[self_update] binary`) and synced,
+//!    its chunks and digest checked as it is written;
+//! 2. the running binary is kept as `BINARY.prev` (a hard link: its bytes stay where they are);
+//! 3. `STATE_DIR/self-update.json` records the trial (`trying`: from, to, the agent's process
+//!    id, since when, the deadline, its arguments), and the audit log the step;
+//! 4. the new binary is renamed over the old one (and the directory synced);
+//! 5. a watchdog is started from the previous binary (`abide self-update-watch`), and the
+//!    agent re-executes itself: the same process, now running the new binary.
+//!
+//! The watchdog gives the new agent until the deadline to answer `Status` on its API socket
+//! from that process, started after the switch. If it does, the trial is committed. If the
+//! new agent exits first, or does not answer in time (it is then killed), the watchdog puts the
+//! previous binary back (a hard link renamed into place) and runs it as the agent. Either way
+//! the agent that runs next records the outcome in the audit log (`self-update-commit`,
+//! `self-update-failed` with the reason) and ends the schedule that asked for it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use abide_boot::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Manifest, Policy, TrustRoot};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::device::Device;
+use crate::error::{AgentError, Result};
+
+/// The kind of component that carries the agent.
+pub const KIND: &str = "agent";
+
+/// The trial's record in the state directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trial {
+    /// Where it is.
+    pub state: TrialState,
+    /// The agent's version before, and the one tried.
+    pub from: String,
+    /// The version tried.
+    pub to: String,
+    /// The binary replaced.
+    pub binary: PathBuf,
+    /// The process that runs the new binary.
+    pub pid: u32,
+    /// When the new binary was put in place.
+    pub since: Timestamp,
+    /// How long the new agent has to answer, in seconds.
+    pub deadline: u64,
+    /// The agent's arguments (the previous binary is started with them again).
+    pub args: Vec<String>,
+    /// The schedule that asked for it, if one did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a trial is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrialState {
+    /// The new agent runs; the watchdog waits for it to answer.
+    Trying,
+    /// The new agent answered in time: it stays.
+    Committed,
+    /// The previous binary was put back.
+    Failed,
+}
+
+impl Trial {
+    /// The file in `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("self-update.json")
+    }
+
+    /// The trial under way or not yet reported, if there is one.
+    pub fn load(state_dir: &Path) -> Result<Option<Trial>> {
+        let path = Trial::path(state_dir);
+        match read_bounded(&path, 1 << 20) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| AgentError::State {
+                    path,
+                    what: format!("not a self-update record: {e}"),
+                }),
+            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Replaces the file atomically.
+    pub fn store(&self, state_dir: &Path) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self).expect("plain data");
+        write_atomic(&Trial::path(state_dir), &bytes, 0o600)?;
+        Ok(())
+    }
+}
+
+/// The version of the agent that runs: the last one a self-update committed, else the
+/// binary's own.
+pub fn agent_version(state_dir: &Path) -> String {
+    read_bounded(&state_dir.join("agent.json"), 4096)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+}
+
+/// Whether a bundle carries the agent: one component, of kind `agent`.
+pub fn is_agent_bundle(manifest: &Manifest) -> bool {
+    manifest.components.len() == 1 && manifest.components[0].kind.as_str() == KIND
+}
+
+/// `BINARY.prev`.
+pub fn previous(binary: &Path) -> PathBuf {
+    let mut name = binary.as_os_str().to_owned();
+    name.push(".prev");
+    PathBuf::from(name)
+}
+
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IoError {
+    let path = path.to_owned();
+    move |source| IoError { op, path, source }
+}
+
+/// Verifies the agent bundle `bundle` (its head already read), writes the new binary, keeps
+/// the previous one, records the trial, starts the watchdog and re-executes the agent. Returns
+/// only on failure; a refusal changes nothing.
+pub fn apply<S: abide_bundle::Source>(
+    device: &mut Device,
+    bundle: BundleReader<S>,
+    schedule: Option<&str>,
+    now: Timestamp,
+) -> Result<std::convert::Infallible> {
+    let config = device.config.clone();
+    let state = device.state()?;
+    let limits = Limits::default();
+    let trust_bytes = crate::trust::bytes(&config)?;
+    let trust = TrustRoot::load(&trust_bytes, now, ExpirationEnforcement::Safe, &limits)?;
+    let policy = Policy {
+        trust: &trust,
+        now,
+        expiration: ExpirationEnforcement::Safe,
+        compatible: Some(&config.compatible),
+        min_security_version: state.security_version,
+    };
+    let mut bundle = bundle.verify(&policy)?;
+    let manifest = bundle.manifest().clone();
+    if manifest.product.as_str() != config.product {
+        return Err(AgentError::WrongProduct {
+            bundle: manifest.product.to_string(),
+            device: config.product.clone(),
+        });
+    }
+    let from = agent_version(&config.state_dir);
+    let newer = from
+        .parse::<semver::Version>()
+        .is_ok_and(|f| manifest.version > f);
+    if !newer {
+        return Err(AgentError::SelfUpdate {
+            what: format!(
+                "agent {} is not newer than the running agent {from}",
+                manifest.version
+            ),
+        });
+    }
+    let binary = config.self_update.binary.clone();
+    let prev = previous(&binary);
+    // 1. The new binary, beside the old one, checked as it is written.
+    let mut file = AtomicFile::create(&binary, 0o755)?;
+    // The binary that will run as the agent is small: every hash, not only the signed bytes.
+    bundle.set_checks(abide_bundle::chunks::Checks::Every);
+    let mut out = std::io::BufWriter::new(file.file());
+    bundle.read_component(&mut |data| std::io::Write::write_all(&mut out, data))?;
+    std::io::Write::flush(&mut out).map_err(io("writing", &binary))?;
+    drop(out);
+    bundle.finish()?;
+    // 2. The running binary is kept (a hard link to its bytes).
+    let _ = std::fs::remove_file(&prev);
+    std::fs::hard_link(&binary, &prev).map_err(io("keeping the previous agent as", &prev))?;
+    sync_dir(binary.parent().unwrap_or(Path::new(".")))?;
+    // 3. The trial is recorded before anything switches.
+    let trial = Trial {
+        state: TrialState::Trying,
+        from: from.clone(),
+        to: manifest.version.to_string(),
+        binary: binary.clone(),
+        pid: std::process::id(),
+        since: now,
+        deadline: config.self_update.deadline.as_secs().max(1) as u64,
+        args: std::env::args().skip(1).collect(),
+        schedule: schedule.map(str::to_owned),
+        reason: None,
+    };
+    trial.store(&config.state_dir)?;
+    device.record(
+        now,
+        "self-update",
+        json!({"from": from, "to": trial.to, "binary": binary, "deadline": trial.deadline,
+               "schedule": schedule}),
+    )?;
+    // 4. The switch.
+    if let Err(e) = file.commit() {
+        fail(
+            &config,
+            trial,
+            &format!("putting the new agent in place: {e}"),
+        )?;
+        return Err(e.into());
+    }
+    // 5. The watchdog, from the previous binary, then the new binary in this process.
+    let spawned = std::process::Command::new(&prev)
+        .args(["self-update-watch", "--config"])
+        .arg(&config.path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn();
+    if let Err(e) = spawned {
+        restore(&binary)?;
+        fail(&config, trial, &format!("starting the watchdog: {e}"))?;
+        return Err(io("starting the watchdog", &prev)(e).into());
+    }
+    tracing::info!(from = %trial.from, to = %trial.to, "running the new agent");
+    let e = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new(&binary).args(&trial.args),
+    );
+    // exec returns only when it failed: the previous binary goes back (the watchdog sees this
+    // process answer as the old agent only after its deadline, and finds the trial ended).
+    restore(&binary)?;
+    fail(&config, trial, &format!("running the new agent: {e}"))?;
+    Err(io("running", &binary)(e).into())
+}
+
+/// Puts `BINARY.prev` back as `BINARY` (a hard link renamed into place).
+fn restore(binary: &Path) -> Result<()> {
+    let prev = previous(binary);
+    let mut temp = binary.as_os_str().to_owned();
+    temp.push(".restore");
+    let temp = PathBuf::from(temp);
+    let _ = std::fs::remove_file(&temp);
+    std::fs::hard_link(&prev, &temp).map_err(io("restoring the previous agent from", &prev))?;
+    std::fs::rename(&temp, binary).map_err(io("restoring the previous agent as", binary))?;
+    sync_dir(binary.parent().unwrap_or(Path::new(".")))?;
+    Ok(())
+}
+
+fn fail(config: &Config, mut trial: Trial, reason: &str) -> Result<()> {
+    trial.state = TrialState::Failed;
+    trial.reason = Some(reason.to_owned());
+    trial.store(&config.state_dir)
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X')
+    })
+}
+
+/// The watchdog (`abide self-update-watch`), run from the previous binary: waits for the new
+/// agent to answer from its process, else kills it, restores the previous binary and becomes
+/// the agent. Returns when the trial is committed; on failure it does not return (it runs the
+/// previous agent) unless that fails.
+pub fn watch(config: &Config) -> Result<()> {
+    let Some(trial) = Trial::load(&config.state_dir)? else {
+        return Ok(());
+    };
+    if trial.state != TrialState::Trying {
+        return Ok(());
+    }
+    let deadline = trial.since + jiff::SignedDuration::from_secs(trial.deadline as i64);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io("starting a runtime for", &config.path))?;
+    let reason = loop {
+        let answered = rt.block_on(async {
+            let Ok(Ok(mut client)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                abide_api::transport::connect_unix(&config.api.socket),
+            )
+            .await
+            else {
+                return false;
+            };
+            let Ok(Ok(status)) = tokio::time::timeout(
+                Duration::from_secs(2),
+                client.status(abide_api::StatusRequest {}),
+            )
+            .await
+            else {
+                return false;
+            };
+            let s = status.into_inner();
+            s.pid == trial.pid
+                && s.started
+                    .parse::<Timestamp>()
+                    .is_ok_and(|started| started >= trial.since)
+        });
+        if answered {
+            let mut t = trial.clone();
+            t.state = TrialState::Committed;
+            t.store(&config.state_dir)?;
+            return Ok(());
+        }
+        if !alive(trial.pid) {
+            break "the new agent exited before it answered on its API socket".to_owned();
+        }
+        if Timestamp::now() > deadline {
+            let reason = format!(
+                "the new agent did not answer on its API socket within {}s; it was killed",
+                trial.deadline
+            );
+            // The reason first: under systemd, this watchdog may not outlive the new agent.
+            let mut t = trial.clone();
+            t.reason = Some(reason.clone());
+            t.store(&config.state_dir)?;
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_raw(trial.pid as i32).expect("a process id"),
+                rustix::process::Signal::KILL,
+            );
+            break reason;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    restore(&trial.binary)?;
+    fail(config, trial.clone(), &reason)?;
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        // Under systemd the unit restarts the agent (now the previous binary) itself.
+        return Ok(());
+    }
+    let e = std::os::unix::process::CommandExt::exec(
+        std::process::Command::new(&trial.binary).args(&trial.args),
+    );
+    Err(io("running the previous agent", &trial.binary)(e).into())
+}
+
+/// Before the agent starts (`abide self-update-recover`, the systemd unit's `ExecStartPre`): a
+/// trial whose process is gone without a verdict (the new agent exited, or was killed, and the
+/// watchdog did not finish) is failed and the previous binary put back. Returns whether it
+/// did.
+pub fn recover(config: &Config) -> Result<bool> {
+    let Some(trial) = Trial::load(&config.state_dir)? else {
+        return Ok(false);
+    };
+    if trial.state != TrialState::Trying || alive(trial.pid) {
+        return Ok(false);
+    }
+    restore(&trial.binary)?;
+    let reason = trial
+        .reason
+        .clone()
+        .unwrap_or_else(|| "the new agent exited before it answered on its API socket".into());
+    fail(config, trial, &reason)?;
+    Ok(true)
+}
+
+/// What the agent does with a trial it finds at the start of a round: while the new agent is
+/// on trial, nothing else starts (`true`); an ended trial is recorded in the audit log, its
+/// schedule ended, and the record removed.
+pub fn settle(device: &mut Device, shared: &crate::api::service::Shared) -> Result<bool> {
+    let state_dir = device.config.state_dir.clone();
+    // A trial whose process is gone without a verdict fails here too (no ExecStartPre ran).
+    recover(&device.config)?;
+    let Some(trial) = Trial::load(&state_dir)? else {
+        return Ok(false);
+    };
+    let now = shared.clock.now();
+    match trial.state {
+        // The new agent on trial (this process, or another while the watchdog decides).
+        TrialState::Trying => return Ok(true),
+        TrialState::Committed => {
+            write_atomic(
+                &state_dir.join("agent.json"),
+                json!({"version": trial.to}).to_string().as_bytes(),
+                0o644,
+            )?;
+            device.record(
+                now,
+                "self-update-commit",
+                json!({"from": trial.from, "to": trial.to}),
+            )?;
+            tracing::info!(from = %trial.from, to = %trial.to, "the new agent is kept");
+        }
+        TrialState::Failed => {
+            device.record(
+                now,
+                "self-update-failed",
+                json!({"from": trial.from, "to": trial.to, "reason": trial.reason}),
+            )?;
+            tracing::warn!(to = %trial.to, reason = ?trial.reason, "the new agent failed; the previous one runs");
+        }
+    }
+    if let Some(id) = &trial.schedule {
+        shared.with_book(|b| {
+            if let Some(s) = b.get_mut(id) {
+                s.version = Some(trial.to.clone());
+                if trial.state == TrialState::Committed {
+                    s.complete(now);
+                } else {
+                    let _ = s.fail(
+                        now,
+                        trial
+                            .reason
+                            .as_deref()
+                            .unwrap_or("the new agent did not come up"),
+                    );
+                }
+            }
+        })?;
+    }
+    std::fs::remove_file(Trial::path(&state_dir))
+        .map_err(io("removing", &Trial::path(&state_dir)))?;
+    sync_dir(&state_dir)?;
+    Ok(false)
+}

@@ -402,6 +402,9 @@ fn a_schedule_cancelled_mid_download_stops_and_activates_nothing() {
     wait("the download to start", || {
         dev(&sim, &["status"], 0)["state"] == "downloading"
     });
+    // While the download holds the device, a change through the API is answered busy.
+    let v = dev(&sim, &["rollback", "--reason", "now"], 3);
+    assert_eq!(v["error"]["code"], "busy", "{v}");
     let v = dev(&sim, &["schedule", "cancel", "s1"], 0);
     assert_eq!(v["state"], "cancelled");
     wait("the download to stop", || {
@@ -497,6 +500,14 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
 #[test]
 fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
     let sim = Sim::new(None);
+    // Two audit records to read back: an older release refused, twice.
+    let older = sim.bundle("0.9.0", 0, 11);
+    for _ in 0..2 {
+        assert_eq!(
+            dev(&sim, &["install", &older], 1)["error"]["code"],
+            "older-version"
+        );
+    }
     let dir = sim.path("dev");
     let ca = crate::agent::TestCa::new(&dir, "api-ca");
     ca.issue(&dir, "agent", "agent", &["localhost"]);
@@ -542,6 +553,48 @@ fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
     };
     let ok = status(Some(("operator.pem", "operator.key"))).unwrap();
     assert_eq!((ok.version.as_str(), ok.state.as_str()), ("1.0.0", "idle"));
+    // The audit log through the API: the chain checked, `after` and `limit` honoured.
+    let log = rt.block_on(async {
+        let tls = abide_client::tls::client_config(
+            Some(&dir.join("api-ca.pem")),
+            Some((&dir.join("operator.pem"), &dir.join("operator.key"))),
+        )
+        .unwrap();
+        let mut client = abide_api::transport::connect_tls(&addr, "localhost", tls)
+            .await
+            .unwrap();
+        let all = client
+            .get_audit_log(abide_api::GetAuditLogRequest { after: 0, limit: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        let last = client
+            .get_audit_log(abide_api::GetAuditLogRequest { after: 0, limit: 1 })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        let none = client
+            .get_audit_log(abide_api::GetAuditLogRequest {
+                after: all.len() as u64,
+                limit: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        (all, last, none)
+    });
+    let (all, last, none) = log;
+    assert!(!all.is_empty());
+    assert_eq!(
+        all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=all.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].seq, all.len() as u64);
+    assert!(none.is_empty());
     assert!(status(None).is_err(), "no client certificate");
     assert!(
         status(Some(("stranger.pem", "stranger.key"))).is_err(),

@@ -6,7 +6,7 @@
 use abide_bundle::chunks::Reuse;
 use abide_bundle::delta::{DeltaReader, Kind, VerifiedDelta};
 use abide_bundle::source::Peeked;
-use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source, TrustRoot};
+use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source};
 use abide_core::{FailReason, Force, Gate, Installed, Transaction, TxState, admit};
 
 use crate::hooks::Hook;
@@ -359,8 +359,7 @@ fn plan<'a>(
 ) -> Result<Plan<'a>> {
     let config = &device.config;
     let limits = Limits::default();
-    let trust_bytes = crate::trust::bytes(config)?;
-    let trust = TrustRoot::load(&trust_bytes, now, ExpirationEnforcement::Safe, &limits)?;
+    let trust = crate::trust::root(config, now)?;
     let policy = Policy {
         trust: &trust,
         now,

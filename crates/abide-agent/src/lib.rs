@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod index;
 pub mod init;
 pub mod install;
+mod json_file;
 pub mod local;
 pub mod lock;
 pub mod metrics;

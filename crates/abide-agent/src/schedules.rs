@@ -5,12 +5,11 @@
 
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{AtomicFile, read_bounded};
 use abide_core::schedule::{Schedule, ScheduleState};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{AgentError, Result};
+use crate::error::Result;
 
 const FORMAT: u32 = 1;
 
@@ -45,43 +44,15 @@ impl Book {
 
     /// Reads the file; a missing one is a device without schedules.
     pub fn load(state_dir: &Path) -> Result<Book> {
-        let path = Book::path(state_dir);
-        let bytes = match read_bounded(&path, 4 << 20) {
-            Ok(b) => b,
-            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => return Ok(Book::default()),
-            Err(e) => return Err(e.into()),
-        };
-        let book: Book = serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
-            path: path.clone(),
-            what: format!("not a schedule list: {e}"),
-        })?;
-        if book.format != FORMAT {
-            return Err(AgentError::State {
-                path,
-                what: format!(
-                    "format {} is not the format {FORMAT} this abide reads (written by a newer version?)",
-                    book.format
-                ),
-            });
-        }
-        Ok(book)
+        Ok(
+            crate::json_file::load(&Book::path(state_dir), "schedule list", Some(FORMAT))?
+                .unwrap_or_default(),
+        )
     }
 
     /// Replaces the file atomically.
     pub fn store(&self, state_dir: &Path) -> Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("plain data");
-        bytes.push(b'\n');
-        let path = Book::path(state_dir);
-        let mut file = AtomicFile::create(&path, 0o600)?;
-        std::io::Write::write_all(file.file(), &bytes).map_err(|source| {
-            abide_boot::persist::IoError {
-                op: "writing",
-                path: path.clone(),
-                source,
-            }
-        })?;
-        file.commit()?;
-        Ok(())
+        crate::json_file::store(&Book::path(state_dir), self, 0o600)
     }
 
     /// The id the next schedule gets.

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use abide_boot::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
-use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Manifest, Policy, TrustRoot};
+use abide_bundle::{BundleReader, ExpirationEnforcement, Manifest, Policy};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -82,24 +82,12 @@ impl Trial {
 
     /// The trial under way or not yet reported, if there is one.
     pub fn load(state_dir: &Path) -> Result<Option<Trial>> {
-        let path = Trial::path(state_dir);
-        match read_bounded(&path, 1 << 20) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| AgentError::State {
-                    path,
-                    what: format!("not a self-update record: {e}"),
-                }),
-            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        crate::json_file::load(&Trial::path(state_dir), "self-update record", None)
     }
 
     /// Replaces the file atomically.
     pub fn store(&self, state_dir: &Path) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(self).expect("plain data");
-        write_atomic(&Trial::path(state_dir), &bytes, 0o600)?;
-        Ok(())
+        crate::json_file::store(&Trial::path(state_dir), self, 0o600)
     }
 }
 
@@ -141,9 +129,7 @@ pub fn apply<S: abide_bundle::Source>(
 ) -> Result<std::convert::Infallible> {
     let config = device.config.clone();
     let state = device.state()?;
-    let limits = Limits::default();
-    let trust_bytes = crate::trust::bytes(&config)?;
-    let trust = TrustRoot::load(&trust_bytes, now, ExpirationEnforcement::Safe, &limits)?;
+    let trust = crate::trust::root(&config, now)?;
     let policy = Policy {
         trust: &trust,
         now,

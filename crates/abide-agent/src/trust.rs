@@ -31,6 +31,16 @@ pub fn bytes(config: &Config) -> Result<Vec<u8>> {
     )?)
 }
 
+/// The root the device holds, as it stands at `now` (an expired one is refused).
+pub fn root(config: &Config, now: Timestamp) -> Result<TrustRoot> {
+    Ok(TrustRoot::load(
+        &bytes(config)?,
+        now,
+        ExpirationEnforcement::Safe,
+        &Limits::default(),
+    )?)
+}
+
 /// The version of the root the device holds (an expired root still has a version).
 pub fn version(config: &Config) -> Result<u64> {
     let root = TrustRoot::load(

@@ -6,11 +6,10 @@
 
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{AtomicFile, read_bounded};
 use abide_proto::ReportRequest;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{AgentError, Result};
+use crate::error::Result;
 
 /// The format version this code writes; a newer one is refused.
 pub const FORMAT: u32 = 1;
@@ -68,49 +67,18 @@ impl FleetState {
 
     /// Reads the file; a missing one is a device that never enrolled.
     pub fn load(state_dir: &Path) -> Result<FleetState> {
-        let path = FleetState::path(state_dir);
-        let bytes = match read_bounded(&path, 4 << 20) {
-            Ok(b) => b,
-            Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(FleetState {
-                    format: FORMAT,
-                    next_seq: 1,
-                    ..FleetState::default()
-                });
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let state: FleetState = serde_json::from_slice(&bytes).map_err(|e| AgentError::State {
-            path: path.clone(),
-            what: format!("not a fleet state: {e}"),
-        })?;
-        if state.format != FORMAT {
-            return Err(AgentError::State {
-                path,
-                what: format!(
-                    "format {} is not the format {FORMAT} this abide reads (written by a newer version?)",
-                    state.format
-                ),
-            });
-        }
-        Ok(state)
+        let state =
+            crate::json_file::load(&FleetState::path(state_dir), "fleet state", Some(FORMAT))?;
+        Ok(state.unwrap_or(FleetState {
+            format: FORMAT,
+            next_seq: 1,
+            ..FleetState::default()
+        }))
     }
 
     /// Replaces the file atomically, readable by its owner only.
     pub fn store(&self, state_dir: &Path) -> Result<()> {
-        let mut bytes = serde_json::to_vec_pretty(self).expect("plain data");
-        bytes.push(b'\n');
-        let path = FleetState::path(state_dir);
-        let mut file = AtomicFile::create(&path, 0o600)?;
-        std::io::Write::write_all(file.file(), &bytes).map_err(|source| {
-            abide_boot::persist::IoError {
-                op: "writing",
-                path: path.clone(),
-                source,
-            }
-        })?;
-        file.commit()?;
-        Ok(())
+        crate::json_file::store(&FleetState::path(state_dir), self, 0o600)
     }
 
     /// Queues a report with the next sequence number.

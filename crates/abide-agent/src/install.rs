@@ -154,7 +154,18 @@ pub fn stage(
         .into_iter()
         .find(|g| *g != good)
         .expect("two groups");
-    let id = format!("tx-{}-{version}", now().as_second());
+    // Unique against the last transaction too (two installs of one version in one second).
+    let base = format!("tx-{}-{version}", now().as_second());
+    let id = match state.transaction.as_ref().map(|t| t.id.as_str()) {
+        Some(last) if last == base || last.starts_with(&format!("{base}-")) => {
+            let n = last
+                .strip_prefix(&format!("{base}-r"))
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(1);
+            format!("{base}-r{}", n + 1)
+        }
+        _ => base,
+    };
     let context = crate::hooks::Context {
         transaction: id.clone(),
         version: version.to_string(),

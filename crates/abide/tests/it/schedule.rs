@@ -432,6 +432,94 @@ fn a_schedule_cancelled_mid_download_stops_and_activates_nothing() {
     assert_eq!(s1["transaction"], status["transaction"]);
 }
 
+#[test]
+fn a_bundle_from_a_url_that_is_not_the_one_pinned_is_abandoned_before_activation() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 12);
+    let url = slow_server(std::fs::read(sim.path(&b)).unwrap(), 256 << 10);
+    let a_before = sha256_of(&sim.path("dev/slots/rootfs.A.img"));
+    let _agent = Running::start(&sim);
+    let v = dev(
+        &sim,
+        &[
+            "schedule",
+            "update",
+            "--source",
+            &url,
+            "--sha256",
+            &"ab".repeat(32),
+        ],
+        0,
+    );
+    assert_eq!(v["sha256"], "ab".repeat(32));
+    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
+    let s1 = schedule(&sim, "s1");
+    assert!(
+        s1["reason"].as_str().unwrap().contains("sha256 mismatch"),
+        "{s1}"
+    );
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(
+        (status["state"].as_str(), status["version"].as_str()),
+        (Some("failed"), Some("1.0.0"))
+    );
+    assert!(
+        status["reason"]
+            .as_str()
+            .unwrap()
+            .contains("[sha256-mismatch]"),
+        "{status}"
+    );
+    let boot: Value =
+        serde_json::from_slice(&std::fs::read(sim.path("dev/boot.json")).unwrap()).unwrap();
+    assert_eq!(boot["bootable"]["B"], false, "{boot}");
+    assert_eq!(sha256_of(&sim.path("dev/slots/rootfs.A.img")), a_before);
+    // Every event of every schedule, to a watcher of all of them: the next one, pinned right.
+    let sha = sha256_of(&sim.path(&b));
+    let socket = sim.path("dev/agent.sock");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut events = rt.block_on(async {
+        let mut c = abide_api::transport::connect_unix(&socket).await.unwrap();
+        c.watch_progress(abide_api::WatchProgressRequest {
+            schedule: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+    });
+    dev(
+        &sim,
+        &["schedule", "update", "--source", &url, "--sha256", &sha],
+        0,
+    );
+    let seen = rt.block_on(async {
+        let mut seen = Vec::new();
+        while let Ok(Ok(Some(e))) =
+            tokio::time::timeout(Duration::from_secs(60), events.message()).await
+        {
+            let done = e.transaction_state == "activated";
+            seen.push((e.schedule, e.state, e.transaction_state));
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    assert_eq!(
+        seen.first().map(|e| e.1.as_str()),
+        Some("pending"),
+        "{seen:?}"
+    );
+    assert!(seen.iter().all(|e| e.0 == "s2"), "{seen:?}");
+    assert_eq!(
+        seen.last().map(|e| (e.1.as_str(), e.2.as_str())),
+        Some(("in_progress", "activated"))
+    );
+}
+
 /// A clock the test moves.
 struct TestClock(Mutex<Timestamp>);
 
@@ -451,6 +539,11 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
     let b = sim.bundle("2.0.0", 1, 10);
     let config = sim.path("dev/system.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
+    text = text.replace(
+        "[api]\nsocket = \"agent.sock\"\n",
+        "[api]\nsocket = \"agent.sock\"\nmetrics_file = \"textfile/abide.prom\"\n",
+    );
+    std::fs::create_dir(sim.path("dev/textfile")).unwrap();
     text.push_str(
         "\n[[window]]\ndays = [\"sat\"]\nstart = \"02:00\"\nend = \"04:00\"\nzone = \"UTC\"\n",
     );
@@ -480,6 +573,12 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
     let once = Options { once: true };
     assert_eq!(agent.run(&once).unwrap(), Exit::Idle);
     assert_eq!(shared.book().get("s1").unwrap().state.name(), "pending");
+    // The textfile collector's file is kept after every round.
+    let prom = std::fs::read_to_string(sim.path("dev/textfile/abide.prom")).unwrap();
+    assert!(
+        prom.contains("abide_agent_schedules{state=\"pending\"} 1"),
+        "{prom}"
+    );
     assert_eq!(dev(&sim, &["status"], 0)["state"], "idle");
 
     *clock.0.lock().unwrap() = "2026-12-05T02:30:00Z".parse().unwrap();

@@ -6,7 +6,7 @@
 use abide_bundle::chunks::Reuse;
 use abide_bundle::delta::{DeltaReader, Kind, VerifiedDelta};
 use abide_bundle::source::Peeked;
-use abide_bundle::{BundleReader, ExpirationEnforcement, Limits, Policy, Source};
+use abide_bundle::{BundleReader, Limits, Source};
 use abide_core::{FailReason, Force, Gate, Installed, Transaction, TxState, admit};
 
 use crate::hooks::Hook;
@@ -371,13 +371,7 @@ fn plan<'a>(
     let config = &device.config;
     let limits = Limits::default();
     let trust = crate::trust::root(config, now)?;
-    let policy = Policy {
-        trust: &trust,
-        now,
-        expiration: ExpirationEnforcement::Safe,
-        compatible: Some(&config.compatible),
-        min_security_version: state.security_version,
-    };
+    let policy = crate::trust::policy(config, &trust, state.security_version, now);
     let (kind, src) = Peeked::new(src).map_err(|source| abide_bundle::Error::Io {
         what: "reading the bundle",
         source,

@@ -159,24 +159,7 @@ fn run(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device, id: &s
         Rollback::Manual => Gate::Manual,
     };
     let result = stage(shared, rt, device, &s, gate);
-    let tx = device
-        .state()?
-        .transaction
-        .filter(|t| Some(&t.id) != before.as_ref());
-    let now = shared.clock.now();
-    shared.with_book(|b| {
-        let Some(s) = b.get_mut(id) else { return };
-        if let Some(t) = &tx {
-            s.transaction = Some(t.id.clone());
-            s.version = Some(t.version.to_string());
-            s.follow(now, &t.id, &t.state);
-            if let ScheduleState::Cancelled { transaction } = &mut s.state {
-                *transaction = Some(t.id.clone());
-            }
-        } else if let Err(e) = &result {
-            let _ = s.fail(now, &e.to_string());
-        }
-    })?;
+    staged(shared, device, id, before.as_deref(), result.as_ref().err())?;
     if let Err(e) = result {
         tracing::warn!(schedule = %id, error = %e, "the scheduled update failed");
     }
@@ -310,7 +293,7 @@ impl<'a> Reader<'a> {
                         }
                         hasher.update(&buf[..n]);
                     }
-                    let got = hex(&hasher.finalize());
+                    let got = abide_bundle::Digest(hasher.finalize().into()).to_hex();
                     if &got != want {
                         return Err(AgentError::State {
                             path: path.into(),
@@ -358,7 +341,7 @@ impl<'a> Reader<'a> {
         io::copy(self, &mut io::sink())
             .map_err(|e| format!("reading the rest of the bundle: {e}"))?;
         let (want, hasher) = self.check.take().expect("checked above");
-        let got = hex(&hasher.finalize());
+        let got = abide_bundle::Digest(hasher.finalize().into()).to_hex();
         if got == want {
             Ok(())
         } else {
@@ -445,10 +428,6 @@ impl<S: BundleSource> BundleSource for Replay<'_, S> {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Records a fleet assignment being carried out as a schedule (origin fleet, in progress):
 /// returns its id.
 pub fn fleet_schedule(shared: &Shared, url: &str, rollout: &str) -> Result<String> {
@@ -473,9 +452,10 @@ pub fn fleet_schedule(shared: &Shared, url: &str, rollout: &str) -> Result<Strin
     })
 }
 
-/// After a fleet download: the fleet schedule `id` follows the transaction that began, or
-/// fails with `error` if none did.
-pub fn fleet_staged(
+/// After a stage (a schedule's, or a fleet download): schedule `id` follows the transaction
+/// that began (one other than `before`) — a schedule cancelled meanwhile keeps its id, so that
+/// its staged target is abandoned — or fails with `error` if none began.
+pub fn staged(
     shared: &Shared,
     device: &Device,
     id: &str,
@@ -494,6 +474,9 @@ pub fn fleet_staged(
                 s.transaction = Some(t.id.clone());
                 s.version = Some(t.version.to_string());
                 s.follow(now, &t.id, &t.state);
+                if let ScheduleState::Cancelled { transaction } = &mut s.state {
+                    *transaction = Some(t.id.clone());
+                }
             }
             (None, Some(e)) => {
                 let _ = s.fail(now, &e.to_string());

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use abide_boot::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
-use abide_bundle::{BundleReader, ExpirationEnforcement, Manifest, Policy};
+use abide_bundle::{BundleReader, Manifest};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -130,13 +130,7 @@ pub fn apply<S: abide_bundle::Source>(
     let config = device.config.clone();
     let state = device.state()?;
     let trust = crate::trust::root(&config, now)?;
-    let policy = Policy {
-        trust: &trust,
-        now,
-        expiration: ExpirationEnforcement::Safe,
-        compatible: Some(&config.compatible),
-        min_security_version: state.security_version,
-    };
+    let policy = crate::trust::policy(&config, &trust, state.security_version, now);
     let mut bundle = bundle.verify(&policy)?;
     let manifest = bundle.manifest().clone();
     if manifest.product.as_str() != config.product {

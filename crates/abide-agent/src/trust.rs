@@ -41,6 +41,23 @@ pub fn root(config: &Config, now: Timestamp) -> Result<TrustRoot> {
     )?)
 }
 
+/// What a bundle for this device must satisfy under `trust` at `now`: signatures, expiry, the
+/// device's hardware id, and a security version not below the device's counter.
+pub fn policy<'a>(
+    config: &'a Config,
+    trust: &'a TrustRoot,
+    security_version: u64,
+    now: Timestamp,
+) -> abide_bundle::Policy<'a> {
+    abide_bundle::Policy {
+        trust,
+        now,
+        expiration: ExpirationEnforcement::Safe,
+        compatible: Some(&config.compatible),
+        min_security_version: security_version,
+    }
+}
+
 /// The version of the root the device holds (an expired root still has a version).
 pub fn version(config: &Config) -> Result<u64> {
     let root = TrustRoot::load(

@@ -151,7 +151,7 @@ pub fn run_install(
         ))
     };
     let force = if force { Force::Yes } else { Force::No };
-    let bar = progress(!out.is_json() && io::stderr().is_terminal());
+    let bar = progress(!out.is_json() && io::stderr().is_terminal(), false);
     let done = install(
         &mut device,
         &mut src,
@@ -427,9 +427,9 @@ impl Source for SeekableFile {
     }
 }
 
-/// The install's progress bar on standard error, for terminals only (not with `--json`, not
-/// when standard error is a file or a pipe): bytes, rate and time left.
-fn progress(on: bool) -> indicatif::ProgressBar {
+/// A progress bar on standard error, for terminals only (not with `--json`, not when standard
+/// error is a file or a pipe): `{msg}` if given, then bytes, rate and time left.
+pub fn progress(on: bool, msg: bool) -> indicatif::ProgressBar {
     if !on {
         return indicatif::ProgressBar::hidden();
     }
@@ -438,9 +438,11 @@ fn progress(on: bool) -> indicatif::ProgressBar {
         indicatif::ProgressDrawTarget::stderr_with_hz(10),
     );
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-        )
+        indicatif::ProgressStyle::with_template(if msg {
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+        } else {
+            "[{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}"
+        })
         .expect("a valid template")
         .progress_chars("=> "),
     );

@@ -264,22 +264,7 @@ pub fn run(command: ScheduleCommand, config: &Path, out: Output) -> Result<()> {
 /// activated and the device restarts into it), 1 when it fails, rolls back or is cancelled.
 fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
     let bar_on = !out.is_json() && std::io::stderr().is_terminal();
-    let bar = if bar_on {
-        let bar = indicatif::ProgressBar::with_draw_target(
-            None,
-            indicatif::ProgressDrawTarget::stderr_with_hz(10),
-        );
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} ETA {eta}",
-            )
-            .expect("a valid template")
-            .progress_chars("=> "),
-        );
-        bar
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::device::progress(bar_on, true);
     let mut last: Option<pb::ProgressEvent> = None;
     let rt = &api.rt;
     let mut client = api.client.clone();

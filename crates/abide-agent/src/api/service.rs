@@ -370,10 +370,8 @@ impl Agent for Service {
                 state: tx.state.name().to_owned(),
                 reboot,
             };
-            drop(device);
             shared.wake();
             if reboot {
-                let device = Device::open_read_only(shared.config.clone()).map_err(status_of)?;
                 device.reboot().map_err(status_of)?;
             }
             Ok(answer)

@@ -370,7 +370,7 @@ impl Agent {
                 let id = crate::local::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
                 let before = device.state()?.transaction.map(|t| t.id);
                 let staged = self.stage(&mut device, &client, &release, &id);
-                crate::local::fleet_staged(
+                crate::local::staged(
                     &self.shared,
                     &device,
                     &id,

@@ -49,7 +49,7 @@ pub type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
 /// Binds the Unix socket at `path` with mode 0660 and, if given, group `group` (a name from
 /// /etc/group or a number). The socket is made under a temporary name, its mode and group
-/// set, then renamed into place, so it is never reachable with looser permissions. A socket
+/// set, then renamed into place, so it appears under its name with its mode and group already set. A socket
 /// left by an agent that stopped is replaced.
 pub fn bind_unix(path: &Path, group: Option<&str>) -> Result<UnixListener, ApiError> {
     let io = |op: &'static str, p: &Path| {

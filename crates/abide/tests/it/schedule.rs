@@ -334,6 +334,13 @@ fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the
     assert_eq!(h["healthy"], false);
     assert_eq!(h["checks"][0]["outcome"], "fail");
     assert_eq!(schedule(&sim, "s1")["state"], "in_progress");
+    // Activated: too late to cancel, roll back instead.
+    let v = dev(&sim, &["schedule", "cancel", "s1"], 1);
+    assert!(
+        error_of(&v).starts_with("failed-precondition: ")
+            && error_of(&v).contains("roll back instead"),
+        "{v}"
+    );
     let v = dev(&sim, &["rollback", "--reason", "the screen stays dark"], 0);
     assert_eq!(
         (v["state"].as_str(), v["reboot"].as_bool()),
@@ -354,8 +361,18 @@ fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the
     assert_eq!(history[0]["reason"], "operator: the screen stays dark");
     assert!(metrics(&sim).contains("abide_agent_rollbacks_total{reason=\"operator\"} 1"));
     drop(_agent);
-    // Offline, the history reads the same from the audit log.
+    // Offline, the history reads the same from the audit log, whose chain is checked first.
     assert_eq!(dev(&sim, &["history"], 0), history);
+    let log = sim.path("dev/state/audit.log");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(
+        &log,
+        text.replacen("the screen stays dark", "the screen stays lit", 1),
+    )
+    .unwrap();
+    let v = dev(&sim, &["history"], 3);
+    assert_eq!(v["error"]["code"], "audit", "{v}");
+    std::fs::write(&log, text).unwrap();
     let v = json_args(&sim.dir, &["sim", "reboot", "dev"], 0);
     assert_eq!(v["status"]["booted"], "A");
 }
@@ -798,20 +815,36 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
     assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
 
     // A new agent that exits at once: the old one comes back, in a new process, and says why.
+    // A damaged one is refused by the bundle checks, and nothing changes.
+    let mut damaged = std::fs::read(sim.path(&direct)).unwrap();
+    let at = damaged.len() - 8;
+    damaged[at] ^= 0xff;
+    std::fs::write(sim.path("agent-damaged.abide"), damaged).unwrap();
+    dev(
+        &sim,
+        &["schedule", "update", "--source", "agent-damaged.abide"],
+        0,
+    );
+    wait("s2 to fail", || schedule(&sim, "s2")["state"] == "failed");
+    let s2 = schedule(&sim, "s2");
+    assert!(s2["reason"].as_str().unwrap().contains("chunk"), "{s2}");
+    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+    assert_eq!(agent_of(&sim).unwrap().0, pid, "the same agent runs on");
+
     let exits = direct;
     dev(&sim, &["schedule", "update", "--source", &exits], 0);
     let status = first.wait().unwrap();
     assert_eq!(status.code(), Some(3), "the process ran the new binary");
-    wait("s2 to fail", || {
-        schedule_if_up(&sim, "s2").is_some_and(|v| v["state"] == "failed")
+    wait("s3 to fail", || {
+        schedule_if_up(&sim, "s3").is_some_and(|v| v["state"] == "failed")
     });
-    let s2 = schedule(&sim, "s2");
+    let exited = schedule(&sim, "s3");
     assert!(
-        s2["reason"]
+        exited["reason"]
             .as_str()
             .unwrap()
             .contains("exited before it answered"),
-        "{s2}"
+        "{exited}"
     );
     assert_eq!(
         std::fs::metadata(&bin).unwrap().ino(),
@@ -825,16 +858,16 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
     // One that hangs: killed at the deadline, the old one back.
     let hangs = agent_bundle(&sim, "hangs", "0.2.0");
     dev(&sim, &["schedule", "update", "--source", &hangs], 0);
-    wait("s3 to fail", || {
-        schedule_if_up(&sim, "s3").is_some_and(|v| v["state"] == "failed")
+    wait("s4 to fail", || {
+        schedule_if_up(&sim, "s4").is_some_and(|v| v["state"] == "failed")
     });
-    let s3 = schedule(&sim, "s3");
+    let hung = schedule(&sim, "s4");
     assert!(
-        s3["reason"]
+        hung["reason"]
             .as_str()
             .unwrap()
             .contains("did not answer on its API socket within 3s"),
-        "{s3}"
+        "{hung}"
     );
     assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
     let (restored, version) = agent_of(&sim).unwrap();
@@ -843,8 +876,8 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
     // A good one answers in time and stays; the previous binary is kept beside it.
     let good = agent_bundle(&sim, "good", "0.2.0");
     dev(&sim, &["schedule", "update", "--source", &good], 0);
-    wait("s4 to complete", || {
-        schedule_if_up(&sim, "s4").is_some_and(|v| v["state"] == "completed")
+    wait("s5 to complete", || {
+        schedule_if_up(&sim, "s5").is_some_and(|v| v["state"] == "completed")
     });
     let (now, version) = agent_of(&sim).unwrap();
     assert_eq!(

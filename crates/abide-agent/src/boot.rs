@@ -73,30 +73,38 @@ pub fn boot(device: &mut Device, clock: &dyn Clock) -> Result<BootOutcome> {
     Ok(outcome)
 }
 
-/// Points the link of every directory slot at the booted group's directory, atomically (a new
-/// symlink renamed over the old one).
+/// Points the link of every directory slot at the booted group's directory.
 pub fn switch_links(config: &crate::config::Config, booted: &abide_core::Group) -> Result<()> {
     let Some(group) = config.group(booted) else {
         return Ok(());
     };
     for slot in &group.slots {
-        let Some(link) = &slot.link else { continue };
-        if std::fs::read_link(link).is_ok_and(|t| t == slot.path) {
-            continue;
+        if let Some(link) = &slot.link {
+            point_link(link, &slot.path)?;
         }
-        let name = link
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temp = link.with_file_name(format!(".{name}.abide-tmp"));
-        let io = |op: &'static str, path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| abide_boot::persist::IoError { op, path, source }
-        };
-        let _ = std::fs::remove_file(&temp);
-        std::os::unix::fs::symlink(&slot.path, &temp).map_err(io("creating link", &temp))?;
-        std::fs::rename(&temp, link).map_err(io("switching link", link))?;
-        abide_boot::persist::sync_dir(link.parent().unwrap_or(std::path::Path::new(".")))?;
     }
+    Ok(())
+}
+
+/// Points the symbolic link `link` at `target`, atomically: a new link renamed over the old
+/// one (never a moment without a link), then the directory synced. Nothing changes when it
+/// already points there.
+pub fn point_link(link: &std::path::Path, target: &std::path::Path) -> Result<()> {
+    if std::fs::read_link(link).is_ok_and(|t| t == target) {
+        return Ok(());
+    }
+    let name = link
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let temp = link.with_file_name(format!(".{name}.abide-tmp"));
+    let io = |op: &'static str, path: &std::path::Path| {
+        let path = path.to_owned();
+        move |source| abide_boot::persist::IoError { op, path, source }
+    };
+    let _ = std::fs::remove_file(&temp);
+    std::os::unix::fs::symlink(target, &temp).map_err(io("creating link", &temp))?;
+    std::fs::rename(&temp, link).map_err(io("switching link", link))?;
+    abide_boot::persist::sync_dir(link.parent().unwrap_or(std::path::Path::new(".")))?;
     Ok(())
 }

@@ -39,6 +39,74 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     self_update: RawSelfUpdate,
+    #[serde(default, rename = "app")]
+    apps: Vec<RawApp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApp {
+    name: String,
+    releases: PathBuf,
+    link: PathBuf,
+    data: PathBuf,
+    #[serde(default)]
+    services: Vec<String>,
+    control: Option<String>,
+    backups: Option<u32>,
+    backup_dir: Option<PathBuf>,
+    after_backup: Option<String>,
+    migrate: Option<String>,
+    timeout: Option<String>,
+    deadline: Option<String>,
+    grace: Option<String>,
+    capacity: Option<String>,
+    #[serde(default, rename = "check")]
+    checks: Vec<RawCheck>,
+}
+
+/// What a rollback does with the data the application wrote after its backup (`after_backup`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterBackup {
+    /// It is deleted once the backup is back (recorded in the audit log).
+    Discard,
+    /// It is kept beside the restored data directory, as `DATA.rolled-back-ID` (the default).
+    Keep,
+}
+
+/// An application updated on directory slots without a reboot (`[[app]]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppSettings {
+    /// Its name: bundles carry it as the slot class of their one component of kind `app`.
+    pub name: String,
+    /// The directory holding one directory per release.
+    pub releases: PathBuf,
+    /// The symbolic link switched atomically to the running release.
+    pub link: PathBuf,
+    /// The application's data directory.
+    pub data: PathBuf,
+    /// The services stopped before the backup and started after the switch, in this order.
+    pub services: Vec<String>,
+    /// The command that stops and starts them: `CONTROL stop SERVICE`, `CONTROL start SERVICE`
+    /// (default `systemctl`).
+    pub control: String,
+    /// How many backups of the data are kept (default 3).
+    pub backups: usize,
+    /// Where the backups are (default `STATE_DIR/backups/NAME`).
+    pub backup_dir: PathBuf,
+    /// What a rollback does with the data written after the backup.
+    pub after_backup: AfterBackup,
+    /// The migration command, run after the switch and before the services start.
+    pub migrate: Option<String>,
+    /// How long a service command or the migration may run (default 5 minutes).
+    pub timeout: SignedDuration,
+    /// The health gate's deadline and grace period after the services started.
+    pub health: HealthPolicy,
+    /// The most bytes of files a release may unpack.
+    pub capacity: Option<u64>,
+    /// The checks of the health gate.
+    pub checks: Vec<Check>,
 }
 
 #[derive(Deserialize, Default)]
@@ -394,6 +462,8 @@ pub struct Config {
     pub api: ApiSettings,
     /// How the agent updates itself (`[self_update]`).
     pub self_update: SelfUpdateSettings,
+    /// The applications updated on directory slots (`[[app]]`).
+    pub apps: Vec<AppSettings>,
 }
 
 impl Config {
@@ -520,87 +590,15 @@ impl Config {
                 "key `group`: the grub, uboot, gpt and systemd-boot backends need the groups to be named A and B",
             ));
         }
-        let duration = |key: &str,
-                        value: &Option<String>,
-                        default: SignedDuration|
-         -> Result<SignedDuration> {
-            match value {
-                None => Ok(default),
-                Some(text) => abide_core::duration::parse(text)
-                    .ok()
-                    .and_then(|d| SignedDuration::try_from(d).ok())
-                    .ok_or_else(|| err(path, &format!("key `{key}`: expected a duration like \"30s\", \"1h30m\" or seconds (\"90\"), found {text:?}"))),
-            }
+        let duration = |key: &str, value: &Option<String>, default: SignedDuration| {
+            duration(path, key, value, default)
         };
         let defaults = HealthPolicy::default();
         let health = HealthPolicy {
             deadline: duration("health.deadline", &raw.health.deadline, defaults.deadline)?,
             grace: duration("health.grace", &raw.health.grace, defaults.grace)?,
         };
-        let mut checks = Vec::new();
-        for (i, c) in raw.health.checks.iter().enumerate() {
-            let key = |k: &str| format!("health.check[{i}].{k}");
-            let need = |v: Option<String>, k: &str| {
-                v.ok_or_else(|| {
-                    err(
-                        path,
-                        &format!("key `{}`: required for kind {:?}", key(k), c.kind),
-                    )
-                })
-            };
-            let kind = match c.kind.as_str() {
-                "command" => CheckKind::Command(need(c.command.clone(), "command")?),
-                "file" => {
-                    CheckKind::File(resolve(&c.path.clone().ok_or_else(|| {
-                        err(path, &format!("key `{}`: required", key("path")))
-                    })?))
-                }
-                "tcp" => CheckKind::Tcp(need(c.address.clone(), "address")?),
-                "http" => {
-                    let url = need(c.url.clone(), "url")?;
-                    let rest = url.strip_prefix("http://").ok_or_else(|| {
-                        err(path, &format!("key `{}`: expected an http:// URL (health endpoints are local), found {url:?}", key("url")))
-                    })?;
-                    let (authority, path_part) = rest
-                        .split_once('/')
-                        .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-                    let authority = if authority.contains(':') {
-                        authority.to_owned()
-                    } else {
-                        format!("{authority}:80")
-                    };
-                    CheckKind::Http {
-                        authority,
-                        path: path_part,
-                        status: c.status.unwrap_or(200),
-                        body: c.body.clone(),
-                    }
-                }
-                "systemd" => CheckKind::Systemd(need(c.unit.clone(), "unit")?),
-                "process" => CheckKind::Process(need(c.process.clone(), "process")?),
-                "uptime" => CheckKind::Uptime(
-                    c.seconds
-                        .ok_or_else(|| err(path, &format!("key `{}`: required", key("seconds"))))?,
-                ),
-                other => {
-                    return Err(err(
-                        path,
-                        &format!(
-                            "key `{}`: expected one of command, http, tcp, systemd, process, file, uptime, found {other:?}",
-                            key("kind")
-                        ),
-                    ));
-                }
-            };
-            checks.push(Check {
-                name: c.name.clone(),
-                kind,
-                timeout: duration(&key("timeout"), &c.timeout, SignedDuration::from_secs(30))?,
-                retries: c.retries.unwrap_or(0),
-                interval: duration(&key("interval"), &c.interval, SignedDuration::from_secs(5))?,
-                critical: c.critical.unwrap_or(true),
-            });
-        }
+        let checks = parse_checks(path, "health.check", &raw.health.checks, &resolve)?;
         let state_reserve = match &raw.state_reserve {
             None => 16 << 20,
             Some(text) => {
@@ -750,7 +748,132 @@ impl Config {
         if self_update.deadline < SignedDuration::from_secs(1) {
             return Err(err(path, "key `self_update.deadline`: at least 1s"));
         }
+        let state_dir = raw
+            .state_dir
+            .as_deref()
+            .map_or_else(|| PathBuf::from("/var/lib/abide"), resolve);
+        let mut apps: Vec<AppSettings> = Vec::new();
+        for (i, a) in raw.apps.iter().enumerate() {
+            let key = |k: &str| format!("app[{i}].{k}");
+            abide_bundle::Name::parse("app", &a.name, 64)
+                .map_err(|e| err(path, &format!("key `{}`: {e}", key("name"))))?;
+            if apps.iter().any(|o| o.name == a.name) {
+                return Err(err(
+                    path,
+                    &format!("key `{}`: {:?} names two applications", key("name"), a.name),
+                ));
+            }
+            for (j, service) in a.services.iter().enumerate() {
+                if service.is_empty()
+                    || service.len() > 256
+                    || !service
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"@._:-\\".contains(&b))
+                {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `{}`: expected a unit name (A-Z a-z 0-9 @ . _ : - \\), found {service:?}",
+                            key(&format!("services[{j}]"))
+                        ),
+                    ));
+                }
+            }
+            if groups
+                .iter()
+                .flat_map(|g| &g.slots)
+                .any(|slot| slot.class == a.name)
+            {
+                return Err(err(
+                    path,
+                    &format!(
+                        "key `{}`: {:?} is also the class of a slot of the groups; a bundle for it would be ambiguous",
+                        key("name"),
+                        a.name
+                    ),
+                ));
+            }
+            let backups = a.backups.unwrap_or(3);
+            if !(1..=100).contains(&backups) {
+                return Err(err(
+                    path,
+                    &format!(
+                        "key `{}`: expected 1 to 100, found {backups}",
+                        key("backups")
+                    ),
+                ));
+            }
+            let after_backup = match a.after_backup.as_deref().unwrap_or("keep") {
+                "keep" => AfterBackup::Keep,
+                "discard" => AfterBackup::Discard,
+                other => {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `{}`: expected \"keep\" or \"discard\", found {other:?}",
+                            key("after_backup")
+                        ),
+                    ));
+                }
+            };
+            for (k, v) in [("control", &a.control), ("migrate", &a.migrate)] {
+                if v.as_ref().is_some_and(|c| c.trim().is_empty()) {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `{}`: expected a command, found an empty string",
+                            key(k)
+                        ),
+                    ));
+                }
+            }
+            let defaults = HealthPolicy::default();
+            let data = lexical(&resolve(&a.data));
+            let releases = lexical(&resolve(&a.releases));
+            let link = lexical(&resolve(&a.link));
+            if data.starts_with(&releases) || releases.starts_with(&data) || link.starts_with(&data)
+            {
+                return Err(err(
+                    path,
+                    &format!(
+                        "keys `{}`, `{}`, `{}`: the data directory, the releases and the link must not hold one another",
+                        key("data"),
+                        key("releases"),
+                        key("link")
+                    ),
+                ));
+            }
+            apps.push(AppSettings {
+                name: a.name.clone(),
+                services: a.services.clone(),
+                control: a.control.clone().unwrap_or_else(|| "systemctl".to_owned()),
+                backups: backups as usize,
+                backup_dir: a
+                    .backup_dir
+                    .as_deref()
+                    .map_or_else(|| state_dir.join("backups").join(&a.name), resolve),
+                after_backup,
+                migrate: a.migrate.clone(),
+                timeout: duration(&key("timeout"), &a.timeout, SignedDuration::from_mins(5))?,
+                health: HealthPolicy {
+                    deadline: duration(&key("deadline"), &a.deadline, defaults.deadline)?,
+                    grace: duration(&key("grace"), &a.grace, defaults.grace)?,
+                },
+                capacity: match &a.capacity {
+                    None => None,
+                    Some(text) => Some(
+                        parse_size(text)
+                            .map_err(|e| err(path, &format!("key `{}`: {e}", key("capacity"))))?,
+                    ),
+                },
+                checks: parse_checks(path, &key("check"), &a.checks, &resolve)?,
+                data,
+                releases,
+                link,
+            });
+        }
         Ok(Config {
+            apps,
             self_update,
             api,
             cmdline,
@@ -760,10 +883,7 @@ impl Config {
             path: path.to_owned(),
             product: raw.product,
             compatible,
-            state_dir: resolve(
-                &raw.state_dir
-                    .unwrap_or_else(|| PathBuf::from("/var/lib/abide")),
-            ),
+            state_dir,
             state_reserve,
             bundle_checks: abide_bundle::chunks::Checks::paranoid(raw.paranoid),
             trust: resolve(&raw.trust),
@@ -789,6 +909,30 @@ impl Config {
     pub fn group_names(&self) -> Vec<Group> {
         self.groups.iter().map(|g| g.name.clone()).collect()
     }
+
+    /// The application called `name`.
+    pub fn app(&self, name: &str) -> Option<&AppSettings> {
+        self.apps.iter().find(|a| a.name == name)
+    }
+}
+
+/// `path` with `.` and `..` taken out by reading them (no link is followed), so that paths
+/// compare as the names they are.
+pub fn lexical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn err(path: &Path, what: &str) -> AgentError {
@@ -817,4 +961,104 @@ pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(1 << shift)
         .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+/// `[[health.check]]` or `[[app.check]]` entries (`prefix` names them in errors), validated.
+fn parse_checks(
+    path: &Path,
+    prefix: &str,
+    raw: &[RawCheck],
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (i, c) in raw.iter().enumerate() {
+        let key = |k: &str| format!("{prefix}[{i}].{k}");
+        let need = |v: Option<String>, k: &str| {
+            v.ok_or_else(|| {
+                err(
+                    path,
+                    &format!("key `{}`: required for kind {:?}", key(k), c.kind),
+                )
+            })
+        };
+        let kind = match c.kind.as_str() {
+            "command" => CheckKind::Command(need(c.command.clone(), "command")?),
+            "file" => {
+                CheckKind::File(resolve(&c.path.clone().ok_or_else(|| {
+                    err(path, &format!("key `{}`: required", key("path")))
+                })?))
+            }
+            "tcp" => CheckKind::Tcp(need(c.address.clone(), "address")?),
+            "http" => {
+                let url = need(c.url.clone(), "url")?;
+                let rest = url.strip_prefix("http://").ok_or_else(|| {
+                        err(path, &format!("key `{}`: expected an http:// URL (health endpoints are local), found {url:?}", key("url")))
+                    })?;
+                let (authority, path_part) = rest
+                    .split_once('/')
+                    .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
+                let authority = if authority.contains(':') {
+                    authority.to_owned()
+                } else {
+                    format!("{authority}:80")
+                };
+                CheckKind::Http {
+                    authority,
+                    path: path_part,
+                    status: c.status.unwrap_or(200),
+                    body: c.body.clone(),
+                }
+            }
+            "systemd" => CheckKind::Systemd(need(c.unit.clone(), "unit")?),
+            "process" => CheckKind::Process(need(c.process.clone(), "process")?),
+            "uptime" => CheckKind::Uptime(
+                c.seconds
+                    .ok_or_else(|| err(path, &format!("key `{}`: required", key("seconds"))))?,
+            ),
+            other => {
+                return Err(err(
+                    path,
+                    &format!(
+                        "key `{}`: expected one of command, http, tcp, systemd, process, file, uptime, found {other:?}",
+                        key("kind")
+                    ),
+                ));
+            }
+        };
+        checks.push(Check {
+            name: c.name.clone(),
+            kind,
+            timeout: duration(
+                path,
+                &key("timeout"),
+                &c.timeout,
+                SignedDuration::from_secs(30),
+            )?,
+            retries: c.retries.unwrap_or(0),
+            interval: duration(
+                path,
+                &key("interval"),
+                &c.interval,
+                SignedDuration::from_secs(5),
+            )?,
+            critical: c.critical.unwrap_or(true),
+        });
+    }
+    Ok(checks)
+}
+
+/// A duration key: `default` when absent.
+fn duration(
+    path: &Path,
+    key: &str,
+    value: &Option<String>,
+    default: SignedDuration,
+) -> Result<SignedDuration> {
+    match value {
+        None => Ok(default),
+        Some(text) => abide_core::duration::parse(text)
+            .ok()
+            .and_then(|d| SignedDuration::try_from(d).ok())
+            .ok_or_else(|| err(path, &format!("key `{key}`: expected a duration like \"30s\", \"1h30m\" or seconds (\"90\"), found {text:?}"))),
+    }
 }

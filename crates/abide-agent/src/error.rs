@@ -141,6 +141,34 @@ pub enum AgentError {
         /// The end of what it printed.
         output: String,
     },
+    /// An application update or restore was refused or could not go on.
+    #[error("application {app}: {what}")]
+    App {
+        /// The application.
+        app: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// A bundle for an application this device does not have.
+    #[error(
+        "no application {app:?} in system.toml (a [[app]] with that name takes the bundle's component)"
+    )]
+    NoApp {
+        /// The application the bundle names.
+        app: String,
+    },
+    /// An application update ran and ended on the previous release.
+    #[error("application {app}: {version} {state}: {reason}")]
+    AppNotCommitted {
+        /// The application.
+        app: String,
+        /// The version tried.
+        version: String,
+        /// `failed` or `rolled_back`.
+        state: &'static str,
+        /// Why.
+        reason: String,
+    },
     /// The device state file is damaged.
     #[error("{}: {what}", path.display())]
     State {
@@ -171,6 +199,15 @@ impl AgentError {
             AgentError::HookFailed { .. } => "hook-failed",
             AgentError::SelfUpdate { .. } => "self-update",
             AgentError::State { .. } => "state",
+            AgentError::App { .. } => "app",
+            AgentError::NoApp { .. } => "no-app",
+            AgentError::AppNotCommitted { state, .. } => {
+                if *state == "failed" {
+                    "app-failed"
+                } else {
+                    "app-rolled-back"
+                }
+            }
             AgentError::Server(_) => "server",
             AgentError::Locked { .. } => "busy",
             AgentError::RunningGroup { .. } => "running-group",
@@ -187,6 +224,7 @@ impl AgentError {
             | AgentError::Boot(_)
             | AgentError::Audit(_)
             | AgentError::State { .. }
+            | AgentError::AppNotCommitted { .. }
             | AgentError::Server(_) => false,
             _ => true,
         }

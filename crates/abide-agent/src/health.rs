@@ -67,7 +67,7 @@ pub fn run_checks(
             } else {
                 Criticality::NonCritical
             },
-            outcome: run_with_retries(c, running, group, clock),
+            outcome: run_check(c, running, group, clock),
         })
         .collect()
 }
@@ -108,7 +108,8 @@ pub fn run_gate(config: &Config, tx: &Transaction, clock: &dyn Clock) -> Verdict
     }
 }
 
-fn run_with_retries(
+/// Runs one check with its retries.
+pub fn run_check(
     check: &Check,
     running: Running<'_>,
     group: &str,

@@ -388,6 +388,12 @@ fn plan<'a>(
             what: "a bundle that carries the agent is installed by the running agent: `abide schedule update --source FILE`".into(),
         });
     }
+    if crate::app::is_app_bundle(config, &manifest) {
+        return Err(AgentError::App {
+            app: manifest.components[0].slot_class.to_string(),
+            what: "an application bundle is installed from a file (`abide install FILE`) or by a schedule (`abide schedule update`)".into(),
+        });
+    }
     if manifest.product.as_str() != config.product {
         return Err(AgentError::WrongProduct {
             bundle: manifest.product.to_string(),

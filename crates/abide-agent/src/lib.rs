@@ -3,7 +3,9 @@
 //! the boot step and the health gate.
 
 pub mod api;
+pub mod app;
 pub mod audit;
+pub mod backup;
 pub mod boot;
 pub mod command;
 pub mod config;

@@ -38,6 +38,17 @@ pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) 
         // A new agent is on trial: its watchdog decides before anything else starts.
         return Ok(Next::Idle);
     }
+    // An application update a crash interrupted is undone (or its restore finished) first.
+    for done in crate::app::recover(device, shared.clock.as_ref())? {
+        let now = shared.clock.now();
+        shared.with_book(|b| {
+            if let Some(s) = b.in_progress_mut()
+                && s.transaction.as_deref() == Some(done.transaction.id.as_str())
+            {
+                s.follow_app(now, &done.transaction);
+            }
+        })?;
+    }
     let now = shared.clock.now();
     let state = device.state()?;
     // Rounds run one after another in one process that holds the device's lock: a download
@@ -51,6 +62,15 @@ pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) 
     let tx = state.transaction.clone();
     shared.with_book(|b| {
         if let Some(s) = b.in_progress_mut() {
+            if let Some(app_tx) = s
+                .transaction
+                .as_deref()
+                .filter(|t| t.starts_with(abide_core::app::ID_PREFIX))
+                .and_then(|t| crate::app::transaction(&shared.config, t))
+            {
+                s.follow_app(now, &app_tx);
+                return;
+            }
             match &tx {
                 Some(t) if s.transaction.as_deref() == Some(t.id.as_str()) => {
                     s.follow(now, &t.id, &t.state)
@@ -196,6 +216,26 @@ fn stage(
                     Err(e) => Err(e),
                 };
             }
+            if reader
+                .manifest_unverified()
+                .is_ok_and(|m| crate::app::is_app_bundle(&device.config, &m))
+            {
+                let clock = shared.clock.clone();
+                let mut last = Instant::now();
+                let staged = crate::app::stage(
+                    device,
+                    reader,
+                    Force::No,
+                    clock.as_ref(),
+                    &mut |done, total| {
+                        if last.elapsed() >= Duration::from_millis(250) || done == total {
+                            last = Instant::now();
+                            shared.progress(s, done, total);
+                        }
+                    },
+                )?;
+                return update_app(shared, device, s, src.finish(), staged);
+            }
             reader.head_bytes()
         }
         Err(e) => {
@@ -243,6 +283,64 @@ fn stage(
         });
     }
     tracing::info!(schedule = %s.id, version = %staged.transaction.version, "staged");
+    Ok(())
+}
+
+/// Carries out a schedule whose bundle is an application's: staged (a URL's pinned SHA-256
+/// checked over every byte before anything switches), then — unless the schedule was cancelled
+/// meanwhile — driven to its commit or rollback; the schedule follows the transaction.
+fn update_app(
+    shared: &Shared,
+    device: &mut Device,
+    s: &Schedule,
+    pinned: std::result::Result<(), String>,
+    staged: crate::app::Staged,
+) -> Result<()> {
+    let clock = shared.clock.clone();
+    let id = staged.transaction().id.clone();
+    let version = staged
+        .transaction()
+        .release
+        .version
+        .as_ref()
+        .map(ToString::to_string);
+    // Under the schedules' lock: a cancel comes before (the update is abandoned) or finds the
+    // schedule carried out by the transaction (and is refused).
+    let cancelled = shared.with_book(|b| {
+        let Some(book_s) = b.get_mut(&s.id) else {
+            return true;
+        };
+        book_s.version = version.clone();
+        if matches!(book_s.state, ScheduleState::Cancelled { .. }) {
+            book_s.transaction = Some(id.clone());
+            return true;
+        }
+        book_s.follow_app(clock.now(), staged.transaction());
+        false
+    })?;
+    let done = match (pinned, cancelled) {
+        (Err(detail), _) => crate::app::abandon(
+            device,
+            staged,
+            &format!("sha256-mismatch: {detail}"),
+            clock.as_ref(),
+        )?,
+        (Ok(()), true) => crate::app::abandon(device, staged, "cancelled", clock.as_ref())?,
+        (Ok(()), false) => {
+            shared.progress(s, 0, 0);
+            crate::app::carry_on(device, staged, clock.as_ref())?
+        }
+    };
+    let now = clock.now();
+    shared.with_book(|b| {
+        if let Some(book_s) = b.get_mut(&s.id) {
+            book_s.follow_app(now, &done.transaction);
+        }
+    })?;
+    if let Some(book_s) = shared.book().get(&s.id) {
+        shared.progress(book_s, 0, 0);
+    }
+    tracing::info!(schedule = %s.id, app = %done.app, state = done.transaction.step.name(), "application update ended");
     Ok(())
 }
 

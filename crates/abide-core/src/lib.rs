@@ -5,6 +5,7 @@
 //! order). The agent performs the actions and makes them durable; tests drive this crate with
 //! tables of inputs and expected outputs.
 
+pub mod app;
 pub mod duration;
 mod error;
 pub mod fleet;

@@ -270,6 +270,28 @@ impl Schedule {
         }
     }
 
+    /// Follows the application transaction that carries it out, as [`Schedule::follow`] does a
+    /// transaction of the device's.
+    pub fn follow_app(&mut self, now: Timestamp, tx: &crate::app::AppTransaction) {
+        use crate::app::AppStep;
+        if !matches!(self.state, ScheduleState::InProgress { .. }) {
+            return;
+        }
+        self.transaction = Some(tx.id.clone());
+        let reason = tx.reason.clone().unwrap_or_default();
+        let next = match tx.step {
+            AppStep::Committed | AppStep::Restored => ScheduleState::Completed,
+            AppStep::Failed => ScheduleState::Failed { reason },
+            AppStep::RolledBack => ScheduleState::RolledBack { reason },
+            _ => ScheduleState::InProgress {
+                transaction: Some(tx.id.clone()),
+            },
+        };
+        if next != self.state {
+            self.set(next, now);
+        }
+    }
+
     /// It ended well without a transaction of the device's (the agent updated itself).
     pub fn complete(&mut self, now: Timestamp) {
         if matches!(self.state, ScheduleState::InProgress { .. }) {

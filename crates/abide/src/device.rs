@@ -201,7 +201,11 @@ pub fn run_install(
 pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
     let mut device = open_waiting(config)?;
     let outcome = boot(&mut device, &SystemClock)?;
-    out.print(&serde_json::to_value(&outcome).expect("serializes"), || {
+    // An application update a power cut interrupted is undone (or its restore finished).
+    let apps = abide_agent::app::recover(&mut device, &SystemClock)?;
+    let mut value = serde_json::to_value(&outcome).expect("serializes");
+    value["apps"] = apps.iter().map(crate::app::outcome_json).collect();
+    out.print(&value, || {
         format!(
             "booted {}; transaction {}{}",
             outcome.booted.as_deref().unwrap_or("?"),
@@ -408,7 +412,7 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
 }
 
 /// A bundle file: a source that passes over chunks by seeking.
-struct SeekableFile(File);
+pub struct SeekableFile(pub File);
 
 impl Read for SeekableFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {

@@ -1,9 +1,11 @@
 //! The `abide` command: argument parsing and glue over the Abide libraries.
 //!
 //! Exit codes: 0 success; 1 a check refused the input (the error names it); 2 the command line
-//! is wrong; 3 anything else (a file could not be read or written, …).
+//! is wrong; 3 anything else (a file could not be read or written, …); 4 an application
+//! update ran and ended on the previous release (failed or rolled back).
 
 mod agent;
+mod app;
 mod bundle;
 mod delta;
 mod device;
@@ -60,7 +62,9 @@ enum Command {
     /// maintenance window under a reboot lease, and reports every step; carries out the
     /// updates scheduled on the device; serves the local API (`[api]`).
     Agent(agent::AgentArgs),
-    /// Install a bundle into the group that is not the known-good one and activate it.
+    /// Install a bundle into the group that is not the known-good one and activate it; a
+    /// bundle of an application (`[[app]]`) is installed on its directory slot to its commit
+    /// or rollback, without a reboot.
     Install {
         /// The bundle (`-` reads standard input).
         bundle: PathBuf,
@@ -117,6 +121,12 @@ enum Command {
         #[command(subcommand)]
         command: Option<device::LogCommand>,
     },
+    /// Applications updated on directory slots without a reboot (`[[app]]`).
+    #[command(subcommand)]
+    App(app::AppCommand),
+    /// Backups of the applications' data: list them, put one back.
+    #[command(subcommand)]
+    Backup(app::BackupCommand),
     /// Simulated devices.
     #[command(subcommand)]
     Sim(sim::SimCommand),
@@ -174,7 +184,11 @@ fn main() -> ExitCode {
             } else {
                 abide_core::Gate::Automatic
             };
-            device::run_install(config, &bundle, no_reboot, force, paranoid, gate, out)
+            if bundle.as_os_str() != "-" && app::is_app_bundle(config, &bundle) {
+                app::run_install(config, &bundle, force, paranoid, out)
+            } else {
+                device::run_install(config, &bundle, no_reboot, force, paranoid, gate, out)
+            }
         }
         Command::Boot => device::run_boot(config, out).map(|_| ()),
         Command::Status => device::run_status(config, out),
@@ -196,6 +210,8 @@ fn main() -> ExitCode {
         }
         Command::Schedule(c) => schedule::run(c, config, out),
         Command::Log { command } => device::run_log(config, command, out),
+        Command::App(c) => app::run_app(c, config, out),
+        Command::Backup(c) => app::run_backup(c, config, out),
         Command::Sim(c) => sim::run(c, out),
         Command::Device(c) => device::run_device(c, config, out),
         Command::Agent(a) => agent::run(a, config, out),
@@ -251,7 +267,8 @@ fn report(err: &anyhow::Error, out: Output) -> ExitCode {
     let code = agent.or(bundle).map_or("error", |(code, _)| code);
     let message = format!("{err:#}").replace('\n', " ");
     eprintln!("abide: error [{code}]: {message}");
-    let reported = err.chain().any(|e| e.is::<Reported>());
+    let reported =
+        err.downcast_ref::<Reported>().is_some() || err.chain().any(|e| e.is::<Reported>());
     if out.json && !reported {
         let value = serde_json::json!({"ok": false, "error": {"code": code, "message": message}});
         println!(
@@ -259,5 +276,12 @@ fn report(err: &anyhow::Error, out: Output) -> ExitCode {
             serde_json::to_string_pretty(&value).expect("JSON values serialize")
         );
     }
-    ExitCode::from(if check.is_some() { 1 } else { 3 })
+    let ended = matches!(code, "app-failed" | "app-rolled-back");
+    ExitCode::from(if ended {
+        4
+    } else if check.is_some() {
+        1
+    } else {
+        3
+    })
 }

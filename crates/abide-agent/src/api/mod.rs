@@ -61,7 +61,16 @@ pub fn health(device: &Device, clock: &dyn Clock) -> Result<pb::Health> {
         transaction: trial.map(|t| t.id.as_str()),
     };
     let results = run_checks(&device.config, running, &group, clock);
-    let checks: Vec<pb::CheckResult> = results
+    let checks = check_views(&results);
+    Ok(pb::Health {
+        healthy: results.iter().all(|r| r.outcome == CheckOutcome::Pass),
+        checks,
+    })
+}
+
+/// The results of health checks as the API and the CLI show them.
+pub fn check_views(results: &[abide_core::CheckResult]) -> Vec<pb::CheckResult> {
+    results
         .iter()
         .map(|r| {
             let (outcome, detail) = match &r.outcome {
@@ -76,11 +85,7 @@ pub fn health(device: &Device, clock: &dyn Clock) -> Result<pb::Health> {
                 detail,
             }
         })
-        .collect();
-    Ok(pb::Health {
-        healthy: results.iter().all(|r| r.outcome == CheckOutcome::Pass),
-        checks,
-    })
+        .collect()
 }
 
 /// Every rollback the audit log records, newest first (`GetRollbackHistory`; `abide

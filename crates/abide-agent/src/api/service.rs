@@ -309,6 +309,16 @@ impl Agent for Service {
                             "schedule {id} carries out rollout {rollout}: the fleet decides (pause or abort the rollout on the server)"
                         )));
                     }
+                    if let Some(t) = s
+                        .transaction
+                        .as_deref()
+                        .filter(|t| t.starts_with(abide_core::app::ID_PREFIX))
+                        .filter(|_| matches!(s.state, ScheduleState::InProgress { .. }))
+                    {
+                        return Err(Status::failed_precondition(format!(
+                            "schedule {id} is updating an application (transaction {t}): too late to cancel; a failed step or health check brings the previous release back, and `abide backup restore` puts a backup back"
+                        )));
+                    }
                     // The schedule in progress owns the device's transaction while it runs.
                     let tx = state
                         .transaction

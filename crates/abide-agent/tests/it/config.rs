@@ -167,6 +167,30 @@ fn errors_name_the_file_the_key_and_the_expectation() {
             ),
             "key `api.socket`: a socket path is at most 107 bytes",
         ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\nafter_backup = \"shred\"\n"),
+            "key `app[0].after_backup`: expected \"keep\" or \"discard\", found \"shred\"",
+        ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\nbackups = 0\n"),
+            "key `app[0].backups`: expected 1 to 100, found 0",
+        ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\nservices = [\"web; rm -rf /\"]\n"),
+            "key `app[0].services[0]`: expected a unit name",
+        ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n").replace("name = \"web\"", "name = \"rootfs\""),
+            "key `app[0].name`: \"rootfs\" is also the class of a slot of the groups",
+        ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n").replace("/var/lib/web", "/opt/web/releases/data"),
+            "must not hold one another",
+        ),
+        (
+            format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n[[app.check]]\nname = \"up\"\nkind = \"tcp\"\n"),
+            "key `app[0].check[0].address`: required for kind \"tcp\"",
+        ),
     ] {
         let err = parse(&edit).unwrap_err();
         assert!(err.starts_with("/etc/abide/system.toml: "), "{err}");

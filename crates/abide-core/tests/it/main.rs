@@ -1,5 +1,6 @@
 //! The core's decisions as tables: (state, input, now) → (state, actions).
 
+mod app;
 mod duration;
 mod fleet;
 mod health;

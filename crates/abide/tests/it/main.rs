@@ -2,6 +2,7 @@
 //! scripts rely on.
 
 mod agent;
+mod app;
 mod bundle;
 mod crash;
 mod delta;

@@ -1,0 +1,770 @@
+//! Application updates on directory slots (`[[app]]`), end to end through the command: the
+//! services stopped and started through a control command, the data directory backed up,
+//! the release link switched, the migration run, the health gate; a failure at any step puts
+//! the previous release and its data back byte for byte; `abide backup list|restore`; and a
+//! crash at every step of the backup, the switch and the restore converges to one release and
+//! the data that belongs to it.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use abide_bundle::Digest;
+use serde_json::Value;
+
+use crate::device::Sim;
+use crate::{json, ok};
+
+const ABIDE: &str = env!("CARGO_BIN_EXE_abide");
+
+/// The control command: logs each call, and a started service leaves a marker (and writes to
+/// the data directory, as a running application does).
+const CTL: &str = r#"#!/bin/sh
+echo "$1 $2" >> ctl.log
+case "$1" in
+  start)
+    if [ -f fail-start ]; then echo "cannot start $2" >&2; exit 1; fi
+    touch "running.$2"
+    echo "$2 started on $(cat app/current/VERSION)" >> app/data/service.log ;;
+  stop)
+    if [ -f fail-stop ]; then echo "cannot stop $2" >&2; exit 1; fi
+    rm -f "running.$2" ;;
+esac
+"#;
+
+/// A simulated device with one application, `web`, all paths relative to the workspace.
+struct App {
+    sim: Sim,
+}
+
+impl App {
+    fn new(extra: &str) -> App {
+        let sim = Sim::new(None);
+        let dir = &sim.dir;
+        std::fs::write(dir.join("ctl.sh"), CTL).unwrap();
+        // Real data: nested directories, a binary file, modes, a symbolic link.
+        let data = dir.join("app/data");
+        std::fs::create_dir_all(data.join("db/tables")).unwrap();
+        std::fs::write(
+            data.join("db/tables/users"),
+            abide_testkit::image(70_000, 7),
+        )
+        .unwrap();
+        std::fs::write(data.join("settings.conf"), "mode = fast\n").unwrap();
+        std::fs::set_permissions(
+            data.join("settings.conf"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("db/tables/users", data.join("users")).unwrap();
+        let config = dir.join("dev/system.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!(
+            r#"
+[[app]]
+name = "web"
+releases = "../app/releases"
+link = "../app/current"
+data = "../app/data"
+services = ["web.service", "worker.service"]
+control = "sh ctl.sh"
+backups = 3
+migrate = "sh \"$ABIDE_RELEASE/migrate.sh\""
+timeout = "5s"
+deadline = "10s"
+{extra}
+[[app.check]]
+name = "answers"
+kind = "command"
+command = "sh app/current/check.sh"
+timeout = "5s"
+"#
+        ));
+        std::fs::write(&config, text).unwrap();
+        App { sim }
+    }
+
+    /// Services that only mark themselves running (what they would write differs from run
+    /// to run).
+    fn quiet(&self) {
+        let ctl = CTL.replace(
+            "    echo \"$2 started on $(cat app/current/VERSION)\" >> app/data/service.log ;;",
+            "    ;;",
+        );
+        assert_ne!(ctl, CTL);
+        std::fs::write(self.dir().join("ctl.sh"), ctl).unwrap();
+    }
+
+    fn dir(&self) -> &Path {
+        &self.sim.dir
+    }
+
+    /// A release bundle: `check` is its health check's script, `migrate` its migration.
+    fn bundle(&self, version: &str, check: &str, migrate: &str) -> String {
+        let rel = self.dir().join(format!("rel-{version}"));
+        std::fs::create_dir_all(rel.join("bin")).unwrap();
+        std::fs::write(rel.join("VERSION"), version).unwrap();
+        std::fs::write(rel.join("bin/web"), abide_testkit::image(50_000, 3)).unwrap();
+        std::fs::write(rel.join("check.sh"), check).unwrap();
+        std::fs::write(rel.join("migrate.sh"), migrate).unwrap();
+        let tar = self.dir().join(format!("web-{version}.tar"));
+        let made = Command::new("tar")
+            .arg("-cf")
+            .arg(&tar)
+            .arg("-C")
+            .arg(&rel)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let out = format!("web-{version}.abide");
+        ok(
+            self.dir(),
+            &format!(
+                "bundle create --product gw --version {version} --compatible gw-1 \
+                 --component web=web-{version}.tar,kind=app,slot=web --sign a.key --out {out}"
+            ),
+        );
+        out
+    }
+
+    fn install(&self, bundle: &str, exit: i32) -> Value {
+        json(
+            self.dir(),
+            &format!("install {bundle} --config dev/system.toml"),
+            exit,
+        )
+    }
+
+    fn status(&self) -> Value {
+        json(self.dir(), "app status web --config dev/system.toml", 0)["apps"][0].clone()
+    }
+
+    /// The release directory the link points at.
+    fn running(&self) -> String {
+        let target = std::fs::read_link(self.dir().join("app/current")).unwrap();
+        assert!(target.is_relative(), "the link is relative: {target:?}");
+        target.file_name().unwrap().to_string_lossy().into_owned()
+    }
+
+    fn version(&self) -> String {
+        std::fs::read_to_string(self.dir().join("app/current/VERSION")).unwrap()
+    }
+
+    fn data(&self) -> Tree {
+        tree(&self.dir().join("app/data"))
+    }
+
+    fn services_running(&self) -> bool {
+        ["web.service", "worker.service"]
+            .iter()
+            .all(|s| self.dir().join(format!("running.{s}")).exists())
+    }
+}
+
+const GOOD: &str = "exit 0\n";
+const BAD: &str = "echo 'no answer on :8080'; exit 1\n";
+const MIGRATE: &str =
+    "echo \"migrated to $ABIDE_VERSION from $ABIDE_FROM_VERSION\" >> \"$ABIDE_DATA/migrations\"\n";
+
+/// `data` as the services of release 1.0.0 leave it after they were started once more: their
+/// log in the data directory has two more lines, the rest is as it was.
+fn restarted(data: &Tree, dir: &Path) -> Tree {
+    let mut data = data.clone();
+    let log = std::fs::read_to_string(dir.join("app/data/service.log")).unwrap();
+    let before = log
+        .strip_suffix("web.service started on 1.0.0\nworker.service started on 1.0.0\n")
+        .unwrap_or_else(|| panic!("the services started on 1.0.0 last: {log}"));
+    assert_eq!(
+        data["service.log"],
+        format!("file 644 {}", Digest::of(before.as_bytes())),
+        "the log up to the restart is the backup's"
+    );
+    data.insert(
+        "service.log".into(),
+        format!("file 644 {}", Digest::of(log.as_bytes())),
+    );
+    data
+}
+
+/// A directory tree as it matters: each path's kind, mode and content (or link target).
+type Tree = BTreeMap<String, String>;
+
+fn tree(root: &Path) -> Tree {
+    fn walk(root: &Path, dir: &Path, out: &mut Tree) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let name = path.strip_prefix(root).unwrap().display().to_string();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    name,
+                    format!("link {}", std::fs::read_link(&path).unwrap().display()),
+                );
+            } else if meta.is_dir() {
+                out.insert(name, format!("dir {mode:o}"));
+                walk(root, &path, out);
+            } else {
+                let digest = Digest::of(&std::fs::read(&path).unwrap());
+                out.insert(name, format!("file {mode:o} {digest}"));
+            }
+        }
+    }
+    let mut out = Tree::new();
+    let mode = std::fs::metadata(root).unwrap().permissions().mode() & 0o7777;
+    out.insert(".".into(), format!("dir {mode:o}"));
+    walk(root, root, &mut out);
+    out
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn an_update_keeps_the_data_and_a_failed_one_puts_the_release_and_its_data_back_byte_for_byte() {
+    let app = App::new("");
+    let dir = app.dir();
+    // The first release: no link yet, so nothing to go back to; it commits.
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    let first = app.install(&v1, 0);
+    assert_eq!(first["state"], "committed", "{first}");
+    assert_eq!(app.version(), "1.0.0");
+    assert!(app.services_running());
+    assert_eq!(
+        std::fs::read_to_string(dir.join("ctl.log")).unwrap(),
+        "stop worker.service\nstop web.service\nstart web.service\nstart worker.service\n",
+        "stopped in reverse order, started in order"
+    );
+    let data = std::fs::read_to_string(dir.join("app/data/migrations")).unwrap();
+    assert_eq!(data, "migrated to 1.0.0 from \n");
+    let release1 = app.running();
+    let data1 = app.data();
+    assert!(data1.contains_key("users") && data1["settings.conf"].starts_with("file 640"));
+
+    // A release whose health check fails after its migration wrote to the data.
+    let v2 = app.bundle("2.0.0", BAD, MIGRATE);
+    let failed = app.install(&v2, 4);
+    assert_eq!(failed["state"], "rolled_back", "{failed}");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("answers")
+            && failed["reason"]
+                .as_str()
+                .unwrap()
+                .contains("no answer on :8080"),
+        "the reason names the check and what it said: {failed}"
+    );
+    assert_eq!(app.running(), release1);
+    assert_eq!(app.version(), "1.0.0");
+    assert_eq!(
+        app.data(),
+        restarted(&data1, dir),
+        "the data is the backup's, byte for byte (and what the restarted services wrote)"
+    );
+    assert!(app.services_running(), "the previous release runs again");
+    // The data written after the backup is kept beside the data directory.
+    let kept = PathBuf::from(failed["kept"].as_str().unwrap());
+    assert_eq!(
+        kept,
+        dir.join(format!(
+            "app/data.rolled-back-{}",
+            failed["transaction"].as_str().unwrap()
+        ))
+    );
+    let kept_migrations = std::fs::read_to_string(kept.join("migrations")).unwrap();
+    assert!(
+        kept_migrations.ends_with("migrated to 2.0.0 from 1.0.0\n"),
+        "{kept_migrations}"
+    );
+    assert!(
+        std::fs::read_to_string(kept.join("service.log"))
+            .unwrap()
+            .contains("started on 2.0.0"),
+        "what the new release wrote is there too"
+    );
+    // The failed release is gone; the running one stays.
+    assert_eq!(names(&dir.join("app/releases")), vec![release1.clone()]);
+    let s = app.status();
+    assert_eq!(s["version"], "1.0.0");
+    assert_eq!(s["quarantine"][0], "2.0.0");
+    assert_eq!(s["transaction"]["step"], "rolled_back");
+    // Quarantined: refused with nothing changed.
+    let data1r = app.data();
+    let refused = app.install(&v2, 1);
+    assert_eq!(refused["error"]["code"], "quarantined");
+    assert_eq!(app.data(), data1r);
+
+    // The backups: the data of each update's previous release, checked by digest.
+    let list = json(dir, "backup list --app web --config dev/system.toml", 0);
+    let backups = list["backups"].as_array().unwrap();
+    assert_eq!(backups.len(), 2, "{list}");
+    let b2 = &backups[1];
+    assert_eq!(b2["release"]["version"], "1.0.0");
+    assert_eq!(b2["transaction"], failed["transaction"]);
+    let file = std::fs::read(b2["file"].as_str().unwrap()).unwrap();
+    assert_eq!(b2["sha256"], Digest::of(&file).to_string());
+    assert_eq!(b2["size"], file.len());
+    assert!(file.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]), "a zstd frame");
+
+    // A good release commits and keeps the data, migrated.
+    let v3 = app.bundle("2.1.0", GOOD, MIGRATE);
+    let good = app.install(&v3, 0);
+    assert_eq!(good["state"], "committed", "{good}");
+    assert_eq!(app.version(), "2.1.0");
+    let data3 = app.data();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("app/data/migrations")).unwrap(),
+        "migrated to 1.0.0 from \nmigrated to 2.1.0 from 1.0.0\n"
+    );
+    assert_eq!(data3["users"], data1["users"]);
+
+    // An operator puts back the backup taken before 2.1.0: its data and its release.
+    let b3 = good["backup"]["id"].as_str().unwrap().to_owned();
+    let restored = json(
+        dir,
+        &format!("backup restore {b3} --config dev/system.toml"),
+        0,
+    );
+    assert_eq!(restored["state"], "restored", "{restored}");
+    assert_eq!(app.running(), release1);
+    assert_eq!(app.data(), restarted(&data1r, dir));
+    let aside = PathBuf::from(restored["kept"].as_str().unwrap());
+    assert_eq!(
+        tree(&aside)["migrations"],
+        data3["migrations"],
+        "the data it replaced is kept"
+    );
+    assert!(app.services_running());
+    assert_eq!(app.status()["version"], "1.0.0");
+
+    // A restore of a damaged backup, or of one that does not exist, changes nothing.
+    let b1 = backups[0]["file"].as_str().unwrap().to_owned();
+    let mut bytes = std::fs::read(&b1).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&b1, bytes).unwrap();
+    let before = (app.data(), app.running());
+    let e = json(
+        dir,
+        &format!(
+            "backup restore {} --config dev/system.toml",
+            backups[0]["id"].as_str().unwrap()
+        ),
+        1,
+    );
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("damaged"),
+        "{e}"
+    );
+    let e = json(dir, "backup restore web-99 --config dev/system.toml", 1);
+    assert_eq!(e["error"]["code"], "app");
+    assert_eq!((app.data(), app.running()), before);
+    json(dir, "log verify --config dev/system.toml", 0);
+}
+
+#[test]
+fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_deep() {
+    let app = App::new("after_backup = \"discard\"");
+    let dir = app.dir();
+    app.quiet();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    assert_eq!(app.install(&v1, 0)["state"], "committed");
+    let release1 = app.running();
+    let data1 = app.data();
+
+    // A migration that fails half-way: rolled back, its half-written data discarded.
+    let half =
+        "echo half-done >> \"$ABIDE_DATA/migrations\"; echo 'schema 7 unknown' >&2; exit 3\n";
+    let v2 = app.bundle("2.0.0", GOOD, half);
+    let e = app.install(&v2, 4);
+    assert_eq!(e["state"], "rolled_back", "{e}");
+    assert!(
+        e["reason"].as_str().unwrap().contains("schema 7 unknown"),
+        "{e}"
+    );
+    assert_eq!(e["kept"], Value::Null, "discarded, as configured");
+    assert_eq!(
+        (app.running(), app.data()),
+        (release1.clone(), data1.clone())
+    );
+    assert!(
+        !names(&dir.join("app"))
+            .iter()
+            .any(|n| n.contains("rolled-back")),
+        "{:?}",
+        names(&dir.join("app"))
+    );
+    let audit = std::fs::read_to_string(dir.join("dev/state/audit.log")).unwrap();
+    assert!(
+        audit.contains("\"after_backup\":\"discard\""),
+        "the discarded data is named in the audit log"
+    );
+
+    // A service that does not stop: failed before the switch; the data never changed and the
+    // stopped services are started again.
+    std::fs::write(dir.join("fail-stop"), "").unwrap();
+    let v3 = app.bundle("2.1.0", GOOD, MIGRATE);
+    std::fs::remove_file(dir.join("running.worker.service")).unwrap();
+    let e = app.install(&v3, 4);
+    assert_eq!(e["state"], "failed", "{e}");
+    assert!(e["reason"].as_str().unwrap().contains("cannot stop"), "{e}");
+    assert_eq!(
+        (app.running(), app.data()),
+        (release1.clone(), data1.clone())
+    );
+    std::fs::remove_file(dir.join("fail-stop")).unwrap();
+
+    // A bundle for an application the device does not have is no application's: the groups
+    // have no slot of its class either. Refused, nothing changed.
+    let tar = dir.join("web-2.1.0.tar");
+    std::fs::copy(&tar, dir.join("other.tar")).unwrap();
+    ok(
+        dir,
+        "bundle create --product gw --version 9.0.0 --compatible gw-1 --component db=other.tar,kind=app,slot=db --sign a.key --out db.abide",
+    );
+    let e = app.install("db.abide", 1);
+    assert_eq!(e["error"]["code"], "no-slot", "{e}");
+    assert_eq!((app.running(), app.data()), (release1.clone(), data1));
+
+    // Good updates: backups are kept three deep (the default).
+    for v in ["2.2.0", "2.3.0", "2.4.0", "2.5.0"] {
+        let b = app.bundle(v, GOOD, MIGRATE);
+        assert_eq!(app.install(&b, 0)["state"], "committed");
+    }
+    let list = json(dir, "backup list --config dev/system.toml", 0);
+    let ids: Vec<&str> = list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3, "{list}");
+    let files = names(&dir.join("dev/state/backups/web"));
+    assert_eq!(files.len(), 3, "{files:?}");
+    // The releases kept: the running one and those the kept backups belong to.
+    assert_eq!(
+        names(&dir.join("app/releases")).len(),
+        4,
+        "{:?}",
+        names(&dir.join("app/releases"))
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let target = to.join(entry.file_name());
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
+        } else if kind.is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Runs abide in `dir`; returns whether it exited (rather than being cut short).
+fn run(dir: &Path, args: &[&str], env: &[(&str, String)]) -> bool {
+    let mut cmd = Command::new(ABIDE);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.status().unwrap().code().is_some()
+}
+
+/// The crash points `args` passes through.
+fn trace(dir: &Path, args: &[&str]) -> Vec<String> {
+    let file = dir.join("trace.txt");
+    let _ = std::fs::remove_file(&file);
+    assert!(run(
+        dir,
+        args,
+        &[("ABIDE_CRASH_TRACE", file.display().to_string())]
+    ));
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    text.lines().map(str::to_owned).collect()
+}
+
+/// After a crash: the next start (`abide boot`, as after a power cut) must leave the
+/// application on one of `allowed` (release, its data), ended, its services running, the
+/// audit log whole. `allowed` holds (version, data). Returns which.
+fn converged(dir: &Path, allowed: &[(String, Tree)], what: &str) -> usize {
+    let boot = json(dir, "boot --config dev/system.toml", 0);
+    let status = json(dir, "app status web --config dev/system.toml", 0)["apps"][0].clone();
+    let step = status["transaction"]["step"]
+        .as_str()
+        .unwrap_or("none")
+        .to_owned();
+    assert!(
+        ["committed", "failed", "rolled_back", "restored"].contains(&step.as_str()),
+        "{what}: not ended: {status} {boot}"
+    );
+    let release = std::fs::read_link(dir.join("app/current"))
+        .unwrap()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let running = std::fs::read_to_string(dir.join("app/current/VERSION")).unwrap();
+    let data = tree(&dir.join("app/data"));
+    let found = allowed
+        .iter()
+        .position(|(v, d)| *v == running && *d == data)
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: release {running} with data {data:?} is none of the allowed {allowed:?}; boot {boot}; status {status}"
+            )
+        });
+    assert_eq!(
+        status["release"], release,
+        "{what}: the state says what runs"
+    );
+    assert_eq!(
+        status["version"], running,
+        "{what}: the state says what runs"
+    );
+    for s in ["web.service", "worker.service"] {
+        assert!(
+            dir.join(format!("running.{s}")).exists(),
+            "{what}: {s} runs"
+        );
+    }
+    assert!(
+        !names(&dir.join("app/releases"))
+            .iter()
+            .any(|n| n.starts_with(".staging")),
+        "{what}: no half-unpacked release is left"
+    );
+    json(dir, "log verify --config dev/system.toml", 0);
+    found
+}
+
+#[test]
+fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_and_its_data() {
+    // The data a started service writes would differ between runs; services here only mark
+    // themselves running.
+    let app = App::new("");
+    let dir = app.dir();
+    app.quiet();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    assert_eq!(app.install(&v1, 0)["state"], "committed");
+    let bad = app.bundle("2.0.0", BAD, MIGRATE);
+    let good = app.bundle("2.1.0", GOOD, MIGRATE);
+    let data1 = app.data();
+    let outside = tempfile::tempdir().unwrap();
+    let template = outside.path().join("template");
+    let cases = outside.path().join("cases");
+    copy_tree(dir, &template.join("w"));
+    // What a good update ends on when it commits.
+    let probe = cases.join("probe");
+    copy_tree(&template.join("w"), &probe);
+    let install = |b: &str| {
+        vec![
+            "install".to_owned(),
+            b.to_owned(),
+            "--config".into(),
+            "dev/system.toml".into(),
+        ]
+    };
+    let args_good = install(&good);
+    let args_bad = install(&bad);
+    assert!(run(&probe, &argv(&args_good), &[]));
+    let data2 = tree(&probe.join("app/data"));
+    assert_ne!(data1, data2);
+
+    let mut seen = BTreeMap::<String, usize>::new();
+    let mut matrix = |name: &str, args: &[String], allowed: &[(String, Tree)]| {
+        let t = trace(
+            &probe_of(&template, &cases, &format!("{name}-trace")),
+            &argv(args),
+        );
+        assert!(t.iter().any(|p| p.starts_with("app:step")), "{t:?}");
+        for (k, point) in t.iter().enumerate() {
+            let case = probe_of(&template, &cases, &format!("{name}-{k}"));
+            let exited = run(&case, &argv(args), &[("ABIDE_CRASH_AT", k.to_string())]);
+            assert!(!exited, "{name}: cut at {k} ({point})");
+            let which = converged(&case, allowed, &format!("{name} cut at {k} ({point})"));
+            *seen.entry(format!("{name}->{which}")).or_default() += 1;
+            std::fs::remove_dir_all(&case).unwrap();
+        }
+        t
+    };
+    let bad_points = matrix("bad", &args_bad, &[("1.0.0".to_owned(), data1.clone())]);
+    let good_points = matrix(
+        "good",
+        &args_good,
+        &[
+            ("1.0.0".to_owned(), data1.clone()),
+            ("2.1.0".to_owned(), data2.clone()),
+        ],
+    );
+    // Every durable step of the backup, the switch and the restore was cut.
+    let has = |t: &[String], p: &str| t.iter().any(|x| x.starts_with(p));
+    for p in [
+        "backup:archive-written",
+        "app:step backed_up",
+        "app:step restoring",
+        "app:set-aside",
+        "backup:unpacked",
+        "app:restore-rename",
+    ] {
+        assert!(has(&bad_points, p), "{p} in {bad_points:?}");
+    }
+    assert!(has(&good_points, "app:step started"), "{good_points:?}");
+    // Cut early, a good update is undone; cut after its commit is recorded, it stays.
+    assert!(
+        seen.contains_key("good->0") && seen.contains_key("good->1"),
+        "{seen:?}"
+    );
+
+    // An operator's restore, cut anywhere: the restore is finished or never began.
+    let list = json(&probe, "backup list --config dev/system.toml", 0);
+    let id = list["backups"].as_array().unwrap().last().unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    copy_tree(&probe, &template.join("restore"));
+    let restore = vec![
+        "backup".to_owned(),
+        "restore".into(),
+        id,
+        "--config".into(),
+        "dev/system.toml".into(),
+    ];
+    let t = trace(
+        &probe_of2(&template.join("restore"), &cases, "restore-trace"),
+        &argv(&restore),
+    );
+    assert!(t.len() > 5, "{t:?}");
+    for (k, point) in t.iter().enumerate() {
+        let case = probe_of2(&template.join("restore"), &cases, &format!("restore-{k}"));
+        assert!(!run(
+            &case,
+            &argv(&restore),
+            &[("ABIDE_CRASH_AT", k.to_string())]
+        ));
+        converged(
+            &case,
+            &[
+                ("2.1.0".to_owned(), data2.clone()),
+                ("1.0.0".to_owned(), data1.clone()),
+            ],
+            &format!("restore cut at {k} ({point})"),
+        );
+        std::fs::remove_dir_all(&case).unwrap();
+    }
+}
+
+fn argv(a: &[String]) -> Vec<&str> {
+    a.iter().map(String::as_str).collect()
+}
+
+fn probe_of(template: &Path, cases: &Path, name: &str) -> PathBuf {
+    probe_of2(&template.join("w"), cases, name)
+}
+
+fn probe_of2(from: &Path, cases: &Path, name: &str) -> PathBuf {
+    let case = cases.join(name);
+    let _ = std::fs::remove_dir_all(&case);
+    copy_tree(from, &case);
+    case
+}
+
+#[test]
+fn kill_9_during_the_migration_and_the_health_gate_is_undone_by_the_next_start() {
+    let app = App::new("");
+    let dir = app.dir();
+    app.quiet();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    assert_eq!(app.install(&v1, 0)["state"], "committed");
+    let data1 = app.data();
+    // A slow migration and a slow check: the process is killed (with its children) while one
+    // of them runs.
+    let slow_migrate = "echo step1 >> \"$ABIDE_DATA/migrations\"; sleep 0.4; echo step2 >> \"$ABIDE_DATA/migrations\"\n";
+    let v2 = app.bundle("2.0.0", "sleep 0.5; exit 0\n", slow_migrate);
+    let mut interrupted = Vec::new();
+    for (i, delay_ms) in [150u64, 350, 650, 800].into_iter().enumerate() {
+        let case = dir.join(format!("kill-{i}"));
+        let _ = std::fs::remove_dir_all(&case);
+        copy_subset(dir, &case);
+        let mut child = Command::new(ABIDE)
+            .args(["install", &v2, "--config", "dev/system.toml"])
+            .current_dir(&case)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let pid = child.id() as i32;
+        // The whole process group, as systemd kills the unit's cgroup.
+        let group = rustix::process::Pid::from_raw(pid).expect("a process id");
+        rustix::process::kill_process_group(group, rustix::process::Signal::KILL)
+            .expect("the group is killed");
+        let _ = child.wait();
+        let which = converged(
+            &case,
+            &[("1.0.0".to_owned(), data1.clone())],
+            &format!("killed after {delay_ms} ms"),
+        );
+        assert_eq!(which, 0);
+        let status = json(&case, "app status web --config dev/system.toml", 0);
+        let reason = status["apps"][0]["transaction"]["reason"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        interrupted.push(reason);
+    }
+    // Most kills land in the migration or the gate (the earliest may land before the update
+    // began): the next start found the update cut short and rolled it back.
+    let mid = interrupted
+        .iter()
+        .filter(|r| {
+            [
+                "interrupted while switched",
+                "interrupted while migrated",
+                "interrupted while started",
+            ]
+            .contains(&r.as_str())
+        })
+        .count();
+    assert!(mid >= 2, "{interrupted:?}");
+}
+
+/// Copies the device, the application and the bundles of `dir` into `case`.
+fn copy_subset(dir: &Path, case: &Path) {
+    std::fs::create_dir_all(case).unwrap();
+    for name in names(dir) {
+        if name.starts_with("kill-") || name.starts_with("rel-") {
+            continue;
+        }
+        let from = dir.join(&name);
+        let meta = std::fs::symlink_metadata(&from).unwrap();
+        if meta.is_dir() {
+            copy_tree(&from, &case.join(&name));
+        } else {
+            std::fs::copy(&from, case.join(&name)).unwrap();
+        }
+    }
+}

@@ -383,6 +383,7 @@ fn persist(
                              "previous": tx.previous.as_ref().map(|p| &p.dir)});
     if let Some(reason) = &tx.reason {
         details["reason"] = json!(reason);
+        details["reason_kind"] = json!(tx.reason_kind);
     }
     if let Some(b) = &tx.backup {
         details["backup"] = json!(b);

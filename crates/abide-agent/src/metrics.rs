@@ -101,6 +101,32 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(out, "abide_agent_rollbacks_total{{reason=\"{kind}\"}} {n}");
     }
 
+    let mut app_rollbacks: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.event == "app-rolled-back") {
+        let text = |k: &str| {
+            r.details
+                .get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown")
+                .to_owned()
+        };
+        *app_rollbacks
+            .entry((text("app"), text("reason_kind")))
+            .or_default() += 1;
+    }
+    family(
+        &mut out,
+        "abide_agent_app_rollbacks_total",
+        "counter",
+        "Application updates that ended on the previous release and its data, by application and reason.",
+    );
+    for ((app, kind), n) in &app_rollbacks {
+        let _ = writeln!(
+            out,
+            "abide_agent_app_rollbacks_total{{app=\"{app}\",reason=\"{kind}\"}} {n}"
+        );
+    }
+
     let book = shared.book();
     family(
         &mut out,

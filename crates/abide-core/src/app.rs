@@ -130,6 +130,10 @@ pub struct AppTransaction {
     /// Why it failed or was rolled back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// What failed, as a word for metrics: `stop`, `backup`, `switch`, `migration`, `start`,
+    /// `health`, `interrupted` (a crash), `abandoned` (before the first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_kind: Option<String>,
     /// When it began.
     pub started: Timestamp,
     /// When it last changed.
@@ -156,6 +160,7 @@ impl AppTransaction {
             backup: None,
             step: AppStep::Staged,
             reason: None,
+            reason_kind: None,
             started: now,
             updated: now,
         }
@@ -181,6 +186,7 @@ impl AppTransaction {
             backup: Some(backup.to_owned()),
             step: AppStep::Restoring { data: true },
             reason: Some(reason.to_owned()),
+            reason_kind: Some("operator".to_owned()),
             started: now,
             updated: now,
         }
@@ -239,13 +245,18 @@ impl AppTransaction {
     /// A step failed (or was interrupted) for `reason`: from here on the previous release is
     /// put back, with the backed-up data once the switch may have let anything write to it.
     pub fn fail(&mut self, reason: &str, now: Timestamp) -> Result<()> {
-        let data = match self.step {
-            AppStep::Staged | AppStep::Stopped | AppStep::BackedUp => false,
-            AppStep::Switched | AppStep::Migrated | AppStep::Started => true,
+        let (data, kind) = match self.step {
+            AppStep::Staged => (false, "stop"),
+            AppStep::Stopped => (false, "backup"),
+            AppStep::BackedUp => (false, "switch"),
+            AppStep::Switched => (true, "migration"),
+            AppStep::Migrated => (true, "start"),
+            AppStep::Started => (true, "health"),
             _ => return Err(self.invalid("fail")),
         };
         self.step = AppStep::Restoring { data };
         self.reason = Some(reason.to_owned());
+        self.reason_kind = Some(kind.to_owned());
         self.updated = now;
         Ok(())
     }
@@ -255,6 +266,7 @@ impl AppTransaction {
     pub fn abandon(&mut self, reason: &str, now: Timestamp) -> Result<()> {
         self.step_to("abandon", &AppStep::Staged, AppStep::Failed, now)?;
         self.reason = Some(reason.to_owned());
+        self.reason_kind = Some("abandoned".to_owned());
         Ok(())
     }
 
@@ -280,7 +292,9 @@ impl AppTransaction {
             return false;
         }
         let reason = format!("interrupted while {}", self.step.name().replace('_', " "));
-        self.fail(&reason, now).is_ok()
+        let failed = self.fail(&reason, now).is_ok();
+        self.reason_kind = Some("interrupted".to_owned());
+        failed
     }
 
     fn step_to(

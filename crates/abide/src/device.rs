@@ -316,7 +316,14 @@ pub fn run_history(config: &Path, out: Output) -> Result<()> {
         history
             .rollbacks
             .iter()
-            .map(|r| format!("{} {} {} {}", r.time, r.version, r.transaction, r.reason))
+            .map(|r| {
+                let what = if r.app.is_empty() {
+                    r.version.clone()
+                } else {
+                    format!("{} {}", r.app, r.version)
+                };
+                format!("{} {what} {} {}", r.time, r.transaction, r.reason)
+            })
             .collect::<Vec<_>>()
             .join("\n")
     });

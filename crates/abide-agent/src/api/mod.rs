@@ -103,12 +103,13 @@ pub fn rollback_history(config: &Config) -> Result<pb::RollbackHistory> {
         rollbacks: records
             .iter()
             .rev()
-            .filter(|r| r.event == "rollback")
+            .filter(|r| r.event == "rollback" || r.event == "app-rolled-back")
             .map(|r| pb::Rollback {
                 time: r.time.to_string(),
                 transaction: text(r, "transaction"),
                 version: text(r, "version"),
                 reason: text(r, "reason"),
+                app: text(r, "app"),
             })
             .collect(),
     })

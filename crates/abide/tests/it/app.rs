@@ -768,3 +768,59 @@ fn copy_subset(dir: &Path, case: &Path) {
         }
     }
 }
+
+#[test]
+fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_is_counted() {
+    use crate::schedule::{Running, dev, metrics, schedule, wait};
+    let app = App::new("");
+    app.quiet();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    assert_eq!(app.install(&v1, 0)["state"], "committed");
+    let good = app.sim.path(&app.bundle("2.0.0", GOOD, MIGRATE));
+    let bad = app.sim.path(&app.bundle("2.1.0", BAD, MIGRATE));
+    let _agent = Running::start(&app.sim);
+    let s1 = dev(
+        &app.sim,
+        &["schedule", "update", "--source", good.to_str().unwrap()],
+        0,
+    );
+    let id = s1["id"].as_str().unwrap().to_owned();
+    wait("the application update to complete", || {
+        schedule(&app.sim, &id)["state"] == "completed"
+    });
+    let s1 = schedule(&app.sim, &id);
+    assert!(
+        s1["transaction"].as_str().unwrap().starts_with("app-"),
+        "{s1}"
+    );
+    assert_eq!(s1["version"], "2.0.0");
+    assert_eq!(app.version(), "2.0.0");
+    assert!(app.services_running());
+
+    let s2 = dev(
+        &app.sim,
+        &["schedule", "update", "--source", bad.to_str().unwrap()],
+        0,
+    );
+    let id2 = s2["id"].as_str().unwrap().to_owned();
+    wait("the failing update to roll back", || {
+        schedule(&app.sim, &id2)["state"] == "rolled_back"
+    });
+    let s2 = schedule(&app.sim, &id2);
+    assert!(s2["reason"].as_str().unwrap().contains("answers"), "{s2}");
+    assert_eq!(app.version(), "2.0.0");
+    assert!(app.services_running());
+    // The rollback is in the history (through the agent) and in the metrics.
+    let history = dev(&app.sim, &["history"], 0);
+    let last = &history[0];
+    assert_eq!(
+        (last["app"].as_str(), last["version"].as_str()),
+        (Some("web"), Some("2.1.0")),
+        "{history}"
+    );
+    let text = metrics(&app.sim);
+    assert!(
+        text.contains("abide_agent_app_rollbacks_total{app=\"web\",reason=\"health\"} 1"),
+        "{text}"
+    );
+}

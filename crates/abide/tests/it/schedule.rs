@@ -20,12 +20,12 @@ use crate::device::Sim;
 use crate::{abide_args, json_args};
 
 /// `abide agent` on the simulated device, serving its socket; killed when dropped.
-struct Running {
+pub(crate) struct Running {
     child: Option<Child>,
 }
 
 impl Running {
-    fn start(sim: &Sim) -> Running {
+    pub(crate) fn start(sim: &Sim) -> Running {
         let child = Command::new(env!("CARGO_BIN_EXE_abide"))
             .args(["agent", "--json", "--config", "dev/system.toml"])
             .current_dir(&sim.dir)
@@ -62,7 +62,7 @@ impl Drop for Running {
     }
 }
 
-fn wait(what: &str, mut done: impl FnMut() -> bool) {
+pub(crate) fn wait(what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
     while !done() {
         assert!(
@@ -74,13 +74,13 @@ fn wait(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// `abide ARGS --config dev/system.toml --json` on the device, expecting exit code `exit`.
-fn dev(sim: &Sim, args: &[&str], exit: i32) -> Value {
+pub(crate) fn dev(sim: &Sim, args: &[&str], exit: i32) -> Value {
     let mut all = args.to_vec();
     all.extend(["--config", "dev/system.toml"]);
     json_args(&sim.dir, &all, exit)
 }
 
-fn schedule(sim: &Sim, id: &str) -> Value {
+pub(crate) fn schedule(sim: &Sim, id: &str) -> Value {
     dev(sim, &["schedule", "status", id], 0)
 }
 
@@ -94,7 +94,7 @@ fn error_of(v: &Value) -> String {
 
 /// `GET /metrics` over the agent's socket (HTTP/2 with prior knowledge), which must equal
 /// what `abide metrics` prints.
-fn metrics(sim: &Sim) -> String {
+pub(crate) fn metrics(sim: &Sim) -> String {
     use http_body_util::BodyExt;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -103,6 +103,11 @@ timeout = "5s"
 
     /// A release bundle: `check` is its health check's script, `migrate` its migration.
     fn bundle(&self, version: &str, check: &str, migrate: &str) -> String {
+        self.bundle_sv(version, 0, check, migrate)
+    }
+
+    /// [`App::bundle`] with a security version.
+    fn bundle_sv(&self, version: &str, security: u64, check: &str, migrate: &str) -> String {
         let rel = self.dir().join(format!("rel-{version}"));
         std::fs::create_dir_all(rel.join("bin")).unwrap();
         std::fs::write(rel.join("VERSION"), version).unwrap();
@@ -123,8 +128,9 @@ timeout = "5s"
         ok(
             self.dir(),
             &format!(
-                "bundle create --product gw --version {version} --compatible gw-1 \
-                 --component web=web-{version}.tar,kind=app,slot=web --sign a.key --out {out}"
+                "bundle create --product gw --version {version} --security-version {security} \
+                 --compatible gw-1 --component web=web-{version}.tar,kind=app,slot=web \
+                 --sign a.key --out {out}"
             ),
         );
         out
@@ -435,7 +441,49 @@ fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_d
     );
     let e = app.install("db.abide", 1);
     assert_eq!(e["error"]["code"], "no-slot", "{e}");
-    assert_eq!((app.running(), app.data()), (release1.clone(), data1));
+    assert_eq!(
+        (app.running(), app.data()),
+        (release1.clone(), data1.clone())
+    );
+
+    // A migration that damages the backup it was given: the previous release comes back on
+    // the data as it is (a damaged backup is never unpacked over it), and the audit log says so.
+    let spoil =
+        "printf x >> \"$ABIDE_BACKUP\"; echo spoiled >> \"$ABIDE_DATA/migrations\"; exit 1\n";
+    let v4 = app.bundle("2.1.1", GOOD, spoil);
+    let e = app.install(&v4, 4);
+    assert_eq!(e["state"], "rolled_back", "{e}");
+    assert_eq!(app.running(), release1);
+    assert!(
+        std::fs::read_to_string(dir.join("app/data/migrations"))
+            .unwrap()
+            .ends_with("spoiled\n")
+    );
+    let audit = std::fs::read_to_string(dir.join("dev/state/audit.log")).unwrap();
+    assert!(audit.contains("app-restore-skipped") && audit.contains("is damaged"));
+    std::fs::write(dir.join("app/data/migrations"), "migrated to 1.0.0 from \n").unwrap();
+    assert_eq!(app.data(), data1);
+
+    // An archive entry that would leave the release directory: refused, nothing left behind.
+    std::fs::create_dir_all(dir.join("evil/inner")).unwrap();
+    std::fs::write(dir.join("evil/outside"), "x").unwrap();
+    let made = Command::new("tar")
+        .args(["-cPf", "../evil.tar", "../outside"])
+        .current_dir(dir.join("evil/inner"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    ok(
+        dir,
+        "bundle create --product gw --version 2.1.2 --compatible gw-1 --component web=evil/evil.tar,kind=app,slot=web --sign a.key --out evil.abide",
+    );
+    let e = app.install("evil.abide", 1);
+    assert_eq!(e["error"]["code"], "bad-archive", "{e}");
+    assert_eq!(names(&dir.join("app/releases")), vec![release1.clone()]);
+    assert_eq!(
+        (app.running(), app.data()),
+        (release1.clone(), data1.clone())
+    );
 
     // Good updates: backups are kept three deep (the default).
     for v in ["2.2.0", "2.3.0", "2.4.0", "2.5.0"] {
@@ -459,6 +507,26 @@ fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_d
         "{:?}",
         names(&dir.join("app/releases"))
     );
+
+    // The application's own version order and security counter.
+    let e = app.install(&v1, 1);
+    assert_eq!(e["error"]["code"], "older-version", "{e}");
+    let secure = app.bundle_sv("3.0.0", 5, GOOD, MIGRATE);
+    assert_eq!(app.install(&secure, 0)["state"], "committed");
+    assert_eq!(app.status()["security_version"], 5);
+    let below = app.bundle_sv("3.1.0", 4, GOOD, MIGRATE);
+    let e = app.install(&below, 1);
+    assert_eq!(e["error"]["code"], "downgrade", "{e}");
+    let forced = json(
+        dir,
+        &format!("install {below} --force --config dev/system.toml"),
+        1,
+    );
+    assert_eq!(
+        forced["error"]["code"], "downgrade",
+        "never below the counter, even forced"
+    );
+    assert_eq!(app.version(), "3.0.0");
 }
 
 fn copy_tree(from: &Path, to: &Path) {
@@ -771,7 +839,7 @@ fn copy_subset(dir: &Path, case: &Path) {
 
 #[test]
 fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_is_counted() {
-    use crate::schedule::{Running, dev, metrics, schedule, wait};
+    use crate::schedule::{Running, dev, metrics, schedule, slow_server, wait};
     let app = App::new("");
     app.quiet();
     let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
@@ -818,6 +886,54 @@ fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_i
         (Some("web"), Some("2.1.0")),
         "{history}"
     );
+    // From a URL whose bundle is not the one pinned: every byte hashed before the first step;
+    // the staged release is given up, the application untouched.
+    let slow = app.bundle("2.2.0", GOOD, MIGRATE);
+    let url = slow_server(std::fs::read(app.sim.path(&slow)).unwrap(), 64 << 10);
+    let s3 = dev(
+        &app.sim,
+        &[
+            "schedule",
+            "update",
+            "--source",
+            &url,
+            "--sha256",
+            &"ab".repeat(32),
+        ],
+        0,
+    );
+    let id3 = s3["id"].as_str().unwrap().to_owned();
+    wait("the mismatched update to fail", || {
+        schedule(&app.sim, &id3)["state"] == "failed"
+    });
+    let s3 = schedule(&app.sim, &id3);
+    assert!(s3["reason"].as_str().unwrap().contains("sha256"), "{s3}");
+    assert_eq!(app.version(), "2.0.0");
+    assert!(
+        !names(&app.sim.path("app/releases"))
+            .iter()
+            .any(|n| n.ends_with("2.2.0") || n.starts_with(".staging")),
+        "{:?}",
+        names(&app.sim.path("app/releases"))
+    );
+    // Once its first step ran, an application update can no longer be cancelled.
+    let slow_migration = "sleep 2; echo slow >> \"$ABIDE_DATA/migrations\"\n";
+    let b = app.sim.path(&app.bundle("2.3.0", GOOD, slow_migration));
+    let s4 = dev(
+        &app.sim,
+        &["schedule", "update", "--source", b.to_str().unwrap()],
+        0,
+    );
+    let id4 = s4["id"].as_str().unwrap().to_owned();
+    wait("the migration to run", || {
+        app.status()["transaction"]["step"] == "switched"
+    });
+    let refused = dev(&app.sim, &["schedule", "cancel", &id4], 1);
+    assert_eq!(refused["error"]["code"], "failed-precondition", "{refused}");
+    wait("the slow update to complete", || {
+        schedule(&app.sim, &id4)["state"] == "completed"
+    });
+    assert_eq!(app.version(), "2.3.0");
     let text = metrics(&app.sim);
     assert!(
         text.contains("abide_agent_app_rollbacks_total{app=\"web\",reason=\"health\"} 1"),

@@ -126,7 +126,7 @@ pub(crate) fn metrics(sim: &Sim) -> String {
     text
 }
 
-fn sha256_of(path: &Path) -> String {
+pub(crate) fn sha256_of(path: &Path) -> String {
     abide_bundle::Digest::of(&std::fs::read(path).unwrap()).to_string()
 }
 
@@ -378,7 +378,7 @@ fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the
 }
 
 /// Serves `body` over HTTP, `pace` bytes every 20 ms.
-fn slow_server(body: Vec<u8>, pace: usize) -> String {
+pub(crate) fn slow_server(body: Vec<u8>, pace: usize) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/bundle.abide", listener.local_addr().unwrap());
     std::thread::spawn(move || {

@@ -475,7 +475,7 @@ fn drive(
         }
         persist(device, app, &mut state, &tx, clock.now(), extra)?;
     }
-    tidy(app, &state_dir, &tx, kept.as_deref())?;
+    tidy(app, &state_dir, Some(&tx), kept.as_deref())?;
     let backup = match &tx.backup {
         Some(id) => Backups::load(&state_dir)?.get(id).cloned(),
         None => None,
@@ -765,16 +765,20 @@ fn aside(app: &AppSettings, tx: &AppTransaction) -> PathBuf {
     app.data.with_file_name(format!("{name}.{label}-{}", tx.id))
 }
 
-/// After a transaction ended: the data set aside is deleted when `after_backup = "discard"`,
-/// old backups beyond the number kept are deleted, and release directories Abide made that
-/// neither run, nor ran before, nor belong to a kept backup are removed.
+/// After a transaction ended (or at a start, `tx` the last one if there is one): the data set
+/// aside is deleted when `after_backup = "discard"`, old backups beyond the number kept are
+/// deleted, and release directories Abide made (or began to unpack) that neither run, nor ran
+/// before, nor belong to a kept backup are removed.
 fn tidy(
     app: &AppSettings,
     state_dir: &Path,
-    tx: &AppTransaction,
+    tx: Option<&AppTransaction>,
     kept: Option<&Path>,
 ) -> Result<()> {
-    if app.after_backup == AfterBackup::Discard && kept.is_none() {
+    if let Some(tx) = tx
+        && app.after_backup == AfterBackup::Discard
+        && kept.is_none()
+    {
         let aside = aside(app, tx);
         if aside.exists() {
             std::fs::remove_dir_all(&aside).map_err(io("removing", &aside))?;
@@ -790,8 +794,16 @@ fn tidy(
         .filter(|b| b.app == app.name)
         .filter_map(|b| b.release.as_ref().map(|r| r.dir.clone()))
         .collect();
-    keep.extend(tx.outcome().map(|r| r.dir.clone()));
-    keep.extend(tx.previous.as_ref().map(|r| r.dir.clone()));
+    if let Some(tx) = tx {
+        keep.extend(tx.outcome().map(|r| r.dir.clone()));
+        keep.extend(tx.previous.as_ref().map(|r| r.dir.clone()));
+    }
+    // Whatever the link points at stays, whoever put it there.
+    keep.extend(
+        std::fs::read_link(&app.link)
+            .ok()
+            .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned())),
+    );
     let Ok(listing) = std::fs::read_dir(&app.releases) else {
         return Ok(());
     };
@@ -813,11 +825,13 @@ pub fn recover(device: &mut Device, clock: &dyn Clock) -> Result<Vec<AppOutcome>
     for app in device.config.apps.clone() {
         let mut state = AppState::load(&device.config.state_dir, &app.name)?;
         let Some(mut tx) = state.transaction.clone() else {
+            // A first update cut short before it began leaves at most a release directory.
+            tidy(&app, &device.config.state_dir, None, None)?;
             continue;
         };
         if tx.step.is_terminal() {
             // What a crash after the end left behind (data set aside to be discarded).
-            tidy(&app, &device.config.state_dir, &tx, None)?;
+            tidy(&app, &device.config.state_dir, Some(&tx), None)?;
             continue;
         }
         let now = clock.now();

@@ -940,3 +940,56 @@ fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_i
         "{text}"
     );
 }
+
+#[test]
+fn a_first_install_cut_anywhere_leaves_the_original_data_or_the_release_committed() {
+    let app = App::new("");
+    app.quiet();
+    let dir = app.dir();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    let data0 = app.data();
+    let outside = tempfile::tempdir().unwrap();
+    let template = outside.path().join("template");
+    copy_tree(dir, &template);
+    let args = ["install", v1.as_str(), "--config", "dev/system.toml"];
+    let t = trace(&probe_of2(&template, outside.path(), "trace"), &args);
+    let mut committed = 0;
+    for (k, point) in t.iter().enumerate() {
+        let case = probe_of2(&template, outside.path(), &format!("cut-{k}"));
+        assert!(!run(&case, &args, &[("ABIDE_CRASH_AT", k.to_string())]));
+        json(&case, "app recover --config dev/system.toml", 0);
+        let what = format!("cut at {k} ({point})");
+        let releases = if case.join("app/releases").exists() {
+            names(&case.join("app/releases"))
+        } else {
+            Vec::new()
+        };
+        match std::fs::read_to_string(case.join("app/current/VERSION")) {
+            Ok(v) => {
+                assert_eq!(v, "1.0.0", "{what}");
+                assert_eq!(releases.len(), 1, "{what}: {releases:?}");
+                assert_eq!(
+                    std::fs::read_to_string(case.join("app/data/migrations")).unwrap(),
+                    "migrated to 1.0.0 from \n",
+                    "{what}"
+                );
+                committed += 1;
+            }
+            Err(_) => {
+                assert!(
+                    std::fs::symlink_metadata(case.join("app/current")).is_err(),
+                    "{what}: no link"
+                );
+                assert!(releases.is_empty(), "{what}: {releases:?} left behind");
+                assert_eq!(tree(&case.join("app/data")), data0, "{what}");
+            }
+        }
+        json(&case, "log verify --config dev/system.toml", 0);
+        std::fs::remove_dir_all(&case).unwrap();
+    }
+    assert!(
+        committed > 0 && committed < t.len(),
+        "{committed} of {}",
+        t.len()
+    );
+}

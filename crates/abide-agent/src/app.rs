@@ -27,7 +27,7 @@ use std::path::{Path, PathBuf};
 
 use abide_bundle::{BundleReader, Manifest, Source};
 use abide_core::app::{AppOp, AppRelease, AppStep, AppTransaction, ID_PREFIX};
-use abide_core::{CheckResult, Criticality, Force, Installed, Quarantine, Verdict, admit, verdict};
+use abide_core::{CheckResult, Force, Installed, Quarantine, Verdict, admit, verdict};
 use jiff::Timestamp;
 use semver::Version;
 use serde::{Deserialize, Serialize};
@@ -626,27 +626,15 @@ fn gate(
         .min()
         .unwrap_or(jiff::SignedDuration::from_secs(5));
     loop {
-        let results: Vec<CheckResult> = app
-            .checks
-            .iter()
-            .map(|c| CheckResult {
-                name: c.name.clone(),
-                criticality: if c.critical {
-                    Criticality::Critical
-                } else {
-                    Criticality::NonCritical
-                },
-                outcome: crate::health::run_check(
-                    c,
-                    crate::health::Running {
-                        version: &version,
-                        transaction: Some(&tx.id),
-                    },
-                    &app.name,
-                    clock,
-                ),
-            })
-            .collect();
+        let results = crate::health::run_each(
+            &app.checks,
+            crate::health::Running {
+                version: &version,
+                transaction: Some(&tx.id),
+            },
+            &app.name,
+            clock,
+        );
         match verdict(&app.health, since, degraded_since, &results, clock.now()) {
             Verdict::Commit => return (Ok(()), results),
             Verdict::RollBack(reason) => return (Err(reason.to_string()), results),

@@ -50,15 +50,24 @@ impl<'a> Running<'a> {
     }
 }
 
-/// Runs every check once (with its retries) and returns the results.
+/// Runs every check of `[health]` once (with its retries) and returns the results.
 pub fn run_checks(
     config: &Config,
     running: Running<'_>,
     group: &str,
     clock: &dyn Clock,
 ) -> Vec<CheckResult> {
-    config
-        .checks
+    run_each(&config.checks, running, group, clock)
+}
+
+/// Runs each of `checks` once (with its retries) and returns the results.
+pub fn run_each(
+    checks: &[Check],
+    running: Running<'_>,
+    group: &str,
+    clock: &dyn Clock,
+) -> Vec<CheckResult> {
+    checks
         .iter()
         .map(|c| CheckResult {
             name: c.name.clone(),
@@ -108,13 +117,7 @@ pub fn run_gate(config: &Config, tx: &Transaction, clock: &dyn Clock) -> Verdict
     }
 }
 
-/// Runs one check with its retries.
-pub fn run_check(
-    check: &Check,
-    running: Running<'_>,
-    group: &str,
-    clock: &dyn Clock,
-) -> CheckOutcome {
+fn run_check(check: &Check, running: Running<'_>, group: &str, clock: &dyn Clock) -> CheckOutcome {
     let mut last = String::new();
     for attempt in 0..=check.retries {
         if attempt > 0 {

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use abide_bundle::Digest;
 use serde_json::Value;
 
+use crate::crash::{copy_dir, run, trace};
 use crate::device::Sim;
 use crate::{json, ok};
 
@@ -529,50 +530,6 @@ fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_d
     assert_eq!(app.version(), "3.0.0");
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        let target = to.join(entry.file_name());
-        let kind = entry.file_type().unwrap();
-        if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
-        } else if kind.is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
-/// Runs abide in `dir`; returns whether it exited (rather than being cut short).
-fn run(dir: &Path, args: &[&str], env: &[(&str, String)]) -> bool {
-    let mut cmd = Command::new(ABIDE);
-    cmd.args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.status().unwrap().code().is_some()
-}
-
-/// The crash points `args` passes through.
-fn trace(dir: &Path, args: &[&str]) -> Vec<String> {
-    let file = dir.join("trace.txt");
-    let _ = std::fs::remove_file(&file);
-    assert!(run(
-        dir,
-        args,
-        &[("ABIDE_CRASH_TRACE", file.display().to_string())]
-    ));
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::remove_file(&file).unwrap();
-    text.lines().map(str::to_owned).collect()
-}
-
 /// After a crash: the next start (`abide boot`, as after a power cut) must leave the
 /// application on one of `allowed` (release, its data), ended, its services running, the
 /// audit log whole. `allowed` holds (version, data). Returns which.
@@ -642,10 +599,10 @@ fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_a
     let outside = tempfile::tempdir().unwrap();
     let template = outside.path().join("template");
     let cases = outside.path().join("cases");
-    copy_tree(dir, &template.join("w"));
+    copy_dir(dir, &template.join("w"));
     // What a good update ends on when it commits.
     let probe = cases.join("probe");
-    copy_tree(&template.join("w"), &probe);
+    copy_dir(&template.join("w"), &probe);
     let install = |b: &str| {
         vec![
             "install".to_owned(),
@@ -711,7 +668,7 @@ fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_a
         .as_str()
         .unwrap()
         .to_owned();
-    copy_tree(&probe, &template.join("restore"));
+    copy_dir(&probe, &template.join("restore"));
     let restore = vec![
         "backup".to_owned(),
         "restore".into(),
@@ -754,7 +711,7 @@ fn probe_of(template: &Path, cases: &Path, name: &str) -> PathBuf {
 fn probe_of2(from: &Path, cases: &Path, name: &str) -> PathBuf {
     let case = cases.join(name);
     let _ = std::fs::remove_dir_all(&case);
-    copy_tree(from, &case);
+    copy_dir(from, &case);
     case
 }
 
@@ -830,7 +787,7 @@ fn copy_subset(dir: &Path, case: &Path) {
         let from = dir.join(&name);
         let meta = std::fs::symlink_metadata(&from).unwrap();
         if meta.is_dir() {
-            copy_tree(&from, &case.join(&name));
+            copy_dir(&from, &case.join(&name));
         } else {
             std::fs::copy(&from, case.join(&name)).unwrap();
         }
@@ -950,7 +907,7 @@ fn a_first_install_cut_anywhere_leaves_the_original_data_or_the_release_committe
     let data0 = app.data();
     let outside = tempfile::tempdir().unwrap();
     let template = outside.path().join("template");
-    copy_tree(dir, &template);
+    copy_dir(dir, &template);
     let args = ["install", v1.as_str(), "--config", "dev/system.toml"];
     let t = trace(&probe_of2(&template, outside.path(), "trace"), &args);
     let mut committed = 0;

@@ -24,12 +24,16 @@ use crate::json;
 
 const ABIDE: &str = env!("CARGO_BIN_EXE_abide");
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies the tree at `from` to `to`, symbolic links as links.
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
         let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
+        let kind = entry.file_type().unwrap();
+        if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path()).unwrap(), &target).unwrap();
+        } else if kind.is_dir() {
             copy_dir(&entry.path(), &target);
         } else {
             std::fs::copy(entry.path(), &target).unwrap();
@@ -38,7 +42,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 /// Runs abide in `dir` with crash settings; returns whether it exited normally.
-fn run(dir: &Path, args: &[&str], env: &[(&str, String)]) -> bool {
+pub(crate) fn run(dir: &Path, args: &[&str], env: &[(&str, String)]) -> bool {
     let mut cmd = Command::new(ABIDE);
     cmd.args(args)
         .current_dir(dir)
@@ -51,7 +55,8 @@ fn run(dir: &Path, args: &[&str], env: &[(&str, String)]) -> bool {
     cmd.status().unwrap().code().is_some()
 }
 
-fn trace(dir: &Path, args: &[&str]) -> Vec<String> {
+/// The crash points `args` passes through.
+pub(crate) fn trace(dir: &Path, args: &[&str]) -> Vec<String> {
     let file = dir.join("trace.txt");
     let _ = std::fs::remove_file(&file);
     assert!(run(

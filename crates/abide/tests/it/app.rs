@@ -950,3 +950,33 @@ fn a_first_install_cut_anywhere_leaves_the_original_data_or_the_release_committe
         t.len()
     );
 }
+
+#[test]
+fn a_link_that_is_not_a_symbolic_link_is_refused_before_anything_changes() {
+    let app = App::new("");
+    app.quiet();
+    let dir = app.dir();
+    std::fs::create_dir_all(dir.join("app/current")).unwrap();
+    std::fs::write(dir.join("app/current/VERSION"), "hand-made").unwrap();
+    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+    let data = app.data();
+    let e = app.install(&v1, 1);
+    assert_eq!(e["error"]["code"], "app", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not a symbolic link"),
+        "{e}"
+    );
+    assert_eq!(app.data(), data);
+    assert!(!dir.join("ctl.log").exists(), "no service was touched");
+    assert!(
+        !dir.join("app/releases").exists() || names(&dir.join("app/releases")).is_empty(),
+        "nothing unpacked"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("app/current/VERSION")).unwrap(),
+        "hand-made"
+    );
+}

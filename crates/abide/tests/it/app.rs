@@ -952,7 +952,7 @@ fn a_first_install_cut_anywhere_leaves_the_original_data_or_the_release_committe
 }
 
 #[test]
-fn a_link_that_is_not_a_symbolic_link_is_refused_before_anything_changes() {
+fn a_link_that_is_not_a_symbolic_link_or_leads_elsewhere_is_refused_before_anything_changes() {
     let app = App::new("");
     app.quiet();
     let dir = app.dir();
@@ -979,4 +979,21 @@ fn a_link_that_is_not_a_symbolic_link_is_refused_before_anything_changes() {
         std::fs::read_to_string(dir.join("app/current/VERSION")).unwrap(),
         "hand-made"
     );
+    // A link that points outside the releases directory: refused the same way.
+    std::fs::rename(dir.join("app/current"), dir.join("app/elsewhere")).unwrap();
+    std::os::unix::fs::symlink("elsewhere", dir.join("app/current")).unwrap();
+    let e = app.install(&v1, 1);
+    assert_eq!(e["error"]["code"], "app", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("which is not a directory in"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_link(dir.join("app/current")).unwrap(),
+        Path::new("elsewhere")
+    );
+    assert_eq!(app.data(), data);
 }

@@ -98,6 +98,15 @@ timeout = "5s"
         std::fs::write(self.dir().join("ctl.sh"), ctl).unwrap();
     }
 
+    /// A device whose services only mark themselves running, with release 1.0.0 committed.
+    fn at_1_0_0() -> App {
+        let app = App::new("");
+        app.quiet();
+        let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
+        assert_eq!(app.install(&v1, 0)["state"], "committed");
+        app
+    }
+
     fn dir(&self) -> &Path {
         &self.sim.dir
     }
@@ -588,11 +597,8 @@ fn converged(dir: &Path, allowed: &[(String, Tree)], what: &str) -> usize {
 fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_and_its_data() {
     // The data a started service writes would differ between runs; services here only mark
     // themselves running.
-    let app = App::new("");
+    let app = App::at_1_0_0();
     let dir = app.dir();
-    app.quiet();
-    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
-    assert_eq!(app.install(&v1, 0)["state"], "committed");
     let bad = app.bundle("2.0.0", BAD, MIGRATE);
     let good = app.bundle("2.1.0", GOOD, MIGRATE);
     let data1 = app.data();
@@ -620,12 +626,12 @@ fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_a
     let mut seen = BTreeMap::<String, usize>::new();
     let mut matrix = |name: &str, args: &[String], allowed: &[(String, Tree)]| {
         let t = trace(
-            &probe_of(&template, &cases, &format!("{name}-trace")),
+            &case_in(&template, &cases, &format!("{name}-trace")),
             &argv(args),
         );
         assert!(t.iter().any(|p| p.starts_with("app:step")), "{t:?}");
         for (k, point) in t.iter().enumerate() {
-            let case = probe_of(&template, &cases, &format!("{name}-{k}"));
+            let case = case_in(&template, &cases, &format!("{name}-{k}"));
             let exited = run(&case, &argv(args), &[("ABIDE_CRASH_AT", k.to_string())]);
             assert!(!exited, "{name}: cut at {k} ({point})");
             let which = converged(&case, allowed, &format!("{name} cut at {k} ({point})"));
@@ -677,12 +683,12 @@ fn a_crash_at_every_step_of_backup_switch_and_restore_converges_to_one_release_a
         "dev/system.toml".into(),
     ];
     let t = trace(
-        &probe_of2(&template.join("restore"), &cases, "restore-trace"),
+        &case_of(&template.join("restore"), &cases, "restore-trace"),
         &argv(&restore),
     );
     assert!(t.len() > 5, "{t:?}");
     for (k, point) in t.iter().enumerate() {
-        let case = probe_of2(&template.join("restore"), &cases, &format!("restore-{k}"));
+        let case = case_of(&template.join("restore"), &cases, &format!("restore-{k}"));
         assert!(!run(
             &case,
             &argv(&restore),
@@ -704,11 +710,11 @@ fn argv(a: &[String]) -> Vec<&str> {
     a.iter().map(String::as_str).collect()
 }
 
-fn probe_of(template: &Path, cases: &Path, name: &str) -> PathBuf {
-    probe_of2(&template.join("w"), cases, name)
+fn case_in(template: &Path, cases: &Path, name: &str) -> PathBuf {
+    case_of(&template.join("w"), cases, name)
 }
 
-fn probe_of2(from: &Path, cases: &Path, name: &str) -> PathBuf {
+fn case_of(from: &Path, cases: &Path, name: &str) -> PathBuf {
     let case = cases.join(name);
     let _ = std::fs::remove_dir_all(&case);
     copy_dir(from, &case);
@@ -717,11 +723,8 @@ fn probe_of2(from: &Path, cases: &Path, name: &str) -> PathBuf {
 
 #[test]
 fn kill_9_during_the_migration_and_the_health_gate_is_undone_by_the_next_start() {
-    let app = App::new("");
+    let app = App::at_1_0_0();
     let dir = app.dir();
-    app.quiet();
-    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
-    assert_eq!(app.install(&v1, 0)["state"], "committed");
     let data1 = app.data();
     // A slow migration and a slow check: the process is killed (with its children) while one
     // of them runs.
@@ -797,23 +800,24 @@ fn copy_subset(dir: &Path, case: &Path) {
 #[test]
 fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_is_counted() {
     use crate::schedule::{Running, dev, metrics, schedule, slow_server, wait};
-    let app = App::new("");
-    app.quiet();
-    let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
-    assert_eq!(app.install(&v1, 0)["state"], "committed");
+    let app = App::at_1_0_0();
     let good = app.sim.path(&app.bundle("2.0.0", GOOD, MIGRATE));
     let bad = app.sim.path(&app.bundle("2.1.0", BAD, MIGRATE));
     let _agent = Running::start(&app.sim);
-    let s1 = dev(
-        &app.sim,
-        &["schedule", "update", "--source", good.to_str().unwrap()],
-        0,
-    );
-    let id = s1["id"].as_str().unwrap().to_owned();
-    wait("the application update to complete", || {
-        schedule(&app.sim, &id)["state"] == "completed"
-    });
-    let s1 = schedule(&app.sim, &id);
+    // Schedules the bundle at `source` and waits for the schedule to end as `end`.
+    let run_to = |source: &Path, end: &str| {
+        let s = dev(
+            &app.sim,
+            &["schedule", "update", "--source", source.to_str().unwrap()],
+            0,
+        );
+        let id = s["id"].as_str().unwrap().to_owned();
+        wait(&format!("schedule {id} to end {end}"), || {
+            schedule(&app.sim, &id)["state"] == end
+        });
+        schedule(&app.sim, &id)
+    };
+    let s1 = run_to(&good, "completed");
     assert!(
         s1["transaction"].as_str().unwrap().starts_with("app-"),
         "{s1}"
@@ -822,16 +826,7 @@ fn an_application_update_scheduled_through_the_agent_commits_or_rolls_back_and_i
     assert_eq!(app.version(), "2.0.0");
     assert!(app.services_running());
 
-    let s2 = dev(
-        &app.sim,
-        &["schedule", "update", "--source", bad.to_str().unwrap()],
-        0,
-    );
-    let id2 = s2["id"].as_str().unwrap().to_owned();
-    wait("the failing update to roll back", || {
-        schedule(&app.sim, &id2)["state"] == "rolled_back"
-    });
-    let s2 = schedule(&app.sim, &id2);
+    let s2 = run_to(&bad, "rolled_back");
     assert!(s2["reason"].as_str().unwrap().contains("answers"), "{s2}");
     assert_eq!(app.version(), "2.0.0");
     assert!(app.services_running());
@@ -909,10 +904,10 @@ fn a_first_install_cut_anywhere_leaves_the_original_data_or_the_release_committe
     let template = outside.path().join("template");
     copy_dir(dir, &template);
     let args = ["install", v1.as_str(), "--config", "dev/system.toml"];
-    let t = trace(&probe_of2(&template, outside.path(), "trace"), &args);
+    let t = trace(&case_of(&template, outside.path(), "trace"), &args);
     let mut committed = 0;
     for (k, point) in t.iter().enumerate() {
-        let case = probe_of2(&template, outside.path(), &format!("cut-{k}"));
+        let case = case_of(&template, outside.path(), &format!("cut-{k}"));
         assert!(!run(&case, &args, &[("ABIDE_CRASH_AT", k.to_string())]));
         json(&case, "app recover --config dev/system.toml", 0);
         let what = format!("cut at {k} ({point})");

@@ -252,12 +252,7 @@ fn begin<S: Source>(
     let policy = crate::trust::policy(&config, &trust, state.security_version, now);
     let mut bundle = reader.verify(&policy)?;
     let manifest = bundle.manifest().clone();
-    if manifest.product.as_str() != config.product {
-        return Err(AgentError::WrongProduct {
-            bundle: manifest.product.to_string(),
-            device: config.product.clone(),
-        });
-    }
+    crate::trust::check_product(&config, &manifest)?;
     let installed = Installed {
         version: state
             .current

@@ -394,12 +394,7 @@ fn plan<'a>(
             what: "an application bundle is installed from a file (`abide install FILE`) or by a schedule (`abide schedule update`)".into(),
         });
     }
-    if manifest.product.as_str() != config.product {
-        return Err(AgentError::WrongProduct {
-            bundle: manifest.product.to_string(),
-            device: config.product.clone(),
-        });
-    }
+    crate::trust::check_product(config, &manifest)?;
     let installed = Installed {
         version: state.version.clone(),
         security_version: state.security_version,

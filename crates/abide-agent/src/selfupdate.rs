@@ -133,12 +133,7 @@ pub fn apply<S: abide_bundle::Source>(
     let policy = crate::trust::policy(&config, &trust, state.security_version, now);
     let mut bundle = bundle.verify(&policy)?;
     let manifest = bundle.manifest().clone();
-    if manifest.product.as_str() != config.product {
-        return Err(AgentError::WrongProduct {
-            bundle: manifest.product.to_string(),
-            device: config.product.clone(),
-        });
-    }
+    crate::trust::check_product(&config, &manifest)?;
     let from = agent_version(&config.state_dir);
     let newer = from
         .parse::<semver::Version>()

@@ -41,6 +41,17 @@ pub fn root(config: &Config, now: Timestamp) -> Result<TrustRoot> {
     )?)
 }
 
+/// Refuses a bundle made for another product than this device's (`wrong-product`).
+pub fn check_product(config: &Config, manifest: &abide_bundle::Manifest) -> Result<()> {
+    if manifest.product.as_str() != config.product {
+        return Err(crate::error::AgentError::WrongProduct {
+            bundle: manifest.product.to_string(),
+            device: config.product.clone(),
+        });
+    }
+    Ok(())
+}
+
 /// What a bundle for this device must satisfy under `trust` at `now`: signatures, expiry, the
 /// device's hardware id, and a security version not below the device's counter.
 pub fn policy<'a>(

@@ -123,12 +123,28 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
             let (cutter, size) = (&mut cutter, &mut size);
             let written = ordered_map(
                 || {
-                    zstd::bulk::Compressor::new(level).map_err(|source| Error::Io {
-                        what: "starting a zstd compressor",
-                        source,
-                    })
+                    let compressor =
+                        zstd::bulk::Compressor::new(level).map_err(|source| Error::Io {
+                            what: "starting a zstd compressor",
+                            source,
+                        })?;
+                    Ok((compressor, None))
                 },
-                |compressor, _, chunk: Arc<Vec<u8>>| {
+                |(compressor, zeros): &mut (zstd::bulk::Compressor, Option<ZeroChunk>),
+                 _,
+                 chunk: Arc<Vec<u8>>| {
+                    // Free space in a file system image is long runs of zeros, cut into
+                    // chunks of one length: those are named and compressed once per worker.
+                    if is_zero(&chunk) {
+                        if let Some(z) = zeros.as_ref().filter(|z| z.length == chunk.len()) {
+                            return Ok((
+                                z.digest,
+                                z.stored_digest,
+                                z.length as u32,
+                                z.stored.clone(),
+                            ));
+                        }
+                    }
                     let mut stored =
                         Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk.len()));
                     compressor
@@ -142,7 +158,16 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                         // Incompressible: store it raw, named once (see `ChunkEntry::is_raw`).
                         return Ok((digest, digest, chunk.len() as u32, chunk.to_vec()));
                     }
-                    Ok((digest, Digest::of(&stored), chunk.len() as u32, stored))
+                    let stored_digest = Digest::of(&stored);
+                    if is_zero(&chunk) {
+                        *zeros = Some(ZeroChunk {
+                            length: chunk.len(),
+                            digest,
+                            stored_digest,
+                            stored: stored.clone(),
+                        });
+                    }
+                    Ok((digest, stored_digest, chunk.len() as u32, stored))
                 },
                 move |_| {
                     let Some(chunk) = cutter.next(content)? else {
@@ -310,10 +335,31 @@ pub fn add_signature(
     })
 }
 
+/// A chunk of zeros as it was named and compressed, kept to answer the next one of its length.
+struct ZeroChunk {
+    length: usize,
+    digest: Digest,
+    stored_digest: Digest,
+    stored: Vec<u8>,
+}
+
+/// Whether every byte of `data` is zero (16 bytes at a time; the compiler vectorises the fold).
+fn is_zero(data: &[u8]) -> bool {
+    let words = data.chunks_exact(16);
+    let tail = words.remainder();
+    words.fold(0u128, |acc, w| {
+        acc | u128::from_ne_bytes(w.try_into().expect("16 bytes"))
+    }) == 0
+        && tail.iter().all(|&b| b == 0)
+}
+
 /// Cuts a stream into FastCDC chunks, holding at most [`READ_BLOCK`] bytes of it.
 struct Cutter {
     chunking: Chunking,
     masks: (u64, u64),
+    /// Where FastCDC cuts a run of at least `max_size` zeros: its cut depends only on the
+    /// bytes it reads, so it is found once and reused without hashing the zeros again.
+    zero_cut: Option<usize>,
     buf: Vec<u8>,
     start: usize,
     end: usize,
@@ -331,6 +377,7 @@ impl Cutter {
         Cutter {
             chunking,
             masks,
+            zero_cut: None,
             buf: vec![0u8; READ_BLOCK.max(chunking.max_size as usize * 2)],
             start: 0,
             end: 0,
@@ -361,6 +408,13 @@ impl Cutter {
         if self.start == self.end {
             return Ok(None);
         }
+        let window = &self.buf[self.start..self.end];
+        let zeros = window.len() >= max && is_zero(&window[..max]);
+        if let (true, Some(len)) = (zeros, self.zero_cut) {
+            let chunk = self.buf[self.start..self.start + len].to_vec();
+            self.start += len;
+            return Ok(Some(chunk));
+        }
         let (mask_s, mask_l) = self.masks;
         let (_, len) = fastcdc::v2020::cut(
             &self.buf[self.start..self.end],
@@ -372,6 +426,9 @@ impl Cutter {
             mask_s << 1,
             mask_l << 1,
         );
+        if zeros {
+            self.zero_cut = Some(len);
+        }
         let chunk = self.buf[self.start..self.start + len].to_vec();
         self.start += len;
         Ok(Some(chunk))

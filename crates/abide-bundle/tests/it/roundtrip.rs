@@ -91,6 +91,52 @@ fn equal_content_gives_equal_chunks_across_releases() {
 }
 
 #[test]
+fn runs_of_zeros_are_cut_and_stored_exactly_as_fastcdc_cuts_them() {
+    // The writer names, compresses and cuts a run of zeros once and reuses the result; the
+    // chunk table must be the one plain FastCDC gives, whatever the run's length and place.
+    let fixture = Fixture::default();
+    let c = fixture.chunking;
+    let max = c.max_size as usize;
+    let random = abide_testkit::image(3 * max, 4);
+    let mut content = Vec::new();
+    for zeros in [max / 3, max, max + 1, 5 * max + 77, 2 * max - 1, 0, 7 * max] {
+        content.extend(std::iter::repeat_n(0u8, zeros));
+        content.extend_from_slice(&random[..max / 2 + zeros % 1000]);
+    }
+    // A run of zeros at the end that is longer than the cutter's read block.
+    content.extend(std::iter::repeat_n(0u8, (5 << 20) + 3));
+    let fixture = Fixture {
+        components: vec![("rootfs", "rootfs", "rootfs", content.clone())],
+        ..fixture
+    };
+    let bytes = fixture.build(&[&key(0)]);
+    let parts = abide_testkit::parts::Parts::split(&bytes);
+    let lengths = parts.components[0]
+        .table
+        .iter()
+        .map(|e| e.length as usize)
+        .collect::<Vec<_>>();
+    let want = fastcdc::v2020::FastCDC::new(&content, c.min_size, c.avg_size, c.max_size)
+        .map(|chunk| chunk.length)
+        .collect::<Vec<_>>();
+    assert_eq!(lengths, want);
+    let mut offset = 0;
+    for entry in &parts.components[0].table {
+        let piece = &content[offset..offset + entry.length as usize];
+        assert_eq!(entry.digest, abide_bundle::Digest::of(piece));
+        offset += entry.length as usize;
+    }
+    let zero_chunks = parts.components[0]
+        .table
+        .iter()
+        .filter(|e| e.length as usize == max && e.digest == abide_bundle::Digest::of(&vec![0; max]))
+        .count();
+    assert!(zero_chunks >= 90, "{zero_chunks} chunks of zeros");
+    let back = read_all(&bytes, &trust(&[0], 1));
+    assert!(back[0].1 == content, "the content comes back byte for byte");
+}
+
+#[test]
 fn signatures_can_be_added_one_by_one_to_reach_a_threshold() {
     let bytes = Fixture::default().build(&[&key(0)]);
     let two = trust(&[0, 1], 2);

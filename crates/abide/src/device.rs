@@ -228,12 +228,11 @@ pub fn status_json(device: &Device) -> Result<Value> {
 
 /// `abide status`: from the agent when it runs, else from the device's files.
 pub fn run_status(config: &Path, out: Output) -> Result<()> {
-    let status = match Api::connect(config)? {
-        Some(mut api) => {
-            api.call(|mut c| async move { c.status(abide_api::StatusRequest {}).await })?
-        }
-        None => abide_agent::api::status(&open_read_only(config)?)?,
-    };
+    let status = Api::ask(
+        config,
+        |api| api.call(|mut c| async move { c.status(abide_api::StatusRequest {}).await }),
+        || Ok(abide_agent::api::status(&open_read_only(config)?)?),
+    )?;
     let v = crate::schedule::status_json(&status);
     out.print(&v, || {
         let mut text = format!(
@@ -256,12 +255,16 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
 
 /// `abide health`: the checks run now, by the agent when it runs, else here.
 pub fn run_health(config: &Path, out: Output) -> Result<()> {
-    let health = match Api::connect(config)? {
-        Some(mut api) => {
-            api.call(|mut c| async move { c.get_health(abide_api::GetHealthRequest {}).await })?
-        }
-        None => abide_agent::api::health(&open_read_only(config)?, &SystemClock)?,
-    };
+    let health = Api::ask(
+        config,
+        |api| api.call(|mut c| async move { c.get_health(abide_api::GetHealthRequest {}).await }),
+        || {
+            Ok(abide_agent::api::health(
+                &open_read_only(config)?,
+                &SystemClock,
+            )?)
+        },
+    )?;
     out.print(&serde_json::to_value(&health)?, || {
         health
             .checks
@@ -302,13 +305,16 @@ pub fn run_rollback(config: &Path, reason: &str, out: Output) -> Result<()> {
 
 /// `abide history`: every rollback the audit log records, newest first.
 pub fn run_history(config: &Path, out: Output) -> Result<()> {
-    let history = match Api::connect(config)? {
-        Some(mut api) => api.call(|mut c| async move {
-            c.get_rollback_history(abide_api::GetRollbackHistoryRequest {})
-                .await
-        })?,
-        None => abide_agent::api::rollback_history(&Config::load(config)?)?,
-    };
+    let history = Api::ask(
+        config,
+        |api| {
+            api.call(|mut c| async move {
+                c.get_rollback_history(abide_api::GetRollbackHistoryRequest {})
+                    .await
+            })
+        },
+        || Ok(abide_agent::api::rollback_history(&Config::load(config)?)?),
+    )?;
     out.print(&serde_json::to_value(&history.rollbacks)?, || {
         if history.rollbacks.is_empty() {
             return "no rollbacks".to_owned();

@@ -126,9 +126,37 @@ impl Api {
             {
                 Ok(None)
             }
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => bail!("the agent at {} does not answer", socket.display()),
+            Ok(Err(e)) => Err(ApiRefusal {
+                code: "agent",
+                message: format!("the agent at {} did not answer: {e}", socket.display()),
+            }
+            .into()),
+            Err(_) => Err(ApiRefusal {
+                code: "agent",
+                message: format!("the agent at {} does not answer", socket.display()),
+            }
+            .into()),
         }
+    }
+
+    /// A question that only reads: asked of the agent when it runs, answered from the device's
+    /// own files when no agent runs or when the agent goes away before it answers (it restarts
+    /// after an update, a self-update or a reboot of a simulated device). A refusal stands.
+    pub fn ask<T>(
+        config: &Path,
+        agent: impl FnOnce(&mut Api) -> Result<T>,
+        files: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        if let Ok(Some(mut api)) = Api::connect(config) {
+            match agent(&mut api) {
+                Ok(answer) => return Ok(answer),
+                Err(e)
+                    if e.downcast_ref::<ApiRefusal>()
+                        .is_some_and(|r| !r.is_refusal()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        files()
     }
 
     /// Connects, or says clearly that the agent is not running.

@@ -314,6 +314,32 @@ fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart()
 }
 
 #[test]
+fn status_health_and_history_read_the_files_when_the_agent_goes_away_without_answering() {
+    // Something holds the socket but closes every connection before answering: an agent that
+    // is going away as it restarts. The questions that only read are answered from the
+    // device's files; a command that changes something says the agent failed.
+    let sim = Sim::new(None);
+    let socket = sim.path("dev/agent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(
+        (status["state"].as_str(), status["version"].as_str()),
+        (Some("idle"), Some("1.0.0")),
+        "{status}"
+    );
+    assert_eq!(dev(&sim, &["history"], 0), serde_json::json!([]));
+    let health = dev(&sim, &["health"], 0);
+    assert_eq!(health["healthy"], true, "{health}");
+    let refused = dev(&sim, &["schedule", "list"], 3);
+    assert_eq!(refused["error"]["code"], "agent", "{refused}");
+}
+
+#[test]
 fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the_agent() {
     // The health check fails: an automatic gate would roll back at once.
     let sim = Sim::new(Some("test \"$ABIDE_VERSION\" = 1.0.0"));

@@ -135,7 +135,8 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                  chunk: Arc<Vec<u8>>| {
                     // Free space in a file system image is long runs of zeros, cut into
                     // chunks of one length: those are named and compressed once per worker.
-                    if is_zero(&chunk) {
+                    let zero = is_zero(&chunk);
+                    if zero {
                         if let Some(z) = zeros.as_ref().filter(|z| z.length == chunk.len()) {
                             return Ok((
                                 z.digest,
@@ -159,7 +160,7 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                         return Ok((digest, digest, chunk.len() as u32, chunk.to_vec()));
                     }
                     let stored_digest = Digest::of(&stored);
-                    if is_zero(&chunk) {
+                    if zero {
                         *zeros = Some(ZeroChunk {
                             length: chunk.len(),
                             digest,
@@ -343,14 +344,11 @@ struct ZeroChunk {
     stored: Vec<u8>,
 }
 
-/// Whether every byte of `data` is zero (16 bytes at a time; the compiler vectorises the fold).
+/// Whether every byte of `data` is zero: 512 bytes at a time (the compiler vectorises the
+/// fold), stopping at the first block that is not.
 fn is_zero(data: &[u8]) -> bool {
-    let words = data.chunks_exact(16);
-    let tail = words.remainder();
-    words.fold(0u128, |acc, w| {
-        acc | u128::from_ne_bytes(w.try_into().expect("16 bytes"))
-    }) == 0
-        && tail.iter().all(|&b| b == 0)
+    data.chunks(512)
+        .all(|block| block.iter().fold(0u8, |acc, &b| acc | b) == 0)
 }
 
 /// Cuts a stream into FastCDC chunks, holding at most [`READ_BLOCK`] bytes of it.

@@ -199,7 +199,8 @@ pub struct Checked {
 
 /// Checks the whole chain: each record's hash, its link to the one before, gapless sequence
 /// numbers, that the head names the last record and carries the server's signature, and that
-/// the trail still holds the `checkpoint`'s record, if one is given.
+/// the trail still holds the `checkpoint`'s record, if one is given. Records and head are read
+/// from one snapshot, so records appended during the check do not read as a rewritten trail.
 pub async fn check(
     server: &Server,
     checkpoint: Option<(u64, &str)>,
@@ -217,12 +218,14 @@ pub async fn check(
         },
         ok_before_signature: false,
     };
+    // One snapshot for the records and the head: appends go on meanwhile.
+    let mut snapshot = server.db.snapshot().await?;
     loop {
         let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT 5000"
         )))
         .bind(after)
-        .fetch_all(&server.db.pool)
+        .fetch_all(&mut *snapshot)
         .await?;
         if rows.is_empty() {
             break;
@@ -261,8 +264,9 @@ pub async fn check(
     let last = expected - 1;
     let (head_seq, head_hash, signature): (i64, String, Option<String>) =
         sqlx::query_as("SELECT seq, hash, signature FROM audit_head WHERE id = 1")
-            .fetch_one(&server.db.pool)
+            .fetch_one(&mut *snapshot)
             .await?;
+    snapshot.rollback().await?;
     if head_seq != last || head_hash != prev {
         return Ok(bad(
             expected,

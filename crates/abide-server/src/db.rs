@@ -464,6 +464,18 @@ impl Db {
         Ok(())
     }
 
+    /// A read-only transaction whose queries all see the database as of its first one, so
+    /// that reads of several tables agree while writers go on: on PostgreSQL `REPEATABLE
+    /// READ`; on SQLite a read transaction on a read connection (WAL keeps its snapshot).
+    pub async fn snapshot(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        let mut tx = self.read.begin().await?;
+        if self.dialect == Dialect::Postgres {
+            tx.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .await?;
+        }
+        Ok(tx)
+    }
+
     /// ` FOR UPDATE` on PostgreSQL (a row lock for the rest of the transaction); nothing on
     /// SQLite, whose single connection already serializes every transaction.
     pub fn for_update(&self) -> &'static str {

@@ -11,6 +11,7 @@ use crate::{Backend, Harness, on_both};
 on_both!(
     a_trail_rewritten_in_the_database_is_found_by_its_signature_or_its_checkpoint,
     a_device_audit_head_only_moves_forward_under_the_device_key,
+    the_trail_verifies_while_records_are_appended,
 );
 
 /// Rewrites every record of the server's trail after changing the second one's details, as
@@ -130,6 +131,39 @@ async fn a_trail_rewritten_in_the_database_is_found_by_its_signature_or_its_chec
         )
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+async fn the_trail_verifies_while_records_are_appended(backend: Backend) {
+    let h = Harness::new(backend).await;
+    // A trail long enough that reading it takes a while.
+    let append = |server: abide_server::Server, from: u32, to: u32| async move {
+        for i in from..to {
+            let mut tx = server.db.pool.begin().await.unwrap();
+            abide_server::audit::append(&server, &mut tx, "test", "append", json!({"i": i}))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    append(h.server.clone(), 0, 1500).await;
+    // Verified again and again while another task appends: each check sees one moment of the
+    // trail, never a chain that ends before its head.
+    let writer = tokio::spawn(append(h.server.clone(), 1500, 4000));
+    let mut checks = 0;
+    while !writer.is_finished() {
+        let v = verify(&h, "").await;
+        assert_eq!(v["ok"], true, "check {checks}: {v}");
+        assert!(v["records"].as_u64().unwrap() >= 1500, "{v}");
+        checks += 1;
+    }
+    writer.await.unwrap();
+    assert!(checks >= 3, "only {checks} checks ran beside the appends");
+    let v = verify(&h, "").await;
+    assert_eq!(
+        (v["ok"].as_bool(), v["records"].as_u64().map(|r| r >= 4000)),
+        (Some(true), Some(true)),
+        "{v}"
+    );
 }
 
 fn signed(key: &SecretKey, seq: u64, hash: &str) -> AuditHead {

@@ -332,13 +332,17 @@ fn rollout_and_failing_release(db: Option<&str>) {
     });
     // It pauses at the first failure over its threshold, which withdraws the release from the
     // other canary: each canary rolls back by itself with the reason, or never leaves 2.0.0.
+    // A canary that rolled back is settled once it has rebooted into its known-good group (the
+    // state is written before that reboot).
     let canaries = &devices[3..];
     wait("the canaries to settle", 60, &devices, || {
         canaries.iter().all(|d| {
-            !matches!(
-                status(&dir, d)["state"].as_str(),
-                Some("downloading" | "activated" | "trial")
-            )
+            let s = status(&dir, d);
+            match s["state"].as_str() {
+                Some("downloading" | "activated" | "trial") => false,
+                Some("rolled_back") => s["booted"] == s["good"],
+                _ => true,
+            }
         })
     });
     let mut rolled = Vec::new();

@@ -237,10 +237,14 @@ impl AuditLog {
             |r| Head::signed(r.seq, r.hash.clone(), key.as_ref()),
         );
         let public = key.as_ref().map(SecretKey::public);
-        let signed = check_head(path, &records, public.as_ref())?;
-        let on_disk: Option<Head> = read_bounded(&head_path(path), 4096)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let on_disk = read_head(path)?;
+        let signed = check_head(
+            path,
+            &records,
+            public.as_ref(),
+            on_disk.as_ref(),
+            on_disk.as_ref(),
+        )?;
         let lags = !records.is_empty()
             && on_disk.is_none_or(|h| (h.seq, &h.hash) != (head.seq, &head.hash));
         // An unsigned head written before the key was made (a cut between making the key and
@@ -332,14 +336,25 @@ impl AuditLog {
     /// error here (opening the log repairs it).
     /// A device that never wrote a record has no log and no head: that is an empty log. A
     /// missing log whose head names records is a deletion.
+    ///
+    /// The agent may append while this reads (the record, then the head): the head is read
+    /// before and after the log, and a last record still being written when the log was read
+    /// (the log has grown since) is left out.
     pub fn verify(path: &Path) -> Result<Vec<Record>, AuditError> {
-        let bytes = match read_bounded(path, 1 << 30) {
+        let before = read_head(path)?;
+        let mut bytes = match read_bounded(path, 1 << 30) {
             Ok(bytes) => bytes,
             Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(e.into()),
         };
+        let after = read_head(path)?;
+        let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let grown = || std::fs::metadata(path).is_ok_and(|m| m.len() > bytes.len() as u64);
+        if complete < bytes.len() && grown() {
+            bytes.truncate(complete);
+        }
         if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
-            let torn = bytes.len() - bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            let torn = bytes.len() - complete;
             return Err(AuditError::Broken {
                 path: path.to_owned(),
                 what: format!(
@@ -353,7 +368,13 @@ impl AuditLog {
         } else {
             device_public_if_any(path)?
         };
-        let signed = check_head(path, &records, key.as_ref())?;
+        let signed = check_head(
+            path,
+            &records,
+            key.as_ref(),
+            before.as_ref(),
+            after.as_ref(),
+        )?;
         if key.is_some() && signed == Signed::No {
             return Err(AuditError::Broken {
                 path: path.to_owned(),
@@ -361,7 +382,7 @@ impl AuditLog {
                     .into(),
             });
         }
-        if key.is_none() && signed == Signed::Yes && head_exists(path) {
+        if key.is_none() && signed == Signed::Yes && after.is_some() {
             return Err(AuditError::Broken {
                 path: path.to_owned(),
                 what: "its head is signed but the device's public key (device.pub) is gone".into(),
@@ -527,51 +548,86 @@ enum Signed {
     No,
 }
 
+/// The head file, if there is one.
+fn read_head(path: &Path) -> Result<Option<Head>, AuditError> {
+    match read_bounded(&head_path(path), 4096) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| AuditError::Broken {
+                path: path.to_owned(),
+                what: format!("its head file is not readable: {e}"),
+            }),
+        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The head file may lag the log by one record (a crash between the append and the head
 /// update) but never lead it, and must name a record that is there. With `key`, a signature
 /// the head carries must verify under it; whether it carried one is returned.
+///
+/// `before` is the head read before the log and `after` the one read after it (the same head
+/// when nothing appends meanwhile): records appended while the log was read are then neither
+/// taken for records cut off (`before` names a record the log holds) nor for records added
+/// without a head (the log holds at most one record more than `after` names).
 fn check_head(
     path: &Path,
     records: &[Record],
     key: Option<&PublicKey>,
+    before: Option<&Head>,
+    after: Option<&Head>,
 ) -> Result<Signed, AuditError> {
-    let head_file = head_path(path);
-    let head: Head = match read_bounded(&head_file, 4096) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| AuditError::Broken {
-            path: path.to_owned(),
-            what: format!("its head file is not readable: {e}"),
-        })?,
-        Err(e) if e.source.kind() == std::io::ErrorKind::NotFound && records.len() <= 1 => {
-            return Ok(Signed::Yes);
-        }
-        Err(e) => return Err(e.into()),
-    };
     let last = records.len() as u64;
-    let named = head
-        .seq
-        .checked_sub(1)
-        .and_then(|i| records.get(i as usize));
-    let ok = head.seq == 0 && last <= 1
-        || (head.seq <= last && last <= head.seq + 1 && named.is_some_and(|r| r.hash == head.hash));
-    if !ok {
-        return Err(AuditError::Broken {
-            path: path.to_owned(),
-            what: format!(
-                "its head says record {} was written, the log has {last} (records were cut off the end or the head is stale)",
-                head.seq
-            ),
-        });
+    let names = |h: &Head| {
+        h.seq
+            .checked_sub(1)
+            .and_then(|i| records.get(i as usize))
+            .is_some_and(|r| r.hash == h.hash)
+    };
+    let stale = |seq: u64| AuditError::Broken {
+        path: path.to_owned(),
+        what: format!(
+            "its head says record {seq} was written, the log has {last} (records were cut off the end or the head is stale)"
+        ),
+    };
+    // Nothing cut off: the head read first names a record the log holds (or none).
+    if let Some(h) = before
+        && !(h.seq == 0 || h.seq <= last && names(h))
+    {
+        return Err(stale(h.seq));
     }
-    match (key, &head.signature) {
-        (_, None) => Ok(Signed::No),
-        (Some(key), Some(_)) if !head.signature_is_valid(key) => Err(AuditError::Broken {
+    // Nothing added without a head: at most one record beyond the head read last.
+    let Some(after) = after else {
+        return if last <= 1 {
+            Ok(Signed::Yes)
+        } else {
+            Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: format!("its head file is missing, the log has {last} records"),
+            })
+        };
+    };
+    if !(after.seq == 0 && last <= 1 || last <= after.seq + 1 && (after.seq > last || names(after)))
+    {
+        return Err(stale(after.seq));
+    }
+    let forged = [before, Some(after)]
+        .into_iter()
+        .flatten()
+        .any(|h| key.is_some_and(|key| h.signature.is_some() && !h.signature_is_valid(key)));
+    if forged {
+        return Err(AuditError::Broken {
             path: path.to_owned(),
             what:
                 "its head's signature does not verify under the device key (the head was rewritten)"
                     .into(),
-        }),
-        _ => Ok(Signed::Yes),
+        });
     }
+    Ok(if after.signature.is_some() {
+        Signed::Yes
+    } else {
+        Signed::No
+    })
 }
 
 fn head_exists(path: &Path) -> bool {

@@ -349,3 +349,33 @@ fn a_head_from_before_devices_had_keys_is_signed_when_the_log_is_next_opened() {
         broken(&path)
     );
 }
+
+#[test]
+fn a_log_verifies_while_the_agent_appends_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.log");
+    // Long enough that checking the records takes a while, so that appends land between the
+    // reads of the log and of its head.
+    write_log(&path, 2000);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let (mut log, _) = AuditLog::open(&path).unwrap();
+            for i in 0..300 {
+                log.append(Timestamp::now(), "check-in", details(i))
+                    .unwrap();
+            }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+        });
+        let mut checks = 0;
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let records = AuditLog::verify(&path)
+                .unwrap_or_else(|e| panic!("check {checks} beside the appends: {e}"));
+            assert!(records.len() >= 2000);
+            checks += 1;
+        }
+        writer.join().unwrap();
+        assert!(checks >= 3, "only {checks} checks ran beside the appends");
+    });
+    assert_eq!(AuditLog::verify(&path).unwrap().len(), 2300);
+}

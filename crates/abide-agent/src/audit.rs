@@ -257,7 +257,7 @@ impl AuditLog {
             )
         };
         let legacy = signed == Signed::No && key.is_some() && (made || older_than_key());
-        if signed == Signed::No && key.is_some() && !legacy && head_exists(path) {
+        if signed == Signed::No && key.is_some() && !legacy {
             return Err(AuditError::Broken {
                 path: path.to_owned(),
                 what: "its head is not signed while the device has a key (the head was rewritten)"
@@ -628,10 +628,6 @@ fn check_head(
     } else {
         Signed::No
     })
-}
-
-fn head_exists(path: &Path) -> bool {
-    head_path(path).exists()
 }
 
 fn head_path(path: &Path) -> PathBuf {

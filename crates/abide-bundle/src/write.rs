@@ -132,19 +132,11 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                 },
                 |(compressor, zeros): &mut (zstd::bulk::Compressor, Option<ZeroChunk>),
                  _,
-                 chunk: Arc<Vec<u8>>| {
+                 (chunk, zero): (Arc<Vec<u8>>, bool)| {
                     // Free space in a file system image is long runs of zeros, cut into
                     // chunks of one length: those are named and compressed once per worker.
-                    let zero = is_zero(&chunk);
-                    if zero {
-                        if let Some(z) = zeros.as_ref().filter(|z| z.length == chunk.len()) {
-                            return Ok((
-                                z.digest,
-                                z.stored_digest,
-                                z.length as u32,
-                                z.stored.clone(),
-                            ));
-                        }
+                    if let Some(z) = zeros.as_ref().filter(|z| zero && z.length == chunk.len()) {
+                        return Ok((z.digest, z.stored_digest, z.length as u32, z.stored.clone()));
                     }
                     let mut stored =
                         Vec::with_capacity(zstd::zstd_safe::compress_bound(chunk.len()));
@@ -171,7 +163,7 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                     Ok((digest, stored_digest, chunk.len() as u32, stored))
                 },
                 move |_| {
-                    let Some(chunk) = cutter.next(content)? else {
+                    let Some((chunk, zero)) = cutter.next(content)? else {
                         return Ok(None);
                     };
                     *size += chunk.len() as u64;
@@ -180,7 +172,7 @@ impl<S: Read + Write + Seek> BundleWriter<S> {
                         what: "hashing the component",
                         source: io::Error::other("the hashing thread stopped"),
                     })?;
-                    Ok(Some(chunk))
+                    Ok(Some((chunk, zero)))
                 },
                 |_, (digest, stored_digest, length, stored)| {
                     ChunkEntry {
@@ -383,7 +375,9 @@ impl Cutter {
         }
     }
 
-    fn next(&mut self, src: &mut dyn Read) -> Result<Option<Vec<u8>>> {
+    /// The next chunk, and whether it lies in a run of at least `max_size` zeros (then it is
+    /// all zeros).
+    fn next(&mut self, src: &mut dyn Read) -> Result<Option<(Vec<u8>, bool)>> {
         let max = self.chunking.max_size as usize;
         if self.end - self.start < max && !self.eof {
             self.buf.copy_within(self.start..self.end, 0);
@@ -408,27 +402,28 @@ impl Cutter {
         }
         let window = &self.buf[self.start..self.end];
         let zeros = window.len() >= max && is_zero(&window[..max]);
-        if let (true, Some(len)) = (zeros, self.zero_cut) {
-            let chunk = self.buf[self.start..self.start + len].to_vec();
-            self.start += len;
-            return Ok(Some(chunk));
-        }
-        let (mask_s, mask_l) = self.masks;
-        let (_, len) = fastcdc::v2020::cut(
-            &self.buf[self.start..self.end],
-            self.chunking.min_size as usize,
-            self.chunking.avg_size as usize,
-            max,
-            mask_s,
-            mask_l,
-            mask_s << 1,
-            mask_l << 1,
-        );
-        if zeros {
-            self.zero_cut = Some(len);
-        }
-        let chunk = self.buf[self.start..self.start + len].to_vec();
+        let len = match (zeros, self.zero_cut) {
+            (true, Some(len)) => len,
+            _ => {
+                let (mask_s, mask_l) = self.masks;
+                let (_, len) = fastcdc::v2020::cut(
+                    window,
+                    self.chunking.min_size as usize,
+                    self.chunking.avg_size as usize,
+                    max,
+                    mask_s,
+                    mask_l,
+                    mask_s << 1,
+                    mask_l << 1,
+                );
+                if zeros {
+                    self.zero_cut = Some(len);
+                }
+                len
+            }
+        };
+        let chunk = window[..len].to_vec();
         self.start += len;
-        Ok(Some(chunk))
+        Ok(Some((chunk, zeros)))
     }
 }

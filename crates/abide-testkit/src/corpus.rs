@@ -210,6 +210,22 @@ pub fn attacks() -> Vec<Attack> {
         edit(&|m| m["expires"] = "2020-01-01T00:00:00Z".into()),
         "expired",
     );
+    // The same instants spelled another way: one signed form only.
+    add(
+        "created-with-offset",
+        edit(&|m| m["created"] = "2026-11-29T12:00:00+00:00".into()),
+        "bad-format",
+    );
+    add(
+        "expires-with-fraction",
+        edit(&|m| m["expires"] = "2099-01-01T00:00:00.000Z".into()),
+        "bad-format",
+    );
+    add(
+        "created-lowercase",
+        edit(&|m| m["created"] = "2026-11-29t12:00:00z".into()),
+        "bad-format",
+    );
     add(
         "downgrade",
         edit(&|m| m["security_version"] = 4.into()),

@@ -444,7 +444,9 @@ impl Agent {
     /// assignment offers when the device runs the version it was made from (the server offers
     /// one only when it is the smallest download), else from the bundle, reading only the
     /// chunks the running group lacks. A delta the running slots do not match is refused before
-    /// anything changes, and the bundle is used instead.
+    /// anything changes; one whose output fails a check partway (a running slot changed behind
+    /// its intact chunk index, or a damaged copy of the delta) has left the target unbootable.
+    /// Either way the bundle is used instead, and the audit log says why (`delta-fallback`).
     fn stage(
         &mut self,
         device: &mut Device,
@@ -455,8 +457,14 @@ impl Agent {
         let running = device.state()?.version.to_string();
         if let Some(delta) = release.delta.as_ref().filter(|d| d.from_version == running) {
             match self.fetch(device, client, release, &delta.url, delta.size, schedule) {
-                Err(AgentError::Bundle(e)) if e.code() == "delta-base" => {
+                Err(AgentError::Bundle(e)) if delta_content_failed(&e) => {
                     tracing::warn!(error = %e, "the delta does not fit the running slots; downloading the bundle");
+                    device.record(
+                        Timestamp::now(),
+                        "delta-fallback",
+                        json!({"release": release.release_id, "url": delta.url,
+                               "code": e.code(), "reason": e.to_string(), "bundle": release.url}),
+                    )?;
                 }
                 done => return done,
             }
@@ -764,4 +772,15 @@ fn window_state(own: &[DeviceWindow], a: &Assignment, now: Timestamp) -> WindowS
     } else {
         WindowState::Closed
     }
+}
+
+/// Whether applying a delta failed on what it produced (the running slots do not hold the
+/// content it was made against, or the delta's bytes are damaged): the full bundle, checked
+/// chunk by chunk on its own, can still be installed. Refusals of the release itself
+/// (signatures, policy) and failures of the device are not such failures.
+fn delta_content_failed(e: &abide_bundle::Error) -> bool {
+    matches!(
+        e.code(),
+        "delta-base" | "chunk-digest" | "chunk-corrupt" | "component-digest" | "decompression-bomb"
+    )
 }

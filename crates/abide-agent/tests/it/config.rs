@@ -314,3 +314,53 @@ fn a_delivered_trust_root_is_taken_only_along_its_chain() {
     );
     assert_eq!(abide_agent::trust::version(&config).unwrap(), 2);
 }
+
+#[test]
+fn a_device_whose_trust_root_lapsed_takes_its_successor() {
+    use abide_testkit::key;
+    let dir = tempfile::tempdir().unwrap();
+    let lapsed = abide_bundle::TrustRoot::create(
+        1,
+        vec![key(0).public(), key(1).public()],
+        2,
+        Some("2026-01-01T00:00:00Z".parse().unwrap()),
+        &[&key(0), &key(1)],
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("trust.json"),
+        lapsed.to_file_bytes().unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    let config = abide_agent::config::Config::parse(
+        &dir.path().join("system.toml"),
+        "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\
+         [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n",
+    )
+    .unwrap();
+    let body =
+        |root: &abide_bundle::TrustRoot| String::from_utf8(root.to_file_bytes().unwrap()).unwrap();
+    let now = jiff::Timestamp::now();
+    // Signed by one of the lapsed root's two keys: still not enough.
+    let short =
+        abide_bundle::TrustRoot::create(2, vec![key(2).public()], 1, None, &[&key(0), &key(2)])
+            .unwrap();
+    let r = abide_agent::trust::accept(&config, &[body(&short)], now).unwrap();
+    assert_eq!((r.from, r.to), (1, 1));
+    assert_eq!(r.refused.unwrap().code(), "signature-threshold");
+    // Signed by both, and by its own key: taken, although version 1 has expired.
+    let next = abide_bundle::TrustRoot::create(
+        2,
+        vec![key(2).public()],
+        1,
+        None,
+        &[&key(0), &key(1), &key(2)],
+    )
+    .unwrap();
+    let r = abide_agent::trust::accept(&config, &[body(&next)], now).unwrap();
+    assert_eq!((r.from, r.to), (1, 2), "{:?}", r.refused);
+    assert_eq!(abide_agent::trust::version(&config).unwrap(), 2);
+}

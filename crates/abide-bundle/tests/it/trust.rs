@@ -52,10 +52,109 @@ fn the_same_key_material_counts_once() {
         .replace(&k1.to_hex(), &key(0).public().to_hex())
         .replace(k1.id().as_str(), key(0).public().id().as_str());
     let err = load_bytes(forged.as_bytes()).unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root", "{err}");
+    assert!(err.to_string().contains("listed twice"), "{err}");
+    // So is one whose author listed a key twice and signed it properly: two entries of one key
+    // must not meet a threshold of two.
+    let listed_twice = signed_file(
+        &serde_json::json!({
+            "type": "abide-trust",
+            "version": 1,
+            "threshold": 2,
+            "keys": [key_entry(0), key_entry(0)],
+        }),
+        &[0],
+    );
+    let err = load_bytes(&listed_twice).unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root", "{err}");
+    assert!(err.to_string().contains("listed twice"), "{err}");
+}
+
+/// A trust root's `keys` entry for test key `n`.
+fn key_entry(n: u8) -> serde_json::Value {
+    let public = key(n).public();
+    serde_json::json!({"id": public.id().as_str(), "public": public.to_hex()})
+}
+
+/// A trust root file: `signed` as given, signed properly by the test keys `signers`.
+fn signed_file(signed: &serde_json::Value, signers: &[u8]) -> Vec<u8> {
+    let message = abide_bundle::canonical::to_canonical("trust root", signed).unwrap();
+    let signatures: Vec<serde_json::Value> = signers
+        .iter()
+        .map(|&n| {
+            let sig = key(n).sign(abide_bundle::keys::TRUST_DOMAIN, &message);
+            let hex: String = sig.iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({"key": key(n).public().id().as_str(), "sig": hex})
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({"signed": signed, "signatures": signatures})).unwrap()
+}
+
+#[test]
+fn a_key_id_that_does_not_match_its_key_is_refused() {
+    // Properly signed, so nothing but the id check can refuse it: key 1's id beside key 0.
+    let mut entry = key_entry(0);
+    entry["id"] = key(1).public().id().as_str().into();
+    let file = signed_file(
+        &serde_json::json!({"type": "abide-trust", "version": 1, "threshold": 1, "keys": [entry]}),
+        &[0],
+    );
+    let err = load_bytes(&file).unwrap_err();
+    assert_eq!(err.code(), "bad-trust-root", "{err}");
     assert!(
-        matches!(err.code(), "bad-trust-root" | "signature-threshold"),
+        err.to_string().contains("does not match its public key"),
         "{err}"
     );
+    // The same file with the right id loads: the id was the only thing wrong.
+    let file = signed_file(
+        &serde_json::json!({"type": "abide-trust", "version": 1, "threshold": 1,
+                            "keys": [key_entry(0)]}),
+        &[0],
+    );
+    load_bytes(&file).unwrap();
+}
+
+#[test]
+fn an_expired_root_still_counts_for_its_successor() {
+    let lapsed = TrustRoot::create(
+        1,
+        vec![key(0).public(), key(1).public()],
+        2,
+        Some("2026-01-01T00:00:00Z".parse().unwrap()),
+        &[&key(0), &key(1)],
+    )
+    .unwrap();
+    assert_eq!(load(&lapsed).unwrap_err().code(), "trust-expired");
+    // Read as old material, it still says whose signatures the next version needs.
+    let old = TrustRoot::load(
+        &lapsed.to_file_bytes().unwrap(),
+        now(),
+        ExpirationEnforcement::Unsafe,
+        &Limits::default(),
+    )
+    .unwrap();
+    let signers = [key(0), key(1), key(2)];
+    let next = old
+        .rotate(
+            vec![key(2).public()],
+            1,
+            None,
+            &signers.iter().collect::<Vec<_>>(),
+        )
+        .unwrap();
+    let next = load(&next).unwrap();
+    old.verify_successor(&next).unwrap();
+    // Its threshold still holds: one of its two keys is not enough.
+    let one = [key(0), key(2)];
+    let err = old
+        .rotate(
+            vec![key(2).public()],
+            1,
+            None,
+            &one.iter().collect::<Vec<_>>(),
+        )
+        .unwrap_err();
+    assert_eq!(err.code(), "signature-threshold", "{err}");
 }
 
 #[test]

@@ -1471,26 +1471,44 @@ fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_ne
     let token = f.token("lab");
     let proxy = CuttingProxy::start(&f.url, Vec::new(), None);
     let dev = device(&dir, "gw-delta", &proxy.url, &token);
-    // A second device whose running slot gets damaged outside Abide after it commits 2.0.0.
-    let proxy2 = CuttingProxy::start(&f.url, Vec::new(), None);
-    let damaged = device(&dir, "gw-damaged", &proxy2.url, &token);
+    // Two more devices whose running slots get damaged outside Abide after they commit 2.0.0,
+    // behind their intact chunk indexes: one where 2.1.0 keeps the old content (the delta
+    // copies those chunks), one where 2.1.0 changed it (the delta's patch reads it). A third
+    // loses its chunk index, so the delta is refused before anything changes.
+    let damaged: Vec<(PathBuf, CuttingProxy, Option<std::ops::Range<usize>>)> = [
+        ("gw-damaged", Some(1_300_000..1_400_000)),
+        ("gw-damaged-patch", Some(1_100_000..1_150_000)),
+        ("gw-no-index", None),
+    ]
+    .into_iter()
+    .map(|(name, range)| {
+        let proxy = CuttingProxy::start(&f.url, Vec::new(), None);
+        (device(&dir, name, &proxy.url, &token), proxy, range)
+    })
+    .collect();
     agent_once(&dir, &dev, 0);
-    agent_once(&dir, &damaged, 0);
+    for (d, _, _) in &damaged {
+        agent_once(&dir, d, 0);
+    }
     f.rollout(&old, "100", "lab", &[]);
-    for d in [&dev, &damaged] {
+    for d in std::iter::once(&dev).chain(damaged.iter().map(|(d, _, _)| d)) {
         assert_eq!(agent_once(&dir, d, 0)["exit"], "reboot");
         ok(&dir, &format!("sim reboot {}", d.display()));
         assert_eq!(status(&dir, d)["version"], "2.0.0");
     }
-    let running = damaged.join(format!(
-        "slots/rootfs.{}.img",
-        status(&dir, &damaged)["booted"].as_str().unwrap()
-    ));
-    let mut bytes = std::fs::read(&running).unwrap();
-    for b in &mut bytes[1_300_000..1_400_000] {
-        *b ^= 0x5a;
+    for (d, _, range) in &damaged {
+        let booted = status(&dir, d)["booted"].as_str().unwrap().to_owned();
+        let Some(range) = range else {
+            std::fs::remove_file(d.join(format!("state/chunks/{booted}.rootfs.idx"))).unwrap();
+            continue;
+        };
+        let running = d.join(format!("slots/rootfs.{booted}.img"));
+        let mut bytes = std::fs::read(&running).unwrap();
+        for b in &mut bytes[range.clone()] {
+            *b ^= 0x5a;
+        }
+        std::fs::write(&running, &bytes).unwrap();
     }
-    std::fs::write(&running, &bytes).unwrap();
 
     // The operator makes the delta offline and uploads it; asked to make it, the server finds
     // that one (it would have made the same file: deltas are made deterministically).
@@ -1548,4 +1566,69 @@ fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_ne
             .contains("/deltas/"),
         "{download}"
     );
+
+    // The damaged devices take the delta too, find (partway, or before anything changes) that
+    // their running slot does not hold what it was made against, and fall back to the bundle's
+    // chunks: committed, byte for byte, with the fallback and its reason in the audit log.
+    for (d, proxy, _) in &damaged {
+        let before = proxy.forwarded.load(Ordering::Relaxed);
+        let once = agent_once(&dir, d, 0);
+        assert_eq!(once["exit"], "reboot", "{}: {once}", d.display());
+        let fetched = proxy.forwarded.load(Ordering::Relaxed) - before;
+        assert!(fetched > 0, "{}", d.display());
+        let download = last_download(&dir, d);
+        let url = download["details"]["url"].as_str().unwrap();
+        assert!(!url.contains("/deltas/"), "{download}");
+        let log = json_args(
+            &dir,
+            &["log", "--config", d.join("system.toml").to_str().unwrap()],
+            0,
+        );
+        let fell_back = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["event"] == "delta-fallback")
+            .unwrap_or_else(|| panic!("no delta-fallback record: {log}"));
+        assert!(
+            fell_back["details"]["url"]
+                .as_str()
+                .unwrap()
+                .contains("/deltas/"),
+            "{fell_back}"
+        );
+        if d.ends_with("gw-no-index") {
+            assert_eq!(fell_back["details"]["code"], "delta-base", "{fell_back}");
+            assert!(
+                fell_back["details"]["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no chunk index"),
+                "{fell_back}"
+            );
+        }
+        ok(&dir, &format!("sim reboot {}", d.display()));
+        let s = status(&dir, d);
+        assert_eq!(
+            (s["state"].as_str(), s["version"].as_str()),
+            (Some("committed"), Some("2.1.0")),
+            "{}: {s}",
+            d.display()
+        );
+        let slot = d.join(format!(
+            "slots/rootfs.{}.img",
+            s["booted"].as_str().unwrap()
+        ));
+        assert_eq!(slot_digest(&slot, IMAGE_LEN), Digest::of(&image).to_hex());
+        json_args(
+            &dir,
+            &[
+                "log",
+                "verify",
+                "--config",
+                d.join("system.toml").to_str().unwrap(),
+            ],
+            0,
+        );
+    }
 }

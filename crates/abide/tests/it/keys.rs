@@ -102,6 +102,24 @@ fn an_expired_trust_root_is_refused() {
         json(&dir, "trust verify old.json", 1)["error"]["code"],
         "trust-expired"
     );
+    // A root that lapsed can still be rotated: it says whose signatures its successor needs.
+    let v = json(
+        &dir,
+        "trust rotate --from old.json --key c.pub --threshold 1 --sign c.key --out next.json",
+        1,
+    );
+    assert_eq!(v["error"]["code"], "signature-threshold", "{v}");
+    let v = json(
+        &dir,
+        "trust rotate --from old.json --key c.pub --threshold 1 --sign a.key --sign c.key --out next.json",
+        0,
+    );
+    assert_eq!(v["version"], 2);
+    let v = json(&dir, "trust verify --from old.json next.json", 0);
+    assert_eq!(
+        (v["ok"].as_bool(), v["version"].as_u64()),
+        (Some(true), Some(2))
+    );
 }
 
 #[test]

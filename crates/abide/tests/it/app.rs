@@ -16,7 +16,7 @@ use serde_json::Value;
 
 use crate::crash::{copy_dir, run, trace};
 use crate::device::Sim;
-use crate::{json, ok};
+use crate::{failure, json, ok};
 
 const ABIDE: &str = env!("CARGO_BIN_EXE_abide");
 
@@ -154,6 +154,17 @@ timeout = "5s"
         )
     }
 
+    /// [`App::install`] of an update that ends on the previous release (exit 4): its JSON and
+    /// the code on standard error.
+    fn install_ended(&self, bundle: &str) -> (Value, String) {
+        let (v, code) = failure(
+            self.dir(),
+            &format!("install {bundle} --config dev/system.toml"),
+            4,
+        );
+        (v, code.expect("a failure has a code"))
+    }
+
     fn status(&self) -> Value {
         json(self.dir(), "app status web --config dev/system.toml", 0)["apps"][0].clone()
     }
@@ -271,8 +282,9 @@ fn an_update_keeps_the_data_and_a_failed_one_puts_the_release_and_its_data_back_
 
     // A release whose health check fails after its migration wrote to the data.
     let v2 = app.bundle("2.0.0", BAD, MIGRATE);
-    let failed = app.install(&v2, 4);
+    let (failed, code) = app.install_ended(&v2);
     assert_eq!(failed["state"], "rolled_back", "{failed}");
+    assert_eq!(code, "app-rolled-back");
     assert!(
         failed["reason"].as_str().unwrap().contains("answers")
             && failed["reason"]
@@ -386,6 +398,25 @@ fn an_update_keeps_the_data_and_a_failed_one_puts_the_release_and_its_data_back_
     let e = json(dir, "backup restore web-99 --config dev/system.toml", 1);
     assert_eq!(e["error"]["code"], "app");
     assert_eq!((app.data(), app.running()), before);
+    // A backup of an application system.toml no longer has: no-app, nothing changed.
+    let config = std::fs::read_to_string(dir.join("dev/system.toml")).unwrap();
+    std::fs::write(
+        dir.join("dev/system.toml"),
+        config.replace("name = \"web\"", "name = \"shop\""),
+    )
+    .unwrap();
+    let e = json(
+        dir,
+        &format!("backup restore {b3} --config dev/system.toml"),
+        1,
+    );
+    assert_eq!(e["error"]["code"], "no-app", "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("\"web\""),
+        "{e}"
+    );
+    std::fs::write(dir.join("dev/system.toml"), config).unwrap();
+    assert_eq!((app.data(), app.running()), before);
     json(dir, "log verify --config dev/system.toml", 0);
 }
 
@@ -432,8 +463,9 @@ fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_d
     std::fs::write(dir.join("fail-stop"), "").unwrap();
     let v3 = app.bundle("2.1.0", GOOD, MIGRATE);
     std::fs::remove_file(dir.join("running.worker.service")).unwrap();
-    let e = app.install(&v3, 4);
+    let (e, code) = app.install_ended(&v3);
     assert_eq!(e["state"], "failed", "{e}");
+    assert_eq!(code, "app-failed");
     assert!(e["reason"].as_str().unwrap().contains("cannot stop"), "{e}");
     assert_eq!(
         (app.running(), app.data()),

@@ -1171,3 +1171,14 @@ fn a_writers_bug_is_installed_as_signed_by_one_pass_and_refused_by_paranoid() {
     );
     assert_eq!(field(&v, "state"), "activated");
 }
+
+#[test]
+fn a_step_of_a_transaction_with_none_is_refused_with_no_transaction_and_changes_nothing() {
+    let sim = Sim::new(None);
+    let before = sim.fingerprint();
+    for cmd in ["mark-good", "mark-bad"] {
+        let v = json(&sim.dir, &format!("{cmd} --config dev/system.toml"), 1);
+        assert_eq!(v["error"]["code"], "no-transaction", "{cmd}: {v}");
+        assert_eq!(sim.fingerprint(), before, "{cmd}");
+    }
+}

@@ -115,10 +115,12 @@ fn post_hooks_see_the_transaction_and_their_failures_are_reported_without_changi
     let v2 = sim.bundle("2.0.0", 1, 3);
     let v3 = sim.bundle("3.0.0", 1, 4);
     let out = sim.path("hooks.log");
+    let state_dirs = sim.path("state-dirs.log");
     let record = |hook: &str| {
         format!(
-            r#"{hook} = "echo {hook} $ABIDE_HOOK $ABIDE_TRANSACTION $ABIDE_VERSION $ABIDE_FROM_VERSION $ABIDE_TARGET_GROUP $ABIDE_GOOD_GROUP [$ABIDE_REASON] >> {}""#,
-            out.display()
+            r#"{hook} = "echo {hook} $ABIDE_HOOK $ABIDE_TRANSACTION $ABIDE_VERSION $ABIDE_FROM_VERSION $ABIDE_TARGET_GROUP $ABIDE_GOOD_GROUP [$ABIDE_REASON] >> {}; echo $ABIDE_STATE_DIR >> {}""#,
+            out.display(),
+            state_dirs.display()
         )
     };
     hooks(
@@ -173,6 +175,17 @@ fn post_hooks_see_the_transaction_and_their_failures_are_reported_without_changi
         lines[5].contains("3.0.0") && lines[5].contains("health"),
         "{log}"
     );
+    // Each hook was told the state directory, as an absolute path.
+    let state_dir = std::fs::canonicalize(sim.path("dev/state")).unwrap();
+    let told = std::fs::read_to_string(&state_dirs).unwrap();
+    assert_eq!(
+        told.lines()
+            .map(|l| std::fs::canonicalize(l).unwrap_or_default())
+            .collect::<Vec<_>>(),
+        vec![state_dir; 6],
+        "{told}"
+    );
+    assert!(told.lines().all(|l| l.starts_with('/')), "{told}");
     let audit = std::fs::read_to_string(sim.path("dev/state/audit.log")).unwrap();
     assert!(
         audit.contains("\"hook-failed\"") && audit.contains("post-install broke"),

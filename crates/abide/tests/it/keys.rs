@@ -131,3 +131,30 @@ fn usage_errors_exit_2() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.abide"));
 }
+
+#[test]
+fn a_key_file_that_is_not_a_key_is_refused_with_bad_key_and_writes_nothing() {
+    let (_tmp, dir) = workspace();
+    std::fs::write(dir.join("img"), b"content").unwrap();
+    // A public key of the wrong length, and a secret key file holding a public key.
+    std::fs::write(dir.join("short.pub"), "abide-public-key ed25519 00ff\n").unwrap();
+    std::fs::copy(dir.join("a.pub"), dir.join("swapped.key")).unwrap();
+    for (args, name) in [
+        (
+            "trust init --key short.pub --threshold 1 --sign a.key --out t.json",
+            "short.pub",
+        ),
+        (
+            "bundle create --product p --version 1.0.0 --component rootfs=img --sign swapped.key --out x.abide",
+            "swapped.key",
+        ),
+    ] {
+        let v = json(&dir, args, 1);
+        assert_eq!(v["error"]["code"], "bad-key", "{args}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(name),
+            "{args}: {v}"
+        );
+    }
+    assert!(!dir.join("t.json").exists() && !dir.join("x.abide").exists());
+}

@@ -57,7 +57,9 @@ pub enum ScheduleCommand {
 
 /// An error the agent answered with: `code` names the gRPC status (`invalid-argument`,
 /// `not-found`, `failed-precondition`: the request was refused and nothing changed; `busy`:
-/// the device is busy, try again), or `agent-not-running`.
+/// the device is busy, try again), or `agent-not-running`; or, for `abide schedule watch`, how
+/// the watched schedule ended when it did not complete (`schedule-failed`,
+/// `schedule-rolled-back`, `schedule-cancelled`).
 #[derive(Debug, thiserror::Error)]
 #[error("{message}")]
 pub struct ApiRefusal {
@@ -86,7 +88,12 @@ impl ApiRefusal {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self.code,
-            "invalid-argument" | "not-found" | "failed-precondition"
+            "invalid-argument"
+                | "not-found"
+                | "failed-precondition"
+                | "schedule-failed"
+                | "schedule-rolled-back"
+                | "schedule-cancelled"
         )
     }
 }
@@ -356,7 +363,18 @@ fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
     match (e.state.as_str(), e.transaction_state.as_str()) {
         ("completed", _) | ("in_progress", "activated" | "trial") => Ok(()),
         (state, _) if abide_agent::api::service::is_terminal(state) => {
-            bail!("schedule {} ended {state}", e.schedule)
+            let code = match state {
+                "cancelled" => "schedule-cancelled",
+                "rolled_back" => "schedule-rolled-back",
+                _ => "schedule-failed",
+            };
+            let mut message = format!("schedule {} ended {state}", e.schedule);
+            if !e.reason.is_empty() {
+                message.push_str(&format!(": {}", e.reason));
+            }
+            // The events (the last one with the state) are the command's output already.
+            Err(anyhow::Error::new(ApiRefusal { code, message })
+                .context(crate::Reported("abide schedule watch")))
         }
         _ => bail!(
             "the agent stopped answering while schedule {} was {}",

@@ -80,6 +80,39 @@ pub(crate) fn dev(sim: &Sim, args: &[&str], exit: i32) -> Value {
     json_args(&sim.dir, &all, exit)
 }
 
+/// `abide schedule watch ID --json` on a schedule that ended without completing: exit 1, its
+/// events as JSON lines (the last one saying how it ended) and the code on standard error.
+fn watch_ended(sim: &Sim, id: &str) -> (Value, String) {
+    let out = abide_args(
+        &sim.dir,
+        &[
+            "schedule",
+            "watch",
+            id,
+            "--json",
+            "--config",
+            "dev/system.toml",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "watch {id}: {stderr}");
+    let last: Value = serde_json::from_str(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .last()
+            .expect("an event"),
+    )
+    .unwrap();
+    let code = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("abide: error ["))
+        .and_then(|l| l.split_once(']'))
+        .map(|(code, _)| code.to_owned())
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    (last, code)
+}
+
 pub(crate) fn schedule(sim: &Sim, id: &str) -> Value {
     dev(sim, &["schedule", "status", id], 0)
 }
@@ -217,6 +250,11 @@ fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart()
     );
     let v = dev(&sim, &["schedule", "cancel", "s9"], 1);
     assert!(error_of(&v).starts_with("not-found: "), "{v}");
+    let (last, code) = watch_ended(&sim, "s1");
+    assert_eq!(
+        (last["state"].as_str(), code.as_str()),
+        (Some("cancelled"), "schedule-cancelled")
+    );
     assert_eq!(sim.fingerprint(), untouched);
 
     // A bundle that is not the one pinned fails the schedule before anything changes.
@@ -240,6 +278,11 @@ fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart()
     assert!(
         s2["reason"].as_str().unwrap().contains("sha256 mismatch"),
         "{s2}"
+    );
+    let (last, code) = watch_ended(&sim, "s2");
+    assert_eq!(
+        (last["state"].as_str(), code.as_str()),
+        (Some("failed"), "schedule-failed")
     );
     assert_eq!(sim.fingerprint(), untouched);
 
@@ -375,6 +418,11 @@ fn a_manual_trial_waits_for_the_operator_and_rollback_and_history_go_through_the
     wait("s1 to follow the rollback", || {
         schedule(&sim, "s1")["state"] == "rolled_back"
     });
+    let (last, code) = watch_ended(&sim, "s1");
+    assert_eq!(
+        (last["state"].as_str(), code.as_str()),
+        (Some("rolled_back"), "schedule-rolled-back")
+    );
     assert!(
         schedule(&sim, "s1")["reason"]
             .as_str()

@@ -76,8 +76,18 @@ fn root_group(config: &Config, mountinfo: &str) -> Option<Group> {
 /// Refuses an install into `target` that the running system contradicts; see the module
 /// documentation. Changes nothing.
 pub fn check(config: &Config, boot: &BootState, target: &SlotGroup) -> Result<()> {
-    let refuse = |what: String| AgentError::RunningGroup { what };
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    check_mounts(config, boot, target, &mountinfo)
+}
+
+/// [`check`] with the mount table given as `/proc/self/mountinfo` text.
+pub fn check_mounts(
+    config: &Config,
+    boot: &BootState,
+    target: &SlotGroup,
+    mountinfo: &str,
+) -> Result<()> {
+    let refuse = |what: String| AgentError::RunningGroup { what };
     // The kernel command line first; else the block slot the root file system is on.
     let from_cmdline = config.cmdline.as_ref().and_then(|path| {
         let text = std::fs::read_to_string(path).ok()?;
@@ -87,7 +97,7 @@ pub fn check(config: &Config, boot: &BootState, target: &SlotGroup) -> Result<()
         ))
     });
     let running = from_cmdline.or_else(|| {
-        root_group(config, &mountinfo).map(|g| (g, "the block slot mounted at /".to_owned()))
+        root_group(config, mountinfo).map(|g| (g, "the block slot mounted at /".to_owned()))
     });
     if let Some((running, source)) = running {
         if let Some(booted) = &boot.booted
@@ -110,7 +120,7 @@ pub fn check(config: &Config, boot: &BootState, target: &SlotGroup) -> Result<()
         if !meta.file_type().is_block_device() {
             continue;
         }
-        if let Some(at) = mounted_at(&mountinfo, device_numbers(meta.rdev())) {
+        if let Some(at) = mounted_at(mountinfo, device_numbers(meta.rdev())) {
             return Err(AgentError::TargetInUse {
                 slot: slot.path.clone(),
                 what: format!("it is mounted at {at}"),

@@ -218,6 +218,82 @@ fn the_running_group_is_read_from_the_kernel_command_line_and_mounts_from_mounti
 }
 
 #[test]
+fn an_install_whose_target_is_the_mounted_root_or_is_mounted_is_refused() {
+    use abide_agent::running::check_mounts;
+    let dir = tempfile::tempdir().unwrap();
+    // Two block slots: device nodes with numbers of their own (nothing behind them is read).
+    for (name, minor) in [("a.blk", "250"), ("b.blk", "251")] {
+        let made = std::process::Command::new("mknod")
+            .arg(dir.path().join(name))
+            .args(["b", "7", minor])
+            .status()
+            .expect("mknod runs");
+        assert!(made.success(), "mknod {name} (the tests run as root)");
+    }
+    let config = abide_agent::config::Config::parse(
+        &dir.path().join("system.toml"),
+        "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\
+         [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
+         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\nkind = \"block\"\npath = \"a.blk\"\n\
+         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\nkind = \"block\"\npath = \"b.blk\"\n",
+    )
+    .unwrap();
+    let group = |name: &str| abide_core::Group::new(name).unwrap();
+    // The bootloader's variables say B booted and A is the target.
+    let boot = abide_boot::BootState {
+        order: vec![group("B"), group("A")],
+        trial: None,
+        bootable: [(group("A"), true), (group("B"), true)].into(),
+        booted: Some(group("B")),
+    };
+    let target = config.group(&group("A")).unwrap();
+    let table = |lines: &[&str]| {
+        let mut text = String::from("23 1 0:21 / /proc rw,nosuid shared:12 - proc proc rw\n");
+        for l in lines {
+            text.push_str(l);
+            text.push('\n');
+        }
+        text
+    };
+    // Nothing of ours mounted, or B (the running group) at /: the install may go on.
+    check_mounts(&config, &boot, target, &table(&[])).unwrap();
+    check_mounts(
+        &config,
+        &boot,
+        target,
+        &table(&["22 1 7:251 / / rw - ext4 /dev/loop251 rw"]),
+    )
+    .unwrap();
+    // A's slot is the root file system: the variables are stale, A runs and is the target.
+    let err = check_mounts(
+        &config,
+        &boot,
+        target,
+        &table(&["22 1 7:250 / / rw - ext4 /dev/loop250 rw"]),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "running-group", "{err}");
+    assert!(
+        err.to_string().contains("group B booted")
+            && err.to_string().contains("the block slot mounted at /"),
+        "{err}"
+    );
+    // A's slot is mounted elsewhere: in use.
+    let err = check_mounts(
+        &config,
+        &boot,
+        target,
+        &table(&[
+            "22 1 7:251 / / rw - ext4 /dev/loop251 rw",
+            "40 22 7:250 / /mnt/old rw - ext4 /dev/loop250 rw",
+        ]),
+    )
+    .unwrap_err();
+    assert_eq!(err.code(), "target-in-use", "{err}");
+    assert!(err.to_string().contains("mounted at /mnt/old"), "{err}");
+}
+
+#[test]
 fn check_ins_are_jittered_and_back_off_up_to_a_cap() {
     use abide_agent::fleet::agent::pause;
     use std::time::Duration;

@@ -1182,3 +1182,94 @@ fn a_step_of_a_transaction_with_none_is_refused_with_no_transaction_and_changes_
         assert_eq!(sim.fingerprint(), before, "{cmd}");
     }
 }
+
+/// A loop device over a file, detached when dropped.
+struct Loop(String);
+
+impl Loop {
+    fn attach(file: &Path) -> Loop {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .expect("losetup runs");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(String::from_utf8(out.stdout).unwrap().trim().to_owned())
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["--detach", &self.0])
+            .status();
+    }
+}
+
+#[test]
+fn an_install_into_a_mounted_target_is_refused_with_target_in_use_and_writes_nothing() {
+    let sim = Sim::new(None);
+    let bundle = sim.bundle("2.0.0", 1, 4);
+    // The slots as block devices: loop devices over the simulated device's image files, B
+    // with a file system on it.
+    let a = Loop::attach(&sim.path("dev/slots/rootfs.A.img"));
+    let b = Loop::attach(&sim.path("dev/slots/rootfs.B.img"));
+    let made = std::process::Command::new("mkfs.ext4")
+        .args(["-q", &b.0])
+        .status()
+        .expect("mkfs.ext4 runs");
+    assert!(made.success());
+    let config = std::fs::read_to_string(sim.path("dev/system.toml"))
+        .unwrap()
+        .replace(
+            "path = \"slots/rootfs.A.img\"",
+            &format!("kind = \"block\"\npath = \"{}\"", a.0),
+        )
+        .replace(
+            "path = \"slots/rootfs.B.img\"",
+            &format!("kind = \"block\"\npath = \"{}\"", b.0),
+        );
+    std::fs::write(sim.path("dev/system.toml"), config).unwrap();
+    std::fs::create_dir(sim.path("mnt")).unwrap();
+    let before = sim.fingerprint();
+    // In a private mount namespace, B (the target) is mounted while the install runs.
+    let abide = env!("CARGO_BIN_EXE_abide");
+    let script = format!(
+        "set -e; mount -o ro {b} mnt; {abide} install {bundle} --config dev/system.toml --no-reboot --json",
+        b = b.0
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(&sim.dir)
+        .output()
+        .expect("unshare runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "target-in-use", "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&b.0) && message.contains("mnt"),
+        "{message}"
+    );
+    assert!(
+        stderr.contains("abide: error [target-in-use]: "),
+        "{stderr}"
+    );
+    assert_eq!(
+        sim.fingerprint(),
+        before,
+        "a refused install changed something"
+    );
+    // Not mounted, the same install goes into B.
+    let done = json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml --no-reboot"),
+        0,
+    );
+    assert_eq!(done["target"], "B", "{done}");
+}

@@ -441,18 +441,42 @@ fn kill_9_at_random_moments_converges() {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_micros(rng.next_u64() % (span + span / 4)));
+        // Spread over the install and a quarter past it: run i in the i-th of `runs` equal
+        // stretches, at a random moment inside it.
+        let stretch = (span + span / 4) / runs;
+        std::thread::sleep(Duration::from_micros(
+            i * stretch + rng.next_u64() % stretch.max(1),
+        ));
         let _ = child.kill();
         let status = child.wait().unwrap();
+        // Where the kill left the transaction, read from the files before the power-on.
+        let left = json(&dir, "status --config dev/system.toml", 0)["state"]
+            .as_str()
+            .unwrap()
+            .to_owned();
         let state = recover_and_check(&dir, expect, 0, false);
         let killed = if status.code().is_some() {
             "finished"
         } else {
             "killed"
         };
-        *outcomes.entry(format!("{killed} → {state}")).or_insert(0) += 1;
+        *outcomes
+            .entry(format!("{killed} in {left} → {state}"))
+            .or_insert(0) += 1;
         std::fs::remove_dir_all(&dir).unwrap();
     }
-    let _: Option<Value> = None;
     eprintln!("kill -9: {runs} runs over {span} µs installs, outcomes {outcomes:?}");
+    // The kills reached into the install: some left a transaction part-way, which the
+    // power-on then had to settle.
+    let mid_install: u32 = outcomes
+        .iter()
+        .filter(|(k, _)| {
+            k.starts_with("killed in downloading") || k.starts_with("killed in staged")
+        })
+        .map(|(_, n)| *n)
+        .sum();
+    assert!(
+        mid_install >= 2,
+        "no kill landed in the middle of an install: {outcomes:?}"
+    );
 }

@@ -19,18 +19,23 @@ pub const IO_AND_CLOCK: &[&str] = &[
     "thread::sleep",
 ];
 
-/// The `.rs` files directly under `dir`, as (file name, text).
+/// The `.rs` files under `dir` and its subdirectories, as (path below `dir`, text).
 pub fn sources(dir: &Path) -> Vec<(String, String)> {
     let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).expect("source directory") {
-        let path = entry.expect("entry").path();
-        if path.extension().is_some_and(|e| e == "rs") {
-            let name = path
-                .file_name()
-                .expect("name")
-                .to_string_lossy()
-                .into_owned();
-            out.push((name, std::fs::read_to_string(&path).expect("source")));
+    let mut dirs = vec![dir.to_owned()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).expect("source directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let name = path
+                    .strip_prefix(dir)
+                    .expect("below dir")
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((name, std::fs::read_to_string(&path).expect("source")));
+            }
         }
     }
     out.sort();

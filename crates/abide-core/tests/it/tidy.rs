@@ -1,7 +1,8 @@
 //! The core does no I/O, reads no clock, sleeps and spawns nothing, and every source file says
-//! what it is for.
+//! what it is for: checked in its sources, in its dependencies, and in the machine code the
+//! compiler made of it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use abide_testkit::tidy::{IO_AND_CLOCK, check_sources};
 
@@ -12,6 +13,113 @@ fn the_core_is_pure() {
     check_sources(
         &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
         &forbidden,
+    );
+}
+
+/// Calls that do I/O, read a clock or the environment, sleep, spawn or print, as the names of
+/// the functions they end in (demangled).
+const IMPURE_SYMBOLS: &[&str] = &[
+    "std::fs::",
+    "std::net::",
+    "std::os::",
+    "std::process::",
+    "std::thread::",
+    "std::env::",
+    "std::io::stdio::",
+    "std::io::Write",
+    "std::time::SystemTime::now",
+    "std::time::Instant::now",
+    "std::sys::",
+    "jiff::timestamp::Timestamp::now",
+    "jiff::zoned::Zoned::now",
+    "jiff::tz::",
+    "getrandom",
+    "rand::",
+    "tokio::",
+    "libc::",
+    "rustix::",
+    "clock_gettime",
+    "open64",
+];
+
+/// The newest compiled library `lib{name}-*.rlib` beside this test's executable.
+fn rlib(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    let prefix = format!("lib{name}-");
+    std::fs::read_dir(deps)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "rlib")
+                && p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with(&prefix)
+        })
+        .max_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .unwrap_or_else(|| panic!("no {prefix}*.rlib in {}", deps.display()))
+}
+
+/// The impure calls `rlib`'s object code makes: the undefined symbols (what it calls in other
+/// crates) that match [`IMPURE_SYMBOLS`].
+fn impure_calls(rlib: &Path) -> Vec<String> {
+    let out = std::process::Command::new("nm")
+        .args(["--demangle", "--undefined-only", "--format=posix"])
+        .arg(rlib)
+        .output()
+        .expect("nm runs (binutils)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines().count() > 10,
+        "nm read no symbols: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut found: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.rsplit_once(" U").map(|(name, _)| name.trim().to_owned()))
+        .filter(|name| IMPURE_SYMBOLS.iter().any(|s| name.contains(s)))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// What the compiler made of the core calls nothing that does I/O or reads a clock, whatever
+/// the source spells (an alias, a `use` in a nested module, a macro). The same scan finds such
+/// calls in the test kit, which reads files, so it does see them where they are.
+#[test]
+fn the_core_machine_code_calls_no_io_clock_or_thread() {
+    let core = rlib("abide_core");
+    let calls = impure_calls(&core);
+    assert!(calls.is_empty(), "{} calls {calls:#?}", core.display());
+    let testkit = impure_calls(&rlib("abide_testkit"));
+    assert!(
+        testkit.iter().any(|c| c.contains("std::fs::")),
+        "the scan finds no file I/O in the test kit: {testkit:#?}"
+    );
+}
+
+/// The core's dependencies are the bundle format and four libraries that do no I/O: a new one
+/// (an async runtime, a database, a random source) is a decision to make here, in the open.
+#[test]
+fn the_core_depends_only_on_pure_libraries() {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml")).unwrap();
+    let mut in_deps = false;
+    let mut deps = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]";
+        } else if in_deps && !line.is_empty() && !line.starts_with('#') {
+            deps.push(line.split(['.', ' ', '=']).next().unwrap().to_owned());
+        }
+    }
+    deps.sort();
+    assert_eq!(
+        deps,
+        ["abide-bundle", "jiff", "semver", "serde", "thiserror"]
     );
 }
 

@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use abide_bundle::Digest;
 use abide_fs::powerloss::{self, Snapshot};
-use serde_json::Value;
 
 use crate::device::{Sim, field};
 use crate::json;

@@ -130,6 +130,15 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             .map(abide_server::tls::server_config)
             .transpose()
             .context("setting up TLS")?;
+        let settings = serde_json::json!({
+            "header_timeout_s": config.header_timeout.as_secs(),
+            "body_timeout_s": config.body_timeout.as_secs(),
+            "enroll_rate": config.enroll_per_minute,
+            "max_connections_per_address": config.max_connections_per_address,
+            "health_fresh_s": config.health_fresh.as_secs(),
+            "metrics_refresh_s": config.metrics_refresh.as_secs(),
+            "device_poll_s": config.device_poll,
+        });
         let (server, notes) = abide_server::Server::start(config)
             .await
             .context("starting the server")?;
@@ -140,10 +149,19 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
         let key = abide_server::public_key(&server).to_hex();
         out.print(
             &serde_json::json!({"listening": addr.to_string(), "data": args.data,
-                                "server_key": key, "notes": notes.lines}),
+                                "server_key": key, "notes": notes.lines,
+                                "settings": settings}),
             || {
                 let mut text: Vec<String> = notes.lines.clone();
                 text.push(format!("assignment signing key: {key}"));
+                text.push(format!(
+                    "limits: header timeout {}s, body timeout {}s, {} enrolment attempts a minute and {} connections per address; quorum counts devices healthy within {}s",
+                    settings["header_timeout_s"],
+                    settings["body_timeout_s"],
+                    settings["enroll_rate"],
+                    settings["max_connections_per_address"],
+                    settings["health_fresh_s"]
+                ));
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 text.push(format!("abide server listening on {scheme}://{addr}"));
                 text.join("\n")

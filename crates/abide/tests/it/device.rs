@@ -539,8 +539,37 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
         "{message}"
     );
     assert_eq!(sim.fingerprint(), before);
-    // With the default reserve the same bundle installs.
-    std::fs::write(sim.path("dev/system.toml"), config).unwrap();
+    // The default reserve is 16M: a state directory on a 12 MiB file system (a tmpfs in a
+    // private mount namespace, holding a copy of the state) refuses the same bundle.
+    std::fs::write(sim.path("dev/system.toml"), &config).unwrap();
+    let abide = env!("CARGO_BIN_EXE_abide");
+    let script = format!(
+        "set -e; cp -a dev/state saved; mount -t tmpfs -o size=12m tmpfs dev/state; \
+         cp -a saved/. dev/state/; {abide} install {b} --config dev/system.toml --json"
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(&sim.dir)
+        .output()
+        .expect("unshare runs");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "no-space", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(" 16777216 must stay free"),
+        "{v}"
+    );
+    std::fs::remove_dir_all(sim.path("saved")).unwrap();
+    assert_eq!(sim.fingerprint(), before);
+    // With room for the default reserve the same bundle installs.
     json(
         &sim.dir,
         &format!("install {b} --config dev/system.toml"),

@@ -46,12 +46,8 @@ fn health_answers_while_a_thousand_idle_clients_connect_to_a_server_with_256_fil
         .args(["server", "--data"])
         .arg(&data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args([
-            "--header-timeout",
-            "60s",
-            "--max-connections-per-address",
-            "64",
-        ])
+        // The default of 64 connections per address.
+        .args(["--header-timeout", "60s"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -116,6 +112,74 @@ fn health_answers_while_a_thousand_idle_clients_connect_to_a_server_with_256_fil
     let mut answer = String::new();
     let _ = held[0].read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(server);
+}
+
+#[test]
+fn a_server_started_without_limits_keeps_the_documented_defaults() {
+    use std::io::BufRead;
+    let (_tmp, dir) = workspace();
+    let data = data_dir(&dir, "server");
+    let port = free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["server", "--json", "--data"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let server = ServerProcess {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    // The start's JSON says what the server holds to.
+    let mut text = String::new();
+    let started: serde_json::Value = loop {
+        assert!(stdout.read_line(&mut text).unwrap() > 0, "no JSON: {text}");
+        if let Ok(v) = serde_json::from_str(&text) {
+            break v;
+        }
+    };
+    assert_eq!(
+        started["settings"],
+        serde_json::json!({"header_timeout_s": 10, "body_timeout_s": 30, "enroll_rate": 30,
+                           "max_connections_per_address": 64, "health_fresh_s": 900,
+                           "metrics_refresh_s": 10, "device_poll_s": null}),
+        "{started}"
+    );
+    // 30 enrolment attempts a minute from one address: the 31st is refused.
+    let mut refused = Vec::new();
+    for i in 1..=31 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(
+            b"POST /api/v1/device/enroll HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+              content-length: 2\r\nconnection: close\r\n\r\n{}",
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        if answer.starts_with("HTTP/1.1 429") {
+            assert!(answer.contains("at most 30 a minute"), "{answer}");
+            refused.push(i);
+        }
+    }
+    assert_eq!(refused, [31]);
+    // An idle connection is closed after 10 s without a request head, not before.
+    let mut idle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let opened = Instant::now();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let read = idle.read(&mut buf);
+    let after = opened.elapsed();
+    assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
+    assert!(
+        after >= Duration::from_secs(9) && after < Duration::from_secs(15),
+        "closed after {after:?}"
+    );
     drop(server);
 }
 

@@ -164,6 +164,50 @@ pub(crate) fn sha256_of(path: &Path) -> String {
 }
 
 #[test]
+fn the_socket_belongs_to_the_api_group_and_an_unknown_group_stops_the_agent() {
+    use std::os::unix::fs::MetadataExt;
+    let sim = Sim::new(None);
+    // A group every Debian system has, by name, as /etc/group numbers it.
+    let group = std::fs::read_to_string("/etc/group").unwrap();
+    let gid: u32 = group
+        .lines()
+        .find_map(|l| l.strip_prefix("daemon:x:"))
+        .and_then(|rest| rest.split(':').next())
+        .expect("a daemon group")
+        .parse()
+        .unwrap();
+    let config = sim.path("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("[api]\n", "[api]\ngroup = \"daemon\"\n"),
+    )
+    .unwrap();
+    let agent = Running::start(&sim);
+    let meta = std::fs::metadata(sim.path("dev/agent.sock")).unwrap();
+    assert_eq!((meta.gid(), meta.mode() & 0o777), (gid, 0o660));
+    drop(agent);
+    // A group that does not exist: the agent does not start, and says which key.
+    std::fs::write(
+        &config,
+        text.replace("[api]\n", "[api]\ngroup = \"no-such-group\"\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--config", "dev/system.toml"])
+        .current_dir(&sim.dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("api.group") && stderr.contains("no-such-group"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn schedules_through_the_socket_update_the_device_and_survive_an_agent_restart() {
     let sim = Sim::new(None);
     let b = sim.bundle("2.0.0", 1, 7);

@@ -35,8 +35,8 @@ fn parse(args: &[String]) -> Result<Opts> {
     while let Some(flag) = it.next() {
         let v = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--size" => o.size_mib = v.parse()?,
-            "--change" => o.change_pct = v.parse()?,
+            "--size" => o.size_mib = v.parse().with_context(|| format!("{flag} {v:?}"))?,
+            "--change" => o.change_pct = v.parse().with_context(|| format!("{flag} {v:?}"))?,
             "--abide" => o.abide = v.clone(),
             "--dir" => o.dir = v.clone(),
             _ => bail!(
@@ -118,7 +118,7 @@ fn rss_kib(pid: u32, field: &str) -> u64 {
 
 /// Runs the benchmark.
 pub fn bench(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args).map_err(crate::usage)?;
     let abide = std::fs::canonicalize(&o.abide).with_context(|| {
         format!(
             "{}: build it first (cargo build --release -p abide)",

@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 
 use crate::{Measure, run, run_after};
 
@@ -22,7 +22,11 @@ pub fn bench(args: &[String]) -> Result<()> {
     while let Some(flag) = it.next() {
         match (flag.as_str(), it.next()) {
             ("--dir", Some(v)) => dir = v.clone(),
-            _ => bail!("usage: xtask bench-delta [--dir DIR]"),
+            _ => {
+                return Err(crate::usage(anyhow::anyhow!(
+                    "usage: xtask bench-delta [--dir DIR]"
+                )));
+            }
         }
     }
     let dir = std::fs::canonicalize(&dir)

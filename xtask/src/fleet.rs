@@ -40,10 +40,10 @@ fn parse(args: &[String]) -> Result<Opts> {
     while let Some(a) = it.next() {
         let v = it.next().context("each option takes a value")?;
         match a.as_str() {
-            "--devices" => o.devices = v.parse()?,
-            "--seconds" => o.seconds = v.parse()?,
-            "--rollout" => o.rollout = v.parse()?,
-            "--clients" => o.clients = v.parse()?,
+            "--devices" => o.devices = v.parse().with_context(|| format!("{a} {v:?}"))?,
+            "--seconds" => o.seconds = v.parse().with_context(|| format!("{a} {v:?}"))?,
+            "--rollout" => o.rollout = v.parse().with_context(|| format!("{a} {v:?}"))?,
+            "--clients" => o.clients = v.parse().with_context(|| format!("{a} {v:?}"))?,
             "--only" if matches!(v.as_str(), "checkins" | "rollout") => o.only = v.clone(),
             _ => bail!(
                 "usage: xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]"
@@ -414,7 +414,7 @@ async fn rollout(o: &Opts, db: &str) -> Result<()> {
 
 /// `xtask bench-fleet`.
 pub fn bench(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args).map_err(crate::usage)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

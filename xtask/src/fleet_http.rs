@@ -35,9 +35,9 @@ fn parse(args: &[String]) -> Result<Opts> {
     while let Some(a) = it.next() {
         let v = it.next().context("each option takes a value")?;
         match a.as_str() {
-            "--devices" => o.devices = v.parse()?,
+            "--devices" => o.devices = v.parse().with_context(|| format!("{a} {v:?}"))?,
             "--poll" => o.poll = abide_core::duration::parse(v)?.as_secs_f64(),
-            "--fail-rate" => o.fail_rate = v.parse()?,
+            "--fail-rate" => o.fail_rate = v.parse().with_context(|| format!("{a} {v:?}"))?,
             _ => bail!(
                 "usage: xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]"
             ),
@@ -236,7 +236,7 @@ async fn run(o: Opts) -> Result<()> {
 
 /// `xtask bench-fleet-http`.
 pub fn bench(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args).map_err(crate::usage)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -16,7 +16,41 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 
-fn main() -> Result<()> {
+/// A mistake in the command line: printed as a message and exit code 2, never with a
+/// backtrace.
+#[derive(Debug)]
+struct Usage(String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// Marks an error in parsing the command line as a [`Usage`] error.
+pub(crate) fn usage(e: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Usage(format!("{e:#}")))
+}
+
+/// Runs the task; a usage error exits 2, any other error 1, each as one message on standard
+/// error (whatever `RUST_BACKTRACE` says).
+fn main() -> std::process::ExitCode {
+    match task() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<Usage>() => {
+            eprintln!("xtask: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn task() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.first().map(String::as_str) {
         Some("bench-bundle") => bench_bundle(&args[1..]),
@@ -25,9 +59,9 @@ fn main() -> Result<()> {
         Some("bench-fleet-http") => fleet_http::bench(&args[1..]),
         Some("bench-agent") => agent::bench(&args[1..]),
         Some("bench-delta") => delta::bench(&args[1..]),
-        _ => bail!(
+        _ => Err(usage(anyhow::anyhow!(
             "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]\n       xtask bench-delta [--dir DIR]"
-        ),
+        ))),
     }
 }
 
@@ -117,7 +151,7 @@ fn run_after(label: &str, setup: &str, script: &str, runs: usize) -> Result<Meas
 }
 
 fn bench_bundle(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args).map_err(crate::usage)?;
     let abide = std::fs::canonicalize("target/release/abide")
         .context("build the release binary first: cargo build --release -p abide")?;
     std::fs::create_dir_all(&o.dir)?;
@@ -299,7 +333,7 @@ fn bench_image(
 /// side with `zstd -dc > slot; sync`, `cp` + fsync and `zstd -dc | tee >(openssl dgst -sha256)
 /// > slot; sync` on the same files.
 fn bench_install(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
+    let o = parse(args).map_err(crate::usage)?;
     let abide = std::fs::canonicalize("target/release/abide")
         .context("build the release binary first: cargo build --release -p abide")?;
     std::fs::create_dir_all(&o.dir)?;

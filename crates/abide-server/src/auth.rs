@@ -172,10 +172,12 @@ pub async fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
         .map_err(|_| ApiError::unauthorized("not the metrics token or an admin token"))
 }
 
-/// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, not starting with `.`.
+/// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, starting with a letter or
+/// digit, never `..`.
 pub fn valid_device_id(id: &str) -> bool {
     (1..=128).contains(&id.len())
-        && !id.starts_with('.')
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && !id.contains("..")
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))

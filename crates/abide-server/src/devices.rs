@@ -27,9 +27,13 @@ use crate::auth::valid_device_id;
 use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
 
-/// Whether `s` is a short name: 1 to `max` of `A-Z a-z 0-9 . _ - :`.
+/// Whether `s` is a short name (a group, a tag, a version): 1 to `max` of
+/// `A-Z a-z 0-9 . _ - :`, starting with a letter or digit, never `..` — so neither `.`, `..`
+/// nor a path can be one.
 pub fn valid_label(s: &str, max: usize) -> bool {
     (1..=max).contains(&s.len())
+        && s.as_bytes()[0].is_ascii_alphanumeric()
+        && !s.contains("..")
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
 }
@@ -40,7 +44,7 @@ fn check_tags(tags: &[String]) -> ApiResult<()> {
     }
     match tags.iter().find(|t| !valid_label(t, 64)) {
         Some(t) => Err(ApiError::bad_request(format!(
-            "tag {t:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :"
+            "tag {t:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :, starting with a letter or digit, without .."
         ))),
         None => Ok(()),
     }
@@ -51,7 +55,7 @@ fn check_group(group: &str) -> ApiResult<()> {
         Ok(())
     } else {
         Err(ApiError::bad_request(format!(
-            "group {group:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :"
+            "group {group:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :, starting with a letter or digit, without .."
         )))
     }
 }
@@ -108,7 +112,7 @@ pub async fn create_token(
     }
     if let Some(bad) = req.device_ids.iter().find(|d| !valid_device_id(d)) {
         return Err(ApiError::bad_request(format!(
-            "device_ids: {bad:?} is not a device id (1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot)"
+            "device_ids: {bad:?} is not a device id (1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit, without ..)"
         )));
     }
     if let Some(p) = &req.device_id_pattern {
@@ -427,7 +431,7 @@ fn check_enrolment(token: &EnrollTokenView, expires_at: i64, req: &EnrollRequest
     }
     if !valid_device_id(&req.device_id) {
         return Err(ApiError::bad_request(format!(
-            "device_id {:?}: expected 1 to 128 of A-Z a-z 0-9 . _ -, not starting with a dot",
+            "device_id {:?}: expected 1 to 128 of A-Z a-z 0-9 . _ -, starting with a letter or digit, without ..",
             req.device_id
         )));
     }

@@ -91,7 +91,9 @@ pub async fn set(
     body: Bytes,
 ) -> ApiResult<Json<GroupView>> {
     if !crate::devices::valid_label(&name, 64) {
-        return Err(ApiError::bad_request(format!("group {name:?}: not a name")));
+        return Err(ApiError::bad_request(format!(
+            "group {name:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :, starting with a letter or digit, without .."
+        )));
     }
     let s: GroupSettings = parse_json(&body)?;
     if let Some(w) = &s.window {

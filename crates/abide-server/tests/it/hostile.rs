@@ -16,6 +16,76 @@ on_both!(
     a_revoked_device_is_refused_everywhere_and_its_id_stays_taken,
 );
 
+/// Group names, tags and device ids that could be read as paths (`.`, `..`, or one
+/// percent-encoded) are refused with 400, and nothing is made.
+#[test]
+fn names_that_are_paths_are_refused_and_make_nothing() {
+    crate::run(async {
+        let h = Harness::new(Backend::Sqlite).await;
+        let admin = h.admin.clone();
+        for path in [
+            "/api/v1/groups/..",
+            "/api/v1/groups/%2e%2e",
+            "/api/v1/groups/.",
+            "/api/v1/groups/.hidden",
+            "/api/v1/groups/a..b",
+            "/api/v1/groups/%2Fetc",
+        ] {
+            let r = h.json(Method::PUT, path, Some(&admin), json!({})).await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{path}: {}", r.json());
+            assert!(
+                r.json()["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("starting with a letter or digit"),
+                "{path}: {}",
+                r.json()
+            );
+        }
+        let groups = || async {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM groups")
+                .fetch_one(&h.server.db.pool)
+                .await
+                .unwrap();
+            n
+        };
+        assert_eq!(groups().await, 0);
+        // The same syntax holds for an enrolment token's group and tags, and a device's id.
+        for body in [
+            json!({"group": ".."}),
+            json!({"group": "lab", "tags": [".."]}),
+            json!({"group": "lab", "tags": ["ok", ".x"]}),
+            json!({"group": "lab", "device_ids": [".."]}),
+        ] {
+            let r = h
+                .json(
+                    Method::POST,
+                    "/api/v1/enroll-tokens",
+                    Some(&admin),
+                    body.clone(),
+                )
+                .await;
+            assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.json());
+        }
+        let (t, _) = token(&h, json!({"group": "lab"})).await;
+        for id in ["..", "a..b", "-gw"] {
+            let (status, body) = enroll(&h, &t, id, json!({})).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{id}: {body}");
+        }
+        // A good name still makes a group.
+        let r = h
+            .json(
+                Method::PUT,
+                "/api/v1/groups/lab-2.east",
+                Some(&admin),
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json());
+        assert_eq!(groups().await, 1);
+    });
+}
+
 async fn token(h: &Harness, body: serde_json::Value) -> (String, String) {
     let admin = h.admin.clone();
     let t = h

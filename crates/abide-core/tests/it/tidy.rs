@@ -191,3 +191,55 @@ fn every_sync_goes_through_abide_fs() {
     }
     assert!(checked >= 8, "{checked} crates checked");
 }
+
+/// ARCHITECTURE.md's code map names every source file of every crate (and of xtask) in that
+/// crate's part of the map; only the crate roots (`lib.rs`, `main.rs`, `mod.rs`) may go
+/// unnamed.
+#[test]
+fn the_code_map_names_every_source_file() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let map = text
+        .split("## Code map")
+        .nth(1)
+        .and_then(|t| t.split("```").nth(1))
+        .expect("a code map in a ``` block");
+    // A crate's part: from its line (two spaces, or none for xtask) to the next such line.
+    let part = |name: &str| -> String {
+        let mut lines = map.lines().skip_while(|l| {
+            !(l.starts_with(&format!("  {name} ")) || l.starts_with(&format!("{name} ")))
+        });
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("{name} is not in the code map"));
+        let rest: Vec<&str> = lines
+            .take_while(|l| l.starts_with("   ") || l.is_empty())
+            .collect();
+        format!("{first}\n{}", rest.join("\n"))
+    };
+    let mut crates: Vec<(String, PathBuf)> = std::fs::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.path().join("src"),
+            )
+        })
+        .collect();
+    crates.push(("xtask".into(), root.join("xtask/src")));
+    let mut missing = Vec::new();
+    for (name, src) in crates {
+        let part = part(&name);
+        for (file, _) in abide_testkit::tidy::sources(&src) {
+            let base = file.rsplit('/').next().unwrap();
+            if !["lib.rs", "main.rs", "mod.rs"].contains(&base) && !part.contains(base) {
+                missing.push(format!("{name}/src/{file}"));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in ARCHITECTURE.md's code map: {missing:?}"
+    );
+}

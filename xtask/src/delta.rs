@@ -15,19 +15,31 @@ use anyhow::{Context, Result, ensure};
 
 use crate::{Measure, run, run_after};
 
-/// `xtask bench-delta [--dir DIR]` (DIR: where scripts/real-images put the images).
+/// `xtask bench-delta [--dir DIR] [--level N] [--chunk-size SIZE]` (DIR: where
+/// scripts/real-images put the images; the level and chunk size are those both bundles are
+/// made with, as `abide bundle create` takes them).
 pub fn bench(args: &[String]) -> Result<()> {
     let mut dir = "target/real-images".to_owned();
+    let mut made_with = String::new();
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         match (flag.as_str(), it.next()) {
             ("--dir", Some(v)) => dir = v.clone(),
+            ("--level", Some(v)) if v.parse::<u8>().is_ok() => {
+                made_with.push_str(&format!(" --level {v}"))
+            }
+            ("--chunk-size", Some(v)) if v.chars().all(|c| c.is_ascii_alphanumeric()) => {
+                made_with.push_str(&format!(" --chunk-size {v}"))
+            }
             _ => {
                 return Err(crate::usage(anyhow::anyhow!(
-                    "usage: xtask bench-delta [--dir DIR]"
+                    "usage: xtask bench-delta [--dir DIR] [--level N] [--chunk-size SIZE]"
                 )));
             }
         }
+    }
+    if !made_with.is_empty() {
+        println!("both bundles made with{made_with}");
     }
     let dir = std::fs::canonicalize(&dir)
         .with_context(|| format!("{dir}: run scripts/real-images first"))?;
@@ -49,6 +61,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         s.replace("{a}", &abide.display().to_string())
             .replace("{d}", &dir.display().to_string())
             .replace("{w}", &w.display().to_string())
+            .replace("{made_with}", &made_with)
     };
     run(
         "keys",
@@ -88,9 +101,9 @@ pub fn bench(args: &[String]) -> Result<()> {
             "bundles",
             &sh(
                 "{a} bundle create --product bench --version 1.0.0 --compatible bench-board --component rootfs={o} \
-                   --sign {w}/k.key --out {w}/old.abide >/dev/null && \
+                   --sign {w}/k.key --out {w}/old.abide{made_with} >/dev/null && \
                  {a} bundle create --product bench --version 2.0.0 --compatible bench-board --component rootfs={n} \
-                   --sign {w}/k.key --out {w}/new.abide >/dev/null",
+                   --sign {w}/k.key --out {w}/new.abide{made_with} >/dev/null",
             ),
             1,
         )?;

@@ -192,10 +192,11 @@ async fn run(o: Opts) -> Result<()> {
         a.errors + b.errors
     );
     println!(
-        "servers' peak RSS {:.1} MiB and {:.1} MiB; PostgreSQL database {:.1} MiB",
+        "servers' peak RSS {:.1} MiB and {:.1} MiB; PostgreSQL database {:.1} MiB; the load generator (this process) peaked at {:.1} MiB",
         rss.0,
         rss.1,
-        size as f64 / (1 << 20) as f64
+        size as f64 / (1 << 20) as f64,
+        peak_rss_kib(&std::process::id().to_string()) as f64 / 1024.0
     );
     println!("decisions: {per_stage:?}");
     let samples: Vec<&String> = a

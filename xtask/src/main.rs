@@ -5,6 +5,7 @@
 //! device agent (see agent.rs).
 
 mod agent;
+mod create;
 mod delta;
 mod fleet;
 mod fleet_http;
@@ -59,8 +60,9 @@ fn task() -> Result<()> {
         Some("bench-fleet-http") => fleet_http::bench(&args[1..]),
         Some("bench-agent") => agent::bench(&args[1..]),
         Some("bench-delta") => delta::bench(&args[1..]),
+        Some("bench-create") => create::bench(&args[1..]),
         _ => Err(usage(anyhow::anyhow!(
-            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]\n       xtask bench-delta [--dir DIR]"
+            "usage: xtask bench-bundle [--size MIB] [--runs N] [--dir DIR] [--image all|ext4|mixed]\n       xtask bench-install [--size MIB] [--runs N] [--dir DIR]\n       xtask bench-fleet [--devices N] [--seconds S] [--rollout N] [--clients N] [--only checkins|rollout]\n       xtask bench-fleet-http [--devices N] [--poll DURATION] [--fail-rate P]\n       xtask bench-agent [--size MIB] [--change PCT] [--abide PATH] [--dir DIR]\n       xtask bench-delta [--dir DIR] [--level N] [--chunk-size SIZE]\n       xtask bench-create [--dir DIR] [--rounds N]"
         ))),
     }
 }
@@ -95,10 +97,20 @@ fn parse(args: &[String]) -> Result<Options> {
     Ok(o)
 }
 
-/// One timed command: best wall time of `runs` and the peak RSS of the last run.
+/// One timed command: best wall time of `runs`, the CPU time (user, system) of that run, and
+/// the peak RSS of the last run (all from `/usr/bin/time` where it is installed).
 struct Measure {
     seconds: f64,
     peak_kib: Option<u64>,
+    cpu: Option<(f64, f64)>,
+}
+
+impl Measure {
+    /// "user/sys" CPU seconds, or "n/a".
+    fn cpu_text(&self) -> String {
+        self.cpu
+            .map_or("n/a".to_owned(), |(u, s)| format!("{u:.2}/{s:.2}"))
+    }
 }
 
 fn run(label: &str, script: &str, runs: usize) -> Result<Measure> {
@@ -109,6 +121,7 @@ fn run(label: &str, script: &str, runs: usize) -> Result<Measure> {
 fn run_after(label: &str, setup: &str, script: &str, runs: usize) -> Result<Measure> {
     let mut best = f64::INFINITY;
     let mut peak = None;
+    let mut cpu = None;
     for _ in 0..runs {
         let prepared = Command::new("bash")
             .args(["-c", setup])
@@ -123,7 +136,7 @@ fn run_after(label: &str, setup: &str, script: &str, runs: usize) -> Result<Meas
         let has_time = Path::new("/usr/bin/time").exists();
         let mut cmd = if has_time {
             let mut c = Command::new("/usr/bin/time");
-            c.args(["-f", "%M", "bash", "-c", script]);
+            c.args(["-f", "%M %U %S", "bash", "-c", script]);
             c
         } else {
             let mut c = Command::new("bash");
@@ -136,17 +149,29 @@ fn run_after(label: &str, setup: &str, script: &str, runs: usize) -> Result<Meas
         if !out.status.success() {
             bail!("{label} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        best = best.min(elapsed);
-        if has_time {
-            peak = String::from_utf8_lossy(&out.stderr)
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let time: Vec<&str> = if has_time {
+            stderr
                 .lines()
                 .last()
-                .and_then(|l| l.trim().parse().ok());
+                .unwrap_or("")
+                .split_whitespace()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if let [m, u, s] = time[..] {
+            peak = m.parse().ok();
+            if elapsed < best {
+                cpu = u.parse().ok().zip(s.parse().ok());
+            }
         }
+        best = best.min(elapsed);
     }
     Ok(Measure {
         seconds: best,
         peak_kib: peak,
+        cpu,
     })
 }
 
@@ -265,6 +290,29 @@ fn bench_image(
         runs,
     )?;
     let unzstd = run("zstd -d", &sh("zstd -d -c {d}/image.zst > /dev/null"), runs)?;
+    // The same two jobs on every core, as verify's worker pool runs: SHA-256 of the image's two
+    // halves at once, and pzstd's parallel decompression of a multi-frame file (made untimed).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    run(
+        "halves and frames",
+        &sh(&format!(
+            "rm -f {{d}}/part.* && split -n {cores} {{i}} {{d}}/part. && \
+             pzstd -3 -p {cores} -q -f {{i}} -o {{d}}/image.pzst && cat {{d}}/part.* {{d}}/image.pzst > /dev/null"
+        )),
+        1,
+    )?;
+    let sha_all = run(
+        "openssl dgst -sha256 of each part at once",
+        &sh("for p in {d}/part.*; do openssl dgst -sha256 $p > /dev/null & done; wait"),
+        runs,
+    )?;
+    let unzstd_all = run(
+        "pzstd -d",
+        &sh(&format!(
+            "pzstd -d -p {cores} -q -c {{d}}/image.pzst > /dev/null"
+        )),
+        runs,
+    )?;
     let verify = run(
         "abide bundle verify",
         &sh("{a} bundle verify {d}/image.abide --trust {d}/trust.json >/dev/null"),
@@ -290,9 +338,11 @@ fn bench_image(
         bundle / zst
     );
     println!(
-        "{:<38} {:>9} {:>11} {:>12}",
-        "command", "seconds", "MB/s", "peak RSS"
+        "{:<44} {:>9} {:>11} {:>12} {:>13}",
+        "command", "seconds", "MB/s", "peak RSS", "CPU user/sys"
     );
+    let sha_all_name = format!("openssl dgst -sha256, {cores} parts at once");
+    let unzstd_all_name = format!("pzstd -d -p {cores} (multi-frame)");
     for (name, m) in [
         ("zstd -3 -T1 (baseline)", &zstd1),
         ("zstd -3 -T0 (baseline)", &zstd),
@@ -300,17 +350,21 @@ fn bench_image(
         ("abide bundle create (with fsync)", &create),
         ("openssl dgst -sha256 (baseline)", &sha),
         ("zstd -d (baseline)", &unzstd),
+        (sha_all_name.as_str(), &sha_all),
+        (unzstd_all_name.as_str(), &unzstd_all),
         ("abide bundle verify", &verify),
         ("abide bundle verify --paranoid", &paranoid),
     ] {
         println!(
-            "{name:<38} {:>9.3} {:>11.0} {:>12}",
+            "{name:<44} {:>9.3} {:>11.0} {:>12} {:>13}",
             m.seconds,
             rate(m),
-            mem(m)
+            mem(m),
+            m.cpu_text()
         );
     }
     let floor = rate(&sha).min(rate(&unzstd));
+    let floor_all = rate(&sha_all).min(rate(&unzstd_all));
     println!(
         "create: {:.2}x the time of zstd -3 -T0 (target <= 1.0x), {:.2}x of zstd -3 -T0 + fsync, {:.2}x of zstd -3 -T1",
         create.seconds / zstd.seconds,
@@ -325,6 +379,13 @@ fn bench_image(
         rate(&unzstd),
         rate(&paranoid),
         rate(&paranoid) / floor
+    );
+    println!(
+        "verify on all {cores} cores, as its worker pool runs: {:.2} x min(openssl sha256 of {cores} parts at once {:.0}, pzstd -d {:.0}); --paranoid {:.2} x",
+        rate(&verify) / floor_all,
+        rate(&sha_all),
+        rate(&unzstd_all),
+        rate(&paranoid) / floor_all
     );
     Ok(())
 }
@@ -466,8 +527,8 @@ fn bench_install(args: &[String]) -> Result<()> {
         "abide install benchmark: ext4 image of /usr/lib/x86_64-linux-gnu, {mb:.0} MB, into an image-file slot; best of {runs}"
     );
     println!(
-        "{:<48} {:>9} {:>11} {:>12}",
-        "command", "seconds", "MB/s", "peak RSS"
+        "{:<48} {:>9} {:>11} {:>12} {:>13}",
+        "command", "seconds", "MB/s", "peak RSS", "CPU user/sys"
     );
     for (name, m) in [
         ("zstd -d to /dev/null (baseline)", &unzstd),
@@ -479,10 +540,11 @@ fn bench_install(args: &[String]) -> Result<()> {
         ("abide install, 5% changed (delta)", &delta),
     ] {
         println!(
-            "{name:<48} {:>9.3} {:>11.0} {:>12}",
+            "{name:<48} {:>9.3} {:>11.0} {:>12} {:>13}",
             m.seconds,
             rate(m),
-            mem(m)
+            mem(m),
+            m.cpu_text()
         );
     }
     let floor = rate(&cp).min(rate(&unzstd_sync));

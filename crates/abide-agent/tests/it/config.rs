@@ -340,24 +340,31 @@ fn a_client_certificate_needs_its_key_and_an_https_server() {
     assert!(config.server.unwrap().client_identity.is_some());
 }
 
-#[test]
-fn a_delivered_trust_root_is_taken_only_along_its_chain() {
-    use abide_testkit::{key, trust};
-    let dir = tempfile::tempdir().unwrap();
-    let v1 = trust(&[0, 1], 1);
-    std::fs::write(dir.path().join("trust.json"), v1.to_file_bytes().unwrap()).unwrap();
-    std::fs::create_dir_all(dir.path().join("state")).unwrap();
-    let path = dir.path().join("system.toml");
-    let config = abide_agent::config::Config::parse(
-        &path,
+/// A simulated device's configuration in `dir` whose trust root is `root`.
+fn holding(dir: &std::path::Path, root: &abide_bundle::TrustRoot) -> abide_agent::config::Config {
+    std::fs::write(dir.join("trust.json"), root.to_file_bytes().unwrap()).unwrap();
+    std::fs::create_dir_all(dir.join("state")).unwrap();
+    abide_agent::config::Config::parse(
+        &dir.join("system.toml"),
         "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\
          [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
          [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
          [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n",
     )
-    .unwrap();
-    let body =
-        |root: &abide_bundle::TrustRoot| String::from_utf8(root.to_file_bytes().unwrap()).unwrap();
+    .unwrap()
+}
+
+/// A trust root's file as text, as the server delivers it.
+fn body(root: &abide_bundle::TrustRoot) -> String {
+    String::from_utf8(root.to_file_bytes().unwrap()).unwrap()
+}
+
+#[test]
+fn a_delivered_trust_root_is_taken_only_along_its_chain() {
+    use abide_testkit::{key, trust};
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = trust(&[0, 1], 1);
+    let config = holding(dir.path(), &v1);
     let now = jiff::Timestamp::now();
     // Signed by keys the device does not trust yet: refused, nothing stored.
     let foreign = trust(&[5, 6], 1)
@@ -403,22 +410,7 @@ fn a_device_whose_trust_root_lapsed_takes_its_successor() {
         &[&key(0), &key(1)],
     )
     .unwrap();
-    std::fs::write(
-        dir.path().join("trust.json"),
-        lapsed.to_file_bytes().unwrap(),
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.path().join("state")).unwrap();
-    let config = abide_agent::config::Config::parse(
-        &dir.path().join("system.toml"),
-        "product = \"gw\"\ncompatible = \"gw-1\"\nstate_dir = \"state\"\ntrust = \"trust.json\"\n\
-         [bootloader]\nbackend = \"sim\"\npath = \"boot.json\"\n\
-         [[group]]\nname = \"A\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"a.img\"\n\
-         [[group]]\nname = \"B\"\n[[group.slot]]\nclass = \"rootfs\"\npath = \"b.img\"\n",
-    )
-    .unwrap();
-    let body =
-        |root: &abide_bundle::TrustRoot| String::from_utf8(root.to_file_bytes().unwrap()).unwrap();
+    let config = holding(dir.path(), &lapsed);
     let now = jiff::Timestamp::now();
     // Signed by one of the lapsed root's two keys: still not enough.
     let short =

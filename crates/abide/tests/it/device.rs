@@ -79,6 +79,16 @@ impl Sim {
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.join(p)
     }
+
+    /// Runs the shell `script` in the device's workspace, in a private mount namespace (its
+    /// mounts are gone when it ends).
+    pub fn in_mount_namespace(&self, script: &str) -> std::process::Output {
+        std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", script])
+            .current_dir(&self.dir)
+            .output()
+            .expect("unshare runs (scripts/deps)")
+    }
 }
 
 pub fn field<'a>(v: &'a Value, k: &str) -> &'a str {
@@ -547,11 +557,7 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
         "set -e; cp -a dev/state saved; mount -t tmpfs -o size=12m tmpfs dev/state; \
          cp -a saved/. dev/state/; {abide} install {b} --config dev/system.toml --json"
     );
-    let out = std::process::Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .current_dir(&sim.dir)
-        .output()
-        .expect("unshare runs");
+    let out = sim.in_mount_namespace(&script);
     assert_eq!(
         out.status.code(),
         Some(1),
@@ -778,11 +784,7 @@ fn read_only_commands_work_on_a_read_only_state_directory_and_write_nothing() {
          {abide} log verify --config dev/system.toml --json",
         s = state.display()
     );
-    let out = std::process::Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .current_dir(&sim.dir)
-        .output()
-        .expect("unshare runs");
+    let out = sim.in_mount_namespace(&script);
     assert!(
         out.status.success(),
         "{}",
@@ -1271,11 +1273,7 @@ fn an_install_into_a_mounted_target_is_refused_with_target_in_use_and_writes_not
         "set -e; mount -o ro {b} mnt; {abide} install {bundle} --config dev/system.toml --no-reboot --json",
         b = b.0
     );
-    let out = std::process::Command::new("unshare")
-        .args(["-m", "sh", "-c", &script])
-        .current_dir(&sim.dir)
-        .output()
-        .expect("unshare runs");
+    let out = sim.in_mount_namespace(&script);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();

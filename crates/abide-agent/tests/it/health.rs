@@ -176,3 +176,62 @@ fn a_check_that_writes_10_mib_to_stderr_is_judged_by_its_exit_status() {
         started.elapsed()
     );
 }
+
+/// Whether process `pid` has ended (gone, or a zombie waiting for whoever reaps orphans),
+/// allowing a killed process a moment to finish dying.
+fn ended(pid: &str) -> bool {
+    let dead = || match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    };
+    let since = std::time::Instant::now();
+    while !dead() {
+        if since.elapsed() > std::time::Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    true
+}
+
+#[test]
+fn a_command_that_times_out_or_ends_leaves_no_process_of_its_own_behind() {
+    use abide_agent::command::{Ended, run};
+    let dir = tempfile::tempdir().unwrap();
+    let pids = dir.path().join("pids");
+    // Children in the background, one of them with the pipes, and a shell that waits on them.
+    let script = format!(
+        "sleep 300 & echo $! > {p}; (sleep 301; echo late) & echo $! >> {p}; echo started; wait",
+        p = pids.display()
+    );
+    let started = std::time::Instant::now();
+    let (ended_as, output) = run(&script, &[], std::time::Duration::from_millis(500)).unwrap();
+    assert!(matches!(ended_as, Ended::TimedOut(_)), "{ended_as:?}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert_eq!(output, "started");
+    let listed = std::fs::read_to_string(&pids).unwrap();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    for pid in listed.lines() {
+        assert!(ended(pid), "process {pid} of the command outlived it");
+    }
+    // A command that exits at once but leaves a child running does not leave it either.
+    let (ended_as, _) = run(
+        &format!("sleep 302 & echo $! > {}", pids.display()),
+        &[],
+        std::time::Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(
+        matches!(ended_as, Ended::Exited(s) if s.success()),
+        "{ended_as:?}"
+    );
+    let pid = std::fs::read_to_string(&pids).unwrap();
+    let pid = pid.trim();
+    assert!(
+        ended(pid),
+        "process {pid} outlived its command: {:?}",
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    );
+}

@@ -41,6 +41,19 @@ impl Running {
         Running { child: Some(child) }
     }
 
+    /// The number of threads the agent runs now.
+    fn threads(&self) -> usize {
+        let pid = self.child.as_ref().unwrap().id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
     /// Waits for the agent to stop by itself (after an activation) and returns its JSON.
     fn exits(mut self) -> Value {
         let out = self.child.take().unwrap().wait_with_output().unwrap();
@@ -205,6 +218,56 @@ fn the_socket_belongs_to_the_api_group_and_an_unknown_group_stops_the_agent() {
         stderr.contains("api.group") && stderr.contains("no-such-group"),
         "{stderr}"
     );
+}
+
+#[test]
+fn health_checks_that_time_out_leave_no_process_and_no_thread_of_the_agent_behind() {
+    // A check that starts a child and hangs: each call times out after 0.3 s.
+    let sim = Sim::new(Some("sleep 300 & echo $! >> PIDS; sleep 299"));
+    let config = sim.path("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("timeout = \"30s\"", "timeout = \"0.3s\"")
+            .replace("PIDS", sim.path("pids").to_str().unwrap()),
+    )
+    .unwrap();
+    let agent = Running::start(&sim);
+    let h = dev(&sim, &["health"], 3);
+    assert!(
+        h["checks"][0]["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("timed out")
+            || h.to_string().contains("timed out"),
+        "{h}"
+    );
+    let before = agent.threads();
+    for _ in 0..20 {
+        dev(&sim, &["health"], 3);
+    }
+    assert_eq!(
+        agent.threads(),
+        before,
+        "threads after 20 timed-out health checks"
+    );
+    let pids = std::fs::read_to_string(sim.path("pids")).unwrap();
+    assert_eq!(pids.lines().count(), 21, "{pids}");
+    let since = Instant::now();
+    let alive = || {
+        pids.lines()
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                    stat.rsplit_once(") ")
+                        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+                })
+            })
+            .count()
+    };
+    while alive() > 0 && since.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(alive(), 0, "children of the timed-out checks still run");
 }
 
 #[test]

@@ -184,6 +184,7 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
     let mut archive = tar::Archive::new(&mut reader);
     archive.set_overwrite(true);
     let mut unpacked = 0u64;
+    let mut links = Links::default();
     for entry in archive
         .entries()
         .map_err(io("reading the archive for", dir))?
@@ -193,7 +194,8 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
             .path()
             .map_err(io("reading the archive for", dir))?
             .into_owned();
-        check_entry(&name, &entry).map_err(|why| bad(format!("{}: {why}", name.display())))?;
+        check_entry(&name, &entry, &mut links)
+            .map_err(|why| bad(format!("{}: {why}", name.display())))?;
         unpacked = unpacked.saturating_add(entry.header().size().unwrap_or(u64::MAX));
         if unpacked > capacity {
             return Err(bad(format!(
@@ -219,10 +221,49 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
     Ok(reader.total)
 }
 
-/// Whether an archive entry may be unpacked into a slot: a relative path without `..`; a
-/// regular file, a directory, or a link whose target stays inside the slot; no device nodes,
-/// FIFOs or other special files.
-fn check_entry<R: std::io::Read>(name: &Path, entry: &tar::Entry<'_, R>) -> Result<(), String> {
+/// The symbolic links an archive made so far, by their paths in the slot.
+#[derive(Default)]
+struct Links(std::collections::HashSet<std::path::PathBuf>);
+
+impl Links {
+    /// The first link among the directories `path` goes through (its own last part is not
+    /// gone through), if any.
+    fn crossed(&self, path: &Path) -> Option<std::path::PathBuf> {
+        let mut at = std::path::PathBuf::new();
+        let parts: Vec<_> = normal_parts(path).collect();
+        for part in parts.iter().take(parts.len().saturating_sub(1)) {
+            at.push(part);
+            if self.0.contains(&at) {
+                return Some(at);
+            }
+        }
+        None
+    }
+}
+
+/// The named parts of a relative path (`.` left out).
+fn normal_parts(path: &Path) -> impl Iterator<Item = &std::ffi::OsStr> {
+    path.components().filter_map(|c| match c {
+        std::path::Component::Normal(n) => Some(n),
+        _ => None,
+    })
+}
+
+/// Whether an archive entry may be unpacked into a slot, judged as the file system will resolve
+/// it: a relative path without `..` that goes through no symbolic link the archive made; a
+/// regular file, a directory, or a link that stays inside the slot — a symbolic link whose
+/// target climbs (`..`) only before it descends, and no higher than its own directory; a hard
+/// link to a path below the slot that goes through no link. No device nodes, FIFOs or other
+/// special files. A symbolic link is remembered in `links` for the entries after it.
+///
+/// Whatever the order of the entries, a target checked this way stays inside: its climb is over
+/// real directories (an entry's directories are never links), and each link it may descend
+/// through was itself checked to stay inside.
+fn check_entry<R: std::io::Read>(
+    name: &Path,
+    entry: &tar::Entry<'_, R>,
+    links: &mut Links,
+) -> Result<(), String> {
     use std::path::Component;
     let inside = |p: &Path| {
         p.components()
@@ -231,36 +272,50 @@ fn check_entry<R: std::io::Read>(name: &Path, entry: &tar::Entry<'_, R>) -> Resu
     if name.as_os_str().is_empty() || !inside(name) {
         return Err("an absolute path or one with `..` leaves the slot".into());
     }
+    if let Some(link) = links.crossed(name) {
+        return Err(format!(
+            "its path goes through the symbolic link {}",
+            link.display()
+        ));
+    }
     let kind = entry.header().entry_type();
     match kind {
         tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory => Ok(()),
-        tar::EntryType::Symlink | tar::EntryType::Link => {
-            let target = entry
-                .link_name()
-                .ok()
-                .flatten()
-                .ok_or_else(|| "a link without a target".to_owned())?;
-            // A symbolic link resolves from its own directory, a hard link from the slot.
-            let base = if kind == tar::EntryType::Symlink {
-                name.parent().unwrap_or(Path::new(""))
-            } else {
-                Path::new("")
-            };
-            let mut depth = base
-                .components()
-                .filter(|c| matches!(c, Component::Normal(_)))
-                .count();
+        tar::EntryType::Symlink => {
+            let target = link_target(entry)?;
+            let leaves = || format!("a link to {} leaves the slot", target.display());
+            let mut depth = name.parent().map_or(0, |p| normal_parts(p).count());
+            let mut descended = false;
             for c in target.components() {
                 match c {
-                    Component::Normal(_) => depth += 1,
+                    Component::Normal(_) => descended = true,
                     Component::CurDir => {}
-                    Component::ParentDir if depth > 0 => depth -= 1,
-                    _ => {
-                        return Err(format!("a link to {} leaves the slot", target.display()));
+                    Component::ParentDir if descended => {
+                        return Err(format!(
+                            "a link to {} climbs back up after it descends, which a link on its way could send anywhere",
+                            target.display()
+                        ));
                     }
+                    Component::ParentDir if depth > 0 => depth -= 1,
+                    _ => return Err(leaves()),
                 }
             }
+            links.0.insert(normal_parts(name).collect());
             Ok(())
+        }
+        tar::EntryType::Link => {
+            let target = link_target(entry)?;
+            if target.as_os_str().is_empty() || !inside(&target) {
+                return Err(format!("a link to {} leaves the slot", target.display()));
+            }
+            match links.crossed(&target) {
+                Some(link) => Err(format!(
+                    "a link to {} goes through the symbolic link {}",
+                    target.display(),
+                    link.display()
+                )),
+                None => Ok(()),
+            }
         }
         other => Err(format!(
             "a {} may not be unpacked into a slot",
@@ -272,6 +327,16 @@ fn check_entry<R: std::io::Read>(name: &Path, entry: &tar::Entry<'_, R>) -> Resu
             }
         )),
     }
+}
+
+/// The target a link entry names.
+fn link_target<R: std::io::Read>(entry: &tar::Entry<'_, R>) -> Result<std::path::PathBuf, String> {
+    entry
+        .link_name()
+        .ok()
+        .flatten()
+        .map(|t| t.into_owned())
+        .ok_or_else(|| "a link without a target".to_owned())
 }
 
 /// Blocks from the verifier, read as one stream.

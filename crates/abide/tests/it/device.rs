@@ -621,10 +621,11 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
          \x20   with tarfile.open(f'app-{v}.tar', 'w') as t:\n\
          \x20       for name, data in [('bin/app', f'app {v}'.encode()), ('etc/app.conf', b'port=8080')]:\n\
          \x20           i = tarfile.TarInfo(name); i.size = len(data); t.addfile(i, io.BytesIO(data))\n\
-         def evil(name, make):\n\
+         def evil(name, *makes):\n\
          \x20   with tarfile.open(name, 'w') as t:\n\
          \x20       good = tarfile.TarInfo('bin/app'); good.size = 2; t.addfile(good, io.BytesIO(b'ok'))\n\
-         \x20       i = make(); t.addfile(i, io.BytesIO(b'evil') if i.isreg() else None)\n\
+         \x20       for make in makes:\n\
+         \x20           i = make(); t.addfile(i, io.BytesIO(b'evil') if i.isreg() else None)\n\
          def reg(n):\n\
          \x20   i = tarfile.TarInfo(n); i.size = 4; return i\n\
          def link(n, target, kind):\n\
@@ -638,6 +639,12 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
          evil('hardlink.tar', lambda: link('etc/hard', '../escaped', tarfile.LNKTYPE))\n\
          evil('chardev.tar', lambda: special('dev/null', tarfile.CHRTYPE))\n\
          evil('fifo.tar', lambda: special('run/fifo', tarfile.FIFOTYPE))\n\
+         evil('chain.tar', lambda: link('x/up', '..', tarfile.SYMTYPE),\n\
+         \x20    lambda: link('x/up/x/up/x/up/esc', '../../../../../..', tarfile.SYMTYPE),\n\
+         \x20    lambda: reg('x/up/x/up/x/up/esc/escaped'))\n\
+         evil('climb.tar', lambda: link('esc', 'd/../../escaped', tarfile.SYMTYPE), lambda: link('d', '.', tarfile.SYMTYPE))\n\
+         evil('through.tar', lambda: link('etc/lnk', '../bin', tarfile.SYMTYPE), lambda: reg('etc/lnk/app'))\n\
+         evil('hard-through.tar', lambda: link('up', '.', tarfile.SYMTYPE), lambda: link('etc/h', 'up/bin/app', tarfile.LNKTYPE))\n\
          with tarfile.open('big.tar', 'w') as t:\n\
          \x20   i = tarfile.TarInfo('data/big'); i.size = 5000; t.addfile(i, io.BytesIO(bytes(5000)))\n",
     );
@@ -690,6 +697,22 @@ fn a_directory_slot_is_unpacked_and_its_link_follows_the_booted_group() {
         ("hardlink", "a link to ../escaped leaves the slot"),
         ("chardev", "a character device may not be unpacked"),
         ("fifo", "a FIFO may not be unpacked"),
+        (
+            "chain",
+            "x/up/x/up/x/up/esc: its path goes through the symbolic link x/up",
+        ),
+        (
+            "climb",
+            "esc: a link to d/../../escaped climbs back up after it descends",
+        ),
+        (
+            "through",
+            "etc/lnk/app: its path goes through the symbolic link etc/lnk",
+        ),
+        (
+            "hard-through",
+            "a link to up/bin/app goes through the symbolic link up",
+        ),
     ]
     .into_iter()
     .enumerate()

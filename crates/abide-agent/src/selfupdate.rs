@@ -148,6 +148,7 @@ pub fn apply<S: abide_bundle::Source>(
     }
     let binary = config.self_update.binary.clone();
     let prev = previous(&binary);
+    check_directory(&binary)?;
     // 1. The new binary, beside the old one, checked as it is written.
     let mut file = AtomicFile::create(&binary, 0o755)?;
     // The binary that will run as the agent is small: every hash, not only the signed bytes.
@@ -212,6 +213,38 @@ pub fn apply<S: abide_bundle::Source>(
     restore(&binary)?;
     fail(&config, trial, &format!("running the new agent: {e}"))?;
     Err(io("running", &binary)(e).into())
+}
+
+/// Refuses to replace a binary whose directory anyone but its owner (root or the agent's
+/// user) may write: such a user could plant or swap files there between the steps of the
+/// switch, or put their own binary in place of the previous one the watchdog runs.
+fn check_directory(binary: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = binary
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let meta = std::fs::metadata(dir).map_err(io("reading the agent's directory", dir))?;
+    let me = rustix::process::geteuid().as_raw();
+    let mode = meta.mode() & 0o7777;
+    let why = if mode & 0o002 != 0 {
+        Some("anyone may write it".to_owned())
+    } else if mode & 0o020 != 0 && meta.gid() != 0 {
+        Some(format!("group {} may write it", meta.gid()))
+    } else if meta.uid() != 0 && meta.uid() != me {
+        Some(format!("it belongs to user {}", meta.uid()))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(AgentError::SelfUpdate {
+            what: format!(
+                "the agent's directory {} (mode {mode:o}) is not safe to update in: {why}; make it writable by root (or the agent's user) only",
+                dir.display()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Puts `BINARY.prev` back as `BINARY` (a hard link renamed into place).

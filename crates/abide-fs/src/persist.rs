@@ -54,7 +54,7 @@ impl AtomicFile {
         let dir = parent(target);
         let mut attempt = 0u32;
         loop {
-            let temp = dir.join(format!(".{name}.tmp-{}-{attempt}", std::process::id()));
+            let temp = dir.join(format!(".{name}.tmp-{}", unpredictable()));
             match OpenOptions::new()
                 .write(true)
                 .read(true)
@@ -114,6 +114,18 @@ impl Drop for AtomicFile {
             let _ = fs::remove_file(&self.temp);
         }
     }
+}
+
+/// 64 bits nobody else can guess, for a temporary file's name: someone who may write the
+/// directory cannot plant the names beforehand and so make every write fail. Keyed by the
+/// standard library's per-process random hash keys (from the kernel, never blocking for
+/// entropy), over the process id and the time.
+fn unpredictable() -> String {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = std::hash::RandomState::new().build_hasher();
+    std::process::id().hash(&mut h);
+    std::time::SystemTime::now().hash(&mut h);
+    format!("{:016x}", h.finish())
 }
 
 /// Atomically replaces `target` with `bytes`.

@@ -1054,11 +1054,40 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
     let (restored, version) = agent_of(&sim).unwrap();
     assert_eq!(version, "0.1.0");
 
-    // A good one answers in time and stays; the previous binary is kept beside it.
+    // In a directory others may write, no update is tried: they could swap the files.
     let good = agent_bundle(&sim, "good", "0.2.0");
+    let dir = sim.path("dev/bin");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let before = std::fs::read_dir(&dir).unwrap().count();
     dev(&sim, &["schedule", "update", "--source", &good], 0);
-    wait("s5 to complete", || {
-        schedule_if_up(&sim, "s5").is_some_and(|v| v["state"] == "completed")
+    wait("s5 to fail", || {
+        schedule_if_up(&sim, "s5").is_some_and(|v| v["state"] == "failed")
+    });
+    let unsafe_dir = schedule(&sim, "s5");
+    assert!(
+        unsafe_dir["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not safe to update in: anyone may write it"),
+        "{unsafe_dir}"
+    );
+    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+    assert_eq!(
+        std::fs::read_dir(&dir).unwrap().count(),
+        before,
+        "nothing written"
+    );
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The temporary names cannot be guessed: the names the agent's process id once gave, all
+    // taken beforehand, do not stop it.
+    for n in 0..=1000 {
+        std::fs::write(dir.join(format!(".abide.tmp-{restored}-{n}")), "planted").unwrap();
+    }
+
+    // A good one answers in time and stays; the previous binary is kept beside it.
+    dev(&sim, &["schedule", "update", "--source", &good], 0);
+    wait("s6 to complete", || {
+        schedule_if_up(&sim, "s6").is_some_and(|v| v["state"] == "completed")
     });
     let (now, version) = agent_of(&sim).unwrap();
     assert_eq!(

@@ -197,6 +197,44 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
+    /// [`AuditLog::open`] for a step that may not repair the log (an install): a log that is
+    /// missing while its head says it was written, or a torn last record, is refused, and the
+    /// log is left as it is (the boot step repairs it, as after the power cut that tore it). A
+    /// device that never wrote a record has neither, and its log is started.
+    pub fn open_intact(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
+        let bytes = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !head_path(path).exists() => {
+                Vec::new()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AuditError::Broken {
+                    path: path.to_owned(),
+                    what: "the log is missing; nothing was changed (the boot step, `abide boot`, starts a new one, and `abide log verify` checks it against its head)".into(),
+                });
+            }
+            Err(source) => {
+                return Err(IoError {
+                    op: "reading",
+                    path: path.to_owned(),
+                    source,
+                }
+                .into());
+            }
+        };
+        if bytes.last().is_some_and(|&b| b != b'\n') {
+            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: format!(
+                    "the last record is torn ({} bytes without an end); nothing was changed (the boot step, `abide boot`, cuts it away)",
+                    bytes.len() - complete
+                ),
+            });
+        }
+        AuditLog::open(path)
+    }
+
     /// Opens (or creates) the log at `path`: verifies it against its head, cuts away a torn
     /// last record, and positions for appending.
     pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {

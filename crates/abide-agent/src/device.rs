@@ -35,6 +35,20 @@ impl Device {
         Device::open_as_writer(config, Contention::Fail)
     }
 
+    /// [`Device::open`] for an install: the audit log must be whole, and is not repaired (a
+    /// missing log or a torn last record is refused with nothing changed).
+    pub fn open_intact(config: Config) -> Result<Device> {
+        let lock = DeviceLock::take(&config.state_dir, Contention::Fail)?;
+        let bootloader = backend(&config);
+        let (audit, _) = AuditLog::open_intact(&config.state_dir.join("audit.log"))?;
+        Ok(Device {
+            config,
+            bootloader,
+            audit: Some(audit),
+            _lock: Some(lock),
+        })
+    }
+
     /// [`Device::open`], waiting for the lock instead of failing (the boot step, the agent).
     pub fn open_waiting(config: Config) -> Result<Device> {
         Device::open_as_writer(config, Contention::Wait)
@@ -252,6 +266,61 @@ pub fn event(state: &TxState) -> &'static str {
 
 /// The bootloader backend a configuration names.
 fn backend(config: &Config) -> Box<dyn Bootloader> {
+    Box::new(Configured {
+        inner: raw_backend(config),
+        groups: config.group_names(),
+        path: config.boot_path.clone(),
+    })
+}
+
+/// A backend whose loaded state must name only the configured groups: a state file damaged
+/// into naming others (or none) is the bootloader's error, before anything acts on it.
+struct Configured {
+    inner: Box<dyn Bootloader>,
+    groups: Vec<abide_core::Group>,
+    path: std::path::PathBuf,
+}
+
+impl Bootloader for Configured {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn load(&self) -> std::result::Result<abide_boot::BootState, abide_boot::BootError> {
+        let state = self.inner.load()?;
+        let known = |g: &abide_core::Group| self.groups.contains(g);
+        let named = state
+            .order
+            .iter()
+            .chain(state.trial.as_ref().map(|(g, _)| g))
+            .chain(state.bootable.keys())
+            .chain(state.booted.as_ref());
+        if let Some(stranger) = named.into_iter().find(|g| !known(g)) {
+            return Err(abide_boot::BootError::Inconsistent {
+                path: self.path.clone(),
+                what: format!(
+                    "the bootloader's state names group {stranger}, which system.toml does not configure"
+                ),
+            });
+        }
+        if let Some(missing) = self.groups.iter().find(|g| !state.order.contains(g)) {
+            return Err(abide_boot::BootError::Inconsistent {
+                path: self.path.clone(),
+                what: format!("the bootloader's boot order leaves out group {missing}"),
+            });
+        }
+        Ok(state)
+    }
+
+    fn store(
+        &self,
+        state: &abide_boot::BootState,
+    ) -> std::result::Result<(), abide_boot::BootError> {
+        self.inner.store(state)
+    }
+}
+
+fn raw_backend(config: &Config) -> Box<dyn Bootloader> {
     match config.backend.clone() {
         Backend::Sim => Box::new(SimBootloader::new(&config.boot_path)),
         Backend::Grub => Box::new(GrubBootloader::new(&config.boot_path)),

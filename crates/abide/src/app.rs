@@ -72,7 +72,7 @@ pub fn run_install(
     paranoid: bool,
     out: Output,
 ) -> Result<()> {
-    let mut device = open(config)?;
+    let mut device = crate::device::open_intact(config)?;
     if paranoid {
         device.config.bundle_checks = abide_bundle::chunks::Checks::Every;
     }

@@ -114,6 +114,12 @@ pub fn open(config: &Path) -> Result<Device> {
     Ok(Device::open(config)?)
 }
 
+/// [`open`] for an install: a damaged audit log is refused, not repaired.
+pub fn open_intact(config: &Path) -> Result<Device> {
+    let config = Config::load(config)?;
+    Ok(Device::open_intact(config)?)
+}
+
 /// Opens the device to change it, waiting for another process to finish first.
 pub fn open_waiting(config: &Path) -> Result<Device> {
     let config = Config::load(config)?;
@@ -136,7 +142,7 @@ pub fn run_install(
     gate: abide_core::Gate,
     out: Output,
 ) -> Result<()> {
-    let mut device = open(config)?;
+    let mut device = open_intact(config)?;
     if paranoid {
         device.config.bundle_checks = abide_bundle::chunks::Checks::Every;
     }

@@ -1323,3 +1323,108 @@ fn an_install_into_a_mounted_target_is_refused_with_target_in_use_and_writes_not
     );
     assert_eq!(done["target"], "B", "{done}");
 }
+
+#[test]
+fn an_install_refuses_a_damaged_audit_log_or_boot_state_and_leaves_them_as_they_are() {
+    let sim = Sim::new(None);
+    let bundle = sim.bundle("2.0.0", 1, 4);
+    let bad = sim.bundle("0.9.0", 1, 5);
+    // A first refusal writes the log (a downgrade, recorded).
+    json(
+        &sim.dir,
+        &format!("install {bad} --config dev/system.toml"),
+        1,
+    );
+    let log = sim.path("dev/state/audit.log");
+    let whole = std::fs::read(&log).unwrap();
+    assert!(!whole.is_empty());
+    let files = |sim: &Sim| -> Vec<(String, Vec<u8>)> {
+        [
+            "dev/state/audit.log",
+            "dev/state/audit.log.head",
+            "dev/boot.json",
+            "dev/state/state.json",
+        ]
+        .iter()
+        .map(|f| {
+            (
+                f.to_string(),
+                std::fs::read(sim.path(f)).unwrap_or_default(),
+            )
+        })
+        .collect()
+    };
+    // A torn last record (a power cut mid-append): refused, not cut away.
+    let mut torn = whole.clone();
+    torn.extend_from_slice(b"{\"seq\":99,\"ev");
+    std::fs::write(&log, &torn).unwrap();
+    let before = (files(&sim), sim.fingerprint());
+    for b in [&bundle, &bad] {
+        let v = json(
+            &sim.dir,
+            &format!("install {b} --config dev/system.toml"),
+            3,
+        );
+        assert_eq!(v["error"]["code"], "audit", "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains("torn"),
+            "{v}"
+        );
+        assert_eq!((files(&sim), sim.fingerprint()), before, "{b}");
+    }
+    // A deleted log whose head remains: refused, no new log made.
+    std::fs::remove_file(&log).unwrap();
+    let v = json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml"),
+        3,
+    );
+    assert_eq!(v["error"]["code"], "audit", "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("missing"),
+        "{v}"
+    );
+    assert!(!log.exists(), "a new log was made");
+    // The boot step repairs a torn record; then the install goes on.
+    std::fs::write(&log, &torn).unwrap();
+    json(&sim.dir, "boot --config dev/system.toml", 0);
+    json(&sim.dir, "log verify --config dev/system.toml", 0);
+
+    // A boot state that names a group system.toml does not have, or leaves one out: the
+    // bootloader's error, and nothing changes.
+    let boot = sim.path("dev/boot.json");
+    let good = std::fs::read_to_string(&boot).unwrap();
+    for (damaged, says) in [
+        (
+            good.replace("\"booted\": \"A\"", "\"booted\": \"C\""),
+            "names group C",
+        ),
+        (
+            "{\"order\": [\"A\"], \"trial\": null, \"bootable\": {\"A\": true}, \"booted\": \"A\"}"
+                .to_owned(),
+            "leaves out group B",
+        ),
+        ("{\"order\": [\"A\"".to_owned(), "not a sim boot state"),
+    ] {
+        assert_ne!(damaged, good);
+        std::fs::write(&boot, &damaged).unwrap();
+        let before = files(&sim);
+        let v = json(
+            &sim.dir,
+            &format!("install {bundle} --config dev/system.toml"),
+            3,
+        );
+        assert_eq!(v["error"]["code"], "bootloader", "{damaged}: {v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap().contains(says),
+            "{damaged}: {v}"
+        );
+        assert_eq!(files(&sim)[2..], before[2..], "{damaged}");
+    }
+    std::fs::write(&boot, &good).unwrap();
+    json(
+        &sim.dir,
+        &format!("install {bundle} --config dev/system.toml"),
+        0,
+    );
+}

@@ -39,6 +39,8 @@ struct RawConfig {
     api: RawApi,
     #[serde(default)]
     self_update: RawSelfUpdate,
+    #[serde(default)]
+    download: RawDownload,
     #[serde(default, rename = "app")]
     apps: Vec<RawApp>,
 }
@@ -114,6 +116,24 @@ pub struct AppSettings {
 struct RawSelfUpdate {
     binary: Option<PathBuf>,
     deadline: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDownload {
+    min_rate: Option<String>,
+    window: Option<String>,
+}
+
+/// How slow a schedule's download from a URL may be (`[download]`): every `window` must bring
+/// at least `min_rate` bytes per second on average, or the schedule fails — a server that drips
+/// a byte now and then does not hold a schedule in progress for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DownloadSettings {
+    /// Bytes per second, on average over each window (default 1K; 0: no minimum).
+    pub min_rate: u64,
+    /// The window the rate is measured over (default 60 s).
+    pub window: std::time::Duration,
 }
 
 /// How the agent updates itself (`[self_update]`).
@@ -462,6 +482,8 @@ pub struct Config {
     pub api: ApiSettings,
     /// How the agent updates itself (`[self_update]`).
     pub self_update: SelfUpdateSettings,
+    /// How slow a URL download may be (`[download]`).
+    pub download: DownloadSettings,
     /// The applications updated on directory slots (`[[app]]`).
     pub apps: Vec<AppSettings>,
 }
@@ -748,6 +770,22 @@ impl Config {
         if self_update.deadline < SignedDuration::from_secs(1) {
             return Err(err(path, "key `self_update.deadline`: at least 1s"));
         }
+        let download = DownloadSettings {
+            min_rate: match &raw.download.min_rate {
+                None => 1 << 10,
+                Some(text) => parse_size(text)
+                    .map_err(|e| err(path, &format!("key `download.min_rate`: {e}")))?,
+            },
+            window: duration(
+                "download.window",
+                &raw.download.window,
+                SignedDuration::from_secs(60),
+            )?
+            .unsigned_abs(),
+        };
+        if download.window < std::time::Duration::from_secs(1) {
+            return Err(err(path, "key `download.window`: at least 1s"));
+        }
         let state_dir = raw
             .state_dir
             .as_deref()
@@ -875,6 +913,7 @@ impl Config {
         Ok(Config {
             apps,
             self_update,
+            download,
             api,
             cmdline,
             server,

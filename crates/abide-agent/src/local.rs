@@ -359,7 +359,45 @@ enum Body<'a> {
         rt: &'a tokio::runtime::Handle,
         response: reqwest::Response,
         buf: bytes::Bytes,
+        pace: Pace,
     },
+}
+
+/// The minimum download rate of `[download]`, measured window by window.
+struct Pace {
+    settings: crate::config::DownloadSettings,
+    url: String,
+    since: std::time::Instant,
+    bytes: u64,
+}
+
+impl Pace {
+    /// How long the current window has left.
+    fn left(&self) -> std::time::Duration {
+        self.settings.window.saturating_sub(self.since.elapsed())
+    }
+
+    /// Counts `n` bytes; at the end of a window, fails if it brought too few.
+    fn count(&mut self, n: usize) -> io::Result<()> {
+        self.bytes += n as u64;
+        if !self.left().is_zero() {
+            return Ok(());
+        }
+        let window = self.settings.window.as_secs_f64();
+        let needed = (self.settings.min_rate as f64 * window) as u64;
+        if self.bytes < needed {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the download from {} brought {} bytes in the last {window:.0} s, under the minimum of {} bytes/s ([download] min_rate)",
+                    self.url, self.bytes, self.settings.min_rate
+                ),
+            ));
+        }
+        self.since = std::time::Instant::now();
+        self.bytes = 0;
+        Ok(())
+    }
 }
 
 impl<'a> Reader<'a> {
@@ -424,6 +462,12 @@ impl<'a> Reader<'a> {
                         rt,
                         response,
                         buf: bytes::Bytes::new(),
+                        pace: Pace {
+                            settings: shared.config.download,
+                            url: url.clone(),
+                            since: std::time::Instant::now(),
+                            bytes: 0,
+                        },
                     },
                     check: s.sha256.clone().map(|h| (h, Sha256::new())),
                 })
@@ -457,14 +501,29 @@ impl Read for Reader<'_> {
         }
         let n = match &mut self.body {
             Body::File(f) => f.read(out)?,
-            Body::Url { rt, response, buf } => {
-                if buf.is_empty() {
-                    match rt
-                        .block_on(async { response.chunk().await })
-                        .map_err(io::Error::other)?
+            Body::Url {
+                rt,
+                response,
+                buf,
+                pace,
+            } => {
+                while buf.is_empty() {
+                    // Waiting no longer than the window has left: a server that sends nothing
+                    // is measured as one that sends too little.
+                    let wait = if pace.settings.min_rate == 0 {
+                        std::time::Duration::MAX
+                    } else {
+                        pace.left().max(std::time::Duration::from_millis(1))
+                    };
+                    match rt.block_on(async { tokio::time::timeout(wait, response.chunk()).await })
                     {
-                        Some(chunk) => *buf = chunk,
-                        None => return Ok(0),
+                        Ok(Ok(Some(chunk))) => {
+                            pace.count(chunk.len())?;
+                            *buf = chunk;
+                        }
+                        Ok(Ok(None)) => return Ok(0),
+                        Ok(Err(e)) => return Err(io::Error::other(e)),
+                        Err(_) => pace.count(0)?,
                     }
                 }
                 let n = out.len().min(buf.len());

@@ -191,6 +191,14 @@ fn errors_name_the_file_the_key_and_the_expectation() {
             format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n[[app.check]]\nname = \"up\"\nkind = \"tcp\"\n"),
             "key `app[0].check[0].address`: required for kind \"tcp\"",
         ),
+        (
+            format!("{GOOD}\n[download]\nmin_rate = \"fast\"\n"),
+            "key `download.min_rate`",
+        ),
+        (
+            format!("{GOOD}\n[download]\nwindow = \"0.5s\"\n"),
+            "key `download.window`: at least 1s",
+        ),
     ] {
         let err = parse(&edit).unwrap_err();
         assert!(err.starts_with("/etc/abide/system.toml: "), "{err}");
@@ -431,4 +439,22 @@ fn a_device_whose_trust_root_lapsed_takes_its_successor() {
     let r = abide_agent::trust::accept(&config, &[body(&next)], now).unwrap();
     assert_eq!((r.from, r.to), (1, 2), "{:?}", r.refused);
     assert_eq!(abide_agent::trust::version(&config).unwrap(), 2);
+}
+
+#[test]
+fn a_url_download_must_bring_1_kib_a_second_over_each_minute_unless_configured() {
+    let d = parse(GOOD).unwrap().download;
+    assert_eq!(
+        (d.min_rate, d.window),
+        (1024, std::time::Duration::from_secs(60))
+    );
+    let d = parse(&format!(
+        "{GOOD}\n[download]\nmin_rate = \"0\"\nwindow = \"5m\"\n"
+    ))
+    .unwrap()
+    .download;
+    assert_eq!(
+        (d.min_rate, d.window),
+        (0, std::time::Duration::from_secs(300))
+    );
 }

@@ -589,6 +589,44 @@ pub(crate) fn slow_server(body: Vec<u8>, pace: usize) -> String {
 }
 
 #[test]
+fn a_url_that_drips_its_bundle_fails_the_schedule_at_the_minimum_rate() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 13);
+    // 50 bytes a second: far under 1 KiB/s over a 2-second window.
+    let url = slow_server(std::fs::read(sim.path(&b)).unwrap(), 1);
+    let config = sim.path("dev/system.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[download]\nmin_rate = \"1K\"\nwindow = \"2s\"\n");
+    std::fs::write(&config, text).unwrap();
+    let a_before = sha256_of(&sim.path("dev/slots/rootfs.A.img"));
+    let _agent = Running::start(&sim);
+    let started = Instant::now();
+    dev(&sim, &["schedule", "update", "--source", &url], 0);
+    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let s1 = schedule(&sim, "s1");
+    let reason = s1["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("under the minimum of 1024 bytes/s ([download] min_rate)"),
+        "{s1}"
+    );
+    // Nothing was activated: no trial, group A runs on untouched.
+    let boot: Value =
+        serde_json::from_slice(&std::fs::read(sim.path("dev/boot.json")).unwrap()).unwrap();
+    assert_eq!(
+        (&boot["trial"], &boot["booted"]),
+        (&Value::Null, &Value::from("A")),
+        "{boot}"
+    );
+    assert_eq!(sha256_of(&sim.path("dev/slots/rootfs.A.img")), a_before);
+    assert_ne!(dev(&sim, &["status"], 0)["state"], "activated");
+}
+
+#[test]
 fn a_schedule_cancelled_mid_download_stops_and_activates_nothing() {
     let sim = Sim::new(None);
     let b = sim.bundle("2.0.0", 1, 9);

@@ -357,7 +357,7 @@ enum Body<'a> {
     File(File),
     Url {
         rt: &'a tokio::runtime::Handle,
-        response: reqwest::Response,
+        response: Box<reqwest::Response>,
         buf: bytes::Bytes,
         pace: Pace,
     },
@@ -460,7 +460,7 @@ impl<'a> Reader<'a> {
                     shared,
                     body: Body::Url {
                         rt,
-                        response,
+                        response: Box::new(response),
                         buf: bytes::Bytes::new(),
                         pace: Pace {
                             settings: shared.config.download,

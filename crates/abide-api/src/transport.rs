@@ -3,13 +3,16 @@
 //! --http2-prior-knowledge`): an HTTP/1.1 server would cost the device build 150 KB. Served with hyper's connection builders and dialled with
 //! hyper's HTTP/2 client, so tonic contributes only its generated code and codec.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -153,56 +156,233 @@ pub fn server_tls(
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// Serves `agent` on the Unix socket until the task is dropped: gRPC, and `GET /metrics`
-/// (Prometheus text), over HTTP/2.
-pub async fn serve_unix<T: Agent>(listener: UnixListener, agent: Arc<T>, metrics: MetricsText) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(connection(stream, agent.clone(), metrics.clone()));
+/// How many connections the API holds and for how long: so that nobody who can reach it (a
+/// member of the socket's group, anyone on the TCP port before its handshake) can use up the
+/// agent's file descriptors or hold connections that say nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections a listener holds at once from every peer but root.
+    pub total: usize,
+    /// Connections one peer holds at once: a user on the socket (root too), an address on TCP.
+    pub per_peer: usize,
+    /// How long a TLS handshake may take.
+    pub handshake: Duration,
+    /// How long a connection may go without the client sending a byte; the server pings every
+    /// third of it, and a live client's answers keep it open.
+    pub idle: Duration,
+}
+
+impl Default for ConnectionLimits {
+    /// 256 connections a listener, 32 a peer, 10 s for a handshake, 60 s of silence.
+    fn default() -> Self {
+        ConnectionLimits {
+            total: 256,
+            per_peer: 32,
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Who a connection comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Peer {
+    /// A user on the Unix socket.
+    User(u32),
+    /// An address on TCP.
+    Addr(std::net::IpAddr),
+}
+
+/// The connections a listener holds, by peer.
+#[derive(Default)]
+struct Held {
+    by_peer: Mutex<HashMap<Peer, usize>>,
+}
+
+/// One held connection, given back when dropped.
+struct Ticket {
+    held: Arc<Held>,
+    peer: Peer,
+}
+
+impl Held {
+    /// Takes a place for `peer` within `limits`, or says why not.
+    fn take(self: &Arc<Self>, peer: Peer, limits: &ConnectionLimits) -> Result<Ticket, String> {
+        let mut by_peer = self.by_peer.lock().expect("not poisoned");
+        let mine = by_peer.get(&peer).copied().unwrap_or(0);
+        if mine >= limits.per_peer {
+            return Err(format!("{mine} connections from this peer already"));
+        }
+        if peer != Peer::User(0) {
+            let total: usize = by_peer
+                .iter()
+                .filter(|(p, _)| **p != Peer::User(0))
+                .map(|(_, n)| n)
+                .sum();
+            if total >= limits.total {
+                return Err(format!("{total} connections already"));
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accepting on the API socket");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        *by_peer.entry(peer).or_insert(0) += 1;
+        Ok(Ticket {
+            held: self.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut by_peer = self.held.by_peer.lock().expect("not poisoned");
+        if let Some(n) = by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                by_peer.remove(&self.peer);
             }
         }
     }
 }
 
-/// Serves `agent` on TCP with mutual TLS until the task is dropped; a failed handshake (no
-/// client certificate, one from another CA) closes that connection only.
+/// Serves `agent` on the Unix socket until the task is dropped: gRPC, and `GET /metrics`
+/// (Prometheus text), over HTTP/2, within `limits` (a connection over them is closed as it is
+/// accepted).
+pub async fn serve_unix<T: Agent>(
+    listener: UnixListener,
+    agent: Arc<T>,
+    metrics: MetricsText,
+    limits: ConnectionLimits,
+) {
+    let held = Arc::new(Held::default());
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let Ok(cred) = stream.peer_cred() else {
+                    continue;
+                };
+                match held.take(Peer::User(cred.uid()), &limits) {
+                    Ok(ticket) => {
+                        tokio::spawn(connection(
+                            stream,
+                            agent.clone(),
+                            metrics.clone(),
+                            limits,
+                            ticket,
+                        ));
+                    }
+                    Err(why) => {
+                        tracing::debug!(uid = cred.uid(), why, "API connection refused");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting on the API socket");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves `agent` on TCP with mutual TLS until the task is dropped, within `limits`; a failed
+/// or slow handshake (no client certificate, one from another CA, none in time) closes that
+/// connection only.
 pub async fn serve_tls<T: Agent>(
     listener: TcpListener,
     tls: tokio_rustls::TlsAcceptor,
     agent: Arc<T>,
     metrics: MetricsText,
+    limits: ConnectionLimits,
 ) {
+    let held = Arc::new(Held::default());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting on the API port");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let ticket = match held.take(Peer::Addr(peer.ip()), &limits) {
+            Ok(ticket) => ticket,
+            Err(why) => {
+                tracing::debug!(%peer, why, "API connection refused");
                 continue;
             }
         };
         let (tls, agent, metrics) = (tls.clone(), agent.clone(), metrics.clone());
         tokio::spawn(async move {
-            match tls.accept(stream).await {
-                Ok(stream) => connection(stream, agent, metrics).await,
-                Err(e) => {
+            match tokio::time::timeout(limits.handshake, tls.accept(stream)).await {
+                Ok(Ok(stream)) => connection(stream, agent, metrics, limits, ticket).await,
+                Ok(Err(e)) => {
                     tracing::info!(%peer, error = %e, "API client refused in the TLS handshake")
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "API client's TLS handshake did not finish in time")
                 }
             }
         });
     }
 }
 
-async fn connection<I, T>(io: I, agent: Arc<T>, metrics: MetricsText)
-where
+/// An I/O stream that notes when its client last sent something.
+struct Watched<I> {
+    io: I,
+    since: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let at = self.since.elapsed().as_millis() as u64;
+            self.last.store(at, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Serves one connection until it ends, or its client has sent nothing for `limits.idle`.
+async fn connection<I, T>(
+    io: I,
+    agent: Arc<T>,
+    metrics: MetricsText,
+    limits: ConnectionLimits,
+    _ticket: Ticket,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     T: Agent,
 {
+    let last = Arc::new(AtomicU64::new(0));
+    let since = Instant::now();
+    let io = Watched {
+        io,
+        since,
+        last: last.clone(),
+    };
     let grpc = AgentServer::from_arc(agent);
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         let mut grpc = grpc.clone();
@@ -221,9 +401,30 @@ where
             grpc.call(req).await
         }
     });
-    let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    if let Err(e) = builder.serve_connection(TokioIo::new(io), service).await {
-        tracing::debug!(error = %e, "API connection ended");
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(Some(limits.idle / 3))
+        .keep_alive_timeout(limits.idle / 3);
+    let served = builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(served);
+    let every = (limits.idle / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            ended = &mut served => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, "API connection ended");
+                }
+                return;
+            }
+            () = tokio::time::sleep(every) => {
+                let quiet = since.elapsed().saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+                if quiet >= limits.idle {
+                    tracing::debug!("API connection closed: its client sent nothing for {:?}", limits.idle);
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -131,12 +131,21 @@ impl Agent {
             path: self.config_path.clone(),
             what: format!("[api]: {e}"),
         };
+        let files = raise_file_limit();
+        let limits = connection_limits(files);
+        tracing::info!(
+            files,
+            per_listener = limits.total,
+            per_peer = limits.per_peer,
+            "API connection limits"
+        );
         let unix =
             abide_api::transport::bind_unix(&api.socket, api.group.as_deref()).map_err(setting)?;
         self.rt.spawn(abide_api::transport::serve_unix(
             unix,
             service.clone(),
             metrics.clone(),
+            limits,
         ));
         tracing::info!(socket = %api.socket.display(), "serving the local API");
         if let Some(tcp) = &api.tcp {
@@ -154,7 +163,7 @@ impl Agent {
                 })?;
             tracing::info!(addr = %tcp.listen, "serving the local API with mutual TLS");
             self.rt.spawn(abide_api::transport::serve_tls(
-                listener, tls, service, metrics,
+                listener, tls, service, metrics, limits,
             ));
         }
         Ok(())
@@ -772,6 +781,32 @@ fn window_state(own: &[DeviceWindow], a: &Assignment, now: Timestamp) -> WindowS
     } else {
         WindowState::Closed
     }
+}
+
+/// Descriptors kept for the agent's own work (its files, slots, downloads, hooks) whatever
+/// the API's clients do.
+pub const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit on open files to the hard limit (systemd starts services with a soft
+/// limit of 1,024) and returns the limit in force.
+pub fn raise_file_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// The API's connection limits for a process that may open `files` descriptors: the two
+/// listeners' connections (and root's own, which count apart) stay clear of the
+/// [`RESERVED_FILES`].
+pub fn connection_limits(files: u64) -> abide_api::transport::ConnectionLimits {
+    let mut limits = abide_api::transport::ConnectionLimits::default();
+    let room = files.saturating_sub(RESERVED_FILES + limits.per_peer as u64) / 2;
+    limits.total = limits.total.min(room.max(1) as usize);
+    limits
 }
 
 /// Whether applying a delta failed on what it produced (the running slots do not hold the

@@ -1051,6 +1051,7 @@ fn the_shipped_device_files_are_what_they_say() {
         ]
     );
     assert!(unit.contains("After=abide-boot.service"));
+    assert!(unit.lines().any(|l| l == "LimitNOFILE=16384"), "{unit}");
     // The example system.toml is a valid configuration for block slots under GRUB.
     let (path, text) = shipped("dist/config/system.toml");
     let config = abide_agent::config::Config::parse(&path, &text).unwrap();

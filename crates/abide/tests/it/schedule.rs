@@ -832,6 +832,139 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
     assert_eq!(again.shared().book().get("s1"), Some(&s));
 }
 
+/// Holds `n` idle connections to the Unix socket `socket` and to `tcp` each, as user and group
+/// `nobody`/`nogroup` (a member of the socket's group who is not root), until killed.
+fn idle_connections(socket: &Path, tcp: &str, n: usize) -> Child {
+    let script = format!(
+        "import resource, socket, sys, time\n\
+         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n\
+         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))\n\
+         held = []\n\
+         for i in range({n}):\n\
+         \x20   u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         \x20   u.connect({socket:?})\n\
+         \x20   held.append(u)\n\
+         \x20   t = socket.create_connection(({host:?}, {port}))\n\
+         \x20   held.append(t)\n\
+         print('ready', flush=True)\n\
+         time.sleep(3600)\n",
+        socket = socket.display().to_string(),
+        host = tcp.split(':').next().unwrap(),
+        port = tcp.split(':').nth(1).unwrap(),
+    );
+    let mut child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv and python3 run");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    if line.trim() != "ready" {
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        panic!("the idle clients: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    child
+}
+
+#[test]
+fn idle_clients_on_the_socket_and_the_tcp_port_do_not_starve_the_agent() {
+    let sim = Sim::new(None);
+    let b = sim.bundle("2.0.0", 1, 14);
+    let dir = sim.path("dev");
+    let ca = crate::agent::TestCa::new(&dir, "api-ca");
+    ca.issue(&dir, "agent", "agent", &["localhost"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = sim.path("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[api]\nsocket = \"agent.sock\"\n",
+        &format!(
+            "[api]\nsocket = \"agent.sock\"\ngroup = \"nogroup\"\ntcp = \"127.0.0.1:{port}\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\nclient_ca = \"api-ca.pem\"\n"
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    // The socket's directory may be entered by its group's members.
+    for d in [sim.dir.clone(), dir.clone()] {
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    }
+    // The agent under systemd's default limit of 1,024 open files, soft and hard.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--json", "--config", "dev/system.toml"])
+        .current_dir(&sim.dir)
+        .env("ABIDE_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let agent = Running { child: Some(child) };
+    let socket = sim.path("dev/agent.sock");
+    wait("the agent's socket", || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    // A client that connects to the TCP port and never begins its TLS handshake.
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let opened = Instant::now();
+    // A schedule due in a few seconds, then 1,100 idle clients on each listener.
+    let due = Timestamp::now() + SignedDuration::from_secs(15);
+    let at = due.strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    dev(
+        &sim,
+        &["schedule", "update", "--source", &b, "--at", &at],
+        0,
+    );
+    let mut clients = idle_connections(&socket, &format!("127.0.0.1:{port}"), 1100);
+    // Root's own client is answered at once, through the socket.
+    let asked = Instant::now();
+    let status = dev(&sim, &["status"], 0);
+    assert_eq!(status["version"], "1.0.0", "{status}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        asked.elapsed()
+    );
+    // The silent client is cut off when its handshake's 10 s are up.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(14)))
+        .unwrap();
+    let read = silent.read(&mut [0u8; 16]);
+    let after = opened.elapsed();
+    assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
+    assert!(
+        after >= Duration::from_secs(9) && after < Duration::from_secs(13),
+        "closed after {after:?}"
+    );
+    // The schedule runs on time: activated, and the agent exits to reboot.
+    let out = agent.exits();
+    let late = Timestamp::now().duration_since(due);
+    assert_eq!(out["exit"], "reboot", "{out}");
+    assert!(
+        late < SignedDuration::from_secs(10),
+        "the schedule ran {late} after it was due"
+    );
+    let _ = clients.kill();
+    let _ = clients.wait();
+}
+
 #[test]
 fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
     let sim = Sim::new(None);

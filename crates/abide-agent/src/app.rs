@@ -309,6 +309,23 @@ fn begin<S: Source>(
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);
     }
+    // Before the first step that touches the application: room for what the update, or its
+    // failure and recovery, must write — in the state directory (records, state files), beside
+    // the releases (the link switched and switched back) and for the data (its backup). A
+    // release that leaves too little is removed again, with the application untouched.
+    let room = [
+        (&config.state_dir, config.state_reserve),
+        (&app.releases, 0),
+        (&app.backup_dir, 0),
+        (&app.data, 0),
+    ]
+    .into_iter()
+    .filter(|(dir, _)| dir.exists())
+    .try_for_each(|(dir, bytes)| crate::room::bytes_and_inodes(dir, bytes));
+    if let Err(e) = room {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e);
+    }
     let dir = app.releases.join(&id);
     std::fs::rename(&staging, &dir).map_err(io("putting the release in place", &dir))?;
     abide_boot::persist::sync_dir(&app.releases)?;

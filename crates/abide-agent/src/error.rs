@@ -81,6 +81,18 @@ pub enum AgentError {
         /// The slot's capacity.
         capacity: u64,
     },
+    /// A file system has too few free inodes (files) for what must be written there.
+    #[error("no free files: {} has {free} free inodes; {what}, and {reserve} must stay free", dir.display())]
+    NoInodes {
+        /// A directory on the file system.
+        dir: PathBuf,
+        /// Free inodes.
+        free: u64,
+        /// What needed them.
+        what: String,
+        /// What must stay free.
+        reserve: u64,
+    },
     /// The state directory's file system has too little free space.
     #[error("no space: {} has {available} bytes free; the install needs {needed} bytes there and {reserve} must stay free", dir.display())]
     NoSpace {
@@ -194,7 +206,7 @@ impl AgentError {
             AgentError::NoSlot { .. } => "no-slot",
             AgentError::BadArchive { .. } => "bad-archive",
             AgentError::TooSmall { .. } => "slot-too-small",
-            AgentError::NoSpace { .. } => "no-space",
+            AgentError::NoSpace { .. } | AgentError::NoInodes { .. } => "no-space",
             AgentError::NoTransaction(_) => "no-transaction",
             AgentError::HookFailed { .. } => "hook-failed",
             AgentError::SelfUpdate { .. } => "self-update",

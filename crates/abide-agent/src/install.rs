@@ -468,6 +468,12 @@ fn plan<'a>(
             reserve: config.state_reserve,
         });
     }
+    // A chunk index per slot, the state file's temporary copy and the audit head's.
+    crate::room::inodes(
+        &config.state_dir,
+        manifest.components.len() as u64 + 2,
+        "the install's state files",
+    )?;
     Ok((bundle, manifest.version, manifest.security_version, classes))
 }
 

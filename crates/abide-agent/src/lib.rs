@@ -21,6 +21,7 @@ mod json_file;
 pub mod local;
 pub mod lock;
 pub mod metrics;
+pub mod room;
 pub mod running;
 pub mod schedules;
 pub mod selfupdate;

@@ -1013,3 +1013,73 @@ fn a_link_that_is_not_a_symbolic_link_or_leads_elsewhere_is_refused_before_anyth
         Path::new("elsewhere")
     );
 }
+
+#[test]
+fn an_update_that_would_fill_its_file_system_is_refused_before_the_application_is_touched() {
+    let app = App::at_1_0_0();
+    let dir = app.dir().to_owned();
+    // 2,930 empty files (they fit in 3,000 with almost nothing to spare), and one file of 6 MiB.
+    let many = dir.join("rel-2.0.0/many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..2930 {
+        std::fs::write(many.join(format!("f{i}")), "").unwrap();
+    }
+    let many = app.bundle("2.0.0", GOOD, MIGRATE);
+    std::fs::create_dir_all(dir.join("rel-2.1.0")).unwrap();
+    std::fs::write(dir.join("rel-2.1.0/big"), abide_testkit::image(6 << 20, 9)).unwrap();
+    let big = app.bundle("2.1.0", GOOD, MIGRATE);
+    let release = app.running();
+    let abide = ABIDE;
+    for (bundle, fs, state_too) in [
+        // A file system with 3,000 files holding the application and the state directory.
+        (&many, "size=64m,nr_inodes=3000", true),
+        // One of 4 MiB holding the application.
+        (&big, "size=4m", false),
+    ] {
+        std::fs::write(dir.join("ctl.log"), "").unwrap();
+        let state = if state_too {
+            "mkdir fs/state && cp -a dev/state/. fs/state/ && mount --bind fs/state dev/state"
+        } else {
+            "true"
+        };
+        let script = format!(
+            "set -e; mkdir -p fs; mount -t tmpfs -o {fs} tmpfs fs; mkdir fs/app; cp -a app/. fs/app/; \
+             mount --bind fs/app app; {state}; \
+             {abide} install {bundle} --config dev/system.toml --json > out.json || echo $? > rc; \
+             ls -a app/releases > releases.txt; readlink app/current > link.txt; \
+             {abide} app status web --config dev/system.toml --json > status.json; \
+             {abide} log verify --config dev/system.toml --json > verify.json"
+        );
+        let out = app.sim.in_mount_namespace(&script);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "{bundle}: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            read("out.json")
+        );
+        let v: Value = serde_json::from_str(&read("out.json")).unwrap();
+        assert_eq!(read("rc").trim(), "1", "{bundle}: {v}");
+        assert_eq!(v["error"]["code"], "no-space", "{bundle}: {v}");
+        // Nothing of the application was touched: no service stopped, the link as it was, no
+        // release or staging directory left, and the device's records whole.
+        assert_eq!(read("ctl.log"), "", "{bundle}");
+        assert!(app.services_running());
+        assert!(
+            read("link.txt").trim().ends_with(&release),
+            "{}",
+            read("link.txt")
+        );
+        let releases: Vec<String> = read("releases.txt")
+            .lines()
+            .filter(|l| !matches!(*l, "." | ".."))
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(releases, std::slice::from_ref(&release), "{bundle}");
+        let status: Value = serde_json::from_str(&read("status.json")).unwrap();
+        assert_eq!(status["apps"][0]["version"], "1.0.0", "{status}");
+        let verify: Value = serde_json::from_str(&read("verify.json")).unwrap();
+        assert_eq!(verify["ok"], true, "{verify}");
+        std::fs::remove_file(dir.join("rc")).unwrap();
+    }
+}

@@ -38,15 +38,7 @@ impl Device {
     /// [`Device::open`] for an install: the audit log must be whole, and is not repaired (a
     /// missing log or a torn last record is refused with nothing changed).
     pub fn open_intact(config: Config) -> Result<Device> {
-        let lock = DeviceLock::take(&config.state_dir, Contention::Fail)?;
-        let bootloader = backend(&config);
-        let (audit, _) = AuditLog::open_intact(&config.state_dir.join("audit.log"))?;
-        Ok(Device {
-            config,
-            bootloader,
-            audit: Some(audit),
-            _lock: Some(lock),
-        })
+        Device::open_with(config, Contention::Fail, AuditLog::open_intact)
     }
 
     /// [`Device::open`], waiting for the lock instead of failing (the boot step, the agent).
@@ -67,9 +59,23 @@ impl Device {
     }
 
     fn open_as_writer(config: Config, contention: Contention) -> Result<Device> {
+        Device::open_with(config, contention, AuditLog::open)
+    }
+
+    /// Takes the lock, then opens the audit log with `open_log`.
+    fn open_with(
+        config: Config,
+        contention: Contention,
+        open_log: fn(
+            &std::path::Path,
+        ) -> std::result::Result<
+            (AuditLog, crate::audit::OpenReport),
+            crate::audit::AuditError,
+        >,
+    ) -> Result<Device> {
         let lock = DeviceLock::take(&config.state_dir, contention)?;
         let bootloader = backend(&config);
-        let (audit, _) = AuditLog::open(&config.state_dir.join("audit.log"))?;
+        let (audit, _) = open_log(&config.state_dir.join("audit.log"))?;
         Ok(Device {
             config,
             bootloader,

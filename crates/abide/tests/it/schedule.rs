@@ -832,6 +832,29 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
     assert_eq!(again.shared().book().get("s1"), Some(&s));
 }
 
+/// Serves the device's API on a free TCP port of 127.0.0.1 with mutual TLS as well (a CA
+/// `api-ca` in `dev/` and the agent's certificate `agent.pem` from it), with `extra` lines in
+/// `[api]`; returns the port and the CA.
+fn tcp_api(sim: &Sim, extra: &str) -> (u16, crate::agent::TestCa) {
+    let dir = sim.path("dev");
+    let ca = crate::agent::TestCa::new(&dir, "api-ca");
+    ca.issue(&dir, "agent", "agent", &["localhost"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = sim.path("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap().replace(
+        "[api]\nsocket = \"agent.sock\"\n",
+        &format!(
+            "[api]\nsocket = \"agent.sock\"\n{extra}tcp = \"127.0.0.1:{port}\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\nclient_ca = \"api-ca.pem\"\n"
+        ),
+    );
+    std::fs::write(&config, text).unwrap();
+    (port, ca)
+}
+
 /// Holds `n` idle connections to the Unix socket `socket` and to `tcp` each, as user and group
 /// `nobody`/`nogroup` (a member of the socket's group who is not root), until killed.
 fn idle_connections(socket: &Path, tcp: &str, n: usize) -> Child {
@@ -885,21 +908,7 @@ fn idle_clients_on_the_socket_and_the_tcp_port_do_not_starve_the_agent() {
     let sim = Sim::new(None);
     let b = sim.bundle("2.0.0", 1, 14);
     let dir = sim.path("dev");
-    let ca = crate::agent::TestCa::new(&dir, "api-ca");
-    ca.issue(&dir, "agent", "agent", &["localhost"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = sim.path("dev/system.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[api]\nsocket = \"agent.sock\"\n",
-        &format!(
-            "[api]\nsocket = \"agent.sock\"\ngroup = \"nogroup\"\ntcp = \"127.0.0.1:{port}\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\nclient_ca = \"api-ca.pem\"\n"
-        ),
-    );
-    std::fs::write(&config, text).unwrap();
+    let (port, _) = tcp_api(&sim, "group = \"nogroup\"\n");
     // The socket's directory may be entered by its group's members.
     for d in [sim.dir.clone(), dir.clone()] {
         std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o711)).unwrap();
@@ -977,24 +986,10 @@ fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
         );
     }
     let dir = sim.path("dev");
-    let ca = crate::agent::TestCa::new(&dir, "api-ca");
-    ca.issue(&dir, "agent", "agent", &["localhost"]);
+    let (port, ca) = tcp_api(&sim, "");
     ca.issue(&dir, "operator", "operator", &[]);
     let other = crate::agent::TestCa::new(&dir, "other-ca");
     other.issue(&dir, "stranger", "stranger", &[]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let config = sim.path("dev/system.toml");
-    let text = std::fs::read_to_string(&config).unwrap().replace(
-        "[api]\nsocket = \"agent.sock\"\n",
-        &format!(
-            "[api]\nsocket = \"agent.sock\"\ntcp = \"127.0.0.1:{port}\"\ncert = \"agent.pem\"\nkey = \"agent.key\"\nclient_ca = \"api-ca.pem\"\n"
-        ),
-    );
-    std::fs::write(&config, text).unwrap();
     let _agent = Running::start(&sim);
     let addr = format!("127.0.0.1:{port}");
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -426,7 +426,8 @@ fn persist(
         }
         _ => {}
     }
-    state.store(&device.config.state_dir, &app.name)
+    let state_dir = &device.config.state_dir;
+    crate::room::with_reserve(state_dir, || state.store(state_dir, &app.name))
 }
 
 /// Carries the transaction of `state` on from its step to its end.
@@ -483,6 +484,9 @@ fn drive(
         };
         if let Err(reason) = done {
             tracing::warn!(app = %app.name, step = tx.step.name(), %reason, "application update failed");
+            // Putting the previous release back must not wait for room: the reserve is
+            // given back to the file system now (it is made again at the next change).
+            crate::room::release_reserve(&state_dir);
             tx.fail(&reason, clock.now())?;
         }
         persist(device, app, &mut state, &tx, clock.now(), extra)?;
@@ -835,6 +839,7 @@ pub fn recover(device: &mut Device, clock: &dyn Clock) -> Result<Vec<AppOutcome>
             continue;
         }
         let now = clock.now();
+        crate::room::release_reserve(&device.config.state_dir);
         if tx.recover(now) {
             persist(
                 device,

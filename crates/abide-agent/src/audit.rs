@@ -356,18 +356,30 @@ impl AuditLog {
             .append(true)
             .open(&self.path)
             .map_err(|e| io("opening", e))?;
+        let before = file.metadata().map_err(|e| io("reading", e))?.len();
         abide_boot::crash::point("audit:before-append", "");
-        file.write_all(&line).map_err(|e| io("appending to", e))?;
+        if let Err(e) = file.write_all(&line) {
+            // A line cut short by a full disk is taken back: the log stays whole, and the
+            // record can be appended again.
+            let _ = file.set_len(before);
+            return Err(io("appending to", e).into());
+        }
         abide_boot::persist::fsync(&file, &self.path)?;
         abide_boot::crash::point("audit:after-fsync", "");
         let head = Head::signed(record.seq, record.hash.clone(), self.key.as_ref());
-        write_atomic(
+        let written = write_atomic(
             &head_path(&self.path),
             &serde_json::to_vec(&head).expect("serializes"),
             0o644,
-        )?;
+        );
         self.head = head;
-        Ok(record)
+        match written {
+            // The record is durable; a head the disk had no room for follows with the next
+            // record or at the next open (a head behind its log is one a cut left).
+            Err(e) if matches!(e.source.raw_os_error(), Some(28 | 122)) => Ok(record),
+            Err(e) => Err(e.into()),
+            Ok(()) => Ok(record),
+        }
     }
 
     /// Reads and verifies the whole log at `path`; a torn last record is reported as an

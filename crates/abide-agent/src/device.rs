@@ -75,7 +75,9 @@ impl Device {
     ) -> Result<Device> {
         let lock = DeviceLock::take(&config.state_dir, contention)?;
         let bootloader = backend(&config);
-        let (audit, _) = open_log(&config.state_dir.join("audit.log"))?;
+        let log = config.state_dir.join("audit.log");
+        let (audit, _) = crate::room::with_reserve(&config.state_dir, || Ok(open_log(&log)?))?;
+        crate::room::keep_reserve(&config.state_dir);
         Ok(Device {
             config,
             bootloader,
@@ -109,7 +111,10 @@ impl Device {
             path: self.config.state_dir.clone(),
             what: "the device was opened read-only".into(),
         })?;
-        audit.append(now, event, details)?;
+        let state_dir = &self.config.state_dir;
+        crate::room::with_reserve(state_dir, || {
+            Ok(audit.append(now, event, details.clone())?)
+        })?;
         Ok(())
     }
 

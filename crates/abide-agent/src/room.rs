@@ -65,3 +65,69 @@ pub fn bytes(dir: &Path, needed: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// The reserve in the state directory: a megabyte and [`INODE_RESERVE`] inodes held back, so
+/// that what a failure and its recovery must write (audit records, state files, a link switched
+/// back, a small data directory unpacked from its backup) can be written when something else
+/// filled the disk in the middle of a change.
+const RESERVE: &str = "reserve";
+
+/// The bytes the reserve holds.
+pub const RESERVE_BYTES: usize = 1 << 20;
+
+/// Makes the reserve in `state_dir` if it is missing and the file system has room to spare for
+/// it (best effort: without room, the device goes on without one and tries at its next
+/// change).
+pub fn keep_reserve(state_dir: &Path) {
+    let dir = state_dir.join(RESERVE);
+    if dir.join("bytes").exists()
+        || bytes_and_inodes(state_dir, 4 * RESERVE_BYTES as u64).is_err()
+        || inodes(state_dir, 2 * INODE_RESERVE, "the reserve").is_err()
+    {
+        return;
+    }
+    let made = (|| -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        for i in 0..INODE_RESERVE {
+            std::fs::File::create(dir.join(format!("i{i}")))?;
+        }
+        // Named last: a reserve is whole when its bytes are there.
+        abide_boot::persist::write_atomic(&dir.join("bytes"), &vec![0u8; RESERVE_BYTES], 0o600)
+            .map_err(std::io::Error::other)
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+/// Gives the reserve back to the file system; whether there was one.
+pub fn release_reserve(state_dir: &Path) -> bool {
+    std::fs::remove_dir_all(state_dir.join(RESERVE)).is_ok()
+}
+
+/// Runs `f`; if it fails because a file system is full and the reserve was there, gives the
+/// reserve back and runs it once more. `f` must change nothing when it fails.
+pub fn with_reserve<T>(state_dir: &Path, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+    match f() {
+        Err(e) if is_full(&e) && release_reserve(state_dir) => f(),
+        done => done,
+    }
+}
+
+/// Whether `e` says a file system is full (no bytes or no inodes left).
+pub fn is_full(e: &AgentError) -> bool {
+    if matches!(e, AgentError::NoSpace { .. } | AgentError::NoInodes { .. }) {
+        return true;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>()
+            && (io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(io.raw_os_error(), Some(28 | 122)))
+        {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}

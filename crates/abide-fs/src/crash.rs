@@ -3,8 +3,9 @@
 //! Every durable step calls [`point`] with a name. With `ABIDE_CRASH_TRACE=FILE` in the
 //! environment, each call appends its name to FILE (so a test learns the sequence of durable
 //! steps of an operation); with `ABIDE_CRASH_AT=K`, the K-th call (counting from 0) aborts the
-//! process on the spot — no destructors, no flushing — as a power loss would. Without those
-//! variables a point costs one cached environment lookup.
+//! process on the spot — no destructors, no flushing — as a power loss would; with
+//! `ABIDE_FILL_AT=K` and `ABIDE_FILL_DIR=DIR` the K-th call fills DIR's file system and the
+//! process goes on. Without those variables a point costs one cached environment lookup.
 
 use std::io::Write;
 use std::sync::OnceLock;
@@ -13,6 +14,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 struct Plan {
     trace: Option<std::path::PathBuf>,
     crash_at: Option<usize>,
+    /// With `ABIDE_FILL_AT=K` and `ABIDE_FILL_DIR=DIR`: the K-th call fills DIR's file system
+    /// (its bytes, then its inodes) and the process goes on, as when something else filled the
+    /// disk at that moment.
+    fill_at: Option<(usize, std::path::PathBuf)>,
 }
 
 fn plan() -> &'static Plan {
@@ -22,7 +27,26 @@ fn plan() -> &'static Plan {
         crash_at: std::env::var("ABIDE_CRASH_AT")
             .ok()
             .and_then(|v| v.parse().ok()),
+        fill_at: std::env::var("ABIDE_FILL_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .zip(std::env::var_os("ABIDE_FILL_DIR").map(Into::into)),
     })
+}
+
+/// Fills the file system of `dir`: bytes until a write fails, then empty files until one
+/// cannot be made.
+fn fill(dir: &std::path::Path) {
+    if let Ok(mut f) = std::fs::File::create(dir.join(".fill-bytes")) {
+        let block = vec![0x5au8; 64 << 10];
+        for size in [64 << 10, 4096, 512, 1] {
+            while f.write_all(&block[..size]).is_ok() {}
+        }
+    }
+    let mut n = 0u64;
+    while std::fs::File::create(dir.join(format!(".fill-{n}"))).is_ok() {
+        n += 1;
+    }
 }
 
 /// A durable step (`name`, about `detail`) is about to happen or just happened; see the
@@ -30,7 +54,7 @@ fn plan() -> &'static Plan {
 pub fn point(name: &str, detail: &str) {
     static HITS: AtomicUsize = AtomicUsize::new(0);
     let plan = plan();
-    if plan.trace.is_none() && plan.crash_at.is_none() {
+    if plan.trace.is_none() && plan.crash_at.is_none() && plan.fill_at.is_none() {
         return;
     }
     let n = HITS.fetch_add(1, Ordering::SeqCst);
@@ -44,5 +68,8 @@ pub fn point(name: &str, detail: &str) {
     }
     if plan.crash_at == Some(n) {
         std::process::abort();
+    }
+    if let Some((_, dir)) = plan.fill_at.as_ref().filter(|(at, _)| *at == n) {
+        fill(dir);
     }
 }

@@ -1083,3 +1083,85 @@ fn an_update_that_would_fill_its_file_system_is_refused_before_the_application_i
         std::fs::remove_file(dir.join("rc")).unwrap();
     }
 }
+
+#[test]
+fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_services_running() {
+    let app = App::at_1_0_0();
+    let template = app.dir().to_owned();
+    let config = template.join("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("state_reserve = \"1M\"\n{text}")).unwrap();
+    let v2 = app.bundle("2.0.0", GOOD, MIGRATE);
+    let work = tempfile::tempdir().unwrap();
+    let points = trace(
+        &{
+            let d = work.path().join("trace");
+            copy_dir(&template, &d);
+            d
+        },
+        &["install", &v2, "--config", "dev/system.toml"],
+    )
+    .len();
+    assert!(points > 10, "{points} crash points");
+    let abide = ABIDE;
+    let mut outcomes = std::collections::BTreeMap::new();
+    for k in 0..points {
+        let d = work.path().join(format!("fill-{k}"));
+        copy_dir(&template, &d);
+        std::fs::write(d.join("ctl.log"), "").unwrap();
+        let script = format!(
+            "set -e; mkdir fs; mount -t tmpfs -o size=32m,nr_inodes=2000 tmpfs fs; \
+             mkdir fs/app fs/state; cp -a app/. fs/app/; cp -a dev/state/. fs/state/; \
+             mount --bind fs/app app; mount --bind fs/state dev/state; \
+             ABIDE_FILL_AT={k} ABIDE_FILL_DIR=$PWD/app {abide} install {v2} --config dev/system.toml --json > out.json || true; \
+             {abide} app recover --config dev/system.toml --json > recover.json 2> recover.err || echo $? > recover.rc; \
+             {abide} app status web --config dev/system.toml --json > status.json; \
+             {abide} log verify --config dev/system.toml --json > verify.json || true; \
+             cat app/current/VERSION > version.txt"
+        );
+        let out = std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", &script])
+            .current_dir(&d)
+            .output()
+            .unwrap();
+        let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
+        assert!(
+            out.status.success(),
+            "fill at {k}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            read("recover.rc"),
+            "",
+            "fill at {k}: recover failed: {}",
+            read("recover.err")
+        );
+        let status: Value = serde_json::from_str(&read("status.json")).unwrap();
+        let version = read("version.txt");
+        assert!(
+            ["1.0.0", "2.0.0"].contains(&version.as_str()),
+            "fill at {k}: {version}"
+        );
+        assert_eq!(
+            status["apps"][0]["version"],
+            version.as_str(),
+            "fill at {k}: {status}"
+        );
+        let running = ["web.service", "worker.service"]
+            .iter()
+            .all(|s| d.join(format!("running.{s}")).exists());
+        assert!(
+            running,
+            "fill at {k}: services stopped: {}",
+            read("ctl.log")
+        );
+        let verify: Value = serde_json::from_str(&read("verify.json")).unwrap_or(Value::Null);
+        assert_eq!(verify["ok"], true, "fill at {k}: {verify}");
+        *outcomes.entry(version).or_insert(0) += 1;
+    }
+    eprintln!("filled at each of {points} points: {outcomes:?}");
+    assert!(
+        outcomes.keys().any(|k| k.starts_with("1.0.0")),
+        "{outcomes:?}"
+    );
+}

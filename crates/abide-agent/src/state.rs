@@ -75,7 +75,9 @@ impl DeviceState {
     pub fn store(&self, state_dir: &Path) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(self).expect("state serializes");
         bytes.push(b'\n');
-        write_atomic(&DeviceState::path(state_dir), &bytes, 0o644)?;
-        Ok(())
+        // A full disk gives back the reserve for it (crate::room).
+        crate::room::with_reserve(state_dir, || {
+            Ok(write_atomic(&DeviceState::path(state_dir), &bytes, 0o644)?)
+        })
     }
 }

@@ -15,9 +15,10 @@ struct Plan {
     trace: Option<std::path::PathBuf>,
     crash_at: Option<usize>,
     /// With `ABIDE_FILL_AT=K` and `ABIDE_FILL_DIR=DIR`: the K-th call fills DIR's file system
-    /// (its bytes, then its inodes) and the process goes on, as when something else filled the
-    /// disk at that moment.
+    /// (its bytes, its inodes, or with `ABIDE_FILL=bytes|inodes` only one of them) and the
+    /// process goes on, as when something else filled the disk at that moment.
     fill_at: Option<(usize, std::path::PathBuf)>,
+    fill: Option<String>,
 }
 
 fn plan() -> &'static Plan {
@@ -31,21 +32,27 @@ fn plan() -> &'static Plan {
             .ok()
             .and_then(|v| v.parse().ok())
             .zip(std::env::var_os("ABIDE_FILL_DIR").map(Into::into)),
+        fill: std::env::var("ABIDE_FILL").ok(),
     })
 }
 
-/// Fills the file system of `dir`: bytes until a write fails, then empty files until one
-/// cannot be made.
-fn fill(dir: &std::path::Path) {
-    if let Ok(mut f) = std::fs::File::create(dir.join(".fill-bytes")) {
+/// Fills the file system of `dir`: its bytes (one file written until a write fails), its
+/// inodes (empty files made until one cannot be), or both, as `what` says (`bytes`, `inodes`,
+/// or anything else for both).
+fn fill(dir: &std::path::Path, what: Option<&str>) {
+    if what != Some("inodes")
+        && let Ok(mut f) = std::fs::File::create(dir.join(".fill-bytes"))
+    {
         let block = vec![0x5au8; 64 << 10];
         for size in [64 << 10, 4096, 512, 1] {
             while f.write_all(&block[..size]).is_ok() {}
         }
     }
-    let mut n = 0u64;
-    while std::fs::File::create(dir.join(format!(".fill-{n}"))).is_ok() {
-        n += 1;
+    if what != Some("bytes") {
+        let mut n = 0u64;
+        while std::fs::File::create(dir.join(format!(".fill-{n}"))).is_ok() {
+            n += 1;
+        }
     }
 }
 
@@ -70,6 +77,6 @@ pub fn point(name: &str, detail: &str) {
         std::process::abort();
     }
     if let Some((_, dir)) = plan.fill_at.as_ref().filter(|(at, _)| *at == n) {
-        fill(dir);
+        fill(dir, plan.fill.as_deref());
     }
 }

@@ -203,6 +203,8 @@ fn init(
         quarantine: Quarantine::default(),
     }
     .store(&dir.join("state"))?;
+    // Room held back for a failure on a full disk, as a real device gets at `device init`.
+    abide_agent::room::keep_reserve(&dir.join("state"));
     write_atomic(&dir.join("system.toml"), config.as_bytes(), 0o644)?;
     out.print(
         &json!({"dir": dir, "version": version.to_string(), "config": dir.join("system.toml")}),

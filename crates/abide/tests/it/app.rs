@@ -1105,15 +1105,18 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
     assert!(points > 10, "{points} crash points");
     let abide = ABIDE;
     let mut outcomes = std::collections::BTreeMap::new();
-    for k in 0..points {
-        let d = work.path().join(format!("fill-{k}"));
+    for (kind, k) in ["bytes", "inodes"]
+        .into_iter()
+        .flat_map(|kind| (0..points).map(move |k| (kind, k)))
+    {
+        let d = work.path().join(format!("fill-{kind}-{k}"));
         copy_dir(&template, &d);
         std::fs::write(d.join("ctl.log"), "").unwrap();
         let script = format!(
             "set -e; mkdir fs; mount -t tmpfs -o size=32m,nr_inodes=2000 tmpfs fs; \
              mkdir fs/app fs/state; cp -a app/. fs/app/; cp -a dev/state/. fs/state/; \
              mount --bind fs/app app; mount --bind fs/state dev/state; \
-             ABIDE_FILL_AT={k} ABIDE_FILL_DIR=$PWD/app {abide} install {v2} --config dev/system.toml --json > out.json || true; \
+             ABIDE_FILL={kind} ABIDE_FILL_AT={k} ABIDE_FILL_DIR=$PWD/app {abide} install {v2} --config dev/system.toml --json > out.json || true; \
              {abide} app recover --config dev/system.toml --json > recover.json 2> recover.err || echo $? > recover.rc; \
              {abide} app status web --config dev/system.toml --json > status.json; \
              {abide} log verify --config dev/system.toml --json > verify.json || true; \
@@ -1127,41 +1130,43 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
         let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
         assert!(
             out.status.success(),
-            "fill at {k}: {}",
+            "{kind} filled at {k}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
             read("recover.rc"),
             "",
-            "fill at {k}: recover failed: {}",
+            "{kind} filled at {k}: recover failed: {}",
             read("recover.err")
         );
         let status: Value = serde_json::from_str(&read("status.json")).unwrap();
         let version = read("version.txt");
         assert!(
             ["1.0.0", "2.0.0"].contains(&version.as_str()),
-            "fill at {k}: {version}"
+            "{kind} filled at {k}: {version}"
         );
         assert_eq!(
             status["apps"][0]["version"],
             version.as_str(),
-            "fill at {k}: {status}"
+            "{kind} filled at {k}: {status}"
         );
         let running = ["web.service", "worker.service"]
             .iter()
             .all(|s| d.join(format!("running.{s}")).exists());
         assert!(
             running,
-            "fill at {k}: services stopped: {}",
+            "{kind} filled at {k}: services stopped: {}",
             read("ctl.log")
         );
         let verify: Value = serde_json::from_str(&read("verify.json")).unwrap_or(Value::Null);
-        assert_eq!(verify["ok"], true, "fill at {k}: {verify}");
-        *outcomes.entry(version).or_insert(0) += 1;
+        assert_eq!(verify["ok"], true, "{kind} filled at {k}: {verify}");
+        *outcomes.entry(format!("{kind}: {version}")).or_insert(0) += 1;
     }
     eprintln!("filled at each of {points} points: {outcomes:?}");
-    assert!(
-        outcomes.keys().any(|k| k.starts_with("1.0.0")),
-        "{outcomes:?}"
-    );
+    for kind in ["bytes", "inodes"] {
+        assert!(
+            outcomes.contains_key(&format!("{kind}: 1.0.0")),
+            "a full disk never made the update go back: {outcomes:?}"
+        );
+    }
 }

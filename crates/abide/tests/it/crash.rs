@@ -491,14 +491,17 @@ fn a_state_directory_filled_at_any_step_of_an_install_converges_without_a_hand()
     let points = trace(&copy_to(&template, &sim.path("fill-trace")), &install).len();
     assert!(points > 10, "{points} crash points");
     let mut outcomes = std::collections::BTreeMap::new();
-    for k in 0..points {
-        let d = copy_to(&template, &sim.path(&format!("fill-{k}")));
+    for (kind, k) in ["bytes", "inodes"]
+        .into_iter()
+        .flat_map(|kind| (0..points).map(move |k| (kind, k)))
+    {
+        let d = copy_to(&template, &sim.path(&format!("fill-{kind}-{k}")));
         // The state directory on a small file system of its own, filled (bytes, then inodes)
         // at the k-th durable step; then the power cycle that must settle it.
         let script = format!(
             "set -e; mkdir fs; mount -t tmpfs -o size=16m,nr_inodes=500 tmpfs fs; \
              cp -a dev/state/. fs/; mount --bind fs dev/state; \
-             ABIDE_FILL_AT={k} ABIDE_FILL_DIR=$PWD/dev/state {ABIDE} {} --json > out.json || true; \
+             ABIDE_FILL={kind} ABIDE_FILL_AT={k} ABIDE_FILL_DIR=$PWD/dev/state {ABIDE} {} --json > out.json || true; \
              {ABIDE} sim reboot dev --json > reboot.json 2> reboot.err || echo $? > reboot.rc; \
              {ABIDE} status --config dev/system.toml --json > status.json; \
              {ABIDE} log verify --config dev/system.toml --json > verify.json || true",
@@ -512,38 +515,38 @@ fn a_state_directory_filled_at_any_step_of_an_install_converges_without_a_hand()
         let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
         assert!(
             out.status.success(),
-            "fill at {k}: {}",
+            "{kind} filled at {k}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         assert_eq!(
             read("reboot.rc"),
             "",
-            "fill at {k}: the power cycle failed: {}",
+            "{kind} filled at {k}: the power cycle failed: {}",
             read("reboot.err")
         );
         let s: Value = serde_json::from_str(&read("status.json")).unwrap();
         let (state, booted) = (field(&s, "state"), field(&s, "booted"));
-        assert_eq!(booted, field(&s, "good"), "fill at {k}: {s}");
+        assert_eq!(booted, field(&s, "good"), "{kind} filled at {k}: {s}");
         match state {
             "committed" => assert_eq!(
                 (booted, field(&s, "version")),
                 ("B", "2.0.0"),
-                "fill at {k}: {s}"
+                "{kind} filled at {k}: {s}"
             ),
             _ => assert_eq!(
                 (booted, field(&s, "version")),
                 ("A", "1.0.0"),
-                "fill at {k}: {s}"
+                "{kind} filled at {k}: {s}"
             ),
         }
         assert_eq!(
             slot_a(&d),
             expect.slot_a,
-            "fill at {k}: the known-good group was written"
+            "{kind} filled at {k}: the known-good group was written"
         );
         let verify: Value = serde_json::from_str(&read("verify.json")).unwrap_or(Value::Null);
-        assert_eq!(verify["ok"], true, "fill at {k}: {verify}");
-        *outcomes.entry(state.to_owned()).or_insert(0) += 1;
+        assert_eq!(verify["ok"], true, "{kind} filled at {k}: {verify}");
+        *outcomes.entry(format!("{kind}: {state}")).or_insert(0) += 1;
         std::fs::remove_dir_all(&d).unwrap();
     }
     eprintln!("state directory filled at each of {points} points: {outcomes:?}");

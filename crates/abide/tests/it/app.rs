@@ -1122,17 +1122,8 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
              {abide} log verify --config dev/system.toml --json > verify.json || true; \
              cat app/current/VERSION > version.txt"
         );
-        let out = std::process::Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
-            .current_dir(&d)
-            .output()
-            .unwrap();
+        crate::crash::in_mount_namespace(&d, &script, &format!("{kind} filled at {k}"));
         let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{kind} filled at {k}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert_eq!(
             read("recover.rc"),
             "",

@@ -408,6 +408,20 @@ fn deleting_any_one_sync_of_the_install_or_the_boot_breaks_an_invariant_after_a_
     );
 }
 
+/// Runs the shell `script` in `dir` in a private mount namespace and insists it succeeds.
+pub(crate) fn in_mount_namespace(dir: &Path, script: &str, what: &str) {
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", script])
+        .current_dir(dir)
+        .output()
+        .expect("unshare runs (scripts/deps)");
+    assert!(
+        out.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn copy_to(template: &Path, dir: &Path) -> PathBuf {
     copy_dir(template, dir);
     dir.to_owned()
@@ -507,17 +521,8 @@ fn a_state_directory_filled_at_any_step_of_an_install_converges_without_a_hand()
              {ABIDE} log verify --config dev/system.toml --json > verify.json || true",
             install.join(" ")
         );
-        let out = Command::new("unshare")
-            .args(["-m", "sh", "-c", &script])
-            .current_dir(&d)
-            .output()
-            .unwrap();
+        in_mount_namespace(&d, &script, &format!("{kind} filled at {k}"));
         let read = |f: &str| std::fs::read_to_string(d.join(f)).unwrap_or_default();
-        assert!(
-            out.status.success(),
-            "{kind} filled at {k}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         assert_eq!(
             read("reboot.rc"),
             "",

@@ -157,6 +157,9 @@ fn the_crate_graph_is_as_architecture_draws_it() {
     assert_eq!(ours("abide-bundle"), set(&[]));
     assert_eq!(ours("abide-fs"), set(&[]));
     assert_eq!(ours("abide-proto"), set(&[]));
+    // The agent's local API is its .proto, the generated code and the transports: no crate of
+    // ours.
+    assert_eq!(ours("abide-api"), set(&[]));
     assert_eq!(ours("abide-core"), set(&["abide-bundle"]));
     assert_eq!(ours("abide-boot"), set(&["abide-core", "abide-fs"]));
     let server = ours("abide-server");

@@ -13,13 +13,7 @@ use abide_core::Group;
 use crate::config::{Config, SlotGroup, SlotKind};
 use crate::error::{AgentError, Result};
 
-/// The group named by `abide.group=` on a kernel command line.
-pub fn cmdline_group(cmdline: &str) -> Option<Group> {
-    cmdline
-        .split_whitespace()
-        .find_map(|arg| arg.strip_prefix("abide.group="))
-        .and_then(|g| Group::new(g).ok())
-}
+pub use abide_boot::cmdline_group;
 
 /// Where the block device `dev` (major, minor) is mounted, from `/proc/self/mountinfo` text.
 pub fn mounted_at(mountinfo: &str, dev: (u64, u64)) -> Option<String> {
@@ -34,8 +28,7 @@ pub fn mounted_at(mountinfo: &str, dev: (u64, u64)) -> Option<String> {
 
 /// The group the running kernel was booted from, by its command line, if it says.
 pub fn from_cmdline(config: &Config) -> Option<Group> {
-    let text = std::fs::read_to_string(config.cmdline.as_ref()?).ok()?;
-    cmdline_group(&text)
+    abide_boot::booted_from(config.cmdline.as_ref()?)
 }
 
 fn device_numbers(rdev: u64) -> (u64, u64) {
@@ -90,9 +83,8 @@ pub fn check_mounts(
     let refuse = |what: String| AgentError::RunningGroup { what };
     // The kernel command line first; else the block slot the root file system is on.
     let from_cmdline = config.cmdline.as_ref().and_then(|path| {
-        let text = std::fs::read_to_string(path).ok()?;
         Some((
-            cmdline_group(&text)?,
+            abide_boot::booted_from(path)?,
             format!("abide.group= on {}", path.display()),
         ))
     });

@@ -288,13 +288,7 @@ impl Bootloader for GptBootloader {
             .iter()
             .map(|(g, p)| (g.clone(), p.bootable() || p.priority() > 0))
             .collect();
-        let booted = std::fs::read_to_string(&self.cmdline)
-            .ok()
-            .and_then(|c| {
-                c.split_whitespace()
-                    .find_map(|w| w.strip_prefix("abide.group=").map(str::to_owned))
-            })
-            .and_then(|g| Group::new(&g).ok());
+        let booted = crate::state::booted_from(&self.cmdline);
         Ok(BootState {
             order: order.into_iter().map(|(g, _)| g).collect(),
             trial,

@@ -21,6 +21,6 @@ pub use gpt::GptBootloader;
 pub use grub::GrubBootloader;
 pub use grubenv::{GrubEnv, GrubEnvError};
 pub use sim::SimBootloader;
-pub use state::{BootState, MAX_TRIES, StateError};
+pub use state::{BootState, MAX_TRIES, StateError, booted_from, cmdline_group};
 pub use systemd_boot::SystemdBootBootloader;
 pub use uboot::UbootBootloader;

@@ -117,3 +117,18 @@ impl BootState {
         }
     }
 }
+
+/// The group named by `abide.group=` on a kernel command line (the boot scripts put it there):
+/// the first such word, if it names a valid group.
+pub fn cmdline_group(cmdline: &str) -> Option<Group> {
+    cmdline
+        .split_whitespace()
+        .find_map(|arg| arg.strip_prefix("abide.group="))
+        .and_then(|g| Group::new(g).ok())
+}
+
+/// [`cmdline_group`] of the kernel command line in the file at `path` (`/proc/cmdline`), if it
+/// can be read.
+pub fn booted_from(path: &std::path::Path) -> Option<Group> {
+    cmdline_group(&std::fs::read_to_string(path).ok()?)
+}

@@ -327,13 +327,7 @@ impl Bootloader for SystemdBootBootloader {
         // order; a trial or an exhausted one after them.
         let mut order = listed.clone();
         order.sort_by_key(|e| (e.counter.is_some(), e.boot_order_key()));
-        let booted = std::fs::read_to_string(&self.cmdline)
-            .ok()
-            .and_then(|c| {
-                c.split_whitespace()
-                    .find_map(|w| w.strip_prefix("abide.group=").map(str::to_owned))
-            })
-            .and_then(|g| Group::new(&g).ok());
+        let booted = crate::state::booted_from(&self.cmdline);
         Ok(BootState {
             order: order.iter().map(|e| e.group.clone()).collect(),
             trial,

@@ -321,7 +321,15 @@ fn begin<S: Source>(
     ]
     .into_iter()
     .filter(|(dir, _)| dir.exists())
-    .try_for_each(|(dir, bytes)| crate::room::bytes_and_inodes(dir, bytes));
+    .try_for_each(|(dir, reserve)| {
+        let need = crate::room::Need {
+            bytes: 0,
+            reserve,
+            inodes: 0,
+            what: "what a failure and its recovery write",
+        };
+        crate::room::ensure(dir, need)
+    });
     if let Err(e) = room {
         let _ = std::fs::remove_dir_all(&staging);
         return Err(e);

@@ -187,6 +187,13 @@ pub struct OpenReport {
     pub repaired_torn_bytes: Option<u64>,
 }
 
+/// Whether opening the log may repair it (cut a torn last record away, start a missing log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    Allowed,
+    Refused,
+}
+
 /// An audit log opened for appending.
 #[derive(Debug)]
 pub struct AuditLog {
@@ -202,42 +209,22 @@ impl AuditLog {
     /// log is left as it is (the boot step repairs it, as after the power cut that tore it). A
     /// device that never wrote a record has neither, and its log is started.
     pub fn open_intact(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
-        let bytes = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !head_path(path).exists() => {
-                Vec::new()
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(AuditError::Broken {
-                    path: path.to_owned(),
-                    what: "the log is missing; nothing was changed (the boot step, `abide boot`, starts a new one, and `abide log verify` checks it against its head)".into(),
-                });
-            }
-            Err(source) => {
-                return Err(IoError {
-                    op: "reading",
-                    path: path.to_owned(),
-                    source,
-                }
-                .into());
-            }
-        };
-        if bytes.last().is_some_and(|&b| b != b'\n') {
-            let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            return Err(AuditError::Broken {
-                path: path.to_owned(),
-                what: format!(
-                    "the last record is torn ({} bytes without an end); nothing was changed (the boot step, `abide boot`, cuts it away)",
-                    bytes.len() - complete
-                ),
-            });
-        }
-        AuditLog::open(path)
+        AuditLog::open_as(path, Repair::Refused)
     }
 
     /// Opens (or creates) the log at `path`: verifies it against its head, cuts away a torn
     /// last record, and positions for appending.
     pub fn open(path: &Path) -> Result<(AuditLog, OpenReport), AuditError> {
+        AuditLog::open_as(path, Repair::Allowed)
+    }
+
+    fn open_as(path: &Path, repair: Repair) -> Result<(AuditLog, OpenReport), AuditError> {
+        if repair == Repair::Refused && !path.exists() && head_path(path).exists() {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: "the log is missing; nothing was changed (the boot step, `abide boot`, starts a new one, and `abide log verify` checks it against its head)".into(),
+            });
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -257,6 +244,15 @@ impl AuditLog {
         })?;
         let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
         let mut repaired = None;
+        if complete < bytes.len() && repair == Repair::Refused {
+            return Err(AuditError::Broken {
+                path: path.to_owned(),
+                what: format!(
+                    "the last record is torn ({} bytes without an end); nothing was changed (the boot step, `abide boot`, cuts it away)",
+                    bytes.len() - complete
+                ),
+            });
+        }
         if complete < bytes.len() {
             // A crash mid-append leaves a line without its newline: never a whole record.
             file.set_len(complete as u64).map_err(|source| IoError {
@@ -376,7 +372,7 @@ impl AuditLog {
         match written {
             // The record is durable; a head the disk had no room for follows with the next
             // record or at the next open (a head behind its log is one a cut left).
-            Err(e) if matches!(e.source.raw_os_error(), Some(28 | 122)) => Ok(record),
+            Err(e) if crate::room::is_full_io(&e.source) => Ok(record),
             Err(e) => Err(e.into()),
             Ok(()) => Ok(record),
         }

@@ -13,8 +13,6 @@ use crate::hooks::Hook;
 use jiff::Timestamp;
 use serde_json::json;
 
-use abide_boot::persist::IoError;
-
 use crate::config::Slot;
 use crate::device::Device;
 use crate::error::{AgentError, Result};
@@ -454,25 +452,15 @@ fn plan<'a>(
         .map(|c| c.chunk_table.count * 36 + 8)
         .sum::<u64>()
         + (256 << 10);
-    let fs = rustix::fs::statvfs(&config.state_dir).map_err(|e| IoError {
-        op: "measuring free space in",
-        path: config.state_dir.clone(),
-        source: e.into(),
-    })?;
-    let available = fs.f_bavail.saturating_mul(fs.f_frsize);
-    if available < needed.saturating_add(config.state_reserve) {
-        return Err(AgentError::NoSpace {
-            dir: config.state_dir.clone(),
-            available,
-            needed,
-            reserve: config.state_reserve,
-        });
-    }
-    // A chunk index per slot, the state file's temporary copy and the audit head's.
-    crate::room::inodes(
+    // Inodes: a chunk index per slot, the state file's temporary copy and the audit head's.
+    crate::room::ensure(
         &config.state_dir,
-        manifest.components.len() as u64 + 2,
-        "the install's state files",
+        crate::room::Need {
+            bytes: needed,
+            reserve: config.state_reserve,
+            inodes: manifest.components.len() as u64 + 2,
+            what: "the install's state files",
+        },
     )?;
     Ok((bundle, manifest.version, manifest.security_version, classes))
 }

@@ -23,47 +23,44 @@ fn free(dir: &Path) -> Result<(Option<u64>, u64)> {
     Ok((inodes, fs.f_bavail.saturating_mul(fs.f_frsize)))
 }
 
-/// Refuses when `needed` more inodes would leave fewer than [`INODE_RESERVE`] free on the file
-/// system of `dir`; `what` says what needs them.
-pub fn inodes(dir: &Path, needed: u64, what: &str) -> Result<()> {
-    match free(dir)?.0 {
-        Some(free) if free < needed.saturating_add(INODE_RESERVE) => Err(AgentError::NoInodes {
+/// What a step needs of a file system: `bytes` to write, with `reserve` bytes more to stay
+/// free, and `inodes` files to make, with [`INODE_RESERVE`] more to stay free; `what` names the
+/// step in the refusal.
+#[derive(Debug, Clone, Copy)]
+pub struct Need<'a> {
+    /// Bytes the step writes.
+    pub bytes: u64,
+    /// Bytes that must stay free besides.
+    pub reserve: u64,
+    /// Files (inodes) the step makes.
+    pub inodes: u64,
+    /// What needs them.
+    pub what: &'a str,
+}
+
+/// Refuses, with `no-space`, a step whose [`Need`] the file system of `dir` cannot meet (one
+/// `statvfs`).
+pub fn ensure(dir: &Path, need: Need<'_>) -> Result<()> {
+    let (inodes, available) = free(dir)?;
+    if available < need.bytes.saturating_add(need.reserve) {
+        return Err(AgentError::NoSpace {
             dir: dir.to_owned(),
-            free,
-            what: format!("{what} needs {needed} more"),
-            reserve: INODE_RESERVE,
-        }),
+            available,
+            needed: need.bytes,
+            reserve: need.reserve,
+        });
+    }
+    match inodes {
+        Some(free) if free < need.inodes.saturating_add(INODE_RESERVE) => {
+            Err(AgentError::NoInodes {
+                dir: dir.to_owned(),
+                free,
+                what: format!("{} needs {} more", need.what, need.inodes),
+                reserve: INODE_RESERVE,
+            })
+        }
         _ => Ok(()),
     }
-}
-
-/// Refuses when the file system of `dir` has less than `bytes` free, or fewer than
-/// [`INODE_RESERVE`] inodes.
-pub fn bytes_and_inodes(dir: &Path, bytes: u64) -> Result<()> {
-    let (_, available) = free(dir)?;
-    if available < bytes {
-        return Err(AgentError::NoSpace {
-            dir: dir.to_owned(),
-            available,
-            needed: 0,
-            reserve: bytes,
-        });
-    }
-    inodes(dir, 0, "what a failure and its recovery write")
-}
-
-/// Refuses when the file system of `dir` has fewer than `needed` bytes free.
-pub fn bytes(dir: &Path, needed: u64) -> Result<()> {
-    let (_, available) = free(dir)?;
-    if available < needed {
-        return Err(AgentError::NoSpace {
-            dir: dir.to_owned(),
-            available,
-            needed,
-            reserve: 0,
-        });
-    }
-    Ok(())
 }
 
 /// The reserve in the state directory: a megabyte and [`INODE_RESERVE`] inodes held back, so
@@ -80,10 +77,13 @@ pub const RESERVE_BYTES: usize = 1 << 20;
 /// change).
 pub fn keep_reserve(state_dir: &Path) {
     let dir = state_dir.join(RESERVE);
-    if dir.join("bytes").exists()
-        || bytes_and_inodes(state_dir, 4 * RESERVE_BYTES as u64).is_err()
-        || inodes(state_dir, 2 * INODE_RESERVE, "the reserve").is_err()
-    {
+    let spare = Need {
+        bytes: RESERVE_BYTES as u64,
+        reserve: 3 * RESERVE_BYTES as u64,
+        inodes: 2 * INODE_RESERVE,
+        what: "the reserve",
+    };
+    if dir.join("bytes").exists() || ensure(state_dir, spare).is_err() {
         return;
     }
     let made = (|| -> std::io::Result<()> {
@@ -121,13 +121,15 @@ pub fn is_full(e: &AgentError) -> bool {
     }
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cause {
-        if let Some(io) = c.downcast_ref::<std::io::Error>()
-            && (io.kind() == std::io::ErrorKind::StorageFull
-                || matches!(io.raw_os_error(), Some(28 | 122)))
-        {
+        if c.downcast_ref::<std::io::Error>().is_some_and(is_full_io) {
             return true;
         }
         cause = c.source();
     }
     false
+}
+
+/// Whether an I/O error says its file system is full (ENOSPC, or EDQUOT: a quota's end).
+pub fn is_full_io(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || matches!(e.raw_os_error(), Some(28 | 122))
 }

@@ -198,10 +198,15 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
             .map_err(|why| bad(format!("{}: {why}", name.display())))?;
         // Room for the entry, files and bytes, before it is written: a full file system
         // would otherwise stop the unpacking with no room left for what follows.
-        if entry.header().entry_type() != tar::EntryType::Link {
-            crate::room::inodes(dir, 1, "unpacking the archive")?;
-        }
-        crate::room::bytes(dir, entry.header().size().unwrap_or(0))?;
+        crate::room::ensure(
+            dir,
+            crate::room::Need {
+                bytes: entry.header().size().unwrap_or(0),
+                reserve: 0,
+                inodes: u64::from(entry.header().entry_type() != tar::EntryType::Link),
+                what: "unpacking the archive",
+            },
+        )?;
         unpacked = unpacked.saturating_add(entry.header().size().unwrap_or(u64::MAX));
         if unpacked > capacity {
             return Err(bad(format!(

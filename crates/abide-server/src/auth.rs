@@ -175,12 +175,7 @@ pub async fn metrics(server: &Server, headers: &HeaderMap) -> ApiResult<()> {
 /// Whether `id` may be a device id: 1 to 128 of `A-Z a-z 0-9 . _ -`, starting with a letter or
 /// digit, never `..`.
 pub fn valid_device_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id.as_bytes()[0].is_ascii_alphanumeric()
-        && !id.contains("..")
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    crate::devices::valid_name(id, 128, b".-_")
 }
 
 /// Checks that a connection's client certificate, if it has one, names device `id`; and that

@@ -31,11 +31,18 @@ use crate::error::{ApiError, ApiResult, parse_json};
 /// `A-Z a-z 0-9 . _ - :`, starting with a letter or digit, never `..` — so neither `.`, `..`
 /// nor a path can be one.
 pub fn valid_label(s: &str, max: usize) -> bool {
+    valid_name(s, max, b".-_:")
+}
+
+/// Whether `s` is 1 to `max` letters, digits and bytes of `also`, starting with a letter or
+/// digit and never holding `..`: the names the server stores and puts in paths (labels here,
+/// device ids in `auth.rs`).
+pub fn valid_name(s: &str, max: usize, also: &[u8]) -> bool {
     (1..=max).contains(&s.len())
         && s.as_bytes()[0].is_ascii_alphanumeric()
         && !s.contains("..")
         && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+            .all(|b| b.is_ascii_alphanumeric() || also.contains(&b))
 }
 
 fn check_tags(tags: &[String]) -> ApiResult<()> {
@@ -50,7 +57,7 @@ fn check_tags(tags: &[String]) -> ApiResult<()> {
     }
 }
 
-fn check_group(group: &str) -> ApiResult<()> {
+pub(crate) fn check_group(group: &str) -> ApiResult<()> {
     if valid_label(group, 64) {
         Ok(())
     } else {

@@ -90,11 +90,7 @@ pub async fn set(
     Path(name): Path<String>,
     body: Bytes,
 ) -> ApiResult<Json<GroupView>> {
-    if !crate::devices::valid_label(&name, 64) {
-        return Err(ApiError::bad_request(format!(
-            "group {name:?}: expected 1 to 64 of A-Z a-z 0-9 . _ - :, starting with a letter or digit, without .."
-        )));
-    }
+    crate::devices::check_group(&name)?;
     let s: GroupSettings = parse_json(&body)?;
     if let Some(w) = &s.window {
         check_window(w)?;

@@ -88,13 +88,8 @@ impl ApiRefusal {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self.code,
-            "invalid-argument"
-                | "not-found"
-                | "failed-precondition"
-                | "schedule-failed"
-                | "schedule-rolled-back"
-                | "schedule-cancelled"
-        )
+            "invalid-argument" | "not-found" | "failed-precondition"
+        ) || self.code.starts_with("schedule-")
     }
 }
 

@@ -66,6 +66,18 @@ pub struct ServerArgs {
     no_deltas_on_upload: bool,
 }
 
+/// The limits the server holds to, as `abide server --json` prints them at start.
+#[derive(serde::Serialize)]
+struct Settings {
+    header_timeout_s: u64,
+    body_timeout_s: u64,
+    enroll_rate: u32,
+    max_connections_per_address: usize,
+    health_fresh_s: u64,
+    metrics_refresh_s: u64,
+    device_poll_s: Option<u64>,
+}
+
 /// Runs the server until it is stopped.
 pub fn run(args: ServerArgs, out: Output) -> Result<()> {
     crate::init_logging();
@@ -130,15 +142,15 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             .map(abide_server::tls::server_config)
             .transpose()
             .context("setting up TLS")?;
-        let settings = serde_json::json!({
-            "header_timeout_s": config.header_timeout.as_secs(),
-            "body_timeout_s": config.body_timeout.as_secs(),
-            "enroll_rate": config.enroll_per_minute,
-            "max_connections_per_address": config.max_connections_per_address,
-            "health_fresh_s": config.health_fresh.as_secs(),
-            "metrics_refresh_s": config.metrics_refresh.as_secs(),
-            "device_poll_s": config.device_poll,
-        });
+        let settings = Settings {
+            header_timeout_s: config.header_timeout.as_secs(),
+            body_timeout_s: config.body_timeout.as_secs(),
+            enroll_rate: config.enroll_per_minute,
+            max_connections_per_address: config.max_connections_per_address,
+            health_fresh_s: config.health_fresh.as_secs(),
+            metrics_refresh_s: config.metrics_refresh.as_secs(),
+            device_poll_s: config.device_poll,
+        };
         let (server, notes) = abide_server::Server::start(config)
             .await
             .context("starting the server")?;
@@ -156,11 +168,11 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
                 text.push(format!("assignment signing key: {key}"));
                 text.push(format!(
                     "limits: header timeout {}s, body timeout {}s, {} enrolment attempts a minute and {} connections per address; quorum counts devices healthy within {}s",
-                    settings["header_timeout_s"],
-                    settings["body_timeout_s"],
-                    settings["enroll_rate"],
-                    settings["max_connections_per_address"],
-                    settings["health_fresh_s"]
+                    settings.header_timeout_s,
+                    settings.body_timeout_s,
+                    settings.enroll_rate,
+                    settings.max_connections_per_address,
+                    settings.health_fresh_s
                 ));
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 text.push(format!("abide server listening on {scheme}://{addr}"));

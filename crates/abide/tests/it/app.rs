@@ -1038,7 +1038,7 @@ fn an_update_that_would_fill_its_file_system_is_refused_before_the_application_i
     ] {
         std::fs::write(dir.join("ctl.log"), "").unwrap();
         let state = if state_too {
-            "mkdir fs/state && cp -a dev/state/. fs/state/ && mount --bind fs/state dev/state"
+            "mkdir fs/state; cp -a dev/state/. fs/state/; mount --bind fs/state dev/state"
         } else {
             "true"
         };

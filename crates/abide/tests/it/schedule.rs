@@ -839,11 +839,7 @@ fn tcp_api(sim: &Sim, extra: &str) -> (u16, crate::agent::TestCa) {
     let dir = sim.path("dev");
     let ca = crate::agent::TestCa::new(&dir, "api-ca");
     ca.issue(&dir, "agent", "agent", &["localhost"]);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = crate::fleet::free_port();
     let config = sim.path("dev/system.toml");
     let text = std::fs::read_to_string(&config).unwrap().replace(
         "[api]\nsocket = \"agent.sock\"\n",

@@ -575,6 +575,35 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
     );
     std::fs::remove_dir_all(sim.path("saved")).unwrap();
     assert_eq!(sim.fingerprint(), before);
+    // Files count as well as bytes: a state directory on a file system with room for only 30
+    // more refuses the same bundle, before anything changes.
+    let script = format!(
+        "set -e; n=$(find dev/state | wc -l); cp -a dev/state saved; \
+         mount -t tmpfs -o size=64m,nr_inodes=$((n + 30)) tmpfs dev/state; \
+         cp -a saved/. dev/state/; {abide} install {b} --config dev/system.toml --json"
+    );
+    let out = sim.in_mount_namespace(&script);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["error"]["code"], "no-space", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("free inodes")
+            && v["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("64 must stay free"),
+        "{v}"
+    );
+    std::fs::remove_dir_all(sim.path("saved")).unwrap();
+    assert_eq!(sim.fingerprint(), before);
     // With room for the default reserve the same bundle installs.
     json(
         &sim.dir,

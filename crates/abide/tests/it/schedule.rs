@@ -626,6 +626,77 @@ fn a_url_that_drips_its_bundle_fails_the_schedule_at_the_minimum_rate() {
     assert_ne!(dev(&sim, &["status"], 0)["state"], "activated");
 }
 
+/// Serves `body` over HTTP after `pause` of silence following the response's head.
+fn paused_server(body: Vec<u8>, pause: Duration) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/bundle.abide", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let _ = conn.read(&mut [0u8; 4096]);
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes());
+                std::thread::sleep(pause);
+                let _ = conn.write_all(&body);
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_silent_url_fails_at_the_window_and_with_no_minimum_a_pause_is_waited_out() {
+    let with = |download: &str| {
+        let sim = Sim::new(None);
+        let config = sim.path("dev/system.toml");
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(&format!("\n[download]\n{download}"));
+        std::fs::write(&config, text).unwrap();
+        sim
+    };
+    // A server that answers and then sends nothing: measured as one that sends too little.
+    let sim = with("min_rate = \"1K\"\nwindow = \"2s\"\n");
+    let b = sim.bundle("2.0.0", 1, 15);
+    let url = paused_server(
+        std::fs::read(sim.path(&b)).unwrap(),
+        Duration::from_secs(3600),
+    );
+    let agent = Running::start(&sim);
+    let started = Instant::now();
+    dev(&sim, &["schedule", "update", "--source", &url], 0);
+    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    let s1 = schedule(&sim, "s1");
+    assert!(
+        s1["reason"]
+            .as_str()
+            .unwrap()
+            .contains("brought 0 bytes in the last 2 s, under the minimum of 1024 bytes/s"),
+        "{s1}"
+    );
+    drop(agent);
+    // With no minimum, three seconds of silence over one-second windows are waited out.
+    let sim = with("min_rate = \"0\"\nwindow = \"1s\"\n");
+    let b = sim.bundle("2.0.0", 1, 16);
+    let url = paused_server(std::fs::read(sim.path(&b)).unwrap(), Duration::from_secs(3));
+    let agent = Running::start(&sim);
+    dev(&sim, &["schedule", "update", "--source", &url], 0);
+    assert_eq!(
+        agent.exits()["exit"],
+        "reboot",
+        "the bundle came and was activated"
+    );
+}
+
 #[test]
 fn a_schedule_cancelled_mid_download_stops_and_activates_nothing() {
     let sim = Sim::new(None);
@@ -1216,29 +1287,43 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
     let (restored, version) = agent_of(&sim).unwrap();
     assert_eq!(version, "0.1.0");
 
-    // In a directory others may write, no update is tried: they could swap the files.
+    // In a directory others may write — anyone, a group other than root's, or another user
+    // who owns it — no update is tried: they could swap the files.
     let good = agent_bundle(&sim, "good", "0.2.0");
     let dir = sim.path("dev/bin");
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let before = std::fs::read_dir(&dir).unwrap().count();
-    dev(&sim, &["schedule", "update", "--source", &good], 0);
-    wait("s5 to fail", || {
-        schedule_if_up(&sim, "s5").is_some_and(|v| v["state"] == "failed")
-    });
-    let unsafe_dir = schedule(&sim, "s5");
-    assert!(
-        unsafe_dir["reason"]
-            .as_str()
-            .unwrap()
-            .contains("is not safe to update in: anyone may write it"),
-        "{unsafe_dir}"
-    );
-    assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
-    assert_eq!(
-        std::fs::read_dir(&dir).unwrap().count(),
-        before,
-        "nothing written"
-    );
+    let nobody = Some(65534);
+    for (n, (mode, owner, group, says)) in [
+        (0o777, None, None, "anyone may write it"),
+        (0o775, None, nobody, "group 65534 may write it"),
+        (0o755, nobody, None, "it belongs to user 65534"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::os::unix::fs::chown(&dir, owner.or(Some(0)), group.or(Some(0))).unwrap();
+        dev(&sim, &["schedule", "update", "--source", &good], 0);
+        let id = format!("s{}", 5 + n);
+        wait(&format!("{id} to fail"), || {
+            schedule_if_up(&sim, &id).is_some_and(|v| v["state"] == "failed")
+        });
+        let unsafe_dir = schedule(&sim, &id);
+        assert!(
+            unsafe_dir["reason"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("is not safe to update in: {says}")),
+            "{unsafe_dir}"
+        );
+        assert_eq!(std::fs::metadata(&bin).unwrap().ino(), original);
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            before,
+            "nothing written"
+        );
+    }
+    std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     // The temporary names cannot be guessed: the names the agent's process id once gave, all
     // taken beforehand, do not stop it.
@@ -1248,8 +1333,8 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
 
     // A good one answers in time and stays; the previous binary is kept beside it.
     dev(&sim, &["schedule", "update", "--source", &good], 0);
-    wait("s6 to complete", || {
-        schedule_if_up(&sim, "s6").is_some_and(|v| v["state"] == "completed")
+    wait("s8 to complete", || {
+        schedule_if_up(&sim, "s8").is_some_and(|v| v["state"] == "completed")
     });
     let (now, version) = agent_of(&sim).unwrap();
     assert_eq!(

@@ -829,6 +829,18 @@ fn tidy(
     Ok(())
 }
 
+/// Whether an application's update had not ended when the agent stopped (its state holds a
+/// transaction that is not terminal).
+pub fn interrupted(config: &crate::config::Config) -> Result<bool> {
+    for app in &config.apps {
+        let state = AppState::load(&config.state_dir, &app.name)?;
+        if state.transaction.is_some_and(|t| !t.step.is_terminal()) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Finishes or undoes what a crash interrupted, for every application: a transaction that
 /// had not ended is failed and restored ([`AppTransaction::recover`]); a restore goes on.
 /// Returns how each that was carried on ended.

@@ -1,7 +1,7 @@
-//! Schedules carried out on the device: each round of `abide agent` follows the transaction
-//! of the schedule in progress, abandons the staged target of a cancelled one, activates a
-//! staged one when its time or window allows, and starts the oldest pending schedule that is
-//! due. A schedule reads its bundle from a file (its SHA-256, if pinned, checked before
+//! Schedules carried out on the device: the commands of the agent's round
+//! (`abide_core::agent::next`) that concern them — recover the applications, follow the
+//! schedule in progress, activate a staged one, start a due one — as the daemon carries them
+//! out. A schedule reads its bundle from a file (its SHA-256, if pinned, checked before
 //! anything changes) or streams it from a URL (the SHA-256 checked over every byte before
 //! activation; a mismatch abandons the target, which was never bootable).
 
@@ -11,34 +11,29 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use abide_bundle::Source as BundleSource;
+use abide_core::agent::Windows;
 use abide_core::schedule::{Rollback, Schedule, ScheduleState, Source, When};
-use abide_core::{FailReason, Force, Gate, TxState};
+use abide_core::{FailReason, Force, Gate};
 use sha2::{Digest, Sha256};
 
 use crate::api::service::Shared;
-use crate::config::DeviceWindow;
+use crate::config::{Config, DeviceWindow};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::Stopped;
 
-/// What a round asks of the agent's loop.
+/// What a command asks of the agent's loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
-    /// Nothing to do on the device's own account.
-    Idle,
     /// Something changed: run another round at once.
     Again,
     /// The device must restart (a schedule was activated).
     Reboot,
 }
 
-/// One round over the device's schedules.
-pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) -> Result<Next> {
-    if crate::selfupdate::settle(device, shared)? {
-        // A new agent is on trial: its watchdog decides before anything else starts.
-        return Ok(Next::Idle);
-    }
-    // An application update a crash interrupted is undone (or its restore finished) first.
+/// Undoes (or finishes) the applications' updates a crash interrupted; each schedule one
+/// carried out follows how it ended.
+pub fn recover_apps(shared: &Shared, device: &mut Device) -> Result<()> {
     for done in crate::app::recover(device, shared.clock.as_ref())? {
         let now = shared.clock.now();
         shared.with_book(|b| {
@@ -49,88 +44,45 @@ pub fn round(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device) 
             }
         })?;
     }
-    let now = shared.clock.now();
-    let state = device.state()?;
-    // Rounds run one after another in one process that holds the device's lock: a download
-    // found running was cut short by a restart.
-    if let Some(tx) = &state.transaction
-        && tx.state == TxState::Downloading
-    {
-        crate::install::abandon(device, now, FailReason::Interrupted)?;
-        return Ok(Next::Again);
-    }
-    let tx = state.transaction.clone();
-    shared.with_book(|b| {
-        if let Some(s) = b.in_progress_mut() {
-            if let Some(app_tx) = s
-                .transaction
-                .as_deref()
-                .filter(|t| t.starts_with(abide_core::app::ID_PREFIX))
-                .and_then(|t| crate::app::transaction(&shared.config, t))
-            {
-                s.follow_app(now, &app_tx);
-                return;
-            }
-            match &tx {
-                Some(t) if s.transaction.as_deref() == Some(t.id.as_str()) => {
-                    s.follow(now, &t.id, &t.state)
-                }
-                // Started, but no transaction began before the agent stopped.
-                _ if s.transaction.is_none() => {
-                    let _ = s.fail(now, "interrupted by a restart before the install began");
-                }
-                _ => {}
-            }
-        }
-    })?;
-    let book = shared.book();
-
-    // A cancelled schedule's transaction that has not been activated is abandoned.
-    if let Some(t) = &tx
-        && matches!(t.state, TxState::Staged)
-        && book.schedules.iter().any(|s| {
-            matches!(&s.state, ScheduleState::Cancelled { transaction: Some(id) } if *id == t.id)
-        })
-    {
-        crate::install::abandon(device, now, FailReason::Cancelled)?;
-        tracing::info!(transaction = %t.id, "cancelled before activation; the target stays unbootable");
-        return Ok(Next::Again);
-    }
-
-    if let Some(s) = book.in_progress() {
-        let staged = tx
-            .as_ref()
-            .is_some_and(|t| t.state == TxState::Staged && s.transaction.as_ref() == Some(&t.id));
-        if !staged || !matches!(s.origin, abide_core::schedule::Origin::Operator) {
-            return Ok(Next::Idle);
-        }
-        if s.when == When::InWindow && !window_open(&shared.config.windows, now) {
-            tracing::debug!(schedule = %s.id, "staged; waiting for the maintenance window");
-            return Ok(Next::Idle);
-        }
-        return activate(shared, device, &s.id);
-    }
-
-    if tx.as_ref().is_some_and(|t| !t.state.is_terminal()) {
-        return Ok(Next::Idle);
-    }
-    let open = window_open(&shared.config.windows, now);
-    let Some(due) = book.due(now, open).cloned() else {
-        return Ok(Next::Idle);
-    };
-    run(shared, rt, device, &due.id)?;
-    Ok(Next::Again)
+    Ok(())
 }
 
-/// Whether one of the device's windows is open (a device without windows has none open).
-fn window_open(windows: &[DeviceWindow], now: jiff::Timestamp) -> bool {
-    windows.iter().any(|w| w.is_open(now))
+/// The application transaction schedule `s` names, if it names one.
+pub fn app_transaction(config: &Config, s: &Schedule) -> Option<abide_core::app::AppTransaction> {
+    s.transaction
+        .as_deref()
+        .filter(|t| t.starts_with(abide_core::app::ID_PREFIX))
+        .and_then(|t| crate::app::transaction(config, t))
+}
+
+/// The schedule in progress follows what carries it out (`abide_core::agent::follow`), under
+/// the schedules' lock so that a cancel made meanwhile is seen.
+pub fn follow(shared: &Shared, device: &Device) -> Result<()> {
+    let tx = device.state()?.transaction;
+    let now = shared.clock.now();
+    shared.with_book(|b| {
+        if let Some(s) = b.in_progress_mut() {
+            let app_tx = app_transaction(&device.config, s);
+            abide_core::agent::follow(s, tx.as_ref(), app_tx.as_ref(), now);
+        }
+    })
+}
+
+/// The device's own windows at `now`.
+pub fn windows(windows: &[DeviceWindow], now: jiff::Timestamp) -> Windows {
+    if windows.is_empty() {
+        Windows::None
+    } else if windows.iter().any(|w| w.is_open(now)) {
+        Windows::Open
+    } else {
+        Windows::Closed
+    }
 }
 
 /// Activates the staged transaction of schedule `id`, under the schedules' lock so that a
 /// cancel either comes first (and the target is abandoned) or finds it activated (and is
 /// refused).
-fn activate(shared: &Shared, device: &mut Device, id: &str) -> Result<Next> {
+pub fn activate(shared: &Shared, device: &mut Device, id: &str) -> Result<Next> {
     let now = shared.clock.now();
     let reboot = shared.with_book(|b| -> Result<Option<bool>> {
         let Some(s) = b
@@ -161,7 +113,12 @@ fn activate(shared: &Shared, device: &mut Device, id: &str) -> Result<Next> {
 
 /// Starts schedule `id` and stages its bundle; the schedule follows the transaction, or fails
 /// with the reason if none began.
-fn run(shared: &Shared, rt: &tokio::runtime::Handle, device: &mut Device, id: &str) -> Result<()> {
+pub fn start(
+    shared: &Shared,
+    rt: &tokio::runtime::Handle,
+    device: &mut Device,
+    id: &str,
+) -> Result<()> {
     let now = shared.clock.now();
     let Some(s) = shared.with_book(|b| {
         let s = b.get_mut(id)?;

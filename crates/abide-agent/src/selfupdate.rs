@@ -24,8 +24,8 @@ use std::time::Duration;
 
 use abide_boot::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
 use abide_bundle::{BundleReader, Manifest};
+use abide_core::selfupdate::{Seen, Watch};
 use jiff::Timestamp;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::Config;
@@ -35,60 +35,31 @@ use crate::error::{AgentError, Result};
 /// The kind of component that carries the agent.
 pub const KIND: &str = "agent";
 
-/// The trial's record in the state directory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Trial {
-    /// Where it is.
-    pub state: TrialState,
-    /// The agent's version before, and the one tried.
-    pub from: String,
-    /// The version tried.
-    pub to: String,
-    /// The binary replaced.
-    pub binary: PathBuf,
-    /// The process that runs the new binary.
-    pub pid: u32,
-    /// When the new binary was put in place.
-    pub since: Timestamp,
-    /// How long the new agent has to answer, in seconds.
-    pub deadline: u64,
-    /// The agent's arguments (the previous binary is started with them again).
-    pub args: Vec<String>,
-    /// The schedule that asked for it, if one did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schedule: Option<String>,
-    /// Why it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+/// The trial's record in the state directory (`self-update.json`); its states and
+/// transitions are `abide_core::selfupdate`.
+pub use abide_core::selfupdate::{Trial, TrialState};
+
+/// The file in `state_dir`.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("self-update.json")
 }
 
-/// Where a trial is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrialState {
-    /// The new agent runs; the watchdog waits for it to answer.
-    Trying,
-    /// The new agent answered in time: it stays.
-    Committed,
-    /// The previous binary was put back.
-    Failed,
+/// The trial under way or not yet reported, if there is one.
+pub fn load(state_dir: &Path) -> Result<Option<Trial>> {
+    crate::json_file::load(&path(state_dir), "self-update record", None)
 }
 
-impl Trial {
-    /// The file in `state_dir`.
-    pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("self-update.json")
-    }
+/// Replaces the record atomically.
+pub fn store(trial: &Trial, state_dir: &Path) -> Result<()> {
+    crate::json_file::store(&path(state_dir), trial, 0o600)
+}
 
-    /// The trial under way or not yet reported, if there is one.
-    pub fn load(state_dir: &Path) -> Result<Option<Trial>> {
-        crate::json_file::load(&Trial::path(state_dir), "self-update record", None)
-    }
-
-    /// Replaces the file atomically.
-    pub fn store(&self, state_dir: &Path) -> Result<()> {
-        crate::json_file::store(&Trial::path(state_dir), self, 0o600)
-    }
+/// The trial as the agent's round sees it.
+pub fn view(state_dir: &Path) -> Result<Option<abide_core::agent::TrialView>> {
+    Ok(load(state_dir)?.map(|t| abide_core::agent::TrialView {
+        state: t.state,
+        alive: alive(t.pid),
+    }))
 }
 
 /// The version of the agent that runs: the last one a self-update committed, else the
@@ -163,19 +134,17 @@ pub fn apply<S: abide_bundle::Source>(
     std::fs::hard_link(&binary, &prev).map_err(io("keeping the previous agent as", &prev))?;
     sync_dir(binary.parent().unwrap_or(Path::new(".")))?;
     // 3. The trial is recorded before anything switches.
-    let trial = Trial {
-        state: TrialState::Trying,
-        from: from.clone(),
-        to: manifest.version.to_string(),
-        binary: binary.clone(),
-        pid: std::process::id(),
-        since: now,
-        deadline: config.self_update.deadline.as_secs().max(1) as u64,
-        args: std::env::args().skip(1).collect(),
-        schedule: schedule.map(str::to_owned),
-        reason: None,
-    };
-    trial.store(&config.state_dir)?;
+    let trial = Trial::begin(
+        &from,
+        &manifest.version.to_string(),
+        binary.clone(),
+        std::process::id(),
+        now,
+        config.self_update.deadline.as_secs().max(1) as u64,
+        std::env::args().skip(1).collect(),
+        schedule.map(str::to_owned),
+    );
+    store(&trial, &config.state_dir)?;
     device.record(
         now,
         "self-update",
@@ -261,9 +230,10 @@ fn restore(binary: &Path) -> Result<()> {
 }
 
 fn fail(config: &Config, mut trial: Trial, reason: &str) -> Result<()> {
-    trial.state = TrialState::Failed;
-    trial.reason = Some(reason.to_owned());
-    trial.store(&config.state_dir)
+    trial.fail(reason).map_err(|e| AgentError::SelfUpdate {
+        what: e.to_string(),
+    })?;
+    store(&trial, &config.state_dir)
 }
 
 /// Whether process `pid` runs (a zombie does not).
@@ -280,13 +250,12 @@ fn alive(pid: u32) -> bool {
 /// the agent. Returns when the trial is committed; on failure it does not return (it runs the
 /// previous agent) unless that fails.
 pub fn watch(config: &Config) -> Result<()> {
-    let Some(trial) = Trial::load(&config.state_dir)? else {
+    let Some(trial) = load(&config.state_dir)? else {
         return Ok(());
     };
     if trial.state != TrialState::Trying {
         return Ok(());
     }
-    let deadline = trial.since + jiff::SignedDuration::from_secs(trial.deadline as i64);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -315,31 +284,33 @@ pub fn watch(config: &Config) -> Result<()> {
                     .parse::<Timestamp>()
                     .is_ok_and(|started| started >= trial.since)
         });
-        if answered {
-            let mut t = trial.clone();
-            t.state = TrialState::Committed;
-            t.store(&config.state_dir)?;
-            return Ok(());
+        let seen = Seen {
+            answered,
+            alive: alive(trial.pid),
+        };
+        match trial.watch(seen, Timestamp::now()) {
+            Watch::Wait => std::thread::sleep(Duration::from_millis(200)),
+            Watch::Commit => {
+                let mut t = trial.clone();
+                t.commit().map_err(|e| AgentError::SelfUpdate {
+                    what: e.to_string(),
+                })?;
+                store(&t, &config.state_dir)?;
+                return Ok(());
+            }
+            Watch::Fail(reason) => break reason,
+            Watch::Kill(reason) => {
+                // The reason first: under systemd, this watchdog may not outlive the new agent.
+                let mut t = trial.clone();
+                t.reason = Some(reason.clone());
+                store(&t, &config.state_dir)?;
+                let _ = rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(trial.pid as i32).expect("a process id"),
+                    rustix::process::Signal::KILL,
+                );
+                break reason;
+            }
         }
-        if !alive(trial.pid) {
-            break "the new agent exited before it answered on its API socket".to_owned();
-        }
-        if Timestamp::now() > deadline {
-            let reason = format!(
-                "the new agent did not answer on its API socket within {}s; it was killed",
-                trial.deadline
-            );
-            // The reason first: under systemd, this watchdog may not outlive the new agent.
-            let mut t = trial.clone();
-            t.reason = Some(reason.clone());
-            t.store(&config.state_dir)?;
-            let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_raw(trial.pid as i32).expect("a process id"),
-                rustix::process::Signal::KILL,
-            );
-            break reason;
-        }
-        std::thread::sleep(Duration::from_millis(200));
     };
     restore(&trial.binary)?;
     fail(config, trial.clone(), &reason)?;
@@ -358,77 +329,61 @@ pub fn watch(config: &Config) -> Result<()> {
 /// watchdog did not finish) is failed and the previous binary put back. Returns whether it
 /// did.
 pub fn recover(config: &Config) -> Result<bool> {
-    let Some(trial) = Trial::load(&config.state_dir)? else {
+    let Some(trial) = load(&config.state_dir)? else {
         return Ok(false);
     };
-    if trial.state != TrialState::Trying || alive(trial.pid) {
+    let Some(reason) = trial.orphaned(alive(trial.pid)) else {
         return Ok(false);
-    }
+    };
     restore(&trial.binary)?;
-    let reason = trial
-        .reason
-        .clone()
-        .unwrap_or_else(|| "the new agent exited before it answered on its API socket".into());
     fail(config, trial, &reason)?;
     Ok(true)
 }
 
-/// What the agent does with a trial it finds at the start of a round: while the new agent is
-/// on trial, nothing else starts (`true`); an ended trial is recorded in the audit log, its
-/// schedule ended, and the record removed.
-pub fn settle(device: &mut Device, shared: &crate::api::service::Shared) -> Result<bool> {
+/// Settles an ended trial: records the outcome in the audit log (the new version becomes the
+/// agent's if it was kept), ends the schedule that asked for it, and removes the record.
+pub fn settle(device: &mut Device, shared: &crate::api::service::Shared) -> Result<()> {
     let state_dir = device.config.state_dir.clone();
-    // A trial whose process is gone without a verdict fails here too (no ExecStartPre ran).
-    recover(&device.config)?;
-    let Some(trial) = Trial::load(&state_dir)? else {
-        return Ok(false);
+    let Some(trial) = load(&state_dir)? else {
+        return Ok(());
     };
+    let settled = trial.settle().map_err(|e| AgentError::SelfUpdate {
+        what: e.to_string(),
+    })?;
     let now = shared.clock.now();
-    match trial.state {
-        // The new agent on trial (this process, or another while the watchdog decides).
-        TrialState::Trying => return Ok(true),
-        TrialState::Committed => {
-            write_atomic(
-                &state_dir.join("agent.json"),
-                json!({"version": trial.to}).to_string().as_bytes(),
-                0o644,
-            )?;
-            device.record(
-                now,
-                "self-update-commit",
-                json!({"from": trial.from, "to": trial.to}),
-            )?;
-            tracing::info!(from = %trial.from, to = %trial.to, "the new agent is kept");
-        }
-        TrialState::Failed => {
-            device.record(
-                now,
-                "self-update-failed",
-                json!({"from": trial.from, "to": trial.to, "reason": trial.reason}),
-            )?;
-            tracing::warn!(to = %trial.to, reason = ?trial.reason, "the new agent failed; the previous one runs");
-        }
+    if settled.kept {
+        write_atomic(
+            &state_dir.join("agent.json"),
+            json!({"version": trial.to}).to_string().as_bytes(),
+            0o644,
+        )?;
+        tracing::info!(from = %trial.from, to = %trial.to, "the new agent is kept");
+    } else {
+        tracing::warn!(to = %trial.to, reason = ?trial.reason, "the new agent failed; the previous one runs");
     }
-    if let Some(id) = &trial.schedule {
+    device.record(
+        now,
+        settled.event,
+        if settled.kept {
+            json!({"from": trial.from, "to": trial.to})
+        } else {
+            json!({"from": trial.from, "to": trial.to, "reason": trial.reason})
+        },
+    )?;
+    if let Some((id, failed)) = &settled.schedule {
         shared.with_book(|b| {
             if let Some(s) = b.get_mut(id) {
                 s.version = Some(trial.to.clone());
-                if trial.state == TrialState::Committed {
-                    s.complete(now);
-                } else {
-                    let _ = s.fail(
-                        now,
-                        trial
-                            .reason
-                            .as_deref()
-                            .unwrap_or("the new agent did not come up"),
-                    );
+                match failed {
+                    None => s.complete(now),
+                    Some(reason) => {
+                        let _ = s.fail(now, reason);
+                    }
                 }
             }
         })?;
     }
-    std::fs::remove_file(Trial::path(&state_dir))
-        .map_err(io("removing", &Trial::path(&state_dir)))?;
+    std::fs::remove_file(path(&state_dir)).map_err(io("removing", &path(&state_dir)))?;
     sync_dir(&state_dir)?;
-    Ok(false)
+    Ok(())
 }

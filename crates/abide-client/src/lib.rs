@@ -74,48 +74,6 @@ pub(crate) fn http(what: &str, error: &reqwest::Error) -> ClientError {
     }
 }
 
-/// The wire status of the report a transaction step makes.
-pub fn report_status(status: abide_core::fleet::Status) -> abide_proto::ReportStatus {
-    use abide_core::fleet::Status;
-    use abide_proto::ReportStatus;
-    match status {
-        Status::Downloading => ReportStatus::Downloading,
-        Status::Staged => ReportStatus::Staged,
-        Status::Rebooting => ReportStatus::Rebooting,
-        Status::Trial => ReportStatus::Trial,
-        Status::Committed => ReportStatus::Committed,
-        Status::Failed => ReportStatus::Failed,
-        Status::RolledBack => ReportStatus::RolledBack,
-    }
-}
-
-/// The inventory state of a device whose last transaction is `tx`.
-pub fn device_state(tx: Option<&abide_core::Transaction>) -> abide_proto::DeviceState {
-    use abide_core::TxState;
-    use abide_proto::DeviceState;
-    match tx.map(|t| &t.state) {
-        None => DeviceState::Idle,
-        Some(TxState::Downloading) => DeviceState::Downloading,
-        Some(TxState::Staged) => DeviceState::Staged,
-        Some(TxState::Activated { .. }) => DeviceState::Activated,
-        Some(TxState::Trial { .. }) => DeviceState::Trial,
-        Some(TxState::Committed { .. }) => DeviceState::Committed,
-        Some(TxState::Failed { .. }) => DeviceState::Failed,
-        Some(TxState::RolledBack { .. }) => DeviceState::RolledBack,
-    }
-}
-
-/// What an assigned release asks of the device, for `abide_core::fleet::decide`.
-pub fn offer_kind(action: abide_proto::AssignedAction) -> abide_core::fleet::OfferKind {
-    use abide_core::fleet::OfferKind;
-    use abide_proto::AssignedAction;
-    match action {
-        AssignedAction::Install => OfferKind::Install,
-        AssignedAction::Stage => OfferKind::Stage,
-        AssignedAction::Rollback => OfferKind::RollBack,
-    }
-}
-
 /// A result of this crate.
 pub type Result<T> = std::result::Result<T, ClientError>;
 

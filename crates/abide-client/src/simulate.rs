@@ -1,21 +1,21 @@
 //! The fleet simulator, a load generator with synthetic outcomes: many virtual devices in one
 //! process that enrol, check in, verify their signed assignments, take reboot leases, and
-//! report the whole lifecycle of an update. Each drives the same decision
-//! (`abide_core::fleet::decide`) and transaction engine as a real device, but installs nothing:
-//! the bundle is probed with one range request, and a trial commits or rolls back by a random
-//! draw (`fail_rate`). Real devices, simulated or not, are `abide sim run`. Its ledger of
+//! report the whole lifecycle of an update. Each is an executor of the same machine as the real
+//! agent (`abide_core::agent::next`), with the same transaction engine and the same report
+//! ledger (`abide_core::fleet::Ledger`), but installs nothing: the bundle is probed with one
+//! range request, and a trial commits or rolls back by a random draw (`fail_rate`). Real devices, simulated or not, are `abide sim run`. Its ledger of
 //! reports is what tests compare with the server's database.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use abide_core::fleet::{self, Lease, Offer, Step, View, WindowState};
+use abide_core::agent::{self, Answer, Apps, Command, Situation, Windows};
+use abide_core::fleet::{self, Ledger, Offer, WindowState};
 use abide_core::{
     Action, BootPolicy, BootReport, FailReason, Group, Quarantine, RollbackReason, Transaction,
     TxState, Verdict,
 };
-use abide_proto::ReportRequest;
 use serde::Serialize;
 use tokio::sync::Mutex;
 
@@ -134,147 +134,111 @@ struct Sim {
     quarantine: Quarantine,
     /// The known-good group, A or B.
     good: Group,
-    lease: bool,
-    /// The release and rollout the transaction is for.
-    assigned: Option<(String, String)>,
-    /// Where the transaction's bundle is served and its size.
-    download: Option<(String, u64)>,
-    /// The last (transaction, status) reported.
-    reported: Option<(String, &'static str)>,
-    /// A report not yet acknowledged: sent again, with its sequence number, before anything
-    /// else happens on the device.
-    pending: Option<ReportRequest>,
-    seq: u64,
+    /// The release assigned, the lease and the reports not yet acknowledged, kept as a real
+    /// device keeps them.
+    ledger: Ledger,
+    /// Transactions begun, for their ids.
+    begun: u64,
     rng: Rng,
 }
 
 impl Sim {
-    async fn send(&mut self, tally: &Tally, r: ReportRequest) -> Result<(), ClientError> {
-        // A report the server did not acknowledge is sent again with the same sequence
-        // number (the server records it once), so none is lost when the server restarts or
-        // is too busy: a few quick retries, then it stays pending for the next poll.
-        self.pending = Some(r.clone());
-        let mut attempt = 0;
-        let recorded = loop {
-            match self.device.report(&r).await {
-                Ok(recorded) => break recorded,
-                Err(ClientError::Http { .. }) if attempt < 100 => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Sends the reports not yet acknowledged, in order. One the server did not acknowledge
+    /// is sent again with the same sequence number (the server records it once), so none is
+    /// lost when the server restarts or is too busy: a few quick retries, then it stays
+    /// queued for the next poll.
+    async fn flush(&mut self, tally: &Tally) -> Result<(), ClientError> {
+        while let Some(r) = self.ledger.outbox.first().cloned() {
+            let mut attempt = 0;
+            let recorded = loop {
+                match self.device.report(&r).await {
+                    Ok(recorded) => break recorded,
+                    Err(ClientError::Http { .. }) if attempt < 100 => {
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(e) => return Err(e),
                 }
-                Err(e) => return Err(e),
-            }
-        };
-        self.pending = None;
-        tally.reports.fetch_add(1, Ordering::Relaxed);
-        tally.ledger.lock().await.push(Entry {
-            device: self.device.id.clone(),
-            seq: r.seq,
-            status: r.status.as_str().to_owned(),
-            release: r.release_id.clone(),
-            outcome: if recorded { "recorded" } else { "duplicate" }.into(),
-        });
-        Ok(())
-    }
-
-    /// Reports what the transaction's state makes, if it changed since the last report.
-    async fn report(&mut self, tally: &Tally, seconds: Option<f64>) -> Result<(), ClientError> {
-        let (Some(tx), Some((release, rollout))) = (&self.tx, &self.assigned) else {
-            return Ok(());
-        };
-        let (status, reason) = fleet::status(&tx.state);
-        let key = (tx.id.clone(), status.as_str());
-        if self.reported.as_ref() == Some(&key) {
-            return Ok(());
+            };
+            self.ledger.outbox.remove(0);
+            tally.reports.fetch_add(1, Ordering::Relaxed);
+            tally.ledger.lock().await.push(Entry {
+                device: self.device.id.clone(),
+                seq: r.seq,
+                status: r.status.as_str().to_owned(),
+                release: r.release_id.clone(),
+                outcome: if recorded { "recorded" } else { "duplicate" }.into(),
+            });
         }
-        self.seq += 1;
-        let r = ReportRequest {
-            seq: self.seq,
-            status: crate::report_status(status),
-            release_id: Some(release.clone()),
-            rollout_id: Some(rollout.clone()),
-            reason,
-            seconds,
-        };
-        self.reported = Some(key);
-        self.send(tally, r).await
+        Ok(())
     }
 
     fn target(&self) -> Group {
         Group::new(if self.good.as_str() == "A" { "B" } else { "A" }).expect("valid")
     }
 
-    /// One poll: check in, then carry out what `abide_core::fleet::decide` says, step by
-    /// step, until it says to wait. The outcome of a trial is drawn at random (`fail_rate`).
+    /// One poll: the reports still queued, then the commands `abide_core::agent::next` gives,
+    /// one after another, until it says to wait. A reboot ends the round (the next one checks
+    /// in again, as a real device does after it restarts).
     async fn step(&mut self, tally: &Tally, fail_rate: f64) -> Result<(), ClientError> {
-        if let Some(r) = self.pending.clone() {
-            self.send(tally, r).await?;
-        }
-        // A trial cut short by an error (a report that did not get through) goes on where
-        // it stopped, as a real device's boot step would.
-        if matches!(
-            self.tx.as_ref().map(|t| &t.state),
-            Some(TxState::Activated { .. } | TxState::Trial { .. })
-        ) {
-            self.run_trial(tally, fail_rate, Instant::now()).await?;
-        }
-        // So does a download an error cut short: the device did not restart, so it goes on
-        // rather than abandoning the transaction.
-        if matches!(
-            self.tx.as_ref().map(|t| &t.state),
-            Some(TxState::Downloading)
-        ) {
-            self.download(tally, Instant::now()).await?;
-        }
-        let a = self
-            .device
-            .checkin(
-                abide_proto::CheckinRequest {
-                    nonce: String::new(),
-                    version: self.version.to_string(),
-                    booted: Some(self.good.to_string()),
-                    good: Some(self.good.to_string()),
-                    state: crate::device_state(self.tx.as_ref()),
-                    health: Some(abide_proto::Health::Healthy),
-                    trust_version: None,
-                    progress: None,
-                    audit_head: None,
-                },
-                jiff::Timestamp::now(),
-            )
-            .await?;
-        tally.checkins.fetch_add(1, Ordering::Relaxed);
-        let offer = a.release.as_ref().and_then(|r| {
-            Some(Offer {
-                release_id: r.release_id.clone(),
-                rollout_id: r.rollout_id.clone(),
-                version: r.version.parse().ok()?,
-                kind: crate::offer_kind(r.action),
-            })
-        });
-        let started = Instant::now();
+        self.flush(tally).await?;
+        let mut answer: Option<(abide_proto::Assignment, Option<Offer>)> = None;
         for _ in 0..16 {
             let now = jiff::Timestamp::now();
-            let step = fleet::decide(&View {
-                offer: offer.as_ref(),
+            let command = agent::next(&Situation {
+                now,
+                trial: None,
+                apps: Apps::Settled,
                 running: &self.version,
-                quarantined: offer
-                    .as_ref()
-                    .is_some_and(|o| self.quarantine.get(&o.version).is_some()),
                 transaction: self.tx.as_ref(),
-                window: WindowState::Open,
-                lease: if self.lease { Lease::Held } else { Lease::None },
+                schedules: &[],
+                app_transaction: None,
+                windows: Windows::None,
+                fleet: match &answer {
+                    None => agent::Fleet::Unknown,
+                    Some((_, offer)) => agent::Fleet::Answered(Answer {
+                        offer: offer.as_ref(),
+                        group_window: WindowState::Open,
+                        quarantined: offer
+                            .as_ref()
+                            .is_some_and(|o| self.quarantine.get(&o.version).is_some()),
+                        lease: self.ledger.lease(),
+                    }),
+                },
             });
             let engine = |e: abide_core::Error| ClientError::BadAssignment(e.to_string());
-            match step {
-                Step::Idle | Step::WaitForWindow => break,
-                Step::Stage => {
+            match command {
+                Command::CheckIn => {
+                    let a = self
+                        .device
+                        .checkin(
+                            abide_proto::CheckinRequest {
+                                nonce: String::new(),
+                                version: self.version.to_string(),
+                                booted: Some(self.good.to_string()),
+                                good: Some(self.good.to_string()),
+                                state: fleet::device_state(self.tx.as_ref()),
+                                health: Some(abide_proto::Health::Healthy),
+                                trust_version: None,
+                                progress: None,
+                                audit_head: None,
+                            },
+                            now,
+                        )
+                        .await?;
+                    tally.checkins.fetch_add(1, Ordering::Relaxed);
+                    let offer = Offer::of(&a);
+                    answer = Some((a, offer));
+                }
+                Command::Stage => {
+                    let (a, offer) = answer.as_ref().expect("staging follows a check-in");
                     let (o, r) = (
                         offer.as_ref().expect("an offer"),
                         a.release.as_ref().expect("a release"),
                     );
-                    self.assigned = Some((o.release_id.clone(), o.rollout_id.clone()));
-                    let id = format!("tx-sim-{}-{}", self.seq, o.version);
+                    self.ledger.stage(o);
+                    self.begun += 1;
+                    let id = format!("tx-sim-{}-{}", self.begun, o.version);
                     let (tx, _) = Transaction::begin(
                         &id,
                         o.version.clone(),
@@ -285,89 +249,103 @@ impl Sim {
                     )
                     .map_err(engine)?;
                     self.tx = Some(tx);
-                    self.download = Some((r.url.clone(), r.size));
-                    self.report(tally, None).await?;
-                    self.download(tally, started).await?;
+                    let _ = self.flush(tally).await;
+                    let fetched = self.download(&r.url, r.size).await;
+                    let tx = self.tx.as_mut().expect("begun");
+                    let now = jiff::Timestamp::now();
+                    match &fetched {
+                        Ok(()) => tx.staged(now).map(drop),
+                        Err(e) => tx
+                            .fail(
+                                now,
+                                FailReason::Io {
+                                    detail: e.to_string(),
+                                },
+                            )
+                            .map(drop),
+                    }
+                    .map_err(engine)?;
+                    self.ledger.note(self.tx.as_ref());
+                    self.flush(tally).await?;
+                    fetched?;
                 }
-                Step::Abandon | Step::Cancel => {
+                Command::Abandon(reason) => {
                     let tx = self.tx.as_mut().expect("a transaction");
-                    let reason = if step == Step::Cancel {
-                        FailReason::Cancelled
-                    } else {
-                        FailReason::Interrupted
-                    };
                     tx.fail(now, reason).map_err(engine)?;
-                    self.report(tally, None).await?;
+                    self.ledger.note(self.tx.as_ref());
+                    self.flush(tally).await?;
                 }
-                Step::AskLease => {
+                Command::AskLease => {
                     if !self.device.lease().await? {
                         tally.lease_refusals.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                    self.lease = true;
+                    self.ledger.lease = true;
                 }
-                Step::Activate => {
-                    let policy = BootPolicy::default();
+                Command::ReleaseLease => {
+                    self.device.release_lease().await?;
+                    self.ledger.lease = false;
+                }
+                Command::Activate(_) => {
                     let tx = self.tx.as_mut().expect("staged");
-                    tx.activate(now, policy).map_err(engine)?;
-                    self.report(tally, Some(0.0)).await?;
-                    self.run_trial(tally, fail_rate, started).await?;
+                    tx.activate(now, BootPolicy::default()).map_err(engine)?;
+                    self.ledger.note(self.tx.as_ref());
+                    let _ = self.flush(tally).await;
+                    self.reboot(tally, fail_rate);
+                    answer = None;
+                    self.flush(tally).await?;
                 }
-                Step::RollBack => {
+                Command::RollBack => {
                     let tx = self.tx.as_mut().expect("on trial");
                     let actions = tx.rollback(now, "fleet-wide rollback").map_err(engine)?;
                     self.apply(&actions, now);
                     tally.rolled_back.fetch_add(1, Ordering::Relaxed);
-                    self.report(tally, None).await?;
+                    self.ledger.note(self.tx.as_ref());
+                    answer = None;
+                    self.flush(tally).await?;
                 }
-                Step::ReleaseLease => {
-                    self.device.release_lease().await?;
-                    self.lease = false;
-                }
+                // A simulated device has no schedules, applications or agent trial.
+                Command::Wait(_)
+                | Command::FailTrial
+                | Command::SettleTrial
+                | Command::RecoverApps
+                | Command::Follow
+                | Command::Start(_) => break,
             }
         }
         Ok(())
     }
 
     /// The simulated download of the transaction's bundle: one range request proves it is
-    /// served. Like the agent's download, it is retried with back-off before the step gives up
-    /// (and the next step goes on with it).
-    async fn download(&mut self, tally: &Tally, started: Instant) -> Result<(), ClientError> {
-        let (url, size) = self.download.clone().expect("a download");
+    /// served. Like the agent's download, it is retried with back-off before it fails (and the
+    /// transaction with it).
+    async fn download(&mut self, url: &str, size: u64) -> Result<(), ClientError> {
         let mut attempt = 0u32;
-        while let Err(e) = self.device.fetch(&url, 0, size.min(64)).await {
+        while let Err(e) = self.device.fetch(url, 0, size.min(64)).await {
             attempt += 1;
             if attempt >= 20 {
                 return Err(e);
             }
             tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt))).await;
         }
-        let tx = self.tx.as_mut().expect("begun");
-        tx.staged(jiff::Timestamp::now())
-            .map_err(|e| ClientError::BadAssignment(e.to_string()))?;
-        self.report(tally, Some(started.elapsed().as_secs_f64()))
-            .await
+        Ok(())
     }
 
-    /// The simulated reboot of an activated transaction and its trial: the target boots, the
-    /// gate decides by a random draw. Goes on from where an earlier attempt stopped.
-    async fn run_trial(
-        &mut self,
-        tally: &Tally,
-        fail_rate: f64,
-        started: Instant,
-    ) -> Result<(), ClientError> {
-        let engine = |e: abide_core::Error| ClientError::BadAssignment(e.to_string());
+    /// The simulated reboot into an activated target and its trial: the target boots (the boot
+    /// step's report), the gate decides by a random draw (`fail_rate`), and the outcome is
+    /// reported.
+    fn reboot(&mut self, tally: &Tally, fail_rate: f64) {
         let now = jiff::Timestamp::now();
         let policy = BootPolicy::default();
-        let tx = self.tx.as_mut().expect("activated or on trial");
-        if matches!(tx.state, TxState::Activated { .. }) {
-            let booted = BootReport {
-                booted: tx.target.clone(),
-                target_bootable: true,
-            };
-            tx.booted(now, &booted, policy).map_err(engine)?;
-            self.report(tally, None).await?;
+        let Some(tx) = self.tx.as_mut() else { return };
+        let booted = BootReport {
+            booted: tx.target.clone(),
+            target_bootable: true,
+        };
+        // The boot step's health gate decides before the agent runs again: as on a real
+        // device, the next report is the trial's outcome.
+        if tx.booted(now, &booted, policy).is_err() {
+            return;
         }
         let verdict = if self.rng.next() < fail_rate {
             Verdict::RollBack(RollbackReason::HealthCheck {
@@ -377,32 +355,20 @@ impl Sim {
         } else {
             Verdict::Commit
         };
-        self.finish_trial(tally, verdict, started).await
-    }
-
-    async fn finish_trial(
-        &mut self,
-        tally: &Tally,
-        verdict: Verdict,
-        started: Instant,
-    ) -> Result<(), ClientError> {
-        let now = jiff::Timestamp::now();
         let tx = self.tx.as_mut().expect("on trial");
-        let actions = tx
-            .health(now, verdict)
-            .map_err(|e| ClientError::BadAssignment(e.to_string()))?;
+        let Ok(actions) = tx.health(now, verdict) else {
+            return;
+        };
         self.apply(&actions, now);
-        let committed = matches!(
+        if matches!(
             self.tx.as_ref().map(|t| &t.state),
             Some(TxState::Committed { .. })
-        );
-        if committed {
+        ) {
             tally.committed.fetch_add(1, Ordering::Relaxed);
         } else {
             tally.rolled_back.fetch_add(1, Ordering::Relaxed);
         }
-        self.report(tally, committed.then(|| started.elapsed().as_secs_f64()))
-            .await
+        self.ledger.note(self.tx.as_ref());
     }
 
     /// The engine's actions on the simulated device: a commit moves the good group and the
@@ -473,12 +439,8 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
                 tx: None,
                 quarantine: Quarantine::default(),
                 good: Group::new("A").expect("valid"),
-                lease: false,
-                assigned: None,
-                download: None,
-                reported: None,
-                pending: None,
-                seq: 0,
+                ledger: Ledger::new(),
+                begun: 0,
                 rng: Rng(u64::from_le_bytes(seed)),
             });
         }

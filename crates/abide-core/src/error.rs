@@ -12,6 +12,14 @@ pub enum Error {
         /// The state the transaction is in.
         state: &'static str,
     },
+    /// A self-update trial transition was asked for in a state where it cannot happen.
+    #[error("cannot {transition} a self-update trial that is {state}")]
+    InvalidTrialTransition {
+        /// The transition asked for.
+        transition: &'static str,
+        /// The state the trial is in.
+        state: &'static str,
+    },
     /// The version was rolled back on this device before (I8).
     #[error(
         "version {version} is quarantined on this device: it was rolled back ({reason}); force to install it again"
@@ -47,7 +55,9 @@ impl Error {
     /// The stable machine code of the refusal.
     pub fn code(&self) -> &'static str {
         match self {
-            Error::InvalidTransition { .. } => "invalid-transition",
+            Error::InvalidTransition { .. } | Error::InvalidTrialTransition { .. } => {
+                "invalid-transition"
+            }
             Error::Quarantined { .. } => "quarantined",
             Error::Downgrade { .. } => "downgrade",
             Error::OlderVersion { .. } => "older-version",

@@ -8,6 +8,7 @@
 //! the health gate own the trial; after it ends the lease is given back. What a device reports
 //! is a function of its transaction ([`status`]), so a report is due whenever that changes.
 
+use abide_proto::{AssignedAction, Assignment, DeviceState, ReportStatus};
 use semver::Version;
 
 use crate::transaction::{FailReason, Transaction, TxState};
@@ -21,19 +22,22 @@ pub struct Offer {
     pub rollout_id: String,
     /// The release's version.
     pub version: Version,
-    /// Install it, or end a trial of it (a fleet-wide rollback).
-    pub kind: OfferKind,
+    /// Install it, stage it only, or end a trial of it (a fleet-wide rollback).
+    pub kind: AssignedAction,
 }
 
-/// What an [`Offer`] asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OfferKind {
-    /// Download, stage, and activate in the window.
-    Install,
-    /// Download and stage only (a rollout that stages the fleet before it activates anyone).
-    Stage,
-    /// Roll a trial of this release back (the fleet rolls it back).
-    RollBack,
+impl Offer {
+    /// The offer of a verified assignment: none if it assigns no release, or one whose
+    /// version does not parse.
+    pub fn of(assignment: &Assignment) -> Option<Offer> {
+        let r = assignment.release.as_ref()?;
+        Some(Offer {
+            release_id: r.release_id.clone(),
+            rollout_id: r.rollout_id.clone(),
+            version: r.version.parse().ok()?,
+            kind: r.action,
+        })
+    }
 }
 
 /// Whether the device holds a reboot lease from the server.
@@ -104,7 +108,7 @@ pub fn decide(v: &View<'_>) -> Step {
     {
         // The bootloader and the health gate own a trial; only the fleet may end it early.
         return match v.offer {
-            Some(o) if o.kind == OfferKind::RollBack && on_trial && o.version == t.version => {
+            Some(o) if o.kind == AssignedAction::Rollback && on_trial && o.version == t.version => {
                 Step::RollBack
             }
             _ => Step::Idle,
@@ -119,7 +123,7 @@ pub fn decide(v: &View<'_>) -> Step {
         return Step::Abandon;
     }
     let staged = tx.filter(|t| matches!(t.state, TxState::Staged));
-    let Some(offer) = v.offer.filter(|o| o.kind != OfferKind::RollBack) else {
+    let Some(offer) = v.offer.filter(|o| o.kind != AssignedAction::Rollback) else {
         // Without an assignment a staged release waits: a paused rollout may resume.
         return Step::Idle;
     };
@@ -127,7 +131,7 @@ pub fn decide(v: &View<'_>) -> Step {
         if t.version != offer.version {
             return Step::Cancel;
         }
-        if offer.kind == OfferKind::Stage {
+        if offer.kind == AssignedAction::Stage {
             return Step::Idle;
         }
         return match (v.window, v.lease) {
@@ -155,49 +159,161 @@ pub fn decide(v: &View<'_>) -> Step {
     Step::Stage
 }
 
-/// What a device reports about an update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Status {
-    /// Content is streaming into the target.
-    Downloading,
-    /// Every digest verified; waiting to activate.
-    Staged,
-    /// Activated; the machine is rebooting into the target.
-    Rebooting,
-    /// Booted into the target; the health gate decides.
-    Trial,
-    /// The health gate passed on the new system.
-    Committed,
-    /// Ended before activation.
-    Failed,
-    /// The trial failed; the device runs the previous group.
-    RolledBack,
-}
-
-impl Status {
-    /// Its name on the wire.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Downloading => "downloading",
-            Status::Staged => "staged",
-            Status::Rebooting => "rebooting",
-            Status::Trial => "trial",
-            Status::Committed => "committed",
-            Status::Failed => "failed",
-            Status::RolledBack => "rolled_back",
-        }
+/// What a transaction in `state` reports, with the reason of a failure or rollback.
+pub fn status(state: &TxState) -> (ReportStatus, Option<String>) {
+    match state {
+        TxState::Downloading => (ReportStatus::Downloading, None),
+        TxState::Staged => (ReportStatus::Staged, None),
+        TxState::Activated { .. } => (ReportStatus::Rebooting, None),
+        TxState::Trial { .. } => (ReportStatus::Trial, None),
+        TxState::Committed { .. } => (ReportStatus::Committed, None),
+        TxState::Failed { reason } => (ReportStatus::Failed, Some(reason.to_string())),
+        TxState::RolledBack { reason } => (ReportStatus::RolledBack, Some(reason.to_string())),
     }
 }
 
-/// What a transaction in `state` reports, with the reason of a failure or rollback.
-pub fn status(state: &TxState) -> (Status, Option<String>) {
-    match state {
-        TxState::Downloading => (Status::Downloading, None),
-        TxState::Staged => (Status::Staged, None),
-        TxState::Activated { .. } => (Status::Rebooting, None),
-        TxState::Trial { .. } => (Status::Trial, None),
-        TxState::Committed { .. } => (Status::Committed, None),
-        TxState::Failed { reason } => (Status::Failed, Some(reason.to_string())),
-        TxState::RolledBack { reason } => (Status::RolledBack, Some(reason.to_string())),
+/// The state a device whose last transaction is `tx` gives in its check-in inventory.
+pub fn device_state(tx: Option<&Transaction>) -> DeviceState {
+    match tx.map(|t| &t.state) {
+        None => DeviceState::Idle,
+        Some(TxState::Downloading) => DeviceState::Downloading,
+        Some(TxState::Staged) => DeviceState::Staged,
+        Some(TxState::Activated { .. }) => DeviceState::Activated,
+        Some(TxState::Trial { .. }) => DeviceState::Trial,
+        Some(TxState::Committed { .. }) => DeviceState::Committed,
+        Some(TxState::Failed { .. }) => DeviceState::Failed,
+        Some(TxState::RolledBack { .. }) => DeviceState::RolledBack,
+    }
+}
+
+/// The release and rollout a device's transaction carries out for the fleet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Assigned {
+    /// The release's version.
+    pub version: String,
+    /// The release id.
+    pub release_id: String,
+    /// The rollout id.
+    pub rollout_id: String,
+}
+
+/// A report to make about the fleet's update, and the key that says it was made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The transaction and the status reported, remembered so that each is reported once.
+    pub key: (String, String),
+    /// The report (its sequence number is given when it is queued).
+    pub request: abide_proto::ReportRequest,
+}
+
+/// The report the transaction's state makes, if it is about the release the fleet assigned and
+/// was not reported yet (`reported`: the key of the last report). The download is reported as
+/// it starts ([`Ledger::stage`]), and a download the fleet stopped by withdrawing the release
+/// is not a failure to report.
+pub fn report(
+    tx: Option<&Transaction>,
+    assigned: Option<&Assigned>,
+    reported: Option<&(String, String)>,
+) -> Option<Report> {
+    let (tx, assigned) = (tx?, assigned?);
+    if assigned.version != tx.version.to_string()
+        || matches!(
+            tx.state,
+            TxState::Downloading
+                | TxState::Failed {
+                    reason: FailReason::Cancelled
+                }
+        )
+    {
+        return None;
+    }
+    let (status, reason) = status(&tx.state);
+    let key = (tx.id.clone(), status.as_str().to_owned());
+    if reported == Some(&key) {
+        return None;
+    }
+    let seconds = match &tx.state {
+        TxState::Staged => Some(tx.updated.duration_since(tx.started).as_secs_f64()),
+        _ => None,
+    };
+    Some(Report {
+        key,
+        request: abide_proto::ReportRequest {
+            seq: 0,
+            status,
+            release_id: Some(assigned.release_id.clone()),
+            rollout_id: Some(assigned.rollout_id.clone()),
+            reason: reason.map(|r| r.chars().take(1000).collect()),
+            seconds,
+        },
+    })
+}
+
+/// What a device keeps about its part in the fleet's updates, in its state directory: the
+/// release being installed, whether it holds a reboot lease, and the reports not yet
+/// acknowledged, in order, with their sequence numbers.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Ledger {
+    /// The release being installed, by version.
+    pub assigned: Option<Assigned>,
+    /// Whether a reboot lease is held.
+    pub lease: bool,
+    /// The sequence number of the next new report (from 1).
+    pub next_seq: u64,
+    /// The last transaction state reported: (transaction id, status).
+    pub reported: Option<(String, String)>,
+    /// Reports not yet acknowledged, oldest first.
+    pub outbox: Vec<abide_proto::ReportRequest>,
+}
+
+impl Ledger {
+    /// An empty ledger: nothing assigned, no lease, the first report numbered 1.
+    pub fn new() -> Ledger {
+        Ledger {
+            next_seq: 1,
+            ..Ledger::default()
+        }
+    }
+
+    /// The lease, for [`decide`].
+    pub fn lease(&self) -> Lease {
+        if self.lease { Lease::Held } else { Lease::None }
+    }
+
+    /// Queues `report` with the next sequence number.
+    pub fn queue(&mut self, mut report: abide_proto::ReportRequest) {
+        report.seq = self.next_seq;
+        self.next_seq += 1;
+        self.outbox.push(report);
+    }
+
+    /// Starts carrying out `offer`: it is the release assigned, and its download is reported.
+    pub fn stage(&mut self, offer: &Offer) {
+        self.assigned = Some(Assigned {
+            version: offer.version.to_string(),
+            release_id: offer.release_id.clone(),
+            rollout_id: offer.rollout_id.clone(),
+        });
+        self.queue(abide_proto::ReportRequest {
+            seq: 0,
+            status: ReportStatus::Downloading,
+            release_id: Some(offer.release_id.clone()),
+            rollout_id: Some(offer.rollout_id.clone()),
+            reason: None,
+            seconds: None,
+        });
+    }
+
+    /// Queues the report the transaction's state makes ([`report`]), if one is due; returns
+    /// whether one was.
+    pub fn note(&mut self, tx: Option<&Transaction>) -> bool {
+        match report(tx, self.assigned.as_ref(), self.reported.as_ref()) {
+            Some(r) => {
+                self.queue(r.request);
+                self.reported = Some(r.key);
+                true
+            }
+            None => false,
+        }
     }
 }

@@ -5,6 +5,7 @@
 //! order). The agent performs the actions and makes them durable; tests drive this crate with
 //! tables of inputs and expected outputs.
 
+pub mod agent;
 pub mod app;
 pub mod duration;
 mod error;
@@ -14,6 +15,7 @@ pub mod lease;
 pub mod quarantine;
 pub mod rollout;
 pub mod schedule;
+pub mod selfupdate;
 pub mod transaction;
 pub mod window;
 

@@ -9,9 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use abide_client::{ClientError, Device as Client};
-use abide_core::fleet::{self, Lease, Offer, Step, View, WindowState};
-use abide_core::{CheckOutcome, FailReason, Force, Transaction, TxState};
-use abide_proto::{Assignment, CheckinRequest, Health, ReportRequest};
+use abide_core::agent::{self, Answer, Apps, By, Command, Fleet, Situation};
+use abide_core::fleet::{Offer, WindowState};
+use abide_core::{CheckOutcome, FailReason, Force, TxState};
+use abide_proto::{Assignment, CheckinRequest, Health};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -20,7 +21,7 @@ use crate::config::{Config, DeviceWindow, ServerSettings};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::{HttpSource, Meter};
-use crate::fleet::store::{Assigned, Enrolment, FleetState};
+use crate::fleet::store::{Enrolment, FleetState};
 use crate::health::{Clock, Running, SystemClock, run_checks};
 use crate::local::Next;
 
@@ -53,6 +54,9 @@ pub struct Agent {
     /// The fleet link, when system.toml has a `[server]`.
     fleet: Option<Link>,
     failures: u32,
+    /// Whether the applications were looked after since the agent started (what a crash left
+    /// behind is tidied once).
+    apps_checked: bool,
 }
 
 /// The agent's link to its fleet server.
@@ -109,6 +113,7 @@ impl Agent {
             shared: Shared::new(config, clock)?,
             fleet,
             failures: 0,
+            apps_checked: false,
         })
     }
 
@@ -281,153 +286,189 @@ impl Agent {
         Ok(client)
     }
 
-    /// One round: the device's own schedules, then the fleet; `Ok(None)` when another round
-    /// should follow at once.
+    /// One round: gathers the situation, asks `abide_core::agent::next` for the command and
+    /// carries it out; a check-in's answer is part of the situation, so the round asks again
+    /// after one. `Ok(None)` when another round should follow at once.
     fn round(&mut self) -> std::result::Result<Option<Exit>, Wait> {
         let (mut device, mut fleet) = self.open()?;
-        match crate::local::round(&self.shared, self.rt.handle(), &mut device)? {
-            Next::Again => return Ok(None),
-            Next::Reboot => return Ok(Some(Exit::Reboot)),
-            Next::Idle => {}
+        let mut answer: Option<(Assignment, Option<Offer>)> = None;
+        let mut client: Option<Client> = None;
+        loop {
+            let now = self.shared.clock.now();
+            let state = device.state()?;
+            let book = self.shared.book();
+            let app_transaction = book
+                .in_progress()
+                .and_then(|s| crate::local::app_transaction(&device.config, s));
+            let apps = if !self.apps_checked || crate::app::interrupted(&device.config)? {
+                Apps::Interrupted
+            } else {
+                Apps::Settled
+            };
+            let situation = Situation {
+                now,
+                trial: crate::selfupdate::view(&device.config.state_dir)?,
+                apps,
+                running: &state.version,
+                transaction: state.transaction.as_ref(),
+                schedules: &book.schedules,
+                app_transaction: app_transaction.as_ref(),
+                windows: crate::local::windows(&device.config.windows, now),
+                fleet: match (&self.fleet, &answer) {
+                    (None, _) => Fleet::Absent,
+                    (Some(_), None) => Fleet::Unknown,
+                    (Some(_), Some((a, offer))) => Fleet::Answered(Answer {
+                        offer: offer.as_ref(),
+                        group_window: group_window(a, now),
+                        quarantined: offer
+                            .as_ref()
+                            .is_some_and(|o| state.quarantine.get(&o.version).is_some()),
+                        lease: fleet.ledger.lease(),
+                    }),
+                },
+            };
+            let command = agent::next(&situation);
+            tracing::debug!(?command, "decided");
+            match command {
+                Command::Wait(why) => {
+                    tracing::debug!(?why, "nothing to do now");
+                    return Err(Wait::Idle);
+                }
+                Command::FailTrial => {
+                    crate::selfupdate::recover(&device.config)?;
+                    return Ok(None);
+                }
+                Command::SettleTrial => {
+                    crate::selfupdate::settle(&mut device, &self.shared)?;
+                    return Ok(None);
+                }
+                Command::RecoverApps => {
+                    crate::local::recover_apps(&self.shared, &mut device)?;
+                    self.apps_checked = true;
+                    return Ok(None);
+                }
+                Command::Follow => crate::local::follow(&self.shared, &device)?,
+                Command::Abandon(reason) => {
+                    let cancelled = reason == FailReason::Cancelled;
+                    let tx = crate::install::abandon(&mut device, now, reason)?;
+                    if cancelled {
+                        tracing::info!(transaction = %tx.id, "cancelled before activation; the target stays unbootable");
+                    }
+                    return Ok(None);
+                }
+                Command::Activate(By::Schedule(id)) => {
+                    return match crate::local::activate(&self.shared, &mut device, &id)? {
+                        Next::Reboot => Ok(Some(Exit::Reboot)),
+                        Next::Again => Ok(None),
+                    };
+                }
+                Command::Start(id) => {
+                    crate::local::start(&self.shared, self.rt.handle(), &mut device, &id)?;
+                    return Ok(None);
+                }
+                Command::CheckIn => {
+                    let c = self.client(&device, &mut fleet)?;
+                    answer = Some(self.check_in(&c, &mut device, &mut fleet)?);
+                    client = Some(c);
+                }
+                Command::Stage => {
+                    let (a, offer) = answer.take().expect("staging follows a check-in");
+                    let client = client.expect("a check-in made the client");
+                    let offer = offer.expect("staging needs an offer");
+                    let release = a.release.expect("an offer comes from a release");
+                    fleet.ledger.stage(&offer);
+                    fleet.store(&device.config.state_dir)?;
+                    let _ = self.flush(&client, &mut fleet, &mut device);
+                    let url = format!(
+                        "{}{}",
+                        self.fleet.as_ref().expect("a fleet round").server.url,
+                        release.url
+                    );
+                    let id = crate::local::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
+                    let before = device.state()?.transaction.map(|t| t.id);
+                    let staged = self.stage(&mut device, &client, &release, &id);
+                    crate::local::staged(
+                        &self.shared,
+                        &device,
+                        &id,
+                        before.as_deref(),
+                        staged.as_ref().err(),
+                    )?;
+                    staged?;
+                    return Ok(None);
+                }
+                Command::AskLease => {
+                    let client = client.as_ref().expect("a check-in made the client");
+                    if !self.rt.block_on(client.lease())? {
+                        tracing::info!("reboot lease refused for now");
+                        return Err(Wait::Idle);
+                    }
+                    fleet.ledger.lease = true;
+                    fleet.store(&device.config.state_dir)?;
+                    tracing::info!("reboot lease granted");
+                    return Ok(None);
+                }
+                Command::ReleaseLease => {
+                    let client = client.as_ref().expect("a check-in made the client");
+                    self.rt.block_on(client.release_lease())?;
+                    fleet.ledger.lease = false;
+                    fleet.store(&device.config.state_dir)?;
+                    tracing::info!("reboot lease given back");
+                    return Ok(None);
+                }
+                Command::Activate(By::Fleet) => {
+                    let client = client.expect("a check-in made the client");
+                    let (tx, reboot) = crate::install::activate(&mut device, now)?;
+                    tracing::info!(version = %tx.version, target = %tx.target, "activated");
+                    return self.after_change(&client, &mut device, reboot);
+                }
+                Command::RollBack => {
+                    let client = client.expect("a check-in made the client");
+                    let (tx, reboot) = device.advance(now, "roll back", |tx| {
+                        tx.rollback(now, "fleet-wide rollback")
+                    })?;
+                    tracing::info!(version = %tx.version, "rolled back by the fleet");
+                    return self.after_change(&client, &mut device, reboot);
+                }
+            }
         }
-        if self.fleet.is_none() {
-            return Err(Wait::Idle);
-        }
-        let client = self.client(&device, &mut fleet)?;
-        let state = device.state()?;
-        queue_report(&mut fleet, state.transaction.as_ref(), &device)?;
-        self.flush(&client, &mut fleet, &mut device)?;
+    }
 
-        let inventory = inventory(&device, &state)?;
-        let assignment = match self
-            .rt
-            .block_on(client.checkin(inventory, Timestamp::now()))
-        {
+    /// Reports what changed, checks in with the true inventory, verifies the assignment and
+    /// takes the trust roots it delivers.
+    fn check_in(
+        &mut self,
+        client: &Client,
+        device: &mut Device,
+        fleet: &mut FleetState,
+    ) -> std::result::Result<(Assignment, Option<Offer>), Wait> {
+        let state = device.state()?;
+        if fleet.ledger.note(state.transaction.as_ref()) {
+            fleet.store(&device.config.state_dir)?;
+        }
+        self.flush(client, fleet, device)?;
+        let inventory = inventory(device, &state)?;
+        let now = self.shared.clock.now();
+        let assignment = match self.rt.block_on(client.checkin(inventory, now)) {
             Ok(a) => a,
             Err(ClientError::BadAssignment(why)) => {
                 tracing::warn!(%why, "assignment refused");
-                device.record(
-                    Timestamp::now(),
-                    "assignment-refused",
-                    json!({"reason": why}),
-                )?;
+                device.record(now, "assignment-refused", json!({"reason": why}))?;
                 return Err(Wait::Failed(AgentError::Server(
                     ClientError::BadAssignment(why),
                 )));
             }
             Err(e) => return Err(Wait::Failed(e.into())),
         };
-        *self.shared.last_checkin.lock().expect("not poisoned") = Some(Timestamp::now());
+        *self.shared.last_checkin.lock().expect("not poisoned") = Some(now);
         if let Some(link) = self.fleet.as_mut() {
             link.suggested = assignment.poll_seconds.map(Duration::from_secs);
         }
         if !assignment.trust.is_empty() {
-            self.rotate_trust(&mut device, &assignment.trust)?;
+            self.rotate_trust(device, &assignment.trust)?;
         }
-        // An update an operator scheduled on the device is carried out first; the fleet's
-        // assignment waits for it to end.
-        if let Some(s) = self.shared.book().in_progress()
-            && s.origin == abide_core::schedule::Origin::Operator
-        {
-            tracing::debug!(schedule = %s.id, "a scheduled update is in progress; the assignment waits");
-            return Err(Wait::Idle);
-        }
-        let offer = offer_of(&assignment);
-        let window = window_state(&device.config.windows, &assignment, Timestamp::now());
-        let quarantined = offer
-            .as_ref()
-            .is_some_and(|o| state.quarantine.get(&o.version).is_some());
-        let step = fleet::decide(&View {
-            offer: offer.as_ref(),
-            running: &state.version,
-            quarantined,
-            transaction: state.transaction.as_ref(),
-            window,
-            lease: if fleet.lease {
-                Lease::Held
-            } else {
-                Lease::None
-            },
-        });
-        tracing::debug!(?step, "decided");
-        let now = Timestamp::now();
-        match step {
-            Step::Idle | Step::WaitForWindow => Err(Wait::Idle),
-            Step::Stage => {
-                let offer = offer.expect("staging needs an offer");
-                let release = assignment.release.expect("an offer comes from a release");
-                fleet.assigned = Some(Assigned {
-                    version: offer.version.to_string(),
-                    release_id: offer.release_id.clone(),
-                    rollout_id: offer.rollout_id.clone(),
-                });
-                fleet.queue(ReportRequest {
-                    seq: 0,
-                    status: abide_proto::ReportStatus::Downloading,
-                    release_id: Some(offer.release_id.clone()),
-                    rollout_id: Some(offer.rollout_id.clone()),
-                    reason: None,
-                    seconds: None,
-                });
-                fleet.store(&device.config.state_dir)?;
-                let _ = self.flush(&client, &mut fleet, &mut device);
-                let url = format!(
-                    "{}{}",
-                    self.fleet.as_ref().expect("a fleet round").server.url,
-                    release.url
-                );
-                let id = crate::local::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
-                let before = device.state()?.transaction.map(|t| t.id);
-                let staged = self.stage(&mut device, &client, &release, &id);
-                crate::local::staged(
-                    &self.shared,
-                    &device,
-                    &id,
-                    before.as_deref(),
-                    staged.as_ref().err(),
-                )?;
-                staged?;
-                Ok(None)
-            }
-            Step::Abandon => {
-                crate::install::abandon(&mut device, now, FailReason::Interrupted)?;
-                Ok(None)
-            }
-            Step::Cancel => {
-                crate::install::abandon(&mut device, now, FailReason::Cancelled)?;
-                Ok(None)
-            }
-            Step::AskLease => {
-                if self.rt.block_on(client.lease())? {
-                    fleet.lease = true;
-                    fleet.store(&device.config.state_dir)?;
-                    tracing::info!("reboot lease granted");
-                    Ok(None)
-                } else {
-                    tracing::info!("reboot lease refused for now");
-                    Err(Wait::Idle)
-                }
-            }
-            Step::ReleaseLease => {
-                self.rt.block_on(client.release_lease())?;
-                fleet.lease = false;
-                fleet.store(&device.config.state_dir)?;
-                tracing::info!("reboot lease given back");
-                Ok(None)
-            }
-            Step::Activate => {
-                let (tx, reboot) = crate::install::activate(&mut device, now)?;
-                tracing::info!(version = %tx.version, target = %tx.target, "activated");
-                self.after_change(&client, &mut device, reboot)
-            }
-            Step::RollBack => {
-                let (tx, reboot) = device.advance(now, "roll back", |tx| {
-                    tx.rollback(now, "fleet-wide rollback")
-                })?;
-                tracing::info!(version = %tx.version, "rolled back by the fleet");
-                self.after_change(&client, &mut device, reboot)
-            }
-        }
+        let offer = Offer::of(&assignment);
+        Ok((assignment, offer))
     }
 
     /// Reports the change (best effort: the queue keeps what the server did not take) and
@@ -439,8 +480,9 @@ impl Agent {
         reboot: bool,
     ) -> std::result::Result<Option<Exit>, Wait> {
         let mut fleet = FleetState::load(&device.config.state_dir)?;
-        let state = device.state()?;
-        queue_report(&mut fleet, state.transaction.as_ref(), device)?;
+        if fleet.ledger.note(device.state()?.transaction.as_ref()) {
+            fleet.store(&device.config.state_dir)?;
+        }
         let _ = self.flush(client, &mut fleet, device);
         if !reboot {
             return Ok(None);
@@ -469,7 +511,7 @@ impl Agent {
                 Err(AgentError::Bundle(e)) if delta_content_failed(&e) => {
                     tracing::warn!(error = %e, "the delta does not fit the running slots; downloading the bundle");
                     device.record(
-                        Timestamp::now(),
+                        self.shared.clock.now(),
                         "delta-fallback",
                         json!({"release": release.release_id, "url": delta.url,
                                "code": e.code(), "reason": e.to_string(), "bundle": release.url}),
@@ -510,7 +552,7 @@ impl Agent {
         // While the download runs, keep checking in with its progress: a withdrawn assignment
         // stops it.
         let watcher = {
-            let (client, meter) = (client.clone(), meter.clone());
+            let (client, meter, clock) = (client.clone(), meter.clone(), self.shared.clock.clone());
             let (release_id, total) = (release.release_id.clone(), size);
             let every = self
                 .fleet
@@ -533,7 +575,7 @@ impl Agent {
                         fetched,
                         rate: (fetched as f64 / started.elapsed().as_secs_f64().max(1e-3)) as u64,
                     });
-                    if let Ok(a) = client.checkin(req, Timestamp::now()).await
+                    if let Ok(a) = client.checkin(req, clock.now()).await
                         && a.release
                             .as_ref()
                             .is_none_or(|r| r.release_id != release_id)
@@ -548,13 +590,14 @@ impl Agent {
         let mut last = Instant::now();
         let mut last_event = Instant::now();
         let shared = self.shared.clone();
+        let clock = self.shared.clock.clone();
         tracing::info!(version = %release.version, url, bytes = size, "downloading into the target group");
         let result = crate::install::stage(
             device,
             &mut src,
             Force::No,
             abide_core::Gate::Automatic,
-            &Timestamp::now,
+            &|| clock.now(),
             &mut |done, total| {
                 if let Some(s) = &watched
                     && (last_event.elapsed() >= Duration::from_millis(250) || done == total)
@@ -592,7 +635,7 @@ impl Agent {
                     "staged"
                 );
                 device.record(
-                    Timestamp::now(),
+                    self.shared.clock.now(),
                     "download",
                     json!({"release": release.release_id, "url": url, "fetched": fetched, "resumed": resumed,
                            "reused_bytes": out.reused.bytes, "bundle_bytes": size,
@@ -610,7 +653,7 @@ impl Agent {
     /// Takes the trust roots the server delivered; a refused one is audited and changes
     /// nothing.
     fn rotate_trust(&self, device: &mut Device, bodies: &[String]) -> Result<()> {
-        let now = Timestamp::now();
+        let now = self.shared.clock.now();
         let rotation = crate::trust::accept(&device.config, bodies, now)?;
         if rotation.from != rotation.to {
             tracing::info!(from = rotation.from, to = rotation.to, "trust root rotated");
@@ -633,7 +676,7 @@ impl Agent {
 
     /// Sends queued reports in order; stops at the first the server did not answer.
     fn flush(&self, client: &Client, fleet: &mut FleetState, device: &mut Device) -> Result<()> {
-        while let Some(report) = fleet.outbox.first().cloned() {
+        while let Some(report) = fleet.ledger.outbox.first().cloned() {
             match self.rt.block_on(client.report(&report)) {
                 Ok(_) => {}
                 Err(ClientError::Refused {
@@ -641,14 +684,14 @@ impl Agent {
                 }) if (400..500).contains(&status) && status != 401 && status != 429 => {
                     // The server will never take it: recorded here, not retried forever.
                     device.record(
-                        Timestamp::now(),
+                        self.shared.clock.now(),
                         "report-refused",
                         json!({"seq": report.seq, "status": report.status, "reason": message}),
                     )?;
                 }
                 Err(e) => return Err(e.into()),
             }
-            fleet.outbox.remove(0);
+            fleet.ledger.outbox.remove(0);
             fleet.store(&device.config.state_dir)?;
         }
         Ok(())
@@ -676,45 +719,6 @@ impl<E: Into<AgentError>> From<E> for Wait {
     fn from(e: E) -> Wait {
         Wait::Failed(e.into())
     }
-}
-
-/// Queues the report the transaction's state makes, if it is about a release the fleet
-/// assigned and was not reported yet.
-fn queue_report(fleet: &mut FleetState, tx: Option<&Transaction>, device: &Device) -> Result<()> {
-    let (Some(tx), Some(assigned)) = (tx, fleet.assigned.clone()) else {
-        return Ok(());
-    };
-    if assigned.version != tx.version.to_string() {
-        return Ok(());
-    }
-    // A download the fleet stopped by withdrawing the release is not a failure to report.
-    if matches!(
-        tx.state,
-        TxState::Failed {
-            reason: FailReason::Cancelled
-        }
-    ) {
-        return Ok(());
-    }
-    let (status, reason) = fleet::status(&tx.state);
-    let key = (tx.id.clone(), status.as_str().to_owned());
-    if fleet.reported.as_ref() == Some(&key) {
-        return Ok(());
-    }
-    let seconds = match &tx.state {
-        TxState::Staged => Some(tx.updated.duration_since(tx.started).as_secs_f64()),
-        _ => None,
-    };
-    fleet.queue(ReportRequest {
-        seq: 0,
-        status: abide_client::report_status(status),
-        release_id: Some(assigned.release_id),
-        rollout_id: Some(assigned.rollout_id),
-        reason: reason.map(|r| r.chars().take(1000).collect()),
-        seconds,
-    });
-    fleet.reported = Some(key);
-    fleet.store(&device.config.state_dir)
 }
 
 /// What the device truly is: its groups as the bootloader has them, its version, its
@@ -750,7 +754,7 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
         version: state.version.to_string(),
         booted: booted.map(|g| g.to_string()),
         good: good.map(|g| g.to_string()),
-        state: abide_client::device_state(tx),
+        state: abide_core::fleet::device_state(tx),
         health: Some(health),
         trust_version: Some(crate::trust::version(&device.config)?),
         progress: None,
@@ -758,25 +762,13 @@ fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<Check
     })
 }
 
-fn offer_of(a: &Assignment) -> Option<Offer> {
-    let r = a.release.as_ref()?;
-    let version = r.version.parse().ok()?;
-    Some(Offer {
-        release_id: r.release_id.clone(),
-        rollout_id: r.rollout_id.clone(),
-        version,
-        kind: abide_client::offer_kind(r.action),
-    })
-}
-
-/// Open when the group's window (if the assignment has one) and one of the device's own
-/// windows (if it has any) are open; a window that cannot be read counts as closed.
-fn window_state(own: &[DeviceWindow], a: &Assignment, now: Timestamp) -> WindowState {
-    let group_open = a.window.as_ref().is_none_or(|w| {
+/// The group's window, from the assignment: open if it has none; one that cannot be read
+/// counts as closed.
+fn group_window(a: &Assignment, now: Timestamp) -> WindowState {
+    let open = a.window.as_ref().is_none_or(|w| {
         DeviceWindow::parse(&w.days, &w.start, &w.end, &w.zone).is_ok_and(|w| w.is_open(now))
     });
-    let own_open = own.is_empty() || own.iter().any(|w| w.is_open(now));
-    if group_open && own_open {
+    if open {
         WindowState::Open
     } else {
         WindowState::Closed

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use abide_proto::ReportRequest;
+use abide_core::fleet::Ledger;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -29,34 +29,18 @@ pub struct Enrolment {
     pub group: String,
 }
 
-/// The release a version was assigned as.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Assigned {
-    /// The version.
-    pub version: String,
-    /// The release.
-    pub release_id: String,
-    /// The rollout.
-    pub rollout_id: String,
-}
-
-/// Everything the agent keeps about the fleet.
+/// Everything the agent keeps about the fleet: its enrolment, and the ledger of its part in
+/// the fleet's updates (`abide_core::fleet::Ledger`: the release assigned, the lease, the
+/// reports not yet acknowledged), whose fields sit beside the enrolment in the file.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct FleetState {
     /// The file format.
     pub format: u32,
     /// The enrolment, once enrolled.
     pub enrolment: Option<Enrolment>,
-    /// The release being installed, by version.
-    pub assigned: Option<Assigned>,
-    /// Whether a reboot lease is held.
-    pub lease: bool,
-    /// The sequence number of the next new report.
-    pub next_seq: u64,
-    /// The last transaction state reported: (transaction id, status).
-    pub reported: Option<(String, String)>,
-    /// Reports not yet acknowledged, oldest first.
-    pub outbox: Vec<ReportRequest>,
+    /// The release assigned, the lease, the reports.
+    #[serde(flatten)]
+    pub ledger: Ledger,
 }
 
 impl FleetState {
@@ -71,20 +55,13 @@ impl FleetState {
             crate::json_file::load(&FleetState::path(state_dir), "fleet state", Some(FORMAT))?;
         Ok(state.unwrap_or(FleetState {
             format: FORMAT,
-            next_seq: 1,
-            ..FleetState::default()
+            enrolment: None,
+            ledger: Ledger::new(),
         }))
     }
 
     /// Replaces the file atomically, readable by its owner only.
     pub fn store(&self, state_dir: &Path) -> Result<()> {
         crate::json_file::store(&FleetState::path(state_dir), self, 0o600)
-    }
-
-    /// Queues a report with the next sequence number.
-    pub fn queue(&mut self, mut report: ReportRequest) {
-        report.seq = self.next_seq;
-        self.next_seq += 1;
-        self.outbox.push(report);
     }
 }

@@ -1,12 +1,15 @@
 //! The device's side of the fleet as a table: (offer, transaction, window, lease) → next step.
 
-use abide_core::fleet::{Lease, Offer, OfferKind, Step, View, WindowState, decide, status};
+use abide_core::fleet::{
+    Assigned, Lease, Ledger, Offer, Step, View, WindowState, decide, device_state, report, status,
+};
 use abide_core::{FailReason, Group, RollbackReason, Transaction, TxState};
+use abide_proto::AssignedAction;
 use expect_test::expect;
 
 use crate::at;
 
-fn offer(version: &str, kind: OfferKind) -> Offer {
+fn offer(version: &str, kind: AssignedAction) -> Offer {
     Offer {
         release_id: format!("r-{version}"),
         rollout_id: "ro-1".into(),
@@ -31,7 +34,7 @@ fn tx(version: &str, state: TxState) -> Transaction {
 
 #[test]
 fn the_next_step_for_every_kind_of_situation() {
-    use OfferKind::{Install, RollBack, Stage};
+    use AssignedAction::{Install, Rollback as RollBack, Stage};
     use TxState::*;
     let trial = Trial {
         since: at(1),
@@ -158,16 +161,84 @@ fn every_transaction_state_has_its_report() {
         },
     ] {
         let (s, reason) = status(&state);
-        out.push_str(&format!("{} => {} {reason:?}\n", state.name(), s.as_str()));
+        let t = tx("2.0.0", state.clone());
+        let inventory = device_state(Some(&t));
+        out.push_str(&format!(
+            "{} => {} {reason:?} (inventory {inventory})\n",
+            state.name(),
+            s.as_str()
+        ));
+    }
+    out.push_str(&format!("none => (inventory {})\n", device_state(None)));
+    expect![[r#"
+        downloading => downloading None (inventory downloading)
+        staged => staged None (inventory staged)
+        activated => rebooting None (inventory activated)
+        trial => trial None (inventory trial)
+        committed => committed None (inventory committed)
+        failed => failed Some("cancelled") (inventory failed)
+        rolled_back => rolled_back Some("the new system did not boot; the bootloader fell back") (inventory rolled_back)
+        none => (inventory idle)
+    "#]]
+    .assert_eq(&out);
+}
+
+#[test]
+fn each_state_of_the_assigned_release_is_reported_once_and_a_withdrawal_not_at_all() {
+    let assigned = Assigned {
+        version: "2.0.0".into(),
+        release_id: "r-2.0.0".into(),
+        rollout_id: "ro-1".into(),
+    };
+    let mut ledger = Ledger::new();
+    ledger.stage(&offer("2.0.0", AssignedAction::Install));
+    assert_eq!(ledger.assigned.as_ref(), Some(&assigned));
+    let mut out = String::new();
+    for state in [
+        TxState::Downloading,
+        TxState::Staged,
+        TxState::Staged,
+        TxState::Activated { tries: 1 },
+        TxState::Committed { at: at(1) },
+    ] {
+        let mut t = tx("2.0.0", state);
+        t.updated = at(3);
+        let queued = ledger.note(Some(&t));
+        out.push_str(&format!("{} => {queued}\n", t.state.name()));
+    }
+    let withdrawn = tx(
+        "2.0.0",
+        TxState::Failed {
+            reason: FailReason::Cancelled,
+        },
+    );
+    out.push_str(&format!("withdrawn => {}\n", ledger.note(Some(&withdrawn))));
+    let other = tx("3.0.0", TxState::Staged);
+    out.push_str(&format!(
+        "another version => {:?}\n",
+        report(Some(&other), Some(&assigned), None)
+    ));
+    for r in &ledger.outbox {
+        out.push_str(&format!(
+            "#{} {} {:?} {:?}\n",
+            r.seq,
+            r.status,
+            r.release_id.as_deref(),
+            r.seconds
+        ));
     }
     expect![[r#"
-        downloading => downloading None
-        staged => staged None
-        activated => rebooting None
-        trial => trial None
-        committed => committed None
-        failed => failed Some("cancelled")
-        rolled_back => rolled_back Some("the new system did not boot; the bootloader fell back")
+        downloading => false
+        staged => true
+        staged => false
+        activated => true
+        committed => true
+        withdrawn => false
+        another version => None
+        #1 downloading Some("r-2.0.0") None
+        #2 staged Some("r-2.0.0") Some(180.0)
+        #3 rebooting Some("r-2.0.0") None
+        #4 committed Some("r-2.0.0") None
     "#]]
     .assert_eq(&out);
 }

@@ -3,6 +3,7 @@
 // The tests read files and clocks; the library may not (clippy.toml).
 #![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 
+mod agent;
 mod app;
 mod duration;
 mod fleet;
@@ -11,6 +12,7 @@ mod lease;
 mod quarantine;
 mod rollout;
 mod schedule;
+mod selfupdate;
 mod tidy;
 mod transaction;
 mod window;

@@ -101,7 +101,8 @@ fn the_core_machine_code_calls_no_io_clock_or_thread() {
     );
 }
 
-/// The core's dependencies are the bundle format and four libraries that do no I/O: a new one
+/// The core's dependencies are the bundle format, the fleet's wire types and four libraries
+/// that do no I/O: a new one
 /// (an async runtime, a database, a random source) is a decision to make here, in the open.
 #[test]
 fn the_core_depends_only_on_pure_libraries() {
@@ -119,7 +120,14 @@ fn the_core_depends_only_on_pure_libraries() {
     deps.sort();
     assert_eq!(
         deps,
-        ["abide-bundle", "jiff", "semver", "serde", "thiserror"]
+        [
+            "abide-bundle",
+            "abide-proto",
+            "jiff",
+            "semver",
+            "serde",
+            "thiserror"
+        ]
     );
 }
 
@@ -160,7 +168,8 @@ fn the_crate_graph_is_as_architecture_draws_it() {
     // The agent's local API is its .proto, the generated code and the transports: no crate of
     // ours.
     assert_eq!(ours("abide-api"), set(&[]));
-    assert_eq!(ours("abide-core"), set(&["abide-bundle"]));
+    // The core decides on the fleet's wire enums themselves: no copy of them to convert.
+    assert_eq!(ours("abide-core"), set(&["abide-bundle", "abide-proto"]));
     assert_eq!(ours("abide-boot"), set(&["abide-core", "abide-fs"]));
     let server = ours("abide-server");
     for device in ["abide-boot", "abide-agent", "abide-client"] {

@@ -1632,3 +1632,90 @@ fn a_device_running_the_old_release_downloads_only_the_delta_and_lands_on_the_ne
         );
     }
 }
+
+/// The fleet simulator is an executor of the agent's own machine (`abide_core::agent::next`):
+/// on the same rollouts, its devices report the very steps real agents report — for a release
+/// that commits, and for one whose health check fails and rolls back.
+#[test]
+fn the_simulator_reports_the_same_steps_as_real_agents_on_the_same_rollouts() {
+    let (_tmp, dir) = workspace();
+    let f = Fleet::start(&dir, None, &[]);
+    let (lab, canary) = (f.token("lab"), f.token("canary"));
+    let real = [
+        device(&dir, "gw-1", &f.url, &lab),
+        device(&dir, "gw-2", &f.url, &canary),
+    ];
+    let _running: Vec<Running> = real.iter().map(|d| sim_run(&dir, d)).collect();
+    let simulated = |token: &Path, fail_rate: &str, prefix: &str, until: &str| {
+        let token = std::fs::read_to_string(token).unwrap();
+        crate::fleet::simulate(
+            &dir,
+            &f.url,
+            &token,
+            &[
+                "--devices",
+                "1",
+                "--product",
+                "gw",
+                "--compatible",
+                "gw-board",
+                "--version",
+                "1.0.0",
+                "--fail-rate",
+                fail_rate,
+                "--poll",
+                "200ms",
+                "--duration",
+                "120s",
+                "--prefix",
+                prefix,
+                "--until-version",
+                until,
+            ],
+            &dir.join(format!("{prefix}.ledger.json")),
+        )
+    };
+    let sims = [
+        simulated(&lab, "0", "sim-ok", "2.0.0"),
+        simulated(&canary, "1", "sim-bad", "3.0.0"),
+    ];
+    wait_for_devices(&dir, &f.url, &f.admin, &[], 4);
+    let good = f.upload(&release_bundle(&dir, "2.0.0", 1));
+    let bad = f.upload(&release_bundle(&dir, "3.0.0", 2));
+    f.rollout(&good, "100", "lab", &[]);
+    // Both canaries fail; the threshold lets the rollout run to its end rather than pause
+    // (and withdraw the release) at the first failure.
+    f.rollout(&bad, "100", "canary", &["--failure-threshold", "100%"]);
+    for sim in sims {
+        let summary = crate::fleet::finish(sim);
+        assert_eq!(summary["errors"], 0, "{summary}");
+    }
+    let state = |id: &str| {
+        let listed = f.cmd(&["devices"]);
+        let d = server_device(&listed, id);
+        (
+            d["state"].as_str().map(str::to_owned),
+            d["version"].as_str().map(str::to_owned),
+        )
+    };
+    wait("the real devices to end their updates", 90, &real, || {
+        state("gw-1") == (Some("committed".into()), Some("2.0.0".into()))
+            && state("gw-2").0.as_deref() == Some("rolled_back")
+    });
+    let steps = |id: &str| -> Vec<String> {
+        reports_on_server(&dir, &f.url, &f.admin, id)
+            .into_iter()
+            .map(|(_, status)| status)
+            .collect()
+    };
+    assert_eq!(
+        steps("gw-1"),
+        ["downloading", "staged", "rebooting", "committed"]
+    );
+    assert_eq!(steps("sim-ok-0"), steps("gw-1"));
+    assert_eq!(
+        steps("gw-2"),
+        ["downloading", "staged", "rebooting", "rolled_back"]
+    );
+    assert_eq!(steps("sim-bad-0"), steps("gw-2"));
+}

@@ -180,10 +180,10 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     let pid = server.0.id().to_string();
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
     let admin = abide_client::Admin::new(&base, &token);
-    let t: abide_proto::EnrollToken = admin
+    let t: abide_fleet_json::EnrollToken = admin
         .post(
             "/api/v1/enroll-tokens",
-            &abide_proto::EnrollTokenRequest {
+            &abide_fleet_json::EnrollTokenRequest {
                 group: "bench".into(),
                 uses: Some(o.devices as u64),
                 ..Default::default()
@@ -254,7 +254,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     })
     .await;
     // Last-seen is durable: every device's last check-in time is in the database.
-    let listed: Vec<abide_proto::Device> = admin.get("/api/v1/devices").await?;
+    let listed: Vec<abide_fleet_json::Device> = admin.get("/api/v1/devices").await?;
     let seen = listed.iter().filter(|d| d.last_seen.is_some()).count();
     println!(
         "{db:<10} {:>7} devices (enrolled in {enrol_secs:.1} s)  check-in {checkin_rate:>8.0}/s ({checkin_failed} failed)  no-op {noop_rate:>8.0}/s ({noop_failed} failed)  ratio {:.2}  devices with last-seen {seen}  server peak RSS {:.1} MiB",
@@ -439,14 +439,14 @@ pub fn bench(args: &[String]) -> Result<()> {
 }
 
 /// What an idle device at 1.0.0 on group A sends.
-fn idle_inventory() -> abide_proto::CheckinRequest {
-    abide_proto::CheckinRequest {
+fn idle_inventory() -> abide_fleet_json::CheckinRequest {
+    abide_fleet_json::CheckinRequest {
         nonce: String::new(),
         version: "1.0.0".into(),
         booted: Some("A".into()),
         good: Some("A".into()),
-        state: abide_proto::DeviceState::Idle,
-        health: Some(abide_proto::Health::Healthy),
+        state: abide_fleet_json::DeviceState::Idle,
+        health: Some(abide_fleet_json::Health::Healthy),
         trust_version: None,
         progress: None,
         audit_head: None,

@@ -70,10 +70,10 @@ async fn run(o: Opts) -> Result<()> {
             &serde_json::json!({"max_unavailable": o.devices / 10}),
         )
         .await?;
-    let t: abide_proto::EnrollToken = admin
+    let t: abide_fleet_json::EnrollToken = admin
         .post(
             "/api/v1/enroll-tokens",
-            &abide_proto::EnrollTokenRequest {
+            &abide_fleet_json::EnrollTokenRequest {
                 group: "fleet".into(),
                 uses: Some(o.devices as u64),
                 ..Default::default()

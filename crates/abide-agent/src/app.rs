@@ -104,7 +104,7 @@ pub struct AppOutcome {
     /// Where the data written after the backup was kept, if it was.
     pub kept: Option<PathBuf>,
     /// The last results of the health checks.
-    pub checks: Vec<abide_api::CheckResult>,
+    pub checks: Vec<abide_agent_api::CheckResult>,
 }
 
 impl AppOutcome {
@@ -128,12 +128,9 @@ impl AppOutcome {
     }
 }
 
-fn io(
-    op: &'static str,
-    path: &Path,
-) -> impl FnOnce(std::io::Error) -> abide_boot::persist::IoError {
+fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> abide_fs::persist::IoError {
     let path = path.to_owned();
-    move |source| abide_boot::persist::IoError { op, path, source }
+    move |source| abide_fs::persist::IoError { op, path, source }
 }
 
 /// Updates an application from the bundle `reader` (its head read, not yet verified) and
@@ -336,7 +333,7 @@ fn begin<S: Source>(
     }
     let dir = app.releases.join(&id);
     std::fs::rename(&staging, &dir).map_err(io("putting the release in place", &dir))?;
-    abide_boot::persist::sync_dir(&app.releases)?;
+    abide_fs::persist::sync_dir(&app.releases)?;
     let tx = AppTransaction::update(
         &id,
         &app.name,
@@ -450,7 +447,7 @@ fn drive(
     let mut kept = None;
     let state_dir = device.config.state_dir.clone();
     while !tx.step.is_terminal() {
-        abide_boot::crash::point("app:step", tx.step.name());
+        abide_fs::crash::point("app:step", tx.step.name());
         let now = clock.now();
         let mut extra = json!({});
         let done: std::result::Result<(), String> = match tx.step.clone() {
@@ -701,22 +698,22 @@ fn restore(
             Ok(backup) => {
                 let parent = app.data.parent().unwrap_or(Path::new("."));
                 if !aside.exists() {
-                    abide_boot::crash::point("app:set-aside", &app.name);
+                    abide_fs::crash::point("app:set-aside", &app.name);
                     if app.data.exists() {
                         std::fs::rename(&app.data, &aside)
                             .map_err(io("moving aside", &app.data))?;
                     } else {
                         std::fs::create_dir(&aside).map_err(io("creating", &aside))?;
                     }
-                    abide_boot::persist::sync_dir(parent)?;
+                    abide_fs::persist::sync_dir(parent)?;
                 }
                 if !app.data.exists() {
                     let name = app.data.file_name().unwrap_or_default().to_string_lossy();
                     let temp = app.data.with_file_name(format!(".{name}.abide-restore"));
                     backup::unpack(backup, &temp)?;
-                    abide_boot::crash::point("app:restore-rename", &app.name);
+                    abide_fs::crash::point("app:restore-rename", &app.name);
                     std::fs::rename(&temp, &app.data).map_err(io("restoring", &app.data))?;
-                    abide_boot::persist::sync_dir(parent)?;
+                    abide_fs::persist::sync_dir(parent)?;
                 }
                 kept = Some(aside);
             }
@@ -735,7 +732,7 @@ fn restore(
         None => {
             if std::fs::symlink_metadata(&app.link).is_ok() {
                 std::fs::remove_file(&app.link).map_err(io("removing", &app.link))?;
-                abide_boot::persist::sync_dir(app.link.parent().unwrap_or(Path::new(".")))?;
+                abide_fs::persist::sync_dir(app.link.parent().unwrap_or(Path::new(".")))?;
             }
         }
     }

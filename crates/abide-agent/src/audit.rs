@@ -22,9 +22,9 @@ use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{IoError, read_bounded, write_atomic, write_new};
 use abide_bundle::{PublicKey, SecretKey};
-use abide_proto::AuditHead;
+use abide_fleet_json::AuditHead;
+use abide_fs::persist::{IoError, read_bounded, write_atomic, write_new};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -260,7 +260,7 @@ impl AuditLog {
                 path: path.to_owned(),
                 source,
             })?;
-            abide_boot::persist::fsync(&file, path)?;
+            abide_fs::persist::fsync(&file, path)?;
             repaired = Some((bytes.len() - complete) as u64);
             bytes.truncate(complete);
         }
@@ -353,15 +353,15 @@ impl AuditLog {
             .open(&self.path)
             .map_err(|e| io("opening", e))?;
         let before = file.metadata().map_err(|e| io("reading", e))?.len();
-        abide_boot::crash::point("audit:before-append", "");
+        abide_fs::crash::point("audit:before-append", "");
         if let Err(e) = file.write_all(&line) {
             // A line cut short by a full disk is taken back: the log stays whole, and the
             // record can be appended again.
             let _ = file.set_len(before);
             return Err(io("appending to", e).into());
         }
-        abide_boot::persist::fsync(&file, &self.path)?;
-        abide_boot::crash::point("audit:after-fsync", "");
+        abide_fs::persist::fsync(&file, &self.path)?;
+        abide_fs::crash::point("audit:after-fsync", "");
         let head = Head::signed(record.seq, record.hash.clone(), self.key.as_ref());
         let written = write_atomic(
             &head_path(&self.path),

@@ -12,8 +12,8 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{AtomicFile, IoError, sync_dir, syncfs};
 use abide_core::app::AppRelease;
+use abide_fs::persist::{AtomicFile, IoError, sync_dir, syncfs};
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -180,7 +180,7 @@ pub fn take(
             hashing.size,
         )
     };
-    abide_boot::crash::point("backup:archive-written", &id);
+    abide_fs::crash::point("backup:archive-written", &id);
     file.commit()?;
     let backup = Backup {
         id,
@@ -273,7 +273,7 @@ pub fn unpack(backup: &Backup, into: &Path) -> Result<()> {
     archive
         .unpack(into)
         .map_err(io("restoring backup into", into))?;
-    abide_boot::crash::point("backup:unpacked", &backup.id);
+    abide_fs::crash::point("backup:unpacked", &backup.id);
     syncfs(into)?;
     sync_dir(into.parent().unwrap_or(Path::new(".")))?;
     Ok(())

@@ -100,11 +100,11 @@ pub fn point_link(link: &std::path::Path, target: &std::path::Path) -> Result<()
     let temp = link.with_file_name(format!(".{name}.abide-tmp"));
     let io = |op: &'static str, path: &std::path::Path| {
         let path = path.to_owned();
-        move |source| abide_boot::persist::IoError { op, path, source }
+        move |source| abide_fs::persist::IoError { op, path, source }
     };
     let _ = std::fs::remove_file(&temp);
     std::os::unix::fs::symlink(target, &temp).map_err(io("creating link", &temp))?;
     std::fs::rename(&temp, link).map_err(io("switching link", link))?;
-    abide_boot::persist::sync_dir(link.parent().unwrap_or(std::path::Path::new(".")))?;
+    abide_fs::persist::sync_dir(link.parent().unwrap_or(std::path::Path::new(".")))?;
     Ok(())
 }

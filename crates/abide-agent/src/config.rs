@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::read_bounded;
 use abide_core::{Group, HealthPolicy};
+use abide_fs::persist::read_bounded;
 use jiff::SignedDuration;
 use serde::Deserialize;
 

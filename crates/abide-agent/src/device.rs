@@ -87,7 +87,7 @@ impl Device {
     }
 
     /// The audit log's signed head (None when opened read-only).
-    pub fn audit_head(&self) -> Option<abide_proto::AuditHead> {
+    pub fn audit_head(&self) -> Option<abide_fleet_json::AuditHead> {
         self.audit.as_ref().and_then(AuditLog::signed_head)
     }
 
@@ -238,7 +238,7 @@ impl Device {
         let status = std::process::Command::new(program)
             .args(args)
             .status()
-            .map_err(|source| abide_boot::persist::IoError {
+            .map_err(|source| abide_fs::persist::IoError {
                 op: "running the reboot command",
                 path: program.into(),
                 source,

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use abide_boot::persist::IoError;
+use abide_fs::persist::IoError;
 
 use crate::audit::AuditError;
 

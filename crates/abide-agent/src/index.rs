@@ -12,10 +12,10 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{IoError, read_bounded, sync_dir, write_atomic};
 use abide_bundle::Digest;
 use abide_bundle::format::ChunkEntry;
 use abide_core::Group;
+use abide_fs::persist::{IoError, read_bounded, sync_dir, write_atomic};
 
 use crate::error::Result;
 

@@ -101,7 +101,7 @@ pub fn init(config: Config, options: &InitOptions) -> Result<Initialized> {
     if state_path.exists() && !options.force {
         return Err(AgentError::Initialized { path: state_path });
     }
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| abide_boot::persist::IoError {
+    std::fs::create_dir_all(&config.state_dir).map_err(|source| abide_fs::persist::IoError {
         op: "creating the state directory",
         path: config.state_dir.clone(),
         source,

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use abide_boot::persist::{read_bounded, write_atomic};
+use abide_fs::persist::{read_bounded, write_atomic};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 

@@ -37,7 +37,7 @@ impl DeviceLock {
             .truncate(false)
             .mode(0o600)
             .open(&path)
-            .map_err(|source| abide_boot::persist::IoError {
+            .map_err(|source| abide_fs::persist::IoError {
                 op: "opening the lock",
                 path: path.clone(),
                 source,
@@ -49,7 +49,7 @@ impl DeviceLock {
         match flock(&file, op) {
             Ok(()) => Ok(DeviceLock { _file: file }),
             Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(AgentError::Locked { path }),
-            Err(e) => Err(abide_boot::persist::IoError {
+            Err(e) => Err(abide_fs::persist::IoError {
                 op: "locking",
                 path,
                 source: e.into(),

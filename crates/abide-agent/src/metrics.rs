@@ -6,8 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::api::service::Shared;
 use crate::audit::AuditLog;
+use crate::shared::Shared;
 use crate::state::DeviceState;
 
 /// Every schedule state, for a complete `abide_agent_schedules` family.

@@ -14,7 +14,7 @@ pub const INODE_RESERVE: u64 = 64;
 /// What `statvfs` says of the file system holding `dir`: free inodes (`None` where the file
 /// system has no inode count) and free bytes.
 fn free(dir: &Path) -> Result<(Option<u64>, u64)> {
-    let fs = rustix::fs::statvfs(dir).map_err(|e| abide_boot::persist::IoError {
+    let fs = rustix::fs::statvfs(dir).map_err(|e| abide_fs::persist::IoError {
         op: "measuring free space in",
         path: dir.to_owned(),
         source: e.into(),
@@ -92,7 +92,7 @@ pub fn keep_reserve(state_dir: &Path) {
             std::fs::File::create(dir.join(format!("i{i}")))?;
         }
         // Named last: a reserve is whole when its bytes are there.
-        abide_boot::persist::write_atomic(&dir.join("bytes"), &vec![0u8; RESERVE_BYTES], 0o600)
+        abide_fs::persist::write_atomic(&dir.join("bytes"), &vec![0u8; RESERVE_BYTES], 0o600)
             .map_err(std::io::Error::other)
     })();
     if made.is_err() {

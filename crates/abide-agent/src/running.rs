@@ -13,8 +13,6 @@ use abide_core::Group;
 use crate::config::{Config, SlotGroup, SlotKind};
 use crate::error::{AgentError, Result};
 
-pub use abide_boot::cmdline_group;
-
 /// Where the block device `dev` (major, minor) is mounted, from `/proc/self/mountinfo` text.
 pub fn mounted_at(mountinfo: &str, dev: (u64, u64)) -> Option<String> {
     let want = format!("{}:{}", dev.0, dev.1);

@@ -22,9 +22,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use abide_boot::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
 use abide_bundle::{BundleReader, Manifest};
-use abide_core::selfupdate::{Seen, Watch};
+use abide_core::selfupdate::{Seen, Trial, TrialState, Watch};
+use abide_fs::persist::{AtomicFile, IoError, read_bounded, sync_dir, write_atomic};
 use jiff::Timestamp;
 use serde_json::json;
 
@@ -35,11 +35,8 @@ use crate::error::{AgentError, Result};
 /// The kind of component that carries the agent.
 pub const KIND: &str = "agent";
 
-/// The trial's record in the state directory (`self-update.json`); its states and
-/// transitions are `abide_core::selfupdate`.
-pub use abide_core::selfupdate::{Trial, TrialState};
-
-/// The file in `state_dir`.
+/// The trial's record in `state_dir` (its states and transitions are
+/// `abide_core::selfupdate::Trial`'s).
 pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("self-update.json")
 }
@@ -264,7 +261,7 @@ pub fn watch(config: &Config) -> Result<()> {
         let answered = rt.block_on(async {
             let Ok(Ok(mut client)) = tokio::time::timeout(
                 Duration::from_secs(1),
-                abide_api::transport::connect_unix(&config.api.socket),
+                abide_agent_api::transport::connect_unix(&config.api.socket),
             )
             .await
             else {
@@ -272,7 +269,7 @@ pub fn watch(config: &Config) -> Result<()> {
             };
             let Ok(Ok(status)) = tokio::time::timeout(
                 Duration::from_secs(2),
-                client.status(abide_api::StatusRequest {}),
+                client.status(abide_agent_api::StatusRequest {}),
             )
             .await
             else {
@@ -342,7 +339,7 @@ pub fn recover(config: &Config) -> Result<bool> {
 
 /// Settles an ended trial: records the outcome in the audit log (the new version becomes the
 /// agent's if it was kept), ends the schedule that asked for it, and removes the record.
-pub fn settle(device: &mut Device, shared: &crate::api::service::Shared) -> Result<()> {
+pub fn settle(device: &mut Device, shared: &crate::shared::Shared) -> Result<()> {
     let state_dir = device.config.state_dir.clone();
     let Some(trial) = load(&state_dir)? else {
         return Ok(());

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 
-use abide_boot::persist::IoError;
+use abide_fs::persist::IoError;
 
 use crate::config::Slot;
 use crate::error::{AgentError, Result};
@@ -88,7 +88,7 @@ impl SlotWriter {
             }
         }
         if before == 0 || before >> 20 != self.written >> 20 {
-            abide_boot::crash::point("slot:write", "");
+            abide_fs::crash::point("slot:write", "");
         }
         Ok(())
     }
@@ -138,13 +138,13 @@ fn write_blocks(mut file: File, rx: Receiver<Vec<u8>>, path: &Path) -> Result<u6
         file.write_all(&block).map_err(io("writing slot", path))?;
         written += block.len() as u64;
         if written - flushed >= FLUSH_EVERY {
-            abide_boot::persist::fdatasync(&file, path)?;
+            abide_fs::persist::fdatasync(&file, path)?;
             flushed = written;
         }
     }
-    abide_boot::crash::point("slot:before-fsync", "");
-    abide_boot::persist::fsync(&file, path)?;
-    abide_boot::crash::point("slot:after-fsync", "");
+    abide_fs::crash::point("slot:before-fsync", "");
+    abide_fs::persist::fsync(&file, path)?;
+    abide_fs::crash::point("slot:after-fsync", "");
     Ok(written)
 }
 
@@ -226,9 +226,9 @@ fn unpack_blocks(rx: Receiver<Vec<u8>>, dir: &Path, capacity: u64) -> Result<u64
     }
     // The end-of-archive padding: read what is left so the sender never waits.
     std::io::copy(&mut reader, &mut std::io::sink()).map_err(io("reading the archive for", dir))?;
-    abide_boot::crash::point("slot:before-fsync", "");
-    abide_boot::persist::syncfs(dir)?;
-    abide_boot::crash::point("slot:after-fsync", "");
+    abide_fs::crash::point("slot:before-fsync", "");
+    abide_fs::persist::syncfs(dir)?;
+    abide_fs::crash::point("slot:after-fsync", "");
     Ok(reader.total)
 }
 

@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use abide_boot::persist::{read_bounded, write_atomic};
 use abide_core::{Group, Quarantine, Transaction};
+use abide_fs::persist::{read_bounded, write_atomic};
 use semver::Version;
 use serde::{Deserialize, Serialize};
 

@@ -6,8 +6,8 @@
 
 use std::path::PathBuf;
 
-use abide_boot::persist::{read_bounded, write_atomic};
 use abide_bundle::{ExpirationEnforcement, Limits, TrustRoot};
+use abide_fs::persist::{read_bounded, write_atomic};
 use jiff::Timestamp;
 
 use crate::config::Config;

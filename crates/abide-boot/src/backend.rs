@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use crate::grubenv::GrubEnvError;
-use crate::persist::IoError;
 use crate::state::BootState;
+use abide_fs::persist::IoError;
 
 /// What a backend can fail with.
 #[derive(Debug, thiserror::Error)]

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
-use crate::persist::IoError;
 use crate::state::BootState;
+use abide_fs::persist::IoError;
 
 const SECTOR: u64 = 512;
 const SIGNATURE: &[u8; 8] = b"EFI PART";
@@ -209,8 +209,8 @@ impl GptTable {
             disk.write_all_at(&self.entries, entries_lba * SECTOR)
                 .map_err(io)?;
             disk.write_all_at(header, header_lba * SECTOR).map_err(io)?;
-            crate::persist::fsync(disk, path)?;
-            crate::crash::point("gpt:copy-written", &path.to_string_lossy());
+            abide_fs::persist::fsync(disk, path)?;
+            abide_fs::crash::point("gpt:copy-written", &path.to_string_lossy());
         }
         Ok(())
     }

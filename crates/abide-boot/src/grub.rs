@@ -9,8 +9,8 @@ use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
 use crate::grubenv::GrubEnv;
-use crate::persist::{overwrite_in_place, read_bounded, write_new};
 use crate::state::{BootState, MAX_TRIES};
+use abide_fs::persist::{overwrite_in_place, read_bounded, write_new};
 
 /// The GRUB script that implements the boot counting; install it beside grub.cfg.
 pub const SCRIPT: &str = include_str!("../grub/abide.cfg");

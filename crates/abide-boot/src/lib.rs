@@ -1,6 +1,6 @@
 //! Abide's bootloader side: the state bootloaders keep (in their own on-disk formats), the
 //! backends that tell each bootloader which slot group to try and read back what it booted
-//! (durable files come from `abide-fs`, re-exported as `persist` and `crash`).
+//! (durable files come from `abide-fs`, which its users name themselves).
 //!
 //! A backend loads a [`BootState`], the engine's actions edit it in memory
 //! ([`BootState::apply`]), and the backend stores it in one atomic step.
@@ -15,7 +15,6 @@ pub mod systemd_boot;
 pub mod uboot;
 pub mod ubootenv;
 
-pub use abide_fs::{crash, persist};
 pub use backend::{BootError, Bootloader};
 pub use gpt::GptBootloader;
 pub use grub::GrubBootloader;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
-use crate::persist::{read_bounded, write_atomic};
 use crate::state::BootState;
+use abide_fs::persist::{read_bounded, write_atomic};
 
 /// A simulated bootloader whose "NVRAM" is a file.
 #[derive(Debug, Clone)]

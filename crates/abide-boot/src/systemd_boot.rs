@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
-use crate::persist::{IoError, read_bounded, sync_dir, sync_file};
 use crate::state::{BootState, MAX_TRIES};
+use abide_fs::persist::{IoError, read_bounded, sync_dir, sync_file};
 
 /// The rank of a trial entry.
 pub const RANK_TRIAL: u8 = 3;
@@ -346,7 +346,7 @@ impl Bootloader for SystemdBootBootloader {
         self.remove_empty(&entries)?;
         for (old, new) in Self::plan(&entries, state) {
             let (from, to) = (dir.join(old.file_name()), dir.join(new.file_name()));
-            crate::crash::point("systemd-boot:before-rename", &to.to_string_lossy());
+            abide_fs::crash::point("systemd-boot:before-rename", &to.to_string_lossy());
             std::fs::rename(&from, &to).map_err(|source| IoError {
                 op: "renaming the boot entry",
                 path: from.clone(),

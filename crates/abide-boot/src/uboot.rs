@@ -11,9 +11,9 @@ use abide_core::Group;
 
 use crate::backend::{BootError, Bootloader};
 use crate::grub::{env_to_state, state_to_env};
-use crate::persist::{IoError, overwrite_in_place, read_bounded};
 use crate::state::BootState;
 use crate::ubootenv::{UbootEnv, UbootEnvError, select};
+use abide_fs::persist::{IoError, overwrite_in_place, read_bounded};
 
 /// The U-Boot script that implements the counting (set as `bootcmd` or run from it).
 pub const SCRIPT: &str = include_str!("../uboot/abide.env");
@@ -103,10 +103,10 @@ impl Bootloader for UbootBootloader {
             .write(true)
             .open(target)
             .map_err(|e| io("opening", e))?;
-        crate::crash::point("uboot:before-write", &target.to_string_lossy());
+        abide_fs::crash::point("uboot:before-write", &target.to_string_lossy());
         file.write_all(&bytes).map_err(|e| io("writing", e))?;
-        crate::persist::fsync(&file, target)?;
-        crate::crash::point("uboot:after-fsync", &target.to_string_lossy());
+        abide_fs::persist::fsync(&file, target)?;
+        abide_fs::crash::point("uboot:after-fsync", &target.to_string_lossy());
         Ok(())
     }
 }

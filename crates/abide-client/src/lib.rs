@@ -10,7 +10,7 @@ pub mod simulate;
 pub mod tls;
 
 use abide_bundle::PublicKey;
-use abide_proto::{Assignment, EnrollResponse, SignedAssignment};
+use abide_fleet_json::{Assignment, EnrollResponse, SignedAssignment};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -150,7 +150,7 @@ impl Admin {
         answer(&what, resp).await
     }
 
-    /// GET `path`, answered with a `T` (an `abide_proto` type).
+    /// GET `path`, answered with a `T` (an `abide_fleet_json` type).
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
         self.send(reqwest::Method::GET, path, None, false).await
     }
@@ -196,7 +196,7 @@ impl Admin {
     }
 
     /// A rollout's status.
-    pub async fn rollout(&self, id: &str) -> Result<abide_proto::RolloutStatus> {
+    pub async fn rollout(&self, id: &str) -> Result<abide_fleet_json::RolloutStatus> {
         self.send(
             reqwest::Method::GET,
             &format!("/api/v1/rollouts/{id}"),
@@ -207,7 +207,7 @@ impl Admin {
     }
 
     /// Every rollout's status, newest first.
-    pub async fn rollouts(&self) -> Result<Vec<abide_proto::RolloutStatus>> {
+    pub async fn rollouts(&self) -> Result<Vec<abide_fleet_json::RolloutStatus>> {
         self.send(reqwest::Method::GET, "/api/v1/rollouts", None, false)
             .await
     }
@@ -215,8 +215,8 @@ impl Admin {
     /// Creates a rollout.
     pub async fn create_rollout(
         &self,
-        request: &abide_proto::RolloutRequest,
-    ) -> Result<abide_proto::RolloutStatus> {
+        request: &abide_fleet_json::RolloutRequest,
+    ) -> Result<abide_fleet_json::RolloutStatus> {
         let body = serde_json::to_vec(request).expect("plain data");
         self.send(
             reqwest::Method::POST,
@@ -232,14 +232,14 @@ impl Admin {
         &self,
         id: &str,
         action: &str,
-    ) -> Result<abide_proto::RolloutStatus> {
+    ) -> Result<abide_fleet_json::RolloutStatus> {
         let path = format!("/api/v1/rollouts/{id}/{action}");
         self.send(reqwest::Method::POST, &path, Some("{}".into()), true)
             .await
     }
 
     /// Uploads a bundle file as a release.
-    pub async fn upload(&self, bundle: Vec<u8>) -> Result<abide_proto::Release> {
+    pub async fn upload(&self, bundle: Vec<u8>) -> Result<abide_fleet_json::Release> {
         self.send(
             reqwest::Method::POST,
             "/api/v1/releases",
@@ -287,7 +287,7 @@ impl Device {
             ))
             .header("content-type", "application/json")
             .body(
-                serde_json::to_vec(&abide_proto::EnrollRequest {
+                serde_json::to_vec(&abide_fleet_json::EnrollRequest {
                     token: token.to_owned(),
                     device_id: id.to_owned(),
                     product: product.to_owned(),
@@ -367,7 +367,7 @@ impl Device {
     /// `request`), and returns the verified assignment.
     pub async fn checkin(
         &self,
-        mut request: abide_proto::CheckinRequest,
+        mut request: abide_fleet_json::CheckinRequest,
         now: jiff::Timestamp,
     ) -> Result<Assignment> {
         request.nonce = nonce();
@@ -387,7 +387,7 @@ impl Device {
             .and_then(|s| s.try_into().ok())
             .ok_or_else(|| bad("malformed signature"))?;
         if !self.server_key.verify(
-            abide_proto::ASSIGNMENT_DOMAIN,
+            abide_fleet_json::ASSIGNMENT_DOMAIN,
             signed.payload.as_bytes(),
             &sig,
         ) {
@@ -409,15 +409,16 @@ impl Device {
     }
 
     /// Reports a step; `Ok(true)` when recorded, `Ok(false)` when it was a duplicate.
-    pub async fn report(&self, report: &abide_proto::ReportRequest) -> Result<bool> {
-        let r: abide_proto::ReportResponse = self.post("/api/v1/device/report", report).await?;
+    pub async fn report(&self, report: &abide_fleet_json::ReportRequest) -> Result<bool> {
+        let r: abide_fleet_json::ReportResponse =
+            self.post("/api/v1/device/report", report).await?;
         Ok(r.outcome == "recorded")
     }
 
     /// Asks for a reboot lease; `Ok(false)` when the server refused it for now.
     pub async fn lease(&self) -> Result<bool> {
         match self
-            .post::<_, abide_proto::LeaseGrant>(
+            .post::<_, abide_fleet_json::LeaseGrant>(
                 "/api/v1/device/lease",
                 &std::collections::BTreeMap::<String, String>::new(),
             )
@@ -439,7 +440,7 @@ impl Device {
             .send()
             .await
             .map_err(http_error(what))?;
-        answer::<abide_proto::LeaseReleased>(what, resp)
+        answer::<abide_fleet_json::LeaseReleased>(what, resp)
             .await
             .map(|_| ())
     }

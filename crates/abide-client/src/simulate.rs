@@ -182,7 +182,7 @@ impl Sim {
     /// in again, as a real device does after it restarts).
     async fn step(&mut self, tally: &Tally, fail_rate: f64) -> Result<(), ClientError> {
         self.flush(tally).await?;
-        let mut answer: Option<(abide_proto::Assignment, Option<Offer>)> = None;
+        let mut answer: Option<(abide_fleet_json::Assignment, Option<Offer>)> = None;
         for _ in 0..16 {
             let now = jiff::Timestamp::now();
             let command = agent::next(&Situation {
@@ -212,13 +212,13 @@ impl Sim {
                     let a = self
                         .device
                         .checkin(
-                            abide_proto::CheckinRequest {
+                            abide_fleet_json::CheckinRequest {
                                 nonce: String::new(),
                                 version: self.version.to_string(),
                                 booted: Some(self.good.to_string()),
                                 good: Some(self.good.to_string()),
                                 state: fleet::device_state(self.tx.as_ref()),
-                                health: Some(abide_proto::Health::Healthy),
+                                health: Some(abide_fleet_json::Health::Healthy),
                                 trust_version: None,
                                 progress: None,
                                 audit_head: None,

@@ -8,7 +8,7 @@
 //! the health gate own the trial; after it ends the lease is given back. What a device reports
 //! is a function of its transaction ([`status`]), so a report is due whenever that changes.
 
-use abide_proto::{AssignedAction, Assignment, DeviceState, ReportStatus};
+use abide_fleet_json::{AssignedAction, Assignment, DeviceState, ReportStatus};
 use semver::Version;
 
 use crate::transaction::{FailReason, Transaction, TxState};
@@ -203,7 +203,7 @@ pub struct Report {
     /// The transaction and the status reported, remembered so that each is reported once.
     pub key: (String, String),
     /// The report (its sequence number is given when it is queued).
-    pub request: abide_proto::ReportRequest,
+    pub request: abide_fleet_json::ReportRequest,
 }
 
 /// The report the transaction's state makes, if it is about the release the fleet assigned and
@@ -238,7 +238,7 @@ pub fn report(
     };
     Some(Report {
         key,
-        request: abide_proto::ReportRequest {
+        request: abide_fleet_json::ReportRequest {
             seq: 0,
             status,
             release_id: Some(assigned.release_id.clone()),
@@ -263,7 +263,7 @@ pub struct Ledger {
     /// The last transaction state reported: (transaction id, status).
     pub reported: Option<(String, String)>,
     /// Reports not yet acknowledged, oldest first.
-    pub outbox: Vec<abide_proto::ReportRequest>,
+    pub outbox: Vec<abide_fleet_json::ReportRequest>,
 }
 
 impl Ledger {
@@ -281,7 +281,7 @@ impl Ledger {
     }
 
     /// Queues `report` with the next sequence number.
-    pub fn queue(&mut self, mut report: abide_proto::ReportRequest) {
+    pub fn queue(&mut self, mut report: abide_fleet_json::ReportRequest) {
         report.seq = self.next_seq;
         self.next_seq += 1;
         self.outbox.push(report);
@@ -294,7 +294,7 @@ impl Ledger {
             release_id: offer.release_id.clone(),
             rollout_id: offer.rollout_id.clone(),
         });
-        self.queue(abide_proto::ReportRequest {
+        self.queue(abide_fleet_json::ReportRequest {
             seq: 0,
             status: ReportStatus::Downloading,
             release_id: Some(offer.release_id.clone()),

@@ -1,8 +1,8 @@
-//! Admin tokens with a role (`viewer`, `operator`, `admin`; see [`abide_proto::Role`]), made,
+//! Admin tokens with a role (`viewer`, `operator`, `admin`; see [`abide_fleet_json::Role`]), made,
 //! listed and revoked by an admin. The first start's `admin.token` is role admin and is not
 //! listed here. A token's secret is shown once, at creation; the database keeps its SHA-256.
 
-use abide_proto::{AdminToken, AdminTokenRequest, AdminTokenView, Role};
+use abide_fleet_json::{AdminToken, AdminTokenRequest, AdminTokenView, Role};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};

@@ -11,7 +11,7 @@ use axum::extract::{Query, State};
 use serde::Deserialize;
 use sqlx::{Any, Transaction};
 
-use abide_proto::AuditHead;
+use abide_fleet_json::AuditHead;
 
 use crate::Server;
 use crate::clock::{now_ms, rfc3339};
@@ -148,10 +148,10 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
     }
 }
 
-impl From<Row> for abide_proto::AuditRecord {
+impl From<Row> for abide_fleet_json::AuditRecord {
     /// Details that are not JSON (only a tampered row) read as `null`; `verify` names the row.
     fn from(r: Row) -> Self {
-        abide_proto::AuditRecord {
+        abide_fleet_json::AuditRecord {
             seq: r.seq as u64,
             at: rfc3339(r.at),
             actor: r.actor,
@@ -168,7 +168,7 @@ pub async fn list(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Query(page): Query<Page>,
-) -> ApiResult<Json<Vec<abide_proto::AuditRecord>>> {
+) -> ApiResult<Json<Vec<abide_fleet_json::AuditRecord>>> {
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2"
     )))
@@ -192,7 +192,7 @@ pub struct Checkpoint {
 /// What [`check`] found.
 pub struct Checked {
     /// The answer.
-    pub verify: abide_proto::AuditVerify,
+    pub verify: abide_fleet_json::AuditVerify,
     /// Whether everything but the head's signature was right.
     pub ok_before_signature: bool,
 }
@@ -210,7 +210,7 @@ pub async fn check(
     let mut after = 0i64;
     let mut at_checkpoint = None;
     let bad = |seq: i64, problem: String, records: i64| Checked {
-        verify: abide_proto::AuditVerify {
+        verify: abide_fleet_json::AuditVerify {
             ok: false,
             records: records as u64,
             first_bad: Some(seq as u64),
@@ -317,7 +317,7 @@ pub async fn check(
         return Ok(checked);
     }
     Ok(Checked {
-        verify: abide_proto::AuditVerify {
+        verify: abide_fleet_json::AuditVerify {
             ok: true,
             records: last as u64,
             first_bad: None,
@@ -333,7 +333,7 @@ pub async fn verify(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Query(checkpoint): Query<Checkpoint>,
-) -> ApiResult<Json<abide_proto::AuditVerify>> {
+) -> ApiResult<Json<abide_fleet_json::AuditVerify>> {
     let checkpoint = match (checkpoint.seq, checkpoint.hash.as_deref()) {
         (None, None) => None,
         (Some(seq), Some(hash)) if is_hex(hash, 64) => Some((seq, hash)),

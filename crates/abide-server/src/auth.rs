@@ -6,7 +6,7 @@
 
 use axum::http::HeaderMap;
 
-use abide_proto::Role;
+use abide_fleet_json::Role;
 
 use crate::Server;
 use crate::error::{ApiError, ApiResult};

@@ -237,7 +237,7 @@ ALTER TABLE web_sessions ADD COLUMN token_id TEXT;
     (
         8,
         // Signed audit heads: the server's own (signed with its key on every append) and the
-        // latest each device reported (JSON of abide_proto::AuditHead).
+        // latest each device reported (JSON of abide_fleet_json::AuditHead).
         r#"
 ALTER TABLE audit_head ADD COLUMN signature TEXT;
 ALTER TABLE devices ADD COLUMN audit_head TEXT;

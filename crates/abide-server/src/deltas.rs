@@ -59,9 +59,9 @@ impl Row {
     }
 }
 
-impl From<Row> for abide_proto::Delta {
+impl From<Row> for abide_fleet_json::Delta {
     fn from(row: Row) -> Self {
-        abide_proto::Delta {
+        abide_fleet_json::Delta {
             offered: row.offered(),
             from_release: row.from_release,
             from_version: row.from_version,
@@ -92,7 +92,7 @@ pub async fn offer(
     server: &Server,
     to: &str,
     version: &str,
-) -> Result<Option<abide_proto::AssignedDelta>, sqlx::Error> {
+) -> Result<Option<abide_fleet_json::AssignedDelta>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "{SELECT} WHERE d.to_release = $1 AND f.version = $2 ORDER BY d.size"
     )))
@@ -103,7 +103,7 @@ pub async fn offer(
     Ok(rows
         .into_iter()
         .find(Row::offered)
-        .map(|r| abide_proto::AssignedDelta {
+        .map(|r| abide_fleet_json::AssignedDelta {
             url: format!(
                 "/api/v1/releases/{}/deltas/{}",
                 r.to_release, r.from_release
@@ -121,7 +121,7 @@ pub async fn make(
     from: &str,
     to: &str,
     actor: &str,
-) -> ApiResult<abide_proto::Delta> {
+) -> ApiResult<abide_fleet_json::Delta> {
     if let Some(row) = find(server, from, to).await? {
         return Ok(row.into());
     }
@@ -323,8 +323,8 @@ pub async fn create(
     State(server): State<Server>,
     caller: crate::auth::Admin,
     Path(to): Path<String>,
-    Json(req): Json<abide_proto::DeltaRequest>,
-) -> ApiResult<(StatusCode, Json<abide_proto::Delta>)> {
+    Json(req): Json<abide_fleet_json::DeltaRequest>,
+) -> ApiResult<(StatusCode, Json<abide_fleet_json::Delta>)> {
     let delta = make(&server, &req.from, &to, &caller.actor).await?;
     Ok((StatusCode::CREATED, Json(delta)))
 }
@@ -334,7 +334,7 @@ pub async fn list(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Path(to): Path<String>,
-) -> ApiResult<Json<Vec<abide_proto::Delta>>> {
+) -> ApiResult<Json<Vec<abide_fleet_json::Delta>>> {
     if crate::releases::find(&server, &to).await?.is_none() {
         return Err(ApiError::not_found(format!("no release {to}")));
     }
@@ -467,7 +467,7 @@ pub async fn upload(
     State(server): State<Server>,
     caller: crate::auth::Admin,
     body: axum::body::Body,
-) -> ApiResult<(StatusCode, Json<abide_proto::Delta>)> {
+) -> ApiResult<(StatusCode, Json<abide_fleet_json::Delta>)> {
     let (mut guard, tmp, sha256, size) = crate::releases::receive(&server, body, "delta").await?;
     let trust = crate::trust::current(&server).await?;
     let refused = |e: abide_bundle::Error| {

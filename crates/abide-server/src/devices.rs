@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use abide_bundle::{HardwareId, Name};
-use abide_proto::{
+use abide_fleet_json::{
     Assignment, CheckinRequest, EnrollRequest, EnrollResponse, EnrollToken, EnrollTokenRequest,
     EnrollTokenView, ReportRequest, ReportResponse, ReportStatus, SignedAssignment,
 };
@@ -501,9 +501,9 @@ struct Seen {
     version: String,
     booted: Option<String>,
     good: Option<String>,
-    state: abide_proto::DeviceState,
-    health: Option<abide_proto::Health>,
-    progress: Option<abide_proto::Progress>,
+    state: abide_fleet_json::DeviceState,
+    health: Option<abide_fleet_json::Health>,
+    progress: Option<abide_fleet_json::Progress>,
 }
 
 /// Check-ins waiting to be written, by device.
@@ -666,7 +666,7 @@ pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
     let payload = serde_json::to_string(assignment).expect("plain data serializes");
     let signature = server
         .signing
-        .sign(abide_proto::ASSIGNMENT_DOMAIN, payload.as_bytes());
+        .sign(abide_fleet_json::ASSIGNMENT_DOMAIN, payload.as_bytes());
     SignedAssignment {
         payload,
         signature: abide_bundle::digest::encode_hex(&signature),
@@ -885,7 +885,7 @@ pub async fn list(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Query(filter): Query<Filter>,
-) -> ApiResult<Json<Vec<abide_proto::Device>>> {
+) -> ApiResult<Json<Vec<abide_fleet_json::Device>>> {
     // A read writes nothing: check-ins not yet written are laid over the rows, on the read
     // connections.
     let pending = server.last_seen.snapshot();
@@ -922,7 +922,7 @@ pub async fn list(
         if filter.state.as_deref().is_some_and(|s| s != row.state) {
             continue;
         }
-        devices.push(abide_proto::Device {
+        devices.push(abide_fleet_json::Device {
             id: row.id,
             group: row.group,
             tags,
@@ -948,7 +948,7 @@ pub async fn revoke(
     State(server): State<Server>,
     caller: crate::auth::Operator,
     axum::extract::Path(id): axum::extract::Path<String>,
-) -> ApiResult<Json<abide_proto::DeviceRevoked>> {
+) -> ApiResult<Json<abide_fleet_json::DeviceRevoked>> {
     let mut tx = server.db.pool.begin().await?;
     let changed = crate::db::revoke(&mut tx, crate::db::Revocable::Device, &id).await?;
     let row: Option<(Option<i64>,)> =
@@ -979,7 +979,7 @@ pub async fn revoke(
         .write()
         .expect("not poisoned")
         .remove(&id);
-    Ok(Json(abide_proto::DeviceRevoked {
+    Ok(Json(abide_fleet_json::DeviceRevoked {
         id,
         revoked_at: rfc3339(revoked_at),
     }))

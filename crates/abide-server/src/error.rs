@@ -70,8 +70,8 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = abide_proto::ErrorBody {
-            error: abide_proto::ErrorDetail {
+        let body = abide_fleet_json::ErrorBody {
+            error: abide_fleet_json::ErrorDetail {
                 code: self.code,
                 message: self.message,
             },

@@ -7,7 +7,7 @@
 //! healthy members remain without one. The decision runs under the group row's lock, so
 //! several server processes never grant past the limits; expired leases are reclaimed first.
 
-use abide_proto::{GroupSettings, GroupView, LeaseGrant, LeaseReleased, LeaseView, Window};
+use abide_fleet_json::{GroupSettings, GroupView, LeaseGrant, LeaseReleased, LeaseView, Window};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};

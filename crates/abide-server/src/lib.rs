@@ -143,7 +143,10 @@ pub struct Inner {
     pub connections: limit::Connections,
     /// The groups' maintenance windows as last read, and when (they change rarely; a check-in
     /// reads them from here, at most two seconds old).
-    pub windows: std::sync::RwLock<(i64, std::collections::HashMap<String, abide_proto::Window>)>,
+    pub windows: std::sync::RwLock<(
+        i64,
+        std::collections::HashMap<String, abide_fleet_json::Window>,
+    )>,
     /// The audit head each device last reported, as kept or refused (a check-in whose head is
     /// unchanged touches no row).
     pub audit_heads: std::sync::Mutex<std::collections::HashMap<String, (u64, String)>>,

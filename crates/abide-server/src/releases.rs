@@ -71,7 +71,7 @@ impl Row {
     }
 }
 
-impl TryFrom<Row> for abide_proto::Release {
+impl TryFrom<Row> for abide_fleet_json::Release {
     type Error = sqlx::Error;
     fn try_from(row: Row) -> Result<Self, sqlx::Error> {
         let compatible = crate::db::json_column(
@@ -79,7 +79,7 @@ impl TryFrom<Row> for abide_proto::Release {
             "compatible",
             &row.compatible,
         )?;
-        Ok(abide_proto::Release {
+        Ok(abide_fleet_json::Release {
             id: row.id,
             product: row.product,
             version: row.version,
@@ -93,7 +93,7 @@ impl TryFrom<Row> for abide_proto::Release {
 }
 
 /// The release `id`, if there is one.
-pub async fn find(server: &Server, id: &str) -> ApiResult<Option<abide_proto::Release>> {
+pub async fn find(server: &Server, id: &str) -> ApiResult<Option<abide_fleet_json::Release>> {
     Ok(find_with(&server.db.pool, id).await?)
 }
 
@@ -101,14 +101,14 @@ pub async fn find(server: &Server, id: &str) -> ApiResult<Option<abide_proto::Re
 pub async fn find_in(
     tx: &mut sqlx::Transaction<'static, sqlx::Any>,
     id: &str,
-) -> Result<Option<abide_proto::Release>, sqlx::Error> {
+) -> Result<Option<abide_fleet_json::Release>, sqlx::Error> {
     find_with(&mut **tx, id).await
 }
 
 async fn find_with<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
     e: E,
     id: &str,
-) -> Result<Option<abide_proto::Release>, sqlx::Error> {
+) -> Result<Option<abide_fleet_json::Release>, sqlx::Error> {
     let row: Option<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM releases WHERE id = $1"
     )))
@@ -122,7 +122,7 @@ async fn find_with<'e, E: sqlx::Executor<'e, Database = sqlx::Any>>(
 pub async fn newest(
     pool: &sqlx::AnyPool,
     limit: i64,
-) -> Result<Vec<abide_proto::Release>, sqlx::Error> {
+) -> Result<Vec<abide_fleet_json::Release>, sqlx::Error> {
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM releases ORDER BY created_at DESC, id LIMIT $1"
     )))
@@ -215,7 +215,7 @@ pub async fn upload(
     State(server): State<Server>,
     caller: crate::auth::Admin,
     body: Body,
-) -> ApiResult<(StatusCode, Json<abide_proto::Release>)> {
+) -> ApiResult<(StatusCode, Json<abide_fleet_json::Release>)> {
     let (mut guard, tmp_path, sha256, size) = receive(&server, body, "bundle").await?;
     let verify_path = tmp_path.clone();
     let trust = crate::trust::current(&server).await?;
@@ -320,7 +320,7 @@ pub async fn upload(
 pub async fn list(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
-) -> ApiResult<Json<Vec<abide_proto::Release>>> {
+) -> ApiResult<Json<Vec<abide_fleet_json::Release>>> {
     let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM releases ORDER BY created_at, id"
     )))
@@ -338,7 +338,7 @@ pub async fn show(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Path(id): Path<String>,
-) -> ApiResult<Json<abide_proto::Release>> {
+) -> ApiResult<Json<abide_fleet_json::Release>> {
     find(&server, &id)
         .await?
         .map(Json)

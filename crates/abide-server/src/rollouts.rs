@@ -12,7 +12,7 @@
 //! `running`, `paused` (with the reason), `completed`, `aborted`, `rolled_back`.
 
 use abide_core::rollout::{self, Counts, Decision, Stage};
-use abide_proto::{
+use abide_fleet_json::{
     AssignedAction, AssignedRelease, FailingDevice, RolloutState, RolloutStatus, StageView,
 };
 use axum::Json;
@@ -141,7 +141,7 @@ struct Candidate {
 /// hardware id, the group, the tag.
 async fn candidates(
     tx: &mut Transaction<'static, Any>,
-    release: &abide_proto::Release,
+    release: &abide_fleet_json::Release,
     group: Option<&str>,
     tag: Option<&str>,
     only: Option<&str>,
@@ -173,7 +173,7 @@ async fn candidates(
 async fn add_devices(
     tx: &mut Transaction<'static, Any>,
     r: &Rollout,
-    release: &abide_proto::Release,
+    release: &abide_fleet_json::Release,
     devices: &[Candidate],
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -260,7 +260,7 @@ pub async fn create(
     caller: crate::auth::Operator,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<RolloutStatus>)> {
-    let req: abide_proto::RolloutRequest = parse_json(&body)?;
+    let req: abide_fleet_json::RolloutRequest = parse_json(&body)?;
     let stages =
         rollout::parse_stages(&req.stages).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let threshold = rollout::parse_percent(req.failure_threshold.as_deref().unwrap_or("10%"))
@@ -1081,7 +1081,7 @@ pub async fn on_report(
     device: &str,
     rollout_id: &str,
     release_id: Option<&str>,
-    status: abide_proto::ReportStatus,
+    status: abide_fleet_json::ReportStatus,
     reason: Option<&str>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
@@ -1093,7 +1093,7 @@ pub async fn on_report(
         return Ok(());
     };
     // A report about another release in this rollout is the fleet-wide rollback's reinstall.
-    let state = if status == abide_proto::ReportStatus::Committed
+    let state = if status == abide_fleet_json::ReportStatus::Committed
         && release_id.is_some_and(|r| r != rollout_release)
     {
         "reverted"

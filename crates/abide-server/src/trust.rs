@@ -5,7 +5,7 @@
 //! checks link by link itself before it stores them.
 
 use abide_bundle::{ExpirationEnforcement, Limits, TrustRoot};
-use abide_proto::TrustView;
+use abide_fleet_json::TrustView;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;

@@ -170,13 +170,13 @@ async fn render(server: &Server, caller: &Caller) -> ApiResult<String> {
     for (id,) in &ids {
         rollouts.push(crate::rollouts::status_of(server, id).await?);
     }
-    let failing: Vec<(&str, &abide_proto::FailingDevice)> = rollouts
+    let failing: Vec<(&str, &abide_fleet_json::FailingDevice)> = rollouts
         .iter()
         .flat_map(|s| s.failing.iter().map(move |f| (s.id.as_str(), f)))
         .take(200)
         .collect();
     let releases = crate::releases::newest(&server.db.read, 50).await?;
-    let controls = caller.role >= abide_proto::Role::Operator;
+    let controls = caller.role >= abide_fleet_json::Role::Operator;
     let body = html! {
         h1 { "Abide fleet" }
         p {
@@ -357,7 +357,7 @@ pub async fn control(
     Path((id, action)): Path<(String, String)>,
 ) -> Response {
     let caller = match session(&server, &headers).await {
-        Ok(Some(caller)) if caller.role >= abide_proto::Role::Operator => caller,
+        Ok(Some(caller)) if caller.role >= abide_fleet_json::Role::Operator => caller,
         Ok(Some(Caller { role, .. })) => {
             return (
                 StatusCode::FORBIDDEN,

@@ -1,6 +1,6 @@
 //! `abide agent`: the device daemon in the foreground (run by `dist/systemd/abide-agent.service`).
 
-use abide_agent::fleet::agent::{Agent, Exit, Options};
+use abide_agent::daemon::{Agent, Exit, Options};
 use anyhow::Result;
 use clap::Args;
 use serde_json::json;

@@ -236,7 +236,7 @@ pub fn status_json(device: &Device) -> Result<Value> {
 pub fn run_status(config: &Path, out: Output) -> Result<()> {
     let status = Api::ask(
         config,
-        |api| api.call(|mut c| async move { c.status(abide_api::StatusRequest {}).await }),
+        |api| api.call(|mut c| async move { c.status(abide_agent_api::StatusRequest {}).await }),
         || Ok(abide_agent::api::status(&open_read_only(config)?)?),
     )?;
     let v = crate::schedule::status_json(&status);
@@ -263,7 +263,11 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
 pub fn run_health(config: &Path, out: Output) -> Result<()> {
     let health = Api::ask(
         config,
-        |api| api.call(|mut c| async move { c.get_health(abide_api::GetHealthRequest {}).await }),
+        |api| {
+            api.call(
+                |mut c| async move { c.get_health(abide_agent_api::GetHealthRequest {}).await },
+            )
+        },
         || {
             Ok(abide_agent::api::health(
                 &open_read_only(config)?,
@@ -300,7 +304,7 @@ pub fn run_rollback(config: &Path, reason: &str, out: Output) -> Result<()> {
     };
     let reason = reason.to_owned();
     let done = api.call(|mut c| async move {
-        c.trigger_rollback(abide_api::TriggerRollbackRequest { reason })
+        c.trigger_rollback(abide_agent_api::TriggerRollbackRequest { reason })
             .await
     })?;
     out.print(&serde_json::to_value(&done)?, || {
@@ -315,7 +319,7 @@ pub fn run_history(config: &Path, out: Output) -> Result<()> {
         config,
         |api| {
             api.call(|mut c| async move {
-                c.get_rollback_history(abide_api::GetRollbackHistoryRequest {})
+                c.get_rollback_history(abide_agent_api::GetRollbackHistoryRequest {})
                     .await
             })
         },
@@ -363,7 +367,7 @@ pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Resul
 
 /// A saved audit head (JSON, as `abide log head --json` and `abide fleet audit --head --json`
 /// print it): a checkpoint to verify a log against.
-pub fn read_audit_head(file: &Path) -> Result<abide_proto::AuditHead> {
+pub fn read_audit_head(file: &Path) -> Result<abide_fleet_json::AuditHead> {
     let bytes = abide_fs::persist::read_bounded(file, 64 << 10)?;
     serde_json::from_slice(&bytes).with_context(|| {
         format!(

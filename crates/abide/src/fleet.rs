@@ -195,7 +195,7 @@ enum AdminTokenCommand {
         name: String,
         /// viewer, operator or admin.
         #[arg(long)]
-        role: abide_proto::Role,
+        role: abide_fleet_json::Role,
     },
     /// List the admin tokens made here (without their secrets).
     List,
@@ -312,7 +312,7 @@ enum GroupCommand {
     },
 }
 
-fn parse_window(text: &str) -> Result<abide_proto::Window> {
+fn parse_window(text: &str) -> Result<abide_fleet_json::Window> {
     let bad = || {
         anyhow::anyhow!(
             "--window {text:?}: expected DAYS@HH:MM-HH:MM/ZONE, as sat,sun@02:00-04:00/Europe/Berlin"
@@ -321,7 +321,7 @@ fn parse_window(text: &str) -> Result<abide_proto::Window> {
     let (days, rest) = text.split_once('@').ok_or_else(bad)?;
     let (times, zone) = rest.split_once('/').ok_or_else(bad)?;
     let (start, end) = times.split_once('-').ok_or_else(bad)?;
-    Ok(abide_proto::Window {
+    Ok(abide_fleet_json::Window {
         days: days.split(',').map(str::to_owned).collect(),
         start: start.to_owned(),
         end: end.to_owned(),
@@ -349,7 +349,7 @@ fn print_table(out: &Output, value: &Value, columns: &[&str]) {
     });
 }
 
-fn describe_rollout(s: &abide_proto::RolloutStatus) -> String {
+fn describe_rollout(s: &abide_fleet_json::RolloutStatus) -> String {
     let mut text = format!(
         "rollout {} of release {}: {}{} — stage {} of {}, {} devices: {} committed, {} failed, {} in progress, {} pending",
         s.id,
@@ -504,7 +504,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             });
         }
         FleetCommand::Trust(cmd) => {
-            let (r, what): (abide_proto::TrustView, _) = match cmd {
+            let (r, what): (abide_fleet_json::TrustView, _) = match cmd {
                 TrustCommand::Publish { file } => {
                     let bytes = std::fs::read(&file)
                         .with_context(|| format!("reading {}", file.display()))?;
@@ -522,10 +522,10 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             });
         }
         FleetCommand::Release(ReleaseCommand::Delta { from, to }) => {
-            let d: abide_proto::Delta = admin
+            let d: abide_fleet_json::Delta = admin
                 .post(
                     &format!("/api/v1/releases/{to}/deltas"),
-                    &abide_proto::DeltaRequest { from },
+                    &abide_fleet_json::DeltaRequest { from },
                 )
                 .await?;
             out.print(&serde_json::to_value(&d)?, || {
@@ -549,7 +549,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
         FleetCommand::Release(ReleaseCommand::DeltaUpload { file }) => {
             let bytes =
                 std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let d: abide_proto::Delta = admin.post_raw("/api/v1/deltas", bytes).await?;
+            let d: abide_fleet_json::Delta = admin.post_raw("/api/v1/deltas", bytes).await?;
             out.print(&serde_json::to_value(&d)?, || {
                 format!(
                     "delta {} {} -> {} {}: {} bytes{}",
@@ -567,7 +567,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             });
         }
         FleetCommand::Release(ReleaseCommand::Deltas { release }) => {
-            let r: Vec<abide_proto::Delta> = admin
+            let r: Vec<abide_fleet_json::Delta> = admin
                 .get(&format!("/api/v1/releases/{release}/deltas"))
                 .await?;
             print_table(
@@ -585,7 +585,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             );
         }
         FleetCommand::Release(ReleaseCommand::List) => {
-            let r: Vec<abide_proto::Release> = admin.get("/api/v1/releases").await?;
+            let r: Vec<abide_fleet_json::Release> = admin.get("/api/v1/releases").await?;
             print_table(
                 &out,
                 &serde_json::to_value(&r)?,
@@ -611,10 +611,10 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let expires_in = expires
                 .map(|e| abide_core::rollout::parse_duration(&e))
                 .transpose()?;
-            let r: abide_proto::EnrollToken = admin
+            let r: abide_fleet_json::EnrollToken = admin
                 .post(
                     "/api/v1/enroll-tokens",
-                    &abide_proto::EnrollTokenRequest {
+                    &abide_fleet_json::EnrollTokenRequest {
                         group,
                         tags,
                         expires_in,
@@ -628,7 +628,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             out.print(&serde_json::to_value(&r)?, || r.token.clone());
         }
         FleetCommand::Device(DeviceCommand::Revoke { id }) => {
-            let r: abide_proto::DeviceRevoked = admin
+            let r: abide_fleet_json::DeviceRevoked = admin
                 .post(
                     &format!("/api/v1/devices/{id}/revoke"),
                     &serde_json::json!({}),
@@ -639,16 +639,17 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             });
         }
         FleetCommand::AdminToken(AdminTokenCommand::Create { name, role }) => {
-            let r: abide_proto::AdminToken = admin
+            let r: abide_fleet_json::AdminToken = admin
                 .post(
                     "/api/v1/admin-tokens",
-                    &abide_proto::AdminTokenRequest { name, role },
+                    &abide_fleet_json::AdminTokenRequest { name, role },
                 )
                 .await?;
             out.print(&serde_json::to_value(&r)?, || r.token.clone());
         }
         FleetCommand::AdminToken(AdminTokenCommand::List) => {
-            let r: Vec<abide_proto::AdminTokenView> = admin.get("/api/v1/admin-tokens").await?;
+            let r: Vec<abide_fleet_json::AdminTokenView> =
+                admin.get("/api/v1/admin-tokens").await?;
             print_table(
                 &out,
                 &serde_json::to_value(&r)?,
@@ -656,14 +657,15 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             );
         }
         FleetCommand::AdminToken(AdminTokenCommand::Revoke { id }) => {
-            let r: abide_proto::AdminTokenView =
+            let r: abide_fleet_json::AdminTokenView =
                 admin.delete(&format!("/api/v1/admin-tokens/{id}")).await?;
             out.print(&serde_json::to_value(&r)?, || {
                 format!("revoked {} ({}, {})", r.id, r.name, r.role)
             });
         }
         FleetCommand::EnrollToken(TokenCommand::List) => {
-            let r: Vec<abide_proto::EnrollTokenView> = admin.get("/api/v1/enroll-tokens").await?;
+            let r: Vec<abide_fleet_json::EnrollTokenView> =
+                admin.get("/api/v1/enroll-tokens").await?;
             print_table(
                 &out,
                 &serde_json::to_value(&r)?,
@@ -671,7 +673,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             );
         }
         FleetCommand::EnrollToken(TokenCommand::Revoke { id }) => {
-            let r: abide_proto::EnrollTokenView =
+            let r: abide_fleet_json::EnrollTokenView =
                 admin.delete(&format!("/api/v1/enroll-tokens/{id}")).await?;
             out.print(&serde_json::to_value(&r)?, || {
                 format!("revoked {} ({} of {} uses made)", r.id, r.used, r.uses)
@@ -690,7 +692,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             } else {
                 format!("/api/v1/devices?{}", q.join("&"))
             };
-            let r: Vec<abide_proto::Device> = admin.get(&path).await?;
+            let r: Vec<abide_fleet_json::Device> = admin.get(&path).await?;
             print_table(
                 &out,
                 &serde_json::to_value(&r)?,
@@ -709,7 +711,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     prestage,
                 } => {
                     admin
-                        .create_rollout(&abide_proto::RolloutRequest {
+                        .create_rollout(&abide_fleet_json::RolloutRequest {
                             release,
                             stages,
                             failure_threshold: Some(failure_threshold),
@@ -753,10 +755,10 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             window,
         }) => {
             let window = window.as_deref().map(parse_window).transpose()?;
-            let r: abide_proto::GroupView = admin
+            let r: abide_fleet_json::GroupView = admin
                 .put(
                     &format!("/api/v1/groups/{group}"),
-                    &abide_proto::GroupSettings {
+                    &abide_fleet_json::GroupSettings {
                         max_unavailable,
                         quorum,
                         window,
@@ -769,12 +771,13 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             });
         }
         FleetCommand::Group(GroupCommand::Show { group }) => {
-            let r: abide_proto::GroupView = admin.get(&format!("/api/v1/groups/{group}")).await?;
+            let r: abide_fleet_json::GroupView =
+                admin.get(&format!("/api/v1/groups/{group}")).await?;
             let r = serde_json::to_value(&r)?;
             out.print(&r, || serde_json::to_string_pretty(&r).unwrap_or_default());
         }
         FleetCommand::Audit { head: true, .. } => {
-            let r: abide_proto::AuditHead = admin.get("/api/v1/audit/head").await?;
+            let r: abide_fleet_json::AuditHead = admin.get("/api/v1/audit/head").await?;
             out.print(&serde_json::to_value(&r)?, || {
                 format!("record {} {} (server key {})", r.seq, r.hash, r.key)
             });
@@ -801,7 +804,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                 }
                 None => "/api/v1/audit/verify".to_owned(),
             };
-            let r: abide_proto::AuditVerify = admin.get(&path).await?;
+            let r: abide_fleet_json::AuditVerify = admin.get(&path).await?;
             out.print(&serde_json::to_value(&r)?, || {
                 if r.ok {
                     format!("ok: {} audit records, the hash chain is intact", r.records)
@@ -821,7 +824,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             let mut all = Vec::new();
             let mut after = 0u64;
             loop {
-                let rows: Vec<abide_proto::AuditRecord> = admin
+                let rows: Vec<abide_fleet_json::AuditRecord> = admin
                     .get(&format!("/api/v1/audit?after={after}&limit=1000"))
                     .await?;
                 let Some(last) = rows.last() else {

@@ -8,8 +8,8 @@ use abide_agent::boot::boot;
 use abide_agent::health::SystemClock;
 use abide_agent::state::DeviceState;
 use abide_boot::SimBootloader;
-use abide_boot::persist::write_atomic;
 use abide_core::{Group, Quarantine};
+use abide_fs::persist::write_atomic;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use serde_json::json;
@@ -294,9 +294,9 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
         if outcome.reboot {
             continue;
         }
-        let mut agent = abide_agent::fleet::agent::Agent::new(&config)?;
+        let mut agent = abide_agent::daemon::Agent::new(&config)?;
         agent.serve()?;
-        agent.run(&abide_agent::fleet::agent::Options { once: false })?;
+        agent.run(&abide_agent::daemon::Options { once: false })?;
     }
 }
 

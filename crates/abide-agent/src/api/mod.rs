@@ -1,10 +1,10 @@
-//! The agent's local API (`abide_api`, gRPC): the views it answers with, built from the
+//! The agent's local API (`abide_agent_api`, gRPC): the views it answers with, built from the
 //! device's files the same way whether the agent serves them or the `abide` command reads them
 //! itself while no agent runs, and the service (`service`) the agent serves on its socket.
 
 pub mod service;
 
-use abide_api as pb;
+use abide_agent_api as pb;
 use abide_core::schedule::{Origin, Rollback, Schedule, ScheduleState, Source, When};
 use abide_core::{CheckOutcome, Criticality, TxState};
 

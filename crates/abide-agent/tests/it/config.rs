@@ -208,7 +208,8 @@ fn errors_name_the_file_the_key_and_the_expectation() {
 
 #[test]
 fn the_running_group_is_read_from_the_kernel_command_line_and_mounts_from_mountinfo() {
-    use abide_agent::running::{cmdline_group, mounted_at};
+    use abide_agent::running::mounted_at;
+    use abide_boot::cmdline_group;
     assert_eq!(
         cmdline_group("BOOT_IMAGE=/vmlinuz root=/dev/vda2 abide.group=B ro").map(|g| g.to_string()),
         Some("B".into())
@@ -303,7 +304,7 @@ fn an_install_whose_target_is_the_mounted_root_or_is_mounted_is_refused() {
 
 #[test]
 fn check_ins_are_jittered_and_back_off_up_to_a_cap() {
-    use abide_agent::fleet::agent::pause;
+    use abide_agent::daemon::pause;
     use std::time::Duration;
     let minute = Duration::from_secs(60);
     // ±20 % around the interval, whatever the draw.

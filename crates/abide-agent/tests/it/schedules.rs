@@ -1,7 +1,7 @@
 //! The schedule book: stored atomically and read back whole, the oldest due schedule first,
 //! and only the last ended ones kept.
 
-use abide_agent::schedules::{Book, KEEP_ENDED};
+use abide_agent::book::{Book, KEEP_ENDED};
 use abide_core::schedule::{Origin, Rollback, Schedule, Source, When};
 use jiff::Timestamp;
 

@@ -110,7 +110,7 @@ fn the_model_catches_a_block_renamed_into_place() {
     std::fs::write(&path, env.to_block().unwrap()).unwrap();
     let mut held = File::open(&path).unwrap();
     env.set("ABIDE_ORDER", "B A").unwrap();
-    abide_boot::persist::write_atomic(&path, &env.to_block().unwrap(), 0o644).unwrap();
+    abide_fs::persist::write_atomic(&path, &env.to_block().unwrap(), 0o644).unwrap();
     let seen = GrubEnv::parse(&firmware_read(&mut held)).unwrap();
     assert_eq!(
         seen.get("ABIDE_ORDER"),

@@ -10,7 +10,7 @@ use abide_core::fleet::{Lease, Offer, WindowState};
 use abide_core::schedule::{Origin, Rollback, Schedule, ScheduleState, Source, When};
 use abide_core::selfupdate::TrialState;
 use abide_core::{FailReason, Group, Transaction, TxState};
-use abide_proto::AssignedAction;
+use abide_fleet_json::AssignedAction;
 use expect_test::expect;
 
 use crate::at;

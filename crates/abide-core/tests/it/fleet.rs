@@ -4,7 +4,7 @@ use abide_core::fleet::{
     Assigned, Lease, Ledger, Offer, Step, View, WindowState, decide, device_state, report, status,
 };
 use abide_core::{FailReason, Group, RollbackReason, Transaction, TxState};
-use abide_proto::AssignedAction;
+use abide_fleet_json::AssignedAction;
 use expect_test::expect;
 
 use crate::at;

@@ -122,7 +122,7 @@ fn the_core_depends_only_on_pure_libraries() {
         deps,
         [
             "abide-bundle",
-            "abide-proto",
+            "abide-fleet-json",
             "jiff",
             "semver",
             "serde",
@@ -164,12 +164,15 @@ fn the_crate_graph_is_as_architecture_draws_it() {
     let set = |names: &[&str]| names.iter().map(|n| (*n).to_owned()).collect();
     assert_eq!(ours("abide-bundle"), set(&[]));
     assert_eq!(ours("abide-fs"), set(&[]));
-    assert_eq!(ours("abide-proto"), set(&[]));
+    assert_eq!(ours("abide-fleet-json"), set(&[]));
     // The agent's local API is its .proto, the generated code and the transports: no crate of
     // ours.
-    assert_eq!(ours("abide-api"), set(&[]));
+    assert_eq!(ours("abide-agent-api"), set(&[]));
     // The core decides on the fleet's wire enums themselves: no copy of them to convert.
-    assert_eq!(ours("abide-core"), set(&["abide-bundle", "abide-proto"]));
+    assert_eq!(
+        ours("abide-core"),
+        set(&["abide-bundle", "abide-fleet-json"])
+    );
     assert_eq!(ours("abide-boot"), set(&["abide-core", "abide-fs"]));
     let server = ours("abide-server");
     for device in ["abide-boot", "abide-agent", "abide-client"] {
@@ -179,6 +182,25 @@ fn the_crate_graph_is_as_architecture_draws_it() {
         !ours("abide-agent").contains("abide-server"),
         "the agent never depends on the server"
     );
+    // An edge is drawn where it is used: no crate hands on another crate of ours under its own
+    // name (uses of it would hide behind the re-export).
+    let crates = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut reexports = Vec::new();
+    for krate in std::fs::read_dir(&crates).unwrap().flatten() {
+        for (file, text) in abide_testkit::tidy::sources(&krate.path().join("src")) {
+            for line in text
+                .lines()
+                .filter(|l| l.trim_start().starts_with("pub use abide_"))
+            {
+                reexports.push(format!(
+                    "{}/src/{file}: {}",
+                    krate.file_name().to_string_lossy(),
+                    line.trim()
+                ));
+            }
+        }
+    }
+    assert!(reexports.is_empty(), "{reexports:#?}");
 }
 
 /// Every sync of a file, directory or file system goes through `abide_fs::persist`, so that the

@@ -370,11 +370,19 @@ async fn enrolment_and_signed_check_ins(backend: Backend) {
         .unwrap()
         .try_into()
         .unwrap();
-    assert!(server_key.verify(abide_proto::ASSIGNMENT_DOMAIN, payload.as_bytes(), &sig));
+    assert!(server_key.verify(
+        abide_fleet_json::ASSIGNMENT_DOMAIN,
+        payload.as_bytes(),
+        &sig
+    ));
     let mut tampered = payload.replace("gw-1", "gw-9");
-    assert!(!server_key.verify(abide_proto::ASSIGNMENT_DOMAIN, tampered.as_bytes(), &sig));
+    assert!(!server_key.verify(
+        abide_fleet_json::ASSIGNMENT_DOMAIN,
+        tampered.as_bytes(),
+        &sig
+    ));
     tampered.clear();
-    let a: abide_proto::Assignment = serde_json::from_str(payload).unwrap();
+    let a: abide_fleet_json::Assignment = serde_json::from_str(payload).unwrap();
     assert_eq!((a.device_id.as_str(), a.nonce.as_str()), ("gw-1", nonce));
     assert!(a.expires_at > a.issued_at);
     assert_eq!(a.release, None);

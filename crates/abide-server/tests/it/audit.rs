@@ -2,7 +2,7 @@
 //! elsewhere; a device's reported head may only move forward under the device's key.
 
 use abide_bundle::SecretKey;
-use abide_proto::AuditHead;
+use abide_fleet_json::AuditHead;
 use axum::http::{Method, StatusCode};
 use serde_json::json;
 

@@ -58,7 +58,7 @@ enum Need {
     /// The metrics token or any admin token.
     Metrics,
     /// An admin token of this role or more.
-    Role(abide_proto::Role),
+    Role(abide_fleet_json::Role),
     /// A device credential.
     Device,
     /// A device it was given to (a device asking for another release gets 403), or any admin
@@ -66,8 +66,8 @@ enum Need {
     DeviceOrViewer,
 }
 
-fn role_of(who: Who) -> Option<abide_proto::Role> {
-    use abide_proto::Role;
+fn role_of(who: Who) -> Option<abide_fleet_json::Role> {
+    use abide_fleet_json::Role;
     match who {
         Who::Viewer => Some(Role::Viewer),
         Who::Operator => Some(Role::Operator),
@@ -184,7 +184,7 @@ fn declared_routes() -> Vec<String> {
 async fn every_route_answers_every_role_and_credential_with_the_exact_status_and_refusals_change_nothing(
     backend: Backend,
 ) {
-    use abide_proto::Role;
+    use abide_fleet_json::Role;
     let h = Harness::new(backend).await;
     let first = h.admin.clone();
     let device = h.enroll("gw-1", "lab").await;

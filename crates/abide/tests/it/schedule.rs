@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use abide_agent::fleet::agent::{Agent, Exit, Options};
+use abide_agent::daemon::{Agent, Exit, Options};
 use abide_agent::health::Clock;
 use abide_core::schedule::{Origin, Rollback, Schedule, Source, When};
 use jiff::{SignedDuration, Timestamp};
@@ -789,8 +789,10 @@ fn a_bundle_from_a_url_that_is_not_the_one_pinned_is_abandoned_before_activation
         .build()
         .unwrap();
     let mut events = rt.block_on(async {
-        let mut c = abide_api::transport::connect_unix(&socket).await.unwrap();
-        c.watch_progress(abide_api::WatchProgressRequest {
+        let mut c = abide_agent_api::transport::connect_unix(&socket)
+            .await
+            .unwrap();
+        c.watch_progress(abide_agent_api::WatchProgressRequest {
             schedule: String::new(),
         })
         .await
@@ -1071,11 +1073,11 @@ fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
         )
         .unwrap();
         rt.block_on(async {
-            let mut client = abide_api::transport::connect_tls(&addr, "localhost", tls)
+            let mut client = abide_agent_api::transport::connect_tls(&addr, "localhost", tls)
                 .await
                 .map_err(|e| e.to_string())?;
             client
-                .status(abide_api::StatusRequest {})
+                .status(abide_agent_api::StatusRequest {})
                 .await
                 .map(|r| r.into_inner())
                 .map_err(|s| s.to_string())
@@ -1090,23 +1092,23 @@ fn the_api_over_tcp_needs_a_client_certificate_from_its_ca() {
             Some((&dir.join("operator.pem"), &dir.join("operator.key"))),
         )
         .unwrap();
-        let mut client = abide_api::transport::connect_tls(&addr, "localhost", tls)
+        let mut client = abide_agent_api::transport::connect_tls(&addr, "localhost", tls)
             .await
             .unwrap();
         let all = client
-            .get_audit_log(abide_api::GetAuditLogRequest { after: 0, limit: 0 })
+            .get_audit_log(abide_agent_api::GetAuditLogRequest { after: 0, limit: 0 })
             .await
             .unwrap()
             .into_inner()
             .records;
         let last = client
-            .get_audit_log(abide_api::GetAuditLogRequest { after: 0, limit: 1 })
+            .get_audit_log(abide_agent_api::GetAuditLogRequest { after: 0, limit: 1 })
             .await
             .unwrap()
             .into_inner()
             .records;
         let none = client
-            .get_audit_log(abide_api::GetAuditLogRequest {
+            .get_audit_log(abide_agent_api::GetAuditLogRequest {
                 after: all.len() as u64,
                 limit: 0,
             })

@@ -1,6 +1,6 @@
 //! Compiles `proto/abide/agent/v1/agent.proto` with protox (pure Rust, no `protoc`) and
 //! generates the messages (prost, with `serde::Serialize` for `--json` output) and the gRPC
-//! server and client (tonic, without its transport: `abide-api` serves and dials over hyper).
+//! server and client (tonic, without its transport: `abide-agent-api` serves and dials over hyper).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");

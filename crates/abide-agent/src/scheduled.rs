@@ -16,11 +16,11 @@ use abide_core::schedule::{Rollback, Schedule, ScheduleState, Source, When};
 use abide_core::{FailReason, Force, Gate};
 use sha2::{Digest, Sha256};
 
-use crate::api::service::Shared;
 use crate::config::{Config, DeviceWindow};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::Stopped;
+use crate::shared::Shared;
 
 /// What a command asks of the agent's loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,7 +366,7 @@ impl<'a> Reader<'a> {
         match &s.source {
             Source::File(path) => {
                 let io = |op: &'static str| {
-                    move |source| abide_boot::persist::IoError {
+                    move |source| abide_fs::persist::IoError {
                         op,
                         path: path.into(),
                         source,

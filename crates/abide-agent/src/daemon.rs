@@ -1,7 +1,9 @@
-//! `abide agent`: the device daemon. Each round: report what changed, check in with the true
-//! inventory, verify the assignment, ask `abide_core::fleet::decide` for the next step and
-//! carry it out. Network calls run on a Tokio runtime; the install pipeline and every durable
-//! step run on the calling thread, as `abide install` runs them.
+//! `abide agent`: the device daemon, with or without a fleet server. It is the executor of
+//! `abide_core::agent::next`: each round gathers the situation (the self-update trial, the
+//! applications, the transaction, the schedules, the windows, the fleet's answer), asks for the
+//! command, and carries it out, reading time from one clock. Network calls run on a Tokio
+//! runtime; the install pipeline and every durable step run on the calling thread, as
+//! `abide install` runs them.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,18 +14,18 @@ use abide_client::{ClientError, Device as Client};
 use abide_core::agent::{self, Answer, Apps, By, Command, Fleet, Situation};
 use abide_core::fleet::{Offer, WindowState};
 use abide_core::{CheckOutcome, FailReason, Force, TxState};
-use abide_proto::{Assignment, CheckinRequest, Health};
+use abide_fleet_json::{Assignment, CheckinRequest, Health};
 use jiff::Timestamp;
 use serde_json::json;
 
-use crate::api::service::Shared;
 use crate::config::{Config, DeviceWindow, ServerSettings};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::{HttpSource, Meter};
 use crate::fleet::store::{Enrolment, FleetState};
 use crate::health::{Clock, Running, SystemClock, run_checks};
-use crate::local::Next;
+use crate::scheduled::Next;
+use crate::shared::Shared;
 
 /// How often an agent without a fleet server looks at its schedules (an API call wakes it at
 /// once).
@@ -82,7 +84,7 @@ impl Agent {
             .worker_threads(1)
             .enable_all()
             .build()
-            .map_err(|source| abide_boot::persist::IoError {
+            .map_err(|source| abide_fs::persist::IoError {
                 op: "starting the network runtime for",
                 path: config_path.to_owned(),
                 source,
@@ -127,12 +129,12 @@ impl Agent {
     pub fn serve(&self) -> Result<()> {
         let api = &self.shared.config.api;
         let service = Arc::new(crate::api::service::Service::new(self.shared.clone()));
-        let metrics: abide_api::transport::MetricsText = {
+        let metrics: abide_agent_api::transport::MetricsText = {
             let shared = self.shared.clone();
             Arc::new(move || crate::metrics::render(&shared))
         };
         let _guard = self.rt.enter();
-        let setting = |e: abide_api::ApiError| AgentError::Config {
+        let setting = |e: abide_agent_api::ApiError| AgentError::Config {
             path: self.config_path.clone(),
             what: format!("[api]: {e}"),
         };
@@ -144,9 +146,9 @@ impl Agent {
             per_peer = limits.per_peer,
             "API connection limits"
         );
-        let unix =
-            abide_api::transport::bind_unix(&api.socket, api.group.as_deref()).map_err(setting)?;
-        self.rt.spawn(abide_api::transport::serve_unix(
+        let unix = abide_agent_api::transport::bind_unix(&api.socket, api.group.as_deref())
+            .map_err(setting)?;
+        self.rt.spawn(abide_agent_api::transport::serve_unix(
             unix,
             service.clone(),
             metrics.clone(),
@@ -154,20 +156,20 @@ impl Agent {
         ));
         tracing::info!(socket = %api.socket.display(), "serving the local API");
         if let Some(tcp) = &api.tcp {
-            let tls = abide_api::transport::server_tls(&tcp.cert, &tcp.key, &tcp.client_ca)
+            let tls = abide_agent_api::transport::server_tls(&tcp.cert, &tcp.key, &tcp.client_ca)
                 .map_err(setting)?;
             let listener = std::net::TcpListener::bind(tcp.listen)
                 .and_then(|l| {
                     l.set_nonblocking(true)?;
                     tokio::net::TcpListener::from_std(l)
                 })
-                .map_err(|source| abide_boot::persist::IoError {
+                .map_err(|source| abide_fs::persist::IoError {
                     op: "listening for the API on",
                     path: tcp.listen.to_string().into(),
                     source,
                 })?;
             tracing::info!(addr = %tcp.listen, "serving the local API with mutual TLS");
-            self.rt.spawn(abide_api::transport::serve_tls(
+            self.rt.spawn(abide_agent_api::transport::serve_tls(
                 listener, tls, service, metrics, limits,
             ));
         }
@@ -213,7 +215,7 @@ impl Agent {
             return;
         };
         let text = crate::metrics::render(&self.shared);
-        if let Err(e) = abide_boot::persist::write_atomic(path, text.as_bytes(), 0o644) {
+        if let Err(e) = abide_fs::persist::write_atomic(path, text.as_bytes(), 0o644) {
             tracing::warn!(error = %e, "writing the metrics file");
         }
     }
@@ -260,7 +262,7 @@ impl Agent {
                                 .into(),
                         }
                     })?;
-                    let token = abide_boot::persist::read_bounded(file, 4096)?;
+                    let token = abide_fs::persist::read_bounded(file, 4096)?;
                     let token = String::from_utf8_lossy(&token).trim().to_owned();
                     let c = self.rt.block_on(Client::enroll(
                         &link.http,
@@ -299,7 +301,7 @@ impl Agent {
             let book = self.shared.book();
             let app_transaction = book
                 .in_progress()
-                .and_then(|s| crate::local::app_transaction(&device.config, s));
+                .and_then(|s| crate::scheduled::app_transaction(&device.config, s));
             let apps = if !self.apps_checked || crate::app::interrupted(&device.config)? {
                 Apps::Interrupted
             } else {
@@ -313,7 +315,7 @@ impl Agent {
                 transaction: state.transaction.as_ref(),
                 schedules: &book.schedules,
                 app_transaction: app_transaction.as_ref(),
-                windows: crate::local::windows(&device.config.windows, now),
+                windows: crate::scheduled::windows(&device.config.windows, now),
                 fleet: match (&self.fleet, &answer) {
                     (None, _) => Fleet::Absent,
                     (Some(_), None) => Fleet::Unknown,
@@ -343,11 +345,11 @@ impl Agent {
                     return Ok(None);
                 }
                 Command::RecoverApps => {
-                    crate::local::recover_apps(&self.shared, &mut device)?;
+                    crate::scheduled::recover_apps(&self.shared, &mut device)?;
                     self.apps_checked = true;
                     return Ok(None);
                 }
-                Command::Follow => crate::local::follow(&self.shared, &device)?,
+                Command::Follow => crate::scheduled::follow(&self.shared, &device)?,
                 Command::Abandon(reason) => {
                     let cancelled = reason == FailReason::Cancelled;
                     let tx = crate::install::abandon(&mut device, now, reason)?;
@@ -357,13 +359,13 @@ impl Agent {
                     return Ok(None);
                 }
                 Command::Activate(By::Schedule(id)) => {
-                    return match crate::local::activate(&self.shared, &mut device, &id)? {
+                    return match crate::scheduled::activate(&self.shared, &mut device, &id)? {
                         Next::Reboot => Ok(Some(Exit::Reboot)),
                         Next::Again => Ok(None),
                     };
                 }
                 Command::Start(id) => {
-                    crate::local::start(&self.shared, self.rt.handle(), &mut device, &id)?;
+                    crate::scheduled::start(&self.shared, self.rt.handle(), &mut device, &id)?;
                     return Ok(None);
                 }
                 Command::CheckIn => {
@@ -384,10 +386,11 @@ impl Agent {
                         self.fleet.as_ref().expect("a fleet round").server.url,
                         release.url
                     );
-                    let id = crate::local::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
+                    let id =
+                        crate::scheduled::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
                     let before = device.state()?.transaction.map(|t| t.id);
                     let staged = self.stage(&mut device, &client, &release, &id);
-                    crate::local::staged(
+                    crate::scheduled::staged(
                         &self.shared,
                         &device,
                         &id,
@@ -502,7 +505,7 @@ impl Agent {
         &mut self,
         device: &mut Device,
         client: &Client,
-        release: &abide_proto::AssignedRelease,
+        release: &abide_fleet_json::AssignedRelease,
         schedule: &str,
     ) -> Result<()> {
         let running = device.state()?.version.to_string();
@@ -535,7 +538,7 @@ impl Agent {
         &mut self,
         device: &mut Device,
         client: &Client,
-        release: &abide_proto::AssignedRelease,
+        release: &abide_fleet_json::AssignedRelease,
         url: &str,
         size: u64,
         schedule: &str,
@@ -561,14 +564,14 @@ impl Agent {
                 .server
                 .poll_interval;
             let mut inventory = inventory(device, &device.state()?)?;
-            inventory.state = abide_proto::DeviceState::Downloading;
+            inventory.state = abide_fleet_json::DeviceState::Downloading;
             let started = Instant::now();
             self.rt.spawn(async move {
                 loop {
                     tokio::time::sleep(every.unsigned_abs()).await;
                     let fetched = meter.fetched.load(Ordering::Relaxed);
                     let mut req = inventory.clone();
-                    req.progress = Some(abide_proto::Progress {
+                    req.progress = Some(abide_fleet_json::Progress {
                         release_id: release_id.clone(),
                         bytes: meter.consumed.load(Ordering::Relaxed),
                         total,
@@ -794,8 +797,8 @@ pub fn raise_file_limit() -> u64 {
 /// The API's connection limits for a process that may open `files` descriptors: the two
 /// listeners' connections (and root's own, which count apart) stay clear of the
 /// [`RESERVED_FILES`].
-pub fn connection_limits(files: u64) -> abide_api::transport::ConnectionLimits {
-    let mut limits = abide_api::transport::ConnectionLimits::default();
+pub fn connection_limits(files: u64) -> abide_agent_api::transport::ConnectionLimits {
+    let mut limits = abide_agent_api::transport::ConnectionLimits::default();
     let room = files.saturating_sub(RESERVED_FILES + limits.per_peer as u64) / 2;
     limits.total = limits.total.min(room.max(1) as usize);
     limits

@@ -179,7 +179,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     .await?;
     let pid = server.0.id().to_string();
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
-    let admin = abide_client::Admin::new(&base, &token);
+    let admin = abide_client::AdminClient::new(&base, &token);
     let t: abide_fleet_json::EnrollToken = admin
         .post(
             "/api/v1/enroll-tokens",
@@ -199,7 +199,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
         while next < o.devices && pending.len() < 64 {
             let (http, base, enroll) = (http.clone(), base.clone(), enroll.clone());
             pending.spawn(async move {
-                abide_client::Device::enroll(
+                abide_client::DeviceClient::enroll(
                     &http,
                     &base,
                     &enroll,
@@ -254,7 +254,7 @@ async fn checkins(o: &Opts, db: &str) -> Result<()> {
     })
     .await;
     // Last-seen is durable: every device's last check-in time is in the database.
-    let listed: Vec<abide_fleet_json::Device> = admin.get("/api/v1/devices").await?;
+    let listed: Vec<abide_fleet_json::DeviceView> = admin.get("/api/v1/devices").await?;
     let seen = listed.iter().filter(|d| d.last_seen.is_some()).count();
     println!(
         "{db:<10} {:>7} devices (enrolled in {enrol_secs:.1} s)  check-in {checkin_rate:>8.0}/s ({checkin_failed} failed)  no-op {noop_rate:>8.0}/s ({noop_failed} failed)  ratio {:.2}  devices with last-seen {seen}  server peak RSS {:.1} MiB",

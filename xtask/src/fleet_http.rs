@@ -60,11 +60,11 @@ async fn run(o: Opts) -> Result<()> {
     let (s1, url1) = start_server(&abide, dir.path(), Some(&url), &http).await?;
     let (s2, url2) = start_server(&abide, dir.path(), Some(&url), &http).await?;
     let token = std::fs::read_to_string(dir.path().join("admin.token"))?;
-    let admin = abide_client::Admin::new(&url1, token.trim());
+    let admin = abide_client::AdminClient::new(&url1, token.trim());
     let bundle = abide_testkit::Fixture::default().build(&[&abide_testkit::key(0)]);
     let release: serde_json::Value = admin.post_raw("/api/v1/releases", bundle).await?;
     let release = release["id"].as_str().context("release id")?.to_owned();
-    let _: serde_json::Value = abide_client::Admin::new(&url2, token.trim())
+    let _: serde_json::Value = abide_client::AdminClient::new(&url2, token.trim())
         .put(
             "/api/v1/groups/fleet",
             &serde_json::json!({"max_unavailable": o.devices / 10}),

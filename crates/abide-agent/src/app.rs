@@ -245,11 +245,14 @@ fn begin<S: Source>(
         });
     }
     let now = clock.now();
-    let trust = crate::trust::root(&config, now)?;
-    let policy = crate::trust::policy(&config, &trust, state.security_version, now);
-    let mut bundle = reader.verify(&policy)?;
+    let mut bundle = crate::trust::admit(
+        &config,
+        state.security_version,
+        now,
+        |policy| reader.verify(policy),
+        |b| b.manifest(),
+    )?;
     let manifest = bundle.manifest().clone();
-    crate::trust::check_product(&config, &manifest)?;
     let installed = Installed {
         version: state
             .current

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use abide_client::{ClientError, Device as Client};
+use abide_client::{ClientError, DeviceClient};
 use abide_core::agent::{self, Answer, Apps, By, Command, Fleet, Situation};
 use abide_core::fleet::{Offer, WindowState};
 use abide_core::{CheckOutcome, FailReason, Force, TxState};
@@ -65,7 +65,7 @@ pub struct Agent {
 struct Link {
     server: ServerSettings,
     http: reqwest::Client,
-    client: Option<Client>,
+    client: Option<DeviceClient>,
     /// The interval the server asked for at the last check-in.
     suggested: Option<Duration>,
 }
@@ -236,7 +236,7 @@ impl Agent {
     }
 
     /// Enrols once (the enrolment is kept in the state directory), then reuses it.
-    fn client(&mut self, device: &Device, fleet: &mut FleetState) -> Result<Client> {
+    fn client(&mut self, device: &Device, fleet: &mut FleetState) -> Result<DeviceClient> {
         let link = self
             .fleet
             .as_mut()
@@ -246,7 +246,7 @@ impl Agent {
         }
         let client =
             match &fleet.enrolment {
-                Some(e) => Client::restore(
+                Some(e) => DeviceClient::restore(
                     &link.http,
                     &link.server.url,
                     &e.device_id,
@@ -264,7 +264,7 @@ impl Agent {
                     })?;
                     let token = abide_fs::persist::read_bounded(file, 4096)?;
                     let token = String::from_utf8_lossy(&token).trim().to_owned();
-                    let c = self.rt.block_on(Client::enroll(
+                    let c = self.rt.block_on(DeviceClient::enroll(
                         &link.http,
                         &link.server.url,
                         &token,
@@ -294,7 +294,7 @@ impl Agent {
     fn round(&mut self) -> std::result::Result<Option<Exit>, Wait> {
         let (mut device, mut fleet) = self.open()?;
         let mut answer: Option<(Assignment, Option<Offer>)> = None;
-        let mut client: Option<Client> = None;
+        let mut client: Option<DeviceClient> = None;
         loop {
             let now = self.shared.clock.now();
             let state = device.state()?;
@@ -441,7 +441,7 @@ impl Agent {
     /// takes the trust roots it delivers.
     fn check_in(
         &mut self,
-        client: &Client,
+        client: &DeviceClient,
         device: &mut Device,
         fleet: &mut FleetState,
     ) -> std::result::Result<(Assignment, Option<Offer>), Wait> {
@@ -478,7 +478,7 @@ impl Agent {
     /// reboots if the engine asked for it.
     fn after_change(
         &mut self,
-        client: &Client,
+        client: &DeviceClient,
         device: &mut Device,
         reboot: bool,
     ) -> std::result::Result<Option<Exit>, Wait> {
@@ -504,7 +504,7 @@ impl Agent {
     fn stage(
         &mut self,
         device: &mut Device,
-        client: &Client,
+        client: &DeviceClient,
         release: &abide_fleet_json::AssignedRelease,
         schedule: &str,
     ) -> Result<()> {
@@ -537,7 +537,7 @@ impl Agent {
     fn fetch(
         &mut self,
         device: &mut Device,
-        client: &Client,
+        client: &DeviceClient,
         release: &abide_fleet_json::AssignedRelease,
         url: &str,
         size: u64,
@@ -678,7 +678,12 @@ impl Agent {
     }
 
     /// Sends queued reports in order; stops at the first the server did not answer.
-    fn flush(&self, client: &Client, fleet: &mut FleetState, device: &mut Device) -> Result<()> {
+    fn flush(
+        &self,
+        client: &DeviceClient,
+        fleet: &mut FleetState,
+        device: &mut Device,
+    ) -> Result<()> {
         while let Some(report) = fleet.ledger.outbox.first().cloned() {
             match self.rt.block_on(client.report(&report)) {
                 Ok(_) => {}
@@ -727,7 +732,7 @@ impl<E: Into<AgentError>> From<E> for Wait {
 /// What the device truly is: its groups as the bootloader has them, its version, its
 /// transaction's state and its health (the configured checks; `unknown` during a trial, whose
 /// gate decides).
-fn inventory(device: &Device, state: &crate::state::DeviceState) -> Result<CheckinRequest> {
+fn inventory(device: &Device, state: &crate::state::DeviceRecord) -> Result<CheckinRequest> {
     let (booted, good) = device.groups()?;
     let tx = state.transaction.as_ref();
     let on_trial =

@@ -15,7 +15,7 @@ use crate::audit::AuditLog;
 use crate::config::{Backend, Config};
 use crate::error::{AgentError, Result};
 use crate::lock::{Contention, DeviceLock};
-use crate::state::DeviceState;
+use crate::state::DeviceRecord;
 
 /// An opened device.
 pub struct Device {
@@ -97,8 +97,8 @@ impl Device {
     }
 
     /// The device state.
-    pub fn state(&self) -> Result<DeviceState> {
-        DeviceState::load(&self.config.state_dir)
+    pub fn state(&self) -> Result<DeviceRecord> {
+        DeviceRecord::load(&self.config.state_dir)
     }
 
     /// Appends an audit record and makes it durable.
@@ -123,7 +123,7 @@ impl Device {
     pub fn commit_step(
         &mut self,
         now: Timestamp,
-        state: &mut DeviceState,
+        state: &mut DeviceRecord,
         tx: &Transaction,
         actions: &[Action],
     ) -> Result<bool> {

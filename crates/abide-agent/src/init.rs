@@ -13,7 +13,7 @@ use serde_json::json;
 use crate::config::{Config, SlotKind};
 use crate::device::Device;
 use crate::error::{AgentError, Result};
-use crate::state::{DeviceState, FORMAT};
+use crate::state::{DeviceRecord, FORMAT};
 
 /// How to initialise.
 #[derive(Debug, Clone)]
@@ -97,7 +97,7 @@ pub fn init(config: Config, options: &InitOptions) -> Result<Initialized> {
             slots.push((slot.path.display().to_string(), capacity));
         }
     }
-    let state_path = DeviceState::path(&config.state_dir);
+    let state_path = DeviceRecord::path(&config.state_dir);
     if state_path.exists() && !options.force {
         return Err(AgentError::Initialized { path: state_path });
     }
@@ -118,7 +118,7 @@ pub fn init(config: Config, options: &InitOptions) -> Result<Initialized> {
     boot.bootable.insert(other.clone(), false);
     boot.booted = Some(running.clone());
     device.bootloader().store(&boot)?;
-    DeviceState {
+    DeviceRecord {
         format: FORMAT,
         version: options.version.clone(),
         security_version: 0,

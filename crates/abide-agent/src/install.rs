@@ -361,25 +361,31 @@ type Plan<'a> = (
 /// order, and a slot of the right class and size for every component in the target group.
 fn plan<'a>(
     device: &Device,
-    state: &crate::state::DeviceState,
+    state: &crate::state::DeviceRecord,
     src: &'a mut dyn Source,
     force: Force,
     now: Timestamp,
 ) -> Result<Plan<'a>> {
     let config = &device.config;
     let limits = Limits::default();
-    let trust = crate::trust::root(config, now)?;
-    let policy = crate::trust::policy(config, &trust, state.security_version, now);
     let (kind, src) = Peeked::new(src).map_err(|source| abide_bundle::Error::Io {
         what: "reading the bundle",
         source,
     })?;
-    let bundle = match kind {
-        Some(Kind::Delta) => {
-            Opened::Delta(Box::new(DeltaReader::open(src, limits)?.verify(&policy)?))
-        }
-        _ => Opened::Bundle(Box::new(BundleReader::open(src, limits)?.verify(&policy)?)),
-    };
+    let bundle = crate::trust::admit(
+        config,
+        state.security_version,
+        now,
+        |policy| {
+            Ok(match kind {
+                Some(Kind::Delta) => {
+                    Opened::Delta(Box::new(DeltaReader::open(src, limits)?.verify(policy)?))
+                }
+                _ => Opened::Bundle(Box::new(BundleReader::open(src, limits)?.verify(policy)?)),
+            })
+        },
+        |b| b.manifest(),
+    )?;
     let manifest = bundle.manifest().clone();
     if crate::selfupdate::is_agent_bundle(&manifest) {
         return Err(AgentError::SelfUpdate {
@@ -392,7 +398,6 @@ fn plan<'a>(
             what: "an application bundle is installed from a file (`abide install FILE`) or by a schedule (`abide schedule update`)".into(),
         });
     }
-    crate::trust::check_product(config, &manifest)?;
     let installed = Installed {
         version: state.version.clone(),
         security_version: state.security_version,

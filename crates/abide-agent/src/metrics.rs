@@ -8,7 +8,7 @@ use std::fmt::Write;
 
 use crate::audit::AuditLog;
 use crate::shared::Shared;
-use crate::state::DeviceState;
+use crate::state::DeviceRecord;
 
 /// Every schedule state, for a complete `abide_agent_schedules` family.
 const SCHEDULE_STATES: [&str; 6] = [
@@ -142,7 +142,7 @@ pub fn render(shared: &Shared) -> String {
             .count();
         let _ = writeln!(out, "abide_agent_schedules{{state=\"{state}\"}} {n}");
     }
-    if let Ok(state) = DeviceState::load(&config.state_dir) {
+    if let Ok(state) = DeviceRecord::load(&config.state_dir) {
         family(
             &mut out,
             "abide_agent_transaction_state",

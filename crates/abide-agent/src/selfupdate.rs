@@ -97,11 +97,14 @@ pub fn apply<S: abide_bundle::Source>(
 ) -> Result<std::convert::Infallible> {
     let config = device.config.clone();
     let state = device.state()?;
-    let trust = crate::trust::root(&config, now)?;
-    let policy = crate::trust::policy(&config, &trust, state.security_version, now);
-    let mut bundle = bundle.verify(&policy)?;
+    let mut bundle = crate::trust::admit(
+        &config,
+        state.security_version,
+        now,
+        |policy| bundle.verify(policy),
+        |b| b.manifest(),
+    )?;
     let manifest = bundle.manifest().clone();
-    crate::trust::check_product(&config, &manifest)?;
     let from = agent_version(&config.state_dir);
     let newer = from
         .parse::<semver::Version>()

@@ -15,7 +15,7 @@ use crate::book::Book;
 use crate::config::Config;
 use crate::error::Result;
 use crate::health::Clock;
-use crate::state::DeviceState;
+use crate::state::DeviceRecord;
 
 /// What the API's handlers and the agent's loop share.
 pub struct Shared {
@@ -67,7 +67,7 @@ impl Shared {
                 *book = before;
                 return Err(e);
             }
-            let tx = DeviceState::load(&self.config.state_dir)
+            let tx = DeviceRecord::load(&self.config.state_dir)
                 .ok()
                 .and_then(|s| s.transaction);
             for s in &book.schedules {
@@ -81,7 +81,7 @@ impl Shared {
 
     /// Announces the running schedule's progress: `bytes` of `total` read.
     pub fn progress(&self, schedule: &Schedule, bytes: u64, total: u64) {
-        let tx = DeviceState::load(&self.config.state_dir)
+        let tx = DeviceRecord::load(&self.config.state_dir)
             .ok()
             .and_then(|s| s.transaction);
         self.emit(event(schedule, tx.as_ref(), bytes, total, self.clock.now()));

@@ -22,7 +22,7 @@ fn format_one() -> u32 {
 
 /// Everything the agent remembers between runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceState {
+pub struct DeviceRecord {
     /// The file format ([`FORMAT`]).
     #[serde(default = "format_one")]
     pub format: u32,
@@ -38,15 +38,15 @@ pub struct DeviceState {
     pub quarantine: Quarantine,
 }
 
-impl DeviceState {
+impl DeviceRecord {
     /// The state file in `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join("state.json")
     }
 
     /// Reads the state file.
-    pub fn load(state_dir: &Path) -> Result<DeviceState> {
-        let path = DeviceState::path(state_dir);
+    pub fn load(state_dir: &Path) -> Result<DeviceRecord> {
+        let path = DeviceRecord::path(state_dir);
         let bytes = read_bounded(&path, 1 << 20)?;
         // The format first, so that a newer file is named as such rather than as damaged.
         #[derive(Deserialize)]
@@ -77,7 +77,7 @@ impl DeviceState {
         bytes.push(b'\n');
         // A full disk gives back the reserve for it (crate::room).
         crate::room::with_reserve(state_dir, || {
-            Ok(write_atomic(&DeviceState::path(state_dir), &bytes, 0o644)?)
+            Ok(write_atomic(&DeviceRecord::path(state_dir), &bytes, 0o644)?)
         })
     }
 }

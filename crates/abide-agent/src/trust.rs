@@ -41,8 +41,25 @@ pub fn root(config: &Config, now: Timestamp) -> Result<TrustRoot> {
     )?)
 }
 
+/// The admission every bundle and delta passes on this device before anything else about it
+/// is looked at: the root the device holds at `now`, the policy under it (signatures, expiry,
+/// the hardware id, a security version not below `security_version`), `verify` run under
+/// that policy, and the product of what it verified (`manifest` finds its manifest).
+pub fn admit<V>(
+    config: &Config,
+    security_version: u64,
+    now: Timestamp,
+    verify: impl FnOnce(&abide_bundle::Policy<'_>) -> std::result::Result<V, abide_bundle::Error>,
+    manifest: impl FnOnce(&V) -> &abide_bundle::Manifest,
+) -> Result<V> {
+    let trust = root(config, now)?;
+    let verified = verify(&policy(config, &trust, security_version, now))?;
+    check_product(config, manifest(&verified))?;
+    Ok(verified)
+}
+
 /// Refuses a bundle made for another product than this device's (`wrong-product`).
-pub fn check_product(config: &Config, manifest: &abide_bundle::Manifest) -> Result<()> {
+fn check_product(config: &Config, manifest: &abide_bundle::Manifest) -> Result<()> {
     if manifest.product.as_str() != config.product {
         return Err(crate::error::AgentError::WrongProduct {
             bundle: manifest.product.to_string(),
@@ -54,7 +71,7 @@ pub fn check_product(config: &Config, manifest: &abide_bundle::Manifest) -> Resu
 
 /// What a bundle for this device must satisfy under `trust` at `now`: signatures, expiry, the
 /// device's hardware id, and a security version not below the device's counter.
-pub fn policy<'a>(
+fn policy<'a>(
     config: &'a Config,
     trust: &'a TrustRoot,
     security_version: u64,

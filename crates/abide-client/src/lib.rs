@@ -1,4 +1,4 @@
-//! Clients of the fleet server's HTTP API: [`Admin`] for operators and tools, [`Device`] for
+//! Clients of the fleet server's HTTP API: [`AdminClient`] for operators and tools, [`DeviceClient`] for
 //! a device (or a simulated one), and [`simulate`], which runs many simulated devices in one
 //! process.
 //!
@@ -106,22 +106,22 @@ fn http_error(what: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
 
 /// The admin API.
 #[derive(Clone)]
-pub struct Admin {
+pub struct AdminClient {
     http: reqwest::Client,
     base: String,
     token: String,
 }
 
-impl Admin {
+impl AdminClient {
     /// A client for the server at `base` (`http://host:port`) with the admin token.
-    pub fn new(base: &str, token: &str) -> Admin {
+    pub fn new(base: &str, token: &str) -> AdminClient {
         tls::install_crypto_provider();
-        Admin::with_client(reqwest::Client::new(), base, token)
+        AdminClient::with_client(reqwest::Client::new(), base, token)
     }
 
-    /// [`Admin::new`] over a client of the caller's (for HTTPS: [`tls::http_client`]).
-    pub fn with_client(http: reqwest::Client, base: &str, token: &str) -> Admin {
-        Admin {
+    /// [`AdminClient::new`] over a client of the caller's (for HTTPS: [`tls::http_client`]).
+    pub fn with_client(http: reqwest::Client, base: &str, token: &str) -> AdminClient {
+        AdminClient {
             http,
             base: base.trim_end_matches('/').to_owned(),
             token: token.trim().to_owned(),
@@ -252,7 +252,7 @@ impl Admin {
 
 /// An enrolled device's side of the API.
 #[derive(Clone)]
-pub struct Device {
+pub struct DeviceClient {
     http: reqwest::Client,
     base: String,
     /// Its id.
@@ -269,7 +269,7 @@ fn nonce() -> String {
     abide_bundle::digest::encode_hex(&b)
 }
 
-impl Device {
+impl DeviceClient {
     /// Enrols `id` with `token` and pins the server key it answers with.
     pub async fn enroll(
         http: &reqwest::Client,
@@ -278,7 +278,7 @@ impl Device {
         id: &str,
         product: &str,
         compatible: &[String],
-    ) -> Result<Device> {
+    ) -> Result<DeviceClient> {
         let what = "POST /api/v1/device/enroll";
         let resp = http
             .post(format!(
@@ -303,7 +303,7 @@ impl Device {
         let e: EnrollResponse = answer(what, resp).await?;
         let server_key = PublicKey::from_hex(&e.server_key)
             .map_err(|err| ClientError::BadAssignment(format!("server key: {err}")))?;
-        Ok(Device {
+        Ok(DeviceClient {
             http: http.clone(),
             base: base.trim_end_matches('/').to_owned(),
             id: e.device_id,
@@ -322,10 +322,10 @@ impl Device {
         credential: &str,
         server_key: &str,
         group: &str,
-    ) -> Result<Device> {
+    ) -> Result<DeviceClient> {
         let server_key = PublicKey::from_hex(server_key)
             .map_err(|err| ClientError::BadAssignment(format!("pinned server key: {err}")))?;
-        Ok(Device {
+        Ok(DeviceClient {
             http: http.clone(),
             base: base.trim_end_matches('/').to_owned(),
             id: id.to_owned(),

@@ -19,7 +19,7 @@ use abide_core::{
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::{ClientError, Device};
+use crate::{ClientError, DeviceClient};
 
 /// How to simulate.
 #[derive(Debug, Clone)]
@@ -42,7 +42,7 @@ pub struct Options {
     pub poll: f64,
     /// How long to run.
     pub duration: Duration,
-    /// Device ids are `PREFIX-N`.
+    /// DeviceClient ids are `PREFIX-N`.
     pub prefix: String,
     /// Stop early once every device has run `stop_at_version` (committed it) or rolled it back.
     pub stop_at_version: Option<String>,
@@ -126,7 +126,7 @@ impl Rng {
 }
 
 struct Sim {
-    device: Device,
+    device: DeviceClient,
     /// The committed version.
     version: semver::Version,
     /// The current or last transaction, driven through the engine's own transitions.
@@ -415,7 +415,7 @@ pub async fn run(opts: Options) -> Result<Summary, ClientError> {
         while next < opts.devices && pending.len() < 32 {
             let (http, o, i) = (http.clone(), opts.clone(), next);
             pending.spawn(async move {
-                Device::enroll(
+                DeviceClient::enroll(
                     &http,
                     &o.server,
                     &o.enroll_token,

@@ -166,7 +166,7 @@ pub struct GroupSettings {
     pub quorum: Option<u32>,
     /// Activation and reboot only inside this window.
     #[serde(default)]
-    pub window: Option<Window>,
+    pub window: Option<GroupWindow>,
 }
 
 /// A group as the admin API shows it.
@@ -688,7 +688,7 @@ pub struct Assignment {
     /// The release to install, or none.
     pub release: Option<AssignedRelease>,
     /// The maintenance window of the device's group, if it has one.
-    pub window: Option<Window>,
+    pub window: Option<GroupWindow>,
     /// Trust roots published after the one the device holds, oldest first, as their exact
     /// JSON texts; the device checks each against the one before it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -741,7 +741,7 @@ pub struct AssignedDelta {
 /// A maintenance window: activation and reboot only on these days between these times.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Window {
+pub struct GroupWindow {
     /// Days of the week (`mon` … `sun`).
     pub days: Vec<String>,
     /// Start, `HH:MM`.
@@ -785,7 +785,7 @@ pub struct ReportResponse {
 
 /// A device as the admin API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Device {
+pub struct DeviceView {
     /// Its id.
     pub id: String,
     /// Its group.

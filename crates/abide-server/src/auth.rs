@@ -142,9 +142,9 @@ role_extractor!(
 /// A handler argument: an enrolled device's id, from its credential and the connection's
 /// client certificate (see [`device`]).
 #[derive(Debug, Clone)]
-pub struct Device(pub String);
+pub struct EnrolledDevice(pub String);
 
-impl axum::extract::FromRequestParts<Server> for Device {
+impl axum::extract::FromRequestParts<Server> for EnrolledDevice {
     type Rejection = ApiError;
 
     async fn from_request_parts(
@@ -152,7 +152,9 @@ impl axum::extract::FromRequestParts<Server> for Device {
         server: &Server,
     ) -> Result<Self, ApiError> {
         let peer = parts.extensions.get::<crate::tls::PeerIdentity>();
-        device(server, &parts.headers, peer).await.map(Device)
+        device(server, &parts.headers, peer)
+            .await
+            .map(EnrolledDevice)
     }
 }
 

@@ -616,7 +616,7 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
 /// assignment, signed, bound to its id and nonce, valid for a few minutes.
 pub async fn checkin(
     State(server): State<Server>,
-    crate::auth::Device(id): crate::auth::Device,
+    crate::auth::EnrolledDevice(id): crate::auth::EnrolledDevice,
     body: Bytes,
 ) -> ApiResult<Json<SignedAssignment>> {
     let req: CheckinRequest = parse_json(&body)?;
@@ -677,7 +677,7 @@ pub fn sign(server: &Server, assignment: &Assignment) -> SignedAssignment {
 /// `POST /api/v1/device/report`.
 pub async fn report(
     State(server): State<Server>,
-    crate::auth::Device(id): crate::auth::Device,
+    crate::auth::EnrolledDevice(id): crate::auth::EnrolledDevice,
     body: Bytes,
 ) -> ApiResult<Json<ReportResponse>> {
     let req: ReportRequest = parse_json(&body)?;
@@ -885,7 +885,7 @@ pub async fn list(
     State(server): State<Server>,
     _caller: crate::auth::Viewer,
     Query(filter): Query<Filter>,
-) -> ApiResult<Json<Vec<abide_fleet_json::Device>>> {
+) -> ApiResult<Json<Vec<abide_fleet_json::DeviceView>>> {
     // A read writes nothing: check-ins not yet written are laid over the rows, on the read
     // connections.
     let pending = server.last_seen.snapshot();
@@ -922,7 +922,7 @@ pub async fn list(
         if filter.state.as_deref().is_some_and(|s| s != row.state) {
             continue;
         }
-        devices.push(abide_fleet_json::Device {
+        devices.push(abide_fleet_json::DeviceView {
             id: row.id,
             group: row.group,
             tags,

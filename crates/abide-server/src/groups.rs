@@ -7,7 +7,9 @@
 //! healthy members remain without one. The decision runs under the group row's lock, so
 //! several server processes never grant past the limits; expired leases are reclaimed first.
 
-use abide_fleet_json::{GroupSettings, GroupView, LeaseGrant, LeaseReleased, LeaseView, Window};
+use abide_fleet_json::{
+    GroupSettings, GroupView, GroupWindow, LeaseGrant, LeaseReleased, LeaseView,
+};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -21,7 +23,7 @@ use crate::clock::{now_ms, rfc3339};
 use crate::error::{ApiError, ApiResult, parse_json};
 
 /// Checks a maintenance window: known days, `HH:MM` times, an IANA zone this machine knows.
-pub fn check_window(w: &Window) -> ApiResult<()> {
+pub fn check_window(w: &GroupWindow) -> ApiResult<()> {
     abide_core::window::Window::parse(&w.days, &w.start, &w.end)
         .map_err(|e| ApiError::bad_request(format!("window: {e}")))?;
     jiff::tz::TimeZone::get(&w.zone).map_err(|e| {
@@ -38,7 +40,7 @@ pub fn check_window(w: &Window) -> ApiResult<()> {
 /// The group window `w` and `now` (Unix milliseconds) in its zone, for
 /// [`abide_core::lease::decide`]; a window that no longer parses (its zone gone from the
 /// system's time zone database) is an error, not an open or a closed window.
-fn window_now(w: &Window, now: i64) -> ApiResult<WindowNow> {
+fn window_now(w: &GroupWindow, now: i64) -> ApiResult<WindowNow> {
     let window = abide_core::window::Window::parse(&w.days, &w.start, &w.end)
         .map_err(|e| ApiError::internal("reading the group window", e))?;
     let tz = jiff::tz::TimeZone::get(&w.zone)
@@ -54,7 +56,7 @@ fn window_now(w: &Window, now: i64) -> ApiResult<WindowNow> {
 }
 
 /// Whether the window `w` is open at `now`.
-pub fn window_open(w: &Window, now: jiff::Timestamp) -> bool {
+pub fn window_open(w: &GroupWindow, now: jiff::Timestamp) -> bool {
     let (Ok(window), Ok(tz)) = (
         abide_core::window::Window::parse(&w.days, &w.start, &w.end),
         jiff::tz::TimeZone::get(&w.zone),
@@ -176,7 +178,7 @@ pub async fn show(
 }
 
 /// The maintenance window of a device's group, from the windows read at most two seconds ago.
-pub async fn window_of_device(server: &Server, device: &str) -> ApiResult<Option<Window>> {
+pub async fn window_of_device(server: &Server, device: &str) -> ApiResult<Option<GroupWindow>> {
     let group = server
         .credentials
         .read()
@@ -230,7 +232,7 @@ pub struct LeaseRequest {
 /// `POST /api/v1/device/lease` (device): a reboot lease, or 409 `lease-refused` with the reason.
 pub async fn acquire(
     State(server): State<Server>,
-    crate::auth::Device(device): crate::auth::Device,
+    crate::auth::EnrolledDevice(device): crate::auth::EnrolledDevice,
     body: Bytes,
 ) -> ApiResult<Json<LeaseGrant>> {
     let req: LeaseRequest = if body.is_empty() {
@@ -312,7 +314,7 @@ pub async fn acquire(
         .bind(fresh_since)
         .fetch_one(&mut *tx)
         .await?;
-        let window: Option<Window> = maintenance
+        let window: Option<GroupWindow> = maintenance
             .map(|w| crate::db::json_column(&format!("groups {group}"), "maintenance", &w))
             .transpose()?;
         let ask = LeaseAsk {
@@ -386,7 +388,7 @@ pub async fn acquire(
 /// `DELETE /api/v1/device/lease` (device): gives the lease back (after commit or rollback).
 pub async fn release(
     State(server): State<Server>,
-    crate::auth::Device(device): crate::auth::Device,
+    crate::auth::EnrolledDevice(device): crate::auth::EnrolledDevice,
 ) -> ApiResult<Json<LeaseReleased>> {
     let mut tx = server.db.pool.begin().await?;
     let gone = sqlx::query("DELETE FROM leases WHERE device_id = $1")

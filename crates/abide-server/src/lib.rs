@@ -145,7 +145,7 @@ pub struct Inner {
     /// reads them from here, at most two seconds old).
     pub windows: std::sync::RwLock<(
         i64,
-        std::collections::HashMap<String, abide_fleet_json::Window>,
+        std::collections::HashMap<String, abide_fleet_json::GroupWindow>,
     )>,
     /// The audit head each device last reported, as kept or refused (a check-in whose head is
     /// unchanged touches no row).

@@ -312,7 +312,7 @@ enum GroupCommand {
     },
 }
 
-fn parse_window(text: &str) -> Result<abide_fleet_json::Window> {
+fn parse_window(text: &str) -> Result<abide_fleet_json::GroupWindow> {
     let bad = || {
         anyhow::anyhow!(
             "--window {text:?}: expected DAYS@HH:MM-HH:MM/ZONE, as sat,sun@02:00-04:00/Europe/Berlin"
@@ -321,7 +321,7 @@ fn parse_window(text: &str) -> Result<abide_fleet_json::Window> {
     let (days, rest) = text.split_once('@').ok_or_else(bad)?;
     let (times, zone) = rest.split_once('/').ok_or_else(bad)?;
     let (start, end) = times.split_once('-').ok_or_else(bad)?;
-    Ok(abide_fleet_json::Window {
+    Ok(abide_fleet_json::GroupWindow {
         days: days.split(',').map(str::to_owned).collect(),
         start: start.to_owned(),
         end: end.to_owned(),
@@ -488,7 +488,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
     let token = std::fs::read_to_string(&token_file)
         .with_context(|| format!("reading {}", token_file.display()))?;
     let http = abide_client::tls::http_client(&args.server, args.ca_file.as_deref(), None)?;
-    let admin = abide_client::Admin::with_client(http, &args.server, &token);
+    let admin = abide_client::AdminClient::with_client(http, &args.server, &token);
     match args.command {
         #[cfg(feature = "simulate")]
         FleetCommand::Simulate { .. } => unreachable!("handled above"),
@@ -692,7 +692,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             } else {
                 format!("/api/v1/devices?{}", q.join("&"))
             };
-            let r: Vec<abide_fleet_json::Device> = admin.get(&path).await?;
+            let r: Vec<abide_fleet_json::DeviceView> = admin.get(&path).await?;
             print_table(
                 &out,
                 &serde_json::to_value(&r)?,

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use abide_agent::boot::boot;
 use abide_agent::health::SystemClock;
-use abide_agent::state::DeviceState;
+use abide_agent::state::DeviceRecord;
 use abide_boot::SimBootloader;
 use abide_core::{Group, Quarantine};
 use abide_fs::persist::write_atomic;
@@ -192,7 +192,7 @@ fn init(
     let (a, b) = (Group::new("A")?, Group::new("B")?);
     let sim = SimBootloader::init(&dir.join("boot.json"), &[a.clone(), b.clone()])?;
     sim.power_on()?;
-    DeviceState {
+    DeviceRecord {
         format: abide_agent::state::FORMAT,
         version: version.clone(),
         security_version: 0,

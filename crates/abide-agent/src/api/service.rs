@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::device::Device;
 use crate::error::AgentError;
 use crate::shared::{Shared, event};
-use crate::state::DeviceState;
+use crate::state::DeviceRecord;
 
 /// The service.
 pub struct Service {
@@ -167,7 +167,7 @@ impl Agent for Service {
         let shared = self.shared.clone();
         blocking(move || {
             let now = shared.clock.now();
-            let state = DeviceState::load(&shared.config.state_dir).map_err(status_of)?;
+            let state = DeviceRecord::load(&shared.config.state_dir).map_err(status_of)?;
             let done = shared
                 .with_book(|b| {
                     let Some(s) = b.get_mut(&id) else {
@@ -292,7 +292,7 @@ impl Agent for Service {
             let s = book
                 .get(&id)
                 .ok_or_else(|| Status::not_found(format!("no schedule {id:?}")))?;
-            let tx = DeviceState::load(&self.shared.config.state_dir)
+            let tx = DeviceRecord::load(&self.shared.config.state_dir)
                 .ok()
                 .and_then(|s| s.transaction);
             Some((

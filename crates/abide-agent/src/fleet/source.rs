@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use abide_bundle::Source;
-use abide_client::Device;
+use abide_client::DeviceClient;
 
 /// The largest range asked for at once; after a pass-over the window starts small again, so
 /// that bytes fetched past the next passed-over chunk stay few.
@@ -44,7 +44,7 @@ pub struct Meter {
 /// A bundle on the server, read by ranges.
 pub struct HttpSource {
     rt: tokio::runtime::Handle,
-    device: Device,
+    device: DeviceClient,
     url: String,
     size: u64,
     /// The offset of the first byte in `buf[at..]`.
@@ -63,7 +63,7 @@ impl HttpSource {
     /// block (not from inside the runtime `rt`).
     pub fn new(
         rt: tokio::runtime::Handle,
-        device: Device,
+        device: DeviceClient,
         url: &str,
         size: u64,
         meter: Arc<Meter>,

@@ -256,6 +256,7 @@ struct RawCheck {
     path: Option<PathBuf>,
     address: Option<String>,
     url: Option<String>,
+    ca_file: Option<PathBuf>,
     status: Option<u16>,
     body: Option<String>,
     unit: Option<String>,
@@ -345,10 +346,11 @@ pub enum CheckKind {
     Uptime(u64),
     /// An HTTP GET answers with this status (and, if given, a body containing this text).
     Http {
-        /// Host and port (`host:port`).
-        authority: String,
-        /// The request path.
-        path: String,
+        /// The URL, http:// or https://.
+        url: String,
+        /// The CA an https:// endpoint's certificate is checked against (else the system's
+        /// roots).
+        ca_file: Option<PathBuf>,
         /// The expected status.
         status: u16,
         /// Text the body must contain.
@@ -1030,20 +1032,27 @@ fn parse_checks(
             "tcp" => CheckKind::Tcp(need(c.address.clone(), "address")?),
             "http" => {
                 let url = need(c.url.clone(), "url")?;
-                let rest = url.strip_prefix("http://").ok_or_else(|| {
-                        err(path, &format!("key `{}`: expected an http:// URL (health endpoints are local), found {url:?}", key("url")))
-                    })?;
-                let (authority, path_part) = rest
-                    .split_once('/')
-                    .map_or((rest, "/".to_owned()), |(a, p)| (a, format!("/{p}")));
-                let authority = if authority.contains(':') {
-                    authority.to_owned()
-                } else {
-                    format!("{authority}:80")
-                };
+                let valid = reqwest::Url::parse(&url).is_ok_and(|u| {
+                    matches!(u.scheme(), "http" | "https") && u.host_str().is_some()
+                });
+                if !valid {
+                    return Err(err(
+                        path,
+                        &format!(
+                            "key `{}`: expected an http:// or https:// URL, found {url:?}",
+                            key("url")
+                        ),
+                    ));
+                }
+                if c.ca_file.is_some() && !url.starts_with("https://") {
+                    return Err(err(
+                        path,
+                        &format!("key `{}`: a CA file needs an https:// URL", key("ca_file")),
+                    ));
+                }
                 CheckKind::Http {
-                    authority,
-                    path: path_part,
+                    url,
+                    ca_file: c.ca_file.as_deref().map(resolve),
                     status: c.status.unwrap_or(200),
                     body: c.body.clone(),
                 }

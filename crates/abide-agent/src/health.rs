@@ -1,7 +1,6 @@
 //! Running the health gate: each configured check with its timeout, retries and interval,
 //! until `abide_core::health::verdict` decides.
 
-use std::io::Read;
 use std::net::{TcpStream, ToSocketAddrs};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -178,11 +177,11 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
                 .map_err(|e| format!("{address}: {e}"))
         }
         CheckKind::Http {
-            authority,
-            path,
+            url,
+            ca_file,
             status,
             body,
-        } => http_check(authority, path, *status, body.as_deref(), timeout),
+        } => http_check(url, ca_file.as_deref(), *status, body.as_deref(), timeout),
         CheckKind::Systemd(unit) => {
             let out = Command::new("systemctl")
                 .args(["is-active", unit])
@@ -233,59 +232,79 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
     }
 }
 
-/// A minimal HTTP/1.1 GET: connect, ask, read until the peer closes or the timeout, compare
-/// the status and look for `body` in what follows the headers.
+/// Bodies are read up to this many bytes (an endpoint that streams forever is cut there).
+const MAX_HTTP_BODY: usize = 1 << 20;
+
+/// A GET of `url` within `timeout` (HTTP/1.1 or HTTP/2, TLS checked against `ca_file` or the
+/// system's roots, chunked bodies: reqwest): the status must be `status` and, if `body` is
+/// given, the first [`MAX_HTTP_BODY`] bytes of the body must contain it. It runs on a thread of its own, so that it may be called from inside
+/// or outside an async runtime.
 fn http_check(
-    authority: &str,
-    path: &str,
+    url: &str,
+    ca_file: Option<&std::path::Path>,
     status: u16,
     body: Option<&str>,
     timeout: Duration,
 ) -> Result<(), String> {
-    use std::io::Write;
-    let addr = authority
-        .to_socket_addrs()
-        .map_err(|e| format!("{authority}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{authority} resolves to nothing"))?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{authority}: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nUser-Agent: abide\r\n\r\n"
-    )
-    .map_err(|e| format!("{authority}: {e}"))?;
-    let mut answer = Vec::new();
-    stream
-        .take(1 << 20)
-        .read_to_end(&mut answer)
-        .map_err(|e| format!("{authority}: {e}"))?;
-    let text = String::from_utf8_lossy(&answer);
-    let code: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .filter(|_| text.starts_with("HTTP/"))
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("{authority}{path}: not an HTTP answer"))?;
-    if code != status {
-        return Err(format!(
-            "{authority}{path} answered {code}, expected {status}"
-        ));
-    }
-    if let Some(want) = body {
-        let content = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        if !content.contains(want) {
-            return Err(format!(
-                "{authority}{path}: the body does not contain {want:?}"
-            ));
+    let client =
+        abide_client::tls::http_client(url, ca_file, None).map_err(|e| format!("{url}: {e}"))?;
+    let get = async {
+        let mut resp = client
+            .get(url)
+            .header(reqwest::header::USER_AGENT, "abide")
+            .send()
+            .await
+            .map_err(|e| format!("{url}: {}", chain(&e)))?;
+        let code = resp.status().as_u16();
+        if code != status {
+            return Err(format!("{url} answered {code}, expected {status}"));
         }
+        let Some(want) = body else { return Ok(()) };
+        let mut content = Vec::new();
+        while content.len() < MAX_HTTP_BODY
+            && let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| format!("{url}: {}", chain(&e)))?
+        {
+            content.extend_from_slice(&chunk);
+        }
+        content.truncate(MAX_HTTP_BODY);
+        if String::from_utf8_lossy(&content).contains(want) {
+            Ok(())
+        } else {
+            Err(format!("{url}: the body does not contain {want:?}"))
+        }
+    };
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("{url}: starting a runtime: {e}"))?;
+                rt.block_on(async {
+                    tokio::time::timeout(timeout, get)
+                        .await
+                        .unwrap_or_else(|_| Err(format!("{url}: no answer within {timeout:?}")))
+                })
+            })
+            .join()
+            .unwrap_or_else(|_| Err(format!("{url}: the check panicked")))
+    })
+}
+
+/// An error and its causes, as one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
     }
-    Ok(())
+    text
 }

@@ -860,3 +860,12 @@ pub struct AuditVerify {
     /// What is wrong with it.
     pub problem: Option<String>,
 }
+
+/// The server's assignment- and audit-signing key (`GET /api/v1/server-key`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerKey {
+    /// The ed25519 public key, hex.
+    pub key: String,
+    /// Its key id.
+    pub key_id: String,
+}

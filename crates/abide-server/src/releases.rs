@@ -133,9 +133,12 @@ pub async fn newest(
 }
 
 /// `GET /api/v1/server-key`: the assignment-signing public key (devices pin it).
-pub async fn server_key(State(server): State<Server>) -> Json<serde_json::Value> {
+pub async fn server_key(State(server): State<Server>) -> Json<abide_fleet_json::ServerKey> {
     let key = crate::public_key(&server);
-    Json(serde_json::json!({"key": key.to_hex(), "key_id": key.id().to_string()}))
+    Json(abide_fleet_json::ServerKey {
+        key: key.to_hex(),
+        key_id: key.id().to_string(),
+    })
 }
 
 /// Removes a temporary file when dropped, unless it was kept.

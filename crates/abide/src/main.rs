@@ -147,6 +147,23 @@ impl Output {
         self.json
     }
 
+    /// Prints `value` as JSON (straight from its type), or `text` for people.
+    pub fn typed<T: serde::Serialize + ?Sized>(
+        &self,
+        value: &T,
+        text: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        if self.json {
+            println!("{}", serde_json::to_string_pretty(value)?);
+        } else {
+            let text = text();
+            if !text.is_empty() {
+                println!("{text}");
+            }
+        }
+        Ok(())
+    }
+
     /// Prints `value` as JSON, or `text` for people.
     pub fn print(&self, value: &serde_json::Value, text: impl FnOnce() -> String) {
         if self.json {

@@ -120,6 +120,96 @@ fn http_checks_look_at_the_status_and_the_body() {
     );
 }
 
+/// A body sent in chunks (the text it must contain split across two of them) is read whole.
+#[test]
+fn an_http_check_reads_a_chunked_body() {
+    let chunked = http_server(
+        "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\nstatus=\r\n2\r\nok\r\n0\r\n\r\n",
+        2,
+    );
+    let c = config(&format!(
+        "[[health.check]]\nname = \"chunked\"\nkind = \"http\"\nurl = \"http://{chunked}/\"\nbody = \"status=ok\"\n\
+         [[health.check]]\nname = \"absent\"\nkind = \"http\"\nurl = \"http://{chunked}/\"\nbody = \"status=down\"\n"
+    ));
+    let got = outcomes(&c, None);
+    assert_eq!(got[0].1, CheckOutcome::Pass, "{got:?}");
+    assert!(
+        matches!(&got[1].1, CheckOutcome::Fail(d) if d.contains("does not contain")),
+        "{got:?}"
+    );
+}
+
+/// An https:// endpoint is checked against the check's `ca_file`: a certificate from that CA
+/// passes, the same endpoint checked against another CA fails and says why.
+#[test]
+fn an_https_check_trusts_its_ca_file_and_nothing_else() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = |name: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.pem")), cert.pem()).unwrap();
+        Issuer::new(params, key)
+    };
+    let (ours, other) = (ca("ours"), ca("other"));
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ours)
+        .unwrap();
+    drop(other);
+    std::fs::write(dir.path().join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
+    // A TLS server that answers every connection with a chunked body.
+    let mut server = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(
+            "import socket, ssl, sys\n\
+             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+             ctx.load_cert_chain(sys.argv[1], sys.argv[2])\n\
+             s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(8)\n\
+             print(s.getsockname()[1], flush=True)\n\
+             while True:\n\
+             \x20   conn, _ = s.accept()\n\
+             \x20   try:\n\
+             \x20       c = ctx.wrap_socket(conn, server_side=True)\n\
+             \x20       c.recv(65536)\n\
+             \x20       c.sendall(b'HTTP/1.1 200 OK\\r\\nTransfer-Encoding: chunked\\r\\nConnection: close\\r\\n\\r\\n9\\r\\nstatus=ok\\r\\n0\\r\\n\\r\\n')\n\
+             \x20       c.close()\n\
+             \x20   except Exception:\n\
+             \x20       conn.close()\n",
+        )
+        .arg(dir.path().join("server.pem"))
+        .arg(dir.path().join("server.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let mut port = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut port,
+    )
+    .unwrap();
+    let port = port.trim();
+    let c = config(&format!(
+        "[[health.check]]\nname = \"tls\"\nkind = \"http\"\nurl = \"https://127.0.0.1:{port}/health\"\nca_file = \"{}\"\nbody = \"status=ok\"\n\
+         [[health.check]]\nname = \"stranger\"\nkind = \"http\"\nurl = \"https://127.0.0.1:{port}/health\"\nca_file = \"{}\"\n",
+        dir.path().join("ours.pem").display(),
+        dir.path().join("other.pem").display(),
+    ));
+    let got = outcomes(&c, None);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(got[0].1, CheckOutcome::Pass, "{got:?}");
+    assert!(
+        matches!(&got[1].1, CheckOutcome::Fail(d) if d.contains("certificate")),
+        "{got:?}"
+    );
+}
+
 #[test]
 fn tcp_process_and_file_checks() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -352,6 +352,59 @@ fn a_rollout_through_the_command_line_and_simulated_devices() {
     }
     let devices = fleet(&dir, &url, &token, &["devices", "--state", "committed"]);
     assert_eq!(devices.as_array().unwrap().len(), 24);
+    // For people, the same typed answers: a list is a table with a header and a row per
+    // element, columns aligned; a rollout is its summary line and a line per stage.
+    let human = |args: &[&str]| {
+        let mut all = vec![
+            "fleet",
+            "--server",
+            &url,
+            "--token-file",
+            token.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        let out = crate::abide_args(&dir, &all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = human(&["devices", "--state", "committed"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 25, "{table}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(
+        header,
+        ["ID", "GROUP", "VERSION", "STATE", "REASON", "LAST_SEEN"]
+    );
+    let state_at = lines[0].find("STATE").unwrap();
+    for row in &lines[1..] {
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            (cells[1], cells[2], cells[3], cells[4]),
+            ("lab", "2.0.0", "committed", "-"),
+            "{row}"
+        );
+        assert_eq!(
+            &row[state_at..state_at + 9],
+            "committed",
+            "aligned: {table}"
+        );
+    }
+    let status = human(&["rollout", "status", &ro_id]);
+    assert!(
+        status.starts_with(&format!("rollout {ro_id} of release {id}: completed")),
+        "{status}"
+    );
+    assert_eq!(
+        status
+            .lines()
+            .filter(|l| l.trim_start().starts_with("stage "))
+            .count(),
+        3
+    );
     for d in devices.as_array().unwrap() {
         assert_eq!(
             (d["group"].as_str(), d["version"].as_str()),

@@ -2,11 +2,13 @@
 
 use std::path::PathBuf;
 
+use abide_client::AdminClient;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
-use serde_json::Value;
 
 use crate::Output;
+
+mod show;
 
 /// `abide fleet` arguments.
 #[derive(Args)]
@@ -329,73 +331,6 @@ fn parse_window(text: &str) -> Result<abide_fleet_json::GroupWindow> {
     })
 }
 
-fn print_table(out: &Output, value: &Value, columns: &[&str]) {
-    out.print(value, || {
-        let rows = value.as_array().cloned().unwrap_or_default();
-        let mut text = columns.join("\t");
-        for r in rows {
-            text.push('\n');
-            let cells: Vec<String> = columns
-                .iter()
-                .map(|c| match &r[*c] {
-                    Value::String(s) => s.clone(),
-                    Value::Null => "-".into(),
-                    v => v.to_string(),
-                })
-                .collect();
-            text.push_str(&cells.join("\t"));
-        }
-        text
-    });
-}
-
-fn describe_rollout(s: &abide_fleet_json::RolloutStatus) -> String {
-    let mut text = format!(
-        "rollout {} of release {}: {}{} — stage {} of {}, {} devices: {} committed, {} failed, {} in progress, {} pending",
-        s.id,
-        s.release,
-        s.status,
-        s.reason
-            .as_deref()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default(),
-        s.stage,
-        s.stages.len(),
-        s.devices,
-        s.committed,
-        s.failed,
-        s.in_progress,
-        s.pending,
-    );
-    if let Some(p) = &s.prestage {
-        text.push_str(&format!(
-            "\n  prestage: activation waits for {p} staged; {}% staged ({} devices)",
-            s.staged_share, s.staged
-        ));
-    }
-    for st in &s.stages {
-        text.push_str(&format!(
-            "\n  stage {} ({}%, soak {}s): {} devices, {} committed, {} failed{}",
-            st.index,
-            st.percent,
-            st.soak_seconds,
-            st.devices,
-            st.committed,
-            st.failed,
-            if st.current { "  <- current" } else { "" }
-        ));
-    }
-    for f in &s.failing {
-        text.push_str(&format!(
-            "\n  failing: {} {}: {}",
-            f.device,
-            f.state,
-            f.reason.as_deref().unwrap_or("")
-        ));
-    }
-    text
-}
-
 /// Runs an `abide fleet` command.
 pub fn run(args: FleetArgs, out: Output) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -492,114 +427,92 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
     match args.command {
         #[cfg(feature = "simulate")]
         FleetCommand::Simulate { .. } => unreachable!("handled above"),
-        FleetCommand::Release(ReleaseCommand::Upload { file }) => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let r = admin.upload(bytes).await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!(
-                    "release {}: {} {} (security version {}), {} bytes",
-                    r.id, r.product, r.version, r.security_version, r.size
+        FleetCommand::Release(cmd) => release(&admin, cmd, &out).await,
+        FleetCommand::Trust(cmd) => trust(&admin, cmd, &out).await,
+        FleetCommand::EnrollToken(cmd) => enroll_token(&admin, cmd, &out).await,
+        FleetCommand::AdminToken(cmd) => admin_token(&admin, cmd, &out).await,
+        FleetCommand::Device(DeviceCommand::Revoke { id }) => {
+            let r: abide_fleet_json::DeviceRevoked = admin
+                .post(
+                    &format!("/api/v1/devices/{id}/revoke"),
+                    &serde_json::json!({}),
                 )
-            });
+                .await?;
+            out.answer(&r)
         }
-        FleetCommand::Trust(cmd) => {
-            let (r, what): (abide_fleet_json::TrustView, _) = match cmd {
-                TrustCommand::Publish { file } => {
-                    let bytes = std::fs::read(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    (admin.post_raw("/api/v1/trust", bytes).await?, " published")
-                }
-                TrustCommand::Show => (admin.get("/api/v1/trust").await?, ""),
+        FleetCommand::Devices { group, state } => {
+            let query: Vec<String> = [("group", group), ("state", state)]
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| format!("{k}={v}")))
+                .collect();
+            let path = if query.is_empty() {
+                "/api/v1/devices".to_owned()
+            } else {
+                format!("/api/v1/devices?{}", query.join("&"))
             };
-            out.print(&serde_json::to_value(&r)?, || {
-                format!(
-                    "trust root version {}{what}: threshold {} of {}",
-                    r.version,
-                    r.threshold,
-                    r.keys.join(", ")
-                )
-            });
+            let r: Vec<abide_fleet_json::DeviceView> = admin.get(&path).await?;
+            out.table(&r)
         }
-        FleetCommand::Release(ReleaseCommand::Delta { from, to }) => {
+        FleetCommand::Rollout(cmd) => rollout(&admin, cmd, &out).await,
+        FleetCommand::Group(cmd) => group(&admin, cmd, &out).await,
+        FleetCommand::Audit {
+            verify,
+            against,
+            head,
+        } => audit(&admin, verify, against, head, &out).await,
+    }
+}
+
+/// A file's bytes, for an upload.
+fn read(file: &std::path::Path) -> Result<Vec<u8>> {
+    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// `abide fleet release …`.
+async fn release(admin: &AdminClient, cmd: ReleaseCommand, out: &Output) -> Result<()> {
+    match cmd {
+        ReleaseCommand::Upload { file } => out.answer(&admin.upload(read(&file)?).await?),
+        ReleaseCommand::List => {
+            let r: Vec<abide_fleet_json::Release> = admin.get("/api/v1/releases").await?;
+            out.table(&r)
+        }
+        ReleaseCommand::Delta { from, to } => {
             let d: abide_fleet_json::Delta = admin
                 .post(
                     &format!("/api/v1/releases/{to}/deltas"),
                     &abide_fleet_json::DeltaRequest { from },
                 )
                 .await?;
-            out.print(&serde_json::to_value(&d)?, || {
-                format!(
-                    "delta {} {} -> {} {}: {} bytes (the bundle {}, its missing chunks {}){}",
-                    d.from_release,
-                    d.from_version,
-                    d.to_release,
-                    d.to_version,
-                    d.size,
-                    d.full_size,
-                    d.chunks_size,
-                    if d.offered {
-                        ", given to devices"
-                    } else {
-                        ", not the smallest: not given"
-                    }
-                )
-            });
+            out.answer(&d)
         }
-        FleetCommand::Release(ReleaseCommand::DeltaUpload { file }) => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-            let d: abide_fleet_json::Delta = admin.post_raw("/api/v1/deltas", bytes).await?;
-            out.print(&serde_json::to_value(&d)?, || {
-                format!(
-                    "delta {} {} -> {} {}: {} bytes{}",
-                    d.from_release,
-                    d.from_version,
-                    d.to_release,
-                    d.to_version,
-                    d.size,
-                    if d.offered {
-                        ", given to devices"
-                    } else {
-                        ", not the smallest: not given"
-                    }
-                )
-            });
+        ReleaseCommand::DeltaUpload { file } => {
+            let d: abide_fleet_json::Delta = admin.post_raw("/api/v1/deltas", read(&file)?).await?;
+            out.answer(&d)
         }
-        FleetCommand::Release(ReleaseCommand::Deltas { release }) => {
+        ReleaseCommand::Deltas { release } => {
             let r: Vec<abide_fleet_json::Delta> = admin
                 .get(&format!("/api/v1/releases/{release}/deltas"))
                 .await?;
-            print_table(
-                &out,
-                &serde_json::to_value(&r)?,
-                &[
-                    "from_release",
-                    "from_version",
-                    "to_version",
-                    "size",
-                    "chunks_size",
-                    "full_size",
-                    "offered",
-                ],
-            );
+            out.table(&r)
         }
-        FleetCommand::Release(ReleaseCommand::List) => {
-            let r: Vec<abide_fleet_json::Release> = admin.get("/api/v1/releases").await?;
-            print_table(
-                &out,
-                &serde_json::to_value(&r)?,
-                &[
-                    "id",
-                    "product",
-                    "version",
-                    "security_version",
-                    "size",
-                    "created_at",
-                ],
-            );
+    }
+}
+
+/// `abide fleet trust …`.
+async fn trust(admin: &AdminClient, cmd: TrustCommand, out: &Output) -> Result<()> {
+    let (view, published) = match cmd {
+        TrustCommand::Publish { file } => {
+            (admin.post_raw("/api/v1/trust", read(&file)?).await?, true)
         }
-        FleetCommand::EnrollToken(TokenCommand::Create {
+        TrustCommand::Show => (admin.get("/api/v1/trust").await?, false),
+    };
+    out.answer(&show::Trust { view, published })
+}
+
+/// `abide fleet enroll-token …`.
+async fn enroll_token(admin: &AdminClient, cmd: TokenCommand, out: &Output) -> Result<()> {
+    match cmd {
+        TokenCommand::Create {
             group,
             tags,
             expires,
@@ -607,7 +520,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             device_ids,
             device_id_pattern,
             product,
-        }) => {
+        } => {
             let expires_in = expires
                 .map(|e| abide_core::rollout::parse_duration(&e))
                 .transpose()?;
@@ -625,135 +538,90 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     },
                 )
                 .await?;
-            out.print(&serde_json::to_value(&r)?, || r.token.clone());
+            out.answer(&r)
         }
-        FleetCommand::Device(DeviceCommand::Revoke { id }) => {
-            let r: abide_fleet_json::DeviceRevoked = admin
-                .post(
-                    &format!("/api/v1/devices/{id}/revoke"),
-                    &serde_json::json!({}),
-                )
-                .await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!("revoked {} at {}", r.id, r.revoked_at)
-            });
+        TokenCommand::List => {
+            let r: Vec<abide_fleet_json::EnrollTokenView> =
+                admin.get("/api/v1/enroll-tokens").await?;
+            out.table(&r)
         }
-        FleetCommand::AdminToken(AdminTokenCommand::Create { name, role }) => {
+        TokenCommand::Revoke { id } => {
+            let r: abide_fleet_json::EnrollTokenView =
+                admin.delete(&format!("/api/v1/enroll-tokens/{id}")).await?;
+            out.answer(&r)
+        }
+    }
+}
+
+/// `abide fleet admin-token …`.
+async fn admin_token(admin: &AdminClient, cmd: AdminTokenCommand, out: &Output) -> Result<()> {
+    match cmd {
+        AdminTokenCommand::Create { name, role } => {
             let r: abide_fleet_json::AdminToken = admin
                 .post(
                     "/api/v1/admin-tokens",
                     &abide_fleet_json::AdminTokenRequest { name, role },
                 )
                 .await?;
-            out.print(&serde_json::to_value(&r)?, || r.token.clone());
+            out.answer(&r)
         }
-        FleetCommand::AdminToken(AdminTokenCommand::List) => {
+        AdminTokenCommand::List => {
             let r: Vec<abide_fleet_json::AdminTokenView> =
                 admin.get("/api/v1/admin-tokens").await?;
-            print_table(
-                &out,
-                &serde_json::to_value(&r)?,
-                &["id", "name", "role", "created_at", "revoked_at"],
-            );
+            out.table(&r)
         }
-        FleetCommand::AdminToken(AdminTokenCommand::Revoke { id }) => {
+        AdminTokenCommand::Revoke { id } => {
             let r: abide_fleet_json::AdminTokenView =
                 admin.delete(&format!("/api/v1/admin-tokens/{id}")).await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!("revoked {} ({}, {})", r.id, r.name, r.role)
-            });
+            out.answer(&r)
         }
-        FleetCommand::EnrollToken(TokenCommand::List) => {
-            let r: Vec<abide_fleet_json::EnrollTokenView> =
-                admin.get("/api/v1/enroll-tokens").await?;
-            print_table(
-                &out,
-                &serde_json::to_value(&r)?,
-                &["id", "group", "uses", "used", "expires_at", "revoked_at"],
-            );
-        }
-        FleetCommand::EnrollToken(TokenCommand::Revoke { id }) => {
-            let r: abide_fleet_json::EnrollTokenView =
-                admin.delete(&format!("/api/v1/enroll-tokens/{id}")).await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!("revoked {} ({} of {} uses made)", r.id, r.used, r.uses)
-            });
-        }
-        FleetCommand::Devices { group, state } => {
-            let mut q = Vec::new();
-            if let Some(g) = group {
-                q.push(format!("group={g}"));
-            }
-            if let Some(s) = state {
-                q.push(format!("state={s}"));
-            }
-            let path = if q.is_empty() {
-                "/api/v1/devices".to_owned()
-            } else {
-                format!("/api/v1/devices?{}", q.join("&"))
-            };
-            let r: Vec<abide_fleet_json::DeviceView> = admin.get(&path).await?;
-            print_table(
-                &out,
-                &serde_json::to_value(&r)?,
-                &["id", "group", "version", "state", "reason", "last_seen"],
-            );
-        }
-        FleetCommand::Rollout(cmd) => {
-            let r = match cmd {
-                RolloutCommand::Create {
+    }
+}
+
+/// `abide fleet rollout …`.
+async fn rollout(admin: &AdminClient, cmd: RolloutCommand, out: &Output) -> Result<()> {
+    let r = match cmd {
+        RolloutCommand::Create {
+            release,
+            stages,
+            failure_threshold,
+            group,
+            tag,
+            unresponsive_after,
+            prestage,
+        } => {
+            admin
+                .create_rollout(&abide_fleet_json::RolloutRequest {
                     release,
                     stages,
-                    failure_threshold,
+                    failure_threshold: Some(failure_threshold),
                     group,
                     tag,
                     unresponsive_after,
                     prestage,
-                } => {
-                    admin
-                        .create_rollout(&abide_fleet_json::RolloutRequest {
-                            release,
-                            stages,
-                            failure_threshold: Some(failure_threshold),
-                            group,
-                            tag,
-                            unresponsive_after,
-                            prestage,
-                        })
-                        .await?
-                }
-                RolloutCommand::Status { id } => admin.rollout(&id).await?,
-                RolloutCommand::List => {
-                    let r = serde_json::to_value(admin.rollouts().await?)?;
-                    print_table(
-                        &out,
-                        &r,
-                        &[
-                            "id",
-                            "release",
-                            "status",
-                            "stage",
-                            "devices",
-                            "committed",
-                            "failed",
-                        ],
-                    );
-                    return Ok(());
-                }
-                RolloutCommand::Pause { id } => admin.rollout_action(&id, "pause").await?,
-                RolloutCommand::Resume { id } => admin.rollout_action(&id, "resume").await?,
-                RolloutCommand::Advance { id } => admin.rollout_action(&id, "advance").await?,
-                RolloutCommand::Abort { id } => admin.rollout_action(&id, "abort").await?,
-                RolloutCommand::Rollback { id } => admin.rollout_action(&id, "rollback").await?,
-            };
-            out.print(&serde_json::to_value(&r)?, || describe_rollout(&r));
+                })
+                .await?
         }
-        FleetCommand::Group(GroupCommand::Set {
+        RolloutCommand::Status { id } => admin.rollout(&id).await?,
+        RolloutCommand::List => return out.table(&admin.rollouts().await?),
+        RolloutCommand::Pause { id } => admin.rollout_action(&id, "pause").await?,
+        RolloutCommand::Resume { id } => admin.rollout_action(&id, "resume").await?,
+        RolloutCommand::Advance { id } => admin.rollout_action(&id, "advance").await?,
+        RolloutCommand::Abort { id } => admin.rollout_action(&id, "abort").await?,
+        RolloutCommand::Rollback { id } => admin.rollout_action(&id, "rollback").await?,
+    };
+    out.answer(&r)
+}
+
+/// `abide fleet group …`.
+async fn group(admin: &AdminClient, cmd: GroupCommand, out: &Output) -> Result<()> {
+    match cmd {
+        GroupCommand::Set {
             group,
             max_unavailable,
             quorum,
             window,
-        }) => {
+        } => {
             let window = window.as_deref().map(parse_window).transpose()?;
             let r: abide_fleet_json::GroupView = admin
                 .put(
@@ -765,80 +633,64 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     },
                 )
                 .await?;
-            let settings = serde_json::to_string(&r.settings)?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!("group {group}: {settings}")
-            });
+            out.answer(&show::GroupSet(r))
         }
-        FleetCommand::Group(GroupCommand::Show { group }) => {
+        GroupCommand::Show { group } => {
             let r: abide_fleet_json::GroupView =
                 admin.get(&format!("/api/v1/groups/{group}")).await?;
-            let r = serde_json::to_value(&r)?;
-            out.print(&r, || serde_json::to_string_pretty(&r).unwrap_or_default());
-        }
-        FleetCommand::Audit { head: true, .. } => {
-            let r: abide_fleet_json::AuditHead = admin.get("/api/v1/audit/head").await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                format!("record {} {} (server key {})", r.seq, r.hash, r.key)
-            });
-        }
-        FleetCommand::Audit {
-            verify: true,
-            against,
-            ..
-        } => {
-            let path = match against {
-                Some(file) => {
-                    let head = crate::device::read_audit_head(&file)?;
-                    let key: serde_json::Value = admin.get("/api/v1/server-key").await?;
-                    let key = key["key"].as_str().unwrap_or_default().to_owned();
-                    if key != head.key {
-                        bail!(
-                            "{}: the checkpoint was signed by key {}, not this server's {}",
-                            file.display(),
-                            head.key,
-                            key
-                        );
-                    }
-                    format!("/api/v1/audit/verify?seq={}&hash={}", head.seq, head.hash)
-                }
-                None => "/api/v1/audit/verify".to_owned(),
-            };
-            let r: abide_fleet_json::AuditVerify = admin.get(&path).await?;
-            out.print(&serde_json::to_value(&r)?, || {
-                if r.ok {
-                    format!("ok: {} audit records, the hash chain is intact", r.records)
-                } else {
-                    format!(
-                        "audit trail damaged at record {}: {}",
-                        r.first_bad.unwrap_or(0),
-                        r.problem.as_deref().unwrap_or("")
-                    )
-                }
-            });
-            if !r.ok {
-                bail!("the audit trail does not verify");
-            }
-        }
-        FleetCommand::Audit { verify: false, .. } => {
-            let mut all = Vec::new();
-            let mut after = 0u64;
-            loop {
-                let rows: Vec<abide_fleet_json::AuditRecord> = admin
-                    .get(&format!("/api/v1/audit?after={after}&limit=1000"))
-                    .await?;
-                let Some(last) = rows.last() else {
-                    break;
-                };
-                after = last.seq;
-                all.extend(rows);
-            }
-            print_table(
-                &out,
-                &serde_json::to_value(&all)?,
-                &["seq", "at", "actor", "action", "details"],
-            );
+            out.answer(&r)
         }
     }
-    Ok(())
+}
+
+/// `abide fleet audit`: the trail as a table, its signed head, or its verification (against a
+/// checkpoint kept elsewhere, if given); a trail that does not verify is an error.
+async fn audit(
+    admin: &AdminClient,
+    verify: bool,
+    against: Option<PathBuf>,
+    head: bool,
+    out: &Output,
+) -> Result<()> {
+    if head {
+        let r: abide_fleet_json::AuditHead = admin.get("/api/v1/audit/head").await?;
+        return out.answer(&r);
+    }
+    if verify {
+        let path = match against {
+            Some(file) => {
+                let head = crate::device::read_audit_head(&file)?;
+                let key: abide_fleet_json::ServerKey = admin.get("/api/v1/server-key").await?;
+                if key.key != head.key {
+                    bail!(
+                        "{}: the checkpoint was signed by key {}, not this server's {}",
+                        file.display(),
+                        head.key,
+                        key.key
+                    );
+                }
+                format!("/api/v1/audit/verify?seq={}&hash={}", head.seq, head.hash)
+            }
+            None => "/api/v1/audit/verify".to_owned(),
+        };
+        let r: abide_fleet_json::AuditVerify = admin.get(&path).await?;
+        out.answer(&r)?;
+        if !r.ok {
+            bail!("the audit trail does not verify");
+        }
+        return Ok(());
+    }
+    let mut all = Vec::new();
+    let mut after = 0u64;
+    loop {
+        let rows: Vec<abide_fleet_json::AuditRecord> = admin
+            .get(&format!("/api/v1/audit?after={after}&limit=1000"))
+            .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        after = last.seq;
+        all.extend(rows);
+    }
+    out.table(&all)
 }

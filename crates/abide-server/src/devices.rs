@@ -70,27 +70,9 @@ pub(crate) fn check_group(group: &str) -> ApiResult<()> {
 /// The most devices one enrolment token may enrol.
 const MAX_TOKEN_USES: u64 = 1_000_000;
 
-/// Whether `id` matches `pattern`: `*` any run of characters, `?` any one.
+/// Whether `id` matches `pattern`: `*` any run of characters, `?` any one (wildmatch).
 pub fn id_matches(pattern: &str, id: &str) -> bool {
-    let (p, s): (Vec<char>, Vec<char>) = (pattern.chars().collect(), id.chars().collect());
-    let (mut pi, mut si, mut star, mut mark) = (0, 0, None, 0);
-    while si < s.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == s[si]) {
-            pi += 1;
-            si += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = si;
-            pi += 1;
-        } else if let Some(st) = star {
-            pi = st + 1;
-            mark += 1;
-            si = mark;
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
+    wildmatch::WildMatch::new(pattern).matches(id)
 }
 
 /// `POST /api/v1/enroll-tokens` (admin): a token devices enrol with into a group.
@@ -331,7 +313,7 @@ pub async fn enroll(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<EnrollResponse>)> {
     let ip = crate::limit::Remote::ip(remote.as_deref());
-    if let Err(wait) = server.enrolments.take(ip, std::time::Instant::now()) {
+    if let Err(wait) = server.enrolments.take(ip) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate-limited",

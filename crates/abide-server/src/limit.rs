@@ -1,11 +1,17 @@
-//! Limits per client address: a token bucket for enrolment attempts, and a count of open
-//! connections. Both live in the process: with several server processes on one database each
+//! Limits per client address: a token bucket for enrolment attempts (governor), and a count of
+//! open connections. Both live in the process: with several server processes on one database each
 //! enforces its own (an attacker gets at most that many times the rate).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::HashMapStateStore;
+use governor::{Quota, RateLimiter};
 
 /// The address a request came from, as an extension of every request the server accepts.
 #[derive(Debug, Clone, Copy)]
@@ -18,46 +24,62 @@ impl Remote {
     }
 }
 
-/// Entries kept before full buckets are dropped (a full bucket is the same as none).
+/// Addresses tracked before those whose buckets are full again are forgotten (a full bucket is
+/// the same as none).
 const MAX_TRACKED: usize = 65_536;
 
-/// Token buckets by address: `per_minute` attempts a minute, up to `per_minute` at once.
-#[derive(Debug)]
-pub struct Buckets {
-    per_minute: u32,
-    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+/// One bucket per address, on `C`.
+type Limiter<C> =
+    RateLimiter<IpAddr, HashMapStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Token buckets by address (governor's GCRA): `per_minute` attempts a minute, up to
+/// `per_minute` at once.
+pub struct Buckets<C: Clock + Clone = DefaultClock> {
+    /// None when no attempt is allowed at all.
+    limiter: Option<Limiter<C>>,
+    clock: C,
 }
 
 impl Buckets {
     /// Buckets allowing `per_minute` attempts a minute per address (0: none at all).
     pub fn new(per_minute: u32) -> Buckets {
-        Buckets {
-            per_minute,
-            buckets: Mutex::new(HashMap::new()),
-        }
+        Buckets::with_clock(per_minute, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> Buckets<C> {
+    /// [`Buckets::new`] on `clock` (tests move a fake one).
+    pub fn with_clock(per_minute: u32, clock: C) -> Buckets<C> {
+        let limiter = NonZeroU32::new(per_minute).map(|n| {
+            RateLimiter::new(
+                Quota::per_minute(n),
+                HashMapStateStore::default(),
+                clock.clone(),
+            )
+        });
+        Buckets { limiter, clock }
     }
 
-    /// Takes one attempt for `ip` at `now`; `Err(seconds)` until the next one is allowed.
-    pub fn take(&self, ip: IpAddr, now: Instant) -> Result<(), u64> {
-        let capacity = f64::from(self.per_minute);
-        let per_second = capacity / 60.0;
-        let mut buckets = self.buckets.lock().expect("not poisoned");
-        if buckets.len() >= MAX_TRACKED {
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_second < capacity
-            });
+    /// Takes one attempt for `ip`; `Err(seconds)` until the next one is allowed.
+    pub fn take(&self, ip: IpAddr) -> Result<(), u64> {
+        let Some(limiter) = &self.limiter else {
+            return Err(60);
+        };
+        if limiter.len() >= MAX_TRACKED {
+            limiter.retain_recent();
         }
-        let (tokens, at) = buckets.entry(ip).or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            Ok(())
-        } else if per_second > 0.0 {
-            Err(((1.0 - *tokens) / per_second).ceil() as u64)
-        } else {
-            Err(60)
-        }
+        limiter.check_key(&ip).map_err(|not_until| {
+            let wait: Duration = not_until.wait_time_from(self.clock.now());
+            wait.as_secs_f64().ceil().max(1.0) as u64
+        })
+    }
+}
+
+impl<C: Clock + Clone> std::fmt::Debug for Buckets<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buckets")
+            .field("tracked", &self.limiter.as_ref().map_or(0, |l| l.len()))
+            .finish()
     }
 }
 

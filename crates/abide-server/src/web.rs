@@ -17,17 +17,31 @@ use crate::error::{ApiError, ApiResult};
 
 const COOKIE: &str = "abide_admin";
 
+/// The session id in the request's `Cookie` headers (parsed by the `cookie` crate).
 fn cookie_token(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            kv.trim()
-                .strip_prefix(&format!("{COOKIE}="))
-                .map(str::to_owned)
-        })
+        .flat_map(cookie::Cookie::split_parse)
+        .filter_map(Result::ok)
+        .find(|c| c.name() == COOKIE)
+        .map(|c| c.value().to_owned())
+}
+
+/// The session cookie: `id` for `max_age` (an empty id and no age end it), HttpOnly,
+/// SameSite=Strict, for the whole site, and `Secure` when the server speaks HTTPS.
+fn session_cookie(server: &Server, id: &str, max_age: std::time::Duration) -> String {
+    cookie::Cookie::build((COOKIE, id.to_owned()))
+        .http_only(true)
+        .same_site(cookie::SameSite::Strict)
+        .path("/")
+        .secure(server.config.tls.is_some())
+        .max_age(cookie::time::Duration::seconds(
+            i64::try_from(max_age.as_secs()).unwrap_or(i64::MAX),
+        ))
+        .build()
+        .to_string()
 }
 
 /// Who is signed in by the session whose cookie the request carries, if it is signed in and
@@ -54,15 +68,6 @@ pub async fn session(server: &Server, headers: &HeaderMap) -> ApiResult<Option<C
             }))
         }
         _ => Ok(None),
-    }
-}
-
-/// The cookie's attributes: `Secure` when the server speaks HTTPS.
-fn cookie_attributes(server: &Server) -> &'static str {
-    if server.config.tls.is_some() {
-        "HttpOnly; SameSite=Strict; Path=/; Secure"
-    } else {
-        "HttpOnly; SameSite=Strict; Path=/"
     }
 }
 
@@ -123,28 +128,11 @@ fn problem(message: &str) -> String {
     )
 }
 
-/// Percent-decoding of one form value.
-fn form_value(body: &[u8], key: &str) -> Option<String> {
-    let text = std::str::from_utf8(body).ok()?;
-    let raw = text
-        .split('&')
-        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))?;
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
+/// The sign-in form.
+#[derive(serde::Deserialize)]
+struct SignIn {
+    #[serde(default)]
+    token: String,
 }
 
 /// `GET /`: the page, or the sign-in form.
@@ -283,8 +271,10 @@ fn redirect(to: &str, cookie: Option<String>) -> Response {
 
 /// `POST /ui/login`: checks the token and keeps it in the cookie.
 pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
-    let token = form_value(&body, "token").unwrap_or_default();
-    let token = token.trim();
+    let form = serde_urlencoded::from_bytes::<SignIn>(&body).unwrap_or(SignIn {
+        token: String::new(),
+    });
+    let token = form.token.trim();
     let caller = if !token.is_empty() && token.bytes().all(|b| b.is_ascii_graphic()) {
         crate::auth::caller_of(&server, token).await.ok()
     } else {
@@ -322,11 +312,7 @@ pub async fn sign_in(State(server): State<Server>, body: Bytes) -> Response {
     }
     redirect(
         "/",
-        Some(format!(
-            "{COOKIE}={id}; {}; Max-Age={}",
-            cookie_attributes(&server),
-            server.config.session_ttl.as_secs()
-        )),
+        Some(session_cookie(&server, &id, server.config.session_ttl)),
     )
 }
 
@@ -343,10 +329,7 @@ pub async fn sign_out(State(server): State<Server>, headers: HeaderMap) -> Respo
     }
     redirect(
         "/",
-        Some(format!(
-            "{COOKIE}=; {}; Max-Age=0",
-            cookie_attributes(&server)
-        )),
+        Some(session_cookie(&server, "", std::time::Duration::ZERO)),
     )
 }
 

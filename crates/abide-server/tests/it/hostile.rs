@@ -512,23 +512,22 @@ fn a_body_that_does_not_arrive_in_time_is_cut_off_and_changes_nothing() {
 
 #[test]
 fn a_bucket_allows_its_burst_then_its_rate() {
-    let b = abide_server::limit::Buckets::new(6);
-    let (ip, t0) = (
-        std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        Instant::now(),
-    );
+    let clock = governor::clock::FakeRelativeClock::default();
+    let b = abide_server::limit::Buckets::with_clock(6, clock.clone());
+    let ip = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
     for _ in 0..6 {
-        assert_eq!(b.take(ip, t0), Ok(()));
+        assert_eq!(b.take(ip), Ok(()));
     }
-    assert_eq!(b.take(ip, t0), Err(10), "one more every 10 s");
+    assert_eq!(b.take(ip), Err(10), "one more every 10 s");
     let other = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
-    assert_eq!(
-        b.take(other, t0),
-        Ok(()),
-        "another address has its own bucket"
-    );
-    assert_eq!(b.take(ip, t0 + Duration::from_secs(10)), Ok(()));
-    assert!(b.take(ip, t0 + Duration::from_secs(10)).is_err());
+    assert_eq!(b.take(other), Ok(()), "another address has its own bucket");
+    clock.advance(Duration::from_secs(4));
+    assert_eq!(b.take(ip), Err(6), "the wait counts down");
+    clock.advance(Duration::from_secs(6));
+    assert_eq!(b.take(ip), Ok(()));
+    assert!(b.take(ip).is_err());
+    let none = abide_server::limit::Buckets::with_clock(0, clock);
+    assert_eq!(none.take(ip), Err(60), "0 a minute allows none");
 }
 
 #[test]

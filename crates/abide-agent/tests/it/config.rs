@@ -132,7 +132,7 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         ),
         (
             GOOD.replace("kind = \"tcp\"", "kind = \"ping\""),
-            "key `health.check[0].kind`: expected one of",
+            "key `health.check[0].kind`: expected \"command\", \"http\", \"tcp\", \"systemd\", \"process\", \"file\" or \"uptime\", found \"ping\"",
         ),
         (
             GOOD.replace("interval = \"2s\"", "interval = \"soon\""),
@@ -144,7 +144,19 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         ),
         (
             GOOD.replace("kind = \"block\"", "kind = \"tape\""),
-            "key `group[0].slot[0].kind`",
+            "key `group[0].slot[0].kind`: expected \"image\", \"block\" or \"dir\", found \"tape\"",
+        ),
+        (
+            GOOD.replace("product = \"gw\"", "product = \"gw\"\nstate_reserve = \"lots\""),
+            "key `state_reserve`: \"lots\" is not a size like 512M",
+        ),
+        (
+            GOOD.replace("tries = 2", "tries = \"two\""),
+            "key `bootloader.tries`: invalid type: string \"two\", expected u8",
+        ),
+        (
+            GOOD.replace("product = \"gw\"", "product = \"gw\"\n[oops"),
+            "line ",
         ),
         (
             GOOD.replace("product = \"gw\"", "product = \"gw\"\ncolour = \"blue\""),

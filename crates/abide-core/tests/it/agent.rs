@@ -9,25 +9,11 @@ use abide_core::agent::{
 use abide_core::fleet::{Lease, Offer, WindowState};
 use abide_core::schedule::{Origin, Rollback, Schedule, ScheduleState, Source, When};
 use abide_core::selfupdate::TrialState;
-use abide_core::{FailReason, Group, Transaction, TxState};
+use abide_core::{FailReason, Transaction, TxState};
 use abide_fleet_json::AssignedAction;
 use expect_test::expect;
 
-use crate::at;
-
-fn tx(version: &str, state: TxState) -> Transaction {
-    let (mut t, _) = Transaction::begin(
-        "tx-1",
-        version.parse().unwrap(),
-        1,
-        Group::new("A").unwrap(),
-        Group::new("B").unwrap(),
-        at(0),
-    )
-    .unwrap();
-    t.state = state;
-    t
-}
+use crate::{at, tx};
 
 fn schedule(id: &str, when: When, origin: Origin, state: ScheduleState) -> Schedule {
     let mut s = Schedule::new(

@@ -3,11 +3,11 @@
 use abide_core::fleet::{
     Assigned, Lease, Ledger, Offer, Step, View, WindowState, decide, device_state, report, status,
 };
-use abide_core::{FailReason, Group, RollbackReason, Transaction, TxState};
+use abide_core::{FailReason, RollbackReason, Transaction, TxState};
 use abide_fleet_json::AssignedAction;
 use expect_test::expect;
 
-use crate::at;
+use crate::{at, tx};
 
 fn offer(version: &str, kind: AssignedAction) -> Offer {
     Offer {
@@ -16,20 +16,6 @@ fn offer(version: &str, kind: AssignedAction) -> Offer {
         version: version.parse().unwrap(),
         kind,
     }
-}
-
-fn tx(version: &str, state: TxState) -> Transaction {
-    let (mut t, _) = Transaction::begin(
-        "tx-1",
-        version.parse().unwrap(),
-        1,
-        Group::new("A").unwrap(),
-        Group::new("B").unwrap(),
-        at(0),
-    )
-    .unwrap();
-    t.state = state;
-    t
 }
 
 #[test]

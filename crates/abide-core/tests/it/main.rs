@@ -23,3 +23,18 @@ use jiff::Timestamp;
 pub fn at(m: i64) -> Timestamp {
     Timestamp::from_second(1_798_000_000 + m * 60).unwrap()
 }
+
+/// A transaction from A to B of `version`, in `state`.
+pub fn tx(version: &str, state: abide_core::TxState) -> abide_core::Transaction {
+    let (mut t, _) = abide_core::Transaction::begin(
+        "tx-1",
+        version.parse().unwrap(),
+        1,
+        abide_core::Group::new("A").unwrap(),
+        abide_core::Group::new("B").unwrap(),
+        at(0),
+    )
+    .unwrap();
+    t.state = state;
+    t
+}

@@ -225,7 +225,8 @@ pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
     Ok(outcome.reboot)
 }
 
-/// The status JSON of a device, read from its files.
+/// The status JSON of a device, read from its files (for `abide sim`).
+#[cfg(feature = "sim")]
 pub fn status_json(device: &Device) -> Result<Value> {
     Ok(crate::schedule::status_json(&abide_agent::api::status(
         device,

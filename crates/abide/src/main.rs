@@ -15,6 +15,7 @@ mod key;
 mod schedule;
 #[cfg(feature = "server")]
 mod server;
+#[cfg(feature = "sim")]
 mod sim;
 mod trust;
 
@@ -128,6 +129,7 @@ enum Command {
     #[command(subcommand)]
     Backup(app::BackupCommand),
     /// Simulated devices.
+    #[cfg(feature = "sim")]
     #[command(subcommand)]
     Sim(sim::SimCommand),
     /// Set up a real device.
@@ -229,6 +231,7 @@ fn main() -> ExitCode {
         Command::Log { command } => device::run_log(config, command, out),
         Command::App(c) => app::run_app(c, config, out),
         Command::Backup(c) => app::run_backup(c, config, out),
+        #[cfg(feature = "sim")]
         Command::Sim(c) => sim::run(c, out),
         Command::Device(c) => device::run_device(c, config, out),
         Command::Agent(a) => agent::run(a, config, out),

@@ -388,14 +388,16 @@ impl Config {
     /// (an error names the key), then each section's checks that look at several keys run
     /// (`sections`).
     pub fn parse(path: &Path, text: &str) -> Result<Config> {
-        let mut raw: RawConfig = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+        // The file's syntax first (an error says where, by line), then its keys as their types
+        // (an error names the key).
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| err(path, e.to_string().trim_end()))?;
+        let mut raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
-                // A value of the wrong kind names its key; an error of the file itself (its
-                // syntax, a key at the top that does not belong) says where, by line.
                 let key = e.path().to_string();
                 let inner = e.into_inner();
                 if key == "." {
-                    err(path, inner.to_string().trim_end())
+                    err(path, inner.message())
                 } else {
                     err(path, &format!("key `{key}`: {}", inner.message()))
                 }

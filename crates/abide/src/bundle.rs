@@ -11,6 +11,7 @@ use abide_bundle::{
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use jiff::Timestamp;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Output;
@@ -147,88 +148,22 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             },
             out,
         ),
-        BundleCommand::Sign { file, key } => {
-            let key = load_secret(&key)?;
-            let mut src = open_input(&file)?;
-            let mut target = AtomicFile::create(&file, 0o644)?;
-            let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
-            add_signature(&mut src, &key, &mut writer, Limits::default())
-                .with_context(|| format!("signing {}", file.display()))?;
-            drop(writer);
-            target.commit()?;
-            out.print(
-                &json!({"file": file, "key": key.public().id().as_str()}),
-                || format!("{} signed by key {}", file.display(), key.public().id()),
-            );
-            Ok(())
-        }
-        BundleCommand::Info { file } => {
-            let reader = BundleReader::open(open_input(&file)?, Limits::default())
-                .with_context(|| format!("reading {}", file.display()))?;
-            let manifest = reader
-                .manifest_unverified()
-                .with_context(|| format!("reading the manifest of {}", file.display()))?;
-            let signers: Vec<String> = reader
-                .signatures()
-                .iter()
-                .map(|s| abide_bundle::KeyId::of_bytes(&s.public).to_string())
-                .collect();
-            let value = json!({
-                "file": file,
-                "manifest": manifest_json(&manifest),
-                "signatures": signers,
-                "data_start": reader.header().data_start(),
-            });
-            out.print(&value, || {
-                let mut text = describe(&manifest);
-                text.push_str(&format!("\nsignatures (unchecked): {}", signers.join(", ")));
-                text
-            });
-            Ok(())
-        }
+        BundleCommand::Sign { file, key } => sign(file, &key, &out),
+        BundleCommand::Info { file } => info(file, &out),
         BundleCommand::Verify {
             file,
             trust,
             compatible,
             min_security_version,
             paranoid,
-        } => {
-            let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
-            let compatible = parse_compatible(compatible)?;
-            let policy = policy(&trust, compatible.as_ref(), min_security_version);
-            let checks = abide_bundle::chunks::Checks::paranoid(paranoid);
-            let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
-                .and_then(|r| r.verify(&policy))
-                .and_then(|mut b| {
-                    b.set_checks(checks);
-                    b.verify_rest().map(|()| b)
-                })
-                .with_context(|| format!("verifying {}", file.display()))?;
-            let manifest = bundle.manifest().clone();
-            let signers: Vec<String> = bundle.signers().iter().map(ToString::to_string).collect();
-            bundle.finish()?;
-            out.print(
-                &json!({"ok": true, "file": file, "manifest": manifest_json(&manifest),
-                        "signers": signers, "threshold": trust.threshold(),
-                        "paranoid": paranoid}),
-                || {
-                    format!(
-                        "ok: {} {} verified ({} of {} needed signatures, {} component(s), {})",
-                        manifest.product,
-                        manifest.version,
-                        signers.len(),
-                        trust.threshold(),
-                        manifest.components.len(),
-                        if paranoid {
-                            "every stored byte, chunk and component digest checked"
-                        } else {
-                            "every stored byte checked against the signed chunk tables"
-                        }
-                    )
-                },
-            );
-            Ok(())
-        }
+        } => verify(
+            file,
+            &trust,
+            compatible,
+            min_security_version,
+            paranoid,
+            &out,
+        ),
         BundleCommand::Extract {
             file,
             trust,
@@ -241,46 +176,193 @@ pub fn run(command: BundleCommand, out: Output) -> Result<()> {
             let trust = load_trust(&trust, ExpirationEnforcement::Safe)?;
             let compatible = parse_compatible(compatible)?;
             let policy = policy(&trust, compatible.as_ref(), min_security_version);
-            let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
-                .and_then(|r| r.verify(&policy))
-                .with_context(|| format!("verifying {}", file.display()))?;
-            bundle.set_checks(abide_bundle::chunks::Checks::paranoid(paranoid));
-            let index = bundle
-                .manifest()
-                .components
-                .iter()
-                .position(|c| c.name.as_str() == component)
-                .ok_or_else(|| abide_bundle::Error::UnknownComponent {
-                    name: component.clone(),
-                })?;
-            for _ in 0..index {
-                bundle.skip_component()?;
-            }
-            let mut target = AtomicFile::create(&path, 0o644)?;
-            let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
-            let written = bundle
-                .read_component(&mut |data| writer.write_all(data))
-                .map(|c| (c.size, c.digest))
-                .with_context(|| format!("extracting {component} from {}", file.display()))?;
-            writer.flush().context("writing the extracted content")?;
-            drop(writer);
-            // Dropping `target` on any error above removed the partial file.
-            target.commit()?;
-            out.print(
-                &json!({"ok": true, "component": component, "out": path, "size": written.0,
-                        "digest": written.1.to_hex()}),
-                || {
-                    format!(
-                        "{component}: {} bytes written to {} (sha256 {})",
-                        written.0,
-                        path.display(),
-                        written.1
-                    )
-                },
-            );
-            Ok(())
+            extract(&file, &policy, component, path, paranoid, &out)
         }
     }
+}
+
+/// What `abide bundle sign` did.
+#[derive(Serialize)]
+struct Signed {
+    file: PathBuf,
+    key: String,
+}
+
+/// `abide bundle sign`: adds a signature, the file replaced atomically.
+fn sign(file: PathBuf, key: &Path, out: &Output) -> Result<()> {
+    let key = load_secret(key)?;
+    let mut src = open_input(&file)?;
+    let mut target = AtomicFile::create(&file, 0o644)?;
+    let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
+    add_signature(&mut src, &key, &mut writer, Limits::default())
+        .with_context(|| format!("signing {}", file.display()))?;
+    drop(writer);
+    target.commit()?;
+    let signed = Signed {
+        file,
+        key: key.public().id().to_string(),
+    };
+    out.typed(&signed, || {
+        format!("{} signed by key {}", signed.file.display(), signed.key)
+    })
+}
+
+/// What `abide bundle info` read (nothing of it checked).
+#[derive(Serialize)]
+struct Info {
+    file: PathBuf,
+    manifest: Value,
+    signatures: Vec<String>,
+    data_start: u64,
+}
+
+/// `abide bundle info`: the manifest and the signers' key ids, unchecked.
+fn info(file: PathBuf, out: &Output) -> Result<()> {
+    let reader = BundleReader::open(open_input(&file)?, Limits::default())
+        .with_context(|| format!("reading {}", file.display()))?;
+    let manifest = reader
+        .manifest_unverified()
+        .with_context(|| format!("reading the manifest of {}", file.display()))?;
+    let info = Info {
+        file,
+        manifest: manifest_json(&manifest),
+        signatures: reader
+            .signatures()
+            .iter()
+            .map(|s| abide_bundle::KeyId::of_bytes(&s.public).to_string())
+            .collect(),
+        data_start: reader.header().data_start(),
+    };
+    out.typed(&info, || {
+        format!(
+            "{}\nsignatures (unchecked): {}",
+            describe(&manifest),
+            info.signatures.join(", ")
+        )
+    })
+}
+
+/// What `abide bundle verify` checked.
+#[derive(Serialize)]
+struct Verified {
+    ok: bool,
+    file: PathBuf,
+    manifest: Value,
+    signers: Vec<String>,
+    threshold: usize,
+    paranoid: bool,
+}
+
+/// `abide bundle verify`: signatures, policy and every stored byte (with `paranoid`, every
+/// chunk and component digest too).
+fn verify(
+    file: PathBuf,
+    trust: &Path,
+    compatible: Option<String>,
+    min_security_version: u64,
+    paranoid: bool,
+    out: &Output,
+) -> Result<()> {
+    let trust = load_trust(trust, ExpirationEnforcement::Safe)?;
+    let compatible = parse_compatible(compatible)?;
+    let policy = policy(&trust, compatible.as_ref(), min_security_version);
+    let checks = abide_bundle::chunks::Checks::paranoid(paranoid);
+    let mut bundle = BundleReader::open(open_input(&file)?, Limits::default())
+        .and_then(|r| r.verify(&policy))
+        .and_then(|mut b| {
+            b.set_checks(checks);
+            b.verify_rest().map(|()| b)
+        })
+        .with_context(|| format!("verifying {}", file.display()))?;
+    let manifest = bundle.manifest().clone();
+    let signers: Vec<String> = bundle.signers().iter().map(ToString::to_string).collect();
+    bundle.finish()?;
+    let verified = Verified {
+        ok: true,
+        file,
+        manifest: manifest_json(&manifest),
+        signers,
+        threshold: trust.threshold(),
+        paranoid,
+    };
+    out.typed(&verified, || {
+        format!(
+            "ok: {} {} verified ({} of {} needed signatures, {} component(s), {})",
+            manifest.product,
+            manifest.version,
+            verified.signers.len(),
+            verified.threshold,
+            manifest.components.len(),
+            if paranoid {
+                "every stored byte, chunk and component digest checked"
+            } else {
+                "every stored byte checked against the signed chunk tables"
+            }
+        )
+    })
+}
+
+/// What `abide bundle extract` wrote.
+#[derive(Serialize)]
+struct Extracted {
+    ok: bool,
+    component: String,
+    out: PathBuf,
+    size: u64,
+    digest: String,
+}
+
+/// `abide bundle extract`: one component, verified, written to `path` (which appears only if
+/// all of it verified).
+fn extract(
+    file: &Path,
+    policy: &Policy<'_>,
+    component: String,
+    path: PathBuf,
+    paranoid: bool,
+    out: &Output,
+) -> Result<()> {
+    let mut bundle = BundleReader::open(open_input(file)?, Limits::default())
+        .and_then(|r| r.verify(policy))
+        .with_context(|| format!("verifying {}", file.display()))?;
+    bundle.set_checks(abide_bundle::chunks::Checks::paranoid(paranoid));
+    let index = bundle
+        .manifest()
+        .components
+        .iter()
+        .position(|c| c.name.as_str() == component)
+        .ok_or_else(|| abide_bundle::Error::UnknownComponent {
+            name: component.clone(),
+        })?;
+    for _ in 0..index {
+        bundle.skip_component()?;
+    }
+    let mut target = AtomicFile::create(&path, 0o644)?;
+    let mut writer = io::BufWriter::with_capacity(1 << 20, target.file());
+    let (size, digest) = bundle
+        .read_component(&mut |data| writer.write_all(data))
+        .map(|c| (c.size, c.digest))
+        .with_context(|| format!("extracting {component} from {}", file.display()))?;
+    writer.flush().context("writing the extracted content")?;
+    drop(writer);
+    // Dropping `target` on any error above removed the partial file.
+    target.commit()?;
+    let extracted = Extracted {
+        ok: true,
+        component,
+        out: path,
+        size,
+        digest: digest.to_hex(),
+    };
+    out.typed(&extracted, || {
+        format!(
+            "{}: {} bytes written to {} (sha256 {})",
+            extracted.component,
+            extracted.size,
+            extracted.out.display(),
+            digest
+        )
+    })
 }
 
 /// `--chunk-size AVG`: cut between AVG/4 and 4×AVG (at most 1 MiB).

@@ -10,35 +10,33 @@ use serde::{Deserialize, Serialize};
 /// `abide-assignment-v1` followed by the exact `payload` bytes.
 pub const ASSIGNMENT_DOMAIN: &[u8] = b"abide-assignment-v1";
 
-/// Defines a wire enum: its variants, their names on the wire, and `ALL`.
+/// Defines a wire enum: its variants, named on the wire in snake_case (serde and strum derive
+/// both directions from the variant names, one rule for all), with `ALL`, `as_str` and `parse`.
 macro_rules! wire_enum {
-    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident,)+ }) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize,
+            strum::IntoStaticStr, strum::EnumString, strum::Display, strum::VariantArray,
+        )]
+        #[serde(rename_all = "snake_case")]
+        #[strum(serialize_all = "snake_case")]
         pub enum $name {
-            $($(#[$vmeta])* #[serde(rename = $text)] $variant,)+
+            $($(#[$vmeta])* $variant,)+
         }
 
         impl $name {
             /// Every value, in order.
-            pub const ALL: &[$name] = &[$($name::$variant,)+];
+            pub const ALL: &[$name] = <$name as strum::VariantArray>::VARIANTS;
 
             /// Its name on the wire.
             pub fn as_str(self) -> &'static str {
-                match self {
-                    $($name::$variant => $text,)+
-                }
+                self.into()
             }
 
             /// The value named `text` on the wire.
             pub fn parse(text: &str) -> Option<$name> {
-                $name::ALL.iter().copied().find(|v| v.as_str() == text)
-            }
-        }
-
-        impl std::fmt::Display for $name {
-            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str(self.as_str())
+                text.parse().ok()
             }
         }
     };
@@ -48,19 +46,19 @@ wire_enum! {
     /// A step of an update, as a device reports it.
     ReportStatus {
         /// Content is streaming into the target group.
-        Downloading = "downloading",
+        Downloading,
         /// Every digest verified; waiting to activate.
-        Staged = "staged",
+        Staged,
         /// Activated; rebooting into the target.
-        Rebooting = "rebooting",
+        Rebooting,
         /// Booted into the target; the health gate decides.
-        Trial = "trial",
+        Trial,
         /// The health gate passed on the new system.
-        Committed = "committed",
+        Committed,
         /// Ended before activation (a reason is required).
-        Failed = "failed",
+        Failed,
         /// The trial failed; back on the previous system (a reason is required).
-        RolledBack = "rolled_back",
+        RolledBack,
     }
 }
 
@@ -75,21 +73,21 @@ wire_enum! {
     /// A device's own transaction state, in its check-in inventory.
     DeviceState {
         /// No transaction, or none since the device started.
-        Idle = "idle",
+        Idle,
         /// Content is streaming into the target group.
-        Downloading = "downloading",
+        Downloading,
         /// Staged, waiting to activate.
-        Staged = "staged",
+        Staged,
         /// Activated, rebooting.
-        Activated = "activated",
+        Activated,
         /// On trial.
-        Trial = "trial",
+        Trial,
         /// The last update committed.
-        Committed = "committed",
+        Committed,
         /// The last update rolled back.
-        RolledBack = "rolled_back",
+        RolledBack,
         /// The last update ended before activation.
-        Failed = "failed",
+        Failed,
     }
 }
 
@@ -97,13 +95,13 @@ wire_enum! {
     /// A device's health, from its checks.
     Health {
         /// Every check passes.
-        Healthy = "healthy",
+        Healthy,
         /// A non-critical check fails.
-        Degraded = "degraded",
+        Degraded,
         /// A critical check fails.
-        Unhealthy = "unhealthy",
+        Unhealthy,
         /// Not known (during a trial, whose gate decides).
-        Unknown = "unknown",
+        Unknown,
     }
 }
 
@@ -111,11 +109,11 @@ wire_enum! {
     /// What a device is to do with an assigned release.
     AssignedAction {
         /// Download, stage, and activate in its windows under a lease.
-        Install = "install",
+        Install,
         /// Download and stage only (the rollout stages every device before it activates any).
-        Stage = "stage",
+        Stage,
         /// Install the previous release; a trial rolls back instead.
-        Rollback = "rollback",
+        Rollback,
     }
 }
 
@@ -123,19 +121,19 @@ wire_enum! {
     /// Where a rollout is.
     RolloutState {
         /// It targets no device yet.
-        Waiting = "waiting",
+        Waiting,
         /// Every targeted device stages; activation waits for the prestage share.
-        Prestaging = "prestaging",
+        Prestaging,
         /// Its current stage is being rolled out.
-        Running = "running",
+        Running,
         /// Stopped, with the reason (too many failures, or an operator).
-        Paused = "paused",
+        Paused,
         /// Every stage done.
-        Completed = "completed",
+        Completed,
         /// Stopped for good by an operator.
-        Aborted = "aborted",
+        Aborted,
         /// Rolled back across the fleet.
-        RolledBack = "rolled_back",
+        RolledBack,
     }
 }
 

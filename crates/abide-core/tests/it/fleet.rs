@@ -228,3 +228,43 @@ fn each_state_of_the_assigned_release_is_reported_once_and_a_withdrawal_not_at_a
     "#]]
     .assert_eq(&out);
 }
+
+/// The wire enums' names are one rule for both directions: serde's JSON name, strum's string
+/// and the parse of it agree for every value, in snake_case.
+#[test]
+fn every_wire_name_is_the_same_in_json_in_text_and_back() {
+    use abide_fleet_json::{DeviceState, Health, ReportStatus, RolloutState};
+    fn check<T>(all: &[T], as_str: fn(T) -> &'static str, parse: fn(&str) -> Option<T>) -> String
+    where
+        T: Copy + PartialEq + std::fmt::Debug + serde::Serialize,
+    {
+        all.iter()
+            .map(|v| {
+                let text = as_str(*v);
+                assert_eq!(serde_json::to_string(v).unwrap(), format!("{text:?}"));
+                assert_eq!(parse(text), Some(*v));
+                text
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+    let names = [
+        check(ReportStatus::ALL, ReportStatus::as_str, ReportStatus::parse),
+        check(DeviceState::ALL, DeviceState::as_str, DeviceState::parse),
+        check(Health::ALL, Health::as_str, Health::parse),
+        check(
+            AssignedAction::ALL,
+            AssignedAction::as_str,
+            AssignedAction::parse,
+        ),
+        check(RolloutState::ALL, RolloutState::as_str, RolloutState::parse),
+    ];
+    expect![[r#"
+        downloading staged rebooting trial committed failed rolled_back
+        idle downloading staged activated trial committed rolled_back failed
+        healthy degraded unhealthy unknown
+        install stage rollback
+        waiting prestaging running paused completed aborted rolled_back"#]]
+    .assert_eq(&names.join("\n"));
+    assert_eq!(ReportStatus::parse("Rolled_Back"), None, "names are exact");
+}

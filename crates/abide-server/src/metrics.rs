@@ -1,12 +1,13 @@
-//! `/metrics` in the Prometheus text format. Everything but the check-in counter is read from
-//! the database, so any server process of a fleet answers for the whole fleet; the check-in
-//! counter is this process's own (Prometheus sums it over the processes).
+//! `/metrics` in the OpenMetrics text format, encoded by prometheus-client from one collector.
+//! Everything but the check-in counter is read from the database, so any server process of a
+//! fleet answers for the whole fleet; the check-in counter is this process's own (Prometheus
+//! sums it over the processes).
 //!
 //! A scrape does not scan the fleet: the database's aggregates (which read every device and
-//! report) are rendered at the first scrape, then refreshed in the background every
+//! report) are read at the first scrape, then refreshed in the background every
 //! `metrics_refresh` (10 s) for as long as scrapes keep coming (five minutes after the last,
-//! the refreshing stops); a scrape serves the latest rendering, and
-//! `abide_metrics_age_seconds` says how old it is.
+//! the refreshing stops); a scrape encodes the latest reading, and `abide_metrics_age_seconds`
+//! says how old it is.
 //!
 //! Names: `abide_devices` (by state), `abide_checkins_total`, `abide_reports_total` (by
 //! status), `abide_rollbacks_total`, `abide_rollout_devices` (by rollout and state),
@@ -15,15 +16,22 @@
 //! report with `staged`, `rebooting` and `committed`.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::Server;
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 
 /// Counters kept in the process.
 #[derive(Debug, Default)]
@@ -32,14 +40,14 @@ pub struct Counters {
     pub checkins: AtomicU64,
 }
 
-/// The aggregates as last rendered, shared by scrapes.
+/// The aggregates as last read, shared by scrapes.
 #[derive(Debug, Default)]
 pub struct Snapshot(std::sync::Mutex<SnapshotState>);
 
 #[derive(Debug, Default)]
 struct SnapshotState {
-    /// When the aggregates were read, and their text.
-    text: Option<(Instant, String)>,
+    /// When the aggregates were read, and what they were.
+    read: Option<(Instant, Arc<Aggregates>)>,
     /// The last scrape.
     last_scrape: Option<Instant>,
     /// Whether the background refresh runs.
@@ -49,23 +57,40 @@ struct SnapshotState {
 /// How long after the last scrape the background refresh goes on.
 const KEEP: Duration = Duration::from_secs(300);
 
+/// The histograms' upper bounds, in seconds.
 const BUCKETS: &[f64] = &[
     1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// What `/metrics` reads from the database: the fleet's counts and the durations devices
+/// reported.
+#[derive(Debug, Default)]
+pub struct Aggregates {
+    devices: Vec<(String, i64)>,
+    reports: Vec<(String, i64)>,
+    rollbacks: i64,
+    rollout_devices: Vec<(String, String, i64)>,
+    success: Vec<(String, f64)>,
+    histograms: Vec<Histogram>,
+}
+
+/// A histogram of the durations reported with one status.
+#[derive(Debug)]
+struct Histogram {
+    name: &'static str,
+    help: &'static str,
+    /// (upper bound, observations in this bucket alone), the last bound +Inf (f64::MAX).
+    buckets: Vec<(f64, u64)>,
+    count: u64,
+    sum: f64,
 }
 
 async fn histogram(
     server: &Server,
-    out: &mut String,
-    name: &str,
-    help: &str,
+    name: &'static str,
+    help: &'static str,
     status: &str,
-) -> ApiResult<()> {
+) -> ApiResult<Histogram> {
     let mut cases = String::new();
     for (i, b) in BUCKETS.iter().enumerate() {
         let _ = write!(
@@ -82,62 +107,48 @@ async fn histogram(
         .fetch_one(&server.db.read)
         .await?;
     use sqlx::Row as _;
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (i, b) in BUCKETS.iter().enumerate() {
-        let n: Option<i64> = row.try_get(i)?;
-        let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {}", n.unwrap_or(0));
-    }
     let count: i64 = row.try_get(BUCKETS.len())?;
     let sum: i64 = row.try_get(BUCKETS.len() + 1)?;
-    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-    let _ = writeln!(out, "{name}_sum {}", sum as f64 / 1000.0);
-    let _ = writeln!(out, "{name}_count {count}");
-    Ok(())
+    // The database counts cumulatively; the encoder wants each bucket's own.
+    let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+    let mut below = 0u64;
+    for (i, b) in BUCKETS.iter().enumerate() {
+        let cumulative = row.try_get::<Option<i64>, _>(i)?.unwrap_or(0).max(0) as u64;
+        buckets.push((*b, cumulative.saturating_sub(below)));
+        below = cumulative;
+    }
+    let count = count.max(0) as u64;
+    // The encoder writes the bound f64::MAX as +Inf.
+    buckets.push((f64::MAX, count.saturating_sub(below)));
+    Ok(Histogram {
+        name,
+        help,
+        buckets,
+        count,
+        sum: sum as f64 / 1000.0,
+    })
 }
 
-/// Renders the metrics read from the database (every device and report: see the module
+/// Reads the aggregates from the database (every device and report: see the module
 /// documentation for how often).
-pub async fn render(server: &Server) -> ApiResult<String> {
-    let mut out = String::new();
-    let states = crate::devices::count_by_state_read(server).await?;
-    out.push_str("# HELP abide_devices Enrolled devices by state.\n# TYPE abide_devices gauge\n");
-    for (state, n) in &states {
-        let _ = writeln!(out, "abide_devices{{state=\"{}\"}} {n}", label(state));
-    }
+pub async fn render(server: &Server) -> ApiResult<Aggregates> {
+    let devices = crate::devices::count_by_state_read(server).await?;
     let reports: Vec<(String, i64)> =
         sqlx::query_as("SELECT status, COUNT(*) FROM reports GROUP BY status ORDER BY status")
             .fetch_all(&server.db.read)
             .await?;
-    out.push_str("# HELP abide_reports_total Reports recorded, by status.\n# TYPE abide_reports_total counter\n");
-    let mut rollbacks = 0;
-    for (status, n) in &reports {
-        let _ = writeln!(
-            out,
-            "abide_reports_total{{status=\"{}\"}} {n}",
-            label(status)
-        );
-        if status == "rolled_back" {
-            rollbacks = *n;
-        }
-    }
-    let _ = writeln!(
-        out,
-        "# HELP abide_rollbacks_total Updates devices rolled back.\n# TYPE abide_rollbacks_total counter\nabide_rollbacks_total {rollbacks}"
-    );
-    let per_rollout: Vec<(String, String, i64)> = sqlx::query_as(
+    let rollbacks = reports
+        .iter()
+        .filter(|(status, _)| status == "rolled_back")
+        .map(|(_, n)| *n)
+        .sum();
+    let rollout_devices: Vec<(String, String, i64)> = sqlx::query_as(
         "SELECT rollout_id, state, COUNT(*) FROM rollout_devices GROUP BY rollout_id, state ORDER BY rollout_id, state",
     )
     .fetch_all(&server.db.read)
     .await?;
-    out.push_str("# HELP abide_rollout_devices Devices of each rollout by state.\n# TYPE abide_rollout_devices gauge\n");
     let mut ratio: std::collections::BTreeMap<&str, (i64, i64)> = Default::default();
-    for (rollout, state, n) in &per_rollout {
-        let _ = writeln!(
-            out,
-            "abide_rollout_devices{{rollout=\"{}\",state=\"{}\"}} {n}",
-            label(rollout),
-            label(state)
-        );
+    for (rollout, state, n) in &rollout_devices {
         let e = ratio.entry(rollout).or_default();
         if state == "committed" {
             e.0 += n;
@@ -145,62 +156,143 @@ pub async fn render(server: &Server) -> ApiResult<String> {
             e.1 += n;
         }
     }
-    out.push_str("# HELP abide_rollout_success_ratio Committed devices over committed and failed ones, per rollout.\n# TYPE abide_rollout_success_ratio gauge\n");
-    for (rollout, (ok, failed)) in ratio {
-        if ok + failed > 0 {
-            let _ = writeln!(
-                out,
-                "abide_rollout_success_ratio{{rollout=\"{}\"}} {}",
-                label(rollout),
-                ok as f64 / (ok + failed) as f64
-            );
-        }
-    }
-    histogram(
-        server,
-        &mut out,
-        "abide_download_seconds",
-        "Time from the start of a download to staged.",
-        "staged",
-    )
-    .await?;
-    histogram(
-        server,
-        &mut out,
-        "abide_apply_seconds",
-        "Time to apply a staged update before its reboot.",
-        "rebooting",
-    )
-    .await?;
-    histogram(
-        server,
-        &mut out,
-        "abide_reboot_to_healthy_seconds",
-        "Time from the update's start to a committed trial.",
-        "committed",
-    )
-    .await?;
-    Ok(out)
+    let success = ratio
+        .into_iter()
+        .filter(|(_, (ok, failed))| ok + failed > 0)
+        .map(|(r, (ok, failed))| (r.to_owned(), ok as f64 / (ok + failed) as f64))
+        .collect();
+    let histograms = vec![
+        histogram(
+            server,
+            "abide_download_seconds",
+            "Time from the start of a download to staged.",
+            "staged",
+        )
+        .await?,
+        histogram(
+            server,
+            "abide_apply_seconds",
+            "Time to apply a staged update before its reboot.",
+            "rebooting",
+        )
+        .await?,
+        histogram(
+            server,
+            "abide_reboot_to_healthy_seconds",
+            "Time from the update's start to a committed trial.",
+            "committed",
+        )
+        .await?,
+    ];
+    Ok(Aggregates {
+        devices: devices.into_iter().collect(),
+        reports,
+        rollbacks,
+        rollout_devices,
+        success,
+        histograms,
+    })
 }
 
-/// The aggregates for a scrape at `now`: the latest rendering while scrapes keep the
-/// background refresh going, else rendered now. Returns the text and when it was read.
-async fn aggregates(server: &Server, now: Instant) -> ApiResult<(Instant, String)> {
+/// One scrape's metrics: the aggregates as read, with this process's check-ins and how old
+/// the aggregates are.
+#[derive(Debug)]
+struct Scrape {
+    aggregates: Arc<Aggregates>,
+    checkins: u64,
+    age: f64,
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> std::fmt::Result {
+        let a = &self.aggregates;
+        let mut m = e.encode_descriptor(
+            "abide_devices",
+            "Enrolled devices by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (state, n) in &a.devices {
+            m.encode_family(&[("state", state.as_str())])?
+                .encode_gauge(n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "abide_checkins",
+            "Check-ins this server process answered.",
+            None,
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, _, u64>(&self.checkins, None)?;
+        let mut m = e.encode_descriptor(
+            "abide_reports",
+            "Reports recorded, by status.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (status, n) in &a.reports {
+            m.encode_family(&[("status", status.as_str())])?
+                .encode_counter::<NoLabelSet, _, u64>(&(n.max(&0).unsigned_abs()), None)?;
+        }
+        e.encode_descriptor(
+            "abide_rollbacks",
+            "Updates devices rolled back.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&a.rollbacks.max(0).unsigned_abs(), None)?;
+        let mut m = e.encode_descriptor(
+            "abide_rollout_devices",
+            "Devices of each rollout by state.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (rollout, state, n) in &a.rollout_devices {
+            m.encode_family(&[("rollout", rollout.as_str()), ("state", state.as_str())])?
+                .encode_gauge(n)?;
+        }
+        let mut m = e.encode_descriptor(
+            "abide_rollout_success_ratio",
+            "Committed devices over committed and failed ones, per rollout.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (rollout, ratio) in &a.success {
+            m.encode_family(&[("rollout", rollout.as_str())])?
+                .encode_gauge(ratio)?;
+        }
+        for h in &a.histograms {
+            e.encode_descriptor(h.name, h.help, None, MetricType::Histogram)?
+                .encode_histogram::<NoLabelSet>(h.sum, h.count, &h.buckets, None)?;
+        }
+        e.encode_descriptor(
+            "abide_metrics_age_seconds",
+            "How long ago the values read from the database were read.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&self.age)?;
+        Ok(())
+    }
+}
+
+/// The aggregates for a scrape at `now`: the latest reading while scrapes keep the
+/// background refresh going, else read now. Returns them and when they were read.
+async fn aggregates(server: &Server, now: Instant) -> ApiResult<(Instant, Arc<Aggregates>)> {
     let refresh = server.config.metrics_refresh;
     let kept = {
         let mut s = server.metrics.0.lock().expect("not poisoned");
         s.last_scrape = Some(now);
-        s.text
+        s.read
             .clone()
             .filter(|(at, _)| !refresh.is_zero() && now.duration_since(*at) < KEEP)
     };
     let got = match kept {
         Some(kept) => kept,
         None => {
-            let text = render(server).await?;
+            let read = Arc::new(render(server).await?);
             let at = Instant::now();
-            server.metrics.0.lock().expect("not poisoned").text = Some((at, text.clone()));
-            (at, text)
+            server.metrics.0.lock().expect("not poisoned").read = Some((at, read.clone()));
+            (at, read)
         }
     };
     if !refresh.is_zero() {
@@ -228,8 +320,9 @@ async fn refresh_while_scraped(server: Server, every: Duration) {
             return;
         }
         match render(&server).await {
-            Ok(text) => {
-                server.metrics.0.lock().expect("not poisoned").text = Some((Instant::now(), text));
+            Ok(read) => {
+                server.metrics.0.lock().expect("not poisoned").read =
+                    Some((Instant::now(), Arc::new(read)));
             }
             Err(e) => tracing::warn!(error = %e.message, "refreshing /metrics"),
         }
@@ -244,16 +337,20 @@ pub async fn metrics(
 ) -> ApiResult<impl IntoResponse> {
     crate::auth::metrics(&server, &headers).await?;
     let now = Instant::now();
-    let (at, mut text) = aggregates(&server, now).await?;
-    let _ = writeln!(
+    let (at, aggregates) = aggregates(&server, now).await?;
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape {
+        aggregates,
+        checkins: server.counters.checkins.load(Ordering::Relaxed),
+        age: now.saturating_duration_since(at).as_secs_f64(),
+    }));
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|e| ApiError::internal("encoding the metrics", e))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         text,
-        "# HELP abide_checkins_total Check-ins this server process answered.\n# TYPE abide_checkins_total counter\nabide_checkins_total {}",
-        server.counters.checkins.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        text,
-        "# HELP abide_metrics_age_seconds How long ago the values read from the database were read.\n# TYPE abide_metrics_age_seconds gauge\nabide_metrics_age_seconds {:.3}",
-        now.saturating_duration_since(at).as_secs_f64()
-    );
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
+    ))
 }

@@ -299,7 +299,7 @@ async fn metrics_in_the_prometheus_format(backend: Backend) {
         m.headers["content-type"]
             .to_str()
             .unwrap()
-            .starts_with("text/plain")
+            .starts_with("application/openmetrics-text; version=1.0.0")
     );
     let text = String::from_utf8(m.body).unwrap();
     for want in [
@@ -310,8 +310,10 @@ async fn metrics_in_the_prometheus_format(backend: Backend) {
         "abide_rollbacks_total 1",
         &format!("abide_rollout_devices{{rollout=\"{id}\",state=\"rolled_back\"}} 1"),
         &format!("abide_rollout_success_ratio{{rollout=\"{id}\"}} 0"),
-        "abide_download_seconds_bucket{le=\"5\"} 0",
-        "abide_download_seconds_bucket{le=\"15\"} 1",
+        "# TYPE abide_reports counter",
+        "# TYPE abide_download_seconds histogram",
+        "abide_download_seconds_bucket{le=\"5.0\"} 0",
+        "abide_download_seconds_bucket{le=\"15.0\"} 1",
         "abide_download_seconds_bucket{le=\"+Inf\"} 1",
         "abide_download_seconds_sum 12",
         "abide_apply_seconds_count 1",
@@ -319,6 +321,10 @@ async fn metrics_in_the_prometheus_format(backend: Backend) {
     ] {
         assert!(text.contains(want), "metrics have {want:?}:\n{text}");
     }
+    assert!(
+        text.ends_with("# EOF\n"),
+        "OpenMetrics ends with # EOF:\n{text}"
+    );
     // Every line is a comment or `name{labels} value`.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let value = line.rsplit(' ').next().unwrap();

@@ -164,22 +164,24 @@ pub fn run_app(command: AppCommand, config: &Path, out: Output) -> Result<()> {
             {
                 return Err(abide_agent::AgentError::NoApp { app: n.clone() }.into());
             }
-            out.print(&json!({"apps": apps}), || {
-                apps.iter()
+            let answer = AppsStatus { apps };
+            out.typed(&answer, || {
+                answer
+                    .apps
+                    .iter()
                     .map(|a| {
                         format!(
                             "{}: {} ({}), last transaction {} {}",
-                            a["name"].as_str().unwrap_or("?"),
-                            a["version"].as_str().unwrap_or("unknown version"),
-                            a["release"].as_str().unwrap_or("no release"),
-                            a["transaction"]["id"].as_str().unwrap_or("none"),
-                            a["transaction"]["step"].as_str().unwrap_or(""),
+                            a.name,
+                            a.version.as_deref().unwrap_or("unknown version"),
+                            a.release.as_deref().unwrap_or("no release"),
+                            a.transaction.as_ref().map_or("none", |t| t.id.as_str()),
+                            a.transaction.as_ref().map_or("", |t| t.step.name()),
                         )
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
-            });
-            Ok(())
+            })
         }
         AppCommand::Recover => {
             let mut device = open(config)?;
@@ -208,14 +210,42 @@ pub fn run_app(command: AppCommand, config: &Path, out: Output) -> Result<()> {
     }
 }
 
-fn status_json(app: &abide_agent::config::AppSettings, state: &AppState) -> serde_json::Value {
-    json!({"name": app.name,
-           "version": state.current.as_ref().and_then(|r| r.version.as_ref()).map(ToString::to_string),
-           "release": state.current.as_ref().map(|r| &r.dir),
-           "link": app.link, "data": app.data, "releases": app.releases,
-           "security_version": state.security_version,
-           "quarantine": state.quarantine.versions().collect::<Vec<_>>(),
-           "transaction": state.transaction})
+/// `abide app status`.
+#[derive(serde::Serialize)]
+struct AppsStatus {
+    apps: Vec<AppStatus>,
+}
+
+/// One application in `abide app status`.
+#[derive(serde::Serialize)]
+struct AppStatus {
+    name: String,
+    version: Option<String>,
+    release: Option<String>,
+    link: std::path::PathBuf,
+    data: std::path::PathBuf,
+    releases: std::path::PathBuf,
+    security_version: u64,
+    quarantine: Vec<String>,
+    transaction: Option<abide_core::app::AppTransaction>,
+}
+
+fn status_json(app: &abide_agent::config::AppSettings, state: &AppState) -> AppStatus {
+    AppStatus {
+        name: app.name.clone(),
+        version: state
+            .current
+            .as_ref()
+            .and_then(|r| r.version.as_ref())
+            .map(ToString::to_string),
+        release: state.current.as_ref().map(|r| r.dir.clone()),
+        link: app.link.clone(),
+        data: app.data.clone(),
+        releases: app.releases.clone(),
+        security_version: state.security_version,
+        quarantine: state.quarantine.versions().map(|v| v.to_string()).collect(),
+        transaction: state.transaction.clone(),
+    }
 }
 
 /// `abide backup …`.

@@ -225,10 +225,10 @@ pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
     Ok(outcome.reboot)
 }
 
-/// The status JSON of a device, read from its files (for `abide sim`).
+/// The status of a device, read from its files (for `abide sim`).
 #[cfg(feature = "sim")]
-pub fn status_json(device: &Device) -> Result<Value> {
-    Ok(crate::schedule::status_json(&abide_agent::api::status(
+pub fn status_view(device: &Device) -> Result<crate::schedule::StatusView> {
+    Ok(crate::schedule::status_view(&abide_agent::api::status(
         device,
     )?))
 }
@@ -240,23 +240,8 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
         |api| api.call(|mut c| async move { c.status(abide_agent_api::StatusRequest {}).await }),
         || Ok(abide_agent::api::status(&open_read_only(config)?)?),
     )?;
-    let v = crate::schedule::status_json(&status);
-    out.print(&v, || {
-        let mut text = format!(
-            "running {} on group {} (known-good {}); transaction: {}",
-            v["version"].as_str().unwrap_or("?"),
-            v["booted"].as_str().unwrap_or("?"),
-            v["good"].as_str().unwrap_or("?"),
-            v["state"].as_str().unwrap_or("?"),
-        );
-        if let Some(r) = v["reason"].as_str() {
-            text.push_str(&format!(" ({r})"));
-        }
-        if let Some(s) = v["schedule"].as_str() {
-            text.push_str(&format!("; schedule {s} in progress"));
-        }
-        text
-    });
+    let view = crate::schedule::status_view(&status);
+    out.typed(&view, || view.to_string())?;
     Ok(())
 }
 

@@ -9,7 +9,7 @@ use abide_agent::config::Config;
 use abide_agent_api as pb;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Output;
 
@@ -389,31 +389,92 @@ pub fn run_metrics(config: &Path, out: Output) -> Result<()> {
 
 /// `abide status` as JSON: the keys it always had (null where there is nothing), plus the
 /// schedule in progress and the agent's version.
-pub fn status_json(s: &pb::Status) -> Value {
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusView {
+    /// The group booted.
+    pub booted: Option<String>,
+    /// The known-good group.
+    pub good: Option<String>,
+    /// The last transaction's state (`idle` without one).
+    pub state: String,
+    /// The committed version.
+    pub version: String,
+    /// The security counter.
+    pub security_version: u64,
+    /// The current or last transaction.
+    pub transaction: Option<String>,
+    /// Versions rolled back here.
+    pub quarantine: Vec<String>,
+    /// The schedule in progress.
+    pub schedule: Option<String>,
+    /// Whether the device checks in with a fleet.
+    pub fleet: bool,
+    /// The agent that answered, if one did.
+    pub agent: Option<AgentView>,
+    /// The transaction's target group.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The version it installs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
+    /// Why it failed or rolled back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The running agent that answered `abide status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AgentView {
+    /// Its version.
+    pub version: String,
+    /// Its process.
+    pub pid: u32,
+    /// When it started.
+    pub started: String,
+}
+
+/// The status as `abide status` shows it.
+pub fn status_view(s: &pb::Status) -> StatusView {
     let opt = |v: &str| (!v.is_empty()).then(|| v.to_owned());
-    let mut v = json!({
-        "booted": opt(&s.booted),
-        "good": opt(&s.good),
-        "state": s.state,
-        "version": s.version,
-        "security_version": s.security_version,
-        "transaction": opt(&s.transaction),
-        "quarantine": s.quarantine,
-        "schedule": opt(&s.schedule),
-        "fleet": s.fleet,
-    });
-    // Through a running agent: which one answered.
-    v["agent"] = if s.pid == 0 {
-        Value::Null
-    } else {
-        json!({"version": s.agent_version, "pid": s.pid, "started": s.started})
-    };
-    if !s.transaction.is_empty() {
-        v["target"] = json!(s.target);
-        v["target_version"] = json!(s.target_version);
+    let in_transaction = !s.transaction.is_empty();
+    StatusView {
+        booted: opt(&s.booted),
+        good: opt(&s.good),
+        state: s.state.clone(),
+        version: s.version.clone(),
+        security_version: s.security_version,
+        transaction: opt(&s.transaction),
+        quarantine: s.quarantine.clone(),
+        schedule: opt(&s.schedule),
+        fleet: s.fleet,
+        agent: (s.pid != 0).then(|| AgentView {
+            version: s.agent_version.clone(),
+            pid: s.pid,
+            started: s.started.clone(),
+        }),
+        target: in_transaction.then(|| s.target.clone()),
+        target_version: in_transaction.then(|| s.target_version.clone()),
+        reason: opt(&s.reason),
     }
-    if !s.reason.is_empty() {
-        v["reason"] = json!(s.reason);
+}
+
+impl std::fmt::Display for StatusView {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let or = |v: &Option<String>| v.clone().unwrap_or_else(|| "?".to_owned());
+        write!(
+            f,
+            "running {} on group {} (known-good {}); transaction: {}",
+            self.version,
+            or(&self.booted),
+            or(&self.good),
+            self.state
+        )?;
+        if let Some(r) = &self.reason {
+            write!(f, " ({r})")?;
+        }
+        if let Some(s) = &self.schedule {
+            write!(f, "; schedule {s} in progress")?;
+        }
+        Ok(())
     }
-    v
 }

@@ -15,7 +15,7 @@ use clap::Subcommand;
 use serde_json::json;
 
 use crate::Output;
-use crate::device::{open_read_only, open_waiting, status_json};
+use crate::device::{open_read_only, open_waiting, status_view};
 
 // Parsed once per process: the size of a variant does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -245,19 +245,9 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
             json!({"booted": chosen.as_str(), "state": outcome.state, "reboot": outcome.reboot}),
         );
         if !outcome.reboot {
-            let status = status_json(&device)?;
+            let status = status_view(&device)?;
             out.print(&json!({"cycles": cycles, "status": status}), || {
-                format!(
-                    "{} power cycle(s); running {} on group {}; transaction {}{}",
-                    cycles.len(),
-                    status["version"].as_str().unwrap_or("?"),
-                    status["booted"].as_str().unwrap_or("?"),
-                    status["state"].as_str().unwrap_or("?"),
-                    status["reason"]
-                        .as_str()
-                        .map(|r| format!(" ({r})"))
-                        .unwrap_or_default()
-                )
+                format!("{} power cycle(s); {status}", cycles.len())
             });
             return Ok(());
         }
@@ -274,7 +264,7 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
     loop {
         if max_boots.is_some_and(|m| boots >= m) {
             let device = open_read_only(&config)?;
-            let status = status_json(&device)?;
+            let status = status_view(&device)?;
             out.print(&json!({"boots": boots, "status": status}), || {
                 format!("{boots} power cycle(s); {status}")
             });

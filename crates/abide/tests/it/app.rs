@@ -571,6 +571,39 @@ fn a_failing_step_ends_on_the_previous_release_and_data_and_backups_are_kept_n_d
     assert_eq!(app.version(), "3.0.0");
 }
 
+/// Kills process `root`, everything it started, and their process groups (a command runs in
+/// a group of its own), the way systemd kills a unit's cgroup.
+fn kill_tree(root: u32) {
+    let parents: Vec<(u32, u32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let rest = stat.rsplit_once(')')?.1;
+            let mut fields = rest.split_whitespace().skip(1);
+            let ppid = fields.next()?.parse().ok()?;
+            let pgid = fields.next()?.parse().ok()?;
+            Some((pid, ppid, pgid))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(parents.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    for (pid, _, pgid) in parents.iter().filter(|p| tree.contains(&p.0)) {
+        if let Some(group) = rustix::process::Pid::from_raw(*pgid) {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
+        if let Some(p) = rustix::process::Pid::from_raw(*pid as i32) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 /// After a crash: the next start (`abide boot`, as after a power cut) must leave the
 /// application on one of `allowed` (release, its data), ended, its services running, the
 /// audit log whole. `allowed` holds (version, data). Returns which.
@@ -777,11 +810,9 @@ fn kill_9_during_the_migration_and_the_health_gate_is_undone_by_the_next_start()
             .spawn()
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        let pid = child.id() as i32;
-        // The whole process group, as systemd kills the unit's cgroup.
-        let group = rustix::process::Pid::from_raw(pid).expect("a process id");
-        rustix::process::kill_process_group(group, rustix::process::Signal::KILL)
-            .expect("the group is killed");
+        // Every process of the install, as systemd kills the unit's cgroup (or a power cut
+        // does): its group and the groups its commands run in.
+        kill_tree(child.id());
         let _ = child.wait();
         let which = converged(
             &case,

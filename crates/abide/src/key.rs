@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use abide_bundle::SecretKey;
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use serde_json::json;
 
 use crate::Output;
 use abide_fs::persist::{read_bounded, write_new};
@@ -31,19 +30,28 @@ pub fn run(command: KeyCommand, out: Output) -> Result<()> {
             let public = key.public();
             write_new(&secret_path, key.to_file_text().as_bytes(), 0o600)?;
             write_new(&public_path, public.to_file_text().as_bytes(), 0o644)?;
-            out.print(
-                &json!({"id": public.id().as_str(), "public": public.to_hex(),
-                        "secret_file": secret_path, "public_file": public_path}),
-                || {
-                    format!(
-                        "key {} written to {} and {}",
-                        public.id(),
-                        secret_path.display(),
-                        public_path.display()
-                    )
-                },
-            );
-            Ok(())
+            /// What `abide key generate` wrote.
+            #[derive(serde::Serialize)]
+            struct Generated<'a> {
+                id: String,
+                public: String,
+                secret_file: &'a std::path::Path,
+                public_file: &'a std::path::Path,
+            }
+            let generated = Generated {
+                id: public.id().to_string(),
+                public: public.to_hex(),
+                secret_file: &secret_path,
+                public_file: &public_path,
+            };
+            out.typed(&generated, || {
+                format!(
+                    "key {} written to {} and {}",
+                    public.id(),
+                    secret_path.display(),
+                    public_path.display()
+                )
+            })
         }
     }
 }

@@ -82,19 +82,31 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
             let full = std::fs::metadata(&to)
                 .with_context(|| format!("reading {}", to.display()))?
                 .len();
-            out.print(
-                &json!({
-                    "ok": true,
-                    "file": path,
-                    "size": stats.size,
-                    "full_size": full,
-                    "patches": stats.patches,
-                    "patched_bytes": stats.patched_bytes,
-                    "frame_bytes": stats.frame_bytes,
-                    "prefix_bytes": stats.prefix_bytes,
-                    "copied_bytes": stats.copied_bytes,
-                }),
-                || {
+            /// What `abide delta create` made.
+            #[derive(serde::Serialize)]
+            struct Made<'a> {
+                ok: bool,
+                file: &'a Path,
+                size: u64,
+                full_size: u64,
+                patches: u64,
+                patched_bytes: u64,
+                frame_bytes: u64,
+                prefix_bytes: u64,
+                copied_bytes: u64,
+            }
+            let made = Made {
+                ok: true,
+                file: &path,
+                size: stats.size,
+                full_size: full,
+                patches: stats.patches,
+                patched_bytes: stats.patched_bytes,
+                frame_bytes: stats.frame_bytes,
+                prefix_bytes: stats.prefix_bytes,
+                copied_bytes: stats.copied_bytes,
+            };
+            out.typed(&made, || {
                     format!(
                         "{}: {} bytes ({:.1} % of the {} byte bundle): {} patches make {} bytes from {} bytes of frames against {} old bytes; {} bytes are copied from the running slot",
                         path.display(),
@@ -107,9 +119,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
                         stats.prefix_bytes,
                         stats.copied_bytes
                     )
-                },
-            );
-            Ok(())
+            })
         }
         DeltaCommand::Verify { file, trust, from } => verify(&file, &trust, from.as_deref(), out),
         DeltaCommand::Info { file } => {

@@ -159,11 +159,23 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             .with_context(|| format!("listening on {}", args.listen))?;
         let addr = listener.local_addr()?;
         let key = abide_server::public_key(&server).to_hex();
-        out.print(
-            &serde_json::json!({"listening": addr.to_string(), "data": args.data,
-                                "server_key": key, "notes": notes.lines,
-                                "settings": settings}),
-            || {
+        /// What `abide server` started with.
+        #[derive(serde::Serialize)]
+        struct Started<'a, S: serde::Serialize> {
+            listening: String,
+            data: &'a std::path::Path,
+            server_key: &'a str,
+            notes: &'a [String],
+            settings: &'a S,
+        }
+        let started = Started {
+            listening: addr.to_string(),
+            data: &args.data,
+            server_key: &key,
+            notes: &notes.lines,
+            settings: &settings,
+        };
+        out.typed(&started, || {
                 let mut text: Vec<String> = notes.lines.clone();
                 text.push(format!("assignment signing key: {key}"));
                 text.push(format!(
@@ -177,8 +189,7 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
                 let scheme = if tls.is_some() { "https" } else { "http" };
                 text.push(format!("abide server listening on {scheme}://{addr}"));
                 text.join("\n")
-            },
-        );
+        })?;
         match tls {
             Some(tls) => abide_server::tls::serve_tls(server, listener, tls).await,
             None => abide_server::serve(server, listener).await,

@@ -12,7 +12,6 @@ use abide_core::{Group, Quarantine};
 use abide_fs::persist::write_atomic;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde_json::json;
 
 use crate::Output;
 use crate::device::{open_read_only, open_waiting, status_view};
@@ -206,16 +205,47 @@ fn init(
     // Room held back for a failure on a full disk, as a real device gets at `device init`.
     abide_agent::room::keep_reserve(&dir.join("state"));
     write_atomic(&dir.join("system.toml"), config.as_bytes(), 0o644)?;
-    out.print(
-        &json!({"dir": dir, "version": version.to_string(), "config": dir.join("system.toml")}),
-        || {
-            format!(
-                "simulated device in {} running {version} on group A",
-                dir.display()
-            )
-        },
-    );
-    Ok(())
+    /// What `abide sim init` made.
+    #[derive(serde::Serialize)]
+    struct Made<'a> {
+        dir: &'a Path,
+        version: String,
+        config: PathBuf,
+    }
+    let made = Made {
+        dir,
+        version: version.to_string(),
+        config: dir.join("system.toml"),
+    };
+    out.typed(&made, || {
+        format!(
+            "simulated device in {} running {version} on group A",
+            dir.display()
+        )
+    })
+}
+
+/// One power cycle of `abide sim reboot`: the group the firmware chose, and either a kernel
+/// panic on it or what the boot step did.
+#[derive(serde::Serialize)]
+struct Cycle {
+    booted: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    panic: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reboot: Option<bool>,
+}
+
+/// What `abide sim reboot` and `abide sim run` end with.
+#[derive(serde::Serialize)]
+struct Settled {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cycles: Option<Vec<Cycle>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boots: Option<u32>,
+    status: crate::schedule::StatusView,
 }
 
 fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
@@ -235,21 +265,34 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
             .is_some_and(|t| !t.state.is_terminal() && t.target == chosen);
         if on_trial && panics_left > 0 {
             panics_left -= 1;
-            cycles.push(json!({"booted": chosen.as_str(), "panic": true}));
+            cycles.push(Cycle {
+                booted: chosen.to_string(),
+                panic: true,
+                state: None,
+                reboot: None,
+            });
             continue;
         }
         drop(device);
         let mut device = open_waiting(&config)?;
         let outcome = boot(&mut device, &SystemClock)?;
-        cycles.push(
-            json!({"booted": chosen.as_str(), "state": outcome.state, "reboot": outcome.reboot}),
-        );
+        cycles.push(Cycle {
+            booted: chosen.to_string(),
+            panic: false,
+            state: Some(serde_json::to_value(outcome.state)?),
+            reboot: Some(outcome.reboot),
+        });
         if !outcome.reboot {
             let status = status_view(&device)?;
-            out.print(&json!({"cycles": cycles, "status": status}), || {
-                format!("{} power cycle(s); {status}", cycles.len())
+            let n = cycles.len();
+            let settled = Settled {
+                cycles: Some(cycles),
+                boots: None,
+                status,
+            };
+            return out.typed(&settled, || {
+                format!("{n} power cycle(s); {}", settled.status)
             });
-            return Ok(());
         }
     }
     bail!("the device did not settle within 16 power cycles")
@@ -264,11 +307,14 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
     loop {
         if max_boots.is_some_and(|m| boots >= m) {
             let device = open_read_only(&config)?;
-            let status = status_view(&device)?;
-            out.print(&json!({"boots": boots, "status": status}), || {
-                format!("{boots} power cycle(s); {status}")
+            let settled = Settled {
+                cycles: None,
+                boots: Some(boots),
+                status: status_view(&device)?,
+            };
+            return out.typed(&settled, || {
+                format!("{boots} power cycle(s); {}", settled.status)
             });
-            return Ok(());
         }
         boots += 1;
         let chosen = sim

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use abide_core::schedule::{Schedule, ScheduleState};
-use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
@@ -93,9 +92,13 @@ impl Book {
 
     /// The schedule being carried out, if one is.
     pub fn in_progress(&self) -> Option<&Schedule> {
-        self.schedules
-            .iter()
-            .find(|s| matches!(s.state, ScheduleState::InProgress { .. }))
+        abide_core::agent::in_progress(&self.schedules)
+    }
+
+    /// The oldest pending schedule that is due at `now` (`window_open`: whether the device's
+    /// maintenance window is open), as the agent's round picks it.
+    pub fn due(&self, now: jiff::Timestamp, window_open: bool) -> Option<&Schedule> {
+        abide_core::agent::due(&self.schedules, now, window_open)
     }
 
     /// The schedule being carried out, to change.
@@ -103,11 +106,5 @@ impl Book {
         self.schedules
             .iter_mut()
             .find(|s| matches!(s.state, ScheduleState::InProgress { .. }))
-    }
-
-    /// The oldest pending schedule that is due at `now` (`window_open`: whether the device's
-    /// maintenance window is open).
-    pub fn due(&self, now: Timestamp, window_open: bool) -> Option<&Schedule> {
-        self.schedules.iter().find(|s| s.due(now, window_open))
     }
 }

@@ -198,10 +198,7 @@ pub fn next(s: &Situation<'_>) -> Command {
         }
     } else if in_progress.is_none()
         && tx.is_none_or(|t| t.state.is_terminal())
-        && let Some(due) = s
-            .schedules
-            .iter()
-            .find(|x| x.due(s.now, s.windows == Windows::Open))
+        && let Some(due) = due(s.schedules, s.now, s.windows == Windows::Open)
     {
         return Command::Start(due.id.clone());
     }
@@ -242,6 +239,12 @@ pub fn in_progress(schedules: &[Schedule]) -> Option<&Schedule> {
     schedules
         .iter()
         .find(|x| matches!(x.state, ScheduleState::InProgress { .. }))
+}
+
+/// The oldest pending schedule that is due at `now` (`window_open`: whether one of the
+/// device's windows is open).
+pub fn due(schedules: &[Schedule], now: Timestamp, window_open: bool) -> Option<&Schedule> {
+    schedules.iter().find(|x| x.due(now, window_open))
 }
 
 /// The schedule in progress follows what carries it out: the application transaction it

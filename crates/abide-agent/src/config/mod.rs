@@ -14,21 +14,32 @@ use crate::error::{AgentError, Result};
 /// The default configuration path.
 pub const DEFAULT_PATH: &str = "/etc/abide/system.toml";
 
-/// Deserializes the enum `$name` from one of the words given, and says which words it takes
-/// when it finds another.
+/// Gives the enum `$name` its words (`word()`, one table both ways) and deserializes it from
+/// one of them, saying which it takes when it finds another.
 macro_rules! words {
     ($name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        impl $name {
+            /// Every value, in the order its words are listed.
+            pub(in crate::config) const ALL: &[$name] = &[$($name::$variant),+];
+
+            /// Its word in system.toml.
+            pub(in crate::config) fn word(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<$name, D::Error> {
-                const WORDS: &[&str] = &[$($text),+];
                 let text = String::deserialize(d)?;
-                match text.as_str() {
-                    $($text => Ok($name::$variant),)+
-                    _ => Err(serde::de::Error::custom(format!(
+                $name::ALL.iter().copied().find(|v| v.word() == text).ok_or_else(|| {
+                    let words: Vec<&str> = $name::ALL.iter().map(|v| v.word()).collect();
+                    serde::de::Error::custom(format!(
                         "expected {}, found {text:?}",
-                        $crate::config::one_of(WORDS)
-                    ))),
-                }
+                        $crate::config::one_of(&words)
+                    ))
+                })
             }
         }
     };

@@ -71,20 +71,6 @@ pub(super) enum CheckKindName {
     Uptime,
 }
 
-impl CheckKindName {
-    pub(super) fn word(self) -> &'static str {
-        match self {
-            CheckKindName::Command => "command",
-            CheckKindName::Http => "http",
-            CheckKindName::Tcp => "tcp",
-            CheckKindName::Systemd => "systemd",
-            CheckKindName::Process => "process",
-            CheckKindName::File => "file",
-            CheckKindName::Uptime => "uptime",
-        }
-    }
-}
-
 words!(CheckKindName {
     Command = "command",
     Http = "http",

@@ -471,3 +471,16 @@ fn a_url_download_must_bring_1_kib_a_second_over_each_minute_unless_configured()
         (0, std::time::Duration::from_secs(300))
     );
 }
+
+/// The daemon and the schedules it carries out read the time from the agent's clock only (so
+/// tests move it, windows included): no direct read of the system clock in their sources.
+#[test]
+fn the_daemon_reads_time_from_its_one_clock() {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for file in ["daemon.rs", "scheduled.rs", "shared.rs"] {
+        let text = std::fs::read_to_string(src.join(file)).unwrap();
+        for call in ["Timestamp::now", "SystemTime::now", "Zoned::now"] {
+            assert!(!text.contains(call), "{file} calls {call}");
+        }
+    }
+}

@@ -125,18 +125,15 @@ impl Row for Delta {
     }
 }
 
-/// A trust root as published (`published`) or shown.
+/// A trust root as published (`published`) or shown; its JSON is the root's.
+#[derive(Serialize)]
 pub struct Trust {
     /// The root.
+    #[serde(flatten)]
     pub view: TrustView,
     /// Whether it was just published.
+    #[serde(skip)]
     pub published: bool,
-}
-
-impl Serialize for Trust {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.view.serialize(s)
-    }
 }
 
 impl Answer for Trust {
@@ -307,13 +304,9 @@ impl Answer for GroupView {
 }
 
 /// A group's settings just changed.
+#[derive(Serialize)]
+#[serde(transparent)]
 pub struct GroupSet(pub GroupView);
-
-impl Serialize for GroupSet {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(s)
-    }
-}
 
 impl Answer for GroupSet {
     fn text(&self) -> String {

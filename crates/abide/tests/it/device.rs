@@ -557,15 +557,20 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
         "set -e; cp -a dev/state saved; mount -t tmpfs -o size=12m tmpfs dev/state; \
          cp -a saved/. dev/state/; {abide} install {b} --config dev/system.toml --json"
     );
-    let out = sim.in_mount_namespace(&script);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["error"]["code"], "no-space", "{v}");
+    // The install in a private namespace, refused for want of room: its JSON error.
+    let refused = |script: &str| -> Value {
+        let out = sim.in_mount_namespace(script);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["error"]["code"], "no-space", "{v}");
+        v
+    };
+    let v = refused(&script);
     assert!(
         v["error"]["message"]
             .as_str()
@@ -582,15 +587,7 @@ fn an_install_that_would_fill_the_state_directory_is_refused_with_the_numbers() 
          mount -t tmpfs -o size=64m,nr_inodes=$((n + 30)) tmpfs dev/state; \
          cp -a saved/. dev/state/; {abide} install {b} --config dev/system.toml --json"
     );
-    let out = sim.in_mount_namespace(&script);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["error"]["code"], "no-space", "{v}");
+    let v = refused(&script);
     assert!(
         v["error"]["message"]
             .as_str()

@@ -588,6 +588,19 @@ pub(crate) fn slow_server(body: Vec<u8>, pace: usize) -> String {
     url
 }
 
+/// Schedules an update from `url`, which must fail within 20 seconds; returns the schedule.
+fn fails_within_20s(sim: &Sim, url: &str) -> Value {
+    let started = Instant::now();
+    dev(sim, &["schedule", "update", "--source", url], 0);
+    wait("s1 to fail", || schedule(sim, "s1")["state"] == "failed");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    schedule(sim, "s1")
+}
+
 #[test]
 fn a_url_that_drips_its_bundle_fails_the_schedule_at_the_minimum_rate() {
     let sim = Sim::new(None);
@@ -600,15 +613,7 @@ fn a_url_that_drips_its_bundle_fails_the_schedule_at_the_minimum_rate() {
     std::fs::write(&config, text).unwrap();
     let a_before = sha256_of(&sim.path("dev/slots/rootfs.A.img"));
     let _agent = Running::start(&sim);
-    let started = Instant::now();
-    dev(&sim, &["schedule", "update", "--source", &url], 0);
-    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
-    let s1 = schedule(&sim, "s1");
+    let s1 = fails_within_20s(&sim, &url);
     let reason = s1["reason"].as_str().unwrap();
     assert!(
         reason.contains("under the minimum of 1024 bytes/s ([download] min_rate)"),
@@ -667,15 +672,7 @@ fn a_silent_url_fails_at_the_window_and_with_no_minimum_a_pause_is_waited_out() 
         Duration::from_secs(3600),
     );
     let agent = Running::start(&sim);
-    let started = Instant::now();
-    dev(&sim, &["schedule", "update", "--source", &url], 0);
-    wait("s1 to fail", || schedule(&sim, "s1")["state"] == "failed");
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "{:?}",
-        started.elapsed()
-    );
-    let s1 = schedule(&sim, "s1");
+    let s1 = fails_within_20s(&sim, &url);
     assert!(
         s1["reason"]
             .as_str()

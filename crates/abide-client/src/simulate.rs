@@ -86,7 +86,9 @@ pub struct Summary {
     pub error_samples: Vec<String>,
     /// Seconds the run took.
     pub seconds: f64,
-    /// Every report, in the order sent per device.
+    /// Every report, in the order sent per device (not in the summary's JSON: `abide fleet
+    /// simulate --ledger FILE` writes it to its own file).
+    #[serde(skip)]
     pub ledger: Vec<Entry>,
 }
 

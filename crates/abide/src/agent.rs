@@ -3,7 +3,6 @@
 use abide_agent::daemon::{Agent, Exit, Options};
 use anyhow::Result;
 use clap::Args;
-use serde_json::json;
 
 use crate::Output;
 
@@ -23,6 +22,12 @@ pub fn run(args: AgentArgs, config: &std::path::Path, out: Output) -> Result<()>
         Exit::Reboot => "reboot",
         Exit::Idle => "idle",
     };
-    out.print(&json!({"exit": what}), || format!("agent stopped: {what}"));
+    out.print(&Stopped { exit: what }, || format!("agent stopped: {what}"))?;
     Ok(())
+}
+
+/// `abide agent --once`: why the agent stopped (`reboot` or `idle`).
+#[derive(serde::Serialize)]
+struct Stopped {
+    exit: &'static str,
 }

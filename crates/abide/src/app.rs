@@ -6,13 +6,13 @@ use std::io::{self, IsTerminal};
 use std::path::Path;
 
 use abide_agent::app::{AppOutcome, AppState};
-use abide_agent::backup::Backups;
+use abide_agent::backup::{Backup, Backups};
 use abide_agent::health::SystemClock;
 use abide_bundle::{BundleReader, Limits};
 use abide_core::Force;
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::Output;
 use crate::device::{SeekableFile, open, open_read_only, progress};
@@ -76,7 +76,7 @@ pub fn run_install(
     if paranoid {
         device.config.bundle_checks = abide_bundle::chunks::Checks::Every;
     }
-    let file = File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?;
+    let file = fs_err::File::open(bundle)?.into_file();
     let reader = BundleReader::open(SeekableFile(file), Limits::default())
         .map_err(abide_agent::AgentError::from)
         .with_context(|| format!("installing {}", bundle.display()))?;
@@ -95,8 +95,7 @@ pub fn run_install(
 /// after its outcome was printed.
 fn report(done: AppOutcome, out: Output) -> Result<()> {
     let tx = &done.transaction;
-    let value = outcome_json(&done);
-    out.print(&value, || {
+    out.print(&OutcomeView::of(&done), || {
         let version = |r: Option<&abide_core::app::AppRelease>| {
             r.map(|r| {
                 r.version
@@ -131,20 +130,53 @@ fn report(done: AppOutcome, out: Output) -> Result<()> {
             ));
         }
         text
-    });
+    })?;
     done.into_result()
         .map(|_| ())
         .map_err(|e| anyhow::Error::new(e).context(crate::Reported("not committed")))
 }
 
-/// How an update or restore ended, as JSON.
-pub fn outcome_json(done: &AppOutcome) -> serde_json::Value {
-    let tx = &done.transaction;
-    json!({"app": done.app, "transaction": tx.id, "op": tx.op, "state": tx.step.name(),
-           "version": tx.release.version.as_ref().map(ToString::to_string),
-           "release": tx.release.dir,
-           "running": tx.outcome().map(|r| &r.dir),
-           "reason": tx.reason, "backup": done.backup, "kept": done.kept, "checks": done.checks})
+/// How an update or restore ended, as `abide app update|restore|recover` and `abide boot`
+/// answer it.
+#[derive(Serialize)]
+pub struct OutcomeView<'a> {
+    app: &'a str,
+    transaction: &'a str,
+    op: abide_core::app::AppOp,
+    state: &'static str,
+    version: Option<String>,
+    release: &'a str,
+    running: Option<&'a str>,
+    reason: Option<&'a str>,
+    backup: Option<&'a Backup>,
+    kept: Option<&'a std::path::Path>,
+    checks: &'a [abide_agent_api::CheckResult],
+}
+
+impl<'a> OutcomeView<'a> {
+    /// The view of `done`.
+    pub fn of(done: &'a AppOutcome) -> Self {
+        let tx = &done.transaction;
+        OutcomeView {
+            app: &done.app,
+            transaction: &tx.id,
+            op: tx.op,
+            state: tx.step.name(),
+            version: tx.release.version.as_ref().map(ToString::to_string),
+            release: &tx.release.dir,
+            running: tx.outcome().map(|r| r.dir.as_str()),
+            reason: tx.reason.as_deref(),
+            backup: done.backup.as_ref(),
+            kept: done.kept.as_deref(),
+            checks: &done.checks,
+        }
+    }
+}
+
+/// `abide backup list`.
+#[derive(Serialize)]
+struct BackupList<'a> {
+    backups: Vec<&'a Backup>,
 }
 
 /// `abide app …`.
@@ -165,7 +197,7 @@ pub fn run_app(command: AppCommand, config: &Path, out: Output) -> Result<()> {
                 return Err(abide_agent::AgentError::NoApp { app: n.clone() }.into());
             }
             let answer = AppsStatus { apps };
-            out.typed(&answer, || {
+            out.print(&answer, || {
                 answer
                     .apps
                     .iter()
@@ -186,8 +218,8 @@ pub fn run_app(command: AppCommand, config: &Path, out: Output) -> Result<()> {
         AppCommand::Recover => {
             let mut device = open(config)?;
             let ended = abide_agent::app::recover(&mut device, &SystemClock)?;
-            let values: Vec<_> = ended.iter().map(outcome_json).collect();
-            out.print(&json!({"recovered": values}), || {
+            let recovered: Vec<_> = ended.iter().map(OutcomeView::of).collect();
+            out.print(&crate::Recovered { recovered }, || {
                 if ended.is_empty() {
                     "nothing to recover".to_owned()
                 } else {
@@ -204,7 +236,7 @@ pub fn run_app(command: AppCommand, config: &Path, out: Output) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join("\n")
                 }
-            });
+            })?;
             Ok(())
         }
     }
@@ -264,7 +296,9 @@ pub fn run_backup(command: BackupCommand, config: &Path, out: Output) -> Result<
                 .iter()
                 .filter(|b| app.as_ref().is_none_or(|a| *a == b.app))
                 .collect();
-            out.print(&json!({"backups": backups}), || {
+            let answer = BackupList { backups };
+            out.print(&answer, || {
+                let backups = &answer.backups;
                 if backups.is_empty() {
                     return "no backups".to_owned();
                 }
@@ -286,7 +320,7 @@ pub fn run_backup(command: BackupCommand, config: &Path, out: Output) -> Result<
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
-            });
+            })?;
             Ok(())
         }
         BackupCommand::Restore { id, reason } => {

@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::Subcommand;
 use jiff::Timestamp;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::Output;
 use crate::key::load_secret;
@@ -202,7 +202,7 @@ fn sign(file: PathBuf, key: &Path, out: &Output) -> Result<()> {
         file,
         key: key.public().id().to_string(),
     };
-    out.typed(&signed, || {
+    out.print(&signed, || {
         format!("{} signed by key {}", signed.file.display(), signed.key)
     })
 }
@@ -233,7 +233,7 @@ fn info(file: PathBuf, out: &Output) -> Result<()> {
             .collect(),
         data_start: reader.header().data_start(),
     };
-    out.typed(&info, || {
+    out.print(&info, || {
         format!(
             "{}\nsignatures (unchecked): {}",
             describe(&manifest),
@@ -285,7 +285,7 @@ fn verify(
         threshold: trust.threshold(),
         paranoid,
     };
-    out.typed(&verified, || {
+    out.print(&verified, || {
         format!(
             "ok: {} {} verified ({} of {} needed signatures, {} component(s), {})",
             manifest.product,
@@ -354,7 +354,7 @@ fn extract(
         size,
         digest: digest.to_hex(),
     };
-    out.typed(&extracted, || {
+    out.print(&extracted, || {
         format!(
             "{}: {} bytes written to {} (sha256 {})",
             extracted.component,
@@ -513,16 +513,18 @@ fn create(args: CreateArgs, out: Output) -> Result<()> {
         .iter()
         .map(|k| k.public().id().to_string())
         .collect();
-    out.print(
-        &json!({"file": args.path, "manifest": manifest_json(&manifest), "signers": signer_ids}),
-        || {
-            format!(
-                "{}\nwritten to {}",
-                describe(&manifest),
-                args.path.display()
-            )
-        },
-    );
+    let answer = Created {
+        file: &args.path,
+        manifest: manifest_json(&manifest),
+        signers: signer_ids,
+    };
+    out.print(&answer, || {
+        format!(
+            "{}\nwritten to {}",
+            describe(&manifest),
+            args.path.display()
+        )
+    })?;
     Ok(())
 }
 
@@ -541,8 +543,16 @@ fn open_input(path: &Path) -> Result<Box<dyn Read>> {
         )));
     }
     // Unbuffered: the reader asks for whole chunks, which land straight in their buffers.
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let file = fs_err::File::open(path)?.into_file();
     Ok(Box::new(file))
+}
+
+/// `abide bundle create`: the file written, its manifest and who signed it.
+#[derive(serde::Serialize)]
+struct Created<'a> {
+    file: &'a Path,
+    manifest: Value,
+    signers: Vec<String>,
 }
 
 fn manifest_json(m: &Manifest) -> Value {

@@ -7,7 +7,7 @@ use abide_bundle::Limits;
 use abide_bundle::delta::DeltaReader;
 use anyhow::{Context, Result};
 use clap::Subcommand;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::Output;
 #[cfg(feature = "delta-create")]
@@ -79,9 +79,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
                 ..DeltaOptions::default()
             };
             let stats = make(&from, &to, &path, trust.as_ref(), &options)?;
-            let full = std::fs::metadata(&to)
-                .with_context(|| format!("reading {}", to.display()))?
-                .len();
+            let full = fs_err::metadata(&to)?.len();
             /// What `abide delta create` made.
             #[derive(serde::Serialize)]
             struct Made<'a> {
@@ -106,7 +104,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
                 prefix_bytes: stats.prefix_bytes,
                 copied_bytes: stats.copied_bytes,
             };
-            out.typed(&made, || {
+            out.print(&made, || {
                     format!(
                         "{}: {} bytes ({:.1} % of the {} byte bundle): {} patches make {} bytes from {} bytes of frames against {} old bytes; {} bytes are copied from the running slot",
                         path.display(),
@@ -123,31 +121,42 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
         }
         DeltaCommand::Verify { file, trust, from } => verify(&file, &trust, from.as_deref(), out),
         DeltaCommand::Info { file } => {
-            let f = std::fs::File::open(&file)
-                .with_context(|| format!("opening {}", file.display()))?;
+            let f = fs_err::File::open(&file)?.into_file();
             let reader = DeltaReader::open(BufReader::new(f), Limits::default())
                 .with_context(|| format!("reading {}", file.display()))?;
             let head = reader.head();
             let manifest = reader.bundle().manifest_unverified()?;
-            let value = json!({
-                "file": file,
-                "from": {
-                    "version": head.from.version.to_string(),
-                    "manifest": head.from.manifest.to_hex(),
-                    "components": head.from.components.iter().map(|b| json!({
-                        "slot_class": b.slot_class.as_str(), "size": b.size, "index": b.index.to_hex(),
-                    })).collect::<Vec<_>>(),
+            let info = Info {
+                file: &file,
+                from: Old {
+                    version: head.from.version.to_string(),
+                    manifest: head.from.manifest.to_hex(),
+                    components: head
+                        .from
+                        .components
+                        .iter()
+                        .map(|b| Base {
+                            slot_class: b.slot_class.as_str(),
+                            size: b.size,
+                            index: b.index.to_hex(),
+                        })
+                        .collect(),
                 },
-                "to": {
-                    "version": head.to_version.to_string(),
-                    "manifest": head.to_manifest.to_hex(),
-                    "product": manifest.product.as_str(),
+                to: New {
+                    version: head.to_version.to_string(),
+                    manifest: head.to_manifest.to_hex(),
+                    product: manifest.product.as_str(),
                 },
-                "components": head.components.iter().map(|(name, patches)| json!({
-                    "name": name.as_str(), "patches": patches,
-                })).collect::<Vec<_>>(),
-            });
-            out.print(&value, || {
+                components: head
+                    .components
+                    .iter()
+                    .map(|(name, patches)| Patches {
+                        name: name.as_str(),
+                        patches: *patches,
+                    })
+                    .collect(),
+            };
+            out.print(&info, || {
                 format!(
                     "delta from {} {} to {} {} ({} components, {} patches)",
                     manifest.product,
@@ -157,7 +166,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
                     head.components.len(),
                     head.components.iter().map(|(_, p)| p).sum::<u64>()
                 )
-            });
+            })?;
             Ok(())
         }
     }
@@ -178,8 +187,7 @@ pub fn make(
         Vec<u8>,
     );
     let open = |bundle: &Path| -> Result<Opened> {
-        let f =
-            std::fs::File::open(bundle).with_context(|| format!("opening {}", bundle.display()))?;
+        let f = fs_err::File::open(bundle)?.into_file();
         let reader = BundleReader::open(BufReader::with_capacity(1 << 20, f), Limits::default())
             .with_context(|| format!("reading {}", bundle.display()))?;
         let head = reader.head_bytes();
@@ -221,6 +229,57 @@ pub fn make(
     Ok(stats)
 }
 
+/// `abide delta info`: the head of a delta.
+#[derive(Serialize)]
+struct Info<'a> {
+    file: &'a std::path::Path,
+    from: Old<'a>,
+    to: New<'a>,
+    components: Vec<Patches<'a>>,
+}
+
+/// The release a delta was made against.
+#[derive(Serialize)]
+struct Old<'a> {
+    version: String,
+    manifest: String,
+    components: Vec<Base<'a>>,
+}
+
+/// One slot's content in the release a delta was made against.
+#[derive(Serialize)]
+struct Base<'a> {
+    slot_class: &'a str,
+    size: u64,
+    index: String,
+}
+
+/// The release a delta makes.
+#[derive(Serialize)]
+struct New<'a> {
+    version: String,
+    manifest: String,
+    product: &'a str,
+}
+
+/// One component of the new release and how many patches make it.
+#[derive(Serialize)]
+struct Patches<'a> {
+    name: &'a str,
+    patches: u64,
+}
+
+/// `abide delta verify`.
+#[derive(Serialize)]
+struct Verified<'a> {
+    ok: bool,
+    file: &'a std::path::Path,
+    from_version: String,
+    to_version: String,
+    checked: &'static str,
+    signers: Vec<String>,
+}
+
 /// `abide delta verify`.
 fn verify(
     file: &std::path::Path,
@@ -236,7 +295,7 @@ fn verify(
         compatible: None,
         min_security_version: 0,
     };
-    let f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let f = fs_err::File::open(file)?.into_file();
     let mut delta = DeltaReader::open(
         abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
         Limits::default(),
@@ -247,8 +306,7 @@ fn verify(
     match from {
         // Applied to the old bundle's content, spooled beside the delta.
         Some(from) => {
-            let f =
-                std::fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+            let f = fs_err::File::open(from)?.into_file();
             let reader = abide_bundle::BundleReader::open(
                 abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
                 Limits::default(),
@@ -286,23 +344,26 @@ fn verify(
         }
     }
     let checked = if from.is_some() { "applied" } else { "layout" };
-    out.print(
-        &json!({"ok": true, "file": file, "from_version": head.from.version.to_string(),
-                "to_version": head.to_version.to_string(), "checked": checked,
-                "signers": signers.iter().map(ToString::to_string).collect::<Vec<_>>()}),
-        || {
-            format!(
-                "{}: a delta from {} to {}, signed as the release; {}",
-                file.display(),
-                head.from.version,
-                head.to_version,
-                if from.is_some() {
-                    "every chunk it makes from the old bundle matches the new release"
-                } else {
-                    "its layout is sound (give --from OLD.abide to check every chunk it makes)"
-                }
-            )
-        },
-    );
+    let answer = Verified {
+        ok: true,
+        file,
+        from_version: head.from.version.to_string(),
+        to_version: head.to_version.to_string(),
+        checked,
+        signers: signers.iter().map(ToString::to_string).collect(),
+    };
+    out.print(&answer, || {
+        format!(
+            "{}: a delta from {} to {}, signed as the release; {}",
+            file.display(),
+            head.from.version,
+            head.to_version,
+            if from.is_some() {
+                "every chunk it makes from the old bundle matches the new release"
+            } else {
+                "its layout is sound (give --from OLD.abide to check every chunk it makes)"
+            }
+        )
+    })?;
     Ok(())
 }

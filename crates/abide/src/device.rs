@@ -15,7 +15,8 @@ use abide_core::Force;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use jiff::Timestamp;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::Output;
 use crate::schedule::Api;
@@ -96,12 +97,12 @@ pub fn run_device(command: DeviceCommand, config: &Path, out: Output) -> Result<
                     force,
                 },
             )?;
-            out.print(&serde_json::to_value(&done)?, || {
+            out.print(&done, || {
                 format!(
                     "set up: group {} runs {} and is known-good; group {} is not bootable until an install",
                     done.group, done.version, done.other
                 )
-            });
+            })?;
             Ok(())
         }
     }
@@ -130,6 +131,44 @@ pub fn open_waiting(config: &Path) -> Result<Device> {
 pub fn open_read_only(config: &Path) -> Result<Device> {
     let config = Config::load(config)?;
     Ok(Device::open_read_only(config)?)
+}
+
+/// `abide install`: the transaction it began and what it read.
+#[derive(Serialize)]
+struct Installed<'a> {
+    transaction: &'a str,
+    version: String,
+    target: &'a str,
+    state: &'static str,
+    reboot: bool,
+    bundle_bytes_read: u64,
+    reused_chunks: u64,
+    reused_bytes: u64,
+    hooks: &'a [abide_agent::hooks::HookRun],
+}
+
+/// `abide boot`: what the boot step did, and the applications it recovered.
+#[derive(Serialize)]
+struct Booted<'a> {
+    #[serde(flatten)]
+    outcome: &'a abide_agent::boot::BootOutcome,
+    apps: Vec<crate::app::OutcomeView<'a>>,
+}
+
+/// `abide mark-good`, `abide mark-bad`, `abide rollback`.
+#[derive(Serialize)]
+struct Decided<'a> {
+    transaction: &'a str,
+    state: &'static str,
+    reboot: bool,
+}
+
+/// `abide log verify`.
+#[derive(Serialize)]
+struct LogVerified {
+    ok: bool,
+    records: usize,
+    signed: bool,
 }
 
 /// `abide install`.
@@ -178,12 +217,18 @@ pub fn run_install(
     let tx = &done.transaction;
     let reboot = done.reboot && !no_reboot && device.config.reboot.is_some();
     let read = done.bundle_bytes - done.reused.skipped;
-    out.print(
-        &json!({"transaction": tx.id, "version": tx.version.to_string(), "target": tx.target.as_str(),
-                "state": tx.state.name(), "reboot": reboot, "bundle_bytes_read": read,
-                "reused_chunks": done.reused.chunks, "reused_bytes": done.reused.bytes,
-                "hooks": done.hooks}),
-        || {
+    let answer = Installed {
+        transaction: &tx.id,
+        version: tx.version.to_string(),
+        target: tx.target.as_str(),
+        state: tx.state.name(),
+        reboot,
+        bundle_bytes_read: read,
+        reused_chunks: done.reused.chunks,
+        reused_bytes: done.reused.bytes,
+        hooks: &done.hooks,
+    };
+    out.print(&answer, || {
             let mut text = format!(
                 "{} installed into group {} and activated for a trial ({}); {read} bundle bytes read, {} bytes reused from group {}",
                 tx.version, tx.target, tx.id, done.reused.bytes, tx.good
@@ -196,7 +241,7 @@ pub fn run_install(
             }
             text
         },
-    );
+    )?;
     if reboot {
         device.reboot()?;
     }
@@ -209,16 +254,18 @@ pub fn run_boot(config: &Path, out: Output) -> Result<bool> {
     let outcome = boot(&mut device, &SystemClock)?;
     // An application update a power cut interrupted is undone (or its restore finished).
     let apps = abide_agent::app::recover(&mut device, &SystemClock)?;
-    let mut value = serde_json::to_value(&outcome).expect("serializes");
-    value["apps"] = apps.iter().map(crate::app::outcome_json).collect();
-    out.print(&value, || {
+    let answer = Booted {
+        outcome: &outcome,
+        apps: apps.iter().map(crate::app::OutcomeView::of).collect(),
+    };
+    out.print(&answer, || {
         format!(
             "booted {}; transaction {}{}",
             outcome.booted.as_deref().unwrap_or("?"),
             outcome.state.unwrap_or("none"),
             if outcome.reboot { "; rebooting" } else { "" }
         )
-    });
+    })?;
     if outcome.reboot {
         device.reboot()?;
     }
@@ -241,7 +288,7 @@ pub fn run_status(config: &Path, out: Output) -> Result<()> {
         || Ok(abide_agent::api::status(&open_read_only(config)?)?),
     )?;
     let view = crate::schedule::status_view(&status);
-    out.typed(&view, || view.to_string())?;
+    out.print(&view, || view.to_string())?;
     Ok(())
 }
 
@@ -261,7 +308,7 @@ pub fn run_health(config: &Path, out: Output) -> Result<()> {
             )?)
         },
     )?;
-    out.print(&serde_json::to_value(&health)?, || {
+    out.print(&health, || {
         health
             .checks
             .iter()
@@ -276,7 +323,7 @@ pub fn run_health(config: &Path, out: Output) -> Result<()> {
             })
             .collect::<Vec<_>>()
             .join("\n")
-    });
+    })?;
     if !health.healthy {
         return Err(crate::Reported("health checks failed").into());
     }
@@ -293,9 +340,9 @@ pub fn run_rollback(config: &Path, reason: &str, out: Output) -> Result<()> {
         c.trigger_rollback(abide_agent_api::TriggerRollbackRequest { reason })
             .await
     })?;
-    out.print(&serde_json::to_value(&done)?, || {
+    out.print(&done, || {
         format!("transaction {} is {}", done.transaction, done.state)
-    });
+    })?;
     Ok(())
 }
 
@@ -311,7 +358,7 @@ pub fn run_history(config: &Path, out: Output) -> Result<()> {
         },
         || Ok(abide_agent::api::rollback_history(&Config::load(config)?)?),
     )?;
-    out.print(&serde_json::to_value(&history.rollbacks)?, || {
+    out.print(&history.rollbacks, || {
         if history.rollbacks.is_empty() {
             return "no rollbacks".to_owned();
         }
@@ -328,7 +375,7 @@ pub fn run_history(config: &Path, out: Output) -> Result<()> {
             })
             .collect::<Vec<_>>()
             .join("\n")
-    });
+    })?;
     Ok(())
 }
 
@@ -341,10 +388,14 @@ pub fn run_decide(config: &Path, good: bool, reason: &str, out: Output) -> Resul
     } else {
         device.advance(now, "roll back", |tx| tx.rollback(now, reason))?
     };
-    out.print(
-        &json!({"transaction": tx.id, "state": tx.state.name(), "reboot": reboot}),
-        || format!("transaction {} is {}", tx.id, tx.state.name()),
-    );
+    let answer = Decided {
+        transaction: &tx.id,
+        state: tx.state.name(),
+        reboot,
+    };
+    out.print(&answer, || {
+        format!("transaction {} is {}", tx.id, tx.state.name())
+    })?;
     if reboot {
         device.reboot()?;
     }
@@ -374,9 +425,12 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
                 None => AuditLog::verify(&path)?,
             };
             let signed = AuditLog::is_signed(&path)?;
-            out.print(
-                &json!({"ok": true, "records": records.len(), "signed": signed}),
-                || {
+            let answer = LogVerified {
+                ok: true,
+                records: records.len(),
+                signed,
+            };
+            out.print(&answer, || {
                     if signed {
                         format!("ok: {} records, hash chain and signed head intact", records.len())
                     } else {
@@ -386,23 +440,23 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
                         )
                     }
                 },
-            );
+            )?;
             return Ok(());
         }
         Some(LogCommand::Head) => {
             let head = AuditLog::head(&path)?;
-            out.print(&serde_json::to_value(&head)?, || {
+            out.print(&head, || {
                 format!(
                     "record {} {} (device key {})",
                     head.seq, head.hash, head.key
                 )
-            });
+            })?;
             return Ok(());
         }
         None => {}
     }
     let records = AuditLog::verify(&path)?;
-    out.print(&serde_json::to_value(&records).expect("serializes"), || {
+    out.print(&records, || {
         records
             .iter()
             .map(|r| {
@@ -416,7 +470,7 @@ pub fn run_log(config: &Path, command: Option<LogCommand>, out: Output) -> Resul
             })
             .collect::<Vec<_>>()
             .join("\n")
-    });
+    })?;
     Ok(())
 }
 

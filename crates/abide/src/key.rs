@@ -44,7 +44,7 @@ pub fn run(command: KeyCommand, out: Output) -> Result<()> {
                 secret_file: &secret_path,
                 public_file: &public_path,
             };
-            out.typed(&generated, || {
+            out.print(&generated, || {
                 format!(
                     "key {} written to {} and {}",
                     public.id(),

@@ -150,7 +150,7 @@ impl Output {
     }
 
     /// Prints `value` as JSON (straight from its type), or `text` for people.
-    pub fn typed<T: serde::Serialize + ?Sized>(
+    pub fn print<T: serde::Serialize + ?Sized>(
         &self,
         value: &T,
         text: impl FnOnce() -> String,
@@ -165,21 +165,26 @@ impl Output {
         }
         Ok(())
     }
+}
 
-    /// Prints `value` as JSON, or `text` for people.
-    pub fn print(&self, value: &serde_json::Value, text: impl FnOnce() -> String) {
-        if self.json {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(value).expect("JSON values serialize")
-            );
-        } else {
-            let text = text();
-            if !text.is_empty() {
-                println!("{text}");
-            }
-        }
-    }
+/// `--json` when a command failed: `{"ok": false, "error": {"code", "message"}}`.
+#[derive(serde::Serialize)]
+struct Failure<'a> {
+    ok: bool,
+    error: FailureError<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct FailureError<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// `abide self-update-recover` and `abide app recover`: what was finished or undone.
+#[derive(serde::Serialize)]
+pub struct Recovered<T> {
+    /// One entry per transaction recovered.
+    pub recovered: T,
 }
 
 fn main() -> ExitCode {
@@ -219,8 +224,8 @@ fn main() -> ExitCode {
         Command::Metrics => schedule::run_metrics(config, out),
         Command::SelfUpdateRecover => abide_agent::config::Config::load(config)
             .and_then(|c| abide_agent::selfupdate::recover(&c))
-            .map(|done| out.print(&serde_json::json!({"recovered": done}), String::new))
-            .map_err(Into::into),
+            .map_err(anyhow::Error::from)
+            .and_then(|done| out.print(&Recovered { recovered: done }, String::new)),
         Command::SelfUpdateWatch => {
             init_logging();
             abide_agent::config::Config::load(config)
@@ -290,10 +295,16 @@ fn report(err: &anyhow::Error, out: Output) -> ExitCode {
     let reported =
         err.downcast_ref::<Reported>().is_some() || err.chain().any(|e| e.is::<Reported>());
     if out.json && !reported {
-        let value = serde_json::json!({"ok": false, "error": {"code": code, "message": message}});
+        let failure = Failure {
+            ok: false,
+            error: FailureError {
+                code,
+                message: &message,
+            },
+        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&value).expect("JSON values serialize")
+            serde_json::to_string_pretty(&failure).expect("plain data serializes")
         );
     }
     let ended = matches!(code, "app-failed" | "app-rolled-back");

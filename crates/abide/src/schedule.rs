@@ -9,7 +9,6 @@ use abide_agent::config::Config;
 use abide_agent_api as pb;
 use anyhow::{Context, Result, bail};
 use clap::Subcommand;
-use serde_json::Value;
 
 use crate::Output;
 
@@ -194,10 +193,6 @@ fn socket(config: &Path) -> Result<PathBuf> {
     Ok(Config::load(config)?.api.socket)
 }
 
-fn to_json<T: serde::Serialize>(v: &T) -> Value {
-    serde_json::to_value(v).expect("plain data")
-}
-
 fn schedule_line(s: &pb::Schedule) -> String {
     let mut line = format!("{} {} {} {}", s.id, s.state, s.source_kind, s.source);
     if !s.version.is_empty() {
@@ -245,7 +240,7 @@ pub fn run(command: ScheduleCommand, config: &Path, out: Output) -> Result<()> {
                 no_auto_rollback,
             };
             let s = api.call(|mut c| async move { c.schedule_update(request).await })?;
-            out.print(&to_json(&s), || format!("scheduled {}", schedule_line(&s)));
+            out.print(&s, || format!("scheduled {}", schedule_line(&s)))?;
         }
         ScheduleCommand::Status { id } => {
             let s =
@@ -265,24 +260,24 @@ pub fn run(command: ScheduleCommand, config: &Path, out: Output) -> Result<()> {
                             .context("the device has no schedules")?
                     }
                 };
-            out.print(&to_json(&s), || schedule_line(&s));
+            out.print(&s, || schedule_line(&s))?;
         }
         ScheduleCommand::List => {
             let all = api
                 .call(|mut c| async move { c.list_schedules(pb::ListSchedulesRequest {}).await })?;
-            out.print(&to_json(&all.schedules), || {
+            out.print(&all.schedules, || {
                 all.schedules
                     .iter()
                     .map(schedule_line)
                     .collect::<Vec<_>>()
                     .join("\n")
-            });
+            })?;
         }
         ScheduleCommand::Cancel { id } => {
             let s = api.call(|mut c| async move {
                 c.cancel_schedule(pb::CancelScheduleRequest { id }).await
             })?;
-            out.print(&to_json(&s), || format!("cancelled {}", schedule_line(&s)));
+            out.print(&s, || format!("cancelled {}", schedule_line(&s)))?;
         }
         ScheduleCommand::Watch { id } => watch(&mut api, id, out)?,
     }
@@ -383,7 +378,7 @@ fn watch(api: &mut Api, id: String, out: Output) -> Result<()> {
 pub fn run_metrics(config: &Path, out: Output) -> Result<()> {
     let mut api = Api::require(config)?;
     let m = api.call(|mut c| async move { c.get_metrics(pb::GetMetricsRequest {}).await })?;
-    out.print(&to_json(&m), || m.text.trim_end().to_owned());
+    out.print(&m, || m.text.trim_end().to_owned())?;
     Ok(())
 }
 

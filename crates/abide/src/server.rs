@@ -175,7 +175,7 @@ pub fn run(args: ServerArgs, out: Output) -> Result<()> {
             notes: &notes.lines,
             settings: &settings,
         };
-        out.typed(&started, || {
+        out.print(&started, || {
                 let mut text: Vec<String> = notes.lines.clone();
                 text.push(format!("assignment signing key: {key}"));
                 text.push(format!(

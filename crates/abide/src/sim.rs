@@ -1,7 +1,6 @@
 //! `abide sim`: simulated devices with two image-file slot groups and the `sim` bootloader, and
 //! their power cycles.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 
 use abide_agent::boot::boot;
@@ -139,8 +138,8 @@ fn init(
         .parse()
         .with_context(|| format!("--version {version:?} is not SemVer"))?;
     let size = parse_size(slot_size)?;
-    let trust_bytes = fs::read(trust).with_context(|| format!("reading {}", trust.display()))?;
-    if dir.exists() && fs::read_dir(dir)?.next().is_some() {
+    let trust_bytes = fs_err::read(trust)?;
+    if dir.exists() && fs_err::read_dir(dir)?.next().is_some() {
         bail!("{} exists and is not empty", dir.display());
     }
     let mut config = format!(
@@ -170,17 +169,17 @@ fn init(
             f.url, f.poll
         ));
         if let Some(t) = &f.token {
-            token = Some(fs::read(t).with_context(|| format!("reading {}", t.display()))?);
+            token = Some(fs_err::read(t)?);
             config.push_str("enroll_token_file = \"enroll.token\"\n");
         }
     }
     // The text must be a valid configuration before it is written.
     abide_agent::config::Config::parse(&dir.join("system.toml"), &config)?;
-    fs::create_dir_all(dir.join("slots"))?;
-    fs::create_dir_all(dir.join("state"))?;
+    fs_err::create_dir_all(dir.join("slots"))?;
+    fs_err::create_dir_all(dir.join("state"))?;
     for g in ["A", "B"] {
         let path = dir.join(format!("slots/rootfs.{g}.img"));
-        let f = fs::File::create(&path)?;
+        let f = fs_err::File::create(&path)?.into_file();
         f.set_len(size)?;
         abide_fs::persist::fsync(&f, &path)?;
     }
@@ -217,7 +216,7 @@ fn init(
         version: version.to_string(),
         config: dir.join("system.toml"),
     };
-    out.typed(&made, || {
+    out.print(&made, || {
         format!(
             "simulated device in {} running {version} on group A",
             dir.display()
@@ -290,7 +289,7 @@ fn reboot(dir: &Path, panic: u32, out: Output) -> Result<()> {
                 boots: None,
                 status,
             };
-            return out.typed(&settled, || {
+            return out.print(&settled, || {
                 format!("{n} power cycle(s); {}", settled.status)
             });
         }
@@ -312,7 +311,7 @@ fn run_device(dir: &Path, max_boots: Option<u32>, out: Output) -> Result<()> {
                 boots: Some(boots),
                 status: status_view(&device)?,
             };
-            return out.typed(&settled, || {
+            return out.print(&settled, || {
                 format!("{boots} power cycle(s); {}", settled.status)
             });
         }

@@ -6,7 +6,6 @@ use abide_bundle::{ExpirationEnforcement, Limits, TrustRoot};
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use jiff::Timestamp;
-use serde_json::json;
 
 use crate::Output;
 use crate::key::{load_public, load_secret};
@@ -89,8 +88,7 @@ pub fn run(command: TrustCommand, out: Output) -> Result<()> {
             )
             .context("making the trust root")?;
             write_atomic(&path, &root.to_file_bytes()?, 0o644)?;
-            print_root(out, &root, &path);
-            Ok(())
+            print_root(out, &root, &path)
         }
         TrustCommand::Rotate {
             from,
@@ -118,8 +116,7 @@ pub fn run(command: TrustCommand, out: Output) -> Result<()> {
                 )
                 .context("rotating the trust root")?;
             write_atomic(&path, &root.to_file_bytes()?, 0o644)?;
-            print_root(out, &root, &path);
-            Ok(())
+            print_root(out, &root, &path)
         }
         TrustCommand::Verify { from, file } => {
             let root = load_trust(&file, ExpirationEnforcement::Safe)?;
@@ -129,16 +126,17 @@ pub fn run(command: TrustCommand, out: Output) -> Result<()> {
                     format!("{} does not follow {}", file.display(), from.display())
                 })?;
             }
-            out.print(
-                &json!({"ok": true, "version": root.version(), "threshold": root.threshold(),
-                        "keys": root.key_ids().iter().map(|k| k.as_str()).collect::<Vec<_>>()}),
-                || match &from {
-                    Some(from) => {
-                        format!("ok: version {} follows {}", root.version(), from.display())
-                    }
-                    None => format!("ok: trust root version {}", root.version()),
-                },
-            );
+            let answer = RootView {
+                ok: Some(true),
+                file: None,
+                ..RootView::of(&root)
+            };
+            out.print(&answer, || match &from {
+                Some(from) => {
+                    format!("ok: version {} follows {}", root.version(), from.display())
+                }
+                None => format!("ok: trust root version {}", root.version()),
+            })?;
             Ok(())
         }
     }
@@ -152,18 +150,46 @@ pub fn load_trust(path: &Path, expiration: ExpirationEnforcement) -> Result<Trus
         .with_context(|| format!("trust root {}", path.display()))
 }
 
-fn print_root(out: Output, root: &TrustRoot, path: &Path) {
-    out.print(
-        &json!({"version": root.version(), "threshold": root.threshold(), "file": path,
-                "keys": root.key_ids().iter().map(|k| k.as_str()).collect::<Vec<_>>()}),
-        || {
-            format!(
-                "trust root version {} ({} of {} keys) written to {}",
-                root.version(),
-                root.threshold(),
-                root.keys().len(),
-                path.display()
-            )
-        },
-    );
+/// A trust root as `abide trust create|rotate|verify` answer it.
+#[derive(serde::Serialize)]
+struct RootView<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ok: Option<bool>,
+    version: u64,
+    threshold: usize,
+    keys: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<&'a Path>,
+}
+
+impl<'a> RootView<'a> {
+    fn of(root: &'a TrustRoot) -> Self {
+        RootView {
+            ok: None,
+            version: root.version(),
+            threshold: root.threshold(),
+            keys: root
+                .key_ids()
+                .iter()
+                .map(|k| k.as_str().to_owned())
+                .collect(),
+            file: None,
+        }
+    }
+}
+
+fn print_root(out: Output, root: &TrustRoot, path: &Path) -> Result<()> {
+    let answer = RootView {
+        file: Some(path),
+        ..RootView::of(root)
+    };
+    out.print(&answer, || {
+        format!(
+            "trust root version {} ({} of {} keys) written to {}",
+            root.version(),
+            root.threshold(),
+            root.keys().len(),
+            path.display()
+        )
+    })
 }

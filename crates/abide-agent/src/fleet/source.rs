@@ -3,8 +3,10 @@
 //! written. Chunks the running group already holds are passed over without being fetched.
 //! The reader says how many bytes it will read in a row ([`Source::will_read`]: the chunks the
 //! running group lacks, up to the next one it has), and exactly that is asked for. A request
-//! that breaks off is resumed from the first byte not yet received, after a pause that grows
-//! with each failure in a row; only a run of failures without progress gives up.
+//! that breaks off is resumed from the first byte not yet received, after a pause that doubles
+//! with each failure in a row (100 ms up to 10 s, each with random jitter of up to as much
+//! again, so that devices cut off together do not come back together); only a run of
+//! failures without progress gives up.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use abide_bundle::Source;
 use abide_client::DeviceClient;
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 
 /// The largest range asked for at once; after a pass-over the window starts small again, so
 /// that bytes fetched past the next passed-over chunk stay few.
@@ -21,6 +24,17 @@ const MIN_WINDOW: u64 = 64 << 10;
 
 /// Failures in a row without a byte of progress before the download gives up.
 pub const MAX_FAILURES: u32 = 8;
+
+/// The pauses before resuming, one per failure in a row; `None` after [`MAX_FAILURES`].
+fn resumes() -> ExponentialBackoff {
+    ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(10))
+        .with_factor(2.0)
+        .with_max_times(MAX_FAILURES as usize)
+        .with_jitter()
+        .build()
+}
 
 /// The error a download stopped on purpose ends with ([`Meter::cancel`]); not `Interrupted`,
 /// which readers retry.
@@ -55,7 +69,7 @@ pub struct HttpSource {
     /// The reader said it will read every byte up to here ([`Source::will_read`]).
     hinted_end: u64,
     meter: Arc<Meter>,
-    backoff: Duration,
+    resumes: ExponentialBackoff,
 }
 
 impl HttpSource {
@@ -79,7 +93,7 @@ impl HttpSource {
             window: MIN_WINDOW,
             hinted_end: 0,
             meter,
-            backoff: Duration::from_millis(100),
+            resumes: resumes(),
         }
     }
 
@@ -97,7 +111,6 @@ impl HttpSource {
         let len = want.min(self.size - start);
         self.buf.clear();
         self.at = 0;
-        let mut failures = 0u32;
         while (self.buf.len() as u64) < len {
             if self.meter.cancel.load(Ordering::Relaxed) {
                 return Err(io::Error::other(Stopped));
@@ -135,24 +148,21 @@ impl HttpSource {
                 Ok(()) if complete => break,
                 outcome => {
                     if progressed {
-                        failures = 0;
-                        self.backoff = Duration::from_millis(100);
+                        self.resumes = resumes();
                     }
-                    failures += 1;
                     self.meter.resumed.fetch_add(1, Ordering::Relaxed);
                     let why = match outcome {
                         Err(e) => e.to_string(),
                         Ok(()) => "the answer ended early".to_owned(),
                     };
-                    if failures > MAX_FAILURES {
+                    let Some(pause) = self.resumes.next() else {
                         return Err(io::Error::other(format!(
                             "downloading {} at byte {from}: {why} ({MAX_FAILURES} tries in a row)",
                             self.url
                         )));
-                    }
-                    tracing::warn!(url = %self.url, offset = from, %why, "download broke off; resuming");
-                    std::thread::sleep(self.backoff);
-                    self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
+                    };
+                    tracing::warn!(url = %self.url, offset = from, %why, ?pause, "download broke off; resuming");
+                    std::thread::sleep(pause);
                 }
             }
         }
@@ -199,5 +209,29 @@ impl Source for HttpSource {
         self.pos += n;
         self.meter.consumed.fetch_add(n, Ordering::Relaxed);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resumes_double_from_100_ms_to_10_s_with_jitter_and_end_after_max_failures() {
+        let pauses: Vec<Duration> = resumes().collect();
+        assert_eq!(pauses.len(), MAX_FAILURES as usize);
+        let mut base = Duration::from_millis(100);
+        for p in &pauses {
+            // Jitter adds up to the pause itself, never takes away.
+            assert!(
+                *p >= base && *p <= base * 2,
+                "{p:?} outside [{base:?}, {:?}]",
+                base * 2
+            );
+            base = (base * 2).min(Duration::from_secs(10));
+        }
+        // Two runs do not pause alike: devices cut off together come back apart.
+        let again: Vec<Duration> = resumes().collect();
+        assert_ne!(pauses, again);
     }
 }

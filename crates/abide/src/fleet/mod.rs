@@ -340,6 +340,15 @@ pub fn run(args: FleetArgs, out: Output) -> Result<()> {
     runtime.block_on(run_async(args, out))
 }
 
+/// `abide fleet simulate`: the run's summary, marked as synthetic (nothing was installed).
+#[cfg(feature = "simulate")]
+#[derive(serde::Serialize)]
+struct Simulated<'a> {
+    synthetic: bool,
+    #[serde(flatten)]
+    summary: &'a abide_client::simulate::Summary,
+}
+
 async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
     #[cfg(feature = "simulate")]
     {
@@ -391,15 +400,13 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             })
             .await?;
             if let Some(path) = ledger {
-                std::fs::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
+                fs_err::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)?;
             }
-            let mut value = serde_json::to_value(&summary)?;
-            if let Some(m) = value.as_object_mut() {
-                m.remove("ledger");
-                m.insert("synthetic".into(), serde_json::json!(true));
-            }
-            out.print(&value, || {
+            let answer = Simulated {
+                synthetic: true,
+                summary: &summary,
+            };
+            out.print(&answer, || {
                 format!(
                     "synthetic outcomes (nothing installed): {} devices, {:.1} s: {} check-ins ({:.0}/s), {} reports, {} committed, {} rolled back, {} lease refusals, {} errors{}",
                     summary.enrolled,
@@ -413,15 +420,14 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
                     summary.errors,
                     summary.error_samples.first().map(|e| format!(" (first: {e})")).unwrap_or_default()
                 )
-            });
+            })?;
             return Ok(());
         }
     }
     let token_file = args
         .token_file
         .context("admin commands need --token-file (the server writes DATA/admin.token)")?;
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("reading {}", token_file.display()))?;
+    let token = fs_err::read_to_string(&token_file)?;
     let http = abide_client::tls::http_client(&args.server, args.ca_file.as_deref(), None)?;
     let admin = abide_client::AdminClient::with_client(http, &args.server, &token);
     match args.command {
@@ -465,7 +471,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
 
 /// A file's bytes, for an upload.
 fn read(file: &std::path::Path) -> Result<Vec<u8>> {
-    std::fs::read(file).with_context(|| format!("reading {}", file.display()))
+    Ok(fs_err::read(file)?)
 }
 
 /// `abide fleet release …`.

@@ -27,12 +27,12 @@ pub trait Row: Serialize {
 impl Output {
     /// Prints `answer` as JSON, or its text for people.
     pub fn answer<T: Answer>(&self, answer: &T) -> anyhow::Result<()> {
-        self.typed(answer, || answer.text())
+        self.print(answer, || answer.text())
     }
 
     /// Prints `rows` as a JSON array, or as a table for people.
     pub fn table<R: Row>(&self, rows: &[R]) -> anyhow::Result<()> {
-        self.typed(&rows, || {
+        self.print(&rows, || {
             let mut table = comfy_table::Table::new();
             table
                 .load_preset(comfy_table::presets::NOTHING)

@@ -158,3 +158,23 @@ fn a_key_file_that_is_not_a_key_is_refused_with_bad_key_and_writes_nothing() {
     }
     assert!(!dir.join("t.json").exists() && !dir.join("x.abide").exists());
 }
+
+#[test]
+fn a_file_that_cannot_be_read_is_named_with_what_was_done_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such.abide");
+    let missing = missing.to_str().unwrap();
+    for args in [
+        vec!["bundle", "info", missing],
+        vec!["delta", "info", missing],
+        vec!["delta", "verify", missing, "--trust", missing],
+    ] {
+        let (value, code) = crate::failure_args(dir.path(), &args, 3);
+        assert_eq!(code.as_deref(), Some("error"), "{args:?}");
+        let message = value["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains(missing) && message.contains("No such file"),
+            "{args:?}: {message}"
+        );
+    }
+}

@@ -484,3 +484,20 @@ fn the_daemon_reads_time_from_its_one_clock() {
         }
     }
 }
+
+#[test]
+fn sizes_are_powers_of_1024() {
+    use abide_agent::config::parse_size;
+    assert_eq!(parse_size("16M"), Ok(16 << 20));
+    assert_eq!(parse_size("512"), Ok(512));
+    assert_eq!(parse_size("4k"), Ok(4096));
+    assert_eq!(parse_size("2G"), Ok(2 << 30));
+    assert_eq!(parse_size("1T"), Ok(1 << 40));
+    assert!(parse_size("16MB").unwrap_err().contains("K, M, G or T"));
+    assert!(parse_size("M").unwrap_err().contains("not a size"));
+    assert!(
+        parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large")
+    );
+}

@@ -885,6 +885,11 @@ fn a_schedule_for_the_next_window_waits_for_it_then_activates() {
         prom.contains("abide_agent_schedules{state=\"pending\"} 1"),
         "{prom}"
     );
+    // The classic text format node-exporter's textfile collector reads: typed, no `# EOF`.
+    assert!(
+        prom.contains("# TYPE abide_agent_schedules gauge") && !prom.contains("# EOF"),
+        "{prom}"
+    );
     assert_eq!(dev(&sim, &["status"], 0)["state"], "idle");
 
     *clock.0.lock().unwrap() = "2026-12-05T02:30:00Z".parse().unwrap();

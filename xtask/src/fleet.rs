@@ -450,5 +450,7 @@ fn idle_inventory() -> abide_fleet_json::CheckinRequest {
         trust_version: None,
         progress: None,
         audit_head: None,
+        apps: Vec::new(),
+        agent: None,
     }
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use abide_client::{ClientError, DeviceClient};
-use abide_core::agent::{self, Answer, Apps, By, Command, Fleet, Situation};
-use abide_core::fleet::{Offer, WindowState};
+use abide_core::agent::{self, Answer, Apps, By, Command, Fleet, PartState, Situation};
+use abide_core::fleet::{Offer, Part, WindowState};
 use abide_core::{CheckOutcome, FailReason, Force, TxState};
 use abide_fleet_json::{Assignment, CheckinRequest, Health};
 use jiff::Timestamp;
@@ -307,6 +307,12 @@ impl Agent {
             } else {
                 Apps::Settled
             };
+            let part = match &answer {
+                Some((_, Some(offer))) if !offer.part.is_os() => {
+                    Some(part_facts(&device.config, offer)?)
+                }
+                _ => None,
+            };
             let situation = Situation {
                 now,
                 trial: crate::selfupdate::view(&device.config.state_dir)?,
@@ -322,10 +328,22 @@ impl Agent {
                     (Some(_), Some((a, offer))) => Fleet::Answered(Answer {
                         offer: offer.as_ref(),
                         group_window: group_window(a, now),
-                        quarantined: offer
-                            .as_ref()
-                            .is_some_and(|o| state.quarantine.get(&o.version).is_some()),
+                        quarantined: match &part {
+                            Some(p) => p.quarantined,
+                            None => offer
+                                .as_ref()
+                                .is_some_and(|o| state.quarantine.get(&o.version).is_some()),
+                        },
                         lease: fleet.ledger.lease(),
+                        part: match (&part, offer) {
+                            (Some(p), Some(o)) => PartState {
+                                running: p.running.as_ref(),
+                                present: p.present,
+                                ended: fleet.ledger.has_ended(&o.release_id),
+                                needs_lease: p.needs_lease,
+                            },
+                            _ => PartState::default(),
+                        },
                     }),
                 },
             };
@@ -341,7 +359,35 @@ impl Agent {
                     return Ok(None);
                 }
                 Command::SettleTrial => {
+                    let trial = crate::selfupdate::load(&device.config.state_dir)?;
                     crate::selfupdate::settle(&mut device, &self.shared)?;
+                    // A fleet release of the agent reports how its trial ended; a new agent
+                    // that did not come up is reported by the old one, which runs again.
+                    if let Some(t) = trial
+                        && fleet
+                            .ledger
+                            .assigned
+                            .as_ref()
+                            .is_some_and(|a| a.part == Part::Agent && a.version == t.to)
+                    {
+                        let (status, reason) = match t.state {
+                            abide_core::selfupdate::TrialState::Committed => {
+                                (abide_fleet_json::ReportStatus::Committed, None)
+                            }
+                            _ => (
+                                abide_fleet_json::ReportStatus::RolledBack,
+                                Some(format!(
+                                    "the new agent {} did not come up ({}); agent {} runs again",
+                                    t.to,
+                                    t.reason.as_deref().unwrap_or("no reason given"),
+                                    t.from
+                                )),
+                            ),
+                        };
+                        if fleet.ledger.end(status, reason) {
+                            fleet.store(&device.config.state_dir)?;
+                        }
+                    }
                     return Ok(None);
                 }
                 Command::RecoverApps => {
@@ -388,6 +434,16 @@ impl Agent {
                     );
                     let id =
                         crate::scheduled::fleet_schedule(&self.shared, &url, &offer.rollout_id)?;
+                    if !offer.part.is_os() {
+                        return self.carry_out(
+                            &client,
+                            &mut device,
+                            &mut fleet,
+                            &offer,
+                            &release,
+                            &id,
+                        );
+                    }
                     let before = device.state()?.transaction.map(|t| t.id);
                     let staged = self.stage(&mut device, &client, &release, &id);
                     crate::scheduled::staged(
@@ -449,6 +505,24 @@ impl Agent {
         if fleet.ledger.note(state.transaction.as_ref()) {
             fleet.store(&device.config.state_dir)?;
         }
+        // An application update the fleet assigned that a restart cut short was finished by
+        // the recovery: its outcome is reported now.
+        if let Some(abide_core::fleet::Assigned {
+            part: Part::App(name),
+            version,
+            ..
+        }) = fleet.ledger.assigned.clone()
+            && let Some((status, reason)) =
+                crate::app::AppState::load(&device.config.state_dir, &name)?
+                    .transaction
+                    .filter(|t| {
+                        t.release.version.as_ref().map(ToString::to_string) == Some(version.clone())
+                    })
+                    .and_then(|t| abide_core::fleet::app_outcome(&t))
+            && fleet.ledger.end(status, reason)
+        {
+            fleet.store(&device.config.state_dir)?;
+        }
         self.flush(client, fleet, device)?;
         let inventory = inventory(device, &state)?;
         let now = self.shared.clock.now();
@@ -472,6 +546,53 @@ impl Agent {
         }
         let offer = Offer::of(&assignment);
         Ok((assignment, offer))
+    }
+
+    /// Carries out an application's or the agent's release to its end, as its fleet schedule
+    /// `schedule`, and reports how it ended. The agent's re-executes the process on success;
+    /// its trial is reported when it is settled. A download that broke off is tried again;
+    /// a refused bundle or an ended update is reported once and not tried again.
+    fn carry_out(
+        &mut self,
+        client: &DeviceClient,
+        device: &mut Device,
+        fleet: &mut FleetState,
+        offer: &Offer,
+        release: &abide_fleet_json::AssignedRelease,
+        schedule: &str,
+    ) -> std::result::Result<Option<Exit>, Wait> {
+        let meter = Arc::new(Meter::default());
+        let src = HttpSource::new(
+            self.rt.handle().clone(),
+            client.clone(),
+            &release.url,
+            release.size,
+            meter,
+        );
+        tracing::info!(version = %release.version, part = ?offer.part, "carrying out a fleet release");
+        let done = crate::scheduled::carry_out(&self.shared, device, schedule, src);
+        let ended = match &offer.part {
+            Part::App(name) => crate::app::AppState::load(&device.config.state_dir, name)?
+                .transaction
+                .filter(|t| t.release.version.as_ref() == Some(&offer.version))
+                .and_then(|t| abide_core::fleet::app_outcome(&t)),
+            _ => None,
+        };
+        let ended = ended.or_else(|| match &done {
+            Err(e) if e.is_refusal() => Some((
+                abide_fleet_json::ReportStatus::Failed,
+                Some(format!("{}: {e}", e.code())),
+            )),
+            _ => None,
+        });
+        if let Some((status, reason)) = ended
+            && fleet.ledger.end(status, reason)
+        {
+            fleet.store(&device.config.state_dir)?;
+        }
+        let _ = self.flush(client, fleet, device);
+        done?;
+        Ok(None)
     }
 
     /// Reports the change (best effort: the queue keeps what the server did not take) and
@@ -767,6 +888,61 @@ fn inventory(device: &Device, state: &crate::state::DeviceRecord) -> Result<Chec
         trust_version: Some(crate::trust::version(&device.config)?),
         progress: None,
         audit_head: device.audit_head(),
+        apps: crate::app::states(&device.config)?
+            .into_iter()
+            .map(|(app, st)| abide_fleet_json::InstalledApp {
+                name: app.name.clone(),
+                version: st.current.and_then(|r| r.version).map(|v| v.to_string()),
+            })
+            .collect(),
+        agent: Some(abide_fleet_json::AgentInventory {
+            version: crate::selfupdate::agent_version(&device.config.state_dir),
+            self_update: crate::selfupdate::can_replace(&device.config),
+        }),
+    })
+}
+
+/// What the device has of the application or agent an offer replaces.
+struct PartFacts {
+    running: Option<semver::Version>,
+    present: bool,
+    quarantined: bool,
+    needs_lease: bool,
+}
+
+fn part_facts(config: &Config, offer: &Offer) -> Result<PartFacts> {
+    Ok(match &offer.part {
+        Part::Os => PartFacts {
+            running: None,
+            present: true,
+            quarantined: false,
+            needs_lease: false,
+        },
+        Part::App(name) => match config.app(name) {
+            None => PartFacts {
+                running: None,
+                present: false,
+                quarantined: false,
+                needs_lease: false,
+            },
+            Some(app) => {
+                let st = crate::app::AppState::load(&config.state_dir, name)?;
+                PartFacts {
+                    running: st.current.and_then(|r| r.version),
+                    present: true,
+                    quarantined: st.quarantine.get(&offer.version).is_some(),
+                    needs_lease: app.lease,
+                }
+            }
+        },
+        Part::Agent => PartFacts {
+            running: crate::selfupdate::agent_version(&config.state_dir)
+                .parse()
+                .ok(),
+            present: crate::selfupdate::can_replace(config),
+            quarantined: false,
+            needs_lease: false,
+        },
     })
 }
 

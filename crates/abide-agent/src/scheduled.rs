@@ -143,6 +143,29 @@ pub fn start(
     Ok(())
 }
 
+/// Carries out the fleet's schedule `id` — an application's or the agent's release — from
+/// `src`, the release's bundle on the server, as a schedule's bundle is carried out: the
+/// schedule follows what it did, or fails with the reason.
+pub fn carry_out(
+    shared: &Shared,
+    device: &mut Device,
+    id: &str,
+    src: crate::fleet::source::HttpSource,
+) -> Result<()> {
+    let Some(s) = shared.book().get(id).cloned() else {
+        return Ok(());
+    };
+    let before = device.state()?.transaction.map(|t| t.id);
+    let reader = Reader {
+        shared,
+        body: Body::Fleet(Box::new(src)),
+        check: None,
+    };
+    let result = stage_from(shared, device, &s, reader, Gate::Automatic);
+    staged(shared, device, id, before.as_deref(), result.as_ref().err())?;
+    result
+}
+
 /// Opens the schedule's source and stages what it reads.
 fn stage(
     shared: &Shared,
@@ -151,7 +174,19 @@ fn stage(
     s: &Schedule,
     gate: Gate,
 ) -> Result<()> {
-    let mut src = Reader::open(shared, rt, s)?;
+    let src = Reader::open(shared, rt, s)?;
+    stage_from(shared, device, s, src, gate)
+}
+
+/// Stages what `src` reads for schedule `s`: an agent bundle runs the self-update, an
+/// application's its update to the end, anything else is staged into the target group.
+fn stage_from(
+    shared: &Shared,
+    device: &mut Device,
+    s: &Schedule,
+    mut src: Reader<'_>,
+    gate: Gate,
+) -> Result<()> {
     // The head says whether the bundle carries the agent itself.
     let head = match abide_bundle::BundleReader::open(&mut src, abide_bundle::Limits::default()) {
         Ok(reader) => {
@@ -312,6 +347,8 @@ struct Reader<'a> {
 
 enum Body<'a> {
     File(File),
+    /// A fleet release on the server, by Range requests.
+    Fleet(Box<crate::fleet::source::HttpSource>),
     Url {
         rt: &'a tokio::runtime::Handle,
         response: Box<reqwest::Response>,
@@ -458,6 +495,7 @@ impl Read for Reader<'_> {
         }
         let n = match &mut self.body {
             Body::File(f) => f.read(out)?,
+            Body::Fleet(src) => src.read(out)?,
             Body::Url {
                 rt,
                 response,
@@ -506,8 +544,15 @@ impl BundleSource for Reader<'_> {
                 f.seek(SeekFrom::Start(to))?;
                 Ok(to - here)
             }
+            Body::Fleet(src) => src.skip(n),
             // Every byte of a URL's bundle goes through the hash.
             Body::Url { .. } => io::copy(&mut self.take(n), &mut io::sink()),
+        }
+    }
+
+    fn will_read(&mut self, n: u64) {
+        if let Body::Fleet(src) = &mut self.body {
+            src.will_read(n);
         }
     }
 }

@@ -69,6 +69,16 @@ pub fn agent_version(state_dir: &Path) -> String {
         .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
 
+/// Whether the agent can replace itself: the directory of its binary (`[self_update] binary`)
+/// is writable (a read-only root is not).
+pub fn can_replace(config: &Config) -> bool {
+    config
+        .self_update
+        .binary
+        .parent()
+        .is_some_and(|dir| rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).is_ok())
+}
+
 /// Whether a bundle carries the agent: one component, of kind `agent`.
 pub fn is_agent_bundle(manifest: &Manifest) -> bool {
     manifest.components.len() == 1 && manifest.components[0].kind.as_str() == KIND

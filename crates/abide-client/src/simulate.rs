@@ -205,6 +205,9 @@ impl Sim {
                             .as_ref()
                             .is_some_and(|o| self.quarantine.get(&o.version).is_some()),
                         lease: self.ledger.lease(),
+                        // A simulated device has no applications and does not replace its
+                        // agent: such releases do not target it.
+                        part: agent::PartState::default(),
                     }),
                 },
             });
@@ -224,6 +227,8 @@ impl Sim {
                                 trust_version: None,
                                 progress: None,
                                 audit_head: None,
+                                apps: Vec::new(),
+                                agent: None,
                             },
                             now,
                         )

@@ -23,7 +23,7 @@ use jiff::Timestamp;
 use semver::Version;
 
 use crate::app::AppTransaction;
-use crate::fleet::{self, Lease, Offer, Step, View, WindowState};
+use crate::fleet::{self, Lease, Offer, PartView, Step, View, WindowState};
 use crate::schedule::{Origin, Schedule, ScheduleState, When};
 use crate::selfupdate::TrialState;
 use crate::transaction::{FailReason, Transaction, TxState};
@@ -79,6 +79,21 @@ pub struct Answer<'a> {
     pub quarantined: bool,
     /// The reboot lease.
     pub lease: Lease,
+    /// What an application or agent offer finds on the device (unused for the OS).
+    pub part: PartState<'a>,
+}
+
+/// What the device has of the application or agent an offer replaces.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PartState<'a> {
+    /// The version that runs; none for an application never updated.
+    pub running: Option<&'a Version>,
+    /// Whether the device has the application (or its agent can replace itself).
+    pub present: bool,
+    /// Whether this release's update already ended here.
+    pub ended: bool,
+    /// Whether the application's restart needs a reboot lease (`[[app]] lease = true`).
+    pub needs_lease: bool,
 }
 
 /// Everything [`next`] looks at.
@@ -148,7 +163,8 @@ pub enum Command {
     Start(String),
     /// Check in with the fleet server.
     CheckIn,
-    /// Download the fleet's offer into the target group and stage it.
+    /// Download the fleet's offer into the target group and stage it; an application's or
+    /// the agent's is carried out to its end (health gate, self-update trial).
     Stage,
     /// Ask the server for a reboot lease.
     AskLease,
@@ -214,14 +230,30 @@ pub fn next(s: &Situation<'_>) -> Command {
         (WindowState::Open, Windows::None | Windows::Open) => WindowState::Open,
         _ => WindowState::Closed,
     };
-    match fleet::decide(&View {
-        offer: answer.offer,
-        running: s.running,
-        quarantined: answer.quarantined,
-        transaction: tx,
-        window,
-        lease: answer.lease,
-    }) {
+    let step = match answer.offer {
+        Some(offer) if !offer.part.is_os() => fleet::decide_part(&PartView {
+            offer,
+            running: answer.part.running,
+            present: answer.part.present,
+            quarantined: answer.quarantined,
+            ended: answer.part.ended,
+            needs_lease: answer.part.needs_lease,
+            os_busy: tx.is_some_and(|t| {
+                matches!(t.state, TxState::Activated { .. } | TxState::Trial { .. })
+            }),
+            window,
+            lease: answer.lease,
+        }),
+        _ => fleet::decide(&View {
+            offer: answer.offer,
+            running: s.running,
+            quarantined: answer.quarantined,
+            transaction: tx,
+            window,
+            lease: answer.lease,
+        }),
+    };
+    match step {
         Step::Idle => Command::Wait(Wait::Nothing),
         Step::WaitForWindow => Command::Wait(Wait::Window),
         Step::Stage => Command::Stage,

@@ -8,7 +8,7 @@
 //! the health gate own the trial; after it ends the lease is given back. What a device reports
 //! is a function of its transaction ([`status`]), so a report is due whenever that changes.
 
-use abide_fleet_json::{AssignedAction, Assignment, DeviceState, ReportStatus};
+use abide_fleet_json::{AssignedAction, Assignment, DeviceState, ReleaseKind, ReportStatus};
 use semver::Version;
 
 use crate::transaction::{FailReason, Transaction, TxState};
@@ -24,6 +24,28 @@ pub struct Offer {
     pub version: Version,
     /// Install it, stage it only, or end a trial of it (a fleet-wide rollback).
     pub kind: AssignedAction,
+    /// What it replaces: the operating system, an application, or the agent.
+    pub part: Part,
+}
+
+/// What a release replaces on the device.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Part {
+    /// The operating system, in the A/B slot groups.
+    #[default]
+    Os,
+    /// The application of `[[app]]` with this name.
+    App(String),
+    /// The agent itself.
+    Agent,
+}
+
+impl Part {
+    /// Whether it is the operating system.
+    pub fn is_os(&self) -> bool {
+        *self == Part::Os
+    }
 }
 
 impl Offer {
@@ -36,6 +58,11 @@ impl Offer {
             rollout_id: r.rollout_id.clone(),
             version: r.version.parse().ok()?,
             kind: r.action,
+            part: match r.kind {
+                ReleaseKind::Os => Part::Os,
+                ReleaseKind::App => Part::App(r.app.clone()?),
+                ReleaseKind::Agent => Part::Agent,
+            },
         })
     }
 }
@@ -159,6 +186,86 @@ pub fn decide(v: &View<'_>) -> Step {
     Step::Stage
 }
 
+/// What an application or agent offer finds on the device, for [`decide_part`].
+#[derive(Debug, Clone, Copy)]
+pub struct PartView<'a> {
+    /// The offer (of an application or the agent).
+    pub offer: &'a Offer,
+    /// The version of the application or agent that runs; none for an application never
+    /// updated.
+    pub running: Option<&'a Version>,
+    /// Whether the device has the application (always, for the agent).
+    pub present: bool,
+    /// Whether the offered version was rolled back here.
+    pub quarantined: bool,
+    /// Whether this release's update already ended here, whatever the outcome: it is not
+    /// tried again (a new release, or a fleet-wide rollback's, is).
+    pub ended: bool,
+    /// Whether its restart makes the device unavailable (`[[app]] lease = true`).
+    pub needs_lease: bool,
+    /// The operating system's transaction is activated or on trial: its gate comes first.
+    pub os_busy: bool,
+    /// The windows.
+    pub window: WindowState,
+    /// The lease.
+    pub lease: Lease,
+}
+
+/// The next step for an application or agent offer. Its update has no separate activation:
+/// downloading it ([`Step::Stage`]) carries it out to its end — an application's health gate,
+/// the agent's self-update trial — so the window must be open, and the lease held where the
+/// application asks for one, before it starts. A fleet-wide rollback of such a release is an
+/// install of the previous one, which the server assigns once the device reported.
+pub fn decide_part(v: &PartView<'_>) -> Step {
+    if v.os_busy {
+        return Step::Idle;
+    }
+    let wanted = v.offer.kind == AssignedAction::Install
+        && v.present
+        && !v.quarantined
+        && !v.ended
+        && v.running != Some(&v.offer.version);
+    if !wanted {
+        return match v.lease {
+            Lease::Held => Step::ReleaseLease,
+            Lease::None => Step::Idle,
+        };
+    }
+    match (v.window, v.needs_lease, v.lease) {
+        (WindowState::Closed, _, _) => Step::WaitForWindow,
+        (WindowState::Open, true, Lease::None) => Step::AskLease,
+        _ => Step::Stage,
+    }
+}
+
+/// What an application's update reports once it ended: `committed` after its health gate;
+/// `rolled_back` when a step failed, with the step and whether the data came back from the
+/// backup; `failed` when it was given up before its first step. `None` while it runs.
+pub fn app_outcome(tx: &crate::app::AppTransaction) -> Option<(ReportStatus, Option<String>)> {
+    use crate::app::AppStep;
+    let reason = tx.reason.as_deref().unwrap_or("no reason given");
+    let step = tx.reason_kind.as_deref().unwrap_or("unknown");
+    match tx.step {
+        AppStep::Committed => Some((ReportStatus::Committed, None)),
+        AppStep::RolledBack => Some((
+            ReportStatus::RolledBack,
+            Some(format!(
+                "step {step} failed: {reason}; the previous release runs, its data restored from the backup"
+            )),
+        )),
+        AppStep::Failed if step == "abandoned" => {
+            Some((ReportStatus::Failed, Some(reason.to_owned())))
+        }
+        AppStep::Failed => Some((
+            ReportStatus::RolledBack,
+            Some(format!(
+                "step {step} failed: {reason}; the previous release runs, its data untouched"
+            )),
+        )),
+        _ => None,
+    }
+}
+
 /// What a transaction in `state` reports, with the reason of a failure or rollback.
 pub fn status(state: &TxState) -> (ReportStatus, Option<String>) {
     match state {
@@ -195,6 +302,9 @@ pub struct Assigned {
     pub release_id: String,
     /// The rollout id.
     pub rollout_id: String,
+    /// What it replaces.
+    #[serde(default, skip_serializing_if = "Part::is_os")]
+    pub part: Part,
 }
 
 /// A report to make about the fleet's update, and the key that says it was made.
@@ -216,7 +326,8 @@ pub fn report(
     reported: Option<&(String, String)>,
 ) -> Option<Report> {
     let (tx, assigned) = (tx?, assigned?);
-    if assigned.version != tx.version.to_string()
+    if !assigned.part.is_os()
+        || assigned.version != tx.version.to_string()
         || matches!(
             tx.state,
             TxState::Downloading
@@ -264,6 +375,10 @@ pub struct Ledger {
     pub reported: Option<(String, String)>,
     /// Reports not yet acknowledged, oldest first.
     pub outbox: Vec<abide_fleet_json::ReportRequest>,
+    /// The application or agent release whose update ended here (reported once, not tried
+    /// again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
 }
 
 impl Ledger {
@@ -293,6 +408,7 @@ impl Ledger {
             version: offer.version.to_string(),
             release_id: offer.release_id.clone(),
             rollout_id: offer.rollout_id.clone(),
+            part: offer.part.clone(),
         });
         self.queue(abide_fleet_json::ReportRequest {
             seq: 0,
@@ -302,6 +418,32 @@ impl Ledger {
             reason: None,
             seconds: None,
         });
+    }
+
+    /// Whether the update of the application or agent release `release_id` ended here.
+    pub fn has_ended(&self, release_id: &str) -> bool {
+        self.ended.as_deref() == Some(release_id)
+    }
+
+    /// The assigned application or agent release's update ended with `status`: queues its one
+    /// report (an update already ended is not reported again); returns whether it did.
+    pub fn end(&mut self, status: ReportStatus, reason: Option<String>) -> bool {
+        let Some(a) = self.assigned.clone().filter(|a| !a.part.is_os()) else {
+            return false;
+        };
+        if self.has_ended(&a.release_id) {
+            return false;
+        }
+        self.ended = Some(a.release_id.clone());
+        self.queue(abide_fleet_json::ReportRequest {
+            seq: 0,
+            status,
+            release_id: Some(a.release_id),
+            rollout_id: Some(a.rollout_id),
+            reason: reason.map(|r| r.chars().take(1000).collect()),
+            seconds: None,
+        });
+        true
     }
 
     /// Queues the report the transaction's state makes ([`report`]), if one is due; returns

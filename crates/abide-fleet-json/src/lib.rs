@@ -106,6 +106,34 @@ wire_enum! {
 }
 
 wire_enum! {
+    /// What a release carries, read by the server from its signed manifest.
+    ReleaseKind {
+        /// The operating system: the slots of the A/B groups.
+        Os,
+        /// One application of the devices' `[[app]]` (one component of kind `app`, whose slot
+        /// class names the application).
+        App,
+        /// The agent itself (one component of kind `agent`), installed by its self-update trial.
+        Agent,
+    }
+}
+
+// The wire enums' derives are shared by the macro; only this one has a default.
+#[allow(clippy::derivable_impls)]
+impl Default for ReleaseKind {
+    fn default() -> ReleaseKind {
+        ReleaseKind::Os
+    }
+}
+
+impl ReleaseKind {
+    /// Whether it is the operating system (the kind left out of the JSON).
+    pub fn is_os(&self) -> bool {
+        *self == ReleaseKind::Os
+    }
+}
+
+wire_enum! {
     /// What a device is to do with an assigned release.
     AssignedAction {
         /// Download, stage, and activate in its windows under a lease.
@@ -296,6 +324,21 @@ pub struct RolloutStatus {
     /// activate when it opens; windows kept on the device alone show as staged).
     #[serde(default)]
     pub waiting_for_window: u64,
+    /// Devices of the group or tag the rollout does not target, by reason: `no-app` (an
+    /// application release for an application the device does not have), `no-self-update`
+    /// (an agent release for a device whose agent cannot replace itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub left_out: Vec<LeftOut>,
+}
+
+/// Devices a rollout leaves out, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeftOut {
+    /// `no-app` or `no-self-update`.
+    pub reason: String,
+    /// How many.
+    pub devices: u64,
 }
 
 /// One stage of a rollout.
@@ -366,6 +409,12 @@ pub struct Release {
     pub sha256: String,
     /// When it was uploaded.
     pub created_at: String,
+    /// What it carries.
+    #[serde(default, skip_serializing_if = "ReleaseKind::is_os")]
+    pub kind: ReleaseKind,
+    /// The application, for an application release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 /// A delta between two releases of one product, held by the server.
@@ -641,6 +690,34 @@ pub struct CheckinRequest {
     /// changes a record it already saw, or is signed by another key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub audit_head: Option<AuditHead>,
+    /// The applications of its `[[app]]` and the version each runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<InstalledApp>,
+    /// The agent that checks in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInventory>,
+}
+
+/// An application a device has, in its check-in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstalledApp {
+    /// Its name (`[[app]] name`).
+    pub name: String,
+    /// The version it runs; none before its first update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// The agent that checks in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentInventory {
+    /// The version of the agent release it runs (the binary's own version before the first
+    /// self-update).
+    pub version: String,
+    /// Whether it can replace itself: `[self_update]` names its binary.
+    pub self_update: bool,
 }
 
 /// How far a download is.
@@ -719,6 +796,12 @@ pub struct AssignedRelease {
     /// A delta from the release the device runs, when it is the smallest download.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<AssignedDelta>,
+    /// What it carries: the operating system (left out), an application or the agent.
+    #[serde(default, skip_serializing_if = "ReleaseKind::is_os")]
+    pub kind: ReleaseKind,
+    /// The application, for an application release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
 }
 
 /// A delta an assignment offers: the device uses it if it runs `from_version` and falls back

@@ -269,6 +269,19 @@ CREATE TABLE deltas (
 CREATE INDEX deltas_to ON deltas (to_release);
 "#,
     ),
+    (
+        11,
+        // Releases of applications and of the agent: the kind read from the signed manifest;
+        // what each device has of them (JSON of its check-in's apps and agent); how many
+        // devices a rollout left out and why (JSON of abide_fleet_json::LeftOut).
+        r#"
+ALTER TABLE releases ADD COLUMN kind TEXT NOT NULL DEFAULT 'os';
+ALTER TABLE releases ADD COLUMN app TEXT;
+ALTER TABLE devices ADD COLUMN apps TEXT;
+ALTER TABLE devices ADD COLUMN agent TEXT;
+ALTER TABLE rollouts ADD COLUMN left_out TEXT;
+"#,
+    ),
 ];
 
 /// What can be revoked: the tables with a `revoked_at` column.

@@ -488,6 +488,46 @@ struct Seen {
     progress: Option<abide_fleet_json::Progress>,
 }
 
+/// What each device has of applications and the agent (the JSON of its check-in's `apps` and
+/// `agent`), as this process last stored it: a change is stored at once, and the device joins
+/// the unfinished rollouts of application and agent releases it now qualifies for.
+#[derive(Debug, Default)]
+pub struct Inventories(Mutex<HashMap<String, Inventory>>);
+
+/// The JSON of a check-in's `apps` (none when empty) and `agent`.
+type Inventory = (Option<String>, Option<String>);
+
+/// Stores the device's applications and agent if they changed, and puts it into the unfinished
+/// rollouts it now qualifies for.
+async fn keep_inventory(server: &Server, id: &str, req: &CheckinRequest) -> ApiResult<()> {
+    let apps =
+        (!req.apps.is_empty()).then(|| serde_json::to_string(&req.apps).expect("plain data"));
+    let agent = req
+        .agent
+        .as_ref()
+        .map(|a| serde_json::to_string(a).expect("plain data"));
+    let now = (apps, agent);
+    if server.inventories.0.lock().expect("not poisoned").get(id) == Some(&now) {
+        return Ok(());
+    }
+    let mut tx = server.db.pool.begin().await?;
+    sqlx::query("UPDATE devices SET apps = $2, agent = $3 WHERE id = $1")
+        .bind(id)
+        .bind(&now.0)
+        .bind(&now.1)
+        .execute(&mut *tx)
+        .await?;
+    crate::rollouts::enrol_device(&mut tx, id).await?;
+    tx.commit().await?;
+    server
+        .inventories
+        .0
+        .lock()
+        .expect("not poisoned")
+        .insert(id.to_owned(), now);
+    Ok(())
+}
+
 /// Check-ins waiting to be written, by device.
 #[derive(Debug, Default)]
 pub struct LastSeen(Mutex<HashMap<String, Seen>>);
@@ -584,6 +624,23 @@ fn check_inventory(req: &CheckinRequest) -> ApiResult<()> {
             "progress: expected a release id and bytes no more than total",
         ));
     }
+    for app in &req.apps {
+        if !valid_label(&app.name, 64)
+            || app.version.as_deref().is_some_and(|v| !valid_label(v, 64))
+        {
+            return Err(ApiError::bad_request(format!(
+                "apps: {:?} is not an application name and version",
+                app.name
+            )));
+        }
+    }
+    if req
+        .agent
+        .as_ref()
+        .is_some_and(|a| !valid_label(&a.version, 64))
+    {
+        return Err(ApiError::bad_request("agent.version: not a version"));
+    }
     for (field, v) in [("booted", &req.booted), ("good", &req.good)] {
         if let Some(v) = v.as_deref().filter(|v| !valid_label(v, 32)) {
             return Err(ApiError::bad_request(format!(
@@ -607,6 +664,7 @@ pub async fn checkin(
         crate::audit::check_device_head(head)?;
         crate::audit::keep_device_head(&server, &id, head).await?;
     }
+    keep_inventory(&server, &id, &req).await?;
     let now = now_ms();
     server.last_seen.0.lock().expect("not poisoned").insert(
         id.clone(),
@@ -624,7 +682,7 @@ pub async fn checkin(
         .counters
         .checkins
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let release = crate::rollouts::assignment(&server, &id, &req.version, now).await?;
+    let release = crate::rollouts::assignment(&server, &id, &req, now).await?;
     let window = crate::groups::window_of_device(&server, &id).await?;
     let trust = match req.trust_version {
         Some(v) => crate::trust::after(&server, v).await?,
@@ -747,11 +805,12 @@ pub async fn report(
             .bind(seq)
             .execute(&mut *tx)
             .await?;
-        // A committed release is what the device runs now.
+        // A committed OS release is what the device runs now (an application's or the
+        // agent's is in its next check-in's inventory).
         if let (Some(release), ReportStatus::Committed) = (&req.release_id, req.status) {
             sqlx::query(
                 "UPDATE devices SET version = (SELECT version FROM releases WHERE id = $2) \
-                 WHERE id = $1 AND EXISTS (SELECT 1 FROM releases WHERE id = $2)",
+                 WHERE id = $1 AND EXISTS (SELECT 1 FROM releases WHERE id = $2 AND kind = 'os')",
             )
             .bind(&id)
             .bind(release)

@@ -131,6 +131,8 @@ pub struct Inner {
     pub metrics_hash: String,
     /// Device check-ins whose last-seen time is not yet written (coalesced).
     pub last_seen: devices::LastSeen,
+    /// What each device has of applications and the agent, as this process last stored it.
+    pub inventories: devices::Inventories,
     /// This process's counters.
     pub counters: metrics::Counters,
     /// `/metrics`' aggregates as last read.
@@ -211,6 +213,7 @@ impl Server {
             admin_hash,
             metrics_hash,
             last_seen: devices::LastSeen::default(),
+            inventories: devices::Inventories::default(),
             counters: metrics::Counters::default(),
             metrics: metrics::Snapshot::default(),
             credentials: Default::default(),

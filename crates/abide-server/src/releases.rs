@@ -29,11 +29,28 @@ struct Row {
     compatible: String,
     size: i64,
     created_at: i64,
+    /// `os`, `app` or `agent`.
+    kind: String,
+    /// The application, for an application release.
+    app: Option<String>,
 }
 
 /// The columns of a [`Row`], in the order [`Row::insert`] binds them.
 const COLUMNS: &str =
-    "id, sha256, product, version, security_version, compatible, size, created_at";
+    "id, sha256, product, version, security_version, compatible, size, created_at, kind, app";
+
+/// What a verified manifest carries: one component of kind `agent` is the agent, one of kind
+/// `app` the application its slot class names; anything else is the operating system.
+pub fn kind_of(
+    manifest: &abide_bundle::Manifest,
+) -> (abide_fleet_json::ReleaseKind, Option<String>) {
+    use abide_fleet_json::ReleaseKind;
+    match manifest.components.as_slice() {
+        [c] if c.kind.as_str() == "agent" => (ReleaseKind::Agent, None),
+        [c] if c.kind.as_str() == "app" => (ReleaseKind::App, Some(c.slot_class.to_string())),
+        _ => (ReleaseKind::Os, None),
+    }
+}
 
 impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
     fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
@@ -47,6 +64,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
             compatible: row.try_get("compatible")?,
             size: row.try_get("size")?,
             created_at: row.try_get("created_at")?,
+            kind: row.try_get("kind")?,
+            app: row.try_get("app")?,
         })
     }
 }
@@ -55,7 +74,7 @@ impl Row {
     /// Inserts the row unless its id is taken; whether it was inserted.
     async fn insert(&self, tx: &mut sqlx::Transaction<'static, sqlx::Any>) -> sqlx::Result<bool> {
         let done = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO releases ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+            "INSERT INTO releases ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT (id) DO NOTHING"
         )))
         .bind(&self.id)
         .bind(&self.sha256)
@@ -65,6 +84,8 @@ impl Row {
         .bind(&self.compatible)
         .bind(self.size)
         .bind(self.created_at)
+        .bind(&self.kind)
+        .bind(&self.app)
         .execute(&mut **tx)
         .await?;
         Ok(done.rows_affected() == 1)
@@ -79,6 +100,9 @@ impl TryFrom<Row> for abide_fleet_json::Release {
             "compatible",
             &row.compatible,
         )?;
+        let kind = abide_fleet_json::ReleaseKind::parse(&row.kind).ok_or_else(|| {
+            sqlx::Error::Decode(format!("release {}: kind {:?}", row.id, row.kind).into())
+        })?;
         Ok(abide_fleet_json::Release {
             id: row.id,
             product: row.product,
@@ -88,6 +112,8 @@ impl TryFrom<Row> for abide_fleet_json::Release {
             size: row.size as u64,
             sha256: row.sha256,
             created_at: rfc3339(row.created_at),
+            kind,
+            app: row.app,
         })
     }
 }
@@ -284,7 +310,10 @@ pub async fn upload(
         .iter()
         .map(ToString::to_string)
         .collect();
+    let (kind, app) = kind_of(&manifest);
     let row = Row {
+        kind: kind.as_str().to_owned(),
+        app,
         id: id.clone(),
         sha256: sha256.clone(),
         product: manifest.product.to_string(),

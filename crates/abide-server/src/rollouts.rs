@@ -13,7 +13,8 @@
 
 use abide_core::rollout::{self, Counts, Decision, Stage};
 use abide_fleet_json::{
-    AssignedAction, AssignedRelease, FailingDevice, RolloutState, RolloutStatus, StageView,
+    AgentInventory, AssignedAction, AssignedRelease, CheckinRequest, FailingDevice, InstalledApp,
+    LeftOut, ReleaseKind, RolloutState, RolloutStatus, StageView,
 };
 use axum::Json;
 use axum::body::Bytes;
@@ -76,10 +77,12 @@ pub struct Rollout {
     /// With prestaging: the share of targeted devices (basis points) that must be staged
     /// before the first stage activates; every targeted device stages first.
     pub prestage_bp: Option<u32>,
+    /// Devices of the group or tag left out when it was created, by reason.
+    pub left_out: Vec<LeftOut>,
 }
 
 /// The columns of a [`Rollout`].
-const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at, prestage_bp";
+const COLUMNS: &str = "id, release_id, grp, tag, stages, threshold_bp, failure_baseline, unresponsive_ms, stage, status, reason, stage_started_at, created_at, prestage_bp, left_out";
 
 /// A stored rollout; a column that does not decode is an error (never "no stages").
 impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Rollout {
@@ -111,6 +114,14 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Rollout {
             prestage_bp: row
                 .try_get::<Option<i64>, _>("prestage_bp")?
                 .map(|b| b as u32),
+            left_out: match row.try_get::<Option<String>, _>("left_out")? {
+                Some(text) => crate::db::json_column(
+                    &format!("rollout {}", row.try_get::<String, _>("id")?),
+                    "left_out",
+                    &text,
+                )?,
+                None => Vec::new(),
+            },
         })
     }
 }
@@ -134,7 +145,36 @@ pub async fn load_locked(
 /// A device the rollout may target.
 struct Candidate {
     id: String,
+    /// The version it runs of what the release replaces (the OS, the application, the agent).
     version: Option<String>,
+}
+
+/// What the device runs of what `release` replaces, from its stored inventory (`apps`,
+/// `agent`: JSON of its last check-in's); `Err` with the reason it is left out when it does not
+/// have the application or its agent cannot replace itself.
+fn part_version(
+    release: &abide_fleet_json::Release,
+    os: Option<String>,
+    apps: Option<&str>,
+    agent: Option<&str>,
+) -> Result<Option<String>, &'static str> {
+    match release.kind {
+        ReleaseKind::Os => Ok(os),
+        ReleaseKind::App => {
+            let apps: Vec<InstalledApp> = apps
+                .and_then(|a| serde_json::from_str(a).ok())
+                .unwrap_or_default();
+            apps.into_iter()
+                .find(|a| Some(&a.name) == release.app.as_ref())
+                .map(|a| a.version)
+                .ok_or("no-app")
+        }
+        ReleaseKind::Agent => agent
+            .and_then(|a| serde_json::from_str::<AgentInventory>(a).ok())
+            .filter(|a| a.self_update)
+            .map(|a| Some(a.version))
+            .ok_or("no-self-update"),
+    }
 }
 
 /// The enrolled devices a release's rollout to `group`/`tag` targets: same product, a shared
@@ -145,9 +185,16 @@ async fn candidates(
     group: Option<&str>,
     tag: Option<&str>,
     only: Option<&str>,
-) -> Result<Vec<Candidate>, sqlx::Error> {
-    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
-        "SELECT d.id, d.compatible, d.version FROM devices d WHERE d.product = $1 \
+) -> Result<(Vec<Candidate>, Vec<LeftOut>), sqlx::Error> {
+    type Found = (
+        String,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let rows: Vec<Found> = sqlx::query_as(
+        "SELECT d.id, d.compatible, d.version, d.apps, d.agent FROM devices d WHERE d.product = $1 \
          AND ($2 = '' OR d.grp = $2) \
          AND ($3 = '' OR EXISTS (SELECT 1 FROM device_tags t WHERE t.device_id = d.id AND t.tag = $3)) \
          AND ($4 = '' OR d.id = $4)",
@@ -159,14 +206,26 @@ async fn candidates(
     .fetch_all(&mut **tx)
     .await?;
     let mut out = Vec::new();
-    for (id, compatible, version) in rows {
+    let mut left_out = std::collections::BTreeMap::<&str, u64>::new();
+    for (id, compatible, version, apps, agent) in rows {
         let ids: Vec<String> =
             crate::db::json_column(&format!("device {id}"), "compatible", &compatible)?;
-        if ids.iter().any(|c| release.compatible.contains(c)) {
-            out.push(Candidate { id, version });
+        if !ids.iter().any(|c| release.compatible.contains(c)) {
+            continue;
+        }
+        match part_version(release, version, apps.as_deref(), agent.as_deref()) {
+            Ok(version) => out.push(Candidate { id, version }),
+            Err(reason) => *left_out.entry(reason).or_default() += 1,
         }
     }
-    Ok(out)
+    let left_out = left_out
+        .into_iter()
+        .map(|(reason, devices)| LeftOut {
+            reason: reason.to_owned(),
+            devices,
+        })
+        .collect();
+    Ok((out, left_out))
 }
 
 /// Adds `devices` to rollout `r` (ignoring ones already in it), 500 rows per statement.
@@ -241,7 +300,7 @@ pub async fn enrol_device(
         let Some(release) = crate::releases::find_in(tx, &r.release_id).await? else {
             continue;
         };
-        let found = candidates(
+        let (found, _) = candidates(
             tx,
             &release,
             r.group.as_deref(),
@@ -294,6 +353,13 @@ pub async fn create(
     let release = crate::releases::find(&server, &req.release)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no release {}", req.release)))?;
+    if prestage_bp.is_some() && !release.kind.is_os() {
+        return Err(ApiError::bad_request(format!(
+            "prestage: release {} is an {} release, which has no staged step to wait in (it is carried out whole in the device's window)",
+            release.id,
+            release.kind.as_str()
+        )));
+    }
     let now = now_ms();
     let mut r = Rollout {
         id: format!("ro-{}", crate::random_hex(6)),
@@ -310,9 +376,10 @@ pub async fn create(
         stage_started_at: now,
         created_at: now,
         prestage_bp,
+        left_out: Vec::new(),
     };
     let mut tx = server.db.pool.begin().await?;
-    let found = candidates(
+    let (found, left_out) = candidates(
         &mut tx,
         &release,
         r.group.as_deref(),
@@ -320,6 +387,7 @@ pub async fn create(
         None,
     )
     .await?;
+    r.left_out = left_out;
     if !found.is_empty() {
         r.status = if r.prestage_bp.is_some() {
             "prestaging"
@@ -329,7 +397,7 @@ pub async fn create(
         .into();
     }
     sqlx::query(sqlx::AssertSqlSafe(format!(
-        "INSERT INTO rollouts ({COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+        "INSERT INTO rollouts ({COLUMNS}, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
     )))
     .bind(&r.id)
     .bind(&r.release_id)
@@ -345,6 +413,7 @@ pub async fn create(
     .bind(now)
     .bind(now)
     .bind(r.prestage_bp.map(i64::from))
+    .bind((!r.left_out.is_empty()).then(|| serde_json::to_string(&r.left_out).expect("plain data")))
     .bind(now)
     .execute(&mut *tx)
     .await?;
@@ -356,7 +425,7 @@ pub async fn create(
         "rollout.create",
         serde_json::json!({"rollout": r.id, "release": r.release_id, "stages": r.stages,
             "failure_threshold_bp": r.threshold_bp, "group": r.group, "tag": r.tag, "devices": found.len(),
-            "prestage_bp": r.prestage_bp}),
+            "prestage_bp": r.prestage_bp, "left_out": r.left_out}),
     )
     .await?;
     tx.commit().await?;
@@ -474,6 +543,7 @@ pub async fn status_of(server: &Server, id: &str) -> ApiResult<RolloutStatus> {
         staged: count(&["staged"]),
         staged_share,
         waiting_for_window,
+        left_out: r.left_out,
     })
 }
 
@@ -888,6 +958,8 @@ struct AssignRow {
     place: i64,
     from_version: Option<String>,
     prestage_bp: Option<i64>,
+    kind: String,
+    app: Option<String>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for AssignRow {
@@ -907,6 +979,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for AssignRow {
             place: row.try_get("place")?,
             from_version: row.try_get("from_version")?,
             prestage_bp: row.try_get("prestage_bp")?,
+            kind: row.try_get("kind")?,
+            app: row.try_get("app")?,
         })
     }
 }
@@ -916,12 +990,12 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for AssignRow {
 pub async fn assignment(
     server: &Server,
     device: &str,
-    version: &str,
+    checkin: &CheckinRequest,
     now: i64,
 ) -> ApiResult<Option<AssignedRelease>> {
     let rows: Vec<AssignRow> = sqlx::query_as(
         "SELECT r.id AS rollout_id, r.stage, r.stages, r.status, rel.id AS release_id, rel.security_version, rel.version, \
-                rel.sha256, rel.size, rd.state, rd.place, rd.from_version, r.prestage_bp \
+                rel.sha256, rel.size, rd.state, rd.place, rd.from_version, r.prestage_bp, rel.kind, rel.app \
          FROM rollout_devices rd JOIN rollouts r ON r.id = rd.rollout_id JOIN releases rel ON rel.id = r.release_id \
          WHERE rd.device_id = $1 AND r.status IN ('prestaging', 'running', 'rolled_back') ORDER BY r.created_at DESC",
     )
@@ -942,10 +1016,24 @@ pub async fn assignment(
         place,
         from_version: from,
         prestage_bp: prestage,
+        kind,
+        app,
     } in rows
     {
         let stages: Vec<Stage> =
             crate::db::json_column(&format!("rollout {rollout_id}"), "stages", &stages)?;
+        let kind = ReleaseKind::parse(&kind).unwrap_or_default();
+        // What the device runs of what the release replaces, from this check-in.
+        let version = match kind {
+            ReleaseKind::Os => Some(checkin.version.clone()),
+            ReleaseKind::App => checkin
+                .apps
+                .iter()
+                .find(|a| Some(&a.name) == app.as_ref())
+                .and_then(|a| a.version.clone()),
+            ReleaseKind::Agent => checkin.agent.as_ref().map(|a| a.version.clone()),
+        };
+        let version = version.as_deref().unwrap_or("");
         let assigned = |release_id: String,
                         version: String,
                         security: i64,
@@ -961,6 +1049,8 @@ pub async fn assignment(
             size: size as u64,
             action,
             delta: None,
+            kind,
+            app: app.clone(),
         };
         if status == "rolled_back" {
             let Some(prev) = from.as_deref() else {
@@ -974,6 +1064,7 @@ pub async fn assignment(
             }
             let previous: Option<(String, i64, String, i64)> = sqlx::query_as(
                 "SELECT p.id, p.security_version, p.sha256, p.size FROM releases p JOIN releases n ON n.product = p.product \
+                 AND n.kind = p.kind AND COALESCE(n.app, '') = COALESCE(p.app, '') \
                  WHERE n.id = $1 AND p.version = $2 ORDER BY p.created_at DESC LIMIT 1",
             )
             .bind(&release_id)
@@ -1045,7 +1136,9 @@ pub async fn assignment(
             .await?;
         }
         let mut given = assigned(release_id, rel_version, security, sha256, size, action);
-        given.delta = crate::deltas::offer(server, &given.release_id, version).await?;
+        if kind.is_os() {
+            given.delta = crate::deltas::offer(server, &given.release_id, version).await?;
+        }
         return Ok(Some(given));
     }
     Ok(None)
@@ -1065,6 +1158,7 @@ pub async fn gives(
          WHERE rd.device_id = $1 AND ($3 = '' OR r.id = $3) \
            AND (r.release_id = $2 OR (r.status = 'rolled_back' AND EXISTS \
              (SELECT 1 FROM releases p JOIN releases n ON n.product = p.product \
+              AND n.kind = p.kind AND COALESCE(n.app, '') = COALESCE(p.app, '') \
               WHERE n.id = r.release_id AND p.id = $2 AND p.version = rd.from_version))) LIMIT 1",
     )
     .bind(device)

@@ -107,6 +107,9 @@ pub struct AppSettings {
     pub capacity: Option<u64>,
     /// The checks of the health gate.
     pub checks: Vec<Check>,
+    /// Whether restarting it makes the device unavailable, so that a fleet rollout of it
+    /// holds a reboot lease while it updates (`lease = true`; default false).
+    pub lease: bool,
 }
 
 /// How slow a schedule's download from a URL may be (`[download]`): every `window` must bring

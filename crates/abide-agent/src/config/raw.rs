@@ -130,6 +130,8 @@ pub(super) struct RawApp {
     pub(super) deadline: Option<Dur>,
     pub(super) grace: Option<Dur>,
     pub(super) capacity: Option<Size>,
+    #[serde(default)]
+    pub(super) lease: bool,
     #[serde(default, rename = "check")]
     pub(super) checks: Vec<RawCheck>,
 }

@@ -371,6 +371,7 @@ pub(super) fn apps(
                 grace: a.grace.map_or(defaults.grace, |d| d.0),
             },
             capacity: a.capacity.map(|s| s.0),
+            lease: a.lease,
             checks: parse_checks(path, &key("check"), &a.checks, &resolve)?,
             data,
             releases,

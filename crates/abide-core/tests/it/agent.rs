@@ -80,6 +80,7 @@ fn offer(version: &str) -> Option<Offer> {
         rollout_id: "ro-1".into(),
         version: version.parse().unwrap(),
         kind: AssignedAction::Install,
+        part: abide_core::fleet::Part::Os,
     })
 }
 
@@ -93,6 +94,7 @@ fn run(c: &Case) -> Command {
             group_window: *window,
             quarantined: false,
             lease: *lease,
+            part: abide_core::agent::PartState::default(),
         }),
     };
     next(&Situation {

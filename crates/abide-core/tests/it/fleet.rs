@@ -1,10 +1,11 @@
 //! The device's side of the fleet as a table: (offer, transaction, window, lease) → next step.
 
 use abide_core::fleet::{
-    Assigned, Lease, Ledger, Offer, Step, View, WindowState, decide, device_state, report, status,
+    Assigned, Lease, Ledger, Offer, Part, PartView, Step, View, WindowState, app_outcome, decide,
+    decide_part, device_state, report, status,
 };
 use abide_core::{FailReason, RollbackReason, Transaction, TxState};
-use abide_fleet_json::AssignedAction;
+use abide_fleet_json::{AssignedAction, ReportStatus};
 use expect_test::expect;
 
 use crate::{at, tx};
@@ -15,6 +16,7 @@ fn offer(version: &str, kind: AssignedAction) -> Offer {
         rollout_id: "ro-1".into(),
         version: version.parse().unwrap(),
         kind,
+        part: Part::Os,
     }
 }
 
@@ -175,6 +177,7 @@ fn each_state_of_the_assigned_release_is_reported_once_and_a_withdrawal_not_at_a
         version: "2.0.0".into(),
         release_id: "r-2.0.0".into(),
         rollout_id: "ro-1".into(),
+        part: Part::Os,
     };
     let mut ledger = Ledger::new();
     ledger.stage(&offer("2.0.0", AssignedAction::Install));
@@ -267,4 +270,232 @@ fn every_wire_name_is_the_same_in_json_in_text_and_back() {
         waiting prestaging running paused completed aborted rolled_back"#]]
     .assert_eq(&names.join("\n"));
     assert_eq!(ReportStatus::parse("Rolled_Back"), None, "names are exact");
+}
+
+#[test]
+fn an_application_or_agent_offer_is_carried_out_in_its_window_under_a_lease_where_asked_once() {
+    use Lease::{Held, None as NoLease};
+    use WindowState::{Closed, Open};
+    let app = Offer {
+        part: Part::App("web".into()),
+        ..offer("2.0.0", AssignedAction::Install)
+    };
+    let v1: semver::Version = "1.0.0".parse().unwrap();
+    let v2: semver::Version = "2.0.0".parse().unwrap();
+    let base = PartView {
+        offer: &app,
+        running: Some(&v1),
+        present: true,
+        quarantined: false,
+        ended: false,
+        needs_lease: false,
+        os_busy: false,
+        window: Open,
+        lease: NoLease,
+    };
+    let staged = AssignedAction::Stage;
+    let rollback = AssignedAction::Rollback;
+    let stage_offer = Offer {
+        kind: staged,
+        ..app.clone()
+    };
+    let rollback_offer = Offer {
+        kind: rollback,
+        ..app.clone()
+    };
+    let cases: Vec<(&str, PartView<'_>, Step)> = vec![
+        ("due, window open, no lease needed", base, Step::Stage),
+        (
+            "window closed",
+            PartView {
+                window: Closed,
+                ..base
+            },
+            Step::WaitForWindow,
+        ),
+        (
+            "needs a lease",
+            PartView {
+                needs_lease: true,
+                ..base
+            },
+            Step::AskLease,
+        ),
+        (
+            "needs a lease and holds it",
+            PartView {
+                needs_lease: true,
+                lease: Held,
+                ..base
+            },
+            Step::Stage,
+        ),
+        (
+            "already runs it",
+            PartView {
+                running: Some(&v2),
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "already runs it, lease held",
+            PartView {
+                running: Some(&v2),
+                lease: Held,
+                ..base
+            },
+            Step::ReleaseLease,
+        ),
+        (
+            "never updated",
+            PartView {
+                running: None,
+                ..base
+            },
+            Step::Stage,
+        ),
+        (
+            "does not have it",
+            PartView {
+                present: false,
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "rolled back here",
+            PartView {
+                quarantined: true,
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "ended here",
+            PartView {
+                ended: true,
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "ended here, lease held",
+            PartView {
+                ended: true,
+                lease: Held,
+                ..base
+            },
+            Step::ReleaseLease,
+        ),
+        (
+            "OS on trial",
+            PartView {
+                os_busy: true,
+                lease: Held,
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "stage only",
+            PartView {
+                offer: &stage_offer,
+                ..base
+            },
+            Step::Idle,
+        ),
+        (
+            "fleet rollback",
+            PartView {
+                offer: &rollback_offer,
+                ..base
+            },
+            Step::Idle,
+        ),
+    ];
+    for (what, view, want) in cases {
+        assert_eq!(decide_part(&view), want, "{what}");
+    }
+}
+
+#[test]
+fn an_application_update_reports_its_failed_step_and_whether_the_data_came_back() {
+    use abide_core::app::{AppOp, AppRelease, AppStep, AppTransaction};
+    let tx = |step: AppStep, kind: Option<&str>| AppTransaction {
+        id: "a-1".into(),
+        op: AppOp::Update,
+        app: "web".into(),
+        release: AppRelease {
+            dir: "2.0.0".into(),
+            version: Some("2.0.0".parse().unwrap()),
+        },
+        previous: None,
+        security_version: 0,
+        backup: None,
+        step,
+        reason: kind.map(|_| "check http failed".to_owned()),
+        reason_kind: kind.map(str::to_owned),
+        started: at(0),
+        updated: at(1),
+    };
+    let seen: Vec<String> = [
+        tx(AppStep::Started, None),
+        tx(AppStep::Committed, None),
+        tx(AppStep::RolledBack, Some("health")),
+        tx(AppStep::Failed, Some("backup")),
+        tx(AppStep::Failed, Some("abandoned")),
+    ]
+    .iter()
+    .map(|t| match app_outcome(t) {
+        None => format!("{}: none", t.step.name()),
+        Some((s, r)) => format!(
+            "{}: {} {}",
+            t.step.name(),
+            s.as_str(),
+            r.unwrap_or_default()
+        ),
+    })
+    .collect();
+    expect![[r#"
+        [
+            "started: none",
+            "committed: committed ",
+            "rolled_back: rolled_back step health failed: check http failed; the previous release runs, its data restored from the backup",
+            "failed: rolled_back step backup failed: check http failed; the previous release runs, its data untouched",
+            "failed: failed check http failed",
+        ]
+    "#]]
+    .assert_debug_eq(&seen);
+}
+
+#[test]
+fn an_application_or_agent_release_ends_with_one_report_and_the_os_reports_none_for_it() {
+    let app = Offer {
+        part: Part::App("web".into()),
+        ..offer("2.0.0", AssignedAction::Install)
+    };
+    let mut ledger = Ledger::new();
+    ledger.stage(&app);
+    assert_eq!(
+        ledger.outbox.len(),
+        1,
+        "the download is reported as it starts"
+    );
+    // An OS transaction of the same version is not this release's.
+    let os = tx("2.0.0", TxState::Staged);
+    assert!(!ledger.note(Some(&os)));
+    assert!(!ledger.has_ended("r-2.0.0"));
+    assert!(ledger.end(ReportStatus::Committed, None));
+    assert!(ledger.has_ended("r-2.0.0"));
+    assert!(!ledger.end(ReportStatus::Committed, None), "reported once");
+    let last = ledger.outbox.last().unwrap();
+    assert_eq!(
+        (last.seq, last.status, last.release_id.as_deref()),
+        (2, ReportStatus::Committed, Some("r-2.0.0"))
+    );
+    // The OS's releases never end this way: their transaction reports.
+    let mut os_ledger = Ledger::new();
+    os_ledger.stage(&offer("3.0.0", AssignedAction::Install));
+    assert!(!os_ledger.end(ReportStatus::Committed, None));
 }

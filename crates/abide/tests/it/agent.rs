@@ -66,9 +66,9 @@ pub(crate) fn device(dir: &Path, name: &str, url: &str, token_file: &Path) -> Pa
 
 /// A running `abide server` (SQLite, or the database `db`) with the workspace's trust root, and
 /// the admin commands against it.
-struct Fleet {
+pub(crate) struct Fleet {
     server: Option<crate::fleet::ServerProcess>,
-    url: String,
+    pub(crate) url: String,
     admin: PathBuf,
     dir: PathBuf,
     data: PathBuf,
@@ -76,7 +76,7 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn start(dir: &Path, db: Option<&str>, extra: &[&str]) -> Fleet {
+    pub(crate) fn start(dir: &Path, db: Option<&str>, extra: &[&str]) -> Fleet {
         let data = data_dir(dir, "server");
         let port = free_port();
         let server = crate::fleet::start_server_with(&data, port, db, extra);
@@ -101,12 +101,12 @@ impl Fleet {
     }
 
     /// `abide fleet ARGS --json`.
-    fn cmd(&self, args: &[&str]) -> Value {
+    pub(crate) fn cmd(&self, args: &[&str]) -> Value {
         fleet(&self.dir, &self.url, &self.admin, args)
     }
 
     /// An enrolment token for `group`, written to DIR/GROUP.token.
-    fn token(&self, group: &str) -> PathBuf {
+    pub(crate) fn token(&self, group: &str) -> PathBuf {
         let created = self.cmd(&["enroll-token", "create", "--group", group, "--uses", "100"]);
         let path = self.dir.join(format!("{group}.token"));
         std::fs::write(&path, created["token"].as_str().unwrap()).unwrap();
@@ -114,12 +114,18 @@ impl Fleet {
     }
 
     /// Uploads `bundle`; returns the release.
-    fn upload(&self, bundle: &Path) -> Value {
+    pub(crate) fn upload(&self, bundle: &Path) -> Value {
         self.cmd(&["release", "upload", bundle.to_str().unwrap()])
     }
 
     /// A rollout of `release` (as uploaded) to `group` with `stages` and more arguments.
-    fn rollout(&self, release: &Value, stages: &str, group: &str, more: &[&str]) -> Value {
+    pub(crate) fn rollout(
+        &self,
+        release: &Value,
+        stages: &str,
+        group: &str,
+        more: &[&str],
+    ) -> Value {
         let id = release["id"].as_str().unwrap();
         let mut args = vec![
             "rollout",
@@ -541,7 +547,7 @@ fn a_device_whose_window_is_closed_stages_and_activates_only_once_it_opens() {
 }
 
 /// `abide agent --once --config DEVICE/system.toml --json`, expecting exit code `exit`.
-fn agent_once(dir: &Path, device: &Path, exit: i32) -> Value {
+pub(crate) fn agent_once(dir: &Path, device: &Path, exit: i32) -> Value {
     let config = device.join("system.toml");
     let out = Command::new(env!("CARGO_BIN_EXE_abide"))
         .args(["agent", "--once", "--json", "--config"])

@@ -1192,3 +1192,140 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
         );
     }
 }
+
+/// A fleet rollout of an application release: the agent carries it out as a local update and
+/// reports `committed` after the health gate; a failing release is reported `rolled_back` with
+/// the failed step and the data restored; a device without the application is left out.
+#[test]
+fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
+    use crate::agent::{Fleet, agent_once};
+    let app = App::at_1_0_0();
+    let dir = app.dir().to_owned();
+    let f = Fleet::start(&dir, None, &[]);
+    let token = f.token("lab");
+    let config = dir.join("dev/system.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[server]\nurl = {:?}\ndevice_id = \"gw-app\"\npoll_interval = \"200ms\"\nenroll_token_file = {:?}\n",
+            f.url,
+            token.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    // A second device of the group, of the same hardware, has no `web`.
+    crate::json_args(
+        &dir,
+        &[
+            "sim",
+            "init",
+            "gw-plain",
+            "--trust",
+            "trust.json",
+            "--product",
+            "gw",
+            "--compatible",
+            "gw-1",
+            "--version",
+            "1.0.0",
+            "--slot-size",
+            "4M",
+            "--server",
+            &f.url,
+            "--enroll-token-file",
+            token.to_str().unwrap(),
+            "--poll",
+            "200ms",
+        ],
+        0,
+    );
+    let plain = dir.join("gw-plain");
+    // Each enrols and tells what it has.
+    agent_once(&dir, &dir.join("dev"), 0);
+    agent_once(&dir, &plain, 0);
+    let devices = f.cmd(&["devices"]);
+    assert_eq!(devices.as_array().unwrap().len(), 2, "{devices}");
+
+    let good = app.sim.path(&app.bundle("2.0.0", GOOD, MIGRATE));
+    let release = f.upload(&good);
+    assert_eq!(
+        (release["kind"].as_str(), release["app"].as_str()),
+        (Some("app"), Some("web")),
+        "{release}"
+    );
+    // Such a release has no staged step to wait in: a prestaged rollout of it is refused.
+    let admin = dir.join("server/admin.token");
+    let refused = crate::abide_args(
+        &dir,
+        &[
+            "fleet",
+            "--server",
+            &f.url,
+            "--token-file",
+            admin.to_str().unwrap(),
+            "rollout",
+            "create",
+            "--release",
+            release["id"].as_str().unwrap(),
+            "--stages",
+            "100",
+            "--group",
+            "lab",
+            "--prestage",
+            "50%",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("prestage"),
+        "{stderr}"
+    );
+    let ro = f.rollout(&release, "100", "lab", &[]);
+    assert_eq!(ro["devices"], 1, "{ro}");
+    assert_eq!(
+        ro["left_out"],
+        serde_json::json!([{"reason": "no-app", "devices": 1}]),
+        "{ro}"
+    );
+    agent_once(&dir, &dir.join("dev"), 0);
+    assert_eq!(app.version(), "2.0.0");
+    assert!(app.services_running());
+    let id = ro["id"].as_str().unwrap();
+    let status = f.cmd(&["rollout", "status", id]);
+    assert_eq!(status["committed"], 1, "{status}");
+    // The OS did not move: the device's version is its OS's.
+    let dev = f.cmd(&["devices"]);
+    let gw = dev
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == "gw-app")
+        .unwrap();
+    assert_eq!(gw["version"], "1.0.0", "{dev}");
+
+    // A release whose health check fails: rolled back, data back byte for byte, reported so.
+    let with_data = app.data();
+    let bad = app.sim.path(&app.bundle("2.1.0", BAD, MIGRATE));
+    let release = f.upload(&bad);
+    let ro = f.rollout(&release, "100", "lab", &["--failure-threshold", "50%"]);
+    agent_once(&dir, &dir.join("dev"), 0);
+    assert_eq!(app.version(), "2.0.0");
+    assert!(app.services_running());
+    assert_eq!(
+        app.data(),
+        with_data,
+        "the data is the backup's, byte for byte"
+    );
+    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
+    let failing = &status["failing"][0];
+    assert_eq!(failing["state"], "rolled_back", "{status}");
+    let reason = failing["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("step health failed") && reason.contains("data restored from the backup"),
+        "{reason}"
+    );
+    // Not tried again on the next rounds.
+    agent_once(&dir, &dir.join("dev"), 0);
+    assert_eq!(app.version(), "2.0.0");
+}

@@ -309,7 +309,7 @@ impl Agent {
             };
             let part = match &answer {
                 Some((_, Some(offer))) if !offer.part.is_os() => {
-                    Some(part_facts(&device.config, offer)?)
+                    Some(part_state(&device.config, offer, &fleet.ledger)?)
                 }
                 _ => None,
             };
@@ -328,22 +328,11 @@ impl Agent {
                     (Some(_), Some((a, offer))) => Fleet::Answered(Answer {
                         offer: offer.as_ref(),
                         group_window: group_window(a, now),
-                        quarantined: match &part {
-                            Some(p) => p.quarantined,
-                            None => offer
-                                .as_ref()
-                                .is_some_and(|o| state.quarantine.get(&o.version).is_some()),
-                        },
+                        quarantined: offer
+                            .as_ref()
+                            .is_some_and(|o| state.quarantine.get(&o.version).is_some()),
                         lease: fleet.ledger.lease(),
-                        part: match (&part, offer) {
-                            (Some(p), Some(o)) => PartState {
-                                running: p.running.as_ref(),
-                                present: p.present,
-                                ended: fleet.ledger.has_ended(&o.release_id),
-                                needs_lease: p.needs_lease,
-                            },
-                            _ => PartState::default(),
-                        },
+                        part: part.as_ref(),
                     }),
                 },
             };
@@ -364,29 +353,9 @@ impl Agent {
                     // A fleet release of the agent reports how its trial ended; a new agent
                     // that did not come up is reported by the old one, which runs again.
                     if let Some(t) = trial
-                        && fleet
-                            .ledger
-                            .assigned
-                            .as_ref()
-                            .is_some_and(|a| a.part == Part::Agent && a.version == t.to)
+                        && fleet.ledger.end_trial(&t)
                     {
-                        let (status, reason) = match t.state {
-                            abide_core::selfupdate::TrialState::Committed => {
-                                (abide_fleet_json::ReportStatus::Committed, None)
-                            }
-                            _ => (
-                                abide_fleet_json::ReportStatus::RolledBack,
-                                Some(format!(
-                                    "the new agent {} did not come up ({}); agent {} runs again",
-                                    t.to,
-                                    t.reason.as_deref().unwrap_or("no reason given"),
-                                    t.from
-                                )),
-                            ),
-                        };
-                        if fleet.ledger.end(status, reason) {
-                            fleet.store(&device.config.state_dir)?;
-                        }
+                        fleet.store(&device.config.state_dir)?;
                     }
                     return Ok(None);
                 }
@@ -507,22 +476,7 @@ impl Agent {
         }
         // An application update the fleet assigned that a restart cut short was finished by
         // the recovery: its outcome is reported now.
-        if let Some(abide_core::fleet::Assigned {
-            part: Part::App(name),
-            version,
-            ..
-        }) = fleet.ledger.assigned.clone()
-            && let Some((status, reason)) =
-                crate::app::AppState::load(&device.config.state_dir, &name)?
-                    .transaction
-                    .filter(|t| {
-                        t.release.version.as_ref().map(ToString::to_string) == Some(version.clone())
-                    })
-                    .and_then(|t| abide_core::fleet::app_outcome(&t))
-            && fleet.ledger.end(status, reason)
-        {
-            fleet.store(&device.config.state_dir)?;
-        }
+        note_app(device, fleet)?;
         self.flush(client, fleet, device)?;
         let inventory = inventory(device, &state)?;
         let now = self.shared.clock.now();
@@ -571,22 +525,13 @@ impl Agent {
         );
         tracing::info!(version = %release.version, part = ?offer.part, "carrying out a fleet release");
         let done = crate::scheduled::carry_out(&self.shared, device, schedule, src);
-        let ended = match &offer.part {
-            Part::App(name) => crate::app::AppState::load(&device.config.state_dir, name)?
-                .transaction
-                .filter(|t| t.release.version.as_ref() == Some(&offer.version))
-                .and_then(|t| abide_core::fleet::app_outcome(&t)),
-            _ => None,
-        };
-        let ended = ended.or_else(|| match &done {
-            Err(e) if e.is_refusal() => Some((
+        note_app(device, fleet)?;
+        if let Err(e) = &done
+            && e.is_refusal()
+            && fleet.ledger.end(
                 abide_fleet_json::ReportStatus::Failed,
                 Some(format!("{}: {e}", e.code())),
-            )),
-            _ => None,
-        });
-        if let Some((status, reason)) = ended
-            && fleet.ledger.end(status, reason)
+            )
         {
             fleet.store(&device.config.state_dir)?;
         }
@@ -902,48 +847,52 @@ fn inventory(device: &Device, state: &crate::state::DeviceRecord) -> Result<Chec
     })
 }
 
-/// What the device has of the application or agent an offer replaces.
-struct PartFacts {
-    running: Option<semver::Version>,
-    present: bool,
-    quarantined: bool,
-    needs_lease: bool,
-}
-
-fn part_facts(config: &Config, offer: &Offer) -> Result<PartFacts> {
+/// What the device has of the application or agent `offer` replaces.
+fn part_state(
+    config: &Config,
+    offer: &Offer,
+    ledger: &abide_core::fleet::Ledger,
+) -> Result<PartState> {
+    let ended = ledger.has_ended(&offer.release_id);
     Ok(match &offer.part {
-        Part::Os => PartFacts {
-            running: None,
-            present: true,
-            quarantined: false,
-            needs_lease: false,
-        },
+        Part::Os => PartState::default(),
         Part::App(name) => match config.app(name) {
-            None => PartFacts {
-                running: None,
-                present: false,
-                quarantined: false,
-                needs_lease: false,
-            },
+            None => PartState::default(),
             Some(app) => {
                 let st = crate::app::AppState::load(&config.state_dir, name)?;
-                PartFacts {
+                PartState {
                     running: st.current.and_then(|r| r.version),
                     present: true,
                     quarantined: st.quarantine.get(&offer.version).is_some(),
+                    ended,
                     needs_lease: app.lease,
                 }
             }
         },
-        Part::Agent => PartFacts {
+        Part::Agent => PartState {
             running: crate::selfupdate::agent_version(&config.state_dir)
                 .parse()
                 .ok(),
             present: crate::selfupdate::can_replace(config),
             quarantined: false,
+            ended,
             needs_lease: false,
         },
     })
+}
+
+/// Queues the report of the assigned application release's update if it ended
+/// (`Ledger::end_app`).
+fn note_app(device: &Device, fleet: &mut FleetState) -> Result<()> {
+    let Some(Part::App(name)) = fleet.ledger.assigned.as_ref().map(|a| a.part.clone()) else {
+        return Ok(());
+    };
+    if let Some(tx) = crate::app::AppState::load(&device.config.state_dir, &name)?.transaction
+        && fleet.ledger.end_app(&tx)
+    {
+        fleet.store(&device.config.state_dir)?;
+    }
+    Ok(())
 }
 
 /// The group's window, from the assignment: open if it has none; one that cannot be read

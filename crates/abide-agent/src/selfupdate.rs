@@ -32,9 +32,6 @@ use crate::config::Config;
 use crate::device::Device;
 use crate::error::{AgentError, Result};
 
-/// The kind of component that carries the agent.
-pub const KIND: &str = "agent";
-
 /// The trial's record in `state_dir` (its states and transitions are
 /// `abide_core::selfupdate::Trial`'s).
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -81,7 +78,7 @@ pub fn can_replace(config: &Config) -> bool {
 
 /// Whether a bundle carries the agent: one component, of kind `agent`.
 pub fn is_agent_bundle(manifest: &Manifest) -> bool {
-    manifest.components.len() == 1 && manifest.components[0].kind.as_str() == KIND
+    abide_core::fleet::release_kind(manifest).0 == abide_fleet_json::ReleaseKind::Agent
 }
 
 /// `BINARY.prev`.

@@ -207,7 +207,7 @@ impl Sim {
                         lease: self.ledger.lease(),
                         // A simulated device has no applications and does not replace its
                         // agent: such releases do not target it.
-                        part: agent::PartState::default(),
+                        part: None,
                     }),
                 },
             });

@@ -75,21 +75,24 @@ pub struct Answer<'a> {
     pub offer: Option<&'a Offer>,
     /// The group's window (from the assignment).
     pub group_window: WindowState,
-    /// Whether the offered version is quarantined here.
+    /// Whether the offered version of the operating system is quarantined here.
     pub quarantined: bool,
     /// The reboot lease.
     pub lease: Lease,
-    /// What an application or agent offer finds on the device (unused for the OS).
-    pub part: PartState<'a>,
+    /// What an application or agent offer finds on the device; none is as a device without
+    /// the application (the offer is not for it).
+    pub part: Option<&'a PartState>,
 }
 
 /// What the device has of the application or agent an offer replaces.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct PartState<'a> {
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PartState {
     /// The version that runs; none for an application never updated.
-    pub running: Option<&'a Version>,
+    pub running: Option<Version>,
     /// Whether the device has the application (or its agent can replace itself).
     pub present: bool,
+    /// Whether the offered version was rolled back here.
+    pub quarantined: bool,
     /// Whether this release's update already ended here.
     pub ended: bool,
     /// Whether the application's restart needs a reboot lease (`[[app]] lease = true`).
@@ -230,20 +233,24 @@ pub fn next(s: &Situation<'_>) -> Command {
         (WindowState::Open, Windows::None | Windows::Open) => WindowState::Open,
         _ => WindowState::Closed,
     };
+    let absent = PartState::default();
     let step = match answer.offer {
-        Some(offer) if !offer.part.is_os() => fleet::decide_part(&PartView {
-            offer,
-            running: answer.part.running,
-            present: answer.part.present,
-            quarantined: answer.quarantined,
-            ended: answer.part.ended,
-            needs_lease: answer.part.needs_lease,
-            os_busy: tx.is_some_and(|t| {
-                matches!(t.state, TxState::Activated { .. } | TxState::Trial { .. })
-            }),
-            window,
-            lease: answer.lease,
-        }),
+        Some(offer) if !offer.part.is_os() => {
+            let part = answer.part.unwrap_or(&absent);
+            fleet::decide_part(&PartView {
+                offer,
+                running: part.running.as_ref(),
+                present: part.present,
+                quarantined: part.quarantined,
+                ended: part.ended,
+                needs_lease: part.needs_lease,
+                os_busy: tx.is_some_and(|t| {
+                    matches!(t.state, TxState::Activated { .. } | TxState::Trial { .. })
+                }),
+                window,
+                lease: answer.lease,
+            })
+        }
         _ => fleet::decide(&View {
             offer: answer.offer,
             running: s.running,

@@ -67,6 +67,17 @@ impl Offer {
     }
 }
 
+/// What a verified manifest carries: one component of kind `agent` is the agent, one of kind
+/// `app` the application its slot class names; anything else is the operating system. The
+/// server files each release under it; the device tells an agent bundle by it.
+pub fn release_kind(manifest: &abide_bundle::Manifest) -> (ReleaseKind, Option<String>) {
+    match manifest.components.as_slice() {
+        [c] if c.kind.as_str() == "agent" => (ReleaseKind::Agent, None),
+        [c] if c.kind.as_str() == "app" => (ReleaseKind::App, Some(c.slot_class.to_string())),
+        _ => (ReleaseKind::Os, None),
+    }
+}
+
 /// Whether the device holds a reboot lease from the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lease {
@@ -266,6 +277,25 @@ pub fn app_outcome(tx: &crate::app::AppTransaction) -> Option<(ReportStatus, Opt
     }
 }
 
+/// What the agent's self-update trial reports once it was settled: `committed`, or
+/// `rolled_back` when the new agent did not come up (the previous one reports it).
+pub fn trial_outcome(trial: &crate::selfupdate::Trial) -> Option<(ReportStatus, Option<String>)> {
+    use crate::selfupdate::TrialState;
+    match trial.state {
+        TrialState::Trying => None,
+        TrialState::Committed => Some((ReportStatus::Committed, None)),
+        TrialState::Failed => Some((
+            ReportStatus::RolledBack,
+            Some(format!(
+                "the new agent {} did not come up ({}); agent {} runs again",
+                trial.to,
+                trial.reason.as_deref().unwrap_or("no reason given"),
+                trial.from
+            )),
+        )),
+    }
+}
+
 /// What a transaction in `state` reports, with the reason of a failure or rollback.
 pub fn status(state: &TxState) -> (ReportStatus, Option<String>) {
     match state {
@@ -444,6 +474,38 @@ impl Ledger {
             seconds: None,
         });
         true
+    }
+
+    /// The assigned application release's update `tx` ended: its one report ([`app_outcome`]);
+    /// a transaction of another application or version, or one still running, reports nothing.
+    pub fn end_app(&mut self, tx: &crate::app::AppTransaction) -> bool {
+        let ours = self.assigned.as_ref().is_some_and(|a| {
+            a.part == Part::App(tx.app.clone())
+                && tx
+                    .release
+                    .version
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .as_ref()
+                    == Some(&a.version)
+        });
+        match app_outcome(tx).filter(|_| ours) {
+            Some((status, reason)) => self.end(status, reason),
+            None => false,
+        }
+    }
+
+    /// The assigned agent release's self-update `trial` was settled: its one report
+    /// ([`trial_outcome`]); a trial of another version reports nothing.
+    pub fn end_trial(&mut self, trial: &crate::selfupdate::Trial) -> bool {
+        let ours = self
+            .assigned
+            .as_ref()
+            .is_some_and(|a| a.part == Part::Agent && a.version == trial.to);
+        match trial_outcome(trial).filter(|_| ours) {
+            Some((status, reason)) => self.end(status, reason),
+            None => false,
+        }
     }
 
     /// Queues the report the transaction's state makes ([`report`]), if one is due; returns

@@ -489,8 +489,9 @@ struct Seen {
 }
 
 /// What each device has of applications and the agent (the JSON of its check-in's `apps` and
-/// `agent`), as this process last stored it: a change is stored at once, and the device joins
-/// the unfinished rollouts of application and agent releases it now qualifies for.
+/// `agent`), as this process last stored or read it: a change is stored at once, and the
+/// device joins the unfinished rollouts of application and agent releases it now qualifies
+/// for.
 #[derive(Debug, Default)]
 pub struct Inventories(Mutex<HashMap<String, Inventory>>);
 
@@ -507,18 +508,33 @@ async fn keep_inventory(server: &Server, id: &str, req: &CheckinRequest) -> ApiR
         .as_ref()
         .map(|a| serde_json::to_string(a).expect("plain data"));
     let now = (apps, agent);
-    if server.inventories.0.lock().expect("not poisoned").get(id) == Some(&now) {
-        return Ok(());
+    let known = server
+        .inventories
+        .0
+        .lock()
+        .expect("not poisoned")
+        .get(id)
+        .cloned();
+    // After a start, what is stored stands for what this process knew.
+    let known = match known {
+        Some(k) => k,
+        None => sqlx::query_as::<_, Inventory>("SELECT apps, agent FROM devices WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&server.db.read)
+            .await?
+            .unwrap_or_default(),
+    };
+    if known != now {
+        let mut tx = server.db.pool.begin().await?;
+        sqlx::query("UPDATE devices SET apps = $2, agent = $3 WHERE id = $1")
+            .bind(id)
+            .bind(&now.0)
+            .bind(&now.1)
+            .execute(&mut *tx)
+            .await?;
+        crate::rollouts::enrol_device(&mut tx, id).await?;
+        tx.commit().await?;
     }
-    let mut tx = server.db.pool.begin().await?;
-    sqlx::query("UPDATE devices SET apps = $2, agent = $3 WHERE id = $1")
-        .bind(id)
-        .bind(&now.0)
-        .bind(&now.1)
-        .execute(&mut *tx)
-        .await?;
-    crate::rollouts::enrol_device(&mut tx, id).await?;
-    tx.commit().await?;
     server
         .inventories
         .0

@@ -39,19 +39,6 @@ struct Row {
 const COLUMNS: &str =
     "id, sha256, product, version, security_version, compatible, size, created_at, kind, app";
 
-/// What a verified manifest carries: one component of kind `agent` is the agent, one of kind
-/// `app` the application its slot class names; anything else is the operating system.
-pub fn kind_of(
-    manifest: &abide_bundle::Manifest,
-) -> (abide_fleet_json::ReleaseKind, Option<String>) {
-    use abide_fleet_json::ReleaseKind;
-    match manifest.components.as_slice() {
-        [c] if c.kind.as_str() == "agent" => (ReleaseKind::Agent, None),
-        [c] if c.kind.as_str() == "app" => (ReleaseKind::App, Some(c.slot_class.to_string())),
-        _ => (ReleaseKind::Os, None),
-    }
-}
-
 impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for Row {
     fn from_row(row: &'r sqlx::any::AnyRow) -> Result<Self, sqlx::Error> {
         use sqlx::Row as _;
@@ -310,7 +297,7 @@ pub async fn upload(
         .iter()
         .map(ToString::to_string)
         .collect();
-    let (kind, app) = kind_of(&manifest);
+    let (kind, app) = abide_core::fleet::release_kind(&manifest);
     let row = Row {
         kind: kind.as_str().to_owned(),
         app,

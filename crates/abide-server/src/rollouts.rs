@@ -149,30 +149,27 @@ struct Candidate {
     version: Option<String>,
 }
 
-/// What the device runs of what `release` replaces, from its stored inventory (`apps`,
-/// `agent`: JSON of its last check-in's); `Err` with the reason it is left out when it does not
-/// have the application or its agent cannot replace itself.
+/// What a device runs of what a release of `kind` (for application `app`) replaces: its OS
+/// version `os`, the application's version in `apps`, or its agent's version; `Err` with the
+/// reason it is left out when it does not have the application (`no-app`) or its agent cannot
+/// replace itself (`no-self-update`).
 fn part_version(
-    release: &abide_fleet_json::Release,
+    kind: ReleaseKind,
+    app: Option<&str>,
     os: Option<String>,
-    apps: Option<&str>,
-    agent: Option<&str>,
+    apps: &[InstalledApp],
+    agent: Option<&AgentInventory>,
 ) -> Result<Option<String>, &'static str> {
-    match release.kind {
+    match kind {
         ReleaseKind::Os => Ok(os),
-        ReleaseKind::App => {
-            let apps: Vec<InstalledApp> = apps
-                .and_then(|a| serde_json::from_str(a).ok())
-                .unwrap_or_default();
-            apps.into_iter()
-                .find(|a| Some(&a.name) == release.app.as_ref())
-                .map(|a| a.version)
-                .ok_or("no-app")
-        }
+        ReleaseKind::App => apps
+            .iter()
+            .find(|a| Some(a.name.as_str()) == app)
+            .map(|a| a.version.clone())
+            .ok_or("no-app"),
         ReleaseKind::Agent => agent
-            .and_then(|a| serde_json::from_str::<AgentInventory>(a).ok())
             .filter(|a| a.self_update)
-            .map(|a| Some(a.version))
+            .map(|a| Some(a.version.clone()))
             .ok_or("no-self-update"),
     }
 }
@@ -213,7 +210,18 @@ async fn candidates(
         if !ids.iter().any(|c| release.compatible.contains(c)) {
             continue;
         }
-        match part_version(release, version, apps.as_deref(), agent.as_deref()) {
+        // The inventory as stored from the device's check-in (JSON of its `apps`, `agent`).
+        let apps: Vec<InstalledApp> = apps
+            .and_then(|a| serde_json::from_str(&a).ok())
+            .unwrap_or_default();
+        let agent: Option<AgentInventory> = agent.and_then(|a| serde_json::from_str(&a).ok());
+        match part_version(
+            release.kind,
+            release.app.as_deref(),
+            version,
+            &apps,
+            agent.as_ref(),
+        ) {
             Ok(version) => out.push(Candidate { id, version }),
             Err(reason) => *left_out.entry(reason).or_default() += 1,
         }
@@ -1024,15 +1032,15 @@ pub async fn assignment(
             crate::db::json_column(&format!("rollout {rollout_id}"), "stages", &stages)?;
         let kind = ReleaseKind::parse(&kind).unwrap_or_default();
         // What the device runs of what the release replaces, from this check-in.
-        let version = match kind {
-            ReleaseKind::Os => Some(checkin.version.clone()),
-            ReleaseKind::App => checkin
-                .apps
-                .iter()
-                .find(|a| Some(&a.name) == app.as_ref())
-                .and_then(|a| a.version.clone()),
-            ReleaseKind::Agent => checkin.agent.as_ref().map(|a| a.version.clone()),
-        };
+        let version = part_version(
+            kind,
+            app.as_deref(),
+            Some(checkin.version.clone()),
+            &checkin.apps,
+            checkin.agent.as_ref(),
+        )
+        .ok()
+        .flatten();
         let version = version.as_deref().unwrap_or("");
         let assigned = |release_id: String,
                         version: String,

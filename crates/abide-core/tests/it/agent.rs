@@ -94,7 +94,7 @@ fn run(c: &Case) -> Command {
             group_window: *window,
             quarantined: false,
             lease: *lease,
-            part: abide_core::agent::PartState::default(),
+            part: None,
         }),
     };
     next(&Situation {

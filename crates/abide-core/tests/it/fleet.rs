@@ -499,3 +499,81 @@ fn an_application_or_agent_release_ends_with_one_report_and_the_os_reports_none_
     os_ledger.stage(&offer("3.0.0", AssignedAction::Install));
     assert!(!os_ledger.end(ReportStatus::Committed, None));
 }
+
+#[test]
+fn only_the_assigned_application_or_agent_release_ends_the_ledgers_update() {
+    use abide_core::app::{AppOp, AppRelease, AppStep, AppTransaction};
+    use abide_core::selfupdate::{Trial, TrialState};
+    let app_tx = |app: &str, version: &str, step: AppStep| AppTransaction {
+        id: "a-1".into(),
+        op: AppOp::Update,
+        app: app.into(),
+        release: AppRelease {
+            dir: version.into(),
+            version: Some(version.parse().unwrap()),
+        },
+        previous: None,
+        security_version: 0,
+        backup: None,
+        step,
+        reason: None,
+        reason_kind: None,
+        started: at(0),
+        updated: at(1),
+    };
+    let mut ledger = Ledger::new();
+    ledger.stage(&Offer {
+        part: Part::App("web".into()),
+        ..offer("2.0.0", AssignedAction::Install)
+    });
+    assert!(
+        !ledger.end_app(&app_tx("db", "2.0.0", AppStep::Committed)),
+        "another application"
+    );
+    assert!(
+        !ledger.end_app(&app_tx("web", "1.9.0", AppStep::Committed)),
+        "another version"
+    );
+    assert!(
+        !ledger.end_app(&app_tx("web", "2.0.0", AppStep::Started)),
+        "still running"
+    );
+    assert!(ledger.end_app(&app_tx("web", "2.0.0", AppStep::Committed)));
+    assert!(
+        !ledger.end_app(&app_tx("web", "2.0.0", AppStep::Committed)),
+        "once"
+    );
+
+    let trial = |to: &str, state: TrialState| Trial {
+        state,
+        from: "1.0.0".into(),
+        to: to.into(),
+        binary: "/usr/bin/abide".into(),
+        pid: 1,
+        since: at(0),
+        deadline: 60,
+        args: Vec::new(),
+        schedule: None,
+        reason: Some("exited with status 1".into()),
+    };
+    let mut ledger = Ledger::new();
+    ledger.stage(&Offer {
+        part: Part::Agent,
+        ..offer("2.0.0", AssignedAction::Install)
+    });
+    assert!(
+        !ledger.end_trial(&trial("2.1.0", TrialState::Failed)),
+        "another version"
+    );
+    assert!(
+        !ledger.end_trial(&trial("2.0.0", TrialState::Trying)),
+        "still trying"
+    );
+    assert!(ledger.end_trial(&trial("2.0.0", TrialState::Failed)));
+    let last = ledger.outbox.last().unwrap();
+    assert_eq!(last.status, ReportStatus::RolledBack);
+    assert_eq!(
+        last.reason.as_deref(),
+        Some("the new agent 2.0.0 did not come up (exited with status 1); agent 1.0.0 runs again")
+    );
+}

@@ -34,6 +34,17 @@ pub(crate) fn release_bundle(dir: &Path, version: &str, seed: u64) -> PathBuf {
 /// A simulated device `name` in `dir` set up for the fleet at `url`; its health check fails
 /// on any 3.x version.
 pub(crate) fn device(dir: &Path, name: &str, url: &str, token_file: &Path) -> PathBuf {
+    device_of(dir, name, url, token_file, "gw-board")
+}
+
+/// [`device`] of the hardware `compatible`.
+pub(crate) fn device_of(
+    dir: &Path,
+    name: &str,
+    url: &str,
+    token_file: &Path,
+    compatible: &str,
+) -> PathBuf {
     json_args(
         dir,
         &[
@@ -45,7 +56,7 @@ pub(crate) fn device(dir: &Path, name: &str, url: &str, token_file: &Path) -> Pa
             "--product",
             "gw",
             "--compatible",
-            "gw-board",
+            compatible,
             "--version",
             "1.0.0",
             "--slot-size",

@@ -1198,7 +1198,7 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
 /// the failed step and the data restored; a device without the application is left out.
 #[test]
 fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
-    use crate::agent::{Fleet, agent_once};
+    use crate::agent::{Fleet, agent_once, device_of};
     let app = App::at_1_0_0();
     let dir = app.dir().to_owned();
     let f = Fleet::start(&dir, None, &[]);
@@ -1215,32 +1215,7 @@ fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
     )
     .unwrap();
     // A second device of the group, of the same hardware, has no `web`.
-    crate::json_args(
-        &dir,
-        &[
-            "sim",
-            "init",
-            "gw-plain",
-            "--trust",
-            "trust.json",
-            "--product",
-            "gw",
-            "--compatible",
-            "gw-1",
-            "--version",
-            "1.0.0",
-            "--slot-size",
-            "4M",
-            "--server",
-            &f.url,
-            "--enroll-token-file",
-            token.to_str().unwrap(),
-            "--poll",
-            "200ms",
-        ],
-        0,
-    );
-    let plain = dir.join("gw-plain");
+    let plain = device_of(&dir, "gw-plain", &f.url, &token, "gw-1");
     // Each enrols and tells what it has.
     agent_once(&dir, &dir.join("dev"), 0);
     agent_once(&dir, &plain, 0);

@@ -250,31 +250,32 @@ pub fn decide_part(v: &PartView<'_>) -> Step {
 }
 
 /// What an application's update reports once it ended: `committed` after its health gate;
-/// `rolled_back` when a step failed, with the step and whether the data came back from the
-/// backup; `failed` when it was given up before its first step. `None` while it runs.
+/// `rolled_back` when a step failed or a restart interrupted one, with the step and whether the
+/// data came back from the backup; `failed` when it was given up before its first step.
+/// `None` while it runs.
 pub fn app_outcome(tx: &crate::app::AppTransaction) -> Option<(ReportStatus, Option<String>)> {
     use crate::app::AppStep;
     let reason = tx.reason.as_deref().unwrap_or("no reason given");
     let step = tx.reason_kind.as_deref().unwrap_or("unknown");
-    match tx.step {
-        AppStep::Committed => Some((ReportStatus::Committed, None)),
-        AppStep::RolledBack => Some((
-            ReportStatus::RolledBack,
-            Some(format!(
-                "step {step} failed: {reason}; the previous release runs, its data restored from the backup"
-            )),
-        )),
+    let data = match tx.step {
+        AppStep::Committed => return Some((ReportStatus::Committed, None)),
         AppStep::Failed if step == "abandoned" => {
-            Some((ReportStatus::Failed, Some(reason.to_owned())))
+            return Some((ReportStatus::Failed, Some(reason.to_owned())));
         }
-        AppStep::Failed => Some((
-            ReportStatus::RolledBack,
-            Some(format!(
-                "step {step} failed: {reason}; the previous release runs, its data untouched"
-            )),
-        )),
-        _ => None,
-    }
+        AppStep::RolledBack => "its data restored from the backup",
+        AppStep::Failed => "its data untouched",
+        _ => return None,
+    };
+    // A restart's recovery names the step it interrupted in the reason itself.
+    let failed = if step == "interrupted" {
+        reason.to_owned()
+    } else {
+        format!("step {step} failed: {reason}")
+    };
+    Some((
+        ReportStatus::RolledBack,
+        Some(format!("{failed}; the previous release runs, {data}")),
+    ))
 }
 
 /// What the agent's self-update trial reports once it was settled: `committed`, or

@@ -445,6 +445,10 @@ fn an_application_update_reports_its_failed_step_and_whether_the_data_came_back(
         tx(AppStep::RolledBack, Some("health")),
         tx(AppStep::Failed, Some("backup")),
         tx(AppStep::Failed, Some("abandoned")),
+        AppTransaction {
+            reason: Some("interrupted while switched".into()),
+            ..tx(AppStep::RolledBack, Some("interrupted"))
+        },
     ]
     .iter()
     .map(|t| match app_outcome(t) {
@@ -464,6 +468,7 @@ fn an_application_update_reports_its_failed_step_and_whether_the_data_came_back(
             "rolled_back: rolled_back step health failed: check http failed; the previous release runs, its data restored from the backup",
             "failed: rolled_back step backup failed: check http failed; the previous release runs, its data untouched",
             "failed: failed check http failed",
+            "rolled_back: rolled_back interrupted while switched; the previous release runs, its data restored from the backup",
         ]
     "#]]
     .assert_debug_eq(&seen);

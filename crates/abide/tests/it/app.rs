@@ -100,7 +100,12 @@ timeout = "5s"
 
     /// A device whose services only mark themselves running, with release 1.0.0 committed.
     fn at_1_0_0() -> App {
-        let app = App::new("");
+        App::at_1_0_0_with("")
+    }
+
+    /// [`App::at_1_0_0`] with `extra` keys for its `[[app]]`.
+    fn at_1_0_0_with(extra: &str) -> App {
+        let app = App::new(extra);
         app.quiet();
         let v1 = app.bundle("1.0.0", GOOD, MIGRATE);
         assert_eq!(app.install(&v1, 0)["state"], "committed");
@@ -1193,15 +1198,27 @@ fn a_file_system_filled_at_any_step_of_an_update_ends_on_a_release_with_its_serv
     }
 }
 
-/// A fleet rollout of an application release: the agent carries it out as a local update and
-/// reports `committed` after the health gate; a failing release is reported `rolled_back` with
-/// the failed step and the data restored; a device without the application is left out.
+/// A fleet rollout of an application release: the agent carries it out as a local update under
+/// a reboot lease (`lease = true`) and reports `committed` after the health gate; a failing
+/// release is reported `rolled_back` with the failed step and the data restored, and not tried
+/// again; a refused one `failed`; one a killed agent left in its migration is finished by the
+/// next start and reported then; a device without the application is left out.
 #[test]
 fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
+    app_release_by_rollout(None);
+}
+
+#[test]
+fn an_application_release_travels_by_rollout_on_postgresql() {
+    let pg = abide_testkit::pg::Postgres::start();
+    app_release_by_rollout(Some(&pg.url()));
+}
+
+fn app_release_by_rollout(db: Option<&str>) {
     use crate::agent::{Fleet, agent_once, device_of};
-    let app = App::at_1_0_0();
+    let app = App::at_1_0_0_with("lease = true\n");
     let dir = app.dir().to_owned();
-    let f = Fleet::start(&dir, None, &[]);
+    let f = Fleet::start(&dir, db, &[]);
     let token = f.token("lab");
     let config = dir.join("dev/system.toml");
     let text = std::fs::read_to_string(&config).unwrap();
@@ -1269,6 +1286,29 @@ fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
     let id = ro["id"].as_str().unwrap();
     let status = f.cmd(&["rollout", "status", id]);
     assert_eq!(status["committed"], 1, "{status}");
+    // The update ran under a reboot lease, given back once it was reported.
+    let audit = f.cmd(&["audit"]);
+    let trail: Vec<String> = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["actor"] == "device:gw-app")
+        .map(|r| {
+            let status = r["details"]["status"].as_str().unwrap_or_default();
+            format!("{} {status}", r["action"].as_str().unwrap())
+        })
+        .filter(|a| !a.starts_with("device.enrol"))
+        .collect();
+    assert_eq!(
+        trail,
+        [
+            "lease.grant ",
+            "device.report downloading",
+            "device.report committed",
+            "lease.release "
+        ],
+        "{audit}"
+    );
     // The OS did not move: the device's version is its OS's.
     let dev = f.cmd(&["devices"]);
     let gw = dev
@@ -1301,6 +1341,62 @@ fn an_application_release_travels_by_rollout_and_reports_its_outcome() {
         "{reason}"
     );
     // Not tried again on the next rounds.
+    let last = app.status()["transaction"]["id"].clone();
+    agent_once(&dir, &dir.join("dev"), 0);
+    assert_eq!(app.status()["transaction"]["id"], last);
+    assert_eq!(app.version(), "2.0.0");
+
+    // An older release is refused by the device: reported `failed`, nothing changes.
+    let older = app.sim.path(&app.bundle("1.5.0", GOOD, MIGRATE));
+    let ro = f.rollout(
+        &f.upload(&older),
+        "100",
+        "lab",
+        &["--failure-threshold", "50%"],
+    );
+    agent_once(&dir, &dir.join("dev"), 0);
+    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
+    assert_eq!(status["failing"][0]["state"], "failed", "{status}");
+    assert_eq!(app.status()["transaction"]["id"], last);
+    assert_eq!(app.version(), "2.0.0");
+
+    // The agent killed while the migration runs: its next start puts 2.0.0 and its data back
+    // and reports the update rolled back, interrupted.
+    let with_data = app.data();
+    let slow = "sleep 30\n";
+    let slow = app.sim.path(&app.bundle("2.2.0", GOOD, slow));
+    let ro = f.rollout(
+        &f.upload(&slow),
+        "100",
+        "lab",
+        &["--failure-threshold", "50%"],
+    );
+    // In its own process group, which is killed whole with the migration it runs.
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_abide"))
+        .args(["agent", "--once", "--config", "dev/system.toml"])
+        .current_dir(&dir)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::schedule::wait("the migration to run", || {
+        app.status()["transaction"]["step"] == "switched"
+    });
+    kill_tree(agent.id());
+    let _ = agent.wait();
     agent_once(&dir, &dir.join("dev"), 0);
     assert_eq!(app.version(), "2.0.0");
+    assert!(app.services_running());
+    assert_eq!(app.data(), with_data);
+    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
+    let failing = &status["failing"][0];
+    let reason = failing["reason"].as_str().unwrap_or_default();
+    assert_eq!(failing["state"], "rolled_back", "{status}");
+    assert!(
+        reason.starts_with("interrupted while switched")
+            && reason.contains("data restored from the backup"),
+        "{reason}"
+    );
 }

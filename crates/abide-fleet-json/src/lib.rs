@@ -898,6 +898,12 @@ pub struct DeviceView {
     /// `abide log verify --against`.
     #[serde(default)]
     pub audit_head: Option<AuditHead>,
+    /// Its applications and their versions, from its check-ins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<InstalledApp>,
+    /// Its agent, from its check-ins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentInventory>,
 }
 
 /// A device whose credential was revoked.

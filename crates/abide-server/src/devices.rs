@@ -913,6 +913,10 @@ struct DeviceRow {
     revoked_at: Option<i64>,
     last_seq: i64,
     audit_head: Option<String>,
+    /// JSON of its check-in's `apps`.
+    apps: Option<String>,
+    /// JSON of its check-in's `agent`.
+    agent: Option<String>,
 }
 
 impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for DeviceRow {
@@ -933,6 +937,8 @@ impl<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> for DeviceRow {
             revoked_at: row.try_get("revoked_at")?,
             last_seq: row.try_get("last_seq")?,
             audit_head: row.try_get("audit_head")?,
+            apps: row.try_get("apps")?,
+            agent: row.try_get("agent")?,
         })
     }
 }
@@ -947,7 +953,7 @@ pub async fn list(
     // connections.
     let pending = server.last_seen.snapshot();
     let rows: Vec<DeviceRow> = sqlx::query_as(
-        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at, last_seq, audit_head FROM devices \
+        "SELECT id, grp, tags, product, version, state, reason, booted, health, last_seen, progress, revoked_at, last_seq, audit_head, apps, agent FROM devices \
          WHERE ($1 = '' OR grp = $1) ORDER BY id",
     )
     .bind(filter.group.unwrap_or_default())
@@ -964,6 +970,15 @@ pub async fn list(
         let audit_head = row
             .audit_head
             .map(|h| crate::db::json_column(&name, "audit_head", &h))
+            .transpose()?;
+        let apps = row
+            .apps
+            .map(|a| crate::db::json_column(&name, "apps", &a))
+            .transpose()?
+            .unwrap_or_default();
+        let agent = row
+            .agent
+            .map(|a| crate::db::json_column(&name, "agent", &a))
             .transpose()?;
         if let Some(seen) = pending.get(&row.id) {
             // As `flush_last_seen` will write it.
@@ -993,6 +1008,8 @@ pub async fn list(
             progress,
             revoked_at: row.revoked_at.map(rfc3339),
             audit_head,
+            apps,
+            agent,
         });
     }
     Ok(Json(devices))

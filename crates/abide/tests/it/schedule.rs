@@ -1429,3 +1429,122 @@ fn a_trial_whose_new_agent_is_gone_without_a_verdict_is_failed_and_the_old_binar
         "the new agent did not answer on its API socket within 3s; it was killed"
     );
 }
+
+/// An agent release by fleet rollout: one whose new agent exits at start is put back by the
+/// watchdog and reported `rolled_back` by the old agent; a good one commits, its version in
+/// the check-ins; each is carried out once.
+#[test]
+fn an_agent_release_travels_by_rollout_and_the_old_agent_reports_a_broken_one() {
+    use crate::agent::{Fleet, agent_once, device_of};
+    let sim = Sim::new(None);
+    std::fs::create_dir(sim.path("dev/bin")).unwrap();
+    let bin = sim.path("dev/bin/abide");
+    std::fs::copy(env!("CARGO_BIN_EXE_abide"), &bin).unwrap();
+    let f = Fleet::start(&sim.dir, None, &[]);
+    let token = f.token("lab");
+    let config = sim.path("dev/system.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "\n[self_update]\nbinary = \"bin/abide\"\ndeadline = \"3s\"\n\
+         \n[server]\nurl = {:?}\ndevice_id = \"gw-agent\"\npoll_interval = \"200ms\"\nenroll_token_file = {:?}\n",
+        f.url,
+        token.to_str().unwrap()
+    ));
+    std::fs::write(&config, text).unwrap();
+    std::fs::write(sim.path("exits"), "#!/bin/sh\nexit 3\n").unwrap();
+    let mut good = std::fs::read(env!("CARGO_BIN_EXE_abide")).unwrap();
+    good.extend_from_slice(b"\n# abide agent 0.3.0\n");
+    std::fs::write(sim.path("good"), &good).unwrap();
+    drop(good);
+
+    let mut first = Command::new(&bin)
+        .args(["agent", "--config", "dev/system.toml"])
+        .current_dir(&sim.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent_seen = || {
+        f.cmd(&["devices"])
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["id"] == "gw-agent").cloned())
+            .map(|d| d["agent"].clone())
+            .unwrap_or(Value::Null)
+    };
+    wait("the device to check in", || {
+        agent_seen()["version"] == "0.1.0"
+    });
+    assert_eq!(agent_seen()["self_update"], true);
+    // A device whose agent cannot replace itself (its binary's directory is not there to
+    // write in) is left out of agent rollouts.
+    let fixed_agent = device_of(&sim.dir, "gw-fixed", &f.url, &token, "gw-1");
+    let fixed_config = fixed_agent.join("system.toml");
+    let text = std::fs::read_to_string(&fixed_config).unwrap();
+    std::fs::write(
+        &fixed_config,
+        format!("{text}\n[self_update]\nbinary = \"/nonexistent/abide\"\n"),
+    )
+    .unwrap();
+    agent_once(&sim.dir, &fixed_agent, 0);
+
+    let ro_of = |file: &str, version: &str| {
+        let release = f.upload(&sim.path(&agent_bundle(&sim, file, version)));
+        assert_eq!(release["kind"], "agent", "{release}");
+        let ro = f.rollout(&release, "100", "lab", &["--failure-threshold", "50%"]);
+        assert_eq!(
+            (&ro["devices"], &ro["left_out"]),
+            (
+                &serde_json::json!(1),
+                &serde_json::json!([{"reason": "no-self-update", "devices": 1}])
+            ),
+            "{ro}"
+        );
+        ro
+    };
+    let status = |ro: &Value| f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
+    let broken = ro_of("exits", "0.2.0");
+    assert_eq!(first.wait().unwrap().code(), Some(3), "the new binary ran");
+    wait("the broken agent to be reported", || {
+        status(&broken)["failed"] == 1
+    });
+    let failing = &status(&broken)["failing"][0];
+    assert_eq!(failing["state"], "rolled_back", "{failing}");
+    assert!(
+        failing["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the new agent 0.2.0 did not come up"),
+        "{failing}"
+    );
+    let (pid, version) = agent_of(&sim).unwrap();
+    assert_eq!(version, "0.1.0", "the old agent runs again");
+
+    let fixed = ro_of("good", "0.3.0");
+    wait("the new agent to commit", || {
+        status(&fixed)["committed"] == 1
+    });
+    let (now, version) = agent_of(&sim).unwrap();
+    assert_eq!(
+        (now, version.as_str()),
+        (pid, "0.3.0"),
+        "re-executed in place"
+    );
+    wait("its version in the check-ins", || {
+        agent_seen()["version"] == "0.3.0"
+    });
+    assert_eq!(
+        std::fs::read(&bin).unwrap(),
+        std::fs::read(sim.path("good")).unwrap()
+    );
+    // Each was carried out once.
+    let log = dev(&sim, &["log"], 0);
+    let tries = log
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["event"] == "self-update")
+        .count();
+    assert_eq!(tries, 2, "{log}");
+    let _ = Command::new("kill").arg(now.to_string()).status();
+}

@@ -23,7 +23,7 @@ use crate::device::Device;
 use crate::error::{AgentError, Result};
 use crate::fleet::source::{HttpSource, Meter};
 use crate::fleet::store::{Enrolment, FleetState};
-use crate::health::{Clock, Running, SystemClock, run_checks};
+use crate::health::{Clock, Running, SystemClock, run_each};
 use crate::scheduled::Next;
 use crate::shared::Shared;
 
@@ -812,7 +812,15 @@ fn inventory(device: &Device, state: &crate::state::DeviceRecord) -> Result<Chec
             version: &version,
             transaction: None,
         };
-        let results = run_checks(&device.config, running, &group, &SystemClock);
+        // A `fleet` check is this very check-in: the others say how the device is.
+        let checks: Vec<_> = device
+            .config
+            .checks
+            .iter()
+            .filter(|c| !matches!(c.kind, crate::config::CheckKind::Fleet(_)))
+            .cloned()
+            .collect();
+        let results = run_each(&checks, running, &group, &SystemClock);
         if results.iter().all(|r| r.outcome == CheckOutcome::Pass) {
             Health::Healthy
         } else if results.iter().any(|r| {

@@ -215,6 +215,7 @@ fn run_once(check: &Check, running: Running<'_>, group: &str) -> Result<(), Stri
                 Err(format!("no process named {name}"))
             }
         }
+        CheckKind::Fleet(probe) => fleet_check(probe, group, timeout),
         CheckKind::Uptime(seconds) => {
             let text = std::fs::read_to_string("/proc/uptime")
                 .map_err(|e| format!("/proc/uptime: {e}"))?;
@@ -276,21 +277,88 @@ fn http_check(
             Err(format!("{url}: the body does not contain {want:?}"))
         }
     };
+    on_own_runtime(url, timeout, get)
+}
+
+/// A check-in with the fleet server from this boot, with the device's own credential, its
+/// answer verified against the server key pinned at enrolment: the network, TLS, the server
+/// and the enrolment all work. It says the device is on trial of the target group `group`; the
+/// answer is otherwise left to the agent.
+fn fleet_check(
+    probe: &crate::config::FleetProbe,
+    group: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let server = &probe.server;
+    let url = server.url.as_str();
+    let enrolment = crate::fleet::store::FleetState::load(&probe.state_dir)
+        .map_err(|e| e.to_string())?
+        .enrolment
+        .ok_or("not enrolled with the fleet server yet")?;
+    let record = crate::state::DeviceRecord::load(&probe.state_dir).map_err(|e| e.to_string())?;
+    let tx = record.transaction.as_ref();
+    let http = abide_client::tls::http_client(
+        url,
+        server.ca_file.as_deref(),
+        server
+            .client_identity
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path())),
+    )
+    .map_err(|e| format!("{url}: {e}"))?;
+    let client = abide_client::DeviceClient::restore(
+        &http,
+        url,
+        &enrolment.device_id,
+        &enrolment.credential,
+        &enrolment.server_key,
+        &enrolment.group,
+    )
+    .map_err(|e| format!("{url}: {e}"))?;
+    let request = abide_fleet_json::CheckinRequest {
+        nonce: String::new(),
+        version: record.version.to_string(),
+        booted: Some(group.to_owned()),
+        good: tx.map(|t| t.good.to_string()),
+        state: abide_core::fleet::device_state(tx),
+        health: Some(abide_fleet_json::Health::Unknown),
+        trust_version: None,
+        progress: None,
+        audit_head: None,
+        apps: Vec::new(),
+        agent: None,
+    };
+    on_own_runtime(url, timeout, async {
+        client
+            .checkin(request, Timestamp::now())
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("{url}: {}", chain(&e)))
+    })
+}
+
+/// Runs `work` on a runtime of its own, on a thread of its own (so that a check may be run from
+/// inside or outside an async runtime), for at most `timeout`; `what` names it in errors.
+fn on_own_runtime(
+    what: &str,
+    timeout: Duration,
+    work: impl std::future::Future<Output = Result<(), String>> + Send,
+) -> Result<(), String> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| format!("{url}: starting a runtime: {e}"))?;
+                    .map_err(|e| format!("{what}: starting a runtime: {e}"))?;
                 rt.block_on(async {
-                    tokio::time::timeout(timeout, get)
+                    tokio::time::timeout(timeout, work)
                         .await
-                        .unwrap_or_else(|_| Err(format!("{url}: no answer within {timeout:?}")))
+                        .unwrap_or_else(|_| Err(format!("{what}: no answer within {timeout:?}")))
                 })
             })
             .join()
-            .unwrap_or_else(|_| Err(format!("{url}: the check panicked")))
+            .unwrap_or_else(|_| Err(format!("{what}: the check panicked")))
     })
 }
 

@@ -499,8 +499,12 @@ pub struct Inventories(Mutex<HashMap<String, Inventory>>);
 type Inventory = (Option<String>, Option<String>);
 
 /// Stores the device's applications and agent if they changed, and puts it into the unfinished
-/// rollouts it now qualifies for.
+/// rollouts it now qualifies for. A check-in that names no agent (the boot step's `fleet`
+/// check, a simulated device) says nothing of them and changes nothing.
 async fn keep_inventory(server: &Server, id: &str, req: &CheckinRequest) -> ApiResult<()> {
+    if req.agent.is_none() && req.apps.is_empty() {
+        return Ok(());
+    }
     let apps =
         (!req.apps.is_empty()).then(|| serde_json::to_string(&req.apps).expect("plain data"));
     let agent = req

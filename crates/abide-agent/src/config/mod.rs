@@ -260,6 +260,18 @@ pub enum CheckKind {
     Systemd(String),
     /// A process of this name runs (`/proc/*/comm`).
     Process(String),
+    /// The fleet server answers a check-in from this boot (`kind = "fleet"`).
+    Fleet(Box<FleetProbe>),
+}
+
+/// What a `fleet` check needs: the server, and the state directory that holds the device's
+/// enrolment (its credential and the server key it pinned) and its record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetProbe {
+    /// `[server]`.
+    pub server: ServerSettings,
+    /// The state directory.
+    pub state_dir: PathBuf,
 }
 
 /// One health check.
@@ -429,9 +441,23 @@ impl Config {
             deadline: raw.health.deadline.map_or(defaults.deadline, |d| d.0),
             grace: raw.health.grace.map_or(defaults.grace, |d| d.0),
         };
-        let checks = sections::parse_checks(path, "health.check", &raw.health.checks, &resolve)?;
         let state_reserve = raw.state_reserve.map_or(16 << 20, |s| s.0);
         let server = sections::server(&cx, raw.server.take())?;
+        let state_dir = raw
+            .state_dir
+            .as_deref()
+            .map_or_else(|| PathBuf::from("/var/lib/abide"), resolve);
+        let probe = server.clone().map(|server| FleetProbe {
+            server,
+            state_dir: state_dir.clone(),
+        });
+        let checks = sections::parse_checks(
+            path,
+            "health.check",
+            &raw.health.checks,
+            &resolve,
+            probe.as_ref(),
+        )?;
         let mut windows = Vec::new();
         for (i, w) in raw.windows.iter().enumerate() {
             windows.push(
@@ -470,10 +496,6 @@ impl Config {
         if download.window < std::time::Duration::from_secs(1) {
             return Err(err(path, "key `download.window`: at least 1s"));
         }
-        let state_dir = raw
-            .state_dir
-            .as_deref()
-            .map_or_else(|| PathBuf::from("/var/lib/abide"), resolve);
         let apps = sections::apps(&cx, &raw.apps, &groups, &state_dir)?;
         Ok(Config {
             apps,

@@ -69,6 +69,7 @@ pub(super) enum CheckKindName {
     Process,
     File,
     Uptime,
+    Fleet,
 }
 
 words!(CheckKindName {
@@ -79,6 +80,7 @@ words!(CheckKindName {
     Process = "process",
     File = "file",
     Uptime = "uptime",
+    Fleet = "fleet",
 });
 
 #[derive(Deserialize)]

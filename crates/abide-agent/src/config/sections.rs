@@ -372,7 +372,7 @@ pub(super) fn apps(
             },
             capacity: a.capacity.map(|s| s.0),
             lease: a.lease,
-            checks: parse_checks(path, &key("check"), &a.checks, &resolve)?,
+            checks: parse_checks(path, &key("check"), &a.checks, &resolve, None)?,
             data,
             releases,
             link,
@@ -381,12 +381,14 @@ pub(super) fn apps(
     Ok(apps)
 }
 
-/// `[[health.check]]` or `[[app.check]]` entries (`prefix` names them in errors), validated.
+/// `[[health.check]]` or `[[app.check]]` entries (`prefix` names them in errors), validated;
+/// `fleet` is what a `fleet` check needs, where one may stand.
 pub(super) fn parse_checks(
     path: &Path,
     prefix: &str,
     raw: &[RawCheck],
     resolve: &dyn Fn(&Path) -> PathBuf,
+    fleet: Option<&crate::config::FleetProbe>,
 ) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (i, c) in raw.iter().enumerate() {
@@ -440,6 +442,15 @@ pub(super) fn parse_checks(
                 c.seconds
                     .ok_or_else(|| err(path, &format!("key `{}`: required", key("seconds"))))?,
             ),
+            CheckKindName::Fleet => CheckKind::Fleet(Box::new(fleet.cloned().ok_or_else(|| {
+                err(
+                    path,
+                    &format!(
+                        "key `{}`: a \"fleet\" check checks in with the fleet server: it belongs in [[health.check]] with a [server]",
+                        key("kind")
+                    ),
+                )
+            })?)),
         };
         checks.push(Check {
             name: c.name.clone(),

@@ -132,7 +132,7 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         ),
         (
             GOOD.replace("kind = \"tcp\"", "kind = \"ping\""),
-            "key `health.check[0].kind`: expected \"command\", \"http\", \"tcp\", \"systemd\", \"process\", \"file\" or \"uptime\", found \"ping\"",
+            "key `health.check[0].kind`: expected \"command\", \"http\", \"tcp\", \"systemd\", \"process\", \"file\", \"uptime\" or \"fleet\", found \"ping\"",
         ),
         (
             GOOD.replace("interval = \"2s\"", "interval = \"soon\""),
@@ -202,6 +202,14 @@ fn errors_name_the_file_the_key_and_the_expectation() {
         (
             format!("{GOOD}\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n[[app.check]]\nname = \"up\"\nkind = \"tcp\"\n"),
             "key `app[0].check[0].address`: required for kind \"tcp\"",
+        ),
+        (
+            GOOD.replace("kind = \"tcp\"", "kind = \"fleet\""),
+            "key `health.check[0].kind`: a \"fleet\" check checks in with the fleet server: it belongs in [[health.check]] with a [server]",
+        ),
+        (
+            format!("{GOOD}\n[server]\nurl = \"https://fleet.example.net\"\ndevice_id = \"gw-1\"\n[[app]]\nname = \"web\"\nreleases = \"/opt/web/releases\"\nlink = \"/opt/web/current\"\ndata = \"/var/lib/web\"\n[[app.check]]\nname = \"up\"\nkind = \"fleet\"\n"),
+            "key `app[0].check[0].kind`: a \"fleet\" check checks in with the fleet server",
         ),
         (
             format!("{GOOD}\n[download]\nmin_rate = \"fast\"\n"),

@@ -1736,3 +1736,66 @@ fn the_simulator_reports_the_same_steps_as_real_agents_on_the_same_rollouts() {
     );
     assert_eq!(steps("sim-bad-0"), steps("gw-2"));
 }
+
+/// A `fleet` health check: the trial commits once the server answers a check-in from the new
+/// system; a new system that cannot reach the server rolls back by itself, and the server
+/// hears `rolled_back` once the old system is back. (Without the check, the same trial with the
+/// server away commits: `reports_made_while_the_server_is_away_arrive_in_order_once_it_returns`.)
+#[test]
+fn a_trial_commits_only_once_the_fleet_server_answers_a_check_in_from_it() {
+    let (_tmp, dir) = workspace();
+    let mut f = Fleet::start(&dir, None, &[]);
+    let token = f.token("lab");
+    let dev = device(&dir, "gw-net", &f.url, &token);
+    let config = dev.join("system.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("deadline = \"5m\"", "deadline = \"1m\"\ngrace = \"3s\"");
+    std::fs::write(
+        &config,
+        format!(
+            "{text}\n[[health.check]]\nname = \"fleet\"\nkind = \"fleet\"\ntimeout = \"2s\"\ninterval = \"500ms\"\ncritical = false\n"
+        ),
+    )
+    .unwrap();
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "idle", "enrolled");
+
+    // The server answers: the trial commits.
+    f.rollout(
+        &f.upload(&release_bundle(&dir, "2.0.0", 1)),
+        "100",
+        "lab",
+        &[],
+    );
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    assert_eq!(status(&dir, &dev)["state"], "committed");
+    assert_eq!(status(&dir, &dev)["version"], "2.0.0");
+
+    // The new system cannot reach it: the trial rolls back by itself.
+    let ro = f.rollout(
+        &f.upload(&release_bundle(&dir, "2.1.0", 2)),
+        "100",
+        "lab",
+        &["--failure-threshold", "50%"],
+    );
+    assert_eq!(agent_once(&dir, &dev, 0)["exit"], "reboot");
+    f.stop();
+    ok(&dir, &format!("sim reboot {}", dev.display()));
+    let s = status(&dir, &dev);
+    assert_eq!(
+        (s["state"].as_str(), s["version"].as_str()),
+        (Some("rolled_back"), Some("2.0.0")),
+        "{s}"
+    );
+    // Back: the old system reports it, with the check that failed.
+    f.restart();
+    agent_once(&dir, &dev, 0);
+    let rollout = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
+    let failing = &rollout["failing"][0];
+    assert_eq!(failing["state"], "rolled_back", "{rollout}");
+    assert!(
+        failing["reason"].as_str().unwrap().contains("fleet"),
+        "{rollout}"
+    );
+}

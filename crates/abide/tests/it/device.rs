@@ -1088,6 +1088,13 @@ fn the_shipped_device_files_are_what_they_say() {
             .all(|s| s.kind == abide_agent::config::SlotKind::Block)
     }));
     assert!(config.server.is_some() && config.windows.len() == 1);
+    // A trial commits only once the fleet server answers a check-in from it.
+    assert!(
+        config
+            .checks
+            .iter()
+            .any(|c| matches!(c.kind, abide_agent::config::CheckKind::Fleet(_)) && !c.critical)
+    );
     // grub.cfg and abide.cfg are GRUB script that grub-script-check accepts; grub.cfg sources
     // abide.cfg and defines the two entries abide.cfg chooses between, each telling the
     // kernel its group.

@@ -76,7 +76,7 @@ pub fn run_install(
     if paranoid {
         device.config.bundle_checks = abide_bundle::chunks::Checks::Every;
     }
-    let file = fs_err::File::open(bundle)?.into_file();
+    let file = crate::on_file("opening", bundle, File::open(bundle))?;
     let reader = BundleReader::open(SeekableFile(file), Limits::default())
         .map_err(abide_agent::AgentError::from)
         .with_context(|| format!("installing {}", bundle.display()))?;

@@ -543,7 +543,7 @@ fn open_input(path: &Path) -> Result<Box<dyn Read>> {
         )));
     }
     // Unbuffered: the reader asks for whole chunks, which land straight in their buffers.
-    let file = fs_err::File::open(path)?.into_file();
+    let file = crate::on_file("opening", path, File::open(path))?;
     Ok(Box::new(file))
 }
 

@@ -79,7 +79,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
                 ..DeltaOptions::default()
             };
             let stats = make(&from, &to, &path, trust.as_ref(), &options)?;
-            let full = fs_err::metadata(&to)?.len();
+            let full = crate::on_file("reading", &to, std::fs::metadata(&to))?.len();
             /// What `abide delta create` made.
             #[derive(serde::Serialize)]
             struct Made<'a> {
@@ -121,7 +121,7 @@ pub fn run(command: DeltaCommand, out: Output) -> Result<()> {
         }
         DeltaCommand::Verify { file, trust, from } => verify(&file, &trust, from.as_deref(), out),
         DeltaCommand::Info { file } => {
-            let f = fs_err::File::open(&file)?.into_file();
+            let f = crate::on_file("opening", &file, std::fs::File::open(&file))?;
             let reader = DeltaReader::open(BufReader::new(f), Limits::default())
                 .with_context(|| format!("reading {}", file.display()))?;
             let head = reader.head();
@@ -187,7 +187,7 @@ pub fn make(
         Vec<u8>,
     );
     let open = |bundle: &Path| -> Result<Opened> {
-        let f = fs_err::File::open(bundle)?.into_file();
+        let f = crate::on_file("opening", bundle, std::fs::File::open(bundle))?;
         let reader = BundleReader::open(BufReader::with_capacity(1 << 20, f), Limits::default())
             .with_context(|| format!("reading {}", bundle.display()))?;
         let head = reader.head_bytes();
@@ -295,7 +295,7 @@ fn verify(
         compatible: None,
         min_security_version: 0,
     };
-    let f = fs_err::File::open(file)?.into_file();
+    let f = crate::on_file("opening", file, std::fs::File::open(file))?;
     let mut delta = DeltaReader::open(
         abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
         Limits::default(),
@@ -306,7 +306,7 @@ fn verify(
     match from {
         // Applied to the old bundle's content, spooled beside the delta.
         Some(from) => {
-            let f = fs_err::File::open(from)?.into_file();
+            let f = crate::on_file("opening", from, std::fs::File::open(from))?;
             let reader = abide_bundle::BundleReader::open(
                 abide_bundle::Stream(BufReader::with_capacity(1 << 20, f)),
                 Limits::default(),

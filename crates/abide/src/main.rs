@@ -180,6 +180,16 @@ struct FailureError<'a> {
     message: &'a str,
 }
 
+/// `result`, an I/O operation `op` on `path`, with an error that names both
+/// (`opening /x: No such file or directory`).
+pub fn on_file<T>(
+    op: &str,
+    path: &std::path::Path,
+    result: std::io::Result<T>,
+) -> anyhow::Result<T> {
+    anyhow::Context::with_context(result, || format!("{op} {}", path.display()))
+}
+
 /// `abide self-update-recover` and `abide app recover`: what was finished or undone.
 #[derive(serde::Serialize)]
 pub struct Recovered<T> {

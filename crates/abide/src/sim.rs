@@ -138,8 +138,12 @@ fn init(
         .parse()
         .with_context(|| format!("--version {version:?} is not SemVer"))?;
     let size = parse_size(slot_size)?;
-    let trust_bytes = fs_err::read(trust)?;
-    if dir.exists() && fs_err::read_dir(dir)?.next().is_some() {
+    let trust_bytes = crate::on_file("reading", trust, std::fs::read(trust))?;
+    if dir.exists()
+        && crate::on_file("reading", dir, std::fs::read_dir(dir))?
+            .next()
+            .is_some()
+    {
         bail!("{} exists and is not empty", dir.display());
     }
     let mut config = format!(
@@ -169,17 +173,19 @@ fn init(
             f.url, f.poll
         ));
         if let Some(t) = &f.token {
-            token = Some(fs_err::read(t)?);
+            token = Some(crate::on_file("reading", t, std::fs::read(t))?);
             config.push_str("enroll_token_file = \"enroll.token\"\n");
         }
     }
     // The text must be a valid configuration before it is written.
     abide_agent::config::Config::parse(&dir.join("system.toml"), &config)?;
-    fs_err::create_dir_all(dir.join("slots"))?;
-    fs_err::create_dir_all(dir.join("state"))?;
+    for sub in ["slots", "state"] {
+        let d = dir.join(sub);
+        crate::on_file("creating", &d, std::fs::create_dir_all(&d))?;
+    }
     for g in ["A", "B"] {
         let path = dir.join(format!("slots/rootfs.{g}.img"));
-        let f = fs_err::File::create(&path)?.into_file();
+        let f = crate::on_file("creating", &path, std::fs::File::create(&path))?;
         f.set_len(size)?;
         abide_fs::persist::fsync(&f, &path)?;
     }

@@ -400,7 +400,11 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
             })
             .await?;
             if let Some(path) = ledger {
-                fs_err::write(&path, serde_json::to_vec_pretty(&summary.ledger)?)?;
+                crate::on_file(
+                    "writing",
+                    &path,
+                    std::fs::write(&path, serde_json::to_vec_pretty(&summary.ledger)?),
+                )?;
             }
             let answer = Simulated {
                 synthetic: true,
@@ -427,7 +431,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
     let token_file = args
         .token_file
         .context("admin commands need --token-file (the server writes DATA/admin.token)")?;
-    let token = fs_err::read_to_string(&token_file)?;
+    let token = crate::on_file("reading", &token_file, std::fs::read_to_string(&token_file))?;
     let http = abide_client::tls::http_client(&args.server, args.ca_file.as_deref(), None)?;
     let admin = abide_client::AdminClient::with_client(http, &args.server, &token);
     match args.command {
@@ -471,7 +475,7 @@ async fn run_async(args: FleetArgs, out: Output) -> Result<()> {
 
 /// A file's bytes, for an upload.
 fn read(file: &std::path::Path) -> Result<Vec<u8>> {
-    Ok(fs_err::read(file)?)
+    crate::on_file("reading", file, std::fs::read(file))
 }
 
 /// `abide fleet release …`.

@@ -1435,12 +1435,22 @@ fn a_trial_whose_new_agent_is_gone_without_a_verdict_is_failed_and_the_old_binar
 /// the check-ins; each is carried out once.
 #[test]
 fn an_agent_release_travels_by_rollout_and_the_old_agent_reports_a_broken_one() {
+    agent_release_by_rollout(None);
+}
+
+#[test]
+fn an_agent_release_travels_by_rollout_on_postgresql() {
+    let pg = abide_testkit::pg::Postgres::start();
+    agent_release_by_rollout(Some(&pg.url()));
+}
+
+fn agent_release_by_rollout(db: Option<&str>) {
     use crate::agent::{Fleet, agent_once, device_of};
     let sim = Sim::new(None);
     std::fs::create_dir(sim.path("dev/bin")).unwrap();
     let bin = sim.path("dev/bin/abide");
     std::fs::copy(env!("CARGO_BIN_EXE_abide"), &bin).unwrap();
-    let f = Fleet::start(&sim.dir, None, &[]);
+    let f = Fleet::start(&sim.dir, db, &[]);
     let token = f.token("lab");
     let config = sim.path("dev/system.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();

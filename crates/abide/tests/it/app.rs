@@ -1322,8 +1322,19 @@ fn app_release_by_rollout(db: Option<&str>) {
     // A release whose health check fails: rolled back, data back byte for byte, reported so.
     let with_data = app.data();
     let bad = app.sim.path(&app.bundle("2.1.0", BAD, MIGRATE));
-    let release = f.upload(&bad);
-    let ro = f.rollout(&release, "100", "lab", &["--failure-threshold", "50%"]);
+    // Each later release, rolled out to the one device.
+    let roll_out = |bundle: &Path| {
+        f.rollout(
+            &f.upload(bundle),
+            "100",
+            "lab",
+            &["--failure-threshold", "50%"],
+        )
+    };
+    let first_failing = |ro: &Value| {
+        f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()])["failing"][0].clone()
+    };
+    let ro = roll_out(&bad);
     agent_once(&dir, &dir.join("dev"), 0);
     assert_eq!(app.version(), "2.0.0");
     assert!(app.services_running());
@@ -1332,9 +1343,8 @@ fn app_release_by_rollout(db: Option<&str>) {
         with_data,
         "the data is the backup's, byte for byte"
     );
-    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
-    let failing = &status["failing"][0];
-    assert_eq!(failing["state"], "rolled_back", "{status}");
+    let failing = first_failing(&ro);
+    assert_eq!(failing["state"], "rolled_back", "{failing}");
     let reason = failing["reason"].as_str().unwrap();
     assert!(
         reason.contains("step health failed") && reason.contains("data restored from the backup"),
@@ -1348,15 +1358,9 @@ fn app_release_by_rollout(db: Option<&str>) {
 
     // An older release is refused by the device: reported `failed`, nothing changes.
     let older = app.sim.path(&app.bundle("1.5.0", GOOD, MIGRATE));
-    let ro = f.rollout(
-        &f.upload(&older),
-        "100",
-        "lab",
-        &["--failure-threshold", "50%"],
-    );
+    let ro = roll_out(&older);
     agent_once(&dir, &dir.join("dev"), 0);
-    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
-    assert_eq!(status["failing"][0]["state"], "failed", "{status}");
+    assert_eq!(first_failing(&ro)["state"], "failed");
     assert_eq!(app.status()["transaction"]["id"], last);
     assert_eq!(app.version(), "2.0.0");
 
@@ -1365,12 +1369,7 @@ fn app_release_by_rollout(db: Option<&str>) {
     let with_data = app.data();
     let slow = "sleep 30\n";
     let slow = app.sim.path(&app.bundle("2.2.0", GOOD, slow));
-    let ro = f.rollout(
-        &f.upload(&slow),
-        "100",
-        "lab",
-        &["--failure-threshold", "50%"],
-    );
+    let ro = roll_out(&slow);
     // In its own process group, which is killed whole with the migration it runs.
     let mut agent = Command::new(env!("CARGO_BIN_EXE_abide"))
         .args(["agent", "--once", "--config", "dev/system.toml"])
@@ -1390,10 +1389,9 @@ fn app_release_by_rollout(db: Option<&str>) {
     assert_eq!(app.version(), "2.0.0");
     assert!(app.services_running());
     assert_eq!(app.data(), with_data);
-    let status = f.cmd(&["rollout", "status", ro["id"].as_str().unwrap()]);
-    let failing = &status["failing"][0];
+    let failing = first_failing(&ro);
     let reason = failing["reason"].as_str().unwrap_or_default();
-    assert_eq!(failing["state"], "rolled_back", "{status}");
+    assert_eq!(failing["state"], "rolled_back", "{failing}");
     assert!(
         reason.starts_with("interrupted while switched")
             && reason.contains("data restored from the backup"),

@@ -1180,29 +1180,26 @@ fn agent_bundle(sim: &Sim, file: &str, version: &str) -> String {
     out
 }
 
-#[test]
-fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_the_old() {
-    use std::os::unix::fs::MetadataExt;
-    let sim = Sim::new(None);
-    // The agent runs from its own copy, which it may replace.
+/// The device's agent runs from its own copy, `dev/bin/abide`, which it may replace (a 3 s
+/// deadline, and `extra` appended to system.toml); beside it the binaries agent bundles carry:
+/// `exits` (exits 3 at start) and `good` (this build, marked `good_version`).
+/// Returns the copy's path and the agent started from it.
+fn self_updating(sim: &Sim, extra: &str, good_version: &str) -> (std::path::PathBuf, Child) {
     std::fs::create_dir(sim.path("dev/bin")).unwrap();
     let bin = sim.path("dev/bin/abide");
     if std::fs::hard_link(env!("CARGO_BIN_EXE_abide"), &bin).is_err() {
         std::fs::copy(env!("CARGO_BIN_EXE_abide"), &bin).unwrap();
     }
-    let original = std::fs::metadata(&bin).unwrap().ino();
     let config = sim.path("dev/system.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
     text.push_str("\n[self_update]\nbinary = \"bin/abide\"\ndeadline = \"3s\"\n");
+    text.push_str(extra);
     std::fs::write(&config, text).unwrap();
     std::fs::write(sim.path("exits"), "#!/bin/sh\nexit 3\n").unwrap();
-    std::fs::write(sim.path("hangs"), "#!/bin/sh\nexec sleep 600\n").unwrap();
     let mut good = std::fs::read(env!("CARGO_BIN_EXE_abide")).unwrap();
-    good.extend_from_slice(b"\n# abide agent 0.2.0\n");
+    good.extend_from_slice(format!("\n# abide agent {good_version}\n").as_bytes());
     std::fs::write(sim.path("good"), &good).unwrap();
-    drop(good);
-
-    let mut first = Command::new(&bin)
+    let agent = Command::new(&bin)
         .args(["agent", "--json", "--config", "dev/system.toml"])
         .current_dir(&sim.dir)
         .stdin(Stdio::null())
@@ -1210,6 +1207,16 @@ fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_t
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    (bin, agent)
+}
+
+#[test]
+fn a_new_agent_that_answers_is_kept_and_one_that_exits_or_hangs_is_replaced_by_the_old() {
+    use std::os::unix::fs::MetadataExt;
+    let sim = Sim::new(None);
+    let (bin, mut first) = self_updating(&sim, "", "0.2.0");
+    std::fs::write(sim.path("hangs"), "#!/bin/sh\nexec sleep 600\n").unwrap();
+    let original = std::fs::metadata(&bin).unwrap().ino();
     wait("the agent", || agent_of(&sim).is_some());
     let (pid, version) = agent_of(&sim).unwrap();
     assert_eq!((pid, version.as_str()), (first.id(), "0.1.0"));
@@ -1447,34 +1454,14 @@ fn an_agent_release_travels_by_rollout_on_postgresql() {
 fn agent_release_by_rollout(db: Option<&str>) {
     use crate::agent::{Fleet, agent_once, device_of};
     let sim = Sim::new(None);
-    std::fs::create_dir(sim.path("dev/bin")).unwrap();
-    let bin = sim.path("dev/bin/abide");
-    std::fs::copy(env!("CARGO_BIN_EXE_abide"), &bin).unwrap();
     let f = Fleet::start(&sim.dir, db, &[]);
     let token = f.token("lab");
-    let config = sim.path("dev/system.toml");
-    let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str(&format!(
-        "\n[self_update]\nbinary = \"bin/abide\"\ndeadline = \"3s\"\n\
-         \n[server]\nurl = {:?}\ndevice_id = \"gw-agent\"\npoll_interval = \"200ms\"\nenroll_token_file = {:?}\n",
+    let server = format!(
+        "\n[server]\nurl = {:?}\ndevice_id = \"gw-agent\"\npoll_interval = \"200ms\"\nenroll_token_file = {:?}\n",
         f.url,
         token.to_str().unwrap()
-    ));
-    std::fs::write(&config, text).unwrap();
-    std::fs::write(sim.path("exits"), "#!/bin/sh\nexit 3\n").unwrap();
-    let mut good = std::fs::read(env!("CARGO_BIN_EXE_abide")).unwrap();
-    good.extend_from_slice(b"\n# abide agent 0.3.0\n");
-    std::fs::write(sim.path("good"), &good).unwrap();
-    drop(good);
-
-    let mut first = Command::new(&bin)
-        .args(["agent", "--config", "dev/system.toml"])
-        .current_dir(&sim.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    );
+    let (bin, mut first) = self_updating(&sim, &server, "0.3.0");
     let agent_seen = || {
         f.cmd(&["devices"])
             .as_array()
